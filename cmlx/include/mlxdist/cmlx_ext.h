@@ -1,0 +1,80 @@
+/* cmlx extensions beyond mlx-c, all prefixed mlxdist_.
+ *
+ * They reuse mlx-c's handle types, whose ctx points at the MLX C++ object,
+ * so they build against cmlx or against a real mlx-c install alike.
+ * Functions returning int follow mlx-c's contract: 0 on success, 1 on
+ * failure with the message passed to the error handler. */
+
+#ifndef MLXDIST_CMLX_EXT_H
+#define MLXDIST_CMLX_EXT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "mlx/c/array.h"
+#include "mlx/c/distributed_group.h"
+#include "mlx/c/stream.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Error handler that keeps the last message per thread; install it with
+ * mlx_set_error_handler(mlxdist_error_handler, NULL, NULL). */
+void mlxdist_error_handler(const char* msg, void* data);
+/* The calling thread's last error message ("" if none). */
+const char* mlxdist_last_error(void);
+void mlxdist_clear_error(void);
+
+/* The MLX version the extension was compiled against ("major.minor.patch"). */
+const char* mlxdist_compiled_mlx_version(void);
+/* The file libmlx was loaded from (empty if unknown). */
+const char* mlxdist_libmlx_path(void);
+
+/* An evaluated, row-contiguous array whose uninitialised memory MLX owns. */
+int mlxdist_array_alloc(
+    mlx_array* res,
+    const int* shape,
+    int dim,
+    mlx_dtype dtype);
+/* Writable pointer to an evaluated array's first element (NULL if the array
+ * holds no data yet). */
+void* mlxdist_array_data(const mlx_array arr);
+/* Whether the array is evaluated and row contiguous with its own memory. */
+bool mlxdist_array_is_dense(const mlx_array arr);
+
+/* Collectives straight on the backend, with no graph: when the call returns
+ * the result is in `out`. `x` and `out` must be dense (see above); `out` may
+ * be `x` itself for the reductions (in place). Shapes: the reductions keep
+ * x's shape; all_gather multiplies axis 0 by the group size (a scalar becomes
+ * a vector); sum_scatter divides axis 0 by it. */
+typedef enum mlxdist_op_ {
+  MLXDIST_ALL_SUM,
+  MLXDIST_ALL_MAX,
+  MLXDIST_ALL_MIN,
+  MLXDIST_ALL_GATHER,
+  MLXDIST_SUM_SCATTER,
+} mlxdist_op;
+
+int mlxdist_collective(
+    mlx_array out,
+    const mlx_array x,
+    mlxdist_op op,
+    const mlx_distributed_group group,
+    const mlx_stream s);
+int mlxdist_send(
+    const mlx_array x,
+    int dst,
+    const mlx_distributed_group group,
+    const mlx_stream s);
+int mlxdist_recv(
+    mlx_array out,
+    int src,
+    const mlx_distributed_group group,
+    const mlx_stream s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

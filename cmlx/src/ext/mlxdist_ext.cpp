@@ -1,0 +1,305 @@
+// cmlx extensions (mlxdist_ prefix): per-thread error capture, build facts,
+// MLX-owned buffers and collectives that call the backend with no graph.
+// Handles follow mlx-c's layout: ctx points at the C++ object.
+
+#include <dlfcn.h>
+
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/distributed/distributed.h"
+#include "mlx/distributed/distributed_impl.h"
+#include "mlx/scheduler.h"
+#include "mlx/stream.h"
+#include "mlx/version.h"
+
+#include "../dtypes.h"
+#include "mlxdist/cmlx_ext.h"
+#include "report.h"
+
+namespace mx = mlx::core;
+namespace mxd = mlx::core::distributed;
+
+namespace {
+
+thread_local std::string last_error;
+
+template <typename F>
+int guarded(F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    mlxdist_ext::report(e.what());
+  } catch (...) {
+    mlxdist_ext::report("unknown C++ exception");
+  }
+  return 1;
+}
+
+mx::array& array_of(mlx_array a, const char* name) {
+  if (a.ctx == nullptr) {
+    throw std::invalid_argument(std::string("[mlxdist] null array: ") + name);
+  }
+  return *static_cast<mx::array*>(a.ctx);
+}
+
+bool is_dense(const mx::array& a) {
+  return a.status() != mx::array::Status::unscheduled &&
+      a.flags().row_contiguous && a.data_size() == a.size();
+}
+
+mx::array& dense_array(mlx_array handle, const char* name) {
+  auto& a = array_of(handle, name);
+  if (a.status() == mx::array::Status::unscheduled) {
+    throw std::invalid_argument(
+        std::string("[mlxdist] array is not evaluated: ") + name);
+  }
+  a.wait();
+  if (!is_dense(a)) {
+    throw std::invalid_argument(
+        std::string("[mlxdist] array is not row contiguous: ") + name);
+  }
+  return a;
+}
+
+mxd::Group group_of(mlx_distributed_group g) {
+  return g.ctx ? *static_cast<mxd::Group*>(g.ctx) : mxd::init();
+}
+
+mx::Stream& stream_of(mlx_stream s) {
+  if (s.ctx == nullptr) {
+    throw std::invalid_argument("[mlxdist] null stream");
+  }
+  return *static_cast<mx::Stream*>(s.ctx);
+}
+
+std::string shape_str(const mx::Shape& shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); i++) {
+    os << (i ? ", " : "") << shape[i];
+  }
+  os << (shape.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+mx::Shape expected_shape(const mx::array& x, mlxdist_op op, int size) {
+  mx::Shape shape = x.shape();
+  switch (op) {
+    case MLXDIST_ALL_GATHER:
+      if (shape.empty()) {
+        shape.push_back(size);
+      } else {
+        shape[0] *= size;
+      }
+      break;
+    case MLXDIST_SUM_SCATTER:
+      if (shape.empty() || shape[0] % size != 0) {
+        throw std::invalid_argument(
+            "[sum_scatter] Invalid shape=" + shape_str(shape) +
+            " for a group of size " + std::to_string(size) +
+            ". The first dimension (axis 0) must be divisible by the group size.");
+      }
+      shape[0] /= size;
+      break;
+    default:
+      break;
+  }
+  return shape;
+}
+
+// Waits for the work a backend call queued on `s` and rethrows its error.
+void complete(const mx::Stream& s) {
+  mx::synchronize(s);
+  mx::scheduler::check_error(s);
+}
+
+void check_peer(int peer, int size, const char* what) {
+  if (size == 1) {
+    throw std::invalid_argument(
+        std::string("[mlxdist] Cannot ") + what + " in a group of size 1");
+  }
+  if (peer < 0 || peer >= size) {
+    throw std::invalid_argument(
+        std::string("[mlxdist] Invalid ") + (what[0] == 's' ? "dst" : "src") +
+        "=" + std::to_string(peer) + " for a group of size " +
+        std::to_string(size));
+  }
+}
+
+} // namespace
+
+extern "C" void mlxdist_error_handler(const char* msg, void*) {
+  last_error = msg ? msg : "";
+}
+
+extern "C" const char* mlxdist_last_error(void) {
+  return last_error.c_str();
+}
+
+extern "C" void mlxdist_clear_error(void) {
+  last_error.clear();
+}
+
+extern "C" const char* mlxdist_compiled_mlx_version(void) {
+#define CMLX_STR2(x) #x
+#define CMLX_STR(x) CMLX_STR2(x)
+  return CMLX_STR(MLX_VERSION_MAJOR) "." CMLX_STR(
+      MLX_VERSION_MINOR) "." CMLX_STR(MLX_VERSION_PATCH);
+}
+
+extern "C" const char* mlxdist_libmlx_path(void) {
+  static std::string path = [] {
+    Dl_info info;
+    const char* (*probe)() = &mx::version;
+    if (dladdr(reinterpret_cast<void*>(probe), &info) && info.dli_fname) {
+      return std::string(info.dli_fname);
+    }
+    return std::string();
+  }();
+  return path.c_str();
+}
+
+extern "C" int mlxdist_array_alloc(
+    mlx_array* res,
+    const int* shape,
+    int dim,
+    mlx_dtype dtype) {
+  return guarded([&] {
+    if (res == nullptr || dim < 0 || (dim > 0 && shape == nullptr)) {
+      throw std::invalid_argument("[mlxdist] invalid array_alloc arguments");
+    }
+    mx::Shape s(shape, shape + dim);
+    size_t count = 1;
+    for (int d : s) {
+      if (d < 0) {
+        throw std::invalid_argument("[mlxdist] negative dimension in shape");
+      }
+      count *= static_cast<size_t>(d);
+    }
+    mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
+    mx::array a(mx::allocator::malloc(count * mx::size_of(dt)), std::move(s), dt);
+    if (res->ctx) {
+      *static_cast<mx::array*>(res->ctx) = std::move(a);
+    } else {
+      res->ctx = new mx::array(std::move(a));
+    }
+  });
+}
+
+extern "C" void* mlxdist_array_data(const mlx_array arr) {
+  if (arr.ctx == nullptr) {
+    return nullptr;
+  }
+  auto& a = *static_cast<mx::array*>(arr.ctx);
+  if (a.status() == mx::array::Status::unscheduled) {
+    return nullptr;
+  }
+  a.wait();
+  return a.data<void>();
+}
+
+extern "C" bool mlxdist_array_is_dense(const mlx_array arr) {
+  if (arr.ctx == nullptr) {
+    return false;
+  }
+  auto& a = *static_cast<mx::array*>(arr.ctx);
+  if (a.status() != mx::array::Status::unscheduled) {
+    a.wait();
+  }
+  return is_dense(a);
+}
+
+extern "C" int mlxdist_collective(
+    mlx_array out,
+    const mlx_array x,
+    mlxdist_op op,
+    const mlx_distributed_group group,
+    const mlx_stream s) {
+  return guarded([&] {
+    auto& in = dense_array(x, "x");
+    auto& o = dense_array(out, "out");
+    auto g = group_of(group);
+    int size = g.size();
+    if (o.dtype() != in.dtype()) {
+      throw std::invalid_argument("[mlxdist] out has a different dtype than x");
+    }
+    auto shape = expected_shape(in, op, size);
+    if (o.shape() != shape) {
+      throw std::invalid_argument(
+          "[mlxdist] out has shape " + shape_str(o.shape()) + ", expected " +
+          shape_str(shape));
+    }
+    if (op == MLXDIST_ALL_GATHER || op == MLXDIST_SUM_SCATTER) {
+      if (o.data<char>() == in.data<char>()) {
+        throw std::invalid_argument(
+            "[mlxdist] all_gather and sum_scatter cannot run in place");
+      }
+    }
+    if (size == 1) {
+      if (o.data<char>() != in.data<char>()) {
+        std::memcpy(o.data<char>(), in.data<char>(), in.nbytes());
+      }
+      return;
+    }
+    auto raw = g.raw_group();
+    auto cs = raw->communication_stream(stream_of(s));
+    switch (op) {
+      case MLXDIST_ALL_SUM:
+        raw->all_sum(in, o, cs);
+        break;
+      case MLXDIST_ALL_MAX:
+        raw->all_max(in, o, cs);
+        break;
+      case MLXDIST_ALL_MIN:
+        raw->all_min(in, o, cs);
+        break;
+      case MLXDIST_ALL_GATHER:
+        raw->all_gather(in, o, cs);
+        break;
+      case MLXDIST_SUM_SCATTER:
+        raw->sum_scatter(in, o, cs);
+        break;
+      default:
+        throw std::invalid_argument("[mlxdist] invalid collective op");
+    }
+    complete(cs);
+  });
+}
+
+extern "C" int mlxdist_send(
+    const mlx_array x,
+    int dst,
+    const mlx_distributed_group group,
+    const mlx_stream s) {
+  return guarded([&] {
+    auto& in = dense_array(x, "x");
+    auto g = group_of(group);
+    check_peer(dst, g.size(), "send");
+    auto raw = g.raw_group();
+    auto cs = raw->communication_stream(stream_of(s));
+    raw->send(in, dst, cs);
+    complete(cs);
+  });
+}
+
+extern "C" int mlxdist_recv(
+    mlx_array out,
+    int src,
+    const mlx_distributed_group group,
+    const mlx_stream s) {
+  return guarded([&] {
+    auto& o = dense_array(out, "out");
+    auto g = group_of(group);
+    check_peer(src, g.size(), "recv");
+    auto raw = g.raw_group();
+    auto cs = raw->communication_stream(stream_of(s));
+    raw->recv(o, src, cs);
+    complete(cs);
+  });
+}

@@ -1,0 +1,88 @@
+// Shared helpers of the cmlx implementation: handle <-> C++ object
+// conversion and the error-reporting wrapper every entry point uses.
+
+#pragma once
+
+#include <exception>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "mlx/array.h"
+#include "mlx/distributed/distributed.h"
+#include "mlx/stream.h"
+
+#include "mlx/c/array.h"
+#include "mlx/c/distributed_group.h"
+#include "mlx/c/stream.h"
+#include "mlx/c/string.h"
+#include "dtypes.h"
+
+namespace cmlx {
+
+namespace mx = mlx::core;
+
+// Passes `msg` to the installed mlx_set_error_handler handler.
+void report_error(const char* msg);
+
+// Runs `body`; a C++ exception becomes mlx-c's "report and return 1".
+template <typename F>
+int guarded(F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    report_error(e.what());
+  } catch (...) {
+    report_error("unknown C++ exception");
+  }
+  return 1;
+}
+
+template <typename T>
+T& deref(void* ctx, const char* what) {
+  if (ctx == nullptr) {
+    throw std::invalid_argument(std::string("null ") + what + " handle");
+  }
+  return *static_cast<T*>(ctx);
+}
+
+inline mx::array& get_array(mlx_array a) {
+  return deref<mx::array>(a.ctx, "mlx_array");
+}
+
+// mlx-c semantics: an empty handle gets a new object, a live one is assigned.
+inline void set_array(mlx_array* res, mx::array value) {
+  if (res == nullptr) {
+    throw std::invalid_argument("null result pointer");
+  }
+  if (res->ctx) {
+    *static_cast<mx::array*>(res->ctx) = std::move(value);
+  } else {
+    res->ctx = new mx::array(std::move(value));
+  }
+}
+
+inline mx::Stream& get_stream(mlx_stream s) {
+  return deref<mx::Stream>(s.ctx, "mlx_stream");
+}
+
+// A null group means the global group.
+std::optional<mx::distributed::Group> get_group(mlx_distributed_group g);
+// The group itself (the global one for a null handle).
+mx::distributed::Group resolve_group(mlx_distributed_group g);
+
+inline void set_group(mlx_distributed_group* res, mx::distributed::Group g) {
+  if (res == nullptr) {
+    throw std::invalid_argument("null result pointer");
+  }
+  if (res->ctx) {
+    *static_cast<mx::distributed::Group*>(res->ctx) = std::move(g);
+  } else {
+    res->ctx = new mx::distributed::Group(std::move(g));
+  }
+}
+
+mx::Shape to_shape(const int* shape, size_t dim);
+
+} // namespace cmlx

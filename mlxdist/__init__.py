@@ -1,0 +1,75 @@
+"""mlxdist: MLX's distributed engine through mlx-c's C API, with a thread-safe Group.
+
+Quick start (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
+
+    import numpy as np
+    import mlxdist
+
+    group = mlxdist.init()
+    total = group.all_sum(np.full(4, group.rank, np.float32))
+"""
+
+from mlxdist.arrays import asarray, empty, is_registered, zeros
+from mlxdist.backends import Backend, detect_backend, is_available
+from mlxdist.errors import (
+    BackendUnavailableError,
+    CommunicationError,
+    DistributedError,
+    DtypeError,
+    GroupClosedError,
+    InitializationError,
+    InvalidArgumentError,
+    InvalidRankError,
+    ShapeError,
+    TransformError,
+    UnsupportedOperationError,
+)
+from mlxdist.group import Group
+from mlxdist.world import (
+    all_gather,
+    all_max,
+    all_min,
+    all_sum,
+    barrier,
+    init,
+    recv,
+    recv_like,
+    send,
+    sum_scatter,
+    world,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "Group",
+    "init",
+    "world",
+    "is_available",
+    "detect_backend",
+    "all_sum",
+    "all_max",
+    "all_min",
+    "all_gather",
+    "sum_scatter",
+    "send",
+    "recv",
+    "recv_like",
+    "barrier",
+    "empty",
+    "zeros",
+    "asarray",
+    "is_registered",
+    "DistributedError",
+    "BackendUnavailableError",
+    "InitializationError",
+    "UnsupportedOperationError",
+    "TransformError",
+    "InvalidArgumentError",
+    "InvalidRankError",
+    "ShapeError",
+    "DtypeError",
+    "CommunicationError",
+    "GroupClosedError",
+]

@@ -1,0 +1,90 @@
+"""Owning Python objects for cmlx's C handles.
+
+Each C handle (a struct holding ``ctx``) has exactly one owner here. The owner
+frees it when garbage-collected (``ffi.gc``) or earlier through an idempotent
+``close()``; nothing else ever frees a handle.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from mlxdist._ffi import ffi, lib
+
+__all__ = ["Handle", "ArrayHandle", "GroupHandle", "thread_stream"]
+
+
+class Handle:
+    """Owns one C handle of type ``_ctype`` and frees it exactly once."""
+
+    _ctype = ""
+    _free: Callable[[Any], int]
+    __slots__ = ("_ptr", "__weakref__")
+
+    def __init__(self) -> None:
+        free = type(self)._free
+        self._ptr = ffi.gc(ffi.new(self._ctype + "*"), lambda p: free(p[0]))
+
+    @property
+    def out(self) -> Any:
+        """Pointer to the handle, for C functions that fill a result in."""
+        return self._ptr
+
+    @property
+    def value(self) -> Any:
+        """The handle itself, for C functions that take it by value."""
+        return self._ptr[0]
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Free the C object now; later calls do nothing."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            ffi.release(ptr)
+
+
+class ArrayHandle(Handle):
+    """Owns an ``mlx_array``."""
+
+    _ctype = "mlx_array"
+    _free = lib.mlx_array_free
+    __slots__ = ()
+
+
+class GroupHandle(Handle):
+    """Owns an ``mlx_distributed_group``."""
+
+    _ctype = "mlx_distributed_group"
+    _free = lib.mlx_distributed_group_free
+    __slots__ = ()
+
+
+class _StreamHandle(Handle):
+    _ctype = "mlx_stream"
+    _free = lib.mlx_stream_free
+    __slots__ = ()
+
+
+_local = threading.local()
+
+
+def thread_stream() -> Any:
+    """The calling thread's default CPU stream, created on first use.
+
+    MLX's CPU command encoders are per thread: a stream fetched on one thread
+    fails when used from another, so each thread keeps its own.
+    """
+    handle = getattr(_local, "stream", None)
+    if handle is None:
+        handle = _StreamHandle()
+        handle.out[0] = lib.mlx_default_cpu_stream_new()
+        if handle.value.ctx == ffi.NULL:
+            from mlxdist.errors import check
+
+            check(1, "default CPU stream")
+        _local.stream = handle
+    return handle.value

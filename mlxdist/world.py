@@ -1,0 +1,157 @@
+"""Initialisation and the world group; module-level collectives on ``group=None``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from mlxdist._ffi import lib
+from mlxdist._handles import GroupHandle
+from mlxdist.arrays import ArrayLike, DTypeLike
+from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
+from mlxdist.errors import BackendUnavailableError, InitializationError, check
+from mlxdist.group import Engine, Group
+
+__all__ = [
+    "init",
+    "world",
+    "all_sum",
+    "all_max",
+    "all_min",
+    "all_gather",
+    "sum_scatter",
+    "send",
+    "recv",
+    "recv_like",
+    "barrier",
+]
+
+_state_lock = threading.Lock()
+# One lock per backend world: the world group and every group split from it
+# share it, so their operations are serialized (see Group).
+_world_locks: dict[Backend | None, threading.Lock] = {}
+_world: Group | None = None
+
+
+def init(
+    backend: BackendLike = Backend.ANY, strict: bool = False, *, engine: Engine = "direct"
+) -> Group:
+    """Join the distributed world and return its group.
+
+    ``Backend.ANY`` follows the launch environment (see
+    :func:`mlxdist.backends.detect_backend`): mpirun means MPI, an MLX
+    hostfile and rank mean ring (jaccl or NCCL when their variables are set),
+    and no launcher means a single-process group.
+
+    Args:
+        backend: A :class:`Backend` or its name.
+        strict: Raise instead of falling back to a single-process group when
+            the backend cannot form a world.
+        engine: ``"direct"`` calls the backend with no graph (fast path);
+            ``"graph"`` goes through mlx-c's lazy functions and evaluation.
+
+    Returns:
+        The world group. The first call also makes it the default group of the
+        module-level functions.
+
+    Raises:
+        ValueError: unknown backend name or engine.
+        BackendUnavailableError: MLX lacks the backend here.
+        InitializationError: strict and no world could be formed.
+    """
+    global _world
+    requested = as_backend(backend)
+    chosen = detect_backend() if requested is Backend.ANY else requested
+    if chosen is None and strict:
+        raise InitializationError(
+            "strict init found no launch environment (mpirun, MLX_HOSTFILE + MLX_RANK, "
+            "jaccl or NCCL variables); start the ranks with mlxdist.launch, mlx.launch or mpirun"
+        )
+    if chosen is not None and not is_available(chosen):
+        raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
+    handle = GroupHandle()
+    # With no launcher, ring's non-strict init answers at once with a
+    # single-process group, where MPI would start a singleton MPI job.
+    name = (chosen or Backend.RING).value.encode()
+    with _state_lock:
+        rc = lib.mlx_distributed_init(handle.out, strict, name)
+        check(rc, f"init({(chosen or Backend.ANY).value})", InitializationError)
+        size = lib.mlx_distributed_group_size(handle.value)
+        kind = chosen if size > 1 or chosen is Backend.MPI else None
+        if strict and chosen is not None and size < 1:
+            raise InitializationError(f"{chosen.value} formed no group")
+        lock = _world_locks.setdefault(kind, threading.Lock())
+        group = Group(handle, kind, lock, engine)
+        if _world is None or _world.closed:
+            _world = group
+    return group
+
+
+def world() -> Group:
+    """The default group: the first :func:`init`'s, initialising with ANY if needed.
+
+    Returns:
+        The world group.
+    """
+    group = _world
+    if group is None or group.closed:
+        group = init()
+    return group
+
+
+def _group(group: Group | None) -> Group:
+    return world() if group is None else group
+
+
+def all_sum(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+    """:meth:`Group.all_sum` on ``group`` (the world group when None)."""
+    return _group(group).all_sum(x, out=out)
+
+
+def all_max(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+    """:meth:`Group.all_max` on ``group`` (the world group when None)."""
+    return _group(group).all_max(x, out=out)
+
+
+def all_min(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+    """:meth:`Group.all_min` on ``group`` (the world group when None)."""
+    return _group(group).all_min(x, out=out)
+
+
+def all_gather(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+    """:meth:`Group.all_gather` on ``group`` (the world group when None)."""
+    return _group(group).all_gather(x, out=out)
+
+
+def sum_scatter(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+    """:meth:`Group.sum_scatter` on ``group`` (the world group when None)."""
+    return _group(group).sum_scatter(x, out=out)
+
+
+def send(x: ArrayLike, dst: int, group: Group | None = None) -> None:
+    """:meth:`Group.send` on ``group`` (the world group when None)."""
+    _group(group).send(x, dst)
+
+
+def recv(
+    shape: Sequence[int] | int,
+    dtype: DTypeLike,
+    src: int,
+    group: Group | None = None,
+    *,
+    out: np.ndarray | None = None,
+) -> ArrayLike:
+    """:meth:`Group.recv` on ``group`` (the world group when None)."""
+    return _group(group).recv(shape, dtype, src, out=out)
+
+
+def recv_like(x: ArrayLike, src: int, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+    """:meth:`Group.recv_like` on ``group`` (the world group when None)."""
+    return _group(group).recv_like(x, src, out=out)
+
+
+def barrier(group: Group | None = None) -> None:
+    """:meth:`Group.barrier` on ``group`` (the world group when None)."""
+    _group(group).barrier()
