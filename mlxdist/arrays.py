@@ -230,7 +230,8 @@ class Operand:
 
 
 def _copy_in(data: np.ndarray, code: int) -> MlxBuffer:
-    data = np.ascontiguousarray(data)
+    if not data.flags.c_contiguous:
+        data = data.copy(order="C")  # (np.ascontiguousarray would make a scalar 1-d)
     shape = checked_shape(data.shape)
     buf = MlxBuffer.allocate(shape, code)
     if buf.nbytes:
@@ -259,10 +260,12 @@ def as_operand(x: Any) -> Operand:
     """Turn a user's array into an :class:`Operand`, copying only when needed.
 
     Raises:
-        TypeError: ``x`` is neither a numpy array nor an mlx array.
+        TypeError: ``x`` is neither a numpy array (or scalar) nor an mlx array.
         DtypeError: the dtype or byte order cannot be communicated.
         TransformError: ``x`` is being traced by mx.compile or mx.vmap.
     """
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
     if isinstance(x, np.ndarray):
         buf = registered_buffer(x)
         if buf is not None:

@@ -9,7 +9,7 @@ issue its collectives in the same order and the backends are not re-entrant.
 from __future__ import annotations
 
 import threading
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from mlxdist.arrays import (
 from mlxdist.backends import NATIVE_OPERATIONS, Backend
 from mlxdist.errors import (
     CommunicationError,
+    DistributedError,
     DtypeError,
     GroupClosedError,
     InvalidArgumentError,
@@ -40,7 +41,7 @@ from mlxdist.errors import (
     check,
 )
 
-__all__ = ["Group", "Engine"]
+__all__ = ["Group", "Engine", "WorldState"]
 
 Engine = Literal["direct", "graph"]
 
@@ -58,6 +59,17 @@ _GRAPH_OPS = {
     "all_gather": lib.mlx_distributed_all_gather,
     "sum_scatter": lib.mlx_distributed_sum_scatter,
 }
+
+
+class WorldState:
+    """What the groups of one world share: the lock serializing their operations
+    and, once a peer is lost, the failure that ended the world."""
+
+    __slots__ = ("lock", "lost")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lost: str | None = None
 
 
 def result_shape(op: str, shape: tuple[int, ...], size: int) -> tuple[int, ...]:
@@ -88,13 +100,13 @@ class Group:
             process that no launcher started.
     """
 
-    __slots__ = ("_handle", "rank", "size", "backend", "engine", "_lock", "__weakref__")
+    __slots__ = ("_handle", "rank", "size", "backend", "engine", "_world", "__weakref__")
 
     def __init__(
         self,
         handle: GroupHandle,
         backend: Backend | None,
-        lock: threading.Lock,
+        world: WorldState,
         engine: Engine = "direct",
     ) -> None:
         if engine not in ("direct", "graph"):
@@ -102,7 +114,7 @@ class Group:
         self._handle = handle
         self.backend = backend
         self.engine: Engine = engine
-        self._lock = lock
+        self._world = world
         self.rank = lib.mlx_distributed_group_rank(handle.value)
         self.size = lib.mlx_distributed_group_size(handle.value)
         if self.rank < 0 or self.size < 1:
@@ -126,7 +138,7 @@ class Group:
         MLX keeps each backend's world alive for the process, so other groups
         (and mx.distributed) are unaffected.
         """
-        with self._lock:
+        with self._world.lock:
             self._handle.close()
 
     def __enter__(self) -> "Group":
@@ -165,10 +177,12 @@ class Group:
         if key < -1:
             raise InvalidArgumentError(f"split key must be >= 0 or -1, got {key}")
         handle = GroupHandle()
-        with self._lock:
-            rc = lib.mlx_distributed_group_split(handle.out, self._live_handle(), color, key)
-        check(rc, "split", UnsupportedOperationError)
-        return Group(handle, self.backend, self._lock, self.engine)
+        self._call(
+            "split",
+            lambda group, _: lib.mlx_distributed_group_split(handle.out, group, color, key),
+            UnsupportedOperationError,
+        )
+        return Group(handle, self.backend, self._world, self.engine)
 
     # -- collectives --------------------------------------------------------
 
@@ -261,10 +275,8 @@ class Group:
         operand = as_operand(x)
         if self.engine == "graph":
             self._graph_call("send", lib.mlx_distributed_send, operand, dst)
-            return
-        with self._lock:
-            rc = lib.mlxdist_send(operand.handle, dst, self._live_handle(), thread_stream())
-        check(rc, "send", CommunicationError)
+        else:
+            self._call("send", lambda group, stream: lib.mlxdist_send(operand.handle, dst, group, stream))
 
     def recv(
         self,
@@ -333,66 +345,118 @@ class Group:
             )
 
     def _collective(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
-        group = self._live_handle()
+        self._live_handle()
+        if self.backend is Backend.MPI and _is_bool(x) and op != "all_gather":
+            return self._bool_via_uint8(op, x, out)
         operand = as_operand(x)
         shape = result_shape(op, operand.shape, self.size)
         if self.size == 1:
             return x if out is None else _deliver(operand.buffer, _registered_out(out, shape, operand.code), out, False)
         if op == "sum_scatter" and "sum_scatter" not in NATIVE_OPERATIONS.get(self.backend, frozenset()):
             _registered_out(out, shape, operand.code)
-            total = self._reduce_buffer("all_sum", operand, operand.shape, None, group)
+            total = self._reduce_buffer("all_sum", operand, operand.shape, None)
             rows = shape[0]
             part = total.numpy()[self.rank * rows : (self.rank + 1) * rows]
             return _deliver(part, None, out, operand.as_mlx)
         dest = _registered_out(out, shape, operand.code)
-        result = self._reduce_buffer(op, operand, shape, dest, group)
+        result = self._reduce_buffer(op, operand, shape, dest)
         return _deliver(result, dest, out, operand.as_mlx)
 
+    def _bool_via_uint8(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
+        """MPI defines no arithmetic on MPI_C_BOOL (an abort, not an error): reduce
+        the bytes as uint8, where max is OR (bool sum, as on ring) and min is AND."""
+        if out is not None and (not isinstance(out, np.ndarray) or out.dtype != np.bool_):
+            raise DtypeError("out must be a numpy bool array for a bool reduction")
+        as_bytes = out.view(np.uint8) if out is not None else None
+        wire_op = "all_max" if op == "all_sum" else op
+        import mlx.core as mx
+
+        numpy_in = isinstance(x, np.ndarray)
+        result = self._collective(wire_op, x.view(np.uint8) if numpy_in else x.astype(mx.uint8), as_bytes)
+        if out is not None:
+            return out
+        return result.view(np.bool_) if numpy_in else result.astype(mx.bool_)
+
+    def _call(
+        self,
+        what: str,
+        func: Callable[[Any, Any], int],
+        default: type[DistributedError] = CommunicationError,
+    ) -> None:
+        """Run ``func(group_handle, stream)`` under the world's lock and check its code.
+
+        A lost peer ends the world: MLX's transports do not recover, so later
+        operations fail at once instead of waiting on a dead connection.
+        """
+        world = self._world
+        with world.lock:
+            group = self._live_handle()
+            if world.lost is not None:
+                raise CommunicationError(
+                    f"{what}: this group's world already failed ({world.lost}); start the job again"
+                )
+            rc = func(group, thread_stream())
+        if rc:
+            try:
+                check(rc, what, default)
+            except CommunicationError as exc:
+                world.lost = str(exc)
+                raise
+
     def _reduce_buffer(
-        self, op: str, operand: Operand, shape: tuple[int, ...], dest: MlxBuffer | None, group: Any
+        self, op: str, operand: Operand, shape: tuple[int, ...], dest: MlxBuffer | None
     ) -> MlxBuffer:
         if self.engine == "graph":
             return self._graph_call(op, _GRAPH_OPS[op], operand)
-        if dest is None:
-            dest = MlxBuffer.allocate(shape, operand.code)
-        with self._lock:
-            rc = lib.mlxdist_collective(
-                dest.handle.value, operand.handle, _OPS[op], group, thread_stream()
-            )
-        check(rc, op, CommunicationError)
-        return dest
+        result = dest or MlxBuffer.allocate(shape, operand.code)
+        code = _OPS[op]
+        self._call(
+            op,
+            lambda group, stream: lib.mlxdist_collective(
+                result.handle.value, operand.handle, code, group, stream
+            ),
+        )
+        return result
 
     def _receive(
         self, shape: tuple[int, ...], code: int, as_mlx: bool, src: int, out: np.ndarray | None
     ) -> ArrayLike:
-        group = self._live_handle()
         dest = _registered_out(out, shape, code)
         if self.engine == "graph":
             res = ArrayHandle()
-            with self._lock:
-                rc = lib.mlx_distributed_recv(
-                    res.out, list(shape), len(shape), code, src, group, thread_stream()
+            dims = list(shape)
+            self._call(
+                "recv",
+                lambda group, stream: lib.mlx_distributed_recv(
+                    res.out, dims, len(dims), code, src, group, stream
                 )
-                if rc == 0:
-                    rc = lib.mlx_array_eval(res.value)
-            check(rc, "recv", CommunicationError)
+                or lib.mlx_array_eval(res.value),
+            )
             result = MlxBuffer.adopt(res)
         else:
             result = dest or MlxBuffer.allocate(shape, code)
-            with self._lock:
-                rc = lib.mlxdist_recv(result.handle.value, src, group, thread_stream())
-            check(rc, "recv", CommunicationError)
+            self._call(
+                "recv", lambda group, stream: lib.mlxdist_recv(result.handle.value, src, group, stream)
+            )
         return _deliver(result, dest, out, as_mlx)
 
     def _graph_call(self, op: str, func: Any, operand: Operand, *args: Any) -> MlxBuffer:
         """mlx-c's path: build the lazy op, then evaluate it."""
         res = ArrayHandle()
-        with self._lock:
-            rc = func(res.out, operand.handle, *args, self._live_handle(), thread_stream())
-            if rc == 0:
-                rc = lib.mlx_array_eval(res.value)
-        check(rc, op, CommunicationError)
+        self._call(
+            op,
+            lambda group, stream: func(res.out, operand.handle, *args, group, stream)
+            or lib.mlx_array_eval(res.value),
+        )
         return MlxBuffer.adopt(res)
+
+
+def _is_bool(x: Any) -> bool:
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.dtype == np.bool_
+    import mlx.core as mx
+
+    return isinstance(x, mx.array) and x.dtype == mx.bool_
 
 
 def _registered_out(out: np.ndarray | None, shape: tuple[int, ...], code: int) -> MlxBuffer | None:

@@ -84,18 +84,54 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-# Open MPI's --tag-output prefix, "[jobid,rank]<stdout>:", becomes "[rank] ".
-_MPI_TAG = re.compile(r"^\[\d+,(\d+)\]<std(?:out|err)>:")
+# Open MPI's --tag-output marks every chunk a rank writes, even mid-line:
+# "[jobid,rank]<stdout>:".
+_MPI_TAG = re.compile(r"\[\d+,(\d+)\]<std(?:out|err)>:")
 
 
-def _pump(stream: IO[bytes], sink: IO[str], prefix: str, capture: list[str] | None) -> None:
+class _LineSink:
+    """Writes whole lines, each prefixed with its rank, to a text stream."""
+
+    def __init__(self, sink: IO[str], capture: list[str] | None) -> None:
+        self.sink = sink
+        self.capture = capture
+        self.lock = threading.Lock()
+
+    def line(self, prefix: str, text: str) -> None:
+        line = f"{prefix}{text.rstrip(chr(10))}\n"
+        with self.lock:
+            self.sink.write(line)
+            self.sink.flush()
+            if self.capture is not None:
+                self.capture.append(line)
+
+
+def _pump(stream: IO[bytes], sink: _LineSink, prefix: str, tagged: bool) -> None:
+    """Copy a child's output line by line; ``tagged`` output (mpirun) is split by rank."""
+    partial: dict[str, str] = {}
+    current = prefix
     for raw in iter(stream.readline, b""):
-        line = _MPI_TAG.sub(r"[\1] ", raw.decode("utf-8", "replace"))
-        text = f"{prefix}{line}" if line.endswith("\n") else f"{prefix}{line}\n"
-        sink.write(text)
-        sink.flush()
-        if capture is not None:
-            capture.append(text)
+        text = raw.decode("utf-8", "replace")
+        if not tagged:
+            sink.line(prefix, text)
+            continue
+        pieces = _MPI_TAG.split(text)
+        # pieces: [untagged, rank, text, rank, text, ...]
+        segments = [(current, pieces[0])] + [
+            (f"[{pieces[i]}] ", pieces[i + 1]) for i in range(1, len(pieces), 2)
+        ]
+        for who, piece in segments:
+            if not piece:
+                continue
+            current = who
+            pending = partial.pop(who, "") + piece
+            *lines, rest = pending.split("\n")
+            for line in lines:
+                sink.line(who, line)
+            if rest:
+                partial[who] = rest
+    for who, rest in partial.items():
+        sink.line(who, rest)
     stream.close()
 
 
@@ -166,9 +202,9 @@ def launch(
         raise ValueError("empty command")
     if backend not in ("ring", "mpi"):
         raise ValueError(f"backend must be 'ring' or 'mpi', got {backend!r}")
-    out_sink = stdout or sys.stdout
-    err_sink = stderr or sys.stderr
     lines: list[str] | None = [] if capture else None
+    out_sink = _LineSink(stdout or sys.stdout, lines)
+    err_sink = _LineSink(stderr or sys.stderr, lines)
     base_env = dict(os.environ)
     for key in ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE"):
         base_env.pop(key, None)
@@ -201,7 +237,9 @@ def launch(
             )
             procs.append(proc)
             for stream, sink in ((proc.stdout, out_sink), (proc.stderr, err_sink)):
-                t = threading.Thread(target=_pump, args=(stream, sink, prefix, lines), daemon=True)
+                t = threading.Thread(
+                    target=_pump, args=(stream, sink, prefix, backend == "mpi"), daemon=True
+                )
                 t.start()
                 pumps.append(t)
 
@@ -227,11 +265,13 @@ def launch(
                 t.join(timeout=5)
         result.returncodes = [p.returncode for p in procs]
         if result.timed_out:
-            err_sink.write(f"mlxdist.launch: deadline of {timeout:g} s passed; killed all ranks\n")
+            err_sink.line("", f"mlxdist.launch: deadline of {timeout:g} s passed; killed all ranks")
         elif result.failed_rank is not None:
-            err_sink.write(
-                f"mlxdist.launch: rank {result.failed_rank} exited with "
-                f"{result.returncodes[result.failed_rank]}; killed the others\n"
+            who = "mpirun" if backend == "mpi" else f"rank {result.failed_rank}"
+            err_sink.line(
+                "",
+                f"mlxdist.launch: {who} exited with "
+                f"{result.returncodes[result.failed_rank]}; killed the others",
             )
         if lines is not None:
             result.output = lines

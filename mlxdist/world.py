@@ -12,7 +12,7 @@ from mlxdist._handles import GroupHandle
 from mlxdist.arrays import ArrayLike, DTypeLike
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
 from mlxdist.errors import BackendUnavailableError, InitializationError, check
-from mlxdist.group import Engine, Group
+from mlxdist.group import Engine, Group, WorldState
 
 __all__ = [
     "init",
@@ -29,9 +29,9 @@ __all__ = [
 ]
 
 _state_lock = threading.Lock()
-# One lock per backend world: the world group and every group split from it
-# share it, so their operations are serialized (see Group).
-_world_locks: dict[Backend | None, threading.Lock] = {}
+# One state per backend world: the world group and every group split from it
+# share its lock (their operations are serialized, see Group) and its fate.
+_worlds: dict[Backend | None, WorldState] = {}
 _world: Group | None = None
 
 
@@ -80,10 +80,11 @@ def init(
         check(rc, f"init({(chosen or Backend.ANY).value})", InitializationError)
         size = lib.mlx_distributed_group_size(handle.value)
         kind = chosen if size > 1 or chosen is Backend.MPI else None
-        if strict and chosen is not None and size < 1:
-            raise InitializationError(f"{chosen.value} formed no group")
-        lock = _world_locks.setdefault(kind, threading.Lock())
-        group = Group(handle, kind, lock, engine)
+        if strict and size == 1 and chosen not in (None, Backend.MPI):
+            # MLX caches a failed non-strict init as a size-1 group; a ring,
+            # jaccl or NCCL world always has several ranks.
+            raise InitializationError(f"{chosen.value} formed no world of several ranks")
+        group = Group(handle, kind, _worlds.setdefault(kind, WorldState()), engine)
         if _world is None or _world.closed:
             _world = group
     return group

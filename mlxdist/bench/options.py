@@ -1,0 +1,209 @@
+"""Command-line options of ``mlxdist.bench`` (named as nccl-tests names them)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from mlxdist.bench.workload import DTYPES, OPERATIONS
+
+__all__ = ["BenchConfig", "parse_size", "format_size", "build_parser", "parse_args", "IMPLEMENTATIONS"]
+
+IMPLEMENTATIONS = ("mlxdist-reg", "mlxdist-numpy", "mlxdist-mlx", "mx.distributed", "mpi4py")
+TP_DTYPES = ("float16", "bfloat16")
+TP_OPERATIONS = ("all_sum", "all_gather", "sum_scatter")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """A byte count such as ``1024``, ``1K``, ``64M`` or ``1GiB`` (powers of 1024).
+
+    Args:
+        text: The size as written on the command line.
+
+    Returns:
+        The number of bytes.
+
+    Raises:
+        argparse.ArgumentTypeError: not a size.
+    """
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1024, 1K, 64M)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def format_size(nbytes: int) -> str:
+    """A byte count for people: ``1 KiB``, ``64 MiB``, ``1536 B``.
+
+    Args:
+        nbytes: The number of bytes.
+
+    Returns:
+        The shortest exact form in B, KiB, MiB or GiB.
+    """
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
+
+
+def _choices(allowed: Sequence[str], what: str):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(allowed) if text == "all" else tuple(t.strip() for t in text.split(",") if t.strip())
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(unknown) or '(none)'}; choose from {', '.join(allowed)} or 'all'"
+            )
+        return names
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+@dataclass
+class BenchConfig:
+    """What to measure and how to report it (see ``python -m mlxdist.bench -h``)."""
+
+    min_bytes: int = 1 << 10
+    max_bytes: int = 64 << 20
+    step_factor: int = 2
+    warmup: int = 5
+    iters: int = 20
+    dtypes: tuple[str, ...] = ("float32",)
+    ops: tuple[str, ...] = OPERATIONS
+    impls: tuple[str, ...] = IMPLEMENTATIONS
+    tp: bool = False
+    hidden: int = 4096
+    tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
+    backend: str | None = None
+    nranks: int = 2
+    timeout: float = 1800.0
+    json: str | None = None
+    plot: str | None = None
+    stat: str = "median"
+    progress: bool = True
+    emit_events: bool = False
+    argv: list[str] = field(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m mlxdist.bench``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mlxdist.bench",
+        description=(
+            "nccl-tests-style collective benchmarks of mlxdist against mx.distributed "
+            "(and mpi4py on MPI). With no launcher it starts --nranks local ranks itself."
+        ),
+    )
+    sizes = parser.add_argument_group("sizes (as nccl-tests)")
+    sizes.add_argument("-b", "--minbytes", type=parse_size, default=1 << 10, help="smallest size (default 1K)")
+    sizes.add_argument("-e", "--maxbytes", type=parse_size, default=64 << 20, help="largest size (default 64M)")
+    sizes.add_argument("-f", "--stepfactor", type=_positive, default=2, help="size multiplier (default 2)")
+    sizes.add_argument("-w", "--warmup_iters", type=_non_negative, default=5, help="warm-up iterations (default 5)")
+    sizes.add_argument("-n", "--iters", type=_positive, default=20, help="timed iterations (default 20)")
+    sizes.add_argument(
+        "--tp",
+        action="store_true",
+        help="tensor-parallel sizes: hidden x tokens (Llama decode/prefill), float16 and bfloat16",
+    )
+    sizes.add_argument("--hidden", type=_positive, default=4096, help="hidden size for --tp (default 4096)")
+    sizes.add_argument(
+        "--tokens",
+        type=lambda t: tuple(_positive(x) for x in t.split(",")),
+        default=(1, 8, 32, 128, 512),
+        help="token counts for --tp (default 1,8,32,128,512)",
+    )
+    what = parser.add_argument_group("what to run")
+    what.add_argument(
+        "-d", "--datatype", type=_choices(DTYPES, "dtype"), default=None,
+        help=f"comma list of {', '.join(DTYPES)} or 'all' (default float32; float16,bfloat16 with --tp)",
+    )
+    what.add_argument(
+        "-o", "--ops", type=_choices(OPERATIONS, "operation"), default=None,
+        help=f"comma list of {', '.join(OPERATIONS)} or 'all' (default all; "
+        f"{','.join(TP_OPERATIONS)} with --tp)",
+    )
+    what.add_argument(
+        "--impls", type=_choices(IMPLEMENTATIONS, "implementation"), default=IMPLEMENTATIONS,
+        help="comma list of implementations (default all; mpi4py runs on MPI only)",
+    )
+    launch = parser.add_argument_group("ranks")
+    launch.add_argument(
+        "--backend", choices=("ring", "mpi"), default=None,
+        help="backend (default ring when started without a launcher; the launcher's otherwise)",
+    )
+    launch.add_argument("--nranks", type=_positive, default=2, help="ranks to start with no launcher (default 2)")
+    launch.add_argument("--timeout", type=float, default=1800.0, help="seconds before started ranks are killed")
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--json", nargs="?", const="-", default=None, metavar="FILE",
+        help="write header and raw rows as JSON to FILE ('-' or no value: stdout, instead of the table)",
+    )
+    output.add_argument("--plot", default=None, metavar="FILE.png", help="plot busbw against size per implementation")
+    output.add_argument(
+        "--stat", choices=("median", "p99"), default="median", help="time statistic shown in the table"
+    )
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--emit-events", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> BenchConfig:
+    """Parse the command line into a :class:`BenchConfig`.
+
+    Args:
+        argv: The arguments, without the program name.
+
+    Returns:
+        The configuration.
+
+    Raises:
+        SystemExit: invalid arguments (argparse prints why).
+    """
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.minbytes > args.maxbytes:
+        parser.error(f"--minbytes {args.minbytes} is larger than --maxbytes {args.maxbytes}")
+    if args.stepfactor < 2 and args.minbytes != args.maxbytes:
+        parser.error("--stepfactor must be >= 2 to step from --minbytes to --maxbytes")
+    return BenchConfig(
+        min_bytes=args.minbytes,
+        max_bytes=args.maxbytes,
+        step_factor=args.stepfactor,
+        warmup=args.warmup_iters,
+        iters=args.iters,
+        dtypes=args.datatype or (TP_DTYPES if args.tp else ("float32",)),
+        ops=args.ops or (TP_OPERATIONS if args.tp else OPERATIONS),
+        impls=args.impls,
+        tp=args.tp,
+        hidden=args.hidden,
+        tokens=args.tokens,
+        backend=args.backend,
+        nranks=args.nranks,
+        timeout=args.timeout,
+        json=args.json,
+        plot=args.plot,
+        stat=args.stat,
+        progress=not args.no_progress,
+        emit_events=args.emit_events,
+        argv=[a for a in argv if a != "--emit-events"],
+    )

@@ -1,0 +1,470 @@
+"""Check that the compiled extension is linked and usable: ``python -m mlxdist.linkcheck``.
+
+It reports, and exits non-zero when any check fails:
+
+- every ``mlx_distributed_*`` function the cdef declares resolves in the built
+  extension, and the side-effect-free ones run (``is_available`` per backend,
+  ``group_new``/``group_free``, a non-strict ``init`` with ``group_rank``,
+  ``group_size`` and ``group_free``);
+- the libmlx the extension loaded is the file the ``mlx`` package loaded, and
+  the MLX version compiled against is the one running;
+- which backends are available here and, for each backend and operation,
+  whether MLX provides it natively, mlxdist fills it in, or it is unavailable.
+
+Output is a table, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "Check",
+    "LinkReport",
+    "OPERATIONS",
+    "FILLED_IN",
+    "declared_functions",
+    "resolve_functions",
+    "call_side_effect_free",
+    "mapped_libmlx_files",
+    "check_libmlx",
+    "check_versions",
+    "operation_table",
+    "run_checks",
+    "main",
+]
+
+DISTRIBUTED_PREFIX = "mlx_distributed_"
+OPERATIONS = ("all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "split")
+# Operations mlxdist computes itself where a backend lacks them, from the
+# operation named as the value (see Group.sum_scatter).
+FILLED_IN = {"sum_scatter": "all_sum"}
+BACKEND_NAMES = ("ring", "mpi", "jaccl", "nccl")
+
+_LIBMLX_NAME = re.compile(r"^libmlx\.(so|dylib)(\.|$)")
+
+
+@dataclass
+class Check:
+    """One check and its outcome.
+
+    Attributes:
+        name: What was checked.
+        ok: Whether it passed.
+        detail: The value seen, or why it failed.
+        function: The C function the check resolved or called, if any.
+    """
+
+    name: str
+    ok: bool
+    detail: str = ""
+    function: str = ""
+
+
+@dataclass
+class LinkReport:
+    """Everything linkcheck found; ``ok`` is the conjunction of all checks."""
+
+    extension: str = ""
+    checks: list[Check] = field(default_factory=list)
+    declared: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    libmlx: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return all(c.ok for c in self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (with ``ok`` included)."""
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+# -- functions ---------------------------------------------------------------
+
+
+def declared_functions(ffi: Any, lib: Any, prefix: str = DISTRIBUTED_PREFIX) -> list[str]:
+    """The functions the extension's cdef declares whose names start with ``prefix``.
+
+    ``dir(lib)`` of a cffi API-mode module lists what the cdef declared
+    (functions, constants, enum values); functions are told apart by their
+    C type.
+
+    Args:
+        ffi: The extension's ``ffi``.
+        lib: The extension's ``lib``.
+        prefix: Keep only names starting with this.
+
+    Returns:
+        The sorted function names.
+    """
+    names = []
+    for name in dir(lib):
+        # Constants and enum values come back as ints; everything else the
+        # cdef declares under these names is a function.
+        if name.startswith(prefix) and not isinstance(getattr(lib, name, None), int):
+            names.append(name)
+    return sorted(names)
+
+
+def resolve_functions(ffi: Any, lib: Any, names: Sequence[str]) -> list[Check]:
+    """Resolve each function in ``lib`` and take its address.
+
+    Args:
+        ffi: The extension's ``ffi``.
+        lib: The extension's ``lib``.
+        names: Function names to resolve.
+
+    Returns:
+        One :class:`Check` per name: ok when it resolves to a callable with a
+        non-null address; the detail is its C type or the error.
+    """
+    checks = []
+    for name in names:
+        try:
+            func = getattr(lib, name)
+            address = ffi.cast("uintptr_t", ffi.addressof(lib, name))
+            ok = callable(func) and int(address) != 0
+            detail = ffi.typeof(func).cname if ok else "null address"
+        except Exception as exc:  # AttributeError, ffi.error: the name does not resolve
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        checks.append(Check(f"resolve {name}", ok, detail, function=name))
+    return checks
+
+
+def _call(function: str, label: str, action: Callable[[], tuple[bool, str, Any]]) -> tuple[Check, Any]:
+    """Run ``action`` (returning ok, detail, value) as the check of one call."""
+    try:
+        ok, detail, value = action()
+    except Exception as exc:  # a failed call is a failed check, never a crash
+        return Check(label, False, f"{type(exc).__name__}: {exc}", function), None
+    return Check(label, ok, detail, function), value
+
+
+def call_side_effect_free(ffi: Any, lib: Any, init_backend: str) -> list[Check]:
+    """Call the ``mlx_distributed_*`` functions that change nothing.
+
+    Args:
+        ffi: The extension's ``ffi``.
+        lib: The extension's ``lib``.
+        init_backend: The backend for the non-strict init (``ring`` answers at
+            once with a single-process group when nothing launched us).
+
+    Returns:
+        One :class:`Check` per call, in call order.
+    """
+    from mlxdist._ffi import last_error
+
+    def returned(rc: int) -> tuple[bool, str, None]:
+        return rc == 0, f"rc={rc}" + (f" ({last_error()})" if rc else ""), None
+
+    checks = []
+    for backend in ("any",) + BACKEND_NAMES:
+        check, _ = _call(
+            "mlx_distributed_is_available",
+            f"is_available({backend!r})",
+            lambda b=backend: (True, str(bool(lib.mlx_distributed_is_available(b.encode()))), None),
+        )
+        checks.append(check)
+
+    check, empty = _call(
+        "mlx_distributed_group_new", "group_new()", lambda: (True, "empty group", lib.mlx_distributed_group_new())
+    )
+    checks.append(check)
+    if empty is not None:
+        checks.append(
+            _call("mlx_distributed_group_free", "group_free(empty group)",
+                  lambda: returned(lib.mlx_distributed_group_free(empty)))[0]
+        )
+
+    handle = ffi.new("mlx_distributed_group*")
+    check, _ = _call(
+        "mlx_distributed_init",
+        f"init(strict=false, {init_backend!r})",
+        lambda: returned(lib.mlx_distributed_init(handle, False, init_backend.encode())),
+    )
+    checks.append(check)
+    if not check.ok:
+        return checks
+    rank_check, rank = _call(
+        "mlx_distributed_group_rank", "group_rank(init's group)",
+        lambda: (lambda r: (r >= 0, f"rank={r}", r))(lib.mlx_distributed_group_rank(handle[0])),
+    )
+    size_check, size = _call(
+        "mlx_distributed_group_size", "group_size(init's group)",
+        lambda: (lambda n: (n >= 1, f"size={n}", n))(lib.mlx_distributed_group_size(handle[0])),
+    )
+    if rank_check.ok and size_check.ok and rank >= size:
+        rank_check = Check(rank_check.name, False, f"rank={rank} >= size={size}", rank_check.function)
+    checks += [
+        rank_check,
+        size_check,
+        _call("mlx_distributed_group_free", "group_free(init's group)",
+              lambda: returned(lib.mlx_distributed_group_free(handle[0])))[0],
+    ]
+    return checks
+
+
+# -- libmlx and versions -----------------------------------------------------
+
+
+def _linux_mapped_files() -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return [parts[5] for parts in (line.split(maxsplit=5) for line in maps) if len(parts) == 6]
+
+
+def _macos_loaded_images() -> list[str]:
+    dyld = ctypes.CDLL("/usr/lib/libSystem.B.dylib")
+    dyld._dyld_image_count.restype = ctypes.c_uint32
+    dyld._dyld_get_image_name.restype = ctypes.c_char_p
+    dyld._dyld_get_image_name.argtypes = [ctypes.c_uint32]
+    return [dyld._dyld_get_image_name(i).decode() for i in range(dyld._dyld_image_count())]
+
+
+def mapped_libmlx_files() -> list[str] | None:
+    """The distinct libmlx files loaded in this process (real paths).
+
+    Returns:
+        The files, or None where the platform gives no way to list them
+        (neither ``/proc/self/maps`` nor macOS's dyld).
+    """
+    if os.path.exists("/proc/self/maps"):
+        paths = _linux_mapped_files()
+    elif sys.platform == "darwin":
+        paths = _macos_loaded_images()
+    else:
+        return None
+    found = {os.path.realpath(p.strip()) for p in paths if _LIBMLX_NAME.match(os.path.basename(p.strip()))}
+    return sorted(found)
+
+
+def check_libmlx(ffi: Any, lib: Any, mapped: list[str] | None) -> tuple[Check, dict[str, Any]]:
+    """Whether the extension's libmlx is the one file loaded in the process.
+
+    The ``mlx`` package always loads a libmlx, so a single loaded file that
+    equals the extension's means both use the same engine; two files would
+    mean two engines that do not share groups.
+
+    Args:
+        ffi: The extension's ``ffi``.
+        lib: The extension's ``lib``.
+        mapped: The loaded libmlx files (:func:`mapped_libmlx_files`).
+
+    Returns:
+        The check and the paths seen.
+    """
+    raw = ffi.string(lib.mlxdist_libmlx_path()).decode()
+    extension_path = os.path.realpath(raw) if raw else ""
+    info: dict[str, Any] = {"extension": extension_path, "process": mapped}
+    if not extension_path:
+        return Check("libmlx is shared with mlx", False, "the extension cannot tell its libmlx"), info
+    if mapped is None:
+        return Check("libmlx is shared with mlx", False, "cannot list loaded libraries here"), info
+    same = mapped == [extension_path]
+    detail = extension_path if same else f"extension: {extension_path}; loaded: {', '.join(mapped)}"
+    return Check("libmlx is shared with mlx", same, detail), info
+
+
+def _release(version: str) -> str:
+    return version.split(".dev")[0].split("+")[0]
+
+
+def check_versions() -> tuple[list[Check], dict[str, str]]:
+    """Compare the MLX version compiled against, libmlx's, and the mlx package's.
+
+    Returns:
+        The checks and the versions seen.
+    """
+    import mlx.core as mx
+
+    from mlxdist._ffi import compiled_mlx_version, running_mlx_version
+
+    versions = {
+        "compiled": compiled_mlx_version(),
+        "libmlx": running_mlx_version(),
+        "mlx_python": str(mx.__version__),
+    }
+    checks = [
+        Check(
+            "compiled MLX == running libmlx",
+            _release(versions["compiled"]) == _release(versions["libmlx"]),
+            f"{versions['compiled']} / {versions['libmlx']}",
+        ),
+        Check(
+            "running libmlx == mlx package",
+            _release(versions["libmlx"]) == _release(versions["mlx_python"]),
+            f"{versions['libmlx']} / {versions['mlx_python']}",
+        ),
+    ]
+    return checks, versions
+
+
+# -- backends ----------------------------------------------------------------
+
+
+def operation_table(native: dict[Any, frozenset[str]], available: dict[str, bool]) -> dict[str, dict[str, Any]]:
+    """For each backend and operation: ``native``, ``mlxdist`` or ``unavailable``.
+
+    Args:
+        native: Operations each backend provides natively (keyed by
+            :class:`mlxdist.Backend` or name).
+        available: Whether each backend can be used here.
+
+    Returns:
+        ``{backend: {"available": bool, "operations": {op: status}}}``.
+    """
+    table = {}
+    for backend, ops in native.items():
+        name = getattr(backend, "value", backend)
+        statuses = {}
+        for op in OPERATIONS:
+            if op in ops:
+                statuses[op] = "native"
+            elif FILLED_IN.get(op) in ops:
+                statuses[op] = "mlxdist"
+            else:
+                statuses[op] = "unavailable"
+        table[name] = {"available": bool(available.get(name, False)), "operations": statuses}
+    return table
+
+
+# -- driver ------------------------------------------------------------------
+
+
+def _load_extension(report: LinkReport) -> tuple[Any, Any] | None:
+    try:
+        from mlxdist import _cmlx
+        from mlxdist._ffi import ffi, lib
+    except ImportError as exc:
+        report.checks.append(Check("load mlxdist._cmlx", False, str(exc)))
+        return None
+    report.extension = getattr(_cmlx, "__file__", "") or ""
+    report.checks.append(Check("load mlxdist._cmlx", True, report.extension))
+    return ffi, lib
+
+
+def run_checks() -> LinkReport:
+    """Run every check.
+
+    Returns:
+        The :class:`LinkReport` (its ``ok`` says whether all passed).
+    """
+    report = LinkReport()
+    loaded = _load_extension(report)
+    if loaded is None:
+        return report
+    ffi, lib = loaded
+    from mlxdist.backends import NATIVE_OPERATIONS, detect_backend
+
+    report.declared = declared_functions(ffi, lib)
+    if not report.declared:
+        report.checks.append(Check("declared mlx_distributed_* functions", False, "none declared"))
+    resolved = resolve_functions(ffi, lib, report.declared)
+    report.missing = [name for name, c in zip(report.declared, resolved) if not c.ok]
+    report.checks.extend(resolved)
+    launched = detect_backend()
+    report.checks.extend(call_side_effect_free(ffi, lib, launched.value if launched else "ring"))
+
+    libmlx_check, report.libmlx = check_libmlx(ffi, lib, mapped_libmlx_files())
+    report.checks.append(libmlx_check)
+    version_checks, report.versions = check_versions()
+    report.checks.extend(version_checks)
+
+    available = {b: bool(lib.mlx_distributed_is_available(b.encode())) for b in BACKEND_NAMES}
+    report.backends = operation_table(NATIVE_OPERATIONS, available)
+    return report
+
+
+def _status(ok: bool) -> str:
+    return "[green]ok[/]" if ok else "[bold red]FAIL[/]"
+
+
+def render(report: LinkReport, console: Any) -> None:
+    """Print the report as tables on a rich console.
+
+    Args:
+        report: What :func:`run_checks` found.
+        console: A ``rich.console.Console``.
+    """
+    from rich.table import Table
+
+    functions = Table(title="mlx_distributed_* functions declared by the extension", title_justify="left")
+    for column in ("function", "resolved", "called"):
+        functions.add_column(column)
+    for name in report.declared:
+        own = [c for c in report.checks if c.function == name]
+        resolved = all(c.ok for c in own if c.name.startswith("resolve "))
+        calls = "\n".join(
+            f"{c.name} -> {c.detail}" if c.ok else f"[bold red]{c.name} -> {c.detail}[/]"
+            for c in own
+            if not c.name.startswith("resolve ")
+        )
+        functions.add_row(name, _status(resolved), calls or "[dim]resolved only[/]")
+    console.print(functions)
+
+    others = Table(title="checks", title_justify="left")
+    for column in ("check", "result", "detail"):
+        others.add_column(column, overflow="fold")
+    for c in report.checks:
+        if not c.function or c.function not in report.declared:
+            others.add_row(c.name, _status(c.ok), c.detail)
+    console.print(others)
+
+    if report.backends:
+        styles = {"native": "green", "mlxdist": "cyan", "unavailable": "dim"}
+        ops = Table(
+            title="operations per backend (native: MLX; mlxdist: filled in by mlxdist)",
+            title_justify="left",
+        )
+        ops.add_column("operation")
+        for name in report.backends:
+            ops.add_column(name)
+        ops.add_row("available here", *("yes" if e["available"] else "no" for e in report.backends.values()))
+        ops.add_section()
+        for op in OPERATIONS:
+            cells = (e["operations"][op] for e in report.backends.values())
+            ops.add_row(op, *(f"[{styles[s]}]{s}[/]" for s in cells))
+        console.print(ops)
+    verdict = "[green]all checks passed[/]" if report.ok else "[bold red]some checks failed[/]"
+    console.print(f"{sum(c.ok for c in report.checks)}/{len(report.checks)} checks passed: {verdict}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Args:
+        argv: Arguments (``sys.argv[1:]`` by default).
+
+    Returns:
+        0 when every check passed, 1 otherwise.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m mlxdist.linkcheck",
+        description="Check that mlxdist's extension is linked to the MLX the mlx package uses.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = run_checks()
+    if args.json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        from rich.console import Console
+
+        render(report, Console())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

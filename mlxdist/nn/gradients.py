@@ -1,0 +1,314 @@
+"""Data-parallel gradient utilities: averaging gradient trees over ranks, and
+clipping the global norm of gradients sharded over ranks.
+
+:func:`average_gradients` packs the leaves of a gradient tree into flat buckets
+and all-reduces each bucket once. A bucket lives in a registered buffer (MLX
+memory seen by numpy), so the collective reads and writes it in place with no
+copy; the buffers are kept from one call to the next, because touching fresh
+pages costs more here than the copies themselves. Each averaged leaf is then
+copied into its own mx.array.
+"""
+
+from __future__ import annotations
+
+import threading
+from numbers import Real
+from typing import Any, Hashable, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from mlxdist._ffi import lib
+from mlxdist.arrays import MlxBuffer
+from mlxdist.errors import DtypeError, InvalidArgumentError
+from mlxdist.group import Group
+from mlxdist.world import world
+
+__all__ = [
+    "average_gradients",
+    "clip_grad_norm_sharded",
+    "plan_buckets",
+    "release_buffers",
+    "DEFAULT_ALL_REDUCE_SIZE",
+]
+
+DEFAULT_ALL_REDUCE_SIZE = 32 * 1024**2
+
+# The floating dtypes a gradient may have or travel as, with their mlx_dtype.
+_WIRE_CODES: dict[mx.Dtype, int] = {
+    mx.float16: lib.MLX_FLOAT16,
+    mx.bfloat16: lib.MLX_BFLOAT16,
+    mx.float32: lib.MLX_FLOAT32,
+    mx.float64: lib.MLX_FLOAT64,
+}
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+_FLOAT_NAMES = ", ".join(_dtype_name(d) for d in _WIRE_CODES)
+
+
+class _BufferPool:
+    """Registered buffers kept between calls, keyed by (mlx_dtype, length).
+
+    A call takes the buffers it needs (reusing the previous call's when the
+    layout is the same) and hands back the ones it used; the pool then holds
+    exactly those, so its memory is bounded by one gradient tree on the wire.
+    Concurrent calls never share a buffer.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def take(self, code: int, length: int) -> np.ndarray:
+        with self._lock:
+            spare = self._free.get((code, length))
+            if spare:
+                return spare.pop()
+        return MlxBuffer.allocate((length,), code).numpy()
+
+    def keep(self, used: list[tuple[tuple[int, int], np.ndarray]]) -> None:
+        kept: dict[tuple[int, int], list[np.ndarray]] = {}
+        for key, buffer in used:
+            kept.setdefault(key, []).append(buffer)
+        with self._lock:
+            self._free = kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free = {}
+
+
+_pool = _BufferPool()
+
+
+def release_buffers() -> None:
+    """Free the communication buffers :func:`average_gradients` keeps between calls.
+
+    They hold as many bytes as the last averaged tree had on the wire; the next
+    call allocates them again.
+    """
+    _pool.clear()
+
+
+def plan_buckets(nbytes: Sequence[int], kinds: Sequence[Hashable], limit: int) -> list[list[int]]:
+    """Group arrays, in order, into buckets of one kind of at most ``limit`` bytes.
+
+    An array larger than ``limit`` gets a bucket of its own; ``limit == 0``
+    gives every array its own bucket. A bucket is emitted when the next array
+    of its kind would overflow it, and the open buckets at the end in the
+    order their kinds first appeared, so equal inputs give equal plans on
+    every rank.
+
+    Args:
+        nbytes: Each array's size in bytes.
+        kinds: Each array's kind (its dtype on the wire); only arrays of one
+            kind share a bucket.
+        limit: The largest bucket, in bytes (>= 0).
+
+    Returns:
+        The buckets, as lists of indices into ``nbytes``.
+    """
+    buckets: list[list[int]] = []
+    open_buckets: dict[Hashable, tuple[list[int], int]] = {}
+    for index, (size, kind) in enumerate(zip(nbytes, kinds)):
+        members, filled = open_buckets.get(kind, ([], 0))
+        if members and filled + size > limit:
+            buckets.append(members)
+            members, filled = [], 0
+        members.append(index)
+        open_buckets[kind] = (members, filled + size)
+    buckets.extend(members for members, _ in open_buckets.values())
+    return buckets
+
+
+def _checked_size(all_reduce_size: Any) -> int:
+    if isinstance(all_reduce_size, bool) or not isinstance(all_reduce_size, (int, np.integer)):
+        raise InvalidArgumentError(
+            f"all_reduce_size must be an integer number of bytes, got {all_reduce_size!r}"
+        )
+    if all_reduce_size < 0:
+        raise InvalidArgumentError(
+            f"all_reduce_size must be >= 0 (0: one all-reduce per array), got {all_reduce_size}"
+        )
+    return int(all_reduce_size)
+
+
+def _checked_wire_type(communication_type: Any) -> mx.Dtype | None:
+    if communication_type is None:
+        return None
+    dtype = communication_type
+    if isinstance(dtype, str):
+        dtype = getattr(mx, dtype, None)
+    if not isinstance(dtype, mx.Dtype):
+        raise DtypeError(
+            f"communication_type must be an mlx floating dtype ({_FLOAT_NAMES}) or None, "
+            f"got {communication_type!r}"
+        )
+    if dtype not in _WIRE_CODES:
+        raise DtypeError(
+            f"communication_type must be a floating dtype ({_FLOAT_NAMES}), got {_dtype_name(dtype)}"
+        )
+    return dtype
+
+
+def _checked_leaves(gradients: Any) -> list[tuple[str, mx.array]]:
+    """The tree's leaves with their keys, each checked to be a floating mx.array."""
+    leaves = tree_flatten(gradients)
+    for key, leaf in leaves:
+        name = repr(key) if key else "the tree itself"
+        if not isinstance(leaf, mx.array):
+            raise TypeError(
+                f"gradient leaf {name} is a {type(leaf).__name__}, not an mlx.core.array"
+            )
+        if leaf.dtype not in _WIRE_CODES:
+            raise DtypeError(
+                f"gradient leaf {name} has dtype {_dtype_name(leaf.dtype)}; gradients must be "
+                f"floating-point ({_FLOAT_NAMES})"
+            )
+    return leaves
+
+
+def _wire_bits(leaf: mx.array, wire: mx.Dtype) -> mx.array:
+    """The leaf as it travels: cast to the wire dtype, bfloat16 seen as its uint16 bits."""
+    on_wire = leaf.astype(wire) if leaf.dtype != wire else leaf
+    return on_wire.view(mx.uint16) if wire == mx.bfloat16 else on_wire
+
+
+def _averaged_leaf(view: np.ndarray, wire: mx.Dtype, dtype: mx.Dtype, size: int) -> mx.array:
+    """One leaf's summed values (a view of the bucket) divided by ``size``, as ``dtype``."""
+    if wire == mx.bfloat16:
+        return mx.array(view, dtype=mx.uint16).view(mx.bfloat16).astype(dtype) / size
+    if wire == dtype:
+        np.divide(view, size, out=view)
+        return mx.array(view, dtype=wire)
+    return mx.array(view, dtype=wire).astype(dtype) / size
+
+
+def _average_bucket(
+    group: Group,
+    leaves: list[mx.array],
+    members: list[int],
+    wire: mx.Dtype,
+    averaged: list[mx.array | None],
+    used: list[tuple[tuple[int, int], np.ndarray]],
+) -> None:
+    """All-reduce one bucket of leaves and store their averages in ``averaged``."""
+    key = (_WIRE_CODES[wire], sum(leaves[i].size for i in members))
+    bucket = _pool.take(*key)
+    used.append((key, bucket))
+    sources = [_wire_bits(leaves[i], wire) for i in members]
+    mx.eval(sources)
+    offset = 0
+    slots = []
+    for index, source in zip(members, sources):
+        slot = bucket[offset : offset + source.size].reshape(source.shape)
+        np.copyto(slot, np.asarray(source))
+        slots.append((index, slot))
+        offset += source.size
+    group.all_sum(bucket, out=bucket)
+    for index, slot in slots:
+        averaged[index] = _averaged_leaf(slot, wire, leaves[index].dtype, group.size)
+
+
+def average_gradients(
+    gradients: Any,
+    group: Group | None = None,
+    all_reduce_size: int = DEFAULT_ALL_REDUCE_SIZE,
+    communication_type: mx.Dtype | str | None = None,
+) -> Any:
+    """Average a gradient tree over the ranks of ``group`` (data parallelism).
+
+    Leaves are packed, in tree order, into flat buckets of at most
+    ``all_reduce_size`` bytes on the wire, one dtype per bucket; each bucket
+    takes one all-reduce. An array larger than the limit travels alone.
+    Empty arrays are returned as they are, without communication. Every rank
+    must pass a tree of the same structure, shapes and dtypes.
+
+    Args:
+        gradients: A tree (dicts, lists, tuples) of floating mx.array leaves.
+        group: The group to average over; the world group when None.
+        all_reduce_size: The bucket size limit in bytes; 0 means one
+            all-reduce per array.
+        communication_type: A floating dtype (e.g. ``mx.bfloat16`` or
+            ``"bfloat16"``) the leaves are cast to for the all-reduce and cast
+            back from; None sends each leaf in its own dtype.
+
+    Returns:
+        A tree of the same structure with the averaged leaves, each with its
+        input's shape and dtype. On a size-1 group, ``gradients`` itself.
+
+    Raises:
+        TypeError: a leaf is not an mx.array.
+        DtypeError: a leaf is not floating-point, or communication_type is
+            not a floating dtype.
+        InvalidArgumentError: all_reduce_size is negative or not an integer.
+        CommunicationError, GroupClosedError: from the collective.
+    """
+    limit = _checked_size(all_reduce_size)
+    wire_type = _checked_wire_type(communication_type)
+    flat = _checked_leaves(gradients)
+    group = world() if group is None else group
+    if group.size == 1:
+        return gradients
+    leaves = [leaf for _, leaf in flat]
+    averaged: list[mx.array | None] = list(leaves)
+    sent = [i for i, leaf in enumerate(leaves) if leaf.size]
+    wires = [wire_type or leaves[i].dtype for i in sent]
+    buckets = plan_buckets([leaves[i].size * w.size for i, w in zip(sent, wires)], wires, limit)
+    used: list[tuple[tuple[int, int], np.ndarray]] = []
+    for bucket in buckets:
+        members = [sent[j] for j in bucket]
+        _average_bucket(group, leaves, members, wires[bucket[0]], averaged, used)
+    _pool.keep(used)
+    results = iter(averaged)
+    return tree_map(lambda _: next(results), gradients)
+
+
+def _squared_norm(gradient: mx.array, accumulator: mx.Dtype) -> mx.array:
+    return mx.sum(mx.square(gradient.astype(accumulator)))
+
+
+def clip_grad_norm_sharded(
+    gradients: Any, max_norm: float, group: Group | None = None
+) -> tuple[Any, mx.array]:
+    """Clip gradients sharded over ranks by their global norm, as mlx's clip_grad_norm.
+
+    Every leaf is taken as this rank's shard: the global norm is the square
+    root of the all-sum of each rank's sum of squares (a gradient replicated
+    on every rank would count ``size`` times). Squares are summed in float32
+    (float64 if a leaf is float64). Every rank of the group must call it, even
+    with an empty tree.
+
+    Args:
+        gradients: A tree of floating mx.array leaves (this rank's shard).
+        max_norm: The largest global norm allowed (>= 0).
+        group: The group the gradients are sharded over; the world group when None.
+
+    Returns:
+        ``(clipped, total_norm)``: the gradients scaled by
+        ``min(max_norm / (total_norm + 1e-6), 1)`` in their own dtypes and
+        tree structure, and the global norm before clipping (a scalar).
+
+    Raises:
+        InvalidArgumentError: max_norm is negative or not a real number.
+        TypeError: a leaf is not an mx.array.
+        DtypeError: a leaf is not floating-point.
+        CommunicationError, GroupClosedError: from the collective.
+    """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, Real) or not max_norm >= 0:
+        raise InvalidArgumentError(f"max_norm must be a real number >= 0, got {max_norm!r}")
+    leaves = [leaf for _, leaf in _checked_leaves(gradients)]
+    accumulator = mx.float64 if any(g.dtype == mx.float64 for g in leaves) else mx.float32
+    local = mx.array(0.0, dtype=accumulator)
+    for gradient in leaves:
+        local = local + _squared_norm(gradient, accumulator)
+    group = world() if group is None else group
+    total_norm = mx.sqrt(group.all_sum(local))
+    scale = mx.minimum(max_norm / (total_norm + 1e-6), 1.0)
+    clipped = tree_map(lambda g: (g * scale).astype(g.dtype), gradients)
+    return clipped, total_norm
