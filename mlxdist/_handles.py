@@ -19,12 +19,13 @@ class Handle:
     """Owns one C handle of type ``_ctype`` and frees it exactly once."""
 
     _ctype = ""
-    _free: Callable[[Any], int]
+    # A C function taking the handle's address: called by the finalizer with
+    # no Python frame in between.
+    _release: Callable[[Any], None]
     __slots__ = ("_ptr", "__weakref__")
 
     def __init__(self) -> None:
-        free = type(self)._free
-        self._ptr = ffi.gc(ffi.new(self._ctype + "*"), lambda p: free(p[0]))
+        self._ptr = ffi.gc(ffi.new(self._ctype + "*"), type(self)._release)
 
     @property
     def out(self) -> Any:
@@ -51,7 +52,7 @@ class ArrayHandle(Handle):
     """Owns an ``mlx_array``."""
 
     _ctype = "mlx_array"
-    _free = lib.mlx_array_free
+    _release = lib.mlxdist_array_release
     __slots__ = ()
 
 
@@ -59,13 +60,13 @@ class GroupHandle(Handle):
     """Owns an ``mlx_distributed_group``."""
 
     _ctype = "mlx_distributed_group"
-    _free = lib.mlx_distributed_group_free
+    _release = lib.mlxdist_group_release
     __slots__ = ()
 
 
 class _StreamHandle(Handle):
     _ctype = "mlx_stream"
-    _free = lib.mlx_stream_free
+    _release = lib.mlxdist_stream_release
     __slots__ = ()
 
 

@@ -11,6 +11,7 @@ give: a collective reads them with no copy in and can write into them.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence, Union
 
 import mlx.core as mx
@@ -130,21 +131,41 @@ class MlxBuffer:
     The numpy views made from it keep it (and so the MLX memory) alive.
     """
 
-    __slots__ = ("handle", "ptr", "shape", "code", "storage", "nbytes")
+    __slots__ = ("handle", "ptr", "shape", "code", "storage", "nbytes", "__array_interface__")
 
     def __init__(self, handle: ArrayHandle, shape: tuple[int, ...], code: int) -> None:
         self.handle = handle
         self.shape = shape
         self.code = code
-        self.storage = _STORAGE[code]
+        self.storage = storage = _STORAGE[code]
+        self.nbytes = storage.itemsize * math.prod(shape)
         self.ptr = int(ffi.cast("uintptr_t", lib.mlxdist_array_data(handle.value)))
-        self.nbytes = self.storage.itemsize * int(np.prod(shape, dtype=np.int64))
+        # numpy needs a non-null address even for an empty array.
+        self.__array_interface__ = {
+            "version": 3,
+            "shape": shape,
+            "typestr": storage.str,
+            "data": (self.ptr or 1, False),
+        }
 
     @classmethod
     def allocate(cls, shape: tuple[int, ...], code: int) -> "MlxBuffer":
         """Uninitialised MLX memory of the given shape and ``mlx_dtype``."""
         handle = ArrayHandle()
-        check(lib.mlxdist_array_alloc(handle.out, list(shape), len(shape), code), "allocate")
+        if lib.mlxdist_array_alloc(handle.out, shape, len(shape), code):
+            check(1, "allocate")
+        return cls(handle, shape, code)
+
+    @classmethod
+    def copy_of(cls, data: np.ndarray, code: int) -> "MlxBuffer":
+        """MLX memory holding a copy of a C-contiguous numpy array's bytes."""
+        shape = data.shape
+        if shape and max(shape) > _INT32_MAX:
+            raise ShapeError(f"a dimension of shape {shape} exceeds MLX's 32-bit limit")
+        handle = ArrayHandle()
+        handle.out[0] = lib.mlx_array_new_data(ffi.from_buffer(data), shape, len(shape), code)
+        if handle.value.ctx == ffi.NULL:
+            check(1, "copy into MLX memory")
         return cls(handle, shape, code)
 
     @classmethod
@@ -154,15 +175,6 @@ class MlxBuffer:
         ndim = lib.mlx_array_ndim(value)
         shape = tuple(ffi.unpack(lib.mlx_array_shape(value), ndim)) if ndim else ()
         return cls(handle, shape, lib.mlx_array_dtype(value))
-
-    @property
-    def __array_interface__(self) -> dict[str, Any]:
-        return {
-            "version": 3,
-            "shape": self.shape,
-            "typestr": self.storage.str,
-            "data": (self.ptr if self.nbytes else 1, False),
-        }
 
     def numpy(self) -> np.ndarray:
         """A numpy view of the buffer (bfloat16 shows as its uint16 bits)."""
@@ -200,10 +212,16 @@ def to_kind(view: np.ndarray, as_mlx: bool, code: int) -> ArrayLike:
 def registered_buffer(a: np.ndarray) -> MlxBuffer | None:
     """The buffer behind ``a`` when ``a`` is a whole registered buffer."""
     base = a.base
+    if type(base) is MlxBuffer:
+        # A direct view of the buffer spans all of it; only an in-place
+        # change of shape or dtype could make it disagree.
+        if a.shape == base.shape and a.dtype == base.storage and a.flags.c_contiguous:
+            return base
+        return None
     while isinstance(base, np.ndarray):
         base = base.base
     if (
-        isinstance(base, MlxBuffer)
+        type(base) is MlxBuffer
         and a.shape == base.shape
         and a.dtype == base.storage
         and a.flags.c_contiguous
@@ -232,11 +250,7 @@ class Operand:
 def _copy_in(data: np.ndarray, code: int) -> MlxBuffer:
     if not data.flags.c_contiguous:
         data = data.copy(order="C")  # (np.ascontiguousarray would make a scalar 1-d)
-    shape = checked_shape(data.shape)
-    buf = MlxBuffer.allocate(shape, code)
-    if buf.nbytes:
-        ffi.memmove(ffi.cast("void*", buf.ptr), ffi.from_buffer(data), buf.nbytes)
-    return buf
+    return MlxBuffer.copy_of(data, code)
 
 
 def _mlx_numpy(x: mx.array) -> tuple[np.ndarray, int]:
@@ -264,13 +278,16 @@ def as_operand(x: Any) -> Operand:
         DtypeError: the dtype or byte order cannot be communicated.
         TransformError: ``x`` is being traced by mx.compile or mx.vmap.
     """
-    if isinstance(x, np.generic):
-        x = np.asarray(x)
-    if isinstance(x, np.ndarray):
+    if type(x) is np.ndarray:
         buf = registered_buffer(x)
         if buf is not None:
             return Operand(buf, False)
-        return Operand(_copy_in(x, _numpy_code(x.dtype)), False)
+        code = _NUMPY_DTYPES.get(x.dtype)
+        return Operand(_copy_in(x, _numpy_code(x.dtype) if code is None else code), False)
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
+    if isinstance(x, np.ndarray):
+        return as_operand(np.asarray(x))
     if isinstance(x, mx.array):
         data, code = _mlx_numpy(x)
         return Operand(_copy_in(data, code), True)

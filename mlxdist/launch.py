@@ -56,7 +56,8 @@ class LaunchResult:
         """A process exit code summarising the launch (0, the failure's code, or 124)."""
         if self.timed_out:
             return TIMEOUT_EXIT
-        for rc in self.returncodes:
+        first = [] if self.failed_rank is None else [self.returncodes[self.failed_rank]]
+        for rc in first + self.returncodes:
             if rc:
                 return rc if 0 < rc < 256 else 1
         return 0 if self.ok else 1

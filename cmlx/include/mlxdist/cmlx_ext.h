@@ -31,6 +31,12 @@ const char* mlxdist_compiled_mlx_version(void);
 /* The file libmlx was loaded from (empty if unknown). */
 const char* mlxdist_libmlx_path(void);
 
+/* Free the object a handle points to and clear the handle (NULL-safe); the
+ * pointer form suits a finalizer. */
+void mlxdist_array_release(mlx_array* arr);
+void mlxdist_group_release(mlx_distributed_group* group);
+void mlxdist_stream_release(mlx_stream* stream);
+
 /* An evaluated, row-contiguous array whose uninitialised memory MLX owns. */
 int mlxdist_array_alloc(
     mlx_array* res,

@@ -165,6 +165,27 @@ extern "C" const char* mlxdist_libmlx_path(void) {
   return path.c_str();
 }
 
+extern "C" void mlxdist_array_release(mlx_array* arr) {
+  if (arr) {
+    delete static_cast<mx::array*>(arr->ctx);
+    arr->ctx = nullptr;
+  }
+}
+
+extern "C" void mlxdist_group_release(mlx_distributed_group* group) {
+  if (group) {
+    delete static_cast<mxd::Group*>(group->ctx);
+    group->ctx = nullptr;
+  }
+}
+
+extern "C" void mlxdist_stream_release(mlx_stream* stream) {
+  if (stream) {
+    delete static_cast<mx::Stream*>(stream->ctx);
+    stream->ctx = nullptr;
+  }
+}
+
 extern "C" int mlxdist_array_alloc(
     mlx_array* res,
     const int* shape,
