@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Literal, Sequence
 
+import mlx.core as mx
 import numpy as np
 
 from mlxdist._ffi import lib
@@ -100,7 +101,16 @@ class Group:
             process that no launcher started.
     """
 
-    __slots__ = ("_handle", "rank", "size", "backend", "engine", "_world", "__weakref__")
+    __slots__ = (
+        "_handle",
+        "rank",
+        "size",
+        "backend",
+        "engine",
+        "_world",
+        "_native_scatter",
+        "__weakref__",
+    )
 
     def __init__(
         self,
@@ -115,6 +125,7 @@ class Group:
         self.backend = backend
         self.engine: Engine = engine
         self._world = world
+        self._native_scatter = "sum_scatter" in NATIVE_OPERATIONS.get(backend, frozenset())  # type: ignore[arg-type]
         self.rank = lib.mlx_distributed_group_rank(handle.value)
         self.size = lib.mlx_distributed_group_size(handle.value)
         if self.rank < 0 or self.size < 1:
@@ -346,21 +357,38 @@ class Group:
 
     def _collective(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
         self._live_handle()
-        if self.backend is Backend.MPI and _is_bool(x) and op != "all_gather":
+        if self.size == 1:
+            return self._local(op, x, out)
+        if self.backend is Backend.MPI and op != "all_gather" and _is_bool(x):
             return self._bool_via_uint8(op, x, out)
         operand = as_operand(x)
         shape = result_shape(op, operand.shape, self.size)
-        if self.size == 1:
-            return x if out is None else _deliver(operand.buffer, _registered_out(out, shape, operand.code), out, False)
-        if op == "sum_scatter" and "sum_scatter" not in NATIVE_OPERATIONS.get(self.backend, frozenset()):
-            _registered_out(out, shape, operand.code)
+        dest = None if out is None else _registered_out(out, shape, operand.code)
+        if op == "sum_scatter" and not self._native_scatter:
             total = self._reduce_buffer("all_sum", operand, operand.shape, None)
             rows = shape[0]
             part = total.numpy()[self.rank * rows : (self.rank + 1) * rows]
             return _deliver(part, None, out, operand.as_mlx)
-        dest = _registered_out(out, shape, operand.code)
         result = self._reduce_buffer(op, operand, shape, dest)
         return _deliver(result, dest, out, operand.as_mlx)
+
+    def _local(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
+        """A collective on one process: the input itself, left lazy for mlx arrays
+        (as MLX does); with ``out``, a copy into it."""
+        if isinstance(x, np.generic):
+            x = np.asarray(x)
+        if isinstance(x, np.ndarray):
+            code, _ = dtype_code(x.dtype)
+        elif isinstance(x, mx.array):
+            code, _ = dtype_code(x.dtype)
+        else:
+            raise TypeError(f"expected a numpy.ndarray or mlx.core.array, got {type(x).__name__}")
+        shape = result_shape(op, tuple(x.shape), 1)
+        if out is None:
+            return x
+        if _registered_out(out, shape, code) is None or not np.shares_memory(out, x):
+            np.copyto(out, as_operand(x).buffer.numpy())
+        return out
 
     def _bool_via_uint8(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
         """MPI defines no arithmetic on MPI_C_BOOL (an abort, not an error): reduce
@@ -369,8 +397,6 @@ class Group:
             raise DtypeError("out must be a numpy bool array for a bool reduction")
         as_bytes = out.view(np.uint8) if out is not None else None
         wire_op = "all_max" if op == "all_sum" else op
-        import mlx.core as mx
-
         numpy_in = isinstance(x, np.ndarray)
         result = self._collective(wire_op, x.view(np.uint8) if numpy_in else x.astype(mx.uint8), as_bytes)
         if out is not None:
@@ -454,8 +480,6 @@ class Group:
 def _is_bool(x: Any) -> bool:
     if isinstance(x, (np.ndarray, np.generic)):
         return x.dtype == np.bool_
-    import mlx.core as mx
-
     return isinstance(x, mx.array) and x.dtype == mx.bool_
 
 
