@@ -79,13 +79,16 @@ def thread_stream() -> Any:
     MLX's CPU command encoders are per thread: a stream fetched on one thread
     fails when used from another, so each thread keeps its own.
     """
-    handle = getattr(_local, "stream", None)
-    if handle is None:
-        handle = _StreamHandle()
-        handle.out[0] = lib.mlx_default_cpu_stream_new()
-        if handle.value.ctx == ffi.NULL:
-            from mlxdist.errors import check
+    try:
+        return _local.value
+    except AttributeError:
+        pass
+    handle = _StreamHandle()
+    handle.out[0] = lib.mlx_default_cpu_stream_new()
+    if handle.value.ctx == ffi.NULL:
+        from mlxdist.errors import check
 
-            check(1, "default CPU stream")
-        _local.stream = handle
-    return handle.value
+        check(1, "default CPU stream")
+    _local.handle = handle
+    _local.value = handle.value
+    return _local.value

@@ -25,7 +25,6 @@ __all__ = [
     "ArrayLike",
     "DTypeLike",
     "MlxBuffer",
-    "Operand",
     "empty",
     "zeros",
     "asarray",
@@ -131,15 +130,17 @@ class MlxBuffer:
     The numpy views made from it keep it (and so the MLX memory) alive.
     """
 
-    __slots__ = ("handle", "ptr", "shape", "code", "storage", "nbytes", "__array_interface__")
+    __slots__ = ("handle", "value", "ptr", "shape", "code", "storage", "nbytes", "__array_interface__")
 
     def __init__(self, handle: ArrayHandle, shape: tuple[int, ...], code: int) -> None:
         self.handle = handle
+        # The handle struct, for C calls; the handle keeps its object alive.
+        self.value = handle.value
         self.shape = shape
         self.code = code
         self.storage = storage = _STORAGE[code]
         self.nbytes = storage.itemsize * math.prod(shape)
-        self.ptr = int(ffi.cast("uintptr_t", lib.mlxdist_array_data(handle.value)))
+        self.ptr = int(ffi.cast("uintptr_t", lib.mlxdist_array_data(self.value)))
         # numpy needs a non-null address even for an empty array.
         self.__array_interface__ = {
             "version": 3,
@@ -231,22 +232,6 @@ def registered_buffer(a: np.ndarray) -> MlxBuffer | None:
     return None
 
 
-class Operand:
-    """An input ready for the C layer: an MLX array holding the data."""
-
-    __slots__ = ("buffer", "as_mlx", "shape", "code")
-
-    def __init__(self, buffer: MlxBuffer, as_mlx: bool) -> None:
-        self.buffer = buffer
-        self.as_mlx = as_mlx
-        self.shape = buffer.shape
-        self.code = buffer.code
-
-    @property
-    def handle(self) -> Any:
-        return self.buffer.handle.value
-
-
 def _copy_in(data: np.ndarray, code: int) -> MlxBuffer:
     if not data.flags.c_contiguous:
         data = data.copy(order="C")  # (np.ascontiguousarray would make a scalar 1-d)
@@ -270,8 +255,10 @@ def _mlx_numpy(x: mx.array) -> tuple[np.ndarray, int]:
     return np.asarray(x), code
 
 
-def as_operand(x: Any) -> Operand:
-    """Turn a user's array into an :class:`Operand`, copying only when needed.
+def as_operand(x: Any) -> tuple[MlxBuffer, bool]:
+    """The MLX buffer a collective reads for ``x``, and whether ``x`` is an mlx array.
+
+    A registered buffer is used as is; anything else is copied once.
 
     Raises:
         TypeError: ``x`` is neither a numpy array (or scalar) nor an mlx array.
@@ -281,16 +268,16 @@ def as_operand(x: Any) -> Operand:
     if type(x) is np.ndarray:
         buf = registered_buffer(x)
         if buf is not None:
-            return Operand(buf, False)
+            return buf, False
         code = _NUMPY_DTYPES.get(x.dtype)
-        return Operand(_copy_in(x, _numpy_code(x.dtype) if code is None else code), False)
+        return _copy_in(x, _numpy_code(x.dtype) if code is None else code), False
     if isinstance(x, np.generic):
         x = np.asarray(x)
     if isinstance(x, np.ndarray):
         return as_operand(np.asarray(x))
     if isinstance(x, mx.array):
         data, code = _mlx_numpy(x)
-        return Operand(_copy_in(data, code), True)
+        return _copy_in(data, code), True
     raise TypeError(f"expected a numpy.ndarray or mlx.core.array, got {type(x).__name__}")
 
 

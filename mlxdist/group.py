@@ -9,7 +9,7 @@ issue its collectives in the same order and the backends are not re-entrant.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -20,7 +20,6 @@ from mlxdist.arrays import (
     ArrayLike,
     DTypeLike,
     MlxBuffer,
-    Operand,
     as_operand,
     checked_shape,
     code_of,
@@ -188,11 +187,10 @@ class Group:
         if key < -1:
             raise InvalidArgumentError(f"split key must be >= 0 or -1, got {key}")
         handle = GroupHandle()
-        self._call(
-            "split",
-            lambda group, _: lib.mlx_distributed_group_split(handle.out, group, color, key),
-            UnsupportedOperationError,
-        )
+        with self._world.lock:
+            rc = lib.mlx_distributed_group_split(handle.out, self._live_handle(), color, key)
+        if rc:
+            self._failed("split", UnsupportedOperationError)
         return Group(handle, self.backend, self._world, self.engine)
 
     # -- collectives --------------------------------------------------------
@@ -283,11 +281,11 @@ class Group:
             DtypeError, GroupClosedError, CommunicationError.
         """
         self._check_peer(dst, "send to", "dst")
-        operand = as_operand(x)
+        src, _ = as_operand(x)
         if self.engine == "graph":
-            self._graph_call("send", lib.mlx_distributed_send, operand, dst)
+            self._graph_call("send", lib.mlx_distributed_send, src, dst)
         else:
-            self._call("send", lambda group, stream: lib.mlxdist_send(operand.handle, dst, group, stream))
+            self._run("send", lib.mlxdist_send, src.value, dst)
 
     def recv(
         self,
@@ -356,38 +354,37 @@ class Group:
             )
 
     def _collective(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
-        self._live_handle()
         if self.size == 1:
+            self._live_handle()
             return self._local(op, x, out)
         if self.backend is Backend.MPI and op != "all_gather" and _is_bool(x):
             return self._bool_via_uint8(op, x, out)
-        operand = as_operand(x)
-        shape = result_shape(op, operand.shape, self.size)
-        dest = None if out is None else _registered_out(out, shape, operand.code)
+        src, as_mlx = as_operand(x)
+        shape = src.shape if op in _SAME_SHAPE else result_shape(op, src.shape, self.size)
+        dest = None if out is None else _registered_out(out, shape, src.code)
         if op == "sum_scatter" and not self._native_scatter:
-            total = self._reduce_buffer("all_sum", operand, operand.shape, None)
+            total = self._reduce_buffer("all_sum", src, src.shape, None)
             rows = shape[0]
             part = total.numpy()[self.rank * rows : (self.rank + 1) * rows]
-            return _deliver(part, None, out, operand.as_mlx)
-        result = self._reduce_buffer(op, operand, shape, dest)
-        return _deliver(result, dest, out, operand.as_mlx)
+            return _deliver(part, None, out, as_mlx)
+        result = self._reduce_buffer(op, src, shape, dest)
+        if out is None:
+            return to_kind(np.asarray(result), as_mlx, result.code)
+        return _deliver(result, dest, out, as_mlx)
 
     def _local(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
         """A collective on one process: the input itself, left lazy for mlx arrays
         (as MLX does); with ``out``, a copy into it."""
         if isinstance(x, np.generic):
             x = np.asarray(x)
-        if isinstance(x, np.ndarray):
-            code, _ = dtype_code(x.dtype)
-        elif isinstance(x, mx.array):
-            code, _ = dtype_code(x.dtype)
-        else:
+        if not isinstance(x, (np.ndarray, mx.array)):
             raise TypeError(f"expected a numpy.ndarray or mlx.core.array, got {type(x).__name__}")
+        code, _ = dtype_code(x.dtype)
         shape = result_shape(op, tuple(x.shape), 1)
         if out is None:
             return x
         if _registered_out(out, shape, code) is None or not np.shares_memory(out, x):
-            np.copyto(out, as_operand(x).buffer.numpy())
+            np.copyto(out, as_operand(x)[0].numpy())
         return out
 
     def _bool_via_uint8(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
@@ -403,45 +400,38 @@ class Group:
             return out
         return result.view(np.bool_) if numpy_in else result.astype(mx.bool_)
 
-    def _call(
-        self,
-        what: str,
-        func: Callable[[Any, Any], int],
-        default: type[DistributedError] = CommunicationError,
-    ) -> None:
-        """Run ``func(group_handle, stream)`` under the world's lock and check its code.
+    def _run(self, what: str, func: Any, *args: Any) -> None:
+        """Call ``func(*args, group, stream)`` under the world's lock; raise on failure.
 
         A lost peer ends the world: MLX's transports do not recover, so later
         operations fail at once instead of waiting on a dead connection.
         """
         world = self._world
         with world.lock:
-            group = self._live_handle()
-            if world.lost is not None:
+            ptr = self._handle._ptr
+            if ptr is None or world.lost is not None:
+                self._live_handle()
                 raise CommunicationError(
                     f"{what}: this group's world already failed ({world.lost}); start the job again"
                 )
-            rc = func(group, thread_stream())
+            rc = func(*args, ptr[0], thread_stream())
         if rc:
-            try:
-                check(rc, what, default)
-            except CommunicationError as exc:
-                world.lost = str(exc)
-                raise
+            self._failed(what, CommunicationError)
+
+    def _failed(self, what: str, default: type[DistributedError]) -> None:
+        try:
+            check(1, what, default)
+        except CommunicationError as exc:
+            self._world.lost = str(exc)
+            raise
 
     def _reduce_buffer(
-        self, op: str, operand: Operand, shape: tuple[int, ...], dest: MlxBuffer | None
+        self, op: str, src: MlxBuffer, shape: tuple[int, ...], dest: MlxBuffer | None
     ) -> MlxBuffer:
         if self.engine == "graph":
-            return self._graph_call(op, _GRAPH_OPS[op], operand)
-        result = dest or MlxBuffer.allocate(shape, operand.code)
-        code = _OPS[op]
-        self._call(
-            op,
-            lambda group, stream: lib.mlxdist_collective(
-                result.handle.value, operand.handle, code, group, stream
-            ),
-        )
+            return self._graph_call(op, _GRAPH_OPS[op], src)
+        result = dest or MlxBuffer.allocate(shape, src.code)
+        self._run(op, lib.mlxdist_collective, result.value, src.value, _OPS[op])
         return result
 
     def _receive(
@@ -450,31 +440,31 @@ class Group:
         dest = _registered_out(out, shape, code)
         if self.engine == "graph":
             res = ArrayHandle()
-            dims = list(shape)
-            self._call(
-                "recv",
-                lambda group, stream: lib.mlx_distributed_recv(
-                    res.out, dims, len(dims), code, src, group, stream
-                )
-                or lib.mlx_array_eval(res.value),
-            )
+            self._run("recv", _lazy_recv_then_eval, res, list(shape), code, src)
             result = MlxBuffer.adopt(res)
         else:
             result = dest or MlxBuffer.allocate(shape, code)
-            self._call(
-                "recv", lambda group, stream: lib.mlxdist_recv(result.handle.value, src, group, stream)
-            )
+            self._run("recv", lib.mlxdist_recv, result.value, src)
         return _deliver(result, dest, out, as_mlx)
 
-    def _graph_call(self, op: str, func: Any, operand: Operand, *args: Any) -> MlxBuffer:
+    def _graph_call(self, op: str, func: Any, src: MlxBuffer, *args: Any) -> MlxBuffer:
         """mlx-c's path: build the lazy op, then evaluate it."""
         res = ArrayHandle()
-        self._call(
-            op,
-            lambda group, stream: func(res.out, operand.handle, *args, group, stream)
-            or lib.mlx_array_eval(res.value),
-        )
+        self._run(op, _lazy_then_eval, func, res, src.value, *args)
         return MlxBuffer.adopt(res)
+
+
+def _lazy_then_eval(func: Any, res: ArrayHandle, *args: Any) -> int:
+    return func(res.out, *args) or lib.mlx_array_eval(res.value)
+
+
+def _lazy_recv_then_eval(res: ArrayHandle, dims: list[int], code: int, src: int, group: Any, stream: Any) -> int:
+    return lib.mlx_distributed_recv(res.out, dims, len(dims), code, src, group, stream) or lib.mlx_array_eval(
+        res.value
+    )
+
+
+_SAME_SHAPE = frozenset({"all_sum", "all_max", "all_min"})
 
 
 def _is_bool(x: Any) -> bool:
