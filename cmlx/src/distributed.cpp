@@ -8,31 +8,26 @@ namespace mxd = mlx::core::distributed;
 
 namespace {
 
-template <typename Op>
-int lazy_unary(
-    mlx_array* res,
-    const mlx_array x,
-    const mlx_distributed_group group,
-    const mlx_stream s,
-    Op op) {
-  return cmlx::guarded([&] {
-    cmlx::set_array(
-        res,
-        op(cmlx::get_array(x), cmlx::get_group(group), cmlx::get_stream(s)));
-  });
+// Stores the lazy array `make()` returns in `res`.
+template <typename Make>
+int lazy(mlx_array* res, Make make) {
+  return cmlx::guarded([&] { cmlx::set_array(res, make()); });
 }
 
 } // namespace
 
-#define CMLX_LAZY_UNARY(NAME)                                               \
-  extern "C" int mlx_distributed_##NAME(                                    \
-      mlx_array* res,                                                       \
-      const mlx_array x,                                                    \
-      const mlx_distributed_group group,                                    \
-      const mlx_stream s) {                                                 \
-    return lazy_unary(res, x, group, s, [](auto&&... a) {                   \
-      return mxd::NAME(std::forward<decltype(a)>(a)...);                    \
-    });                                                                     \
+#define CMLX_LAZY_UNARY(NAME)                                  \
+  extern "C" int mlx_distributed_##NAME(                       \
+      mlx_array* res,                                          \
+      const mlx_array x,                                       \
+      const mlx_distributed_group group,                       \
+      const mlx_stream s) {                                    \
+    return lazy(res, [&] {                                     \
+      return mxd::NAME(                                        \
+          cmlx::get_array(x),                                  \
+          cmlx::get_group(group),                              \
+          cmlx::get_stream(s));                                \
+    });                                                        \
   }
 
 CMLX_LAZY_UNARY(all_gather)
@@ -47,14 +42,9 @@ extern "C" int mlx_distributed_send(
     int dst,
     const mlx_distributed_group group,
     const mlx_stream s) {
-  return cmlx::guarded([&] {
-    cmlx::set_array(
-        res,
-        mxd::send(
-            cmlx::get_array(x),
-            dst,
-            cmlx::get_group(group),
-            cmlx::get_stream(s)));
+  return lazy(res, [&] {
+    return mxd::send(
+        cmlx::get_array(x), dst, cmlx::get_group(group), cmlx::get_stream(s));
   });
 }
 
@@ -66,15 +56,13 @@ extern "C" int mlx_distributed_recv(
     int src,
     const mlx_distributed_group group,
     const mlx_stream s) {
-  return cmlx::guarded([&] {
-    cmlx::set_array(
-        res,
-        mxd::recv(
-            cmlx::to_shape(shape, shape_num),
-            cmlx::to_cpp_dtype(dtype),
-            src,
-            cmlx::get_group(group),
-            cmlx::get_stream(s)));
+  return lazy(res, [&] {
+    return mxd::recv(
+        cmlx::to_shape(shape, shape_num),
+        cmlx::to_cpp_dtype(dtype),
+        src,
+        cmlx::get_group(group),
+        cmlx::get_stream(s));
   });
 }
 
@@ -84,13 +72,8 @@ extern "C" int mlx_distributed_recv_like(
     int src,
     const mlx_distributed_group group,
     const mlx_stream s) {
-  return cmlx::guarded([&] {
-    cmlx::set_array(
-        res,
-        mxd::recv_like(
-            cmlx::get_array(x),
-            src,
-            cmlx::get_group(group),
-            cmlx::get_stream(s)));
+  return lazy(res, [&] {
+    return mxd::recv_like(
+        cmlx::get_array(x), src, cmlx::get_group(group), cmlx::get_stream(s));
   });
 }

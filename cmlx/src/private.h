@@ -17,6 +17,7 @@
 #include "mlx/c/stream.h"
 #include "mlx/c/string.h"
 #include "dtypes.h"
+#include "guarded.h"
 
 namespace cmlx {
 
@@ -28,15 +29,7 @@ void report_error(const char* msg);
 // Runs `body`; a C++ exception becomes mlx-c's "report and return 1".
 template <typename F>
 int guarded(F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    report_error(e.what());
-  } catch (...) {
-    report_error("unknown C++ exception");
-  }
-  return 1;
+  return guarded_with(report_error, std::forward<F>(body));
 }
 
 template <typename T>

@@ -18,6 +18,7 @@
 #include "mlx/version.h"
 
 #include "../dtypes.h"
+#include "../guarded.h"
 #include "mlxdist/cmlx_ext.h"
 #include "report.h"
 
@@ -30,15 +31,7 @@ thread_local std::string last_error;
 
 template <typename F>
 int guarded(F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    mlxdist_ext::report(e.what());
-  } catch (...) {
-    mlxdist_ext::report("unknown C++ exception");
-  }
-  return 1;
+  return cmlx::guarded_with(mlxdist_ext::report, std::forward<F>(body));
 }
 
 mx::array& array_of(mlx_array a, const char* name) {
