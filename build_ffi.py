@@ -40,7 +40,6 @@ CMLX_SOURCES = [
     "src/stream.cpp",
     "src/string.cpp",
     "src/version.cpp",
-    "src/ext/report_cmlx.cpp",
 ]
 EXT_SOURCES = ["src/ext/mlxdist_ext.cpp"]
 
@@ -79,7 +78,7 @@ def build_settings() -> dict:
         include_dirs.insert(0, str(Path(prefix) / "include"))
         library_dirs.insert(0, str(Path(prefix) / "lib"))
         libraries.insert(0, "mlxc")
-        sources = ["src/ext/report_mlxc.cpp"] + EXT_SOURCES
+        sources = EXT_SOURCES
         rpaths.append(str(Path(prefix) / "lib"))
     if sys.platform == "darwin":
         rpaths = [r.replace("$ORIGIN", "@loader_path") for r in rpaths]
@@ -87,8 +86,9 @@ def build_settings() -> dict:
     else:
         link_args = [f"-Wl,-rpath,{r}" for r in rpaths] + ["-Wl,-z,origin"]
     return dict(
-        # setuptools insists on sources relative to the project directory.
-        sources=[os.path.relpath(CMLX / s) for s in sources],
+        # setuptools insists on sources relative to the project directory;
+        # ffibuilder.compile() (run as a script) works from its own directory.
+        sources=[str(CMLX / s) if __name__ == "__main__" else os.path.relpath(CMLX / s) for s in sources],
         include_dirs=include_dirs,
         library_dirs=library_dirs,
         libraries=libraries,
@@ -107,4 +107,6 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(ROOT / "build"), verbose=True)
+    # Out-of-tree build (pip install does the real one): python build_ffi.py [OUTDIR]
+    outdir = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "build"
+    ffibuilder.compile(tmpdir=str(outdir), verbose=True)

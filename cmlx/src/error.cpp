@@ -1,5 +1,6 @@
 // mlx_set_error_handler and the handler-dispatch used by every entry point.
 
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -38,6 +39,17 @@ extern "C" void mlx_set_error_handler(
   if (old.dtor) {
     old.dtor(old.data);
   }
+}
+
+extern "C" void _mlx_error(const char* file, const int line, const char* fmt, ...) {
+  (void)file;
+  (void)line;
+  char buffer[2048];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(buffer, sizeof(buffer), fmt, args);
+  va_end(args);
+  cmlx::report_error(buffer);
 }
 
 namespace cmlx {

@@ -19,8 +19,8 @@
 
 #include "../dtypes.h"
 #include "../guarded.h"
+#include "mlx/c/error.h"
 #include "mlxdist/cmlx_ext.h"
-#include "report.h"
 
 namespace mx = mlx::core;
 namespace mxd = mlx::core::distributed;
@@ -31,7 +31,11 @@ thread_local std::string last_error;
 
 template <typename F>
 int guarded(F&& body) {
-  return cmlx::guarded_with(mlxdist_ext::report, std::forward<F>(body));
+  // mlx-c's own entry point reaches whichever handler is installed, whether
+  // the extension is linked with cmlx or with a real mlx-c.
+  return cmlx::guarded_with(
+      [](const char* msg) { _mlx_error(__FILE__, __LINE__, "%s", msg); },
+      std::forward<F>(body));
 }
 
 mx::array& array_of(mlx_array a, const char* name) {

@@ -18,6 +18,9 @@ void mlx_set_error_handler(
     void* data,
     void (*dtor)(void*));
 
+/* Format a message and pass it to the error handler. */
+void _mlx_error(const char* file, const int line, const char* fmt, ...);
+
 #ifdef __cplusplus
 }
 #endif
