@@ -1,0 +1,46 @@
+"""Tensor-parallel layers over an :class:`mlxdist.Group`.
+
+The counterparts of ``mlx.nn.layers.distributed`` for mlxdist's groups:
+column-parallel (:class:`AllToShardedLinear`) and row-parallel
+(:class:`ShardedToAllLinear`) linear layers, their quantized forms,
+:func:`shard_linear` / :func:`shard_inplace` to shard existing modules, and
+the differentiable collectives they use (:func:`all_sum`,
+:func:`sum_gradients`).
+
+Example (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
+
+    import mlx.nn as nn
+    import mlxdist
+    from mlxdist.nn import shard_linear
+
+    group = mlxdist.init()
+    up = shard_linear(nn.Linear(512, 2048), "all-to-sharded", group=group)
+    down = shard_linear(nn.Linear(2048, 512), "sharded-to-all", group=group)
+"""
+
+from mlxdist.nn.autograd import all_sum, sum_gradients
+from mlxdist.nn.gradients import average_gradients, clip_grad_norm_sharded
+from mlxdist.nn.layers import AllToShardedLinear, ShardedLinearBase, ShardedToAllLinear
+from mlxdist.nn.quantized import (
+    QuantizationSpec,
+    QuantizedAllToShardedLinear,
+    QuantizedShardedToAllLinear,
+    quantization_spec,
+)
+from mlxdist.nn.sharding import shard_inplace, shard_linear
+
+__all__ = [
+    "AllToShardedLinear",
+    "ShardedToAllLinear",
+    "ShardedLinearBase",
+    "QuantizedAllToShardedLinear",
+    "QuantizedShardedToAllLinear",
+    "QuantizationSpec",
+    "quantization_spec",
+    "shard_linear",
+    "shard_inplace",
+    "sum_gradients",
+    "all_sum",
+    "average_gradients",
+    "clip_grad_norm_sharded",
+]

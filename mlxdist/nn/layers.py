@@ -1,0 +1,364 @@
+"""Column- and row-parallel linear layers over an :class:`mlxdist.Group`.
+
+- :class:`AllToShardedLinear` (column parallel): the input is replicated, each
+  rank holds a slice of the output features; no communication forward, an
+  all-sum of the input's gradient backward.
+- :class:`ShardedToAllLinear` (row parallel): each rank holds a slice of the
+  input features, the partial products are all-summed, and the bias is added
+  once after the sum.
+
+They are ``mlx.nn.Module``\\ s with ``weight``/``bias`` parameters laid out as
+in ``mlx.nn.Linear`` (each rank's slice), so ``parameters()``, ``update``,
+``load_weights``, ``freeze``, ``nn.quantize`` and ``value_and_grad`` work as
+for MLX's own layers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, ClassVar, Optional, TypeVar, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxdist.errors import InvalidArgumentError
+from mlxdist.group import Group
+from mlxdist.nn.autograd import all_sum, resolve_group, sum_gradients
+from mlxdist.nn.slicing import (
+    LogicalDim,
+    Segments,
+    predicate_for,
+    rank_ranges,
+    segment_bounds,
+    shard_parameters,
+)
+
+__all__ = [
+    "KeyLike",
+    "ShardedLinearBase",
+    "AllToShardedLinear",
+    "ShardedToAllLinear",
+    "agreed_key",
+    "shard_layer_parameters",
+]
+
+KeyLike = Union[int, mx.array, None]
+LayerT = TypeVar("LayerT", bound="ShardedLinearBase")
+
+
+def agreed_key(group: Group, key: KeyLike) -> mx.array:
+    """A PRNG key that every rank of ``group`` holds.
+
+    Args:
+        group: The group.
+        key: An ``mx.random.key``, an int seed, or None to draw one from rank
+            0's global random state and broadcast it (a small collective: every
+            rank must make the same call).
+
+    Returns:
+        The key.
+
+    Raises:
+        TypeError: ``key`` has another type.
+    """
+    if isinstance(key, mx.array):
+        return key
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return mx.random.key(int(key))
+    if key is not None:
+        raise TypeError(f"key must be an mx.random.key, an int seed or None, got {type(key).__name__}")
+    drawn = mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.int32)
+    if group.size > 1:
+        drawn = group.all_sum(drawn if group.rank == 0 else mx.zeros_like(drawn))
+    return drawn.astype(mx.uint32)
+
+
+def check_dims(**dims: int) -> None:
+    """Check that layer dimensions are positive integers.
+
+    Raises:
+        InvalidArgumentError: one is not.
+    """
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+
+
+def global_linear_parameters(
+    input_dims: int, output_dims: int, bias: bool, key: mx.array
+) -> dict[str, mx.array]:
+    """The unsharded weight (and bias) of a linear layer, drawn as ``nn.Linear`` draws them.
+
+    ``weight`` is uniform in ``±1/sqrt(input_dims)`` from the first key of
+    ``mx.random.split(key)``, ``bias`` likewise from the second.
+
+    Args:
+        input_dims: Input features.
+        output_dims: Output features.
+        bias: Whether to make a bias.
+        key: The PRNG key.
+
+    Returns:
+        ``{"weight": (output_dims, input_dims)[, "bias": (output_dims,)]}``.
+    """
+    scale = math.sqrt(1.0 / input_dims)
+    weight_key, bias_key = mx.random.split(key)
+    parameters = {"weight": mx.random.uniform(-scale, scale, (output_dims, input_dims), key=weight_key)}
+    if bias:
+        parameters["bias"] = mx.random.uniform(-scale, scale, (output_dims,), key=bias_key)
+    return parameters
+
+
+def shard_layer_parameters(
+    parameters: dict[str, mx.array],
+    sharding: str,
+    segments: Segments,
+    group: Group,
+    logical_dim: LogicalDim | None = None,
+) -> dict[str, mx.array]:
+    """A layer's parameters with this rank's shard in place of the sharded ones.
+
+    Args:
+        parameters: Flat ``name -> array`` (``weight``, ``bias``, ``scales``...).
+        sharding: ``"all-to-sharded"`` or ``"sharded-to-all"``.
+        segments: The fused parts of the sharded axis.
+        group: The group.
+        logical_dim: Logical length of an axis (for packed quantized arrays).
+
+    Returns:
+        The parameters, sharded.
+
+    Raises:
+        InvalidArgumentError, ShapeError: see :func:`mlxdist.nn.slicing.shard_parameters`.
+    """
+    predicate = predicate_for(sharding, segments)
+    sharded = shard_parameters(parameters.items(), predicate, group.size, group.rank, logical_dim)
+    return {**parameters, **dict(sharded)}
+
+
+class ShardedLinearBase(nn.Module):
+    """What the column- and row-parallel layers, float and quantized, share.
+
+    Subclasses set ``sharding`` and define the local product.
+
+    Attributes:
+        group: The :class:`mlxdist.Group` the layer is sharded over.
+    """
+
+    sharding: ClassVar[str]
+
+    @classmethod
+    def _assemble(cls: type[LayerT], group: Group, parameters: dict[str, mx.array], **config: Any) -> LayerT:
+        """A layer holding the given (already sharded) parameters, with no random init."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._install(group, parameters, **config)
+        return layer
+
+    def _install(self, group: Group, parameters: dict[str, mx.array], **config: Any) -> None:
+        self.group = group
+        for name, value in config.items():
+            setattr(self, name, value)
+        for name, value in parameters.items():
+            setattr(self, name, value)
+
+    @classmethod
+    def _check_shardable(cls, input_dims: int, output_dims: int, group: Group) -> None:
+        """Raise ShapeError now if the sharded dimension does not split over the group."""
+        name, dim = (
+            ("output_dims", output_dims) if cls.sharding == "all-to-sharded" else ("input_dims", input_dims)
+        )
+        rank_ranges(segment_bounds(1, dim), group.size, group.rank, f"{name}={dim}")
+
+    def _product(self, x: mx.array) -> mx.array:
+        """``x`` times the local weight, transposed, without bias."""
+        raise NotImplementedError
+
+    def _add_bias(self, y: mx.array) -> mx.array:
+        return y + self["bias"] if "bias" in self else y
+
+    def _affine(self, x: mx.array) -> mx.array:
+        """The local product plus the local bias."""
+        return self._add_bias(self._product(x))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """Apply this rank's part of the layer.
+
+        Args:
+            x: All-to-sharded: the whole input, the same on every rank.
+                Sharded-to-all: this rank's slice of the input features.
+
+        Returns:
+            All-to-sharded: this rank's slice of the output features.
+            Sharded-to-all: the whole output (all-summed), the same on every rank.
+
+        Raises:
+            TransformError: a sharded-to-all layer on more than one process
+                inside ``mx.compile`` or ``mx.vmap``.
+            CommunicationError: the transport failed.
+        """
+        if self.sharding == "all-to-sharded":
+            return self._affine(sum_gradients(self.group)(x))
+        return self._add_bias(all_sum(self._product(x), self.group))
+
+    @property
+    def local_input_dims(self) -> int:
+        """Input features of this rank's weight."""
+        return int(self["weight"].shape[-1])
+
+    @property
+    def input_dims(self) -> int:
+        """Input features of the whole (unsharded) layer."""
+        scale = self.group.size if self.sharding == "sharded-to-all" else 1
+        return self.local_input_dims * scale
+
+    @property
+    def output_dims(self) -> int:
+        """Output features of the whole (unsharded) layer."""
+        scale = self.group.size if self.sharding == "all-to-sharded" else 1
+        return int(self["weight"].shape[0]) * scale
+
+    def _extra_repr(self) -> str:
+        return (
+            f"input_dims={self.input_dims}, output_dims={self.output_dims}, "
+            f"bias={'bias' in self}, ranks={self.group.size}"
+        )
+
+
+class _FloatShardedLinear(ShardedLinearBase):
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        bias: bool = True,
+        group: Optional[Group] = None,
+        *,
+        key: KeyLike = None,
+    ) -> None:
+        super().__init__()
+        check_dims(input_dims=input_dims, output_dims=output_dims)
+        group = resolve_group(group)
+        self._check_shardable(input_dims, output_dims, group)
+        full = global_linear_parameters(input_dims, output_dims, bias, agreed_key(group, key))
+        self._install(group, shard_layer_parameters(full, self.sharding, 1, group))
+
+    def _product(self, x: mx.array) -> mx.array:
+        return x @ self["weight"].T
+
+    def _affine(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self["bias"], x, self["weight"].T)
+        return self._product(x)
+
+    @classmethod
+    def from_linear(
+        cls: type[LayerT],
+        linear_layer: nn.Module,
+        segments: Segments = 1,
+        group: Optional[Group] = None,
+    ) -> LayerT:
+        """Shard an ``nn.Linear``: this rank keeps its slice of the layer's weights.
+
+        Args:
+            linear_layer: The unsharded ``mlx.nn.Linear`` (the same on every rank).
+            segments: The fused parts of the sharded axis: an int (3 for a
+                fused QKV), a list of split indices or a list of fractions.
+            group: The group (the world group when None).
+
+        Returns:
+            The sharded layer, in the linear layer's dtype. No communication.
+
+        Raises:
+            TypeError: ``linear_layer`` is not an ``mlx.nn.Linear``, or group is not
+                an mlxdist group.
+            InvalidArgumentError: bad segments.
+            ShapeError: a segment of the sharded dimension is not divisible
+                by the group size.
+        """
+        if not isinstance(linear_layer, nn.Linear):
+            raise TypeError(f"from_linear needs an mlx.nn.Linear, got {type(linear_layer).__name__}")
+        group = resolve_group(group)
+        parameters = shard_layer_parameters(dict(linear_layer.parameters()), cls.sharding, segments, group)
+        return cls._assemble(group, parameters)
+
+    def to_quantized(
+        self,
+        group_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        mode: str = "affine",
+        quantize_input: bool = False,
+    ) -> ShardedLinearBase:
+        """Quantize this rank's shard (what ``nn.quantize`` calls).
+
+        Args:
+            group_size: Quantization group size (None: the mode's default).
+            bits: Bits per weight (None: the mode's default).
+            mode: A mode of ``mx.quantize`` (``"affine"``, ``"mxfp4"``...).
+            quantize_input: Not supported for sharded layers.
+
+        Returns:
+            The matching quantized sharded layer.
+
+        Raises:
+            UnsupportedOperationError: quantize_input is True.
+            InvalidArgumentError: MLX does not support the quantization.
+            ShapeError: the local input dimension is not a multiple of the
+                group size.
+        """
+        from mlxdist.nn.quantized import quantized_from_float
+
+        return quantized_from_float(self, group_size, bits, mode, quantize_input)
+
+
+class AllToShardedLinear(_FloatShardedLinear):
+    """Column-parallel linear layer: replicated input, output features sharded.
+
+    Rank ``r`` holds rows ``[r * out / N, (r + 1) * out / N)`` of the weight and
+    bias and returns that slice of the output. The forward pass does not
+    communicate; the backward pass all-sums the input's gradient (see
+    :func:`mlxdist.nn.sum_gradients`).
+
+    Args:
+        input_dims: Input features.
+        output_dims: Output features of the whole layer (divisible by the
+            group size).
+        bias: Whether the layer has a bias.
+        group: The :class:`mlxdist.Group` (the world group when None).
+        key: Seed or ``mx.random.key`` of the whole layer's initial weights;
+            None draws one on rank 0 and broadcasts it. Every rank gets its
+            slice of the same global matrix, drawn as ``nn.Linear`` draws it.
+
+    Raises:
+        InvalidArgumentError: dims not positive integers.
+        ShapeError: output_dims not divisible by the group size.
+        TypeError: group is not an mlxdist group.
+    """
+
+    sharding: ClassVar[str] = "all-to-sharded"
+
+
+class ShardedToAllLinear(_FloatShardedLinear):
+    """Row-parallel linear layer: input features sharded, output all-summed.
+
+    Rank ``r`` holds columns ``[r * in / N, (r + 1) * in / N)`` of the weight
+    and the whole bias. It multiplies its slice of the input, the partial
+    results are all-summed over the group (eagerly), and the bias is added
+    once, so every rank returns the whole output.
+
+    Args:
+        input_dims: Input features of the whole layer (divisible by the group
+            size).
+        output_dims: Output features.
+        bias: Whether the layer has a bias.
+        group: The :class:`mlxdist.Group` (the world group when None).
+        key: As for :class:`AllToShardedLinear`; the bias is the same on
+            every rank.
+
+    Raises:
+        InvalidArgumentError: dims not positive integers.
+        ShapeError: input_dims not divisible by the group size.
+        TypeError: group is not an mlxdist group.
+    """
+
+    sharding: ClassVar[str] = "sharded-to-all"
