@@ -95,15 +95,13 @@ class LinkReport:
 # -- functions ---------------------------------------------------------------
 
 
-def declared_functions(ffi: Any, lib: Any, prefix: str = DISTRIBUTED_PREFIX) -> list[str]:
+def declared_functions(lib: Any, prefix: str = DISTRIBUTED_PREFIX) -> list[str]:
     """The functions the extension's cdef declares whose names start with ``prefix``.
 
     ``dir(lib)`` of a cffi API-mode module lists what the cdef declared
-    (functions, constants, enum values); functions are told apart by their
-    C type.
+    (functions, constants, enum values); constants and enum values are ints.
 
     Args:
-        ffi: The extension's ``ffi``.
         lib: The extension's ``lib``.
         prefix: Keep only names starting with this.
 
@@ -112,8 +110,6 @@ def declared_functions(ffi: Any, lib: Any, prefix: str = DISTRIBUTED_PREFIX) -> 
     """
     names = []
     for name in dir(lib):
-        # Constants and enum values come back as ints; everything else the
-        # cdef declares under these names is a function.
         if name.startswith(prefix) and not isinstance(getattr(lib, name, None), int):
             names.append(name)
     return sorted(names)
@@ -198,16 +194,19 @@ def call_side_effect_free(ffi: Any, lib: Any, init_backend: str) -> list[Check]:
     checks.append(check)
     if not check.ok:
         return checks
-    rank_check, rank = _call(
-        "mlx_distributed_group_rank", "group_rank(init's group)",
-        lambda: (lambda r: (r >= 0, f"rank={r}", r))(lib.mlx_distributed_group_rank(handle[0])),
-    )
-    size_check, size = _call(
-        "mlx_distributed_group_size", "group_size(init's group)",
-        lambda: (lambda n: (n >= 1, f"size={n}", n))(lib.mlx_distributed_group_size(handle[0])),
-    )
-    if rank_check.ok and size_check.ok and rank >= size:
-        rank_check = Check(rank_check.name, False, f"rank={rank} >= size={size}", rank_check.function)
+
+    def rank() -> tuple[bool, str, int]:
+        value = lib.mlx_distributed_group_rank(handle[0])
+        return value >= 0, f"rank={value}", value
+
+    def size() -> tuple[bool, str, int]:
+        value = lib.mlx_distributed_group_size(handle[0])
+        return value >= 1, f"size={value}", value
+
+    rank_check, rank_value = _call("mlx_distributed_group_rank", "group_rank(init's group)", rank)
+    size_check, size_value = _call("mlx_distributed_group_size", "group_size(init's group)", size)
+    if rank_check.ok and size_check.ok and rank_value >= size_value:
+        rank_check.ok, rank_check.detail = False, f"rank={rank_value} >= size={size_value}"
     checks += [
         rank_check,
         size_check,
@@ -226,7 +225,7 @@ def _linux_mapped_files() -> list[str]:
 
 
 def _macos_loaded_images() -> list[str]:
-    dyld = ctypes.CDLL("/usr/lib/libSystem.B.dylib")
+    dyld = ctypes.CDLL(None)  # the process's global namespace holds dyld's functions
     dyld._dyld_image_count.restype = ctypes.c_uint32
     dyld._dyld_get_image_name.restype = ctypes.c_char_p
     dyld._dyld_get_image_name.argtypes = [ctypes.c_uint32]
@@ -368,7 +367,7 @@ def run_checks() -> LinkReport:
     ffi, lib = loaded
     from mlxdist.backends import NATIVE_OPERATIONS, detect_backend
 
-    report.declared = declared_functions(ffi, lib)
+    report.declared = declared_functions(lib)
     if not report.declared:
         report.checks.append(Check("declared mlx_distributed_* functions", False, "none declared"))
     resolved = resolve_functions(ffi, lib, report.declared)

@@ -59,6 +59,7 @@ def collect_header(config: BenchConfig, group: mlxdist.Group, impls: list[str]) 
         "tokens": list(config.tokens) if config.tp else None,
         "warmup": config.warmup,
         "iters": config.iters,
+        "rounds": config.rounds,
         "ops": list(config.ops),
         "dtypes": list(config.dtypes),
         "implementations": impls,
@@ -92,7 +93,8 @@ def header_lines(header: dict[str, Any]) -> list[str]:
         f"# MLX {header['mlx']}  mlxdist {header['mlxdist']}  numpy {header['numpy']}  "
         f"Python {header['python']}",
         f"# backend: {header['backend']}  ranks: {header['ranks']}",
-        f"# {sizes}  warmup iters: {header['warmup']}  iters: {header['iters']}",
+        f"# {sizes}  warmup iters: {header['warmup']}  iters: {header['iters']} "
+        f"in {header.get('rounds', 1)} rounds",
         f"# ops: {', '.join(header['ops'])}  dtypes: {', '.join(header['dtypes'])}",
         f"# implementations: {', '.join(header['implementations'])}",
     ]

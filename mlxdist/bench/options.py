@@ -79,6 +79,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}") from None
+
+
 @dataclass
 class BenchConfig:
     """What to measure and how to report it (see ``python -m mlxdist.bench -h``)."""
@@ -88,6 +95,7 @@ class BenchConfig:
     step_factor: int = 2
     warmup: int = 5
     iters: int = 20
+    rounds: int = 4
     dtypes: tuple[str, ...] = ("float32",)
     ops: tuple[str, ...] = OPERATIONS
     impls: tuple[str, ...] = IMPLEMENTATIONS
@@ -102,6 +110,7 @@ class BenchConfig:
     stat: str = "median"
     progress: bool = True
     emit_events: bool = False
+    result_file: str | None = None
     argv: list[str] = field(default_factory=list)
 
 
@@ -121,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("-w", "--warmup_iters", type=_non_negative, default=5, help="warm-up iterations (default 5)")
     sizes.add_argument("-n", "--iters", type=_positive, default=20, help="timed iterations (default 20)")
     sizes.add_argument(
+        "--rounds", type=_positive, default=4,
+        help="split the timed iterations into this many rounds, each timing every implementation "
+        "in turn (default 4)",
+    )
+    sizes.add_argument(
         "--tp",
         action="store_true",
         help="tensor-parallel sizes: hidden x tokens (Llama decode/prefill), float16 and bfloat16",
@@ -128,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--hidden", type=_positive, default=4096, help="hidden size for --tp (default 4096)")
     sizes.add_argument(
         "--tokens",
-        type=lambda t: tuple(_positive(x) for x in t.split(",")),
+        type=_positive_list,
         default=(1, 8, 32, 128, 512),
         help="token counts for --tp (default 1,8,32,128,512)",
     )
@@ -163,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stat", choices=("median", "p99"), default="median", help="time statistic shown in the table"
     )
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Used between mlxdist.bench and the ranks it starts.
     parser.add_argument("--emit-events", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -191,6 +207,7 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         step_factor=args.stepfactor,
         warmup=args.warmup_iters,
         iters=args.iters,
+        rounds=args.rounds,
         dtypes=args.datatype or (TP_DTYPES if args.tp else ("float32",)),
         ops=args.ops or (TP_OPERATIONS if args.tp else OPERATIONS),
         impls=args.impls,
@@ -205,5 +222,6 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         stat=args.stat,
         progress=not args.no_progress,
         emit_events=args.emit_events,
-        argv=[a for a in argv if a != "--emit-events"],
+        result_file=args.result_file,
+        argv=list(argv),
     )

@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Any, TextIO
 
-__all__ = ["NullProgress", "BarProgress", "EventProgress", "EVENT_MARK", "parse_event"]
+__all__ = ["NullProgress", "BarProgress", "LogProgress", "EventProgress", "EVENT_MARK", "parse_event", "make_progress"]
 
 EVENT_MARK = "@@mlxdist.bench "
 # What a launcher may leave around a rank's line: mlxdist.launch's "[r] " and
@@ -68,6 +68,53 @@ class BarProgress:
     def stop(self) -> None:
         """Close the bar."""
         self._progress.stop()
+
+
+class LogProgress:
+    """A line every tenth of the sweep, for logs where a bar cannot redraw.
+
+    Args:
+        stream: Where to write (stderr by default).
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._total = 0
+        self._done = 0
+        self._next_tenth = 1
+
+    def start(self, total: int) -> None:
+        """Remember the number of timed blocks."""
+        self._total, self._done, self._next_tenth = total, 0, 1
+
+    def advance(self, description: str) -> None:
+        """Count a block; print when another tenth is done."""
+        self._done += 1
+        if self._total and self._done * 10 >= self._next_tenth * self._total:
+            self._next_tenth = self._done * 10 // self._total + 1
+            self._stream.write(
+                f"mlxdist.bench: {100 * self._done // self._total}% ({self._done}/{self._total}) {description}\n"
+            )
+            self._stream.flush()
+
+    def stop(self) -> None:
+        """Nothing to close."""
+
+
+def make_progress(enabled: bool, stream: TextIO | None = None) -> NullProgress | BarProgress | LogProgress:
+    """A bar on a terminal, lines in a log, nothing when disabled.
+
+    Args:
+        enabled: False for ``--no-progress``.
+        stream: Where progress goes (stderr by default).
+
+    Returns:
+        The progress reporter.
+    """
+    stream = stream or sys.stderr
+    if not enabled:
+        return NullProgress()
+    return BarProgress(stream) if stream.isatty() else LogProgress(stream)
 
 
 class EventProgress:

@@ -1,4 +1,4 @@
-"""The sweep: every operation, dtype and size, each implementation timed back to back."""
+"""The sweep: every operation, dtype and size; at each, the implementations timed in rounds."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 
 import mlxdist
 from mlxdist.bench.implementations import Implementation
-from mlxdist.bench.options import BenchConfig
-from mlxdist.bench.timing import bandwidths, slowest_rank, summarize, time_block
+from mlxdist.bench.options import BenchConfig, format_size
+from mlxdist.bench.timing import Timing, bandwidths, slowest_rank, split_rounds, summarize, time_block, warm_up
 from mlxdist.bench.workload import (
     ITEMSIZE,
     Message,
@@ -21,11 +21,9 @@ from mlxdist.bench.workload import (
     rank_values,
 )
 
-__all__ = ["Progress", "Skip", "plan", "size_points", "run_sweep", "skips_as_dicts", "REFERENCE", "MLXDIST_PREFERENCE"]
+__all__ = ["Progress", "Skip", "plan", "size_points", "run_sweep", "skips_as_dicts", "REFERENCE"]
 
 REFERENCE = "mx.distributed"
-# The mlxdist variant the ratio column uses: the first one that ran.
-MLXDIST_PREFERENCE = ("mlxdist-reg", "mlxdist-mlx", "mlxdist-numpy")
 
 
 class Progress(Protocol):
@@ -92,20 +90,12 @@ def plan(config: BenchConfig, nranks: int) -> list[Message]:
     return messages
 
 
-def _measure(
-    impl: Implementation, msg: Message, values: np.ndarray, expected: np.ndarray,
-    group: mlxdist.Group, config: BenchConfig,
-) -> dict[str, Any]:
-    prepared = impl.prepare(msg, values)
-    times, result = time_block(prepared.run, config.warmup, config.iters, group.barrier)
-    wrong = count_wrong(prepared.values(result), expected)
-    timing = summarize(slowest_rank(group, times))
-    total_wrong = int(np.asarray(group.all_sum(np.array([wrong], np.int64)))[0])
-    algbw, busbw = bandwidths(msg.nbytes, timing.median, bus_factor(msg.op, group.size))
+def _row(msg: Message, impl: str, timing: Timing, wrong: int, nranks: int, config: BenchConfig) -> dict[str, Any]:
+    algbw, busbw = bandwidths(msg.nbytes, timing.median, bus_factor(msg.op, nranks))
     return {
         "op": msg.op,
         "dtype": msg.dtype,
-        "impl": impl.name,
+        "impl": impl,
         "bytes": msg.nbytes,
         "count": msg.nbytes // ITEMSIZE[msg.dtype],
         "tokens": msg.tokens,
@@ -115,9 +105,32 @@ def _measure(
         "p99_us": timing.p99 * 1e6,
         "algbw_GBps": algbw,
         "busbw_GBps": busbw,
-        "wrong": total_wrong,
+        "wrong": wrong,
         "ratio_vs_mx": None,
     }
+
+
+def _measure_message(
+    msg: Message, impls: list[Implementation], group: mlxdist.Group, config: BenchConfig, progress: Progress
+) -> list[dict[str, Any]]:
+    """Time every implementation on one message, round by round, and check the results."""
+    values = rank_values(group.rank, msg.input_count)
+    expected = expected_result(msg, group.rank, group.size)
+    prepared = [impl.prepare(msg, values) for impl in impls]
+    results = [warm_up(p.run, config.warmup) for p in prepared]
+    times: list[list[np.ndarray]] = [[] for _ in impls]
+    for block in split_rounds(config.iters, config.rounds):
+        for i, p in enumerate(prepared):
+            block_times, results[i] = time_block(p.run, block, group.barrier)
+            times[i].append(block_times)
+            progress.advance(f"{msg.op} {msg.dtype} {format_size(msg.nbytes)} {impls[i].name}")
+    rows = []
+    for impl, p, result, impl_times in zip(impls, prepared, results, times):
+        wrong = count_wrong(p.values(result), expected)
+        timing = summarize(slowest_rank(group, np.concatenate(impl_times)))
+        total_wrong = int(np.asarray(group.all_sum(np.array([wrong], np.int64)))[0])
+        rows.append(_row(msg, impl.name, timing, total_wrong, group.size, config))
+    return rows
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -152,18 +165,12 @@ def run_sweep(
         for impl in impls
         if (reason := impl.unsupported(op, dtype)) is not None
     }
-    runnable = {(m, i.name) for m in messages for i in impls if (m.op, m.dtype, i.name) not in skips}
-    progress.start(len(runnable))
+    rounds = len(split_rounds(config.iters, config.rounds))
+    progress.start(rounds * sum(1 for m in messages for i in impls if (m.op, m.dtype, i.name) not in skips))
     rows: list[dict[str, Any]] = []
     for msg in messages:
-        values = rank_values(group.rank, msg.input_count)
-        expected = expected_result(msg, group.rank, group.size)
-        block = []
-        for impl in impls:
-            if (msg, impl.name) not in runnable:
-                continue
-            block.append(_measure(impl, msg, values, expected, group, config))
-            progress.advance(f"{msg.op} {msg.dtype} {msg.nbytes} B {impl.name}")
+        runnable = [i for i in impls if (msg.op, msg.dtype, i.name) not in skips]
+        block = _measure_message(msg, runnable, group, config, progress)
         _add_ratios(block)
         rows.extend(block)
     progress.stop()
@@ -171,5 +178,12 @@ def run_sweep(
 
 
 def skips_as_dicts(skips: list[Skip]) -> list[dict[str, str]]:
-    """Skips as JSON-ready dicts."""
+    """Skips as JSON-ready dicts.
+
+    Args:
+        skips: What :func:`run_sweep` skipped.
+
+    Returns:
+        One dict per skip (op, dtype, impl, reason).
+    """
     return [asdict(s) for s in skips]

@@ -1,6 +1,11 @@
 """Fair timing: the same iteration counts for everyone, a barrier before each
 timed block, per-iteration ``time.perf_counter`` on every rank, reduced by the
-slowest rank before the statistics."""
+slowest rank before the statistics.
+
+The timed iterations of one message are split into rounds, and every round
+times each implementation in turn: a burst of load from elsewhere on the
+machine then falls on all of them alike rather than on whichever ran then.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import numpy as np
 
 import mlxdist
 
-__all__ = ["Timing", "time_block", "slowest_rank", "summarize", "bandwidths"]
+__all__ = ["Timing", "warm_up", "time_block", "split_rounds", "slowest_rank", "summarize", "bandwidths"]
 
 
 @dataclass(frozen=True)
@@ -28,23 +33,34 @@ class Timing:
     p99: float
 
 
-def time_block(
-    run: Callable[[], Any], warmup: int, iters: int, barrier: Callable[[], None]
-) -> tuple[np.ndarray, Any]:
-    """Warm up, synchronise, then time ``iters`` calls of ``run`` one by one.
+def warm_up(run: Callable[[], Any], count: int) -> Any:
+    """Call ``run`` ``count`` times, untimed.
 
     Args:
         run: One iteration.
-        warmup: Untimed iterations first.
+        count: How many times.
+
+    Returns:
+        The last result (None if count is 0).
+    """
+    result = None
+    for _ in range(count):
+        result = run()
+    return result
+
+
+def time_block(run: Callable[[], Any], iters: int, barrier: Callable[[], None]) -> tuple[np.ndarray, Any]:
+    """Synchronise the ranks, then time ``iters`` calls of ``run`` one by one.
+
+    Args:
+        run: One iteration.
         iters: Timed iterations.
-        barrier: Called once between warm-up and the timed iterations.
+        barrier: Called once before the first timed iteration.
 
     Returns:
         This rank's iteration times in seconds, and the last result of ``run``.
     """
     result = None
-    for _ in range(warmup):
-        result = run()
     barrier()
     times = np.empty(iters, dtype=np.float64)
     clock = time.perf_counter
@@ -53,6 +69,20 @@ def time_block(
         result = run()
         times[i] = clock() - start
     return times, result
+
+
+def split_rounds(iters: int, rounds: int) -> list[int]:
+    """Split ``iters`` iterations into at most ``rounds`` blocks of near-equal size.
+
+    Args:
+        iters: Timed iterations in total.
+        rounds: Blocks wanted.
+
+    Returns:
+        The block sizes (all >= 1, summing to ``iters``).
+    """
+    rounds = max(1, min(rounds, iters))
+    return [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
 
 
 def slowest_rank(group: mlxdist.Group, times: np.ndarray) -> np.ndarray:

@@ -103,6 +103,8 @@ def bus_factor(op: str, nranks: int) -> float:
 def rank_values(rank: int, count: int) -> np.ndarray:
     """The input of ``rank``: small integers as float32, different on every rank.
 
+    Element ``i`` is ``(7 i + 3 rank) mod 17 - 8``: a pattern of period 17, tiled.
+
     Args:
         rank: The rank.
         count: Number of elements.
@@ -110,8 +112,9 @@ def rank_values(rank: int, count: int) -> np.ndarray:
     Returns:
         A float32 array of integers in [-8, 8].
     """
-    pattern = (np.arange(count, dtype=np.int64) * 7 + rank * 3) % (2 * _SPREAD + 1) - _SPREAD
-    return pattern.astype(np.float32)
+    period = 2 * _SPREAD + 1
+    pattern = (np.arange(period) * 7 + rank * 3) % period - _SPREAD
+    return np.resize(pattern.astype(np.float32), count)
 
 
 def expected_result(msg: Message, rank: int, nranks: int) -> np.ndarray:
@@ -123,11 +126,11 @@ def expected_result(msg: Message, rank: int, nranks: int) -> np.ndarray:
         nranks: The number of ranks.
 
     Returns:
-        The exact result as float64.
+        The exact result as float32 (sums of the small inputs are exact).
     """
     if msg.op == "sendrecv":
-        return rank_values((rank - 1) % nranks, msg.input_count).astype(np.float64)
-    inputs = np.stack([rank_values(r, msg.input_count) for r in range(nranks)]).astype(np.float64)
+        return rank_values((rank - 1) % nranks, msg.input_count)
+    inputs = np.stack([rank_values(r, msg.input_count) for r in range(nranks)])
     if msg.op == "all_gather":
         return inputs.reshape(-1)
     if msg.op == "all_max":
@@ -144,7 +147,7 @@ def count_wrong(result: np.ndarray, expected: np.ndarray) -> int:
     """How many elements of ``result`` differ from ``expected`` (all of them if the shapes differ).
 
     Args:
-        result: The result as float64.
+        result: The result as float32.
         expected: The exact answer.
 
     Returns:

@@ -1,0 +1,143 @@
+"""mlxdist.linkcheck: its verdict and report checked against facts found independently."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlxdist import linkcheck
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADERS = ROOT / "cmlx" / "include"
+
+
+def run_linkcheck(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE")}
+    return subprocess.run(
+        [sys.executable, "-m", "mlxdist.linkcheck", *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+def header_functions() -> set[str]:
+    """mlx_distributed_* functions declared in the cmlx headers, read from the source tree."""
+    names = set()
+    for header in HEADERS.rglob("*.h"):
+        names |= set(re.findall(r"\b(mlx_distributed_\w+)\s*\(", header.read_text()))
+    return names
+
+
+def libmlx_mapped_by_mlx_core() -> str:
+    """The libmlx file this (test) process mapped when it imported mlx.core."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/libmlx." in line}
+    assert len(paths) == 1, paths
+    return os.path.realpath(paths.pop())
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    done = run_linkcheck("--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def test_every_declared_function_resolves_and_the_safe_ones_run(report: dict) -> None:
+    assert report["ok"] is True
+    assert set(report["declared"]) == header_functions()
+    assert report["missing"] == []
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in header_functions():
+        assert checks[f"resolve {name}"]["ok"], checks[f"resolve {name}"]
+    called = {c["function"] for c in report["checks"] if not c["name"].startswith("resolve ")}
+    for name in ("is_available", "group_new", "group_free", "init", "group_rank", "group_size"):
+        assert f"mlx_distributed_{name}" in called
+    # Nothing launched the subprocess: the non-strict ring init is a one-rank group.
+    assert checks["group_size(init's group)"]["detail"] == "size=1"
+    assert checks["group_rank(init's group)"]["detail"] == "rank=0"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_libmlx_is_the_file_mlx_core_maps(report: dict) -> None:
+    mapped = libmlx_mapped_by_mlx_core()
+    assert report["libmlx"]["extension"] == mapped
+    assert report["libmlx"]["process"] == [mapped]
+    assert mapped == os.path.realpath(Path(mx.__file__).parent / "lib" / "libmlx.so")
+
+
+def test_versions_match_the_installed_mlx(report: dict) -> None:
+    installed = metadata.version("mlx")
+    assert report["versions"]["mlx_python"] == mx.__version__ == installed
+    assert report["versions"]["compiled"] == installed.split(".dev")[0]
+    assert report["versions"]["libmlx"].split(".dev")[0] == installed.split(".dev")[0]
+
+
+def test_backend_table_matches_mlx(report: dict) -> None:
+    backends = report["backends"]
+    for name in ("ring", "mpi", "jaccl", "nccl"):
+        assert backends[name]["available"] == mx.distributed.is_available(backend=name), name
+    # What MLX 0.32 documents: ring and MPI lack reduce-scatter (mlxdist fills
+    # it in), ring cannot split, NCCL has no point-to-point.
+    assert backends["ring"]["operations"]["sum_scatter"] == "mlxdist"
+    assert backends["mpi"]["operations"]["sum_scatter"] == "mlxdist"
+    assert backends["ring"]["operations"]["split"] == "unavailable"
+    assert backends["mpi"]["operations"]["split"] == "native"
+    assert backends["nccl"]["operations"]["send"] == "unavailable"
+    assert backends["jaccl"]["operations"]["sum_scatter"] == "native"
+    for entry in backends.values():
+        assert entry["operations"]["all_sum"] == "native"
+
+
+def test_table_output_lists_functions_and_backends() -> None:
+    done = run_linkcheck()
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in header_functions():
+        assert name in done.stdout
+    assert "all checks passed" in done.stdout
+    assert "sum_scatter" in done.stdout and "mlxdist" in done.stdout
+
+
+def test_version_mismatch_fails(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import mlxdist._ffi
+
+    monkeypatch.setattr(mlxdist._ffi, "compiled_mlx_version", lambda: "0.0.1")
+    assert linkcheck.main(["--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False
+    failed = [c["name"] for c in out["checks"] if not c["ok"]]
+    assert failed == ["compiled MLX == running libmlx"]
+
+
+def test_second_libmlx_fails(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    real = linkcheck.mapped_libmlx_files()
+    monkeypatch.setattr(linkcheck, "mapped_libmlx_files", lambda: sorted(real + ["/elsewhere/libmlx.so"]))
+    assert linkcheck.main(["--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in out["checks"] if not c["ok"]] == ["libmlx is shared with mlx"]
+
+
+def test_unresolvable_function_fails() -> None:
+    from mlxdist._ffi import ffi, lib
+
+    checks = linkcheck.resolve_functions(ffi, lib, ["mlx_distributed_all_sum", "mlx_distributed_no_such_function"])
+    assert [c.ok for c in checks] == [True, False]
+    assert "no_such_function" in checks[1].detail
+
+
+def test_operation_table_classifies() -> None:
+    table = linkcheck.operation_table(
+        {"x": frozenset({"all_sum", "send"}), "y": frozenset({"all_gather"})}, {"x": True}
+    )
+    assert table["x"]["available"] is True and table["y"]["available"] is False
+    assert table["x"]["operations"]["sum_scatter"] == "mlxdist"  # filled in from all_sum
+    assert table["y"]["operations"]["sum_scatter"] == "unavailable"  # no all_sum to build on
+    assert table["x"]["operations"]["send"] == "native"
+    assert table["x"]["operations"]["split"] == "unavailable"
