@@ -4,14 +4,17 @@ clipping the global norm of gradients sharded over ranks.
 :func:`average_gradients` packs the leaves of a gradient tree into flat buckets
 and all-reduces each bucket once. A bucket lives in a registered buffer (MLX
 memory seen by numpy), so the collective reads and writes it in place with no
-copy; the buffers are kept from one call to the next, because touching fresh
-pages costs more here than the copies themselves. Each averaged leaf is then
-copied into its own mx.array.
+copy. The buffers are kept from one call to the next: first-touching fresh
+memory costs more than the copies themselves. A leaf that travels in its own
+dtype is divided by the group size as numpy packs it (one pass), so the sum
+comes back averaged and is copied into the leaf's new mx.array; a leaf cast
+for the wire is cast by mlx, and cast back and divided after the sum.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from numbers import Real
 from typing import Any, Hashable, Sequence
 
@@ -54,33 +57,43 @@ _FLOAT_NAMES = ", ".join(_dtype_name(d) for d in _WIRE_CODES)
 class _BufferPool:
     """Registered buffers kept between calls, keyed by (mlx_dtype, length).
 
-    A call takes the buffers it needs (reusing the previous call's when the
-    layout is the same) and hands back the ones it used; the pool then holds
-    exactly those, so its memory is bounded by one gradient tree on the wire.
-    Concurrent calls never share a buffer.
+    A call takes the buffers it needs, reusing earlier calls' buffers of the
+    same key, and hands them back when done. The pool keeps the most recently
+    used keys and holds at most twice the bytes of the largest call so far
+    (e.g. the float32 and the bfloat16 buffers of one model). Concurrent calls
+    never share a buffer.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._free: OrderedDict[tuple[int, int], list[np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._largest_call = 0
 
     def take(self, code: int, length: int) -> np.ndarray:
         with self._lock:
             spare = self._free.get((code, length))
             if spare:
-                return spare.pop()
+                buffer = spare.pop()
+                self._bytes -= buffer.nbytes
+                return buffer
         return MlxBuffer.allocate((length,), code).numpy()
 
-    def keep(self, used: list[tuple[tuple[int, int], np.ndarray]]) -> None:
-        kept: dict[tuple[int, int], list[np.ndarray]] = {}
-        for key, buffer in used:
-            kept.setdefault(key, []).append(buffer)
+    def give_back(self, used: list[tuple[tuple[int, int], np.ndarray]]) -> None:
         with self._lock:
-            self._free = kept
+            self._largest_call = max(self._largest_call, sum(b.nbytes for _, b in used))
+            for key, buffer in used:
+                self._free.setdefault(key, []).append(buffer)
+                self._free.move_to_end(key)
+                self._bytes += buffer.nbytes
+            while self._bytes > 2 * self._largest_call:
+                _, evicted = self._free.popitem(last=False)
+                self._bytes -= sum(b.nbytes for b in evicted)
 
     def clear(self) -> None:
         with self._lock:
-            self._free = {}
+            self._free.clear()
+            self._bytes = self._largest_call = 0
 
 
 _pool = _BufferPool()
@@ -89,8 +102,8 @@ _pool = _BufferPool()
 def release_buffers() -> None:
     """Free the communication buffers :func:`average_gradients` keeps between calls.
 
-    They hold as many bytes as the last averaged tree had on the wire; the next
-    call allocates them again.
+    They hold up to twice the bytes of the largest tree averaged so far, as it
+    was on the wire; the next call allocates what it needs again.
     """
     _pool.clear()
 
@@ -173,20 +186,29 @@ def _checked_leaves(gradients: Any) -> list[tuple[str, mx.array]]:
     return leaves
 
 
+def _numpy_divides(dtype: mx.Dtype, wire: mx.Dtype) -> bool:
+    """Whether numpy averages the leaf: it travels in its own dtype, which numpy has.
+
+    numpy then divides while copying into the bucket (one pass) and the sum
+    comes back averaged; otherwise mlx casts before sending, and casts back and
+    divides after.
+    """
+    return dtype == wire and wire != mx.bfloat16
+
+
 def _wire_bits(leaf: mx.array, wire: mx.Dtype) -> mx.array:
     """The leaf as it travels: cast to the wire dtype, bfloat16 seen as its uint16 bits."""
     on_wire = leaf.astype(wire) if leaf.dtype != wire else leaf
     return on_wire.view(mx.uint16) if wire == mx.bfloat16 else on_wire
 
 
-def _averaged_leaf(view: np.ndarray, wire: mx.Dtype, dtype: mx.Dtype, size: int) -> mx.array:
-    """One leaf's summed values (a view of the bucket) divided by ``size``, as ``dtype``."""
+def _averaged_leaf(summed: np.ndarray, wire: mx.Dtype, dtype: mx.Dtype, size: int) -> mx.array:
+    """One leaf's all-reduced values (a view of the bucket) as an averaged mx.array of ``dtype``."""
+    if _numpy_divides(dtype, wire):
+        return mx.array(summed, dtype=wire)
     if wire == mx.bfloat16:
-        return mx.array(view, dtype=mx.uint16).view(mx.bfloat16).astype(dtype) / size
-    if wire == dtype:
-        np.divide(view, size, out=view)
-        return mx.array(view, dtype=wire)
-    return mx.array(view, dtype=wire).astype(dtype) / size
+        return mx.array(summed, dtype=mx.uint16).view(mx.bfloat16).astype(dtype) / size
+    return mx.array(summed, dtype=wire).astype(dtype) / size
 
 
 def _average_bucket(
@@ -207,12 +229,17 @@ def _average_bucket(
     slots = []
     for index, source in zip(members, sources):
         slot = bucket[offset : offset + source.size].reshape(source.shape)
-        np.copyto(slot, np.asarray(source))
+        if _numpy_divides(leaves[index].dtype, wire):
+            np.divide(np.asarray(source), group.size, out=slot)
+        else:
+            np.copyto(slot, np.asarray(source))
         slots.append((index, slot))
         offset += source.size
     group.all_sum(bucket, out=bucket)
     for index, slot in slots:
         averaged[index] = _averaged_leaf(slot, wire, leaves[index].dtype, group.size)
+    # Evaluated now, each bucket's temporaries are freed before the next one's.
+    mx.eval([averaged[index] for index, _ in slots])
 
 
 def average_gradients(
@@ -229,6 +256,10 @@ def average_gradients(
     Empty arrays are returned as they are, without communication. Every rank
     must pass a tree of the same structure, shapes and dtypes.
 
+    A leaf sent in its own dtype is divided by the group size before the sum
+    (``sum(x / n)``, which also keeps float16 sums from overflowing); a leaf
+    cast for the wire is summed in the wire dtype, then cast back and divided.
+
     Args:
         gradients: A tree (dicts, lists, tuples) of floating mx.array leaves.
         group: The group to average over; the world group when None.
@@ -239,8 +270,9 @@ def average_gradients(
             back from; None sends each leaf in its own dtype.
 
     Returns:
-        A tree of the same structure with the averaged leaves, each with its
-        input's shape and dtype. On a size-1 group, ``gradients`` itself.
+        A tree of the same structure (dicts, lists, tuples, named tuples) with
+        the averaged leaves, evaluated, each with its input's shape and dtype.
+        On a size-1 group, ``gradients`` itself.
 
     Raises:
         TypeError: a leaf is not an mx.array.
@@ -264,7 +296,7 @@ def average_gradients(
     for bucket in buckets:
         members = [sent[j] for j in bucket]
         _average_bucket(group, leaves, members, wires[bucket[0]], averaged, used)
-    _pool.keep(used)
+    _pool.give_back(used)
     results = iter(averaged)
     return tree_map(lambda _: next(results), gradients)
 
