@@ -9,6 +9,7 @@ Quick start (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
     total = group.all_sum(np.full(4, group.rank, np.float32))
 """
 
+from mlxdist._pool import set_cache_limit
 from mlxdist.arrays import asarray, empty, is_registered, zeros
 from mlxdist.backends import Backend, detect_backend, is_available
 from mlxdist.errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "zeros",
     "asarray",
     "is_registered",
+    "set_cache_limit",
     "DistributedError",
     "BackendUnavailableError",
     "InitializationError",

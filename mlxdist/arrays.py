@@ -12,6 +12,7 @@ give: a collective reads them with no copy in and can write into them.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Sequence, Union
 
 import mlx.core as mx
@@ -19,6 +20,7 @@ import numpy as np
 
 from mlxdist._ffi import ffi, lib
 from mlxdist._handles import ArrayHandle
+from mlxdist._pool import MIN_BYTES, pool
 from mlxdist.errors import DtypeError, ShapeError, TransformError, check
 
 __all__ = [
@@ -130,10 +132,25 @@ class MlxBuffer:
     The numpy views made from it keep it (and so the MLX memory) alive.
     """
 
-    __slots__ = ("handle", "value", "ptr", "shape", "code", "storage", "nbytes", "__array_interface__")
+    __slots__ = (
+        "handle",
+        "value",
+        "ptr",
+        "shape",
+        "code",
+        "storage",
+        "nbytes",
+        "owner",
+        "__array_interface__",
+        "__weakref__",
+    )
 
-    def __init__(self, handle: ArrayHandle, shape: tuple[int, ...], code: int) -> None:
+    def __init__(
+        self, handle: ArrayHandle, shape: tuple[int, ...], code: int, owner: Any = None
+    ) -> None:
         self.handle = handle
+        # For a wrapped buffer, the object owning the memory, kept alive here.
+        self.owner = owner
         # The handle struct, for C calls; the handle keeps its object alive.
         self.value = handle.value
         self.shape = shape
@@ -151,11 +168,21 @@ class MlxBuffer:
 
     @classmethod
     def allocate(cls, shape: tuple[int, ...], code: int) -> "MlxBuffer":
-        """Uninitialised MLX memory of the given shape and ``mlx_dtype``."""
-        handle = ArrayHandle()
-        if lib.mlxdist_array_alloc(handle.out, shape, len(shape), code):
-            check(1, "allocate")
-        return cls(handle, shape, code)
+        """Uninitialised MLX memory of the given shape and ``mlx_dtype``.
+
+        Large buffers come from, and return to, the pool of released ones.
+        """
+        large = _STORAGE[code].itemsize * math.prod(shape) >= MIN_BYTES
+        key = (shape, code)
+        handle = pool.take(key) if large else None
+        if handle is None:
+            handle = ArrayHandle()
+            if lib.mlxdist_array_alloc(handle.out, shape, len(shape), code):
+                check(1, "allocate")
+        buf = cls(handle, shape, code)
+        if large:
+            weakref.finalize(buf, pool.give, key, handle, buf.nbytes)
+        return buf
 
     @classmethod
     def copy_of(cls, data: np.ndarray, code: int) -> "MlxBuffer":
@@ -163,11 +190,34 @@ class MlxBuffer:
         shape = data.shape
         if shape and max(shape) > _INT32_MAX:
             raise ShapeError(f"a dimension of shape {shape} exceeds MLX's 32-bit limit")
+        if data.nbytes >= MIN_BYTES:
+            buf = cls.allocate(shape, code)
+            ffi.memmove(ffi.cast("void*", buf.ptr), ffi.from_buffer(data), buf.nbytes)
+            return buf
         handle = ArrayHandle()
         handle.out[0] = lib.mlx_array_new_data(ffi.from_buffer(data), shape, len(shape), code)
         if handle.value.ctx == ffi.NULL:
             check(1, "copy into MLX memory")
         return cls(handle, shape, code)
+
+    @classmethod
+    def wrap(cls, data: np.ndarray, code: int) -> "MlxBuffer | None":
+        """An MLX array over a C-contiguous, aligned numpy array's memory, no copy.
+
+        Only for the direct collectives, during one call. None where this MLX
+        build cannot view foreign memory (the caller copies instead).
+        """
+        global _can_wrap
+        if not _can_wrap:
+            return None
+        shape = data.shape
+        if shape and max(shape) > _INT32_MAX:
+            raise ShapeError(f"a dimension of shape {shape} exceeds MLX's 32-bit limit")
+        handle = ArrayHandle()
+        if lib.mlxdist_array_wrap(handle.out, ffi.from_buffer(data), shape, len(shape), code):
+            _can_wrap = False
+            return None
+        return cls(handle, shape, code, owner=data)
 
     @classmethod
     def adopt(cls, handle: ArrayHandle) -> "MlxBuffer":
@@ -210,6 +260,11 @@ def to_kind(view: np.ndarray, as_mlx: bool, code: int) -> ArrayLike:
     return mx.array(view)
 
 
+# Whether this MLX build lets the direct path view foreign memory (see
+# mlxdist_array_wrap); cleared by the first refusal.
+_can_wrap = True
+
+
 def registered_buffer(a: np.ndarray) -> MlxBuffer | None:
     """The buffer behind ``a`` when ``a`` is a whole registered buffer."""
     base = a.base
@@ -217,12 +272,13 @@ def registered_buffer(a: np.ndarray) -> MlxBuffer | None:
         # A direct view of the buffer spans all of it; only an in-place
         # change of shape or dtype could make it disagree.
         if a.shape == base.shape and a.dtype == base.storage and a.flags.c_contiguous:
-            return base
+            return base if base.owner is None else None
         return None
     while isinstance(base, np.ndarray):
         base = base.base
     if (
         type(base) is MlxBuffer
+        and base.owner is None
         and a.shape == base.shape
         and a.dtype == base.storage
         and a.flags.c_contiguous
@@ -232,8 +288,14 @@ def registered_buffer(a: np.ndarray) -> MlxBuffer | None:
     return None
 
 
-def _copy_in(data: np.ndarray, code: int) -> MlxBuffer:
-    if not data.flags.c_contiguous:
+def _copy_in(data: np.ndarray, code: int, wrap: bool = False) -> MlxBuffer:
+    """``data`` as an MLX buffer: viewed in place when ``wrap`` allows, else copied."""
+    flags = data.flags
+    if wrap and flags.c_contiguous and flags.aligned:
+        buf = MlxBuffer.wrap(data, code)
+        if buf is not None:
+            return buf
+    if not flags.c_contiguous:
         data = data.copy(order="C")  # (np.ascontiguousarray would make a scalar 1-d)
     return MlxBuffer.copy_of(data, code)
 
@@ -255,10 +317,12 @@ def _mlx_numpy(x: mx.array) -> tuple[np.ndarray, int]:
     return np.asarray(x), code
 
 
-def as_operand(x: Any) -> tuple[MlxBuffer, bool]:
+def as_operand(x: Any, wrap: bool = False) -> tuple[MlxBuffer, bool]:
     """The MLX buffer a collective reads for ``x``, and whether ``x`` is an mlx array.
 
-    A registered buffer is used as is; anything else is copied once.
+    A registered buffer is used as is. With ``wrap`` (the direct collectives,
+    which never let the array reach MLX's graph) other memory is viewed in
+    place where it is contiguous and aligned; anything else is copied once.
 
     Raises:
         TypeError: ``x`` is neither a numpy array (or scalar) nor an mlx array.
@@ -270,14 +334,14 @@ def as_operand(x: Any) -> tuple[MlxBuffer, bool]:
         if buf is not None:
             return buf, False
         code = _NUMPY_DTYPES.get(x.dtype)
-        return _copy_in(x, _numpy_code(x.dtype) if code is None else code), False
+        return _copy_in(x, _numpy_code(x.dtype) if code is None else code, wrap), False
     if isinstance(x, np.generic):
         x = np.asarray(x)
     if isinstance(x, np.ndarray):
-        return as_operand(np.asarray(x))
+        return as_operand(np.asarray(x), wrap)
     if isinstance(x, mx.array):
         data, code = _mlx_numpy(x)
-        return _copy_in(data, code), True
+        return _copy_in(data, code, wrap), True
     raise TypeError(f"expected a numpy.ndarray or mlx.core.array, got {type(x).__name__}")
 
 

@@ -281,7 +281,7 @@ class Group:
             DtypeError, GroupClosedError, CommunicationError.
         """
         self._check_peer(dst, "send to", "dst")
-        src, _ = as_operand(x)
+        src, _ = as_operand(x, wrap=self.engine == "direct")
         if self.engine == "graph":
             self._graph_call("send", lib.mlx_distributed_send, src, dst)
         else:
@@ -359,9 +359,12 @@ class Group:
             return self._local(op, x, out)
         if self.backend is Backend.MPI and op != "all_gather" and _is_bool(x):
             return self._bool_via_uint8(op, x, out)
-        src, as_mlx = as_operand(x)
+        direct = self.engine == "direct"
+        src, as_mlx = as_operand(x, wrap=direct)
         shape = src.shape if op in _SAME_SHAPE else result_shape(op, src.shape, self.size)
-        dest = None if out is None else _registered_out(out, shape, src.code)
+        dest = None if out is None else _out_buffer(out, shape, src.code, direct)
+        if dest is not None and dest.ptr != src.ptr and _overlap(dest, src):
+            dest = None  # partly overlapping: compute aside, then copy
         if op == "sum_scatter" and not self._native_scatter:
             total = self._reduce_buffer("all_sum", src, src.shape, None)
             rows = shape[0]
@@ -383,7 +386,7 @@ class Group:
         shape = result_shape(op, tuple(x.shape), 1)
         if out is None:
             return x
-        if _registered_out(out, shape, code) is None or not np.shares_memory(out, x):
+        if _out_buffer(out, shape, code, False) is None or not np.shares_memory(out, x):
             np.copyto(out, as_operand(x)[0].numpy())
         return out
 
@@ -437,7 +440,7 @@ class Group:
     def _receive(
         self, shape: tuple[int, ...], code: int, as_mlx: bool, src: int, out: np.ndarray | None
     ) -> ArrayLike:
-        dest = _registered_out(out, shape, code)
+        dest = None if out is None else _out_buffer(out, shape, code, self.engine == "direct")
         if self.engine == "graph":
             res = ArrayHandle()
             self._run("recv", _lazy_recv_then_eval, res, list(shape), code, src)
@@ -467,25 +470,32 @@ def _lazy_recv_then_eval(res: ArrayHandle, dims: list[int], code: int, src: int,
 _SAME_SHAPE = frozenset({"all_sum", "all_max", "all_min"})
 
 
+def _overlap(a: MlxBuffer, b: MlxBuffer) -> bool:
+    return a.ptr < b.ptr + b.nbytes and b.ptr < a.ptr + a.nbytes
+
+
 def _is_bool(x: Any) -> bool:
     if isinstance(x, (np.ndarray, np.generic)):
         return x.dtype == np.bool_
     return isinstance(x, mx.array) and x.dtype == mx.bool_
 
 
-def _registered_out(out: np.ndarray | None, shape: tuple[int, ...], code: int) -> MlxBuffer | None:
-    """Check ``out``; return its buffer if the backend can write straight into it."""
-    if out is None:
-        return None
+def _out_buffer(out: np.ndarray, shape: tuple[int, ...], code: int, wrap: bool) -> MlxBuffer | None:
+    """Check ``out``; return a buffer the backend can write straight into, if any:
+    a registered buffer, or (``wrap``) a view of a contiguous numpy array."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:
         raise ShapeError(f"out has shape {out.shape}, the result has shape {shape}")
     if out.dtype != storage_dtype(code):
         raise DtypeError(f"out has dtype {out.dtype}, the result has dtype {storage_dtype(code)}")
-    if not out.flags.writeable:
+    flags = out.flags
+    if not flags.writeable:
         raise InvalidArgumentError("out is read-only")
-    return registered_buffer(out)
+    buffer = registered_buffer(out)
+    if buffer is None and wrap and flags.c_contiguous and flags.aligned:
+        buffer = MlxBuffer.wrap(out, code)
+    return buffer
 
 
 def _deliver(

@@ -177,6 +177,21 @@ class Battery:
                 got = getattr(g, op)(mine, out=out)
                 self.expect(f"registered/{op} out is returned", got is out)
                 self.expect_equal(f"registered/{op}/out", out, expected)
+        # Plain numpy memory: in place, strided input, read-only input, and an
+        # out that overlaps the input without coinciding with it.
+        plain = mine.copy()
+        self.expect("plain/in place returns out", g.all_sum(plain, out=plain) is plain)
+        self.expect_equal("plain/in place", plain, reference("all_sum", inputs, g.rank))
+        strided = np.zeros((2 * mine.shape[0], 3), np.float32)
+        strided[::2] = mine
+        self.expect_equal("plain/strided", g.all_sum(strided[::2]), reference("all_sum", inputs, g.rank))
+        frozen = mine.copy()
+        frozen.flags.writeable = False
+        self.expect_equal("plain/read-only", g.all_max(frozen), reference("all_max", inputs, g.rank))
+        flat = [rank_data("int32", (9,), r, seed=4) for r in range(g.size)]
+        room = np.concatenate([flat[g.rank], [0]]).astype(np.int32)
+        got = g.all_sum(room[:-1], out=room[1:])
+        self.expect_equal("plain/overlapping out", got, reference("all_sum", flat, g.rank))
         zeros = mlxdist.zeros((3, 2), np.int16)
         self.expect_equal("registered/zeros", zeros, np.zeros((3, 2), np.int16))
         self.expect("registered/empty dtype", mlxdist.empty(5, np.uint8).dtype == np.uint8)

@@ -43,6 +43,17 @@ int mlxdist_array_alloc(
     const int* shape,
     int dim,
     mlx_dtype dtype);
+/* An array that views `data` (the product of `shape` elements of `dtype`,
+ * C-contiguous and aligned) without a copy, for direct collectives that read
+ * or write it during the call. The caller keeps `data` alive and in place
+ * until the array is freed, and must not hand the array to MLX's graph ops.
+ * Fails where this MLX build can neither adopt nor view foreign memory. */
+int mlxdist_array_wrap(
+    mlx_array* res,
+    void* data,
+    const int* shape,
+    int dim,
+    mlx_dtype dtype);
 /* Writable pointer to an evaluated array's first element (NULL if the array
  * holds no data yet). */
 void* mlxdist_array_data(const mlx_array arr);

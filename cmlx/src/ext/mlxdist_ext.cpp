@@ -22,6 +22,10 @@
 #include "mlx/c/error.h"
 #include "mlxdist/cmlx_ext.h"
 
+namespace mlx::core::gpu {
+bool is_available(); // exported by libmlx; its header is not in the wheel
+} // namespace mlx::core::gpu
+
 namespace mx = mlx::core;
 namespace mxd = mlx::core::distributed;
 
@@ -36,6 +40,69 @@ int guarded(F&& body) {
   return cmlx::guarded_with(
       [](const char* msg) { _mlx_error(__FILE__, __LINE__, "%s", msg); },
       std::forward<F>(body));
+}
+
+mx::Shape checked_shape(const int* shape, int dim, size_t* count) {
+  if (dim < 0 || (dim > 0 && shape == nullptr)) {
+    throw std::invalid_argument("[mlxdist] invalid shape");
+  }
+  mx::Shape s(shape, shape + dim);
+  *count = 1;
+  for (int d : s) {
+    if (d < 0) {
+      throw std::invalid_argument("[mlxdist] negative dimension in shape");
+    }
+    *count *= static_cast<size_t>(d);
+  }
+  return s;
+}
+
+void store(mlx_array* res, mx::array a) {
+  if (res == nullptr) {
+    throw std::invalid_argument("[mlxdist] null result pointer");
+  }
+  if (res->ctx) {
+    *static_cast<mx::array*>(res->ctx) = std::move(a);
+  } else {
+    res->ctx = new mx::array(std::move(a));
+  }
+}
+
+// Whether buffers come from MLX's CPU allocator, which stores each buffer's
+// size in the word before the data it hands out (Buffer::raw_ptr() is
+// ptr() + one word). Checked on a real allocation rather than assumed.
+bool cpu_allocator_layout() {
+  static const bool ok = [] {
+    if (mx::gpu::is_available()) {
+      return false;
+    }
+    auto probe = mx::allocator::malloc(64);
+    auto buffer = probe.buffer();
+    return buffer.raw_ptr() ==
+        static_cast<void*>(static_cast<char*>(buffer.ptr()) + sizeof(size_t));
+  }();
+  return ok;
+}
+
+// MLX data over memory it does not own. Where the allocator can adopt it
+// (Metal, page-aligned) that is the official path. On the CPU build a Buffer
+// one word before `data` yields `data` as its raw pointer; its deleter does
+// nothing (the memory stays the caller's) and, since such arrays only meet
+// the backends' direct calls, which read data() and nbytes(), nothing reads
+// the size word.
+mx::allocator::Data foreign_data(void* data, size_t nbytes) {
+  auto adopted = mx::allocator::make_buffer(data, nbytes);
+  if (adopted.ptr() != nullptr) {
+    return mx::allocator::Data(
+        adopted, [](mx::allocator::Buffer b) { mx::allocator::release(b); });
+  }
+  if (!cpu_allocator_layout()) {
+    throw std::runtime_error(
+        "[mlxdist] this MLX build can neither adopt nor view foreign memory");
+  }
+  return mx::allocator::Data(
+      mx::allocator::Buffer(static_cast<char*>(data) - sizeof(size_t)),
+      [](mx::allocator::Buffer) {});
 }
 
 mx::array& array_of(mlx_array a, const char* name) {
@@ -189,24 +256,32 @@ extern "C" int mlxdist_array_alloc(
     int dim,
     mlx_dtype dtype) {
   return guarded([&] {
-    if (res == nullptr || dim < 0 || (dim > 0 && shape == nullptr)) {
-      throw std::invalid_argument("[mlxdist] invalid array_alloc arguments");
-    }
-    mx::Shape s(shape, shape + dim);
-    size_t count = 1;
-    for (int d : s) {
-      if (d < 0) {
-        throw std::invalid_argument("[mlxdist] negative dimension in shape");
-      }
-      count *= static_cast<size_t>(d);
-    }
+    size_t count;
+    mx::Shape s = checked_shape(shape, dim, &count);
     mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
-    mx::array a(mx::allocator::malloc(count * mx::size_of(dt)), std::move(s), dt);
-    if (res->ctx) {
-      *static_cast<mx::array*>(res->ctx) = std::move(a);
-    } else {
-      res->ctx = new mx::array(std::move(a));
+    store(res, mx::array(mx::allocator::malloc(count * mx::size_of(dt)), std::move(s), dt));
+  });
+}
+
+extern "C" int mlxdist_array_wrap(
+    mlx_array* res,
+    void* data,
+    const int* shape,
+    int dim,
+    mlx_dtype dtype) {
+  return guarded([&] {
+    size_t count;
+    mx::Shape s = checked_shape(shape, dim, &count);
+    mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
+    size_t nbytes = count * mx::size_of(dt);
+    if (data == nullptr && nbytes > 0) {
+      throw std::invalid_argument("[mlxdist] null data for a non-empty array");
     }
+    if (nbytes == 0) {
+      store(res, mx::array(mx::allocator::malloc(0), std::move(s), dt));
+      return;
+    }
+    store(res, mx::array(foreign_data(data, nbytes), std::move(s), dt));
   });
 }
 
