@@ -1,12 +1,14 @@
 """Bridging numpy and mlx arrays to cmlx's ``mlx_array`` handles.
 
-MLX's CPU build cannot adopt memory it did not allocate, so a foreign input
-(a numpy array, an mx.array seen through the buffer protocol) costs one copy
-into an MLX buffer. Results are MLX buffers that numpy views without a copy.
-
-Registered buffers (:func:`empty`, :func:`zeros`, :func:`asarray`) are numpy
-arrays viewing MLX-allocated memory, as ``MPI_Alloc_mem`` or ``ncclMemAlloc``
-give: a collective reads them with no copy in and can write into them.
+MLX's own constructors cannot adopt memory MLX did not allocate on its CPU
+build (they copy). Registered buffers (:func:`empty`, :func:`zeros`,
+:func:`asarray`) are numpy arrays viewing MLX-allocated memory, as
+``MPI_Alloc_mem`` or ``ncclMemAlloc`` give: a collective reads them with no
+copy in and can write into them. The direct collectives also view any other
+C-contiguous, aligned numpy memory in place (``mlxdist_array_wrap``), since
+they hand it only to the backend for the length of the call; the graph path,
+and memory that cannot be viewed, cost one copy in. Results are MLX buffers
+that numpy views without a copy.
 """
 
 from __future__ import annotations

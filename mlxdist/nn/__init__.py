@@ -1,11 +1,12 @@
-"""Tensor-parallel layers over an :class:`mlxdist.Group`.
+"""Tensor- and data-parallel building blocks over an :class:`mlxdist.Group`.
 
 The counterparts of ``mlx.nn.layers.distributed`` for mlxdist's groups:
 column-parallel (:class:`AllToShardedLinear`) and row-parallel
 (:class:`ShardedToAllLinear`) linear layers, their quantized forms,
 :func:`shard_linear` / :func:`shard_inplace` to shard existing modules, and
 the differentiable collectives they use (:func:`all_sum`,
-:func:`sum_gradients`).
+:func:`sum_gradients`); and for data parallelism :func:`average_gradients`
+(bucketed, optionally cast on the wire) and :func:`clip_grad_norm_sharded`.
 
 Example (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 
