@@ -386,8 +386,8 @@ class Group:
         shape = result_shape(op, tuple(x.shape), 1)
         if out is None:
             return x
-        if _out_buffer(out, shape, code, False) is None or not np.shares_memory(out, x):
-            np.copyto(out, as_operand(x)[0].numpy())
+        _out_buffer(out, shape, code, False)  # validates out
+        np.copyto(out, x if isinstance(x, np.ndarray) else as_operand(x)[0].numpy())
         return out
 
     def _bool_via_uint8(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
