@@ -4,8 +4,11 @@ The MLP (gate and up projections all-to-sharded, down projection
 sharded-to-all, no biases) is sharded twice in the same run, from the same
 global weights: with ``mlxdist.nn.shard_linear`` over an mlxdist group and
 with ``mlx.nn.layers.distributed.shard_linear`` over ``mx.distributed`` (the
-anchor). For each format (float16 weights, 4-bit affine weights with group
-size 64; float16 activations), number of tokens and number of ranks it times
+anchor). For each format (float16 weights and activations; 4-bit affine
+weights with group size 64, with float32 scales and activations by default:
+MLX's CPU quantized matmul is about 40x slower with float16 ones, 1.8 s
+against 0.04 s for one 4096x11008 layer at one token, measured here), number of
+tokens and number of ranks it times
 ``mx.eval(mlp(x))`` in rounds that run both back to back, takes each round's
 slowest rank, and reports the median times and the median over rounds of the
 ratio mlxdist / mlx (target <= 1.1x). The two outputs are checked against
@@ -13,10 +16,9 @@ each other first.
 
 Run ``python benchmarks/bench_layers.py`` from a shell: it starts the ranks
 itself (``--ranks 1 2``, ``--backend mpi`` or ring). The defaults are the
-Llama-7B MLP (hidden 4096, intermediate 11008) at 1, 8 and 128 tokens; on a
-CPU-only machine that takes hours (MLX's CPU quantized matmul with float16
-activations is slow), so ``--quick`` runs hidden 512, intermediate 1408, and
-4-bit only at 1 and 8 tokens.
+Llama-7B MLP (hidden 4096, intermediate 11008) at 1, 8 and 128 tokens, a few
+minutes a round on two cores; ``--quick`` runs hidden 512, intermediate 1408,
+and 4-bit only at 1 and 8 tokens.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quantized-tokens", type=int, nargs="+", default=None,
                         help="token counts for the 4-bit model (default: --tokens)")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--quantized-dtype", choices=("float32", "float16"), default="float32",
+                        help="scales and activations of the 4-bit model (default float32)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case (default 5)")
     parser.add_argument("--quick", action="store_true",
                         help="hidden 512, intermediate 1408, 4-bit at 1 and 8 tokens only, 5 rounds")
@@ -83,13 +87,13 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def global_mlp(hidden: int, intermediate: int, quantized: bool) -> MLP:
+def global_mlp(hidden: int, intermediate: int, quantized: bool, dtype: mx.Dtype) -> MLP:
     """The unsharded MLP, the same on every rank (seeded), evaluated."""
     mx.random.seed(0)
     layers = [nn.Linear(hidden, intermediate, bias=False), nn.Linear(hidden, intermediate, bias=False),
               nn.Linear(intermediate, hidden, bias=False)]
     for layer in layers:
-        layer.set_dtype(mx.float16)
+        layer.set_dtype(dtype)
     if quantized:
         layers = [nn.QuantizedLinear.from_linear(layer, **QUANTIZATION) for layer in layers]
     model = MLP(*layers)
@@ -123,14 +127,15 @@ def run_rank(args: argparse.Namespace) -> None:
     mlx_group = mx.distributed.init() if args.single else mx.distributed.init(backend=args.backend)
     results = []
     for fmt in args.formats:
-        full = global_mlp(args.hidden, args.intermediate, quantized=fmt == "4-bit")
+        dtype = getattr(mx, args.quantized_dtype) if fmt == "4-bit" else mx.float16
+        full = global_mlp(args.hidden, args.intermediate, quantized=fmt == "4-bit", dtype=dtype)
         models = {
             "mlxdist": sharded(full, mlxdist.nn.shard_linear, group),
             "mlx": sharded(full, mlx_distributed.shard_linear, mlx_group),
         }
         del full
         for tokens in args.quantized_tokens if fmt == "4-bit" else args.tokens:
-            x = mx.random.normal((tokens, args.hidden), key=mx.random.key(tokens)).astype(mx.float16)
+            x = mx.random.normal((tokens, args.hidden), key=mx.random.key(tokens)).astype(dtype)
             ours, theirs = models["mlxdist"](x), models["mlx"](x)
             if not mx.allclose(ours, theirs, rtol=1e-2, atol=1e-2).item():
                 raise AssertionError(f"{fmt}, {tokens} tokens: mlxdist's output differs from mlx's")

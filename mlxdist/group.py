@@ -354,6 +354,26 @@ class Group:
             )
 
     def _collective(self, op: str, x: ArrayLike, out: np.ndarray | None) -> ArrayLike:
+        # The hot case first: a reduction from one whole registered buffer into
+        # another (or itself). Every microsecond here shows up about threefold
+        # in small collectives: the ranks wait on each other's Python.
+        if type(out) is np.ndarray and type(x) is np.ndarray and op in _SAME_SHAPE:
+            xb, ob = x.base, out.base
+            if (
+                type(xb) is MlxBuffer
+                and type(ob) is MlxBuffer
+                and xb.owner is None
+                and ob.owner is None
+                and x.shape == xb.shape == ob.shape == out.shape
+                and x.dtype == xb.storage == ob.storage == out.dtype
+                and self.engine == "direct"
+                and self.size > 1
+                and (xb.code != lib.MLX_BOOL or self.backend is not Backend.MPI)
+                and (ob is xb or not _overlap(ob, xb))
+                and out.flags.writeable
+            ):
+                self._run(op, lib.mlxdist_collective, ob.value, xb.value, _OPS[op])
+                return out
         if self.size == 1:
             self._live_handle()
             return self._local(op, x, out)
