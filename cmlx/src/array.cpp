@@ -7,23 +7,9 @@
 
 #include "mlx/allocator.h"
 #include "mlx/transforms.h"
-#include "dtypes.h"
 #include "private.h"
 
 namespace cmlx {
-
-mx::Shape to_shape(const int* shape, size_t dim) {
-  if (dim > 0 && shape == nullptr) {
-    throw std::invalid_argument("null shape with a non-zero dimension count");
-  }
-  mx::Shape result(shape, shape + dim);
-  for (int d : result) {
-    if (d < 0) {
-      throw std::invalid_argument("negative dimension in shape");
-    }
-  }
-  return result;
-}
 
 // An available array holding a copy of `data`.
 mx::array copy_into_new(const void* data, mx::Shape shape, mx::Dtype dtype) {

@@ -16,7 +16,7 @@
 #include "mlx/c/distributed_group.h"
 #include "mlx/c/stream.h"
 #include "mlx/c/string.h"
-#include "dtypes.h"
+#include "convert.h"
 #include "guarded.h"
 
 namespace cmlx {
@@ -44,18 +44,6 @@ inline mx::array& get_array(mlx_array a) {
   return deref<mx::array>(a.ctx, "mlx_array");
 }
 
-// mlx-c semantics: an empty handle gets a new object, a live one is assigned.
-inline void set_array(mlx_array* res, mx::array value) {
-  if (res == nullptr) {
-    throw std::invalid_argument("null result pointer");
-  }
-  if (res->ctx) {
-    *static_cast<mx::array*>(res->ctx) = std::move(value);
-  } else {
-    res->ctx = new mx::array(std::move(value));
-  }
-}
-
 inline mx::Stream& get_stream(mlx_stream s) {
   return deref<mx::Stream>(s.ctx, "mlx_stream");
 }
@@ -76,6 +64,5 @@ inline void set_group(mlx_distributed_group* res, mx::distributed::Group g) {
   }
 }
 
-mx::Shape to_shape(const int* shape, size_t dim);
 
 } // namespace cmlx

@@ -17,7 +17,7 @@
 #include "mlx/stream.h"
 #include "mlx/version.h"
 
-#include "../dtypes.h"
+#include "../convert.h"
 #include "../guarded.h"
 #include "mlx/c/error.h"
 #include "mlxdist/cmlx_ext.h"
@@ -40,32 +40,6 @@ int guarded(F&& body) {
   return cmlx::guarded_with(
       [](const char* msg) { _mlx_error(__FILE__, __LINE__, "%s", msg); },
       std::forward<F>(body));
-}
-
-mx::Shape checked_shape(const int* shape, int dim, size_t* count) {
-  if (dim < 0 || (dim > 0 && shape == nullptr)) {
-    throw std::invalid_argument("[mlxdist] invalid shape");
-  }
-  mx::Shape s(shape, shape + dim);
-  *count = 1;
-  for (int d : s) {
-    if (d < 0) {
-      throw std::invalid_argument("[mlxdist] negative dimension in shape");
-    }
-    *count *= static_cast<size_t>(d);
-  }
-  return s;
-}
-
-void store(mlx_array* res, mx::array a) {
-  if (res == nullptr) {
-    throw std::invalid_argument("[mlxdist] null result pointer");
-  }
-  if (res->ctx) {
-    *static_cast<mx::array*>(res->ctx) = std::move(a);
-  } else {
-    res->ctx = new mx::array(std::move(a));
-  }
 }
 
 // Whether buffers come from MLX's CPU allocator, which stores each buffer's
@@ -257,9 +231,12 @@ extern "C" int mlxdist_array_alloc(
     mlx_dtype dtype) {
   return guarded([&] {
     size_t count;
-    mx::Shape s = checked_shape(shape, dim, &count);
+    if (dim < 0) {
+      throw std::invalid_argument("[mlxdist] negative dimension count");
+    }
+    mx::Shape s = cmlx::to_shape(shape, dim, &count);
     mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
-    store(res, mx::array(mx::allocator::malloc(count * mx::size_of(dt)), std::move(s), dt));
+    cmlx::set_array(res, mx::array(mx::allocator::malloc(count * mx::size_of(dt)), std::move(s), dt));
   });
 }
 
@@ -271,17 +248,20 @@ extern "C" int mlxdist_array_wrap(
     mlx_dtype dtype) {
   return guarded([&] {
     size_t count;
-    mx::Shape s = checked_shape(shape, dim, &count);
+    if (dim < 0) {
+      throw std::invalid_argument("[mlxdist] negative dimension count");
+    }
+    mx::Shape s = cmlx::to_shape(shape, dim, &count);
     mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
     size_t nbytes = count * mx::size_of(dt);
     if (data == nullptr && nbytes > 0) {
       throw std::invalid_argument("[mlxdist] null data for a non-empty array");
     }
     if (nbytes == 0) {
-      store(res, mx::array(mx::allocator::malloc(0), std::move(s), dt));
+      cmlx::set_array(res, mx::array(mx::allocator::malloc(0), std::move(s), dt));
       return;
     }
-    store(res, mx::array(foreign_data(data, nbytes), std::move(s), dt));
+    cmlx::set_array(res, mx::array(foreign_data(data, nbytes), std::move(s), dt));
   });
 }
 

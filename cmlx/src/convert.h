@@ -1,11 +1,13 @@
-// mlx_dtype <-> mlx::core::Dtype, header-only so the extension can use it
-// when built against a real mlx-c.
+// Conversions between mlx-c's C types and MLX's C++ ones, header-only so the
+// extension can use them when built against a real mlx-c.
 
 #pragma once
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 
+#include "mlx/array.h"
 #include "mlx/dtype.h"
 
 #include "mlx/c/array.h"
@@ -51,6 +53,37 @@ inline mlx_dtype to_c_dtype(mlx::core::Dtype dtype) {
     }
   }
   throw std::invalid_argument("dtype has no mlx_dtype equivalent");
+}
+
+// A C shape as MLX's; `count` receives the number of elements.
+inline mlx::core::Shape to_shape(const int* shape, size_t dim, size_t* count = nullptr) {
+  if (dim > 0 && shape == nullptr) {
+    throw std::invalid_argument("null shape with a non-zero dimension count");
+  }
+  mlx::core::Shape result(shape, shape + dim);
+  size_t elements = 1;
+  for (int d : result) {
+    if (d < 0) {
+      throw std::invalid_argument("negative dimension in shape");
+    }
+    elements *= static_cast<size_t>(d);
+  }
+  if (count) {
+    *count = elements;
+  }
+  return result;
+}
+
+// mlx-c semantics: an empty handle gets a new object, a live one is assigned.
+inline void set_array(mlx_array* res, mlx::core::array value) {
+  if (res == nullptr) {
+    throw std::invalid_argument("null result pointer");
+  }
+  if (res->ctx) {
+    *static_cast<mlx::core::array*>(res->ctx) = std::move(value);
+  } else {
+    res->ctx = new mlx::core::array(std::move(value));
+  }
 }
 
 } // namespace cmlx
