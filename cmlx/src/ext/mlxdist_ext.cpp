@@ -224,19 +224,31 @@ extern "C" void mlxdist_stream_release(mlx_stream* stream) {
   }
 }
 
+// The shape, dtype and byte size of an array a caller describes.
+struct Layout {
+  mx::Shape shape;
+  mx::Dtype dtype;
+  size_t nbytes;
+};
+
+Layout layout_of(const int* shape, int dim, mlx_dtype dtype) {
+  if (dim < 0) {
+    throw std::invalid_argument("[mlxdist] negative dimension count");
+  }
+  size_t count;
+  mx::Shape s = cmlx::to_shape(shape, dim, &count);
+  mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
+  return Layout{std::move(s), dt, count * mx::size_of(dt)};
+}
+
 extern "C" int mlxdist_array_alloc(
     mlx_array* res,
     const int* shape,
     int dim,
     mlx_dtype dtype) {
   return guarded([&] {
-    size_t count;
-    if (dim < 0) {
-      throw std::invalid_argument("[mlxdist] negative dimension count");
-    }
-    mx::Shape s = cmlx::to_shape(shape, dim, &count);
-    mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
-    cmlx::set_array(res, mx::array(mx::allocator::malloc(count * mx::size_of(dt)), std::move(s), dt));
+    Layout l = layout_of(shape, dim, dtype);
+    cmlx::set_array(res, mx::array(mx::allocator::malloc(l.nbytes), std::move(l.shape), l.dtype));
   });
 }
 
@@ -247,21 +259,13 @@ extern "C" int mlxdist_array_wrap(
     int dim,
     mlx_dtype dtype) {
   return guarded([&] {
-    size_t count;
-    if (dim < 0) {
-      throw std::invalid_argument("[mlxdist] negative dimension count");
-    }
-    mx::Shape s = cmlx::to_shape(shape, dim, &count);
-    mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
-    size_t nbytes = count * mx::size_of(dt);
+    Layout l = layout_of(shape, dim, dtype);
+    size_t nbytes = l.nbytes;
     if (data == nullptr && nbytes > 0) {
       throw std::invalid_argument("[mlxdist] null data for a non-empty array");
     }
-    if (nbytes == 0) {
-      cmlx::set_array(res, mx::array(mx::allocator::malloc(0), std::move(s), dt));
-      return;
-    }
-    cmlx::set_array(res, mx::array(foreign_data(data, nbytes), std::move(s), dt));
+    auto memory = nbytes == 0 ? mx::allocator::malloc(0) : foreign_data(data, nbytes);
+    cmlx::set_array(res, mx::array(std::move(memory), std::move(l.shape), l.dtype));
   });
 }
 
