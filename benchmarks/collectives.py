@@ -86,13 +86,18 @@ def latency_table(docs: dict[str, dict[str, dict]]) -> list[str]:
         for op in ("all_sum", "sendrecv"):
             for nbytes in (1 << 10, 64 << 10):
                 at = {impl: rows.get((op, "float32", nbytes, None, impl)) for impl in IMPLS}
-                cells = [_cell(r["median_us"] if r else None) for r in at.values()]
-                lines.append(
-                    f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells)
-                    + f" | {_ratio(at['mlxdist-reg'], at['mx.distributed'], 'median_us')}"
-                    + f" | {_ratio(at['mlxdist-reg'], at['mpi4py'], 'median_us')} |"
-                )
+                lines.append(_row(backend, op, nbytes, at, "median_us"))
     return lines
+
+
+def _row(backend: str, op: str, nbytes: int, at: dict[str, Any], field: str, *digits: int) -> str:
+    """One markdown row: ``field`` per implementation, then mlxdist-reg's ratios to the anchors."""
+    cells = [_cell(r[field] if r else None, *digits) for r in at.values()]
+    return (
+        f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells)
+        + f" | {_ratio(at['mlxdist-reg'], at['mx.distributed'], field)}"
+        + f" | {_ratio(at['mlxdist-reg'], at['mpi4py'], field)} |"
+    )
 
 
 def bandwidth_table(docs: dict[str, dict[str, dict]]) -> list[str]:
@@ -108,12 +113,7 @@ def bandwidth_table(docs: dict[str, dict[str, dict]]) -> list[str]:
                 at = {impl: rows.get((op, "float32", nbytes, None, impl)) for impl in IMPLS}
                 if not any(at.values()):
                     continue
-                cells = [_cell(r["busbw_GBps"] if r else None, 3) for r in at.values()]
-                lines.append(
-                    f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells)
-                    + f" | {_ratio(at['mlxdist-reg'], at['mx.distributed'], 'busbw_GBps')}"
-                    + f" | {_ratio(at['mlxdist-reg'], at['mpi4py'], 'busbw_GBps')} |"
-                )
+                lines.append(_row(backend, op, nbytes, at, "busbw_GBps", 3))
     return lines
 
 

@@ -74,16 +74,22 @@ inline mlx::core::Shape to_shape(const int* shape, size_t dim, size_t* count = n
   return result;
 }
 
-// mlx-c semantics: an empty handle gets a new object, a live one is assigned.
-inline void set_array(mlx_array* res, mlx::core::array value) {
+// mlx-c semantics for a result handle: an empty one gets a new object, a
+// live one is assigned.
+template <typename Handle, typename T>
+void set_handle(Handle* res, T value) {
   if (res == nullptr) {
     throw std::invalid_argument("null result pointer");
   }
   if (res->ctx) {
-    *static_cast<mlx::core::array*>(res->ctx) = std::move(value);
+    *static_cast<T*>(res->ctx) = std::move(value);
   } else {
-    res->ctx = new mlx::core::array(std::move(value));
+    res->ctx = new T(std::move(value));
   }
+}
+
+inline void set_array(mlx_array* res, mlx::core::array value) {
+  set_handle(res, std::move(value));
 }
 
 } // namespace cmlx

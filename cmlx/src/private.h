@@ -54,15 +54,7 @@ std::optional<mx::distributed::Group> get_group(mlx_distributed_group g);
 mx::distributed::Group resolve_group(mlx_distributed_group g);
 
 inline void set_group(mlx_distributed_group* res, mx::distributed::Group g) {
-  if (res == nullptr) {
-    throw std::invalid_argument("null result pointer");
-  }
-  if (res->ctx) {
-    *static_cast<mx::distributed::Group*>(res->ctx) = std::move(g);
-  } else {
-    res->ctx = new mx::distributed::Group(std::move(g));
-  }
+  set_handle(res, std::move(g));
 }
-
 
 } // namespace cmlx
