@@ -12,9 +12,14 @@ Quick start (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 from mlxdist._pool import set_cache_limit
 from mlxdist.arrays import asarray, empty, is_registered, zeros
 from mlxdist.backends import Backend, detect_backend, is_available
+from mlxdist.deadline import evaluate as eval  # noqa: A001  (mx.eval under the deadline)
+from mlxdist.deadline import set_timeout as _set_timeout
 from mlxdist.errors import (
     BackendUnavailableError,
     CommunicationError,
+    DeadlineExceeded,
+    MismatchError,
+    PeerLostError,
     DistributedError,
     DtypeError,
     GroupClosedError,
@@ -42,6 +47,21 @@ from mlxdist.world import (
 
 __version__ = "0.1.0"
 
+
+def set_timeout(seconds: float | None, group: Group | None = None) -> None:
+    """Give ``group``'s operations their own deadline (see :mod:`mlxdist.deadline`).
+
+    Args:
+        seconds: Seconds per operation, or None for no deadline.
+        group: The group (the world group when None).
+
+    Raises:
+        ValueError: seconds not positive.
+        InitializationError: a single-process group (it has no deadlines).
+    """
+    _set_timeout(world() if group is None else group, seconds)
+
+
 __all__ = [
     "Backend",
     "Group",
@@ -58,6 +78,8 @@ __all__ = [
     "recv",
     "recv_like",
     "barrier",
+    "eval",
+    "set_timeout",
     "empty",
     "zeros",
     "asarray",
@@ -74,4 +96,7 @@ __all__ = [
     "DtypeError",
     "CommunicationError",
     "GroupClosedError",
+    "PeerLostError",
+    "DeadlineExceeded",
+    "MismatchError",
 ]

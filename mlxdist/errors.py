@@ -21,6 +21,9 @@ __all__ = [
     "DtypeError",
     "CommunicationError",
     "GroupClosedError",
+    "PeerLostError",
+    "DeadlineExceeded",
+    "MismatchError",
     "check",
     "error_from_message",
 ]
@@ -72,6 +75,18 @@ class CommunicationError(DistributedError):
 
 class GroupClosedError(InvalidArgumentError):
     """The group was closed and can no longer be used."""
+
+
+class PeerLostError(CommunicationError):
+    """A rank of the world died, exited or stopped responding; the world has failed."""
+
+
+class DeadlineExceeded(DistributedError, TimeoutError):
+    """An operation (or init) did not complete within its deadline; the world has failed."""
+
+
+class MismatchError(DistributedError, ValueError):
+    """Ranks called different operations (op, dtype, shape or peer) at the same point."""
 
 
 # MLX's own messages, most specific first. Anything else falls back to the

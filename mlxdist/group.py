@@ -14,6 +14,7 @@ from typing import Any, Literal, Sequence
 import mlx.core as mx
 import numpy as np
 
+from mlxdist import deadline  # issue 12 hook
 from mlxdist._ffi import lib
 from mlxdist._handles import ArrayHandle, GroupHandle, thread_stream
 from mlxdist.arrays import (
@@ -430,7 +431,8 @@ class Group:
         operations fail at once instead of waiting on a dead connection.
         """
         world = self._world
-        with world.lock:
+        # issue 12 hook: deadline, peer loss and agreement check around the C call.
+        with world.lock, deadline.guard(what, self, world, args):
             ptr = self._handle._ptr
             if ptr is None or world.lost is not None:
                 self._live_handle()
@@ -438,8 +440,8 @@ class Group:
                     f"{what}: this group's world already failed ({world.lost}); start the job again"
                 )
             rc = func(*args, ptr[0], thread_stream())
-        if rc:
-            self._failed(what, CommunicationError)
+            if rc:  # issue 12: raised inside the guard, which types it
+                self._failed(what, CommunicationError)
 
     def _failed(self, what: str, default: type[DistributedError]) -> None:
         try:

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -213,6 +214,13 @@ def launch(
     base_env.setdefault("PYTHONUNBUFFERED", "1")
 
     with tempfile.TemporaryDirectory(prefix="mlxdist-launch-") as tmp:
+        # The ranks' side channel (deadlines, peer loss): rank 0 listens on
+        # loopback, connections must present the job token; the first rank
+        # to end the job writes the report read below.
+        report_path = os.path.join(tmp, "failure.json")
+        base_env.setdefault("MLXDIST_STORE", f"127.0.0.1:{free_ports(1)[0]}")
+        base_env.setdefault("MLXDIST_JOB_TOKEN", secrets.token_hex(16))
+        base_env.setdefault("MLXDIST_REPORT", report_path)
         if backend == "mpi":
             commands = [_mpirun_command(n, command)]
             envs = [base_env]
@@ -274,9 +282,24 @@ def launch(
                 f"mlxdist.launch: {who} exited with "
                 f"{result.returncodes[result.failed_rank]}; killed the others",
             )
+        _report_first_failure(report_path, err_sink)
         if lines is not None:
             result.output = lines
         return result
+
+
+def _report_first_failure(path: str, sink: _LineSink) -> None:
+    """Name the rank and op of the job's first failure, as a rank's watchdog recorded it."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return
+    sink.line(
+        "",
+        f"mlxdist.launch: first failure, reported by rank {report.get('rank')}: "
+        f"{report.get('op')} #{report.get('seq')}: {report.get('message')}",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

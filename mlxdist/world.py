@@ -7,11 +7,13 @@ from typing import Sequence
 
 import numpy as np
 
+from mlxdist import deadline  # issue 12 hook
 from mlxdist._ffi import lib
 from mlxdist._handles import GroupHandle
 from mlxdist.arrays import ArrayLike, DTypeLike
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
-from mlxdist.errors import BackendUnavailableError, InitializationError, check
+from mlxdist.errors import BackendUnavailableError, InitializationError
+from mlxdist.errors import check as check_rc  # issue 12: init has a check= argument
 from mlxdist.group import Engine, Group, WorldState
 
 __all__ = [
@@ -36,7 +38,12 @@ _world: Group | None = None
 
 
 def init(
-    backend: BackendLike = Backend.ANY, strict: bool = False, *, engine: Engine = "direct"
+    backend: BackendLike = Backend.ANY,
+    strict: bool = False,
+    *,
+    engine: Engine = "direct",
+    timeout: float | None = deadline._UNSET,  # issue 12
+    check: bool | None = None,  # issue 12
 ) -> Group:
     """Join the distributed world and return its group.
 
@@ -51,15 +58,21 @@ def init(
             the backend cannot form a world.
         engine: ``"direct"`` calls the backend with no graph (fast path);
             ``"graph"`` goes through mlx-c's lazy functions and evaluation.
+        timeout: Seconds each operation (and init itself) may take, None for
+            no deadline; by default ``MLXDIST_TIMEOUT`` or 300 s (see
+            :mod:`mlxdist.deadline`).
+        check: Ranks agree on every operation before it runs (default
+            ``MLXDIST_CHECK``).
 
     Returns:
         The world group. The first call also makes it the default group of the
         module-level functions.
 
     Raises:
-        ValueError: unknown backend name or engine.
+        ValueError: unknown backend name or engine, or a timeout <= 0.
         BackendUnavailableError: MLX lacks the backend here.
-        InitializationError: strict and no world could be formed.
+        InitializationError: strict and no world could be formed; a rank
+            missing, duplicated or with another host count (named).
     """
     global _world
     requested = as_backend(backend)
@@ -71,13 +84,15 @@ def init(
         )
     if chosen is not None and not is_available(chosen):
         raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
+    settings = deadline.settings_from(timeout, check)  # issue 12
     handle = GroupHandle()
     # With no launcher, ring's non-strict init answers at once with a
     # single-process group, where MPI would start a singleton MPI job.
     name = (chosen or Backend.RING).value.encode()
     with _state_lock:
+        pending = deadline.before_init(chosen and chosen.value, settings)  # issue 12
         rc = lib.mlx_distributed_init(handle.out, strict, name)
-        check(rc, f"init({(chosen or Backend.ANY).value})", InitializationError)
+        check_rc(rc, f"init({(chosen or Backend.ANY).value})", InitializationError)
         size = lib.mlx_distributed_group_size(handle.value)
         kind = chosen if size > 1 or chosen is Backend.MPI else None
         if strict and size == 1 and chosen not in (None, Backend.MPI):
@@ -85,6 +100,7 @@ def init(
             # jaccl or NCCL world always has several ranks.
             raise InitializationError(f"{chosen.value} formed no world of several ranks")
         group = Group(handle, kind, _worlds.setdefault(kind, WorldState()), engine)
+        deadline.after_init(group, _worlds[kind], pending, settings)  # issue 12
         if _world is None or _world.closed:
             _world = group
     return group

@@ -1,0 +1,491 @@
+"""The side channel: a small TCP store between the ranks of one world.
+
+Rank 0 runs a :class:`Store`; every rank (rank 0 too) connects to it with a
+:class:`Link`. Messages are JSON objects, one per line. The channel carries
+what MLX's backends cannot: who joined (init rendezvous), who is alive
+(connection state and heartbeats), who aborted and why (one rank's failure is
+broadcast to all), and, when the agreement check is on, what each rank is
+about to call.
+
+A connection is trusted only after its first line carries the job token;
+anything else is closed without an answer, so a stray or garbage connection
+cannot disturb the job.
+
+Messages, rank -> store:
+    ``hello`` {rank, size, token, pid}: join; ``hb`` {seq, op, busy}: heartbeat
+    with the rank's progress; ``abort`` {kind, message, seq, op}: this rank
+    failed; ``chk`` {seq, op, dtype, shape, peer}: agreement check;
+    ``bye``: a clean exit.
+Messages, store -> rank:
+    ``ready``: every rank joined; ``fail`` {message}: init failed;
+    ``abort`` {kind, culprit, message, missing}: the world failed;
+    ``gone`` {rank, clean}: a rank left; ``chk_ok`` {seq}.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+__all__ = ["Store", "Link", "describe_call", "HELLO_TIMEOUT"]
+
+# A connection must send its hello within this many seconds.
+HELLO_TIMEOUT = 2.0
+# Lines longer than this are garbage.
+MAX_LINE = 1 << 16
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def describe_call(entry: dict[str, Any] | None) -> str:
+    """One rank's call as text, e.g. ``all_sum(float32, shape (4,))`` or ``send(..., to 1)``.
+
+    Args:
+        entry: A ``chk`` message, or None for a rank that had posted nothing.
+
+    Returns:
+        A short description.
+    """
+    if entry is None:
+        return "nothing yet"
+    shape = tuple(entry.get("shape") or ())
+    text = f"{entry['op']}({entry.get('dtype')}, shape {shape}"
+    peer = entry.get("peer")
+    if peer is not None:
+        text += f", {'to' if entry['op'] == 'send' else 'from'} {peer}"
+    return text + ")"
+
+
+class _Peer:
+    """The store's view of one connected rank."""
+
+    __slots__ = ("sock", "buffer", "rank", "last_seen", "state", "clean", "pid")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.rank: int | None = None
+        self.last_seen = time.monotonic()
+        self.state: dict[str, Any] = {"seq": 0, "op": None, "busy": 0.0}
+        self.clean = False
+        self.pid = 0
+
+
+class Store:
+    """Rank 0's end: accepts the ranks, relays aborts, runs the agreement check.
+
+    Args:
+        sock: A bound, listening socket (on the job's address only).
+        size: The number of ranks in the world.
+        token: The job token every connection must present.
+        join_timeout: Seconds to wait for every rank to join.
+        heartbeat_timeout: A joined rank silent this long is reported lost
+            (None: only a closed connection counts).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        size: int,
+        token: str,
+        join_timeout: float | None,
+        heartbeat_timeout: float | None,
+        hosts: list[str] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.size = size
+        self.token = token
+        self.hosts = hosts
+        self.join_deadline = None if join_timeout is None else time.monotonic() + join_timeout
+        self.join_timeout = join_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.peers: dict[socket.socket, _Peer] = {}
+        self.ranks: dict[int, _Peer] = {}
+        self.ready = False
+        self.failed = False
+        self.pending: dict[int, dict[str, Any]] = {}
+        # A rank's report of a failure with no known culprit waits briefly for
+        # a lost connection that would name one.
+        self.deferred: tuple[float, dict[str, Any]] | None = None
+        self._stop = False
+        sock.setblocking(False)
+        self.thread = threading.Thread(target=self._serve, name="mlxdist-store", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop serving (the thread exits at its next wake-up)."""
+        self._stop = True
+
+    # -- sending --------------------------------------------------------
+
+    def _send(self, peer: _Peer, message: dict[str, Any]) -> None:
+        try:
+            peer.sock.setblocking(True)
+            peer.sock.settimeout(1.0)
+            peer.sock.sendall(_encode(message))
+        except OSError:
+            pass
+        finally:
+            try:
+                peer.sock.setblocking(False)
+            except OSError:
+                pass
+
+    def _broadcast(self, message: dict[str, Any]) -> None:
+        for peer in list(self.ranks.values()):
+            self._send(peer, message)
+
+    def _abort(self, kind: str, message: str, culprit: int | None, seq: int | None = None) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        missing, silent = self._missing(seq)
+        self._broadcast(
+            {"t": "abort", "kind": kind, "message": message, "culprit": culprit,
+             "missing": missing, "silent": silent}
+        )
+
+    def _missing(self, seq: int | None) -> tuple[list[int], list[int]]:
+        """Ranks that had not reached op ``seq`` and ranks whose heartbeats stopped."""
+        now = time.monotonic()
+        missing = [] if seq is None else sorted(
+            r for r, p in self.ranks.items() if p.state.get("seq", 0) < seq
+        )
+        missing += [r for r in range(self.size) if r not in self.ranks and r not in missing]
+        silent = sorted(r for r, p in self.ranks.items() if now - p.last_seen > 1.5)
+        return sorted(missing), silent
+
+    # -- serving --------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stop:
+            socks = [self.sock] + list(self.peers)
+            try:
+                readable, _, _ = select.select(socks, [], [], 0.1)
+            except (OSError, ValueError):
+                readable = [s for s in socks if s.fileno() >= 0]
+                if not readable:
+                    return
+                continue
+            for s in readable:
+                if s is self.sock:
+                    self._accept()
+                else:
+                    self._read(s)
+            self._timers()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peers[conn] = _Peer(conn)
+
+    def _drop(self, peer: _Peer) -> None:
+        self.peers.pop(peer.sock, None)
+        try:
+            peer.sock.close()
+        except OSError:
+            pass
+        rank = peer.rank
+        if rank is None or self.ranks.get(rank) is not peer:
+            return
+        del self.ranks[rank]
+        if not self.ready:
+            self._init_fail(f"rank {rank} disconnected during init")
+            return
+        self._broadcast({"t": "gone", "rank": rank, "clean": peer.clean})
+        if not peer.clean:
+            state = peer.state
+            where = f" (its last report: {state['op']} #{state['seq']})" if state.get("op") else ""
+            self._abort(
+                "lost", f"rank {rank} was lost: its connection closed without a clean exit "
+                f"(process died or was killed){where}", rank,
+            )
+
+    def _read(self, s: socket.socket) -> None:
+        peer = self.peers.get(s)
+        if peer is None:
+            return
+        try:
+            data = s.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(peer)
+            return
+        peer.buffer += data
+        peer.last_seen = time.monotonic()
+        while b"\n" in peer.buffer:
+            line, peer.buffer = peer.buffer.split(b"\n", 1)
+            try:
+                message = json.loads(line)
+                if not isinstance(message, dict):
+                    raise ValueError
+            except ValueError:
+                self._reject(peer)
+                return
+            if peer.rank is None:
+                if not self._hello(peer, message):
+                    return
+            else:
+                self._handle(peer, message)
+        if len(peer.buffer) > MAX_LINE:
+            self._reject(peer)
+
+    def _reject(self, peer: _Peer) -> None:
+        """Close a connection that broke the protocol; a joined rank counts as lost."""
+        self._drop(peer)
+
+    def _hello(self, peer: _Peer, message: dict[str, Any]) -> bool:
+        token = message.get("token")
+        if message.get("t") != "hello" or not isinstance(token, str) or not hmac.compare_digest(
+            token.encode(), self.token.encode()
+        ):
+            self._drop(peer)
+            return False
+        rank, size = message.get("rank"), message.get("size")
+        peer.pid = int(message.get("pid") or 0)
+        if not isinstance(rank, int) or not 0 <= rank < self.size or size != self.size:
+            self._send(peer, {"t": "fail", "message": (
+                f"a rank joined as rank {rank} of {size}, but rank 0 has a world of {self.size} "
+                "ranks (wrong host count or rank)")})
+            self._init_fail(f"a rank (pid {peer.pid}) joined as rank {rank} of {size}; "
+                            f"rank 0 has a world of {self.size} ranks (wrong host count or rank)")
+            self._drop(peer)
+            return False
+        if rank in self.ranks:
+            other = self.ranks[rank]
+            self._init_fail(f"rank {rank} joined twice (pids {other.pid} and {peer.pid}): duplicate rank")
+            self._send(peer, {"t": "fail", "message": f"rank {rank} joined twice (pids {other.pid} "
+                              f"and {peer.pid}): duplicate rank"})
+            self._drop(peer)
+            return False
+        if self.ready or self.failed:
+            self._send(peer, {"t": "fail", "message": f"rank {rank} joined a world that already started"})
+            self._drop(peer)
+            return False
+        peer.rank = rank
+        self.ranks[rank] = peer
+        if len(self.ranks) == self.size:
+            self.ready = True
+            self._broadcast({"t": "ready"})
+        return True
+
+    def _init_fail(self, message: str) -> None:
+        if self.failed or self.ready:
+            return
+        self.failed = True
+        self._broadcast({"t": "fail", "message": message})
+
+    def _handle(self, peer: _Peer, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "hb":
+            peer.state = message
+        elif kind == "bye":
+            peer.clean = True
+        elif kind == "abort" and message.get("kind") == "lost" and message.get("culprit") is None:
+            if self.deferred is None:
+                self.deferred = (time.monotonic(), message)
+        elif kind == "abort":
+            self._abort(str(message.get("kind")), str(message.get("message")), message.get("culprit"),
+                        message.get("seq"))
+        elif kind == "chk":
+            peer.state = {"seq": message.get("seq", 0), "op": message.get("op"), "busy": 0.0}
+            self.pending[peer.rank] = message  # type: ignore[index]
+            self._agree(peer.rank)  # type: ignore[arg-type]
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if self.deferred is not None and now - self.deferred[0] > 0.3:
+            message = self.deferred[1]
+            self.deferred = None
+            self._abort("lost", str(message.get("message")), None, message.get("seq"))
+        if not self.ready and not self.failed and self.join_deadline is not None and now > self.join_deadline:
+            absent = [r for r in range(self.size) if r not in self.ranks]
+            where = ""
+            if self.hosts:
+                where = " (" + ", ".join(f"rank {r} at {self.hosts[r]}" for r in absent if r < len(self.hosts)) + ")"
+            self._init_fail(
+                f"ranks {absent} did not join within {self.join_timeout:g} s{where}: "
+                f"{len(self.ranks)} of {self.size} ranks joined (missing process or wrong host count)"
+            )
+        if self.ready and not self.failed and self.heartbeat_timeout is not None:
+            for rank, peer in list(self.ranks.items()):
+                if now - peer.last_seen > self.heartbeat_timeout:
+                    self._abort("lost", f"rank {rank} stopped responding (no heartbeat for "
+                                f"{now - peer.last_seen:.1f} s: stopped, stalled or partitioned)", rank)
+                    break
+
+    # -- agreement check ------------------------------------------------
+
+    def _agree(self, rank: int) -> None:
+        if self.failed:
+            return
+        mine = self.pending[rank]
+        peer = mine.get("peer")
+        if peer is not None:
+            other = self.pending.get(peer)
+            if other is None:
+                return
+            if other.get("peer") is None:
+                self._mismatch([rank, peer])
+                return
+            if other.get("peer") != rank:
+                return  # it waits on a third rank first
+            ops = {mine["op"], other["op"]}
+            if ops != {"send", "recv"} or mine.get("dtype") != other.get("dtype") or list(
+                mine.get("shape") or []
+            ) != list(other.get("shape") or []):
+                self._mismatch([rank, peer])
+                return
+            for r in (rank, peer):
+                entry = self.pending.pop(r)
+                self._send(self.ranks[r], {"t": "chk_ok", "seq": entry["seq"]})
+            return
+        # A collective: every rank must post the same thing.
+        for r, entry in self.pending.items():
+            if entry.get("peer") is not None and entry["peer"] == rank:
+                self._mismatch([rank, r])
+                return
+        if len(self.pending) < self.size:
+            return
+        first = self.pending[0]
+        key = (first["op"], first.get("dtype"), list(first.get("shape") or []), first.get("peer"))
+        if any(
+            (e["op"], e.get("dtype"), list(e.get("shape") or []), e.get("peer")) != key
+            for e in self.pending.values()
+        ):
+            self._mismatch(sorted(self.pending))
+            return
+        entries = dict(self.pending)
+        self.pending.clear()
+        for r, entry in entries.items():
+            self._send(self.ranks[r], {"t": "chk_ok", "seq": entry["seq"]})
+
+    def _mismatch(self, ranks: list[int]) -> None:
+        calls = "; ".join(
+            f"rank {r} called {describe_call(self.pending.get(r))} as op #{self.pending[r]['seq']}"
+            if r in self.pending else f"rank {r} called nothing yet"
+            for r in sorted(set(ranks) | set(self.pending))
+        )
+        self._abort("mismatch", f"ranks called different operations: {calls}", None)
+
+
+class Link:
+    """One rank's connection to the store.
+
+    Args:
+        address: ``(host, port)`` of rank 0's store.
+        rank: This rank.
+        size: The world size this rank believes in.
+        token: The job token.
+        timeout: Seconds to keep retrying the connection (rank 0 may start late).
+        on_message: Called on the reader thread with every message after ``ready``.
+
+    Raises:
+        OSError: the store could not be reached in time.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        rank: int,
+        size: int,
+        token: str,
+        timeout: float | None,
+        on_message: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.address = address
+        self.rank = rank
+        self.on_message = on_message
+        self.send_lock = threading.Lock()
+        self.closed = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.create_connection(address, timeout=1.0)
+                break
+            except OSError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(None)
+        self.file = self.sock.makefile("rb")
+        self.send({"t": "hello", "rank": rank, "size": size, "token": token, "pid": os.getpid()})
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Send one message; False when the connection is gone."""
+        data = _encode(message)
+        with self.send_lock:
+            if self.closed:
+                return False
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError:
+                return False
+
+    def wait_ready(self, timeout: float | None) -> str | None:
+        """Block until the store says every rank joined.
+
+        Returns:
+            None when ready, else the reason init failed.
+        """
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            line = self.file.readline(MAX_LINE)
+        except (socket.timeout, OSError):
+            return f"no answer from rank 0's side channel at {self.address[0]}:{self.address[1]} within {timeout:g} s"
+        finally:
+            self.sock.settimeout(None)
+        if not line:
+            return f"rank 0's side channel at {self.address[0]}:{self.address[1]} closed the connection during init"
+        message = json.loads(line)
+        if message.get("t") == "ready":
+            return None
+        return str(message.get("message", "init failed"))
+
+    def start_reader(self) -> None:
+        """Deliver every later message to ``on_message`` on a daemon thread."""
+        threading.Thread(target=self._read, name="mlxdist-link", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                line = self.file.readline(MAX_LINE)
+            except OSError:
+                line = b""
+            if not line:
+                if not self.closed:
+                    self.on_message({"t": "eof"})
+                return
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            self.on_message(message)
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self.send_lock:
+            self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()

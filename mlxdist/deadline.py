@@ -1,0 +1,923 @@
+"""Deadlines, peer loss and the agreement check: no rank waits forever.
+
+MLX's backends have no operation timeout and no abort. mlxdist adds both from
+outside the engine, with one :class:`Watchdog` per world:
+
+- a side channel (:mod:`mlxdist._sidechannel`) that init starts: rank 0 runs
+  a small TCP store on the job's own address; every rank connects with the
+  job token and sends heartbeats;
+- every blocking call of the world runs under :meth:`Watchdog.guard`: a call
+  still running at its deadline, a peer whose connection closes or whose
+  heartbeats stop, or a mismatch found by the agreement check fails the
+  world on *every* rank;
+- a failed world interrupts the calls still blocked in the backend. On ring,
+  the backend's TCP connections (found through ``/proc/self/fd``, matched
+  against the hostfile) are shut down, so MLX's own wait ends with "connection
+  to a peer was lost" and the guard raises the typed error in its place. On
+  MPI a blocked call cannot be interrupted: the watchdog writes the report
+  (rank, op, cause) to stderr and ends the process with
+  :data:`JOB_ABORT_EXIT`; the launcher (or mpirun) then ends the job. The same
+  happens on ring if a call does not return within a grace period after its
+  connections were closed.
+
+Errors: :class:`~mlxdist.errors.DeadlineExceeded` (a ``TimeoutError``),
+:class:`~mlxdist.errors.PeerLostError` (a ``CommunicationError``) and
+:class:`~mlxdist.errors.MismatchError` (a ``ValueError``), raised on every
+live rank, naming the op, the group, the elapsed time and the ranks that did
+not arrive when known. Once failed, a world's later operations raise the same
+error at once; the process stays usable (save, then exit).
+
+The lazy rule: an mx.array collective communicates inside ``mx.eval``. Evaluate
+results of collectives with :func:`evaluate` (``mlxdist.eval``), which runs
+``mx.eval`` under the same guard and raises the typed errors; a bare
+``mx.eval`` is still interrupted on ring (the connections are closed when the
+world fails) but raises MLX's ``RuntimeError``.
+
+Settings: ``init(timeout=...)`` or ``MLXDIST_TIMEOUT`` (seconds; ``none`` for
+no deadline; default :data:`DEFAULT_TIMEOUT`), per group with
+:func:`set_timeout`; ``init(check=True)`` or ``MLXDIST_CHECK=1`` for the
+agreement check. The side channel's address comes from ``MLXDIST_STORE``
+(``host:port``, with ``MLXDIST_JOB_TOKEN``; ``mlxdist.launch`` sets both), or
+is agreed over the backend at init (rank 0 listens on its hostfile address
+for ring, on ``MLXDIST_STORE_HOST`` or loopback for MPI).
+"""
+
+from __future__ import annotations
+
+import atexit
+import faulthandler
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+from mlxdist._sidechannel import Link, Store
+from mlxdist.errors import (
+    CommunicationError,
+    DeadlineExceeded,
+    DistributedError,
+    InitializationError,
+    MismatchError,
+    PeerLostError,
+    error_from_message,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "JOB_ABORT_EXIT",
+    "Settings",
+    "Watchdog",
+    "settings_from",
+    "start",
+    "watchdog_of",
+    "guard",
+    "set_timeout",
+    "evaluate",
+]
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds an operation may take when neither ``init`` nor the environment says."""
+
+JOB_ABORT_EXIT = 75
+"""Exit status of a rank the watchdog ends because a blocked call cannot be interrupted."""
+
+# After the world fails, how long a blocked call may take to return on its
+# own before the process is ended (MPI cannot be interrupted; ring normally
+# returns within milliseconds of its connections closing).
+_GRACE = {"mpi": 0.2, "ring": 3.0}
+_TICK = 0.05
+_HEARTBEAT = 0.5
+# How long a rank waits for the store to relay a failure it observed (so that
+# every rank reports the same cause) before deciding alone.
+_RELAY_WAIT = 1.0
+# Interpreter exit after init is bounded by this many seconds (MPI
+# finalisation or a group release waiting on a dead peer).
+_EXIT_BOUND = 10.0
+
+_UNSET: Any = object()
+
+
+class Settings:
+    """A world's deadline settings.
+
+    Attributes:
+        timeout: Seconds per operation (None: no deadline).
+        check: Whether ranks agree on every operation before it runs.
+    """
+
+    __slots__ = ("timeout", "check")
+
+    def __init__(self, timeout: float | None, check: bool) -> None:
+        self.timeout = timeout
+        self.check = check
+
+
+def _parse_timeout(value: Any, source: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "off", "inf", ""):
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{source} must be a number of seconds or 'none', got {value!r}") from None
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{source} must be > 0 seconds (or None for no deadline), got {value!r}")
+    return value
+
+
+def settings_from(
+    timeout: Any = _UNSET, check: bool | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Resolve ``init``'s arguments against the environment.
+
+    Args:
+        timeout: Seconds, None for no deadline, or unset (then ``MLXDIST_TIMEOUT``,
+            then :data:`DEFAULT_TIMEOUT`).
+        check: The agreement check, or None (then ``MLXDIST_CHECK``).
+        environ: The environment (``os.environ`` by default).
+
+    Returns:
+        The settings.
+
+    Raises:
+        ValueError: a timeout that is not a positive number.
+    """
+    env = os.environ if environ is None else environ
+    if timeout is _UNSET:
+        timeout = _parse_timeout(env["MLXDIST_TIMEOUT"], "MLXDIST_TIMEOUT") if "MLXDIST_TIMEOUT" in env else DEFAULT_TIMEOUT
+    else:
+        timeout = _parse_timeout(timeout, "timeout")
+    if check is None:
+        check = env.get("MLXDIST_CHECK", "").strip().lower() in ("1", "true", "yes", "on")
+    return Settings(timeout, bool(check))
+
+
+# -- the watchdog -------------------------------------------------------------
+
+
+class _Active:
+    """One call in progress under a guard."""
+
+    __slots__ = ("op", "group", "seq", "start", "deadline", "thread", "in_check")
+
+    def __init__(self, op: str, group: Any, seq: int, start: float, deadline: float | None) -> None:
+        self.op = op
+        self.group = group
+        self.seq = seq
+        self.start = start
+        self.deadline = deadline
+        self.thread = threading.get_ident()
+        self.in_check = False
+
+
+class Watchdog:
+    """Guards every blocking call of one world.
+
+    Built by :func:`start`; the eager gate calls :meth:`guard` around each C
+    call, :func:`evaluate` around ``mx.eval``.
+
+    Args:
+        backend: ``"ring"`` or ``"mpi"``.
+        rank: This rank in the world.
+        size: The world size.
+        settings: Timeout and check.
+        ring_peers: For ring, every ``(ip, port)`` of the hostfile: the
+            backend's sockets are the ones connected to or accepted on these.
+    """
+
+    def __init__(
+        self, backend: str, rank: int, size: int, settings: Settings, ring_peers: set[tuple[str, int]]
+    ) -> None:
+        self.backend = backend
+        self.rank = rank
+        self.size = size
+        self.settings = settings
+        self.ring_peers = ring_peers
+        self.link: Link | None = None
+        self.store: Store | None = None
+        self.failure: DistributedError | None = None
+        self.failure_kind: str | None = None
+        self.gone: set[int] = set()
+        self.seq = 0
+        self.active: dict[int, _Active] = {}
+        self.overrides: dict[int, float | None] = {}
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.check_reply: dict[int, bool] = {}
+        self.relayed = threading.Event()
+        self._stop = False
+        self._interrupted = False
+
+    # -- life ----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Start the timer thread and the side channel reader."""
+        assert self.link is not None
+        self.link.start_reader()
+        threading.Thread(target=self._tick, name="mlxdist-watchdog", daemon=True).start()
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        # A clean exit: peers must not wait for this rank any more, and this
+        # process's own teardown (MPI finalisation, group release) must not
+        # block forever on a peer that is gone.
+        self._stop = True
+        if self.link is not None:
+            self.link.send({"t": "bye"})
+        faulthandler.dump_traceback_later(_EXIT_BOUND, exit=True)
+
+    # -- the guard -----------------------------------------------------------
+
+    def timeout_of(self, group: Any) -> float | None:
+        """The deadline of ``group``'s operations (its override, else the world's)."""
+        override = self.overrides.get(id(group), _UNSET) if group is not None else _UNSET
+        return self.settings.timeout if override is _UNSET else override
+
+    def raise_if_failed(self) -> None:
+        """Raise the world's failure, if it failed."""
+        failure = self.failure
+        if failure is not None:
+            raise type(failure)(f"this world already failed: {failure}")
+
+    def enter(
+        self,
+        op: str,
+        group: Any,
+        description: Any,
+        signature: tuple[str | None, tuple[int, ...] | None, int | None] | None = None,
+    ) -> _Active:
+        """Register a blocking call; raise at once if the world failed.
+
+        Args:
+            op: The operation (``all_sum``, ``send``, ``eval`` ...).
+            group: The group object (for its timeout override), or None.
+            description: The group (or its description), formatted only in messages.
+            signature: ``(dtype, shape, peer)`` for the agreement check, or None
+                to skip it.
+
+        Returns:
+            The registration, to pass to :meth:`leave`.
+
+        Raises:
+            DeadlineExceeded, PeerLostError, MismatchError: the world failed.
+        """
+        self.raise_if_failed()
+        if self.gone and group is not None and _group_size(group) == self.size:
+            raise PeerLostError(
+                f"{op} on {description}: rank(s) {sorted(self.gone)} already left the job; "
+                "the operation could never complete"
+            )
+        timeout = self.timeout_of(group)
+        now = time.monotonic()
+        with self.lock:
+            self.seq += 1
+            seq = self.seq
+            entry = _Active(op, description, seq, now, None if timeout is None else now + timeout)
+            self.active[id(entry)] = entry
+        if signature is not None and self.settings.check and _group_size(group) == self.size:
+            entry.in_check = True
+            try:
+                self._agree(entry, signature)
+            except BaseException:
+                self.leave(entry)
+                raise
+            entry.in_check = False
+        return entry
+
+    def leave(self, entry: _Active) -> None:
+        """Unregister a call."""
+        with self.lock:
+            self.active.pop(id(entry), None)
+
+    def translate(self, entry: _Active, exc: BaseException) -> DistributedError | None:
+        """The typed error to raise in place of ``exc`` (a failure inside a guarded call).
+
+        When the backend reports a lost connection before the side channel has
+        said why, this waits briefly for the cause, so every rank names the
+        same culprit.
+
+        Returns:
+            The error to raise, or None to let ``exc`` through.
+        """
+        if not (isinstance(exc, CommunicationError) or type(exc) is RuntimeError):
+            return None
+        if self.failure is None:
+            if self.link is not None:
+                self.link.send({"t": "abort", "kind": "lost", "culprit": None, "seq": entry.seq, "op": entry.op,
+                                "message": f"rank {self.rank}'s {entry.op} #{entry.seq} failed in the backend: {exc}"})
+            self.relayed.wait(_RELAY_WAIT)
+        if self.failure is None:
+            return None
+        return self._error_for(entry, self.failure_kind or "lost", str(self.failure))
+
+    # -- agreement check -------------------------------------------------------
+
+    def _agree(self, entry: _Active, signature: tuple[Any, Any, Any]) -> None:
+        dtype, shape, peer = signature
+        assert self.link is not None
+        with self.lock:
+            self.check_reply.pop(entry.seq, None)
+        self.link.send({"t": "chk", "seq": entry.seq, "op": entry.op, "dtype": dtype,
+                        "shape": None if shape is None else list(shape), "peer": peer})
+        with self.changed:
+            while entry.seq not in self.check_reply and self.failure is None:
+                remaining = None if entry.deadline is None else entry.deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self.changed.wait(_TICK if remaining is None else min(_TICK, remaining))
+            ok = self.check_reply.pop(entry.seq, None)
+        if ok:
+            return
+        if self.failure is None:
+            # The deadline passed while waiting for the others to arrive.
+            self._expire(entry, time.monotonic())
+        assert self.failure is not None
+        raise self._error_for(entry, self.failure_kind or "deadline", str(self.failure))
+
+    # -- failure ---------------------------------------------------------------
+
+    def _error_for(self, entry: _Active, kind: str, cause: str) -> DistributedError:
+        elapsed = time.monotonic() - entry.start
+        cls = {"deadline": DeadlineExceeded, "mismatch": MismatchError}.get(kind, PeerLostError)
+        return cls(f"{entry.op} #{entry.seq} on {entry.group} failed on rank {self.rank} after "
+                   f"{elapsed:.2f} s: {cause}")
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "chk_ok":
+            with self.changed:
+                self.check_reply[int(message["seq"])] = True
+                self.changed.notify_all()
+        elif kind == "abort":
+            text = str(message.get("message"))
+            missing, silent = message.get("missing") or [], message.get("silent") or []
+            if missing:
+                text += f"; ranks not arrived: {missing}"
+            if silent:
+                text += f"; ranks not responding: {silent}"
+            self._fail(str(message.get("kind")), text)
+        elif kind == "gone":
+            rank = int(message["rank"])
+            self.gone.add(rank)
+            if message.get("clean") and self._busy_world_op():
+                self._fail("lost", f"rank {rank} exited while this rank was waiting for it")
+        elif kind == "eof":
+            if not self._stop:
+                self.gone.add(0)
+                self._fail("lost", "rank 0 was lost: the side channel it serves closed "
+                           "(process died, was killed or exited)")
+
+    def _busy_world_op(self) -> bool:
+        with self.lock:
+            return bool(self.active)
+
+    def _fail(self, kind: str, message: str) -> None:
+        """Mark the world failed and interrupt whatever is blocked."""
+        with self.changed:
+            if self.failure is not None:
+                return
+            cls = {"deadline": DeadlineExceeded, "mismatch": MismatchError}.get(kind, PeerLostError)
+            self.failure_kind = kind
+            self.failure = cls(message)
+            self.changed.notify_all()
+        self.relayed.set()
+        self._interrupt()
+
+    def _expire(self, entry: _Active, now: float) -> None:
+        """``entry`` passed its deadline: tell every rank, wait for the relayed cause."""
+        message = (f"{entry.op} #{entry.seq} on {entry.group} on rank {self.rank} did not complete "
+                   f"within {entry.deadline - entry.start if entry.deadline else 0:g} s")
+        sent = self.link is not None and self.link.send(
+            {"t": "abort", "kind": "deadline", "culprit": None, "seq": entry.seq, "op": entry.op,
+             "message": message})
+        if sent:
+            self.relayed.wait(_RELAY_WAIT)
+        if self.failure is None:
+            self._fail("deadline", message + " (rank 0's side channel did not answer)")
+
+    def _interrupt(self) -> None:
+        """End the calls blocked in the backend (see the module docstring)."""
+        with self.lock:
+            busy = list(self.active.values())
+        if not busy:
+            return
+        if self.backend == "ring" and not self._interrupted:
+            self._interrupted = True
+            _shutdown_sockets(self.ring_peers)
+        threading.Thread(target=self._end_if_stuck, args=(busy,), name="mlxdist-abort", daemon=True).start()
+
+    def _end_if_stuck(self, busy: list[_Active]) -> None:
+        time.sleep(_GRACE.get(self.backend, 1.0))
+        with self.lock:
+            stuck = [e for e in busy if id(e) in self.active and not self._waiting_in_check(e)]
+        if not stuck:
+            return
+        entry = stuck[0]
+        try:
+            line = (f"mlxdist: rank {self.rank}: {entry.op} #{entry.seq} on {entry.group!r} cannot be "
+                    f"interrupted ({self.backend}): {self.failure}; ending this rank with exit status "
+                    f"{JOB_ABORT_EXIT}")
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+            _write_report({
+                "rank": self.rank, "op": entry.op, "seq": entry.seq, "group": repr(entry.group),
+                "kind": self.failure_kind, "message": str(self.failure),
+                "elapsed": round(time.monotonic() - entry.start, 3),
+            })
+        finally:
+            os._exit(JOB_ABORT_EXIT)
+
+    @staticmethod
+    def _waiting_in_check(entry: _Active) -> bool:
+        # A call still in the agreement check is a Python wait: it raises by itself.
+        return entry.in_check
+
+    def _tick(self) -> None:
+        last_beat = 0.0
+        while not self._stop:
+            time.sleep(_TICK)
+            now = time.monotonic()
+            with self.lock:
+                expired = [e for e in self.active.values() if e.deadline is not None and now > e.deadline]
+                current = max(self.active.values(), key=lambda e: e.seq, default=None)
+                seq = self.seq
+            if expired and self.failure is None:
+                self._expire(expired[0], now)
+            if now - last_beat >= _HEARTBEAT and self.link is not None:
+                last_beat = now
+                self.link.send({"t": "hb", "seq": seq, "op": current.op if current else None,
+                                "busy": round(now - current.start, 3) if current else 0.0})
+
+
+def _group_size(group: Any) -> int:
+    size = getattr(group, "size", 0)
+    return size() if callable(size) else int(size)
+
+
+def _write_report(report: dict[str, Any]) -> None:
+    """Write the first failure's report where the launcher reads it (``MLXDIST_REPORT``)."""
+    path = os.environ.get("MLXDIST_REPORT")
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return  # another rank was first
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f)
+
+
+def _shutdown_sockets(peers: set[tuple[str, int]]) -> int:
+    """Shut down this process's TCP sockets connected to, or accepted on, ``peers``.
+
+    The backend's worker threads then see their connections closed and fail
+    the pending operations with MLX's own "connection to a peer was lost".
+
+    Returns:
+        How many sockets were shut down.
+    """
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(name)
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            s = socket.socket(fileno=os.dup(fd))
+        except (OSError, ValueError):
+            continue
+        try:
+            if s.family != socket.AF_INET or s.type != socket.SOCK_STREAM:
+                continue
+            local = s.getsockname()
+            try:
+                remote = s.getpeername()
+            except OSError:
+                remote = None
+            if remote in peers or (remote is not None and local in peers):
+                s.shutdown(socket.SHUT_RDWR)
+                count += 1
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return count
+
+
+# -- worlds ---------------------------------------------------------------------
+
+_watchdogs: dict[int, Watchdog] = {}
+
+
+class _Guard:
+    """The context manager :func:`guard` returns."""
+
+    __slots__ = ("dog", "op", "group", "description", "signature", "entry")
+
+    def __init__(self, dog: Watchdog, op: str, group: Any, description: Any, signature: Any) -> None:
+        self.dog = dog
+        self.op = op
+        self.group = group
+        self.description = description
+        self.signature = signature
+
+    def __enter__(self) -> None:
+        dog = self.dog
+        signature = signature_of(self.op, self.signature) if dog.settings.check else None
+        self.entry = dog.enter(self.op, self.group, self.description, signature)
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self.dog.leave(self.entry)
+        if exc is not None:
+            typed = self.dog.translate(self.entry, exc)
+            if typed is not None:
+                raise typed from exc
+
+
+class _NoGuard:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()
+
+
+def watchdog_of(world: Any) -> Watchdog | None:
+    """The watchdog of ``world`` (the object a world's groups share), if one runs."""
+    return _watchdogs.get(id(world))
+
+
+def guard(op: str, group: Any, world: Any, args: tuple[Any, ...] = ()) -> Any:
+    """The context every blocking call of a world runs in (the eager gate's hook).
+
+    Args:
+        op: The operation name.
+        group: The group (for its timeout and in messages).
+        world: The object the world's groups share (its key).
+        args: The C call's arguments; read (see :func:`signature_of`) only when
+            the agreement check is on.
+
+    Returns:
+        A context manager: it raises the world's failure on entry, and turns a
+        backend failure inside it into the typed error on exit.
+    """
+    dog = _watchdogs.get(id(world))
+    if dog is None:
+        return _NO_GUARD
+    return _Guard(dog, op, group, group, args)
+
+
+def set_timeout(group: Any, seconds: float | None) -> None:
+    """Give ``group``'s operations their own deadline.
+
+    Args:
+        group: A multi-rank group of a world started by ``init``.
+        seconds: Seconds per operation, or None for no deadline.
+
+    Raises:
+        ValueError: seconds not positive.
+        InitializationError: the group's world has no watchdog (size 1).
+    """
+    dog = _watchdogs.get(id(group._world))
+    if dog is None:
+        raise InitializationError(f"{group!r} has no deadlines (a single-process group)")
+    dog.overrides[id(group)] = _parse_timeout(seconds, "seconds")
+
+
+def evaluate(*arrays: Any, group: Any = None, timeout: float | None = _UNSET) -> None:
+    """``mx.eval`` under the world's deadline: the way to evaluate lazy collectives.
+
+    Args:
+        *arrays: What ``mx.eval`` takes.
+        group: The group whose world the collectives use (the world group by default).
+        timeout: Seconds for this evaluation (the group's deadline by default).
+
+    Raises:
+        DeadlineExceeded, PeerLostError, MismatchError: as for eager calls.
+        CommunicationError: another communication failure inside the evaluation.
+    """
+    import mlx.core as mx
+
+    if group is None:
+        from mlxdist.world import world
+
+        group = world()
+    dog = _watchdogs.get(id(group._world))
+    if dog is None:
+        mx.eval(*arrays)
+        return
+    entry = dog.enter("eval", group, group)
+    if timeout is not _UNSET:
+        seconds = _parse_timeout(timeout, "timeout")
+        entry.deadline = None if seconds is None else entry.start + seconds
+    try:
+        mx.eval(*arrays)
+    except RuntimeError as exc:
+        if isinstance(exc, DistributedError):
+            raise
+        typed = dog.translate(entry, exc)
+        if typed is None:
+            typed = error_from_message(f"eval: {exc}", CommunicationError)
+        raise typed from exc
+    finally:
+        dog.leave(entry)
+    dog.raise_if_failed()
+
+
+# -- starting the side channel ---------------------------------------------------
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(64)
+    return sock
+
+
+def _split_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise InitializationError(f"MLXDIST_STORE must be host:port, got {text!r}")
+    return host, int(port)
+
+
+def rendezvous(
+    backend: str,
+    rank: int,
+    size: int,
+    settings: Settings,
+    address: tuple[str, int],
+    token: str,
+    hosts: list[str] | None,
+    ring_peers: set[tuple[str, int]],
+) -> Watchdog:
+    """Join the side channel before the backend starts; bounded by the timeout.
+
+    Rank 0 listens on ``address`` (the job's own address) and waits for every
+    rank; every rank connects with the token and waits until all joined.
+
+    Returns:
+        The world's watchdog (register it with :func:`attach` once the world exists).
+
+    Raises:
+        InitializationError: a rank missing, joined twice, with another world
+            size, or rank 0 unreachable, naming the rank (and host).
+    """
+    dog = Watchdog(backend, rank, size, settings, ring_peers)
+    timeout = settings.timeout
+    if rank == 0:
+        try:
+            listener = _bind(*address)
+        except OSError as exc:
+            listener = None
+            bind_error = exc
+        if listener is not None:
+            dog.store = Store(listener, size, token, timeout, _heartbeat_timeout(settings), hosts)
+    try:
+        dog.link = Link(address, rank, size, token, timeout, dog._on_message)
+    except OSError as exc:
+        if rank == 0 and dog.store is None:
+            raise InitializationError(f"rank 0 cannot listen on {address[0]}:{address[1]}: {bind_error}") from exc
+        raise InitializationError(
+            f"rank {rank} cannot reach rank 0's side channel at {address[0]}:{address[1]} "
+            f"within {timeout:g} s: {exc} (rank 0 missing or wrong address)") from exc
+    reason = dog.link.wait_ready(None if timeout is None else timeout + 2.0)
+    if reason is not None:
+        dog.link.close()
+        if dog.store is not None:
+            dog.store.stop()
+        raise InitializationError(f"rank {rank}: init failed: {reason}")
+    return dog
+
+
+def _heartbeat_timeout(settings: Settings) -> float | None:
+    return None if settings.timeout is None else max(2.0, settings.timeout)
+
+
+def agree_over_backend(
+    backend: str,
+    rank: int,
+    size: int,
+    settings: Settings,
+    exchange: Callable[[list[int]], list[list[int]]],
+    host: str,
+    ring_peers: set[tuple[str, int]],
+) -> Watchdog:
+    """Start the side channel of a world formed without ``MLXDIST_STORE``.
+
+    Rank 0 listens on ``host`` (an address the job already uses), port chosen
+    by the system, and the address and a fresh token travel over the backend
+    itself (``exchange``: an all_gather of small integer lists).
+
+    Returns:
+        The world's watchdog.
+
+    Raises:
+        InitializationError: the side channel could not be formed.
+    """
+    listener = _bind(host, 0) if rank == 0 else None
+    token_int = secrets.randbits(62) if rank == 0 else 0
+    mine = [0, 0, 0, 0]
+    if listener is not None:
+        ip = int.from_bytes(socket.inet_aton(host), "big")
+        mine = [ip, listener.getsockname()[1], token_int, 1]
+    rows = exchange(mine)
+    ip, port, token_int, _ = rows[0]
+    address = (socket.inet_ntoa(int(ip).to_bytes(4, "big")), int(port))
+    token = f"{token_int:x}"
+    dog = Watchdog(backend, rank, size, settings, ring_peers)
+    if listener is not None:
+        dog.store = Store(listener, size, token, settings.timeout, _heartbeat_timeout(settings), None)
+    try:
+        dog.link = Link(address, rank, size, token, settings.timeout, dog._on_message)
+    except OSError as exc:
+        raise InitializationError(
+            f"rank {rank} cannot reach rank 0's side channel at {address[0]}:{address[1]}: {exc} "
+            "(for MPI across hosts set MLXDIST_STORE_HOST to rank 0's address)") from exc
+    reason = dog.link.wait_ready(None if settings.timeout is None else settings.timeout + 2.0)
+    if reason is not None:
+        raise InitializationError(f"rank {rank}: side channel failed: {reason}")
+    return dog
+
+
+def attach(world: Any, dog: Watchdog) -> None:
+    """Make ``dog`` the watchdog of ``world`` and start it."""
+    _watchdogs[id(world)] = dog
+    dog.run()
+
+
+def launch_environment(environ: Mapping[str, str] | None = None) -> tuple[tuple[str, int], str] | None:
+    """The side channel's address and token from the launcher, if it set them.
+
+    Raises:
+        InitializationError: ``MLXDIST_STORE`` without ``MLXDIST_JOB_TOKEN``, or malformed.
+    """
+    env = os.environ if environ is None else environ
+    store = env.get("MLXDIST_STORE")
+    if not store:
+        return None
+    token = env.get("MLXDIST_JOB_TOKEN")
+    if not token:
+        raise InitializationError("MLXDIST_STORE is set but MLXDIST_JOB_TOKEN is not: the side channel "
+                                  "accepts only connections that present the job token")
+    return _split_address(store), token
+
+
+def rank_and_size(backend: str, environ: Mapping[str, str] | None = None) -> tuple[int, int, list[str] | None]:
+    """This process's rank, the world size and the hosts, read from the launch environment.
+
+    Raises:
+        InitializationError: the environment does not say (or the hostfile is unreadable).
+    """
+    env = os.environ if environ is None else environ
+    if backend == "ring":
+        try:
+            with open(env["MLX_HOSTFILE"]) as f:
+                hosts = json.load(f)
+            rank = int(env["MLX_RANK"])
+        except (KeyError, OSError, ValueError) as exc:
+            raise InitializationError(f"cannot read the ring hostfile or rank: {exc}") from exc
+        names = [h[0] if isinstance(h, list) and h else str(h) for h in hosts]
+        if not 0 <= rank < len(names):
+            raise InitializationError(f"MLX_RANK={rank} but the hostfile lists {len(names)} hosts")
+        return rank, len(names), names
+    for r, s in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+                 ("PMIX_RANK", "OMPI_COMM_WORLD_SIZE")):
+        if r in env and s in env:
+            return int(env[r]), int(env[s]), None
+    raise InitializationError("cannot read this rank and the world size from the MPI environment")
+
+
+def ring_addresses(hosts: list[str]) -> set[tuple[str, int]]:
+    """Every ``(ip, port)`` of a ring hostfile."""
+    out = set()
+    for h in hosts:
+        host, _, port = h.rpartition(":")
+        if port.isdigit():
+            out.add((host, int(port)))
+    return out
+
+
+def iter_watchdogs() -> Iterator[Watchdog]:
+    """Every running watchdog (one per world)."""
+    return iter(list(_watchdogs.values()))
+
+
+# -- the hooks init and the eager gate call ------------------------------------
+
+_started: set[str] = set()
+
+
+def before_init(backend: str | None, settings: Settings) -> Watchdog | None:
+    """Init's first hook, before the backend starts: the bounded rendezvous.
+
+    When the launcher gave the side channel's address (``MLXDIST_STORE``), every
+    rank joins it first, so a missing or duplicate rank or a wrong host count
+    fails within the timeout with a typed error naming the rank, instead of
+    blocking in the backend's own connect/accept.
+
+    Args:
+        backend: ``"ring"``, ``"mpi"`` or another backend's name (ignored), or None.
+        settings: The world's settings.
+
+    Returns:
+        The watchdog to hand to :func:`after_init`, or None.
+
+    Raises:
+        InitializationError: the rendezvous failed.
+    """
+    if backend not in ("ring", "mpi") or backend in _started:
+        return None
+    launched = launch_environment()
+    if launched is None:
+        return None
+    rank, size, hosts = rank_and_size(backend)
+    if size < 2:
+        return None
+    address, token = launched
+    peers = ring_addresses(hosts) if backend == "ring" and hosts else set()
+    return rendezvous(backend, rank, size, settings, address, token, hosts, peers)
+
+
+def after_init(group: Any, world: Any, pending: Watchdog | None, settings: Settings) -> None:
+    """Init's second hook, once the backend formed the world: start its watchdog.
+
+    Without a launcher-provided address, rank 0's side channel address and a
+    fresh token are agreed over the backend itself.
+
+    Args:
+        group: The world group just formed.
+        world: The object its groups share.
+        pending: What :func:`before_init` returned.
+        settings: The world's settings.
+
+    Raises:
+        InitializationError: the side channel could not be formed.
+    """
+    backend = getattr(group.backend, "value", None)
+    if id(world) in _watchdogs or backend not in ("ring", "mpi"):
+        return
+    size = _group_size(group)
+    rank = group.rank() if callable(group.rank) else group.rank
+    if size < 2:
+        return
+    if pending is None:
+        import numpy as np
+
+        hosts = rank_and_size(backend)[2] if backend == "ring" else None
+        peers = ring_addresses(hosts) if hosts else set()
+        host = hosts[0].rpartition(":")[0] if hosts else os.environ.get("MLXDIST_STORE_HOST", "127.0.0.1")
+
+        def exchange(mine: list[int]) -> list[list[int]]:
+            rows = group.all_gather(np.array([mine], np.int64))
+            return [list(map(int, row)) for row in rows]
+
+        pending = agree_over_backend(backend, rank, size, settings, exchange, host, peers)
+    elif (pending.rank, pending.size) != (rank, size):
+        raise InitializationError(
+            f"the backend formed rank {rank} of {size}, the launch environment said rank "
+            f"{pending.rank} of {pending.size}")
+    _started.add(backend)
+    attach(world, pending)
+
+
+# mlx_dtype codes in mlx-c's order, for the agreement check's messages.
+_DTYPES = ("bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+           "float16", "float32", "float64", "bfloat16", "complex64")
+
+
+def signature_of(op: str, args: tuple[Any, ...]) -> tuple[str | None, tuple[int, ...] | None, int | None]:
+    """``(dtype, shape, peer)`` of an eager gate call, from its C arguments.
+
+    The operand is the last ``mlx_array`` argument (the input of a collective
+    or send, the output buffer of a recv); the peer is the integer after it for
+    send/recv. A graph recv passes ``(result, dims, dtype code, src)``.
+    """
+    from mlxdist._ffi import ffi, lib
+
+    arrays = [a for a in args if isinstance(a, ffi.CData) and ffi.typeof(a).cname == "mlx_array"]
+    ints = [a for a in args if isinstance(a, int)]
+    peer = ints[-1] if op in ("send", "recv") and ints else None
+    if arrays:
+        arr = arrays[-1]
+        ndim = lib.mlx_array_ndim(arr)
+        dims = lib.mlx_array_shape(arr)
+        shape = tuple(dims[i] for i in range(ndim))
+        code = lib.mlx_array_dtype(arr)
+    else:
+        dims_list = next((a for a in args if isinstance(a, list)), [])
+        shape, code = tuple(dims_list), (ints[0] if ints else -1)
+    dtype = _DTYPES[code] if 0 <= code < len(_DTYPES) else str(code)
+    return dtype, shape, peer
