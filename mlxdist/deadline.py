@@ -440,20 +440,30 @@ class Watchdog:
         return entry.in_check
 
     def _tick(self) -> None:
+        # This thread may be frozen at any point of interpreter exit: it keeps
+        # no reference to a group between iterations (a group kept alive would
+        # skip MPI's finalisation at exit).
         last_beat = 0.0
         while not self._stop:
             time.sleep(_TICK)
             now = time.monotonic()
-            with self.lock:
-                expired = [e for e in self.active.values() if e.deadline is not None and now > e.deadline]
-                current = max(self.active.values(), key=lambda e: e.seq, default=None)
-                seq = self.seq
-            if expired and self.failure is None:
-                self._expire(expired[0], now)
+            self._expire_due(now)
             if now - last_beat >= _HEARTBEAT and self.link is not None:
                 last_beat = now
-                self.link.send({"t": "hb", "seq": seq, "op": current.op if current else None,
-                                "busy": round(now - current.start, 3) if current else 0.0})
+                self.link.send(self._beat(now))
+
+    def _expire_due(self, now: float) -> None:
+        with self.lock:
+            expired = [e for e in self.active.values() if e.deadline is not None and now > e.deadline]
+        if expired and self.failure is None:
+            self._expire(expired[0], now)
+
+    def _beat(self, now: float) -> dict[str, Any]:
+        with self.lock:
+            current = max(self.active.values(), key=lambda e: e.seq, default=None)
+            if current is None:
+                return {"t": "hb", "seq": self.seq, "op": None, "busy": 0.0}
+            return {"t": "hb", "seq": self.seq, "op": current.op, "busy": round(now - current.start, 3)}
 
 
 def _group_size(group: Any) -> int:
