@@ -140,8 +140,20 @@ class Store:
                 pass
 
     def _broadcast(self, message: dict[str, Any]) -> None:
-        for peer in list(self.ranks.values()):
+        # Rank 0 (this process) last: the others hear first, before rank 0
+        # can act on the message and exit.
+        for rank, peer in sorted(self.ranks.items(), key=lambda item: item[0] == 0):
             self._send(peer, message)
+
+    def drain(self, timeout: float) -> None:
+        """Wait (at rank 0's exit) until the other ranks disconnected, or ``timeout``.
+
+        The store lives in rank 0's process: leaving early would cut the others
+        off before they heard the last abort, or make them see rank 0 as lost.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(r != 0 for r in self.ranks) and self.thread.is_alive():
+            time.sleep(0.01)
 
     def _abort(self, kind: str, message: str, culprit: int | None, seq: int | None = None) -> None:
         if self.failed:
@@ -204,14 +216,12 @@ class Store:
         if not self.ready:
             self._init_fail(f"rank {rank} disconnected during init")
             return
-        self._broadcast({"t": "gone", "rank": rank, "clean": peer.clean})
         if not peer.clean:
-            state = peer.state
-            where = f" (its last report: {state['op']} #{state['seq']})" if state.get("op") else ""
             self._abort(
                 "lost", f"rank {rank} was lost: its connection closed without a clean exit "
-                f"(process died or was killed){where}", rank,
+                "(process died or was killed)", rank,
             )
+        self._broadcast({"t": "gone", "rank": rank, "clean": peer.clean})
 
     def _read(self, s: socket.socket) -> None:
         peer = self.peers.get(s)

@@ -97,6 +97,8 @@ _RELAY_WAIT = 1.0
 # Interpreter exit after init is bounded by this many seconds (MPI
 # finalisation or a group release waiting on a dead peer).
 _EXIT_BOUND = 10.0
+# Rank 0 serves the side channel: at exit it waits this long for the others to leave.
+_DRAIN = 2.0
 
 _UNSET: Any = object()
 
@@ -232,6 +234,8 @@ class Watchdog:
         if self.link is not None:
             self.link.send({"t": "bye"})
         faulthandler.dump_traceback_later(_EXIT_BOUND, exit=True)
+        if self.store is not None:
+            self.store.drain(_DRAIN)
 
     # -- the guard -----------------------------------------------------------
 
@@ -351,6 +355,8 @@ class Watchdog:
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("t")
+        if os.environ.get("MLXDIST_DEBUG"):
+            print(f"DEBUG {self.rank} {time.time():.3f} {message}", file=sys.stderr, flush=True)
         if kind == "chk_ok":
             with self.changed:
                 self.check_reply[int(message["seq"])] = True
@@ -411,6 +417,11 @@ class Watchdog:
         if self.backend == "ring" and not self._interrupted:
             self._interrupted = True
             _shutdown_sockets(self.ring_peers)
+            # Nothing can write into an abandoned call's buffers any more (its
+            # connections are closed): end the waits MLX might never finish.
+            from mlxdist._ffi import lib
+
+            lib.mlxdist_abandon_waits()
         threading.Thread(target=self._end_if_stuck, args=(busy,), name="mlxdist-abort", daemon=True).start()
 
     def _end_if_stuck(self, busy: list[_Active]) -> None:

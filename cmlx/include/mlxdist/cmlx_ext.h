@@ -90,6 +90,11 @@ int mlxdist_recv(
     const mlx_distributed_group group,
     const mlx_stream s);
 
+/* After a world failed: every wait of mlxdist_collective/_send/_recv, present
+ * and future, ends within ~20 ms with an error instead of blocking on a
+ * backend that can no longer finish. Irreversible (worlds do not recover). */
+void mlxdist_abandon_waits(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -4,7 +4,11 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <future>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -151,9 +155,24 @@ mx::Shape expected_shape(const mx::array& x, mlxdist_op op, int size) {
   return shape;
 }
 
+// Set once the world has failed (mlxdist_abandon_waits): waits end at once.
+std::atomic<bool> abandoned{false};
+
 // Waits for the work a backend call queued on `s` and rethrows its error.
+// As mx::synchronize (a completion task queued behind the call), but the wait
+// wakes every 20 ms to see whether the world was abandoned: a backend wait
+// that can never finish (a ring socket worker that exited with tasks still
+// queued) then ends with an error instead of blocking the caller forever.
 void complete(const mx::Stream& s) {
-  mx::synchronize(s);
+  auto done = std::make_shared<std::promise<void>>();
+  auto finished = done->get_future();
+  mx::scheduler::enqueue(s, [done] { done->set_value(); });
+  while (finished.wait_for(std::chrono::milliseconds(20)) != std::future_status::ready) {
+    if (abandoned.load(std::memory_order_relaxed)) {
+      throw std::runtime_error(
+          "[mlxdist] the world failed; the backend call was abandoned (connection to a peer was lost)");
+    }
+  }
   mx::scheduler::check_error(s);
 }
 
@@ -379,4 +398,8 @@ extern "C" int mlxdist_recv(
     raw->recv(o, src, cs);
     complete(cs);
   });
+}
+
+extern "C" void mlxdist_abandon_waits(void) {
+  abandoned.store(true);
 }
