@@ -67,7 +67,7 @@ def describe_call(entry: dict[str, Any] | None) -> str:
 class _Peer:
     """The store's view of one connected rank."""
 
-    __slots__ = ("sock", "buffer", "rank", "last_seen", "state", "clean", "pid")
+    __slots__ = ("sock", "buffer", "rank", "last_seen", "state", "clean", "pid", "beating")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -77,6 +77,7 @@ class _Peer:
         self.state: dict[str, Any] = {"seq": 0, "op": None, "busy": 0.0}
         self.clean = False
         self.pid = 0
+        self.beating = False
 
 
 class Store:
@@ -152,7 +153,11 @@ class Store:
         off before they heard the last abort, or make them see rank 0 as lost.
         """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(r != 0 for r in self.ranks) and self.thread.is_alive():
+        while time.monotonic() < deadline and self.thread.is_alive():
+            now = time.monotonic()
+            # A stopped rank never leaves: only ranks still heard from count.
+            if not any(r != 0 and now - p.last_seen < 1.0 for r, p in list(self.ranks.items())):
+                return
             time.sleep(0.01)
 
     def _abort(self, kind: str, message: str, culprit: int | None, seq: int | None = None) -> None:
@@ -172,7 +177,7 @@ class Store:
             r for r, p in self.ranks.items() if p.state.get("seq", 0) < seq
         )
         missing += [r for r in range(self.size) if r not in self.ranks and r not in missing]
-        silent = sorted(r for r, p in self.ranks.items() if now - p.last_seen > 1.5)
+        silent = sorted(r for r, p in self.ranks.items() if p.beating and now - p.last_seen > 1.5)
         return sorted(missing), silent
 
     # -- serving --------------------------------------------------------
@@ -304,6 +309,7 @@ class Store:
         kind = message.get("t")
         if kind == "hb":
             peer.state = message
+            peer.beating = True
         elif kind == "bye":
             peer.clean = True
         elif kind == "abort" and message.get("kind") == "lost" and message.get("culprit") is None:
@@ -334,7 +340,9 @@ class Store:
             )
         if self.ready and not self.failed and self.heartbeat_timeout is not None:
             for rank, peer in list(self.ranks.items()):
-                if now - peer.last_seen > self.heartbeat_timeout:
+                # Counted from a rank's first heartbeat (the backend's own init
+                # comes between joining and the first one).
+                if peer.beating and now - peer.last_seen > self.heartbeat_timeout:
                     self._abort("lost", f"rank {rank} stopped responding (no heartbeat for "
                                 f"{now - peer.last_seen:.1f} s: stopped, stalled or partitioned)", rank)
                     break

@@ -244,11 +244,12 @@ class Watchdog:
         override = self.overrides.get(id(group), _UNSET) if group is not None else _UNSET
         return self.settings.timeout if override is _UNSET else override
 
-    def raise_if_failed(self) -> None:
-        """Raise the world's failure, if it failed."""
+    def raise_if_failed(self, op: str = "operation", description: Any = None) -> None:
+        """Raise the world's failure, if it failed, naming ``op`` (the call refused)."""
         failure = self.failure
         if failure is not None:
-            raise type(failure)(f"this world already failed: {failure}")
+            where = "" if description is None else f" on {description!r}"
+            raise type(failure)(f"{op}{where} on rank {self.rank}: this world already failed: {failure}")
 
     def enter(
         self,
@@ -272,7 +273,7 @@ class Watchdog:
         Raises:
             DeadlineExceeded, PeerLostError, MismatchError: the world failed.
         """
-        self.raise_if_failed()
+        self.raise_if_failed(op, description)
         if self.gone and group is not None and _group_size(group) == self.size:
             raise PeerLostError(
                 f"{op} on {description}: rank(s) {sorted(self.gone)} already left the job; "
@@ -653,7 +654,7 @@ def evaluate(*arrays: Any, group: Any = None, timeout: float | None = _UNSET) ->
         raise typed from exc
     finally:
         dog.leave(entry)
-    dog.raise_if_failed()
+    dog.raise_if_failed("eval", group)
 
 
 # -- starting the side channel ---------------------------------------------------
@@ -724,7 +725,9 @@ def rendezvous(
 
 
 def _heartbeat_timeout(settings: Settings) -> float | None:
-    return None if settings.timeout is None else max(2.0, settings.timeout)
+    # Generous: a loaded machine can starve a heartbeat for seconds; a stalled
+    # peer inside an operation is caught by the deadline first.
+    return None if settings.timeout is None else max(5.0, 2 * settings.timeout)
 
 
 def agree_over_backend(

@@ -26,8 +26,9 @@ OPS = ("all_sum", "all_gather", "sendrecv")
 # Every (ranks, op, size) for kill -9 on ring; a rotating selection elsewhere.
 RING_KILL = [(n, op, size) for n in (2, 3, 4) for op in OPS for size in (SMALL, LARGE)]
 ROTATION = [(n, op, size) for (n, op), size in zip(itertools.product((2, 3, 4), OPS), itertools.cycle((LARGE, SMALL)))]
-# The case that hung 1 in 8 before (3 ranks, large messages, kill -9): 16 more trials.
-RING_REPEAT = list(range(16))
+# The case that hung 1 in 8 before (3 ranks, large messages, kill -9): 10 more trials
+# (with the 18 above, 28 ring kill trials: a 1-in-8 hang escapes with p = 0.024).
+RING_REPEAT = list(range(10))
 
 
 def _check_ring(trial: Trial, allowed: tuple[str, ...]) -> None:
@@ -69,12 +70,12 @@ def test_ring_stop(n, op, size):
     _check_ring(trial, ("DeadlineExceeded", "PeerLostError"))
 
 
-@pytest.mark.parametrize("n,op,size", ROTATION)
+@pytest.mark.parametrize("n,op,size", ROTATION[::2])
 def test_mpi_kill(n, op, size):
     _check_mpi(run_trial("mpi", n, "kill", op, size, KILL_TIMEOUT, seed=n))
 
 
-@pytest.mark.parametrize("n,op,size", ROTATION[::3])
+@pytest.mark.parametrize("n,op,size", ROTATION[1::3])
 def test_mpi_stop(n, op, size):
     _check_mpi(run_trial("mpi", n, "stop", op, size, STOP_TIMEOUT, seed=n))
 
