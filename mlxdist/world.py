@@ -135,7 +135,8 @@ def resolve_group(group: Group | None) -> Group:
             an mx.distributed.Group).
     """
     if group is None:
-        return world()
+        group = _world
+        return group if group is not None and not group._closed else world()
     if not isinstance(group, Group):
         raise ArgumentTypeError(f"group must be an mlxdist.Group or None, got {type(group).__name__}")
     return group
