@@ -3,7 +3,6 @@ sharding and the layer base class.
 
 The float layers (:mod:`mlxdist.nn.linear`) and the quantized ones
 (:mod:`mlxdist.nn.quantized`) build on this module; it imports neither.
-
 """
 
 from __future__ import annotations
