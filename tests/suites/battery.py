@@ -86,12 +86,18 @@ def as_kind(data: np.ndarray, dtype: str, kind: str) -> Any:
     return mx.array(data).astype(DTYPES[dtype][1])
 
 
-def exchange(group: mlxdist.Group, send: Callable[[], Any], recv: Callable[[], Any]) -> Any:
+def exchange(group: mlxdist.Group, send: Callable[[], Any], recv: Callable[[], Any]) -> tuple[Any, Any]:
     """Send right and receive from the left without deadlock (even ranks send
-    first); lazy sends and receives are evaluated in that order."""
+    first); lazy sends and receives are evaluated in that order.
+
+    Returns:
+        What was received, and what the send returned.
+    """
+    returned: list[Any] = []
 
     def do_send() -> None:
         sent = send()
+        returned.append(sent)
         if sent is not None:
             mx.eval(sent)
 
@@ -103,10 +109,10 @@ def exchange(group: mlxdist.Group, send: Callable[[], Any], recv: Callable[[], A
 
     if group.rank() % 2 == 0:
         do_send()
-        return do_recv()
+        return do_recv(), returned[0]
     got = do_recv()
     do_send()
-    return got
+    return got, returned[0]
 
 
 class Battery:
@@ -246,19 +252,21 @@ class Battery:
                 x = as_kind(mine, dtype, kind)
                 dtype_arg = DTYPES[dtype][1] if kind == "mlx" else DTYPES[dtype][0]
                 want = DTYPES[dtype][1] if kind == "mlx" else x.dtype
-                got = exchange(g, lambda: g.send(x, right), lambda: g.recv(shape, dtype_arg, left))
+                got, sent = exchange(g, lambda: g.send(x, right), lambda: g.recv(shape, dtype_arg, left))
                 self.expect_equal(f"p2p/recv/{dtype}/{kind}", got, from_left, kind, want)
-                got = exchange(g, lambda: g.send(x, right), lambda: g.recv_like(x, left))
-                self.expect_equal(f"p2p/recv_like/{dtype}/{kind}", got, from_left, kind, want)
+                # As mx.distributed: an mx.array send returns an array (of
+                # x's shape and dtype); a numpy send returns None once sent.
                 if kind == "mlx":
-                    sent = g.send(x, right) if g.rank() % 2 else None
-                    self.expect(f"p2p/send returns an mx.array/{dtype}", sent is None or isinstance(sent, mx.array))
-                    got = exchange(g, lambda: sent if sent is not None else g.send(x, right), lambda: g.recv_like(x, left))
-                    self.expect_equal(f"p2p/send result evaluated/{dtype}", got, from_left, kind, want)
+                    self.expect(f"p2p/send returns an mx.array/{dtype}",
+                                isinstance(sent, mx.array) and (sent.shape, sent.dtype) == (x.shape, x.dtype))
+                else:
+                    self.expect(f"p2p/numpy send returns None/{dtype}", sent is None)
+                got, _ = exchange(g, lambda: g.send(x, right), lambda: g.recv_like(x, left))
+                self.expect_equal(f"p2p/recv_like/{dtype}/{kind}", got, from_left, kind, want)
         # Receiving straight into a registered buffer.
         mine = rank_data("int32", (6,), g.rank(), seed=3)
         out = mlxdist.empty((6,), np.int32)
-        got = exchange(g, lambda: g.send(mine, right), lambda: g.recv((6,), np.int32, left, out=out))
+        got, _ = exchange(g, lambda: g.send(mine, right), lambda: g.recv((6,), np.int32, left, out=out))
         self.expect("p2p/recv out is returned", got is out)
         self.expect_equal("p2p/recv out", out, rank_data("int32", (6,), left, seed=3))
 

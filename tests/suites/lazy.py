@@ -20,7 +20,7 @@ import numpy as np
 
 import mlxdist
 from mlxdist._c import bridge
-from mlxdist.backends import CAPABILITIES
+from mlxdist.backends import capabilities
 from suites.battery import DTYPES, rank_data, reference
 from support.checks import Checks, to_numpy
 
@@ -60,8 +60,7 @@ class Lazy:
 
     def mx_op(self, op: str, x: mx.array, **kw: Any) -> mx.array:
         """mx.distributed's ``op``, composed from its all_sum where MLX lacks it."""
-        caps = CAPABILITIES.get(self.g.backend) if self.g.backend else None
-        if op == "sum_scatter" and caps is not None and "sum_scatter" not in caps.native:
+        if op == "sum_scatter" and "sum_scatter" not in capabilities(self.g.backend).native:
             rows = x.shape[0] // self.size
             return mx.distributed.all_sum(x, group=self.mxg, **kw)[self.rank * rows : (self.rank + 1) * rows]
         return getattr(mx.distributed, op)(x, group=self.mxg, **kw)
@@ -109,7 +108,7 @@ class Lazy:
     # -- values ----------------------------------------------------------------
 
     def values(self) -> None:
-        n, caps = self.size, self.g._caps
+        n, caps = self.size, capabilities(self.g.backend)
         shape = (2 * n, 3)
         for dtype in VALUE_DTYPES:
             inputs = [rank_data(dtype, shape, r, seed=7) for r in range(n)]
