@@ -16,7 +16,7 @@ import pytest
 
 from mlxdist import linkcheck
 from mlxdist._c import bridge
-from mlxdist.backends import CAPABILITIES, OPERATIONS, Backend, Capabilities
+from mlxdist.backends import CAPABILITIES, OPERATIONS, Capabilities
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADERS = ROOT / "cmlx" / "include"
