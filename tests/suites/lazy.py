@@ -336,7 +336,20 @@ class Lazy:
         ours, theirs = results.get("ours"), results.get("theirs")
         if self.c.expect("thread/evaluated", ours is not None and ours[0] == theirs[0] == "value", f"{ours} {theirs}"):
             self.equal("thread/values", list(ours[1]), list(theirs[1]))
-        # Built on the main thread, used on the main thread after the worker.
+        # Built on another thread with the default stream, evaluated here: the
+        # default stream is the one mx.distributed picks, so the outcome (a
+        # value, or MLX's error for a stream of another thread) is the same.
+        built: dict[str, mx.array] = {}
+
+        def build() -> None:
+            x = mx.ones((3,)) * (self.rank + 1)
+            built["ours"] = mlxdist.all_sum(x)
+            built["theirs"] = mx.distributed.all_sum(x, group=self.mxg)
+
+        builder = threading.Thread(target=build)
+        builder.start()
+        builder.join(30)
+        self.same("thread/built on another thread, evaluated here", lambda: built["ours"], lambda: built["theirs"])
         self.same("thread/main thread still works", lambda: mlxdist.all_sum(mx.ones(2)), lambda: self.mx_op("all_sum", mx.ones(2)))
         self.sync()
 
