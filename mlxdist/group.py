@@ -174,6 +174,7 @@ class Group:
         for name, value, low in (("color", color, 0), ("key", key, -1)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= INT32_MAX:
                 raise InvalidArgumentError(f"split {name} must be an integer in [{low}, {INT32_MAX}], got {value!r}")
+        self._live_handle()
         if "split" not in self._caps.native:
             name = self.backend.value if self.backend else "the single-process group"
             raise UnsupportedOperationError(f"split: {name} cannot split groups")
