@@ -2,20 +2,24 @@
 
 Quick start (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 
+    import mlx.core as mx
     import numpy as np
     import mlxdist
 
     group = mlxdist.init()
-    total = group.all_sum(np.full(4, group.rank, np.float32))
+    lazy = mlxdist.all_sum(mx.ones(4))                # as mx.distributed: lazy
+    now = group.all_sum(np.full(4, group.rank(), np.float32))  # numpy: eager
 """
 
-from mlxdist._pool import set_cache_limit
-from mlxdist.arrays import asarray, empty, is_registered, zeros
 from mlxdist.backends import Backend, detect_backend, is_available
+from mlxdist.buffers import asarray, empty, is_registered, set_cache_limit, zeros
 from mlxdist.deadline import evaluate as eval  # noqa: A001  (mx.eval under the deadline)
 from mlxdist.deadline import set_timeout as _set_timeout
 from mlxdist.errors import (
+    AllocationError,
+    ArgumentTypeError,
     BackendUnavailableError,
+    ConfigurationError,
     CommunicationError,
     DeadlineExceeded,
     MismatchError,
@@ -27,7 +31,6 @@ from mlxdist.errors import (
     InvalidArgumentError,
     InvalidRankError,
     ShapeError,
-    TransformError,
     UnsupportedOperationError,
 )
 from mlxdist.group import Group
@@ -88,12 +91,14 @@ __all__ = [
     "DistributedError",
     "BackendUnavailableError",
     "InitializationError",
+    "ConfigurationError",
     "UnsupportedOperationError",
-    "TransformError",
     "InvalidArgumentError",
     "InvalidRankError",
     "ShapeError",
+    "ArgumentTypeError",
     "DtypeError",
+    "AllocationError",
     "CommunicationError",
     "GroupClosedError",
     "PeerLostError",

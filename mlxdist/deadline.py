@@ -63,7 +63,6 @@ from mlxdist.errors import (
     InitializationError,
     MismatchError,
     PeerLostError,
-    error_from_message,
 )
 
 __all__ = [
@@ -100,7 +99,8 @@ _EXIT_BOUND = 10.0
 # Rank 0 serves the side channel: at exit it waits this long for the others to leave.
 _DRAIN = 2.0
 
-_UNSET: Any = object()
+UNSET: Any = object()
+"""The default of ``init(timeout=...)``: the environment decides."""
 
 
 class Settings:
@@ -135,7 +135,7 @@ def _parse_timeout(value: Any, source: str) -> float | None:
 
 
 def settings_from(
-    timeout: Any = _UNSET, check: bool | None = None, environ: Mapping[str, str] | None = None
+    timeout: Any = UNSET, check: bool | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Resolve ``init``'s arguments against the environment.
 
@@ -152,7 +152,7 @@ def settings_from(
         ValueError: a timeout that is not a positive number.
     """
     env = os.environ if environ is None else environ
-    if timeout is _UNSET:
+    if timeout is UNSET:
         timeout = _parse_timeout(env["MLXDIST_TIMEOUT"], "MLXDIST_TIMEOUT") if "MLXDIST_TIMEOUT" in env else DEFAULT_TIMEOUT
     else:
         timeout = _parse_timeout(timeout, "timeout")
@@ -241,8 +241,8 @@ class Watchdog:
 
     def timeout_of(self, group: Any) -> float | None:
         """The deadline of ``group``'s operations (its override, else the world's)."""
-        override = self.overrides.get(id(group), _UNSET) if group is not None else _UNSET
-        return self.settings.timeout if override is _UNSET else override
+        override = self.overrides.get(id(group), UNSET) if group is not None else UNSET
+        return self.settings.timeout if override is UNSET else override
 
     def raise_if_failed(self, op: str = "operation", description: Any = None) -> None:
         """Raise the world's failure, if it failed, naming ``op`` (the call refused)."""
@@ -420,7 +420,7 @@ class Watchdog:
             _shutdown_sockets(self.ring_peers)
             # Nothing can write into an abandoned call's buffers any more (its
             # connections are closed): end the waits MLX might never finish.
-            from mlxdist._ffi import lib
+            from mlxdist._c import lib
 
             lib.mlxdist_abandon_waits()
         threading.Thread(target=self._end_if_stuck, args=(busy,), name="mlxdist-abort", daemon=True).start()
@@ -617,7 +617,7 @@ def set_timeout(group: Any, seconds: float | None) -> None:
     dog.overrides[id(group)] = _parse_timeout(seconds, "seconds")
 
 
-def evaluate(*arrays: Any, group: Any = None, timeout: float | None = _UNSET) -> None:
+def evaluate(*arrays: Any, group: Any = None, timeout: float | None = UNSET) -> None:
     """``mx.eval`` under the world's deadline: the way to evaluate lazy collectives.
 
     Args:
@@ -640,7 +640,7 @@ def evaluate(*arrays: Any, group: Any = None, timeout: float | None = _UNSET) ->
         mx.eval(*arrays)
         return
     entry = dog.enter("eval", group, group)
-    if timeout is not _UNSET:
+    if timeout is not UNSET:
         seconds = _parse_timeout(timeout, "timeout")
         entry.deadline = None if seconds is None else entry.start + seconds
     try:
@@ -650,7 +650,7 @@ def evaluate(*arrays: Any, group: Any = None, timeout: float | None = _UNSET) ->
             raise
         typed = dog.translate(entry, exc)
         if typed is None:
-            typed = error_from_message(f"eval: {exc}", CommunicationError)
+            typed = CommunicationError(f"eval: {exc}")
         raise typed from exc
     finally:
         dog.leave(entry)
@@ -929,7 +929,7 @@ def signature_of(op: str, args: tuple[Any, ...]) -> tuple[str | None, tuple[int,
     or send, the output buffer of a recv); the peer is the integer after it for
     send/recv. A graph recv passes ``(result, dims, dtype code, src)``.
     """
-    from mlxdist._ffi import ffi, lib
+    from mlxdist._c import ffi, lib
 
     arrays = [a for a in args if isinstance(a, ffi.CData) and ffi.typeof(a).cname == "mlx_array"]
     ints = [a for a in args if isinstance(a, int)]

@@ -25,7 +25,7 @@ fault, op, elements, timeout, victim, seed = sys.argv[1:7]
 elements, timeout, victim, seed = int(elements), float(timeout), int(victim), int(seed)
 
 group = mlxdist.init(strict=True, timeout=timeout)
-rank, size = group.rank, group.size
+rank, size = group.rank(), group.size()
 x = np.full(elements, rank + 1, np.float32)
 left, right = (rank - 1) % size, (rank + 1) % size
 
@@ -46,7 +46,7 @@ def step() -> None:
             got = group.recv_like(x, left)
             group.send(got, right)
     elif op == "lazy":
-        y = mx.distributed.all_sum(mx.array(x))
+        y = mlxdist.all_sum(mx.array(x))  # lazy: communicates inside the eval
         mlxdist.eval(y)
     else:
         raise SystemExit(f"unknown op {op}")

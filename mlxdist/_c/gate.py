@@ -1,0 +1,127 @@
+"""The one gate for C calls that fail: classification of errors, and the
+eager path's lock and world-failure bookkeeping.
+
+The C layer records each failure's message and kind on the calling thread
+(``mlxdist_last_error``/``_kind``); :func:`raise_last` turns them into the
+exception class of that kind. :func:`call` runs one eager backend call under
+its world's lock: a communication failure ends the world (MLX's transports do
+not recover), so later calls fail at once instead of waiting on a dead peer;
+every other kind of error leaves it usable.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable, NoReturn
+
+from mlxdist import deadline  # issue 12 hook
+from mlxdist._c import lib, last_error
+from mlxdist._c.handles import thread_stream
+from mlxdist.errors import (
+    AllocationError,
+    CommunicationError,
+    DistributedError,
+    DtypeError,
+    GroupClosedError,
+    InitializationError,
+    InvalidArgumentError,
+    InvalidRankError,
+    ShapeError,
+    UnsupportedOperationError,
+)
+
+__all__ = ["WorldState", "raise_last", "check", "call"]
+
+_KIND_CLASSES: dict[int, type[DistributedError]] = {
+    lib.MLXDIST_ERROR_ARGUMENT: InvalidArgumentError,
+    lib.MLXDIST_ERROR_SHAPE: ShapeError,
+    lib.MLXDIST_ERROR_DTYPE: DtypeError,
+    lib.MLXDIST_ERROR_RANK: InvalidRankError,
+    lib.MLXDIST_ERROR_UNSUPPORTED: UnsupportedOperationError,
+    lib.MLXDIST_ERROR_COMMUNICATION: CommunicationError,
+    lib.MLXDIST_ERROR_INIT: InitializationError,
+    lib.MLXDIST_ERROR_MEMORY: AllocationError,
+}
+
+
+class WorldState:
+    """What the groups of one world share.
+
+    Attributes:
+        lock: Serializes the eager operations of the world's groups, unless
+            ``concurrent_groups`` (then each group has its own lock).
+        concurrent_groups: The backend lets different groups of the world
+            communicate at the same time from different threads (MPI
+            initialised with MPI_THREAD_MULTIPLE).
+        lost: Once the transport failed, the failure that ended the world.
+        groups: The world's live groups.
+    """
+
+    __slots__ = ("lock", "concurrent_groups", "lost", "groups")
+
+    def __init__(self, concurrent_groups: bool = False) -> None:
+        self.lock = threading.Lock()
+        self.concurrent_groups = concurrent_groups
+        self.lost: str | None = None
+        self.groups: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def fail(self, reason: str) -> None:
+        """End the world: every later operation of its groups raises at once."""
+        self.lost = reason
+        for group in list(self.groups):
+            group._fast = False
+
+
+def raise_last(what: str, default: type[DistributedError] = DistributedError) -> NoReturn:
+    """Raise the error the C layer reported last on this thread.
+
+    Args:
+        what: The operation, prefixed to the message.
+        default: The class for errors of unknown kind (a real mlx-c's).
+
+    Raises:
+        DistributedError: the subclass of the reported kind.
+    """
+    cls = _KIND_CLASSES.get(lib.mlxdist_last_error_kind(), default)
+    raise cls(f"{what}: {last_error() or 'unknown error'}")
+
+
+def check(rc: int, what: str, default: type[DistributedError] = DistributedError) -> None:
+    """Raise (as :func:`raise_last`) when an mlx-c style return code is not 0."""
+    if rc:
+        raise_last(what, default)
+
+
+def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
+    """Run ``func(*args, group, stream)``, a blocking backend call, under the group's lock.
+
+    Args:
+        group: The :class:`mlxdist.Group` (its lock, handle and world).
+        what: The operation, for messages.
+        func: A cmlx function returning 0 or 1; cffi releases the GIL around it.
+        *args: Its leading arguments.
+
+    Raises:
+        GroupClosedError: the group is closed.
+        CommunicationError: the world already failed, or the transport failed now.
+        DistributedError: the subclass the C layer reported.
+    """
+    world = group._world
+    # issue 12 hook: deadline, peer loss and agreement check around the call;
+    # the failure is raised inside the guard, which types it.
+    with group._lock, deadline.guard(what, group, world, args):
+        group_ptr = group._handle._ptr  # read under the lock: close() frees it under it
+        if group_ptr is None or group._closed:
+            raise GroupClosedError(f"{what}: the group is closed")
+        if world.lost is not None:
+            raise CommunicationError(f"{what}: this group's world already failed ({world.lost}); start the job again")
+        rc = func(*args, group_ptr[0], thread_stream())
+        if group._closed:
+            group._handle.close()  # closed by another thread while this call ran
+        if rc == 0:
+            return
+        kind = lib.mlxdist_last_error_kind()
+        if kind == lib.MLXDIST_ERROR_COMMUNICATION:
+            world.fail(f"{what}: {last_error()}")
+        raise_last(what)
