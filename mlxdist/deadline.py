@@ -931,7 +931,8 @@ def signature_of(op: str, args: tuple[Any, ...]) -> tuple[str | None, tuple[int,
     """
     from mlxdist._c import ffi, lib
 
-    arrays = [a for a in args if isinstance(a, ffi.CData) and ffi.typeof(a).cname == "mlx_array"]
+    array_type = ffi.typeof("mlx_array")
+    arrays = [a for a in args if isinstance(a, ffi.CData) and ffi.typeof(a) is array_type]
     ints = [a for a in args if isinstance(a, int)]
     peer = ints[-1] if op in ("send", "recv") and ints else None
     if arrays:

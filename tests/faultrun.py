@@ -171,3 +171,42 @@ def names_failure(trial: Trial) -> bool:
         if ("mlxdist: rank" in line or "RESULT" in line) and rank_named.search(line) and re.search(op, line):
             return True
     return False
+
+
+@dataclass
+class Job:
+    """How a job without injected faults ended."""
+
+    hung: bool
+    elapsed: float
+    returncodes: list[int | None]
+    output: str
+
+    def lines(self, tag: str) -> dict[int, str]:
+        """``{rank: rest of line}`` for the lines ``<tag> <rank> ...``."""
+        out = {}
+        for line in self.output.splitlines():
+            m = re.search(rf"{tag} (\d+) (.*)", line)
+            if m:
+                out[int(m.group(1))] = m.group(2)
+        return out
+
+
+def run_job(backend: str, n: int, argv: list[str], limit: float = HANG_LIMIT,
+            extra_env: dict[str, str] | None = None) -> Job:
+    """Run ``argv`` as n ranks until all exit, or kill them all after ``limit`` s (``hung``)."""
+    with tempfile.TemporaryDirectory(prefix="mlxdist-job-") as tmp:
+        procs, logs = start(backend, n, argv, tmp, extra_env)
+        t0 = time.monotonic()
+        hung = False
+        try:
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() - t0 > limit:
+                    hung = True
+                    break
+                time.sleep(0.01)
+            elapsed = time.monotonic() - t0
+        finally:
+            stop_all(procs)
+        output = "".join(log.read_text(errors="replace") for log in logs)
+    return Job(hung, elapsed, [p.returncode for p in procs], output)

@@ -1,0 +1,53 @@
+"""Ranks call different things at the same point.
+
+argv: case timeout check(0|1)
+
+Prints ``RESULT <rank> <error class> <message>`` on a typed error,
+``DONE <rank> <value>`` when the call returned (check off: the documented
+wrong answer), then exits 3 (typed error) or 0.
+"""
+
+import sys
+
+import numpy as np
+
+import mlxdist
+
+case, timeout, check = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+group = mlxdist.init(strict=True, timeout=timeout, check=check)
+rank, size = group.rank(), group.size()
+group.barrier()
+four = np.arange(4, dtype=np.float32) + rank
+
+
+def call():
+    other = (rank + 1) % size
+    if case == "op":  # all_sum against all_max
+        return group.all_sum(four) if rank == 0 else group.all_max(four)
+    if case == "shape":  # (4,) against (8,)
+        return group.all_sum(four if rank == 0 else np.zeros(8, np.float32))
+    if case == "dtype":  # float32 against float64
+        return group.all_sum(four if rank == 0 else four.astype(np.float64))
+    if case == "gather":  # all_sum against all_gather
+        return group.all_sum(four) if rank == 0 else group.all_gather(four)
+    if case == "recv_larger":  # send (4,), receive (8,)
+        if rank == 0:
+            return group.send(four, 1)
+        if rank == 1:
+            return group.recv((8,), np.float32, 0)
+        return group.barrier()
+    if case == "both_send":  # 0 and 1 both send, nobody receives
+        if rank in (0, 1):
+            return group.send(four, 1 - rank)
+        return group.barrier()
+    if case == "collective_vs_send":
+        return group.all_sum(four) if rank == 0 else group.send(four, 0) if rank == 1 else group.all_sum(four)
+    raise SystemExit(f"unknown case {case}")
+
+
+try:
+    got = call()
+except mlxdist.DistributedError as exc:
+    print(f"RESULT {rank} {type(exc).__name__} {exc}", flush=True)
+    sys.exit(3)
+print(f"DONE {rank} {None if got is None else np.asarray(got).tolist()}", flush=True)
