@@ -1,0 +1,136 @@
+"""Init bounded by the deadline, the side channel's token, garbage connections, threads.
+
+Ranks are started by hand here (each with its own rank and hostfile) so that a
+rank can be missing, duplicated or the hostfile longer than the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlxdist.launch import free_ports
+
+WORKER = str(Path(__file__).parent / "workers" / "init_probe.py")
+TIMEOUT = 3.0
+LIMIT = 30.0
+
+
+def _start_ranks(ranks: list[int], hosts: int, tmp: str, args: list[str], token: str | None = None):
+    ports = free_ports(hosts + 1)
+    hostfile = Path(tmp, "hosts.json")
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[:hosts]]))
+    store = ("127.0.0.1", ports[hosts])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_HOSTFILE=str(hostfile),
+               MLXDIST_STORE=f"{store[0]}:{store[1]}", MLXDIST_JOB_TOKEN=token or secrets.token_hex(16))
+    procs = []
+    for i, r in enumerate(ranks):
+        log = Path(tmp, f"p{i}.log")
+        procs.append((subprocess.Popen([sys.executable, WORKER, *args], env=dict(env, MLX_RANK=str(r)),
+                                       stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True), log))
+    return procs, store, [("127.0.0.1", p) for p in ports[:hosts]]
+
+
+def _wait(procs, limit: float = LIMIT) -> tuple[float, list[str]]:
+    t0 = time.monotonic()
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            assert time.monotonic() - t0 < limit, "hang: " + "".join(log.read_text() for _, log in procs)
+            time.sleep(0.02)
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return time.monotonic() - t0, [log.read_text(errors="replace") for _, log in procs]
+
+
+def _result(output: str) -> str:
+    return next((line for line in output.splitlines() if line.startswith("RESULT")), "")
+
+
+def test_missing_peer_is_named_within_the_deadline():
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, _, _ = _start_ranks([0], 2, tmp, [str(TIMEOUT)])
+        elapsed, outputs = _wait(procs)
+    line = _result(outputs[0])
+    assert "InitializationError" in line and "ranks [1] did not join" in line and "127.0.0.1:" in line, outputs
+    assert elapsed < TIMEOUT + 8, elapsed
+
+
+def test_wrong_host_count_is_named_on_every_rank():
+    """A hostfile of 3 hosts, 2 ranks started: both raise, naming rank 2 and its host."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, _, hosts = _start_ranks([0, 1], 3, tmp, [str(TIMEOUT)])
+        elapsed, outputs = _wait(procs)
+    for out in outputs:
+        line = _result(out)
+        assert "InitializationError" in line and f"rank 2 at 127.0.0.1:{hosts[2][1]}" in line, outputs
+    assert elapsed < TIMEOUT + 8, elapsed
+
+
+def test_duplicate_rank_is_named():
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, _, _ = _start_ranks([0, 1, 1], 2, tmp, [str(TIMEOUT)])
+        elapsed, outputs = _wait(procs)
+    typed = [_result(out) for out in outputs]
+    assert any("duplicate rank" in line and "rank 1 joined twice" in line for line in typed), outputs
+    # Nobody is left waiting: every process ended with a typed error or (a pair
+    # formed before the duplicate arrived) finished its job.
+    for out, line in zip(outputs, typed):
+        assert "InitializationError" in line or "OK " in out, outputs
+    assert elapsed < TIMEOUT + 8, elapsed
+
+
+def _garbage(address: tuple[str, int], payloads: list[bytes]) -> None:
+    for payload in payloads:
+        try:
+            with socket.create_connection(address, timeout=1.0) as s:
+                s.sendall(payload)
+                time.sleep(0.05)
+        except OSError:
+            pass  # refused: nothing listens there any more
+
+
+GARBAGE = [b"\x00" * 64, b"GET / HTTP/1.0\r\n\r\n", os.urandom(4096),
+           b'{"t": "hello", "rank": 1, "size": 2, "token": "forged"}\n', b"{" * 70000]
+
+
+def test_garbage_connections_neither_crash_nor_corrupt_the_job():
+    """Junk to the side channel (at init and while running) and to the ring ports."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, store, hosts = _start_ranks([0, 1], 2, tmp, [str(TIMEOUT), "3.0"])
+        deadline = time.monotonic() + 10
+        _garbage(store, GARBAGE)  # during init
+        while "JOINED" not in Path(tmp, "p0.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _garbage(store, GARBAGE)  # while collectives run
+        for host in hosts:
+            _garbage(host, GARBAGE)
+        elapsed, outputs = _wait(procs)
+    for rank, out in enumerate(outputs):
+        assert f"OK {rank} 3.0" in out, outputs
+
+
+def test_a_forged_token_is_refused():
+    """A connection with the wrong token never joins: the job still forms and runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, store, _ = _start_ranks([0], 2, tmp, [str(TIMEOUT)])
+        time.sleep(0.5)
+        with socket.create_connection(store, timeout=2.0) as s:
+            s.sendall(b'{"t":"hello","rank":1,"size":2,"token":"not-the-job-token","pid":1}\n')
+            s.settimeout(2.0)
+            try:
+                answer = s.recv(100)
+            except (socket.timeout, ConnectionResetError):
+                answer = b""
+        elapsed, outputs = _wait(procs)
+    assert answer == b"", answer  # closed without an answer
+    assert "ranks [1] did not join" in _result(outputs[0]), outputs
