@@ -1,6 +1,6 @@
 """One fault trial: the victim rank kills or stops itself while every rank loops an operation.
 
-argv: fault (kill | stop | raise | exit) op (all_sum | all_gather | sendrecv | lazy)
+argv: fault (kill | stop | raise | exit | none: injected from outside) op (all_sum | all_gather | sendrecv | lazy)
       elements timeout victim seed
 
 Every rank prints ``READY`` once the loop runs; the victim prints ``FAULT <unix time>``
@@ -56,7 +56,7 @@ for _ in range(3):
     step()
 print("READY", flush=True)
 
-if rank == victim:
+if rank == victim and fault != "none":
     delay = random.Random(seed).uniform(0.05, 0.4)
 
     def strike() -> None:
