@@ -312,12 +312,16 @@ class Store:
             peer.beating = True
         elif kind == "bye":
             peer.clean = True
-        elif kind == "abort" and message.get("kind") == "lost" and message.get("culprit") is None:
-            if self.deferred is None:
-                self.deferred = (time.monotonic(), message)
         elif kind == "abort":
-            self._abort(str(message.get("kind")), str(message.get("message")), message.get("culprit"),
-                        message.get("seq"))
+            seq = message.get("seq")
+            if isinstance(seq, int) and seq > peer.state.get("seq", 0):
+                # The reporting rank reached the op it reports (its heartbeat may lag).
+                peer.state = dict(peer.state, seq=seq)
+            if message.get("kind") == "lost" and message.get("culprit") is None:
+                if self.deferred is None:
+                    self.deferred = (time.monotonic(), message)
+            else:
+                self._abort(str(message.get("kind")), str(message.get("message")), message.get("culprit"), seq)
         elif kind == "chk":
             peer.state = {"seq": message.get("seq", 0), "op": message.get("op"), "busy": 0.0}
             self.pending[peer.rank] = message  # type: ignore[index]

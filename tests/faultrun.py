@@ -186,7 +186,7 @@ class Job:
         """``{rank: rest of line}`` for the lines ``<tag> <rank> ...``."""
         out = {}
         for line in self.output.splitlines():
-            m = re.search(rf"{tag} (\d+) (.*)", line)
+            m = re.search(rf"{tag} (\d+) ?(.*)", line)
             if m:
                 out[int(m.group(1))] = m.group(2)
         return out
