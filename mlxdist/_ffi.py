@@ -8,9 +8,27 @@ call: mlx-c's default handler would exit the process.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as _mx  # noqa: F401  (loads libmlx before the extension)
 
-from mlxdist._cmlx import ffi, lib
+
+def _unbuilt_message() -> str:
+    package = os.path.dirname(os.path.abspath(__file__))
+    return (
+        f"mlxdist's compiled extension (mlxdist._cmlx) is not built in {package}. "
+        "In a source checkout, build it in place with `pip install -e .`; after "
+        "`pip install .`, run Python from outside the source tree, so that the "
+        "installed mlxdist is imported instead of these sources."
+    )
+
+
+try:
+    from mlxdist._cmlx import ffi, lib
+except ModuleNotFoundError as exc:
+    if exc.name != "mlxdist._cmlx":
+        raise
+    raise ImportError(_unbuilt_message(), name="mlxdist._cmlx") from exc
 
 __all__ = ["ffi", "lib", "last_error", "compiled_mlx_version", "running_mlx_version"]
 

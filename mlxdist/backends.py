@@ -12,6 +12,7 @@ import os
 from typing import Mapping, Union
 
 from mlxdist._ffi import lib
+from mlxdist._mpi import select_library
 
 __all__ = ["Backend", "BackendLike", "is_available", "detect_backend", "NATIVE_OPERATIONS"]
 
@@ -72,7 +73,10 @@ def is_available(backend: BackendLike = Backend.ANY) -> bool:
     Raises:
         ValueError: unknown backend name.
     """
-    return bool(lib.mlx_distributed_is_available(as_backend(backend).value.encode()))
+    chosen = as_backend(backend)
+    if chosen in (Backend.MPI, Backend.ANY):
+        select_library()  # MLX reads MLX_MPI_LIBNAME once, on first use
+    return bool(lib.mlx_distributed_is_available(chosen.value.encode()))
 
 
 def detect_backend(environ: Mapping[str, str] | None = None) -> Backend | None:

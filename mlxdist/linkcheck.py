@@ -365,8 +365,10 @@ def run_checks() -> LinkReport:
     if loaded is None:
         return report
     ffi, lib = loaded
+    from mlxdist._mpi import select_library
     from mlxdist.backends import NATIVE_OPERATIONS, detect_backend
 
+    select_library()  # the libmpi mlxdist.init would use, before MLX first loads one
     report.declared = declared_functions(lib)
     if not report.declared:
         report.checks.append(Check("declared mlx_distributed_* functions", False, "none declared"))

@@ -9,6 +9,7 @@ import numpy as np
 
 from mlxdist._ffi import lib
 from mlxdist._handles import GroupHandle
+from mlxdist._mpi import prepare as prepare_mpi
 from mlxdist.arrays import ArrayLike, DTypeLike
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
 from mlxdist.errors import BackendUnavailableError, InitializationError, check
@@ -58,8 +59,11 @@ def init(
 
     Raises:
         ValueError: unknown backend name or engine.
-        BackendUnavailableError: MLX lacks the backend here.
-        InitializationError: strict and no world could be formed.
+        BackendUnavailableError: MLX lacks the backend here (for MPI: no
+            loadable Open MPI library).
+        InitializationError: strict and no world could be formed; for MPI, the
+            launcher and libmpi are different MPIs, or MPI was already
+            initialised in the process (e.g. by mpi4py).
     """
     global _world
     requested = as_backend(backend)
@@ -69,6 +73,8 @@ def init(
             "strict init found no launch environment (mpirun, MLX_HOSTFILE + MLX_RANK, "
             "jaccl or NCCL variables); start the ranks with mlxdist.launch, mlx.launch or mpirun"
         )
+    if chosen is Backend.MPI:
+        prepare_mpi()
     if chosen is not None and not is_available(chosen):
         raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
     handle = GroupHandle()
