@@ -21,6 +21,7 @@ __all__ = [
     "DtypeError",
     "CommunicationError",
     "GroupClosedError",
+    "LauncherNotFoundError",
     "check",
     "error_from_message",
 ]
@@ -72,6 +73,10 @@ class CommunicationError(DistributedError):
 
 class GroupClosedError(InvalidArgumentError):
     """The group was closed and can no longer be used."""
+
+
+class LauncherNotFoundError(BackendUnavailableError, FileNotFoundError):
+    """No launcher (``mpirun``) or no rank command was found where it was looked for."""
 
 
 # MLX's own messages, most specific first. Anything else falls back to the
