@@ -22,6 +22,7 @@ def run_ranks(
     args: Sequence[str] = (),
     timeout: float = 240.0,
     expect_ok: bool = True,
+    env: dict[str, str] | None = None,
 ) -> LaunchResult:
     """Run ``tests/workers/<worker>`` as ``n`` ranks; fail the test unless every rank passed.
 
@@ -33,6 +34,7 @@ def run_ranks(
         n=n,
         backend=backend,
         timeout=timeout,
+        env=env,
         capture=True,
         stdout=out,
         stderr=err,
