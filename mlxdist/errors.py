@@ -24,6 +24,7 @@ __all__ = [
     "AllocationError",
     "CommunicationError",
     "GroupClosedError",
+    "LauncherNotFoundError",
     "PeerLostError",
     "DeadlineExceeded",
     "MismatchError",
@@ -80,6 +81,10 @@ class CommunicationError(DistributedError):
 
 class GroupClosedError(InvalidArgumentError):
     """The group was closed and can no longer be used."""
+
+
+class LauncherNotFoundError(BackendUnavailableError, FileNotFoundError):
+    """No launcher (``mpirun``) or no rank command was found where it was looked for."""
 
 
 class PeerLostError(CommunicationError):

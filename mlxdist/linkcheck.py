@@ -82,6 +82,7 @@ class LinkReport:
     versions: dict[str, str] = field(default_factory=dict)
     bridge: dict[str, Any] = field(default_factory=dict)
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mpi_library: str = ""
 
     @property
     def ok(self) -> bool:
@@ -436,8 +437,11 @@ def run_checks() -> LinkReport:
     if loaded is None:
         return report
     ffi, lib, bridge = loaded
+    from mlxdist._mpi import LIBNAME_VARIABLE, default_library_name, select_library
     from mlxdist.backends import CAPABILITIES, detect_backend
 
+    select_library()  # the libmpi mlxdist.init would use, before MLX first loads one
+    report.mpi_library = os.environ.get(LIBNAME_VARIABLE) or default_library_name()
     report.declared = declared_functions(lib)
     if not report.declared:
         report.checks.append(Check("declared mlx_distributed_* functions", False, "none declared"))

@@ -19,7 +19,8 @@ from mlxdist import deadline  # issue 12 hook
 from mlxdist._c.gate import WorldState
 from mlxdist._c.gate import check as check_rc  # issue 12: init has a check= argument
 from mlxdist._c.handles import GroupHandle
-from mlxdist._mpi_threads import provides_thread_multiple, request_thread_multiple
+from mlxdist._mpi import prepare as prepare_mpi
+from mlxdist._mpi import provides_thread_multiple
 from mlxdist.config import ring_config
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
 from mlxdist.dtypes import DTypeLike
@@ -87,9 +88,12 @@ def init(
 
     Raises:
         InvalidArgumentError: unknown backend name, or strict not a bool.
-        BackendUnavailableError: MLX lacks the backend here.
-        InitializationError: strict and no world could be formed; a rank
-            missing, duplicated or with another host count (named).
+        BackendUnavailableError: MLX lacks the backend here (for MPI: no
+            loadable Open MPI library).
+        InitializationError: strict and no world could be formed; for MPI, the
+            launcher and libmpi are different MPIs, or MPI was already
+            initialised in the process (e.g. by mpi4py); a rank missing,
+            duplicated or with another host count (named; see mlxdist.deadline).
         ValueError: a timeout that is not a positive number.
     """
     global _world
@@ -102,12 +106,12 @@ def init(
             "strict init found no launch environment (mpirun, MLX_HOSTFILE + MLX_RANK, "
             "jaccl or NCCL variables); start the ranks with mlxdist.launch, mlx.launch or mpirun"
         )
+    if chosen is Backend.MPI:
+        prepare_mpi()
     if chosen is not None and not is_available(chosen):
         raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
     if chosen is Backend.RING and (strict or "MLX_HOSTFILE" in os.environ or "MLX_RANK" in os.environ):
         ring_config()
-    if chosen is Backend.MPI:
-        request_thread_multiple()
     settings = deadline.settings_from(timeout, check)  # issue 12
     handle = GroupHandle()
     # With no launcher, ring's non-strict init answers at once with a

@@ -22,10 +22,11 @@ def run_ranks(
     args: Sequence[str] = (),
     timeout: float = 240.0,
     expect_ok: bool = True,
+    env: dict[str, str] | None = None,
 ) -> LaunchResult:
     """Run the script ``tests/workers/<worker>`` as ``n`` ranks (see
     :func:`support.launch_ranks`); fail the test unless every rank passed."""
-    return launch_ranks([sys.executable, str(WORKERS / worker), *args], n, backend, timeout, expect_ok)
+    return launch_ranks([sys.executable, str(WORKERS / worker), *args], n, backend, timeout, expect_ok, env)
 
 
 @pytest.fixture

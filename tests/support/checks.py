@@ -182,7 +182,12 @@ class RankRun:
 
 
 def launch_ranks(
-    command: Sequence[str], n: int, backend: str, timeout: float = 240.0, expect_ok: bool = True
+    command: Sequence[str],
+    n: int,
+    backend: str,
+    timeout: float = 240.0,
+    expect_ok: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> LaunchResult:
     """Run ``command`` as ``n`` ranks of ``backend`` with a deadline, capturing output.
 
@@ -192,7 +197,9 @@ def launch_ranks(
     import pytest
 
     out, err = io.StringIO(), io.StringIO()
-    result = launch(list(command), n=n, backend=backend, timeout=timeout, capture=True, stdout=out, stderr=err)
+    result = launch(
+        list(command), n=n, backend=backend, timeout=timeout, env=env, capture=True, stdout=out, stderr=err
+    )
     if expect_ok and not result.ok:
         tail = "".join(result.output[-120:])
         pytest.fail(
