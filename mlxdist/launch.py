@@ -430,6 +430,9 @@ def launch(
                 base_env[LIBNAME_VARIABLE] = runner.libmpi
             if base_env.get(LIBNAME_VARIABLE):
                 pass_env.append(LIBNAME_VARIABLE)
+            # The side channel's and the deadline's settings reach every rank.
+            pass_env += [k for k in ("MLXDIST_STORE", "MLXDIST_JOB_TOKEN", "MLXDIST_REPORT",
+                                     "MLXDIST_TIMEOUT", "MLXDIST_CHECK") if k in base_env]
             commands = [_mpirun_command(runner, n, resolved, pass_env)]
             envs = [base_env]
             prefixes = [""]
