@@ -13,6 +13,7 @@ runs more trials of the same matrix.
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -31,11 +32,19 @@ ROTATION = [(n, op, size) for (n, op), size in zip(itertools.product((2, 3, 4), 
 RING_REPEAT = list(range(10))
 
 
-def _check_ring(trial: Trial, allowed: tuple[str, ...]) -> None:
+def _check_ring(trial: Trial, allowed: tuple[str, ...], lazy: bool = False) -> None:
     detail = f"{trial}\n{trial.output[-3000:]}"
     assert not trial.hung, f"hang: {detail}"
     assert trial.fault_time is not None, f"the fault never happened: {detail}"
     for rank in range(trial.n - 1):
+        if lazy and rank not in trial.results:
+            # mx.eval's own wait cannot be abandoned: when MLX's ring wedges
+            # (its socket worker gone with work queued), the watchdog ends the
+            # rank with its report, within the grace period.
+            assert trial.returncodes[rank] == 75, f"rank {rank} got no typed error and no report: {detail}"
+            assert re.search(rf"mlxdist: rank {rank}: eval .* rank {trial.victim} was lost", trial.output), detail
+            assert trial.job_delay() <= trial.timeout + MARGIN, detail
+            continue
         assert rank in trial.results, f"rank {rank} got no typed error: {detail}"
         kind, _, message = trial.results[rank]
         assert kind in allowed, f"rank {rank}: {kind}: {message}"
@@ -87,7 +96,7 @@ def test_lazy_path(backend, fault):
     timeout = KILL_TIMEOUT if fault == "kill" else STOP_TIMEOUT
     trial = run_trial(backend, 3, fault, "lazy", LARGE, timeout, seed=7)
     if backend == "ring":
-        _check_ring(trial, ("PeerLostError", "DeadlineExceeded"))
+        _check_ring(trial, ("PeerLostError", "DeadlineExceeded"), lazy=True)
     else:
         _check_mpi(trial)
 
