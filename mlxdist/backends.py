@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping, Union
 
 from mlxdist._c import lib
-from mlxdist.errors import InvalidArgumentError
+from mlxdist.errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = [
     "Backend",
@@ -98,13 +98,14 @@ def as_backend(backend: BackendLike) -> Backend:
     """Parse a backend name or member.
 
     Raises:
+        ArgumentTypeError: neither a Backend nor a string (a TypeError).
         InvalidArgumentError: not a backend name (a ValueError).
     """
     if isinstance(backend, Backend):
         return backend
     names = ", ".join(b.value for b in Backend)
     if not isinstance(backend, str):
-        raise InvalidArgumentError(f"backend must be a Backend or one of {names}, got {backend!r}")
+        raise ArgumentTypeError(f"backend must be a Backend or one of {names}, got {backend!r}")
     try:
         return Backend(backend.lower())
     except ValueError:

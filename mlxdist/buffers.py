@@ -15,6 +15,7 @@ without a copy; released large ones are kept for reuse (:func:`set_cache_limit`)
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import weakref
 from collections import defaultdict
@@ -27,7 +28,7 @@ from mlxdist._c import ffi, lib
 from mlxdist._c.gate import raise_last
 from mlxdist._c.handles import ArrayHandle
 from mlxdist.dtypes import DTypeLike, code_of_numpy, parse_dtype, storage_dtype
-from mlxdist.errors import DtypeError, InvalidArgumentError, ShapeError
+from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError
 from mlxdist.rules import INT32_MAX, checked_shape
 
 __all__ = [
@@ -326,8 +327,11 @@ def set_cache_limit(limit: int) -> int:
         The previous limit.
 
     Raises:
+        ArgumentTypeError: not an integer (bools included; a TypeError).
         InvalidArgumentError: a negative limit (a ValueError).
     """
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise ArgumentTypeError(f"cache limit must be an integer number of bytes, got {limit!r}")
     if limit < 0:
         raise InvalidArgumentError(f"cache limit must be >= 0, got {limit}")
     previous, pool.limit = pool.limit, int(limit)
