@@ -122,6 +122,7 @@ def is_available(backend: BackendLike = Backend.ANY) -> bool:
         True if the backend can be initialised in this process.
 
     Raises:
+        ArgumentTypeError: neither a Backend nor a string.
         InvalidArgumentError: unknown backend name.
     """
     return bool(lib.mlx_distributed_is_available(as_backend(backend).value.encode()))

@@ -254,6 +254,7 @@ def empty(shape: Sequence[int] | int, dtype: DTypeLike = np.float32) -> np.ndarr
     Raises:
         ShapeError: invalid shape.
         DtypeError: dtype MLX cannot move.
+        AllocationError: MLX cannot allocate it (a MemoryError).
     """
     code, is_mlx = parse_dtype(dtype)
     if is_mlx:
@@ -274,6 +275,7 @@ def zeros(shape: Sequence[int] | int, dtype: DTypeLike = np.float32) -> np.ndarr
     Raises:
         ShapeError: invalid shape.
         DtypeError: dtype MLX cannot move.
+        AllocationError: MLX cannot allocate it (a MemoryError).
     """
     out = empty(shape, dtype)
     out.fill(0)

@@ -344,7 +344,7 @@ class Misuse:
         """recv's shape and dtype: refused on the receiving rank alone, before it waits."""
         g = self.group
         peer = (self.rank + 1) % self.size if self.size > 1 else 0
-        shapes = [(-1,), (2, -3), (1.5,), "abc", None, (True,), (2**31,), [[2]]]
+        shapes = [(-1,), (2, -3), (1.5,), "abc", None, (True,), (2**31,), [[2]], (2**16,) * 4]
         for shape in shapes:
             cls = ShapeError if self.size > 1 else InvalidRankError
             self.refused(f"recv shape {shape!r}", cls, lambda: g.recv(shape, np.float32, peer))
@@ -424,7 +424,7 @@ class Misuse:
         """empty/zeros/asarray/set_cache_limit arguments."""
         for make in (mlxdist.empty, mlxdist.zeros):
             name = make.__name__
-            for shape in (-1, (2, -1), "ab", 1.5, (True,), None, (2**31,)):
+            for shape in (-1, (2, -1), "ab", 1.5, (True,), None, (2**31,), (2**16,) * 4, (2**21,) * 3):
                 self.refused(f"{name}({shape!r})", ShapeError, lambda: make(shape), "shape")
             for dtype in (None, "notadtype", object, np.complex128, mx.float32, 2):
                 self.refused(f"{name}(4, {dtype!r})", DtypeError, lambda: make(4, dtype), "dtype")
