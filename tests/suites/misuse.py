@@ -352,7 +352,13 @@ class Misuse:
         for dtype in (None, "notadtype", object, np.complex128, 3.5, "U4"):
             cls = DtypeError if self.size > 1 else InvalidRankError
             self.refused(f"recv dtype {dtype!r}", cls, lambda: g.recv((2,), dtype, peer))
+        cls = InvalidArgumentError if self.size > 1 else InvalidRankError
+        self.refused("recv of an mlx dtype with out=", cls, lambda: g.recv((2,), mx.float32, peer, out=np.zeros(2, np.float32)))
+        self.refused("recv of a numpy dtype with stream=", cls, lambda: g.recv((2,), np.float32, peer, stream=mx.cpu))
+        self.refused("recv_like of an mx.array with out=", cls, lambda: g.recv_like(mx.ones(2), peer, out=np.zeros(2, np.float32)))
+        self.refused("send of numpy with stream=", cls, lambda: g.send(np.ones(2), peer, stream=mx.cpu))
         if self.size > 1:
+            self.only_rank0("send of numpy with stream=", InvalidArgumentError, lambda: g.send(np.ones(2), 1, stream=mx.cpu), "stream")
             self.only_rank0("recv dtype None", DtypeError, lambda: g.recv((2,), None, 1), "dtype")
             self.only_rank0("recv negative shape", ShapeError, lambda: g.recv((-2,), np.float32, 1), "-2")
             # A receive too large to allocate: MemoryError-typed, before waiting on the peer.
