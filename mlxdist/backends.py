@@ -140,8 +140,13 @@ def detect_backend(environ: Mapping[str, str] | None = None) -> Backend | None:
 
     Returns:
         The backend, or None for a process that was not launched as a rank.
+
+    Raises:
+        ArgumentTypeError: ``environ`` is not a mapping.
     """
     env = os.environ if environ is None else environ
+    if not isinstance(env, Mapping):
+        raise ArgumentTypeError(f"environ must be a mapping of variables or None, got {type(environ).__name__}")
     if "MLX_RANK" in env and ("MLX_IBV_DEVICES" in env or "MLX_JACCL_COORDINATOR" in env):
         return Backend.JACCL
     if "MLX_RANK" in env and "MLX_WORLD_SIZE" in env and "NCCL_HOST_IP" in env:

@@ -420,6 +420,8 @@ class Misuse:
         for bad in (123, None, 1.5, ["ring"]):
             self.refused(f"init({bad!r})", ArgumentTypeError, lambda: mlxdist.init(bad), "backend")
             self.refused(f"is_available({bad!r})", ArgumentTypeError, lambda: mlxdist.is_available(bad), "backend")
+        for bad in (123, "MLX_RANK", ["MLX_RANK"]):
+            self.refused(f"detect_backend({bad!r})", ArgumentTypeError, lambda: mlxdist.detect_backend(bad), "environ")
         for bad in ("yes", 1, None):
             self.refused(f"init(strict={bad!r})", ArgumentTypeError, lambda: mlxdist.init(strict=bad), "strict")
         again = mlxdist.init()
