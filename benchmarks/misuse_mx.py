@@ -93,8 +93,15 @@ def run_case(name: str, backend: str, timeout: float) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(RANK.format(body=body))
     start = time.monotonic()
-    result = launch([sys.executable, f.name], n=2, backend=backend, timeout=timeout, capture=True,
-                    stdout=io.StringIO(), stderr=io.StringIO())
+    result = launch(
+        [sys.executable, f.name],
+        n=2,
+        backend=backend,
+        timeout=timeout,
+        capture=True,
+        stdout=io.StringIO(),
+        stderr=io.StringIO(),
+    )
     took = time.monotonic() - start
     os.unlink(f.name)
     lines = [line.strip() for line in result.output if "RESULT" in line]
@@ -110,7 +117,7 @@ CONFIG = {
     "MLX_RANK=-1": ("-1", "two"),
     "MLX_RANK=abc": ("abc", "two"),
     "hostfile []": ("0", []),
-    "hostfile {\"hosts\": 1}": ("0", {"hosts": 1}),
+    'hostfile {"hosts": 1}': ("0", {"hosts": 1}),
     "hostfile [[1], [2]]": ("0", [[1], [2]]),
     "hostfile [[], []]": ("0", [[], []]),
     "port 99999": ("0", [["127.0.0.1:99999"], ["127.0.0.1:1"]]),
@@ -133,13 +140,15 @@ def run_config(name: str, timeout: float) -> str:
         json.dump(document, f)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "OMPI_", "PMI"))}
     env.update(MLX_RANK=rank, MLX_HOSTFILE=f.name)
-    code = ("import mlx.core as mx\n"
-            "try:\n    g = mx.distributed.init(backend='ring', strict=True); print('ok rank', g.rank(), 'size', g.size())\n"
-            "except BaseException as e:\n    print(type(e).__name__ + ':', str(e)[:150])\n")
+    code = (
+        "import mlx.core as mx\n"
+        "try:\n    g = mx.distributed.init(backend='ring', strict=True); print('ok rank', g.rank(), 'size', g.size())\n"
+        "except BaseException as e:\n    print(type(e).__name__ + ':', str(e)[:150])\n"
+    )
     start = time.monotonic()
     try:
         p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
-        out = (p.stdout.strip() or p.stderr.strip().splitlines()[-1:] or [""])
+        out = p.stdout.strip() or p.stderr.strip().splitlines()[-1:] or [""]
         text = out if isinstance(out, str) else out[0]
         return f"{text} (exit {p.returncode}, {time.monotonic() - start:.1f} s)"
     except subprocess.TimeoutExpired:

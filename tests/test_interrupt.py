@@ -33,9 +33,23 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigint_to_the_launcher_ends_a_blocked_job(backend):
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "mlxdist.launch", "-n", "2", "--backend", backend, "--timeout", "60", "--",
-         sys.executable, str(WORKERS / "blocked_rank.py")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlxdist.launch",
+            "-n",
+            "2",
+            "--backend",
+            backend,
+            "--timeout",
+            "60",
+            "--",
+            sys.executable,
+            str(WORKERS / "blocked_rank.py"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     pids: list[int] = []
     try:

@@ -77,7 +77,7 @@ def write_hostfile(tmp_path, document):  # type: ignore[no-untyped-def]
     elif document is None or document == "busy":
         document = hosts
     if document == "notjson":
-        path.write_text("[[\"127.0.0.1:1\"],")
+        path.write_text('[["127.0.0.1:1"],')
     elif document != "missing":
         path.write_text(json.dumps(document))
     return path, document
@@ -100,8 +100,11 @@ def test_bad_ring_configurations_are_typed(tmp_path):
                 busy.bind((host, int(port)))
                 busy.listen()
             running[case] = subprocess.Popen(
-                [sys.executable, "-c", PROBE], env={**env, "MLX_RANK": rank, "MLX_HOSTFILE": str(path)},
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [sys.executable, "-c", PROBE],
+                env={**env, "MLX_RANK": rank, "MLX_HOSTFILE": str(path)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
         start = time.monotonic()
         problems = []

@@ -14,7 +14,8 @@ Symmetric cases are made by every rank. Asymmetric ones (only rank 0 makes
 the bad call) must be refused before anything is sent: the follow-up
 collective would otherwise pair with what rank 0 sent and come out wrong (or
 the launch deadline would end a hang). Each rank prints one
-``MISUSE rank=R cases=N`` line.
+``MISUSE rank=R cases=N`` line. (The cases are lambdas called at once, inside
+the loop that binds their variables.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mlxdist.errors import (
     ShapeError,
     UnsupportedOperationError,
 )
-from support.checks import Checks, to_numpy
+from support.checks import Checks
 
 # The builtin each documented class must also be.
 BUILTIN: dict[type, type] = {
@@ -90,7 +91,9 @@ class Misuse:
         if follow:
             self.alive(name)
 
-    def right(self, name: str, call: Callable[[], Any], expected: Any, dtype: Any = None, kind: str | None = None) -> Any:
+    def right(
+        self, name: str, call: Callable[[], Any], expected: Any, dtype: Any = None, kind: str | None = None
+    ) -> Any:
         """``call()`` returns ``expected`` (numpy's answer), then the group works."""
         self.cases += 1
         try:
@@ -142,10 +145,14 @@ class Misuse:
         for bad in ([1, 2], None, 7):
             what = type(bad).__name__
             peer = (self.rank + 1) % self.size
-            self.refused(f"send({what})", ArgumentTypeError if self.size > 1 else InvalidRankError,
-                         lambda: g.send(bad, peer))
-            self.refused(f"recv_like({what})", ArgumentTypeError if self.size > 1 else InvalidRankError,
-                         lambda: g.recv_like(bad, peer))
+            self.refused(
+                f"send({what})", ArgumentTypeError if self.size > 1 else InvalidRankError, lambda: g.send(bad, peer)
+            )
+            self.refused(
+                f"recv_like({what})",
+                ArgumentTypeError if self.size > 1 else InvalidRankError,
+                lambda: g.recv_like(bad, peer),
+            )
         # Asymmetric: the peer never calls; nothing may be sent.
         if self.size > 1:
             self.only_rank0("send(list)", ArgumentTypeError, lambda: g.send([1.0], 1))
@@ -175,12 +182,21 @@ class Misuse:
             if op == "all_sum":
                 ref = ref + 0.25 * (self.size - 1)
             x = self.data(self.rank, (4,), np.float64) + 0.25
-            self.right(f"{op} of mx float64 stays float64", lambda: getattr(g, op)(mx.array(x, dtype=mx.float64)), ref, dtype=mx.float64)
+            self.right(
+                f"{op} of mx float64 stays float64",
+                lambda: getattr(g, op)(mx.array(x, dtype=mx.float64)),
+                ref,
+                dtype=mx.float64,
+            )
             self.right(f"{op} of numpy float64 stays float64", lambda: getattr(g, op)(x), ref, dtype=np.float64)
         # bool reductions: or / max / min (MPI has no arithmetic on bools).
         flags = np.array([True, False, self.rank == 0, self.rank == 1])
         everyone = [np.array([True, False, r == 0, r == 1]) for r in range(self.size)]
-        for op, ref in (("all_sum", np.any(everyone, 0)), ("all_max", np.any(everyone, 0)), ("all_min", np.all(everyone, 0))):
+        for op, ref in (
+            ("all_sum", np.any(everyone, 0)),
+            ("all_max", np.any(everyone, 0)),
+            ("all_min", np.all(everyone, 0)),
+        ):
             self.right(f"{op} of numpy bool", lambda: getattr(g, op)(flags), ref, dtype=np.bool_)
             self.right(f"{op} of mx bool", lambda: getattr(g, op)(mx.array(flags)), ref, dtype=mx.bool_)
 
@@ -189,35 +205,92 @@ class Misuse:
         g = self.group
         for op in OPS:
             wide = self.data(self.rank, (4, 6))
-            self.right(f"{op} of a strided view", lambda: getattr(g, op)(wide[:, ::2]), self._ref_of(op, lambda r: self.data(r, (4, 6))[:, ::2]))
-            self.right(f"{op} of a transpose", lambda: getattr(g, op)(wide.T), self._ref_of(op, lambda r: self.data(r, (4, 6)).T, rows=6))
-            self.right(f"{op} of a Fortran array", lambda: getattr(g, op)(np.asfortranarray(wide)), self._ref_of(op, lambda r: self.data(r, (4, 6))))
-            self.right(f"{op} of an empty array", lambda: getattr(g, op)(np.zeros((0, 3), np.float32)), self._ref_of(op, lambda r: np.zeros((0, 3), np.float32)))
-            self.right(f"{op} of a reversed view", lambda: getattr(g, op)(wide[::-1]), self._ref_of(op, lambda r: self.data(r, (4, 6))[::-1]))
+            self.right(
+                f"{op} of a strided view",
+                lambda: getattr(g, op)(wide[:, ::2]),
+                self._ref_of(op, lambda r: self.data(r, (4, 6))[:, ::2]),
+            )
+            self.right(
+                f"{op} of a transpose",
+                lambda: getattr(g, op)(wide.T),
+                self._ref_of(op, lambda r: self.data(r, (4, 6)).T, rows=6),
+            )
+            self.right(
+                f"{op} of a Fortran array",
+                lambda: getattr(g, op)(np.asfortranarray(wide)),
+                self._ref_of(op, lambda r: self.data(r, (4, 6))),
+            )
+            self.right(
+                f"{op} of an empty array",
+                lambda: getattr(g, op)(np.zeros((0, 3), np.float32)),
+                self._ref_of(op, lambda r: np.zeros((0, 3), np.float32)),
+            )
+            self.right(
+                f"{op} of a reversed view",
+                lambda: getattr(g, op)(wide[::-1]),
+                self._ref_of(op, lambda r: self.data(r, (4, 6))[::-1]),
+            )
             frozen = self.data(self.rank, (4, 6))
             frozen.flags.writeable = False
-            self.right(f"{op} of a read-only array", lambda: getattr(g, op)(frozen), self._ref_of(op, lambda r: self.data(r, (4, 6))))
+            self.right(
+                f"{op} of a read-only array",
+                lambda: getattr(g, op)(frozen),
+                self._ref_of(op, lambda r: self.data(r, (4, 6))),
+            )
             raw = np.zeros(4 * 6 * 4 + 1, np.uint8)
             odd = raw[1:].view(np.int32).reshape(4, 6)  # misaligned for int32
             odd[:] = wide
-            self.right(f"{op} of a misaligned array", lambda: getattr(g, op)(odd), self._ref_of(op, lambda r: self.data(r, (4, 6))))
-            self.right(f"{op} of bytes viewed read-only", lambda: getattr(g, op)(np.frombuffer(wide.tobytes(), np.int32).reshape(4, 6)),
-                       self._ref_of(op, lambda r: self.data(r, (4, 6))))
+            self.right(
+                f"{op} of a misaligned array",
+                lambda: getattr(g, op)(odd),
+                self._ref_of(op, lambda r: self.data(r, (4, 6))),
+            )
+            self.right(
+                f"{op} of bytes viewed read-only",
+                lambda: getattr(g, op)(np.frombuffer(wide.tobytes(), np.int32).reshape(4, 6)),
+                self._ref_of(op, lambda r: self.data(r, (4, 6))),
+            )
         for op in ("all_sum", "all_max", "all_min", "all_gather"):
-            self.right(f"{op} of a 0-d array", lambda: getattr(g, op)(np.array(self.rank + 1, np.int16)), self._ref_of(op, lambda r: np.array(r + 1, np.int16)))
-            self.right(f"{op} of a numpy scalar", lambda: getattr(g, op)(np.int16(self.rank + 1)), self._ref_of(op, lambda r: np.array(r + 1, np.int16)))
-        self.refused("sum_scatter of a 0-d array", ShapeError, lambda: g.sum_scatter(np.array(1.0, np.float32)), "dimension")
+            self.right(
+                f"{op} of a 0-d array",
+                lambda: getattr(g, op)(np.array(self.rank + 1, np.int16)),
+                self._ref_of(op, lambda r: np.array(r + 1, np.int16)),
+            )
+            self.right(
+                f"{op} of a numpy scalar",
+                lambda: getattr(g, op)(np.int16(self.rank + 1)),
+                self._ref_of(op, lambda r: np.array(r + 1, np.int16)),
+            )
+        self.refused(
+            "sum_scatter of a 0-d array", ShapeError, lambda: g.sum_scatter(np.array(1.0, np.float32)), "dimension"
+        )
         self.refused("lazy sum_scatter of a 0-d array", ShapeError, lambda: g.sum_scatter(mx.array(1.0)), "dimension")
         if self.size > 1:
-            self.refused("sum_scatter of an indivisible axis", ShapeError, lambda: g.sum_scatter(np.ones(self.size + 1, np.float32)), "divisible")
-            self.refused("lazy sum_scatter of an indivisible axis", ShapeError, lambda: g.sum_scatter(mx.ones(self.size + 1)), "divisible")
-            self.only_rank0("sum_scatter of an indivisible axis", ShapeError, lambda: g.sum_scatter(np.ones(self.size + 1, np.float32)))
+            self.refused(
+                "sum_scatter of an indivisible axis",
+                ShapeError,
+                lambda: g.sum_scatter(np.ones(self.size + 1, np.float32)),
+                "divisible",
+            )
+            self.refused(
+                "lazy sum_scatter of an indivisible axis",
+                ShapeError,
+                lambda: g.sum_scatter(mx.ones(self.size + 1)),
+                "divisible",
+            )
+            self.only_rank0(
+                "sum_scatter of an indivisible axis",
+                ShapeError,
+                lambda: g.sum_scatter(np.ones(self.size + 1, np.float32)),
+            )
         # A result axis past MLX's 32-bit dimensions (no bytes: a zero-width array).
         rows = 2**31 // self.size + 1 if self.size > 1 else 2**31
         if self.size > 1:
             huge = np.zeros((rows, 0), np.float32)
             self.refused("all_gather past int32 rows", ShapeError, lambda: g.all_gather(huge), "32-bit")
-            self.refused("lazy all_gather past int32 rows", ShapeError, lambda: g.all_gather(mx.zeros((rows, 0))), "32-bit")
+            self.refused(
+                "lazy all_gather past int32 rows", ShapeError, lambda: g.all_gather(mx.zeros((rows, 0))), "32-bit"
+            )
             self.only_rank0("all_gather past int32 rows", ShapeError, lambda: g.all_gather(huge))
 
     def _ref_of(self, op: str, make: Callable[[int], np.ndarray], rows: int | None = None) -> np.ndarray:
@@ -255,8 +328,12 @@ class Misuse:
                 self.refused(f"{op} out= {name}", cls, lambda: getattr(g, op)(x, out=make(op)), "out")
                 if self.size > 1:
                     self.only_rank0(f"{op} out= {name}", cls, lambda: getattr(g, op)(x, out=make(op)), "out")
-            self.refused(f"{op} of an mx.array with out=", InvalidArgumentError,
-                         lambda: getattr(g, op)(mx.array(x), out=np.zeros(self._out_len(op), np.int32)), "out")
+            self.refused(
+                f"{op} of an mx.array with out=",
+                InvalidArgumentError,
+                lambda: getattr(g, op)(mx.array(x), out=np.zeros(self._out_len(op), np.int32)),
+                "out",
+            )
             # A strided (non-contiguous) out: written through a copy.
             big = np.full(2 * self._out_len(op), -1, np.int32)
             ref = self.reference(op)
@@ -266,7 +343,11 @@ class Misuse:
         # out overlapping x, for a reduction: a partial overlap and x itself.
         memory = np.zeros(6, np.int32)
         memory[0:4] = x
-        self.right("all_sum with out partly overlapping x", lambda: g.all_sum(memory[0:4], out=memory[2:6]), self.reference("all_sum"))
+        self.right(
+            "all_sum with out partly overlapping x",
+            lambda: g.all_sum(memory[0:4], out=memory[2:6]),
+            self.reference("all_sum"),
+        )
         y = x.copy()
         self.right("all_sum in place (out=x)", lambda: g.all_sum(y, out=y), self.reference("all_sum"))
         self.checks.expect_equal("all_sum in place wrote x", y, self.reference("all_sum"))
@@ -274,7 +355,11 @@ class Misuse:
         for name, alloc in (("numpy", np.zeros), ("registered", mlxdist.zeros)):
             out = alloc(4 * self.size, np.int32)
             out[4 * self.rank : 4 * self.rank + 4] = x
-            self.right(f"in-place all_gather ({name})", lambda: g.all_gather(out[4 * self.rank : 4 * self.rank + 4], out=out), self.reference("all_gather"))
+            self.right(
+                f"in-place all_gather ({name})",
+                lambda: g.all_gather(out[4 * self.rank : 4 * self.rank + 4], out=out),
+                self.reference("all_gather"),
+            )
         # Only rank 0 gathers in place; the other passes a separate out: both right.
         out = np.zeros(4 * self.size, np.int32)
         if self.rank == 0:
@@ -282,13 +367,17 @@ class Misuse:
             mine = out[0:4]
         else:
             mine = x
-        self.right("in-place all_gather on rank 0 alone", lambda: g.all_gather(mine, out=out), self.reference("all_gather"))
+        self.right(
+            "in-place all_gather on rank 0 alone", lambda: g.all_gather(mine, out=out), self.reference("all_gather")
+        )
         # recv's out
         if self.size > 1:
             peer = 1 - self.rank if self.size == 2 else (self.rank + 1) % self.size
-            for name, cls, bad in (("wrong shape", ShapeError, np.zeros(5, np.int32)),
-                                   ("wrong dtype", DtypeError, np.zeros(4, np.float32)),
-                                   ("read-only", InvalidArgumentError, self._read_only(4))):
+            for name, cls, bad in (
+                ("wrong shape", ShapeError, np.zeros(5, np.int32)),
+                ("wrong dtype", DtypeError, np.zeros(4, np.float32)),
+                ("read-only", InvalidArgumentError, self._read_only(4)),
+            ):
                 self.only_rank0(f"recv out= {name}", cls, lambda: g.recv((4,), np.int32, peer, out=bad), "out")
 
     def _out_len(self, op: str) -> int:
@@ -306,13 +395,34 @@ class Misuse:
         for op in OPS:
             if op == "sum_scatter" and 4 % self.size:
                 continue
-            self.refused(f"{op} of numpy with stream=", InvalidArgumentError, lambda: getattr(g, op)(np.ones(4, np.float32), stream=mx.cpu), "stream")
-            self.refused(f"{op} of mx with stream='cpu'", ArgumentTypeError, lambda: getattr(g, op)(mx.ones(4), stream="cpu"), "stream")
-            self.refused(f"{op} of mx with stream=0", ArgumentTypeError, lambda: getattr(g, op)(mx.ones(4), stream=0), "stream")
+            self.refused(
+                f"{op} of numpy with stream=",
+                InvalidArgumentError,
+                lambda: getattr(g, op)(np.ones(4, np.float32), stream=mx.cpu),
+                "stream",
+            )
+            self.refused(
+                f"{op} of mx with stream='cpu'",
+                ArgumentTypeError,
+                lambda: getattr(g, op)(mx.ones(4), stream="cpu"),
+                "stream",
+            )
+            self.refused(
+                f"{op} of mx with stream=0", ArgumentTypeError, lambda: getattr(g, op)(mx.ones(4), stream=0), "stream"
+            )
             if not mx.is_available(mx.gpu):
-                self.refused(f"{op} of mx with stream=mx.gpu (no GPU here)", InvalidArgumentError,
-                             lambda: getattr(g, op)(mx.ones(4), stream=mx.gpu), "device")
-            self.right(f"{op} of mx with stream=mx.cpu", lambda: getattr(g, op)(mx.array(self.data(self.rank)), stream=mx.cpu), self.reference(op), kind="mlx")
+                self.refused(
+                    f"{op} of mx with stream=mx.gpu (no GPU here)",
+                    InvalidArgumentError,
+                    lambda: getattr(g, op)(mx.ones(4), stream=mx.gpu),
+                    "device",
+                )
+            self.right(
+                f"{op} of mx with stream=mx.cpu",
+                lambda: getattr(g, op)(mx.array(self.data(self.rank)), stream=mx.cpu),
+                self.reference(op),
+                kind="mlx",
+            )
 
     def peers(self) -> None:
         """Ranks for send/recv: not integers, out of range, this rank, size 1."""
@@ -353,17 +463,29 @@ class Misuse:
             cls = DtypeError if self.size > 1 else InvalidRankError
             self.refused(f"recv dtype {dtype!r}", cls, lambda: g.recv((2,), dtype, peer))
         cls = InvalidArgumentError if self.size > 1 else InvalidRankError
-        self.refused("recv of an mlx dtype with out=", cls, lambda: g.recv((2,), mx.float32, peer, out=np.zeros(2, np.float32)))
+        self.refused(
+            "recv of an mlx dtype with out=", cls, lambda: g.recv((2,), mx.float32, peer, out=np.zeros(2, np.float32))
+        )
         self.refused("recv of a numpy dtype with stream=", cls, lambda: g.recv((2,), np.float32, peer, stream=mx.cpu))
-        self.refused("recv_like of an mx.array with out=", cls, lambda: g.recv_like(mx.ones(2), peer, out=np.zeros(2, np.float32)))
+        self.refused(
+            "recv_like of an mx.array with out=",
+            cls,
+            lambda: g.recv_like(mx.ones(2), peer, out=np.zeros(2, np.float32)),
+        )
         self.refused("send of numpy with stream=", cls, lambda: g.send(np.ones(2), peer, stream=mx.cpu))
         if self.size > 1:
-            self.only_rank0("send of numpy with stream=", InvalidArgumentError, lambda: g.send(np.ones(2), 1, stream=mx.cpu), "stream")
+            self.only_rank0(
+                "send of numpy with stream=",
+                InvalidArgumentError,
+                lambda: g.send(np.ones(2), 1, stream=mx.cpu),
+                "stream",
+            )
             self.only_rank0("recv dtype None", DtypeError, lambda: g.recv((2,), None, 1), "dtype")
             self.only_rank0("recv negative shape", ShapeError, lambda: g.recv((-2,), np.float32, 1), "-2")
             # A receive too large to allocate: MemoryError-typed, before waiting on the peer.
-            self.only_rank0("recv of 2**40 elements", AllocationError,
-                            lambda: g.recv((2**20, 2**20), np.float32, 1), "allocate")
+            self.only_rank0(
+                "recv of 2**40 elements", AllocationError, lambda: g.recv((2**20, 2**20), np.float32, 1), "allocate"
+            )
 
     def split_args(self) -> None:
         """split's color and key; split where the backend has none."""
@@ -378,7 +500,11 @@ class Misuse:
         else:
             sub = g.split(self.rank % 2, key=self.size - self.rank)
             members = [r for r in range(self.size) if r % 2 == self.rank % 2]
-            self.right("split with a key reorders", lambda: sub.all_gather(np.array([self.rank], np.int32)), sorted(members, reverse=True))
+            self.right(
+                "split with a key reorders",
+                lambda: sub.all_gather(np.array([self.rank], np.int32)),
+                sorted(members, reverse=True),
+            )
             sub.close()
             self.refused("a closed split group", GroupClosedError, lambda: sub.all_sum(np.ones(1)), "closed")
             self.refused("a closed split group (lazy)", GroupClosedError, lambda: sub.all_sum(mx.ones(1)), "closed")
@@ -390,14 +516,23 @@ class Misuse:
         other.close()  # idempotent
         peer = (self.rank + 1) % self.size
         for op in OPS:
-            self.refused(f"{op} on a closed group", GroupClosedError, lambda: getattr(other, op)(np.ones(self.size)), "closed")
-            self.refused(f"{op} on a closed group (lazy)", GroupClosedError, lambda: getattr(other, op)(mx.ones(self.size)), "closed")
+            self.refused(
+                f"{op} on a closed group", GroupClosedError, lambda: getattr(other, op)(np.ones(self.size)), "closed"
+            )
+            self.refused(
+                f"{op} on a closed group (lazy)",
+                GroupClosedError,
+                lambda: getattr(other, op)(mx.ones(self.size)),
+                "closed",
+            )
         self.refused("barrier on a closed group", GroupClosedError, other.barrier, "closed")
         if other.backend is not None and "split" in other._caps.native:
             self.refused("split of a closed group", GroupClosedError, lambda: other.split(0), "closed")
         if self.size > 1:
             self.refused("send on a closed group", GroupClosedError, lambda: other.send(np.ones(1), peer), "closed")
-            self.refused("recv on a closed group", GroupClosedError, lambda: other.recv((1,), np.float32, peer), "closed")
+            self.refused(
+                "recv on a closed group", GroupClosedError, lambda: other.recv((1,), np.float32, peer), "closed"
+            )
 
     def groups_and_init(self) -> None:
         """group= and init()'s arguments."""
@@ -409,13 +544,36 @@ class Misuse:
         for bad in bad_groups:
             what = type(bad).__name__
             for op in OPS:
-                self.refused(f"mlxdist.{op}(group={what})", ArgumentTypeError, lambda: getattr(mlxdist, op)(np.ones(4), group=bad), "group")
-            self.refused(f"mlxdist.barrier(group={what})", ArgumentTypeError, lambda: mlxdist.barrier(group=bad), "group")
-            self.refused(f"mlxdist.send(group={what})", ArgumentTypeError, lambda: mlxdist.send(np.ones(1), 0, group=bad), "group")
-            self.refused(f"mlxdist.recv(group={what})", ArgumentTypeError, lambda: mlxdist.recv((1,), np.float32, 0, group=bad), "group")
-            self.refused(f"nn.average_gradients(group={what})", ArgumentTypeError,
-                         lambda: mlxdist.nn.average_gradients({"w": mx.ones(2)}, group=bad), "group")
-        self.refused("init('carrier-pigeon')", InvalidArgumentError, lambda: mlxdist.init("carrier-pigeon"), "unknown backend")
+                self.refused(
+                    f"mlxdist.{op}(group={what})",
+                    ArgumentTypeError,
+                    lambda: getattr(mlxdist, op)(np.ones(4), group=bad),
+                    "group",
+                )
+            self.refused(
+                f"mlxdist.barrier(group={what})", ArgumentTypeError, lambda: mlxdist.barrier(group=bad), "group"
+            )
+            self.refused(
+                f"mlxdist.send(group={what})",
+                ArgumentTypeError,
+                lambda: mlxdist.send(np.ones(1), 0, group=bad),
+                "group",
+            )
+            self.refused(
+                f"mlxdist.recv(group={what})",
+                ArgumentTypeError,
+                lambda: mlxdist.recv((1,), np.float32, 0, group=bad),
+                "group",
+            )
+            self.refused(
+                f"nn.average_gradients(group={what})",
+                ArgumentTypeError,
+                lambda: mlxdist.nn.average_gradients({"w": mx.ones(2)}, group=bad),
+                "group",
+            )
+        self.refused(
+            "init('carrier-pigeon')", InvalidArgumentError, lambda: mlxdist.init("carrier-pigeon"), "unknown backend"
+        )
         self.refused("init('')", InvalidArgumentError, lambda: mlxdist.init(""), "backend")
         for bad in (123, None, 1.5, ["ring"]):
             self.refused(f"init({bad!r})", ArgumentTypeError, lambda: mlxdist.init(bad), "backend")
@@ -426,7 +584,9 @@ class Misuse:
             self.refused(f"init(strict={bad!r})", ArgumentTypeError, lambda: mlxdist.init(strict=bad), "strict")
         again = mlxdist.init()
         self.checks.expect("init() again: the same world", (again.rank(), again.size()) == (self.rank, self.size))
-        self.right("init() again: its group works", lambda: again.all_sum(np.ones(2, np.int8)), np.full(2, self.size, np.int8))
+        self.right(
+            "init() again: its group works", lambda: again.all_sum(np.ones(2, np.int8)), np.full(2, self.size, np.int8)
+        )
 
     def buffers(self) -> None:
         """empty/zeros/asarray/set_cache_limit arguments."""
@@ -436,17 +596,30 @@ class Misuse:
                 self.refused(f"{name}({shape!r})", ShapeError, lambda: make(shape), "shape")
             for dtype in (None, "notadtype", object, np.complex128, mx.float32, 2):
                 self.refused(f"{name}(4, {dtype!r})", DtypeError, lambda: make(4, dtype), "dtype")
-            self.refused(f"{name} of 2**40 float32", AllocationError, lambda: make((2**20, 2**20), np.float32), "allocate")
+            self.refused(
+                f"{name} of 2**40 float32", AllocationError, lambda: make((2**20, 2**20), np.float32), "allocate"
+            )
         self.right("zeros(3, int16)", lambda: mlxdist.zeros(3, np.int16), np.zeros(3, np.int16), dtype=np.int16)
-        for bad, cls in ((None, DtypeError), ("abc", DtypeError), ([1, "a"], DtypeError), (mx.ones(2, mx.bfloat16), DtypeError),
-                         (np.ones(2, np.complex128), DtypeError), ({"a": 1}, DtypeError)):
+        for bad, cls in (
+            (None, DtypeError),
+            ("abc", DtypeError),
+            ([1, "a"], DtypeError),
+            (mx.ones(2, mx.bfloat16), DtypeError),
+            (np.ones(2, np.complex128), DtypeError),
+            ({"a": 1}, DtypeError),
+        ):
             self.refused(f"asarray({type(bad).__name__})", cls, lambda: mlxdist.asarray(bad), "")
         self.right("asarray(list)", lambda: mlxdist.asarray([1, 2, 3]), np.array([1, 2, 3]))
         self.right("asarray(strided)", lambda: mlxdist.asarray(np.arange(10.0)[::3]), np.arange(10.0)[::3])
         self.right("asarray(mx.array)", lambda: mlxdist.asarray(mx.arange(3)), np.arange(3))
         self.checks.expect("is_registered(list) is False", mlxdist.is_registered([1]) is False)
-        for bad, cls in ((-1, InvalidArgumentError), ("big", ArgumentTypeError), (1.5, ArgumentTypeError),
-                         (None, ArgumentTypeError), (True, ArgumentTypeError)):
+        for bad, cls in (
+            (-1, InvalidArgumentError),
+            ("big", ArgumentTypeError),
+            (1.5, ArgumentTypeError),
+            (None, ArgumentTypeError),
+            (True, ArgumentTypeError),
+        ):
             self.refused(f"set_cache_limit({bad!r})", cls, lambda: mlxdist.set_cache_limit(bad), "limit")
         previous = mlxdist.set_cache_limit(np.int64(1 << 20))
         self.checks.expect("set_cache_limit(np.int64) returns the previous limit", previous == 512 << 20, str(previous))
@@ -461,14 +634,32 @@ class Misuse:
         self.refused("average_gradients of int leaves", DtypeError, lambda: avg({"w": mx.ones(2, mx.int32)}), "dtype")
         for bad in (-1, "big", 1.5, None, True):
             cls = InvalidArgumentError
-            self.refused(f"average_gradients(all_reduce_size={bad!r})", cls, lambda: avg(grads, all_reduce_size=bad), "all_reduce_size")
+            self.refused(
+                f"average_gradients(all_reduce_size={bad!r})",
+                cls,
+                lambda: avg(grads, all_reduce_size=bad),
+                "all_reduce_size",
+            )
         for bad in (mx.int32, "nope", 3, np.float32):
-            self.refused(f"average_gradients(communication_type={bad!r})", DtypeError, lambda: avg(grads, communication_type=bad), "communication_type")
+            self.refused(
+                f"average_gradients(communication_type={bad!r})",
+                DtypeError,
+                lambda: avg(grads, communication_type=bad),
+                "communication_type",
+            )
         for bad in (-1.0, "1", None, float("nan"), True):
-            self.refused(f"clip_grad_norm_sharded(max_norm={bad!r})", InvalidArgumentError,
-                         lambda: mlxdist.nn.clip_grad_norm_sharded(grads, bad), "max_norm")
-        self.refused("clip_grad_norm_sharded of a list leaf", ArgumentTypeError,
-                     lambda: mlxdist.nn.clip_grad_norm_sharded({"w": [1.0]}, 1.0), "leaf")
+            self.refused(
+                f"clip_grad_norm_sharded(max_norm={bad!r})",
+                InvalidArgumentError,
+                lambda: mlxdist.nn.clip_grad_norm_sharded(grads, bad),
+                "max_norm",
+            )
+        self.refused(
+            "clip_grad_norm_sharded of a list leaf",
+            ArgumentTypeError,
+            lambda: mlxdist.nn.clip_grad_norm_sharded({"w": [1.0]}, 1.0),
+            "leaf",
+        )
         self.refused("sum_gradients(group='x')", ArgumentTypeError, lambda: mlxdist.nn.sum_gradients("x"), "group")
         n = self.size
         expected_w = np.mean([self.data(r, (3,), np.float32) for r in range(n)], axis=0)

@@ -45,8 +45,11 @@ def split_threads(checks: Checks, rounds: int = 40) -> None:
         t.start()
     for t in workers:
         t.join(max(0.0, start + 30 - time.monotonic()))
-    if not checks.expect("two groups on two threads: no deadlock", not any(t.is_alive() for t in workers),
-                         f"still blocked after {time.monotonic() - start:.0f} s"):
+    if not checks.expect(
+        "two groups on two threads: no deadlock",
+        not any(t.is_alive() for t in workers),
+        f"still blocked after {time.monotonic() - start:.0f} s",
+    ):
         raise RuntimeError("deadlocked: the blocked threads hold the group locks")  # the worker exits at once
     checks.expect("two groups on two threads: right sums", not errors, "; ".join(errors[:3]))
     first.close()
@@ -83,8 +86,12 @@ def close_while_blocked(checks: Checks, frozen: float = 2.0) -> None:
         checks.expect("the peer was still frozen", t.is_alive())
         t.join(frozen + 20)
         checks.expect("the blocked all_sum ended", not t.is_alive())
-        checks.expect_equal("the blocked all_sum's result", result.get("sum", np.zeros(0)), np.full(4, n * (n + 1) / 2, np.float32))
-        checks.expect_raises("the closed group afterwards", mlxdist.GroupClosedError, lambda: handle.all_sum(x), "closed")
+        checks.expect_equal(
+            "the blocked all_sum's result", result.get("sum", np.zeros(0)), np.full(4, n * (n + 1) / 2, np.float32)
+        )
+        checks.expect_raises(
+            "the closed group afterwards", mlxdist.GroupClosedError, lambda: handle.all_sum(x), "closed"
+        )
     else:
         time.sleep(frozen)  # frozen: joins late
         g.all_sum(x)
