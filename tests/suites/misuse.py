@@ -53,6 +53,9 @@ BUILTIN: dict[type, type] = {
     UnsupportedOperationError: NotImplementedError,
 }
 OPS = ("all_sum", "all_max", "all_min", "all_gather", "sum_scatter")
+# More bytes than any address space: no allocation can succeed, whatever the
+# overcommit policy (2**40 float32 might, virtually, with overcommit on).
+HUGE = (2**31 - 1, 2**31 - 1)
 NOT_ARRAYS: tuple[Any, ...] = ([1.0, 2.0], 3, 2.5, None, "abc", {"a": 1}, b"xy", object())
 
 
@@ -484,7 +487,7 @@ class Misuse:
             self.only_rank0("recv negative shape", ShapeError, lambda: g.recv((-2,), np.float32, 1), "-2")
             # A receive too large to allocate: MemoryError-typed, before waiting on the peer.
             self.only_rank0(
-                "recv of 2**40 elements", AllocationError, lambda: g.recv((2**20, 2**20), np.float32, 1), "allocate"
+                "recv of 2**62 elements", AllocationError, lambda: g.recv(HUGE, np.float32, 1), "allocate"
             )
 
     def split_args(self) -> None:
@@ -597,7 +600,7 @@ class Misuse:
             for dtype in (None, "notadtype", object, np.complex128, mx.float32, 2):
                 self.refused(f"{name}(4, {dtype!r})", DtypeError, lambda: make(4, dtype), "dtype")
             self.refused(
-                f"{name} of 2**40 float32", AllocationError, lambda: make((2**20, 2**20), np.float32), "allocate"
+                f"{name} of 2**62 float32", AllocationError, lambda: make(HUGE, np.float32), "allocate"
             )
         self.right("zeros(3, int16)", lambda: mlxdist.zeros(3, np.int16), np.zeros(3, np.int16), dtype=np.int16)
         for bad, cls in (
