@@ -230,7 +230,8 @@ class Group:
     def all_gather(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Concatenate every rank's ``x`` along axis 0, in rank order.
 
-        A scalar becomes a vector of ``size`` elements.
+        A scalar becomes a vector of ``size`` elements; a size-1 group returns
+        its input as it is (as MLX's does), so a scalar stays a scalar there.
 
         Args:
             x: An mx.array or numpy array, the same shape and dtype on every rank.
