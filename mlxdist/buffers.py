@@ -15,6 +15,7 @@ without a copy; released large ones are kept for reuse (:func:`set_cache_limit`)
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import weakref
 from collections import defaultdict
@@ -27,7 +28,7 @@ from mlxdist._c import ffi, lib
 from mlxdist._c.gate import raise_last
 from mlxdist._c.handles import ArrayHandle
 from mlxdist.dtypes import DTypeLike, code_of_numpy, parse_dtype, storage_dtype
-from mlxdist.errors import DtypeError, InvalidArgumentError, ShapeError
+from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError
 from mlxdist.rules import INT32_MAX, checked_shape
 
 __all__ = [
@@ -253,6 +254,7 @@ def empty(shape: Sequence[int] | int, dtype: DTypeLike = np.float32) -> np.ndarr
     Raises:
         ShapeError: invalid shape.
         DtypeError: dtype MLX cannot move.
+        AllocationError: MLX cannot allocate it (a MemoryError).
     """
     code, is_mlx = parse_dtype(dtype)
     if is_mlx:
@@ -273,6 +275,7 @@ def zeros(shape: Sequence[int] | int, dtype: DTypeLike = np.float32) -> np.ndarr
     Raises:
         ShapeError: invalid shape.
         DtypeError: dtype MLX cannot move.
+        AllocationError: MLX cannot allocate it (a MemoryError).
     """
     out = empty(shape, dtype)
     out.fill(0)
@@ -326,8 +329,11 @@ def set_cache_limit(limit: int) -> int:
         The previous limit.
 
     Raises:
+        ArgumentTypeError: not an integer (bools included; a TypeError).
         InvalidArgumentError: a negative limit (a ValueError).
     """
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise ArgumentTypeError(f"cache limit must be an integer number of bytes, got {limit!r}")
     if limit < 0:
         raise InvalidArgumentError(f"cache limit must be >= 0, got {limit}")
     previous, pool.limit = pool.limit, int(limit)

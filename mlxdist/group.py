@@ -202,7 +202,7 @@ class Group:
             The sum, of ``x``'s kind, shape and dtype.
 
         Raises:
-            DtypeError, ShapeError, InvalidArgumentError, GroupClosedError,
+            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError, GroupClosedError,
             CommunicationError: see :mod:`mlxdist.errors`.
         """
         if type(x) is mx.array and self._fast and stream is None and out is None:
@@ -230,7 +230,8 @@ class Group:
     def all_gather(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Concatenate every rank's ``x`` along axis 0, in rank order.
 
-        A scalar becomes a vector of ``size`` elements.
+        A scalar becomes a vector of ``size`` elements; a size-1 group returns
+        its input as it is (as MLX's does), so a scalar stays a scalar there.
 
         Args:
             x: An mx.array or numpy array, the same shape and dtype on every rank.
@@ -242,7 +243,7 @@ class Group:
             The gathered array, of ``x``'s kind.
 
         Raises:
-            DtypeError, ShapeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError, DtypeError, ShapeError, GroupClosedError, CommunicationError.
         """
         return self._collective("all_gather", x, stream, out)
 
@@ -264,7 +265,7 @@ class Group:
 
         Raises:
             ShapeError: scalar input or axis 0 not divisible by the size.
-            DtypeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError.
         """
         return self._collective("sum_scatter", x, stream, out)
 
@@ -311,7 +312,7 @@ class Group:
         Raises:
             InvalidRankError: dst not an integer rank, this rank, or a size-1 group.
             UnsupportedOperationError: ring and dst not a neighbour.
-            DtypeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError.
         """
         dst = self._peer(dst, "send to", "dst")
         if type(x) is mx.array:

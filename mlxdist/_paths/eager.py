@@ -50,7 +50,7 @@ def _overlap(a: MlxBuffer, b: MlxBuffer) -> bool:
 def _out_buffer(out: Any, shape: tuple[int, ...], code: int) -> MlxBuffer | None:
     """Check ``out``; the buffer the backend can write straight into, if any."""
     if type(out) is not np.ndarray:
-        raise DtypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        raise ArgumentTypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:
         raise ShapeError(f"out has shape {out.shape}, the result has shape {shape}")
     if out.dtype != storage_dtype(code):
