@@ -147,13 +147,13 @@ def run_rank(args: argparse.Namespace) -> None:
                     times[name][r] = timed(model, x, group)
             slowest = {name: slowest_rank(group, t) for name, t in times.items()}
             results.append({
-                "format": fmt, "tokens": tokens, "ranks": group.size,
+                "format": fmt, "tokens": tokens, "ranks": group.size(),
                 **{name: float(np.median(t)) for name, t in slowest.items()},
                 # Each round times both back to back: the ratio within a round
                 # is the least affected by other load on the machine.
                 "ratio": float(np.median(slowest["mlxdist"] / slowest["mlx"])),
             })
-    if group.rank == 0:
+    if group.rank() == 0:
         print(RESULT_TAG + json.dumps(results), flush=True)
 
 
