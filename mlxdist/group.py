@@ -25,7 +25,7 @@ import numpy as np
 from mlxdist._c import ffi, lib
 from mlxdist._c.gate import WorldState, raise_last
 from mlxdist._c.handles import GroupHandle
-from mlxdist._paths import eager, lazy
+from mlxdist._paths import eager, fillins, lazy
 from mlxdist.backends import Backend, capabilities
 from mlxdist.dtypes import DTypeLike, code_of_mlx, parse_dtype
 from mlxdist.errors import (
@@ -59,7 +59,7 @@ class Group:
             process that no launcher started.
     """
 
-    __slots__ = ("_handle", "_address", "_rank", "_size", "backend", "_caps", "_world", "__weakref__")
+    __slots__ = ("_handle", "_address", "_rank", "_size", "backend", "_caps", "_composed", "_world", "__weakref__")
 
     def __init__(self, handle: GroupHandle, backend: Backend | None, world: WorldState) -> None:
         self._handle = handle
@@ -72,6 +72,7 @@ class Group:
         self._size = lib.mlx_distributed_group_size(handle.value)
         if self._rank < 0 or self._size < 1:
             raise_last("group")
+        self._composed = fillins.composed(self._caps, self._size)
 
     def rank(self) -> int:
         """This process's rank in the group."""
@@ -167,7 +168,8 @@ class Group:
             CommunicationError: see :mod:`mlxdist.errors`.
         """
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
+            if out is not None:
+                _no_out_for_mlx(out)
             return lazy.collective(self, "all_sum", x, stream)
         _numpy_only_stream(stream)
         return eager.collective(self, "all_sum", x, out)
@@ -175,7 +177,8 @@ class Group:
     def all_max(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Element-wise maximum over all ranks; arguments as :meth:`all_sum`."""
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
+            if out is not None:
+                _no_out_for_mlx(out)
             return lazy.collective(self, "all_max", x, stream)
         _numpy_only_stream(stream)
         return eager.collective(self, "all_max", x, out)
@@ -183,7 +186,8 @@ class Group:
     def all_min(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Element-wise minimum over all ranks; arguments as :meth:`all_sum`."""
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
+            if out is not None:
+                _no_out_for_mlx(out)
             return lazy.collective(self, "all_min", x, stream)
         _numpy_only_stream(stream)
         return eager.collective(self, "all_min", x, out)
@@ -206,7 +210,8 @@ class Group:
             DtypeError, ShapeError, GroupClosedError, CommunicationError.
         """
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
+            if out is not None:
+                _no_out_for_mlx(out)
             return lazy.collective(self, "all_gather", x, stream)
         _numpy_only_stream(stream)
         return eager.collective(self, "all_gather", x, out)
@@ -232,7 +237,8 @@ class Group:
             DtypeError, GroupClosedError, CommunicationError.
         """
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
+            if out is not None:
+                _no_out_for_mlx(out)
             return lazy.collective(self, "sum_scatter", x, stream)
         _numpy_only_stream(stream)
         return eager.collective(self, "sum_scatter", x, out)
@@ -336,7 +342,8 @@ class Group:
         """
         src = self._peer(src, "receive from", "src")
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
+            if out is not None:
+                _no_out_for_mlx(out)
             code_of_mlx(x.dtype)
             return lazy.recv_like(self, x, src, stream)
         _numpy_only_stream(stream)

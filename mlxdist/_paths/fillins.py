@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from mlxdist.backends import Capabilities
+from mlxdist.backends import OPERATIONS, Capabilities
 from mlxdist.rules import SAME_SHAPE
 
-__all__ = ["applies", "compose"]
+__all__ = ["applies", "composed", "compose"]
 
 
 def _scatter_missing(op: str, caps: Capabilities) -> bool:
@@ -30,6 +30,22 @@ def _bool_as_bytes(op: str, caps: Capabilities, is_bool: bool) -> bool:
 def applies(op: str, caps: Capabilities, is_bool: bool) -> bool:
     """Whether ``op`` on this backend (for this dtype) must be composed."""
     return _scatter_missing(op, caps) or _bool_as_bytes(op, caps, is_bool)
+
+
+def composed(caps: Capabilities, size: int) -> tuple[frozenset[str], frozenset[str]]:
+    """The operations a group of ``size`` ranks composes, decided once per group.
+
+    Returns:
+        (those composed whatever the dtype, those composed for bool arrays);
+        both empty on a single-process group, where collectives return their
+        input.
+    """
+    if size == 1:
+        return frozenset(), frozenset()
+    return (
+        frozenset(op for op in OPERATIONS if applies(op, caps, False)),
+        frozenset(op for op in OPERATIONS if applies(op, caps, True)),
+    )
 
 
 def compose(
