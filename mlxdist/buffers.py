@@ -14,6 +14,7 @@ without a copy; released large ones are kept for reuse (:func:`set_cache_limit`)
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import weakref
@@ -42,6 +43,11 @@ __all__ = [
 ]
 
 MIN_BYTES = 1 << 20
+# Eager calls make buffers for their operands and results, so every
+# microsecond here shows up in small collectives: cffi's uintptr_t type and
+# numpy's type strings (dtype.str builds a new string each time) are kept.
+_UINTPTR = ffi.typeof("uintptr_t")
+_typestr = functools.lru_cache(maxsize=None)(lambda storage: storage.str)
 
 
 class BufferPool:
@@ -110,18 +116,18 @@ class MlxBuffer:
         # For a wrapped buffer, the object owning the memory, kept alive here.
         self.owner = owner
         # The handle struct, for C calls; the handle keeps its object alive.
-        self.value = handle.value
+        self.value = value = handle.value
         self.shape = shape
         self.code = code
         self.storage = storage = storage_dtype(code)
         self.nbytes = storage.itemsize * math.prod(shape)
-        self.ptr = int(ffi.cast("uintptr_t", lib.mlxdist_array_data(self.value)))
+        self.ptr = ptr = int(ffi.cast(_UINTPTR, lib.mlxdist_array_data(value)))
         # numpy needs a non-null address even for an empty array.
         self.__array_interface__ = {
             "version": 3,
             "shape": shape,
-            "typestr": storage.str,
-            "data": (self.ptr or 1, False),
+            "typestr": _typestr(storage),
+            "data": (ptr or 1, False),
         }
 
     @classmethod
