@@ -105,7 +105,6 @@ class MlxBuffer:
         "storage",
         "nbytes",
         "owner",
-        "__array_interface__",
         "__weakref__",
     )
 
@@ -121,14 +120,14 @@ class MlxBuffer:
         self.code = code
         self.storage = storage = storage_dtype(code)
         self.nbytes = storage.itemsize * math.prod(shape)
-        self.ptr = ptr = int(ffi.cast(_UINTPTR, lib.mlxdist_array_data(value)))
+        self.ptr = int(ffi.cast(_UINTPTR, lib.mlxdist_array_data(value)))
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        """numpy's view of the buffer; made on demand, since the operands an
+        eager call wraps are never viewed."""
         # numpy needs a non-null address even for an empty array.
-        self.__array_interface__ = {
-            "version": 3,
-            "shape": shape,
-            "typestr": _typestr(storage),
-            "data": (ptr or 1, False),
-        }
+        return {"version": 3, "shape": self.shape, "typestr": _typestr(self.storage), "data": (self.ptr or 1, False)}
 
     @classmethod
     def allocate(cls, shape: tuple[int, ...], code: int) -> "MlxBuffer":
