@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 RUNS = {
-    "chain": ["--workload", "chain", "-w", "3", "-n", "60", "--rounds", "10"],
+    "chain": ["--workload", "chain", "-w", "3", "-n", "60", "--rounds", "30"],
     "latency": ["-b", "1K", "-e", "64K", "-f", "64", "-o", "all_sum,sendrecv", "-w", "50", "-n", "1000",
                 "--rounds", "20"],
+    # One iteration per round: load from elsewhere comes in bursts longer than a 64 MiB operation.
     "bandwidth": ["-b", "1M", "-e", "64M", "-f", "8", "-o", "all_sum,all_gather", "-w", "3", "-n", "24",
-                  "--rounds", "6"],
+                  "--rounds", "24"],
     "tp": ["--tp", "-o", "all_sum"],
 }
 DEFAULT_RUNS = ("chain", "latency", "bandwidth")

@@ -268,6 +268,9 @@ def test_sizes_and_bus_factors() -> None:
     assert parse_size("1K") == 1024 and parse_size("64M") == 64 << 20 and parse_size("512") == 512
     sweep = BenchConfig(min_bytes=1 << 10, max_bytes=64 << 20)
     assert [b for b, _ in size_points(sweep, "float32")] == [1 << k for k in range(10, 27)]
+    chain = parse_args(["--workload", "chain"])
+    assert (chain.chain_length, chain.hidden, chain.dtypes) == (64, 4096, ("float16",))
+    assert chain.impls == ("mlxdist-mlx", "mx.distributed")
     tp = parse_args(["--tp"])
     assert tp.dtypes == ("float16", "bfloat16")
     assert size_points(tp, "float16") == [(4096 * t * 2, t) for t in (1, 8, 32, 128, 512)]
@@ -279,7 +282,8 @@ def test_sizes_and_bus_factors() -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    for argv in (["-b", "1X"], ["-d", "float64"], ["-b", "4K", "-e", "1K"], ["-o", "all_prod"]):
+    for argv in (["-b", "1X"], ["-d", "float64"], ["-b", "4K", "-e", "1K"], ["-o", "all_prod"],
+                 ["--workload", "chain", "--tp"], ["--workload", "chain", "-o", "all_sum"], ["--length", "0"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
 

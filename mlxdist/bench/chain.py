@@ -199,11 +199,11 @@ def _measure(
     model = expected_chain(chain, group.size())
     reference = values.get(REFERENCE, model)
     rows = []
-    for name, _ in impls:
+    for (name, _), impl_times in zip(impls, times):
         expected = model if name == REFERENCE else reference
         wrong = 0 if expected is None else count_mismatches(values[name], expected)
         total_wrong = int(np.asarray(group.all_sum(np.array([wrong], np.int64)))[0])
-        slowest = slowest_rank(group, np.concatenate(times[[n for n, _ in impls].index(name)]))
+        slowest = slowest_rank(group, np.concatenate(impl_times))
         rows.append(_row(chain, name, slowest, total_wrong, config))
     anchor = next((r for r in rows if r["impl"] == REFERENCE), None)
     for row in rows:
