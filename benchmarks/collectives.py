@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 RUNS = {
-    "chain": ["--workload", "chain", "-w", "3", "-n", "60", "--rounds", "30"],
+    "chain": ["--workload", "chain", "-w", "3", "-n", "120", "--rounds", "120"],
     "latency": ["-b", "1K", "-e", "64K", "-f", "64", "-o", "all_sum,sendrecv", "-w", "50", "-n", "1000",
                 "--rounds", "20"],
     # One iteration per round: load from elsewhere comes in bursts longer than a 64 MiB operation.
