@@ -45,9 +45,14 @@ __all__ = [
 MIN_BYTES = 1 << 20
 # Eager calls make buffers for their operands and results, so every
 # microsecond here shows up in small collectives: cffi's uintptr_t type and
-# numpy's type strings (dtype.str builds a new string each time) are kept.
+# numpy's type strings are looked up once.
 _UINTPTR = ffi.typeof("uintptr_t")
-_typestr = functools.lru_cache(maxsize=None)(lambda storage: storage.str)
+
+
+@functools.lru_cache(maxsize=None)
+def _typestr(storage: np.dtype) -> str:
+    """numpy's type string of ``storage`` (``dtype.str`` builds a new string on every access)."""
+    return storage.str
 
 
 class BufferPool:
