@@ -88,8 +88,6 @@ class Group:
         self._handle = handle
         self.backend = backend
         self._caps = capabilities(backend)
-        self._composed = fillins.composed(self._caps)
-        self._bool_ok = "all_sum" not in self._composed[1]
         self._world = world
         self._lock = threading.Lock() if world.concurrent_groups else world.lock
         self._closed = False
@@ -103,6 +101,8 @@ class Group:
         self._size = lib.mlx_distributed_group_size(handle.value)
         if self._rank < 0 or self._size < 1:
             raise_last("group")
+        self._composed = fillins.composed(self._caps, self._size)
+        self._bool_ok = "all_sum" not in self._composed[1]
 
     def rank(self) -> int:
         """This process's rank in the group."""
@@ -377,7 +377,8 @@ class Group:
         """
         src = self._peer(src, "receive from", "src")
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
+            if out is not None:
+                _no_out_for_mlx(out)
             code_of_mlx(x.dtype)
             return lazy.recv_like(self, x, src, stream)
         _numpy_only_stream(stream)

@@ -117,7 +117,8 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
             return x
         np.copyto(out, x)
         return out
-    if fillins.applies(op, group._caps, x.dtype == np.bool_):
+    composed, composed_for_bool = group._composed
+    if op in composed or (op in composed_for_bool and x.dtype == np.bool_):
         result = fillins.compose(
             op, x, group._caps, group._rank, group._size,
             native=lambda o, a: collective(group, o, a, None),
