@@ -53,7 +53,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from mlxdist._sidechannel import Link, Store
 from mlxdist.errors import (
@@ -68,11 +68,12 @@ from mlxdist.errors import (
 __all__ = [
     "DEFAULT_TIMEOUT",
     "JOB_ABORT_EXIT",
+    "UNSET",
     "Settings",
     "Watchdog",
     "settings_from",
-    "start",
-    "watchdog_of",
+    "before_init",
+    "after_init",
     "guard",
     "set_timeout",
     "evaluate",
@@ -167,7 +168,7 @@ def settings_from(
 class _Active:
     """One call in progress under a guard."""
 
-    __slots__ = ("op", "group", "seq", "start", "deadline", "thread", "in_check")
+    __slots__ = ("op", "group", "seq", "start", "deadline", "in_check")
 
     def __init__(self, op: str, group: Any, seq: int, start: float, deadline: float | None) -> None:
         self.op = op
@@ -175,14 +176,13 @@ class _Active:
         self.seq = seq
         self.start = start
         self.deadline = deadline
-        self.thread = threading.get_ident()
         self.in_check = False
 
 
 class Watchdog:
     """Guards every blocking call of one world.
 
-    Built by :func:`start`; the eager gate calls :meth:`guard` around each C
+    Built by :func:`before_init` or :func:`after_init`; the eager gate calls :meth:`guard` around each C
     call, :func:`evaluate` around ``mx.eval``.
 
     Args:
@@ -575,11 +575,6 @@ class _NoGuard:
 _NO_GUARD = _NoGuard()
 
 
-def watchdog_of(world: Any) -> Watchdog | None:
-    """The watchdog of ``world`` (the object a world's groups share), if one runs."""
-    return _watchdogs.get(id(world))
-
-
 def guard(op: str, group: Any, world: Any, args: tuple[Any, ...] = ()) -> Any:
     """The context every blocking call of a world runs in (the eager gate's hook).
 
@@ -832,11 +827,6 @@ def ring_addresses(hosts: list[str]) -> set[tuple[str, int]]:
         if port.isdigit():
             out.add((host, int(port)))
     return out
-
-
-def iter_watchdogs() -> Iterator[Watchdog]:
-    """Every running watchdog (one per world)."""
-    return iter(list(_watchdogs.values()))
 
 
 # -- the hooks init and the eager gate call ------------------------------------

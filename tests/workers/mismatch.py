@@ -21,7 +21,6 @@ four = np.arange(4, dtype=np.float32) + rank
 
 
 def call():
-    other = (rank + 1) % size
     if case == "op":  # all_sum against all_max
         return group.all_sum(four) if rank == 0 else group.all_max(four)
     if case == "shape":  # (4,) against (8,)

@@ -6,7 +6,6 @@ Prints ``RESULT <rank> <class> <seconds in the call> <message>``, then ``AGAIN <
 """
 
 import os
-import sys
 import tempfile
 import time
 
