@@ -55,5 +55,11 @@ def test_the_readme_errors_table_states_the_hierarchy():
             assert issubclass(cls, mlxdist.DistributedError), name
             for b in builtin:
                 assert issubclass(cls, getattr(builtins, b)), f"{name} is not a {b}"
-    exported = {n for n in mlxdist.__all__ if n.endswith("Error") and n != "DistributedError"}
+    exported = {
+        n
+        for n in mlxdist.__all__
+        if isinstance(getattr(mlxdist, n), type)
+        and issubclass(getattr(mlxdist, n), mlxdist.DistributedError)
+        and n != "DistributedError"
+    }
     assert named == exported
