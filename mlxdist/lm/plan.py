@@ -270,7 +270,7 @@ def choose(
     else:
         why = "pipeline parallel as requested"
     ranges = layer_ranges(num_layers, size, pp_weights)
-    spans = ", ".join(f"rank {r}: blocks {a}-{b - 1}" for r, (a, b) in enumerate(ranges))
+    spans = ", ".join(f"rank {r}: blocks [{a}, {b})" for r, (a, b) in enumerate(ranges))
     plan = Plan("pp", f"{why} over {size} ranks ({spans})", family, rank, size, ranges)
     logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
     return plan
