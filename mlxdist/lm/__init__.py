@@ -18,7 +18,8 @@ Requires the ``lm`` extra (``pip install "mlxdist[lm]"``).
 """
 
 from mlxdist.lm.generation import Generation, generate_tokens, logits
-from mlxdist.lm.loading import load, parameter_bytes
+from mlxdist.lm.loading import load
+from mlxdist.lm.memory import parameter_bytes, peak_rss_bytes, rss_bytes
 from mlxdist.lm.plan import MODES, Plan, choose, layer_ranges, tp_violations
 
 __all__ = [
@@ -32,4 +33,6 @@ __all__ = [
     "Generation",
     "logits",
     "parameter_bytes",
+    "peak_rss_bytes",
+    "rss_bytes",
 ]

@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 from typing import IO, Optional, Sequence
 
@@ -103,12 +102,6 @@ def _launch_self(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return result.exit_code
 
 
-def _peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
-
-
 def _run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
@@ -117,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     from mlxdist.lm import _collectives as dist
     from mlxdist.lm.generation import generate_tokens
     from mlxdist.lm.loading import load
+    from mlxdist.lm.memory import peak_rss_bytes
 
     group = mlxdist.init()
     rank, size = dist.rank(group), dist.size(group)
@@ -137,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         sampler = make_sampler(args.temp, top_p=args.top_p, top_k=args.top_k)
     stops = () if args.ignore_eos else tokenizer.eos_token_ids
     out = generate_tokens(model, prompt, args.max_tokens, sampler=sampler, stop_tokens=stops)
-    mine = np.array([[plan.weight_bytes, _peak_rss_bytes(), mx.get_peak_memory()]], dtype=np.int64)
+    mine = np.array([[plan.weight_bytes, peak_rss_bytes(), mx.get_peak_memory()]], dtype=np.int64)
     per_rank = np.asarray(group.all_gather(mine)).reshape(size, 3)
     if rank != 0:
         return 0

@@ -7,22 +7,17 @@ from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlxdist.errors import InvalidArgumentError
 from mlxdist.group import Group
 from mlxdist.lm import _collectives as dist
+from mlxdist.lm.memory import parameter_bytes
 from mlxdist.lm.pipeline import apply_pipeline_parallel
 from mlxdist.lm.plan import Plan, choose, layout_of
 from mlxdist.lm.tensor import apply_tensor_parallel
 from mlxdist.world import world
 
-__all__ = ["load", "parameter_bytes"]
-
-
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of a model's parameters (as held by this process)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+__all__ = ["load"]
 
 
 def _checkpoint_dir(path_or_dir: Union[str, Path]) -> Path:

@@ -35,7 +35,9 @@ def _get(root: nn.Module, path: str) -> nn.Module:
 
 
 def shard_block(block: nn.Module, layout: FamilyLayout, group: Group) -> None:
-    """Shard one decoder block in place over ``group``.
+    """Shard one decoder block in place over ``group``, materialising each projection's shard at once.
+
+    Only one unsharded projection is read into memory at a time.
 
     Args:
         block: The block (checked beforehand with :func:`mlxdist.lm.plan.tp_violations`).
@@ -47,7 +49,10 @@ def shard_block(block: nn.Module, layout: FamilyLayout, group: Group) -> None:
     """
     for sharding, paths in (("all-to-sharded", layout.column), ("sharded-to-all", layout.row)):
         for path in paths:
-            _set(block, path, shard_linear(_get(block, path), sharding, group=group))
+            sharded = shard_linear(_get(block, path), sharding, group=group)
+            _set(block, path, sharded)
+            mx.eval(sharded.parameters())
+            mx.clear_cache()  # the unsharded projection's buffers go back to the system
     attention = _get(block, layout.attention)
     n = group_size(group)
     for name in layout.head_counts:
@@ -55,10 +60,9 @@ def shard_block(block: nn.Module, layout: FamilyLayout, group: Group) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, layout: FamilyLayout, group: Group) -> int:
-    """Shard every decoder block, materialising each block's shards before the next.
+    """Shard every decoder block, one projection at a time.
 
-    Only one block's unsharded weights are read at a time, so no rank ever
-    holds the whole model.
+    No rank ever holds more than its shard plus one unsharded projection.
 
     Args:
         model: A lazily loaded mlx-lm model whose TP constraints hold.
