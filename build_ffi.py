@@ -14,7 +14,12 @@ import re
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from cffi import FFI
+
+if TYPE_CHECKING:
+    from setuptools import Extension
 
 ROOT = Path(__file__).resolve().parent
 CMLX = ROOT / "cmlx"
@@ -62,6 +67,19 @@ def mlx_package_dir() -> Path:
     return Path(next(iter(mlx.__path__))).resolve()
 
 
+def rpath_args(rpaths: list[str]) -> list[str]:
+    """Linker arguments for ``$ORIGIN``-relative (``@loader_path`` on macOS) rpaths."""
+    if sys.platform == "darwin":
+        return [f"-Wl,-rpath,{r.replace('$ORIGIN', '@loader_path')}" for r in rpaths]
+    return [f"-Wl,-rpath,{r}" for r in rpaths] + ["-Wl,-z,origin"]
+
+
+# Both extensions land in site-packages/mlxdist/ and libmlx in
+# site-packages/mlx/lib/: an $ORIGIN-relative rpath survives pip's isolated
+# build directory being deleted.
+MLX_RPATH = "$ORIGIN/../mlx/lib"
+
+
 def build_settings() -> dict:
     mlx_dir = mlx_package_dir()
     mlx_lib = mlx_dir / "lib"
@@ -69,10 +87,7 @@ def build_settings() -> dict:
     library_dirs = [str(mlx_lib)]
     libraries = ["mlx"]
     sources = CMLX_SOURCES + EXT_SOURCES
-    # The extension lands in site-packages/mlxdist/ and libmlx in
-    # site-packages/mlx/lib/: an $ORIGIN-relative rpath survives pip's
-    # isolated build directory being deleted.
-    rpaths = ["$ORIGIN/../mlx/lib"]
+    rpaths = [MLX_RPATH]
     prefix = os.environ.get("MLXDIST_MLXC_PREFIX")
     if prefix:
         include_dirs.insert(0, str(Path(prefix) / "include"))
@@ -80,11 +95,7 @@ def build_settings() -> dict:
         libraries.insert(0, "mlxc")
         sources = EXT_SOURCES
         rpaths.append(str(Path(prefix) / "lib"))
-    if sys.platform == "darwin":
-        rpaths = [r.replace("$ORIGIN", "@loader_path") for r in rpaths]
-        link_args = [f"-Wl,-rpath,{r}" for r in rpaths]
-    else:
-        link_args = [f"-Wl,-rpath,{r}" for r in rpaths] + ["-Wl,-z,origin"]
+    link_args = rpath_args(rpaths)
     return dict(
         # setuptools insists on sources relative to the project directory;
         # ffibuilder.compile() (run as a script) works from its own directory.
@@ -95,6 +106,41 @@ def build_settings() -> dict:
         extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden"],
         extra_link_args=link_args,
         source_extension=".cpp",
+    )
+
+
+def bridge_extension() -> "Extension":
+    """The nanobind module ``mlxdist._bridge`` (cmlx/src/bridge/bridge.cpp).
+
+    It is compiled in MLX's nanobind domain (``NB_DOMAIN=mlx``) with the
+    nanobind the build requirements pin, whose internals key must equal
+    mlx.core's for the two to share MLX's bound types.
+    """
+    import nanobind
+    from setuptools import Extension
+
+    nb_dir = Path(nanobind.__file__).resolve().parent
+    mlx_dir = mlx_package_dir()
+    return Extension(
+        "mlxdist._bridge",
+        sources=[
+            os.path.relpath(CMLX / "src" / "bridge" / "bridge.cpp"),
+            # (setuptools refuses absolute source paths)
+            os.path.relpath(nb_dir / "src" / "nb_combined.cpp"),
+        ],
+        include_dirs=[
+            str(INCLUDE),
+            str(mlx_dir / "include"),
+            str(nb_dir / "include"),
+            str(nb_dir / "src"),
+            str(nb_dir / "ext" / "robin_map" / "include"),
+        ],
+        define_macros=[("NB_DOMAIN", "mlx"), ("NB_COMPACT_ASSERTIONS", None), ("NDEBUG", None)],
+        library_dirs=[str(mlx_dir / "lib")],
+        libraries=["mlx"],
+        extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden", "-fno-strict-aliasing"],
+        extra_link_args=rpath_args([MLX_RPATH]),
+        language="c++",
     )
 
 

@@ -2,17 +2,19 @@
 
 Quick start (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 
+    import mlx.core as mx
     import numpy as np
     import mlxdist
 
     group = mlxdist.init()
-    total = group.all_sum(np.full(4, group.rank, np.float32))
+    lazy = mlxdist.all_sum(mx.ones(4))                # as mx.distributed: lazy
+    now = group.all_sum(np.full(4, group.rank(), np.float32))  # numpy: eager
 """
 
-from mlxdist._pool import set_cache_limit
-from mlxdist.arrays import asarray, empty, is_registered, zeros
 from mlxdist.backends import Backend, detect_backend, is_available
+from mlxdist.buffers import asarray, empty, is_registered, set_cache_limit, zeros
 from mlxdist.errors import (
+    AllocationError,
     BackendUnavailableError,
     CommunicationError,
     DistributedError,
@@ -22,7 +24,6 @@ from mlxdist.errors import (
     InvalidArgumentError,
     InvalidRankError,
     ShapeError,
-    TransformError,
     UnsupportedOperationError,
 )
 from mlxdist.group import Group
@@ -67,11 +68,11 @@ __all__ = [
     "BackendUnavailableError",
     "InitializationError",
     "UnsupportedOperationError",
-    "TransformError",
     "InvalidArgumentError",
     "InvalidRankError",
     "ShapeError",
     "DtypeError",
+    "AllocationError",
     "CommunicationError",
     "GroupClosedError",
 ]

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import enum
 import os
+from dataclasses import dataclass
 from typing import Mapping, Union
 
-from mlxdist._ffi import lib
+from mlxdist._c import lib
+from mlxdist.errors import InvalidArgumentError
 
-__all__ = ["Backend", "BackendLike", "is_available", "detect_backend", "NATIVE_OPERATIONS"]
+__all__ = [
+    "Backend",
+    "BackendLike",
+    "Capabilities",
+    "CAPABILITIES",
+    "OPERATIONS",
+    "FILL_INS",
+    "as_backend",
+    "capabilities",
+    "is_available",
+    "detect_backend",
+]
 
 
 class Backend(str, enum.Enum):
@@ -31,16 +44,52 @@ class Backend(str, enum.Enum):
 
 BackendLike = Union[Backend, str]
 
-# Operations each backend provides natively in MLX 0.32 (see the README table).
-# mlxdist fills sum_scatter in from all_sum where it is missing.
-NATIVE_OPERATIONS: dict[Backend, frozenset[str]] = {
-    Backend.RING: frozenset({"all_sum", "all_max", "all_min", "all_gather", "send", "recv"}),
-    Backend.MPI: frozenset({"all_sum", "all_max", "all_min", "all_gather", "send", "recv", "split"}),
-    Backend.JACCL: frozenset(
-        {"all_sum", "all_max", "all_min", "all_gather", "send", "recv", "sum_scatter"}
-    ),
-    Backend.NCCL: frozenset({"all_sum", "all_max", "all_min", "all_gather", "split", "sum_scatter"}),
+OPERATIONS = ("all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "split")
+# What mlxdist computes where a backend lacks an operation, from which operation.
+FILL_INS = {"sum_scatter": "all_sum"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What MLX 0.32 provides on one backend.
+
+    Attributes:
+        native: The operations MLX implements.
+        neighbours_only: send/recv reach only rank +- 1.
+        bool_reductions: reductions of bool arrays work (MPI has no
+            arithmetic on MPI_C_BOOL: mlxdist reduces their bytes as uint8).
+    """
+
+    native: frozenset[str]
+    neighbours_only: bool = False
+    bool_reductions: bool = True
+
+    def status(self, op: str) -> str:
+        """"native", "mlxdist" (filled in) or "unavailable" for an operation."""
+        if op in self.native:
+            return "native"
+        if FILL_INS.get(op) in self.native:
+            return "mlxdist"
+        return "unavailable"
+
+
+_REDUCTIONS = frozenset({"all_sum", "all_max", "all_min", "all_gather"})
+# The one table of backend facts; linkcheck, the bench, the groups and the
+# README's table (checked by a test) all read it.
+CAPABILITIES: dict[Backend, Capabilities] = {
+    Backend.RING: Capabilities(_REDUCTIONS | {"send", "recv"}, neighbours_only=True),
+    Backend.MPI: Capabilities(_REDUCTIONS | {"send", "recv", "split"}, bool_reductions=False),
+    Backend.JACCL: Capabilities(_REDUCTIONS | {"send", "recv", "sum_scatter"}),
+    Backend.NCCL: Capabilities(_REDUCTIONS | {"split", "sum_scatter"}),
 }
+# The group of a process no launcher started: collectives return their input.
+SINGLE_PROCESS = Capabilities(_REDUCTIONS | {"sum_scatter"})
+
+
+def capabilities(backend: Backend | None) -> Capabilities:
+    """The capabilities of a group's backend (None: the single-process group)."""
+    return SINGLE_PROCESS if backend is None else CAPABILITIES[backend]
+
 
 _MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
@@ -49,15 +98,17 @@ def as_backend(backend: BackendLike) -> Backend:
     """Parse a backend name or member.
 
     Raises:
-        ValueError: unknown name.
+        InvalidArgumentError: not a backend name (a ValueError).
     """
     if isinstance(backend, Backend):
         return backend
+    names = ", ".join(b.value for b in Backend)
+    if not isinstance(backend, str):
+        raise InvalidArgumentError(f"backend must be a Backend or one of {names}, got {backend!r}")
     try:
-        return Backend(str(backend).lower())
+        return Backend(backend.lower())
     except ValueError:
-        names = ", ".join(b.value for b in Backend)
-        raise ValueError(f"unknown backend {backend!r}; expected one of {names}") from None
+        raise InvalidArgumentError(f"unknown backend {backend!r}; expected one of {names}") from None
 
 
 def is_available(backend: BackendLike = Backend.ANY) -> bool:
@@ -70,7 +121,7 @@ def is_available(backend: BackendLike = Backend.ANY) -> bool:
         True if the backend can be initialised in this process.
 
     Raises:
-        ValueError: unknown backend name.
+        InvalidArgumentError: unknown backend name.
     """
     return bool(lib.mlx_distributed_is_available(as_backend(backend).value.encode()))
 

@@ -1,22 +1,29 @@
-"""Initialisation and the world group; module-level collectives on ``group=None``."""
+"""Initialisation, the world group, and the module-level operations.
+
+The module-level functions mirror mx.distributed's: ``group`` and ``stream``
+are keyword-only with None defaults, ``group=None`` meaning the world group.
+"""
 
 from __future__ import annotations
 
 import threading
 from typing import Sequence
 
+import mlx.core as mx
 import numpy as np
 
-from mlxdist._ffi import lib
-from mlxdist._handles import GroupHandle
-from mlxdist.arrays import ArrayLike, DTypeLike
+from mlxdist._c import lib
+from mlxdist._c.gate import WorldState, check
+from mlxdist._c.handles import GroupHandle
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
-from mlxdist.errors import BackendUnavailableError, InitializationError, check
-from mlxdist.group import Engine, Group, WorldState
+from mlxdist.dtypes import DTypeLike
+from mlxdist.errors import BackendUnavailableError, InitializationError, InvalidArgumentError
+from mlxdist.group import ArrayLike, Group, StreamLike
 
 __all__ = [
     "init",
     "world",
+    "resolve_group",
     "all_sum",
     "all_max",
     "all_min",
@@ -35,9 +42,7 @@ _worlds: dict[Backend | None, WorldState] = {}
 _world: Group | None = None
 
 
-def init(
-    backend: BackendLike = Backend.ANY, strict: bool = False, *, engine: Engine = "direct"
-) -> Group:
+def init(backend: BackendLike = Backend.ANY, strict: bool = False) -> Group:
     """Join the distributed world and return its group.
 
     ``Backend.ANY`` follows the launch environment (see
@@ -49,19 +54,19 @@ def init(
         backend: A :class:`Backend` or its name.
         strict: Raise instead of falling back to a single-process group when
             the backend cannot form a world.
-        engine: ``"direct"`` calls the backend with no graph (fast path);
-            ``"graph"`` goes through mlx-c's lazy functions and evaluation.
 
     Returns:
         The world group. The first call also makes it the default group of the
         module-level functions.
 
     Raises:
-        ValueError: unknown backend name or engine.
+        InvalidArgumentError: unknown backend name, or strict not a bool.
         BackendUnavailableError: MLX lacks the backend here.
         InitializationError: strict and no world could be formed.
     """
     global _world
+    if not isinstance(strict, bool):
+        raise InvalidArgumentError(f"strict must be a bool, got {strict!r}")
     requested = as_backend(backend)
     chosen = detect_backend() if requested is Backend.ANY else requested
     if chosen is None and strict:
@@ -84,7 +89,7 @@ def init(
             # MLX caches a failed non-strict init as a size-1 group; a ring,
             # jaccl or NCCL world always has several ranks.
             raise InitializationError(f"{chosen.value} formed no world of several ranks")
-        group = Group(handle, kind, _worlds.setdefault(kind, WorldState()), engine)
+        group = Group(handle, kind, _worlds.setdefault(kind, WorldState()))
         if _world is None or _world.closed:
             _world = group
     return group
@@ -102,57 +107,74 @@ def world() -> Group:
     return group
 
 
-def _group(group: Group | None) -> Group:
-    return world() if group is None else group
+def resolve_group(group: Group | None) -> Group:
+    """``group``, or the world group when None (initialising it if needed).
+
+    Raises:
+        InvalidArgumentError: ``group`` is not an mlxdist Group (for instance
+            an mx.distributed.Group).
+    """
+    if group is None:
+        return world()
+    if type(group) is not Group:
+        raise InvalidArgumentError(f"group must be an mlxdist.Group or None, got {type(group).__name__}")
+    return group
 
 
-def all_sum(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+def all_sum(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_sum` on ``group`` (the world group when None)."""
-    return _group(group).all_sum(x, out=out)
+    return resolve_group(group).all_sum(x, stream=stream, out=out)
 
 
-def all_max(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+def all_max(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_max` on ``group`` (the world group when None)."""
-    return _group(group).all_max(x, out=out)
+    return resolve_group(group).all_max(x, stream=stream, out=out)
 
 
-def all_min(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+def all_min(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_min` on ``group`` (the world group when None)."""
-    return _group(group).all_min(x, out=out)
+    return resolve_group(group).all_min(x, stream=stream, out=out)
 
 
-def all_gather(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+def all_gather(
+    x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
+) -> ArrayLike:
     """:meth:`Group.all_gather` on ``group`` (the world group when None)."""
-    return _group(group).all_gather(x, out=out)
+    return resolve_group(group).all_gather(x, stream=stream, out=out)
 
 
-def sum_scatter(x: ArrayLike, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+def sum_scatter(
+    x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
+) -> ArrayLike:
     """:meth:`Group.sum_scatter` on ``group`` (the world group when None)."""
-    return _group(group).sum_scatter(x, out=out)
+    return resolve_group(group).sum_scatter(x, stream=stream, out=out)
 
 
-def send(x: ArrayLike, dst: int, group: Group | None = None) -> None:
+def send(x: ArrayLike, dst: int, *, group: Group | None = None, stream: StreamLike = None) -> mx.array | None:
     """:meth:`Group.send` on ``group`` (the world group when None)."""
-    _group(group).send(x, dst)
+    return resolve_group(group).send(x, dst, stream=stream)
 
 
 def recv(
     shape: Sequence[int] | int,
     dtype: DTypeLike,
     src: int,
-    group: Group | None = None,
     *,
+    group: Group | None = None,
+    stream: StreamLike = None,
     out: np.ndarray | None = None,
 ) -> ArrayLike:
     """:meth:`Group.recv` on ``group`` (the world group when None)."""
-    return _group(group).recv(shape, dtype, src, out=out)
+    return resolve_group(group).recv(shape, dtype, src, stream=stream, out=out)
 
 
-def recv_like(x: ArrayLike, src: int, group: Group | None = None, *, out: np.ndarray | None = None) -> ArrayLike:
+def recv_like(
+    x: ArrayLike, src: int, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
+) -> ArrayLike:
     """:meth:`Group.recv_like` on ``group`` (the world group when None)."""
-    return _group(group).recv_like(x, src, out=out)
+    return resolve_group(group).recv_like(x, src, stream=stream, out=out)
 
 
-def barrier(group: Group | None = None) -> None:
+def barrier(*, group: Group | None = None) -> None:
     """:meth:`Group.barrier` on ``group`` (the world group when None)."""
-    _group(group).barrier()
+    resolve_group(group).barrier()

@@ -36,7 +36,11 @@ extern "C" int mlx_distributed_init(
     bool strict,
     const char* bk) {
   return cmlx::guarded([&] {
-    cmlx::set_group(res, mxd::init(strict, bk ? bk : "any"));
+    try {
+      cmlx::set_group(res, mxd::init(strict, bk ? bk : "any"));
+    } catch (const std::exception& e) {
+      throw cmlx::Error(MLXDIST_ERROR_INIT, e.what());
+    }
   });
 }
 

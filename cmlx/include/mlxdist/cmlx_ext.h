@@ -19,11 +19,29 @@
 extern "C" {
 #endif
 
-/* Error handler that keeps the last message per thread; install it with
- * mlx_set_error_handler(mlxdist_error_handler, NULL, NULL). */
+/* What kind of failure an error was, decided where it was raised. Errors
+ * reported by a real mlx-c's own functions are UNKNOWN. Only COMMUNICATION
+ * means the transport failed; every other kind leaves the group usable. */
+typedef enum mlxdist_error_kind_ {
+  MLXDIST_ERROR_NONE,
+  MLXDIST_ERROR_UNKNOWN,
+  MLXDIST_ERROR_ARGUMENT,
+  MLXDIST_ERROR_SHAPE,
+  MLXDIST_ERROR_DTYPE,
+  MLXDIST_ERROR_RANK,
+  MLXDIST_ERROR_UNSUPPORTED,
+  MLXDIST_ERROR_COMMUNICATION,
+  MLXDIST_ERROR_INIT,
+  MLXDIST_ERROR_MEMORY,
+} mlxdist_error_kind;
+
+/* Error handler that keeps the last message and its kind per thread; install
+ * it with mlx_set_error_handler(mlxdist_error_handler, NULL, NULL). */
 void mlxdist_error_handler(const char* msg, void* data);
 /* The calling thread's last error message ("" if none). */
 const char* mlxdist_last_error(void);
+/* The kind of the calling thread's last error (NONE if none). */
+mlxdist_error_kind mlxdist_last_error_kind(void);
 void mlxdist_clear_error(void);
 
 /* The MLX version the extension was compiled against ("major.minor.patch"). */
@@ -61,10 +79,11 @@ void* mlxdist_array_data(const mlx_array arr);
 bool mlxdist_array_is_dense(const mlx_array arr);
 
 /* Collectives straight on the backend, with no graph: when the call returns
- * the result is in `out`. `x` and `out` must be dense (see above); `out` may
- * be `x` itself for the reductions (in place). Shapes: the reductions keep
- * x's shape; all_gather multiplies axis 0 by the group size (a scalar becomes
- * a vector); sum_scatter divides axis 0 by it. */
+ * the result is in `out`. `x` and `out` must be dense (see above), of one
+ * dtype; `out` may be `x` itself for the reductions (in place), and must not
+ * otherwise overlap it. `out` holds as many bytes as the result: x's for the
+ * reductions, size times x's for all_gather, x's over size for sum_scatter
+ * (the caller gives it the result's shape). */
 typedef enum mlxdist_op_ {
   MLXDIST_ALL_SUM,
   MLXDIST_ALL_MAX,

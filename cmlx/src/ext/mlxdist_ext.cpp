@@ -32,6 +32,7 @@ namespace mxd = mlx::core::distributed;
 namespace {
 
 thread_local std::string last_error;
+thread_local mlxdist_error_kind last_error_kind = MLXDIST_ERROR_NONE;
 
 template <typename F>
 int guarded(F&& body) {
@@ -79,9 +80,13 @@ mx::allocator::Data foreign_data(void* data, size_t nbytes) {
       [](mx::allocator::Buffer) {});
 }
 
+[[noreturn]] void fail(mlxdist_error_kind kind, const std::string& msg) {
+  throw cmlx::Error(kind, "[mlxdist] " + msg);
+}
+
 mx::array& array_of(mlx_array a, const char* name) {
   if (a.ctx == nullptr) {
-    throw std::invalid_argument(std::string("[mlxdist] null array: ") + name);
+    fail(MLXDIST_ERROR_ARGUMENT, std::string("null array: ") + name);
   }
   return *static_cast<mx::array*>(a.ctx);
 }
@@ -94,13 +99,11 @@ bool is_dense(const mx::array& a) {
 mx::array& dense_array(mlx_array handle, const char* name) {
   auto& a = array_of(handle, name);
   if (a.status() == mx::array::Status::unscheduled) {
-    throw std::invalid_argument(
-        std::string("[mlxdist] array is not evaluated: ") + name);
+    fail(MLXDIST_ERROR_ARGUMENT, std::string("array is not evaluated: ") + name);
   }
   a.wait();
   if (!is_dense(a)) {
-    throw std::invalid_argument(
-        std::string("[mlxdist] array is not row contiguous: ") + name);
+    fail(MLXDIST_ERROR_ARGUMENT, std::string("array is not row contiguous: ") + name);
   }
   return a;
 }
@@ -111,62 +114,53 @@ mxd::Group group_of(mlx_distributed_group g) {
 
 mx::Stream& stream_of(mlx_stream s) {
   if (s.ctx == nullptr) {
-    throw std::invalid_argument("[mlxdist] null stream");
+    fail(MLXDIST_ERROR_ARGUMENT, "null stream");
   }
   return *static_cast<mx::Stream*>(s.ctx);
 }
 
-std::string shape_str(const mx::Shape& shape) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < shape.size(); i++) {
-    os << (i ? ", " : "") << shape[i];
-  }
-  os << (shape.size() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-mx::Shape expected_shape(const mx::array& x, mlxdist_op op, int size) {
-  mx::Shape shape = x.shape();
+// The bytes `op` writes for an input of `in_bytes` on `size` ranks. The
+// caller shapes `out` (mlxdist.rules holds the shape rules); this only keeps
+// the backend inside the memory it was given.
+size_t result_bytes(size_t in_bytes, mlxdist_op op, int size) {
   switch (op) {
     case MLXDIST_ALL_GATHER:
-      if (shape.empty()) {
-        shape.push_back(size);
-      } else {
-        shape[0] *= size;
-      }
-      break;
+      return in_bytes * size;
     case MLXDIST_SUM_SCATTER:
-      if (shape.empty() || shape[0] % size != 0) {
-        throw std::invalid_argument(
-            "[sum_scatter] Invalid shape=" + shape_str(shape) +
-            " for a group of size " + std::to_string(size) +
-            ". The first dimension (axis 0) must be divisible by the group size.");
-      }
-      shape[0] /= size;
-      break;
-    default:
-      break;
+      return in_bytes / size;
+    case MLXDIST_ALL_SUM:
+    case MLXDIST_ALL_MAX:
+    case MLXDIST_ALL_MIN:
+      return in_bytes;
   }
-  return shape;
+  fail(MLXDIST_ERROR_ARGUMENT, "invalid collective op");
 }
 
-// Waits for the work a backend call queued on `s` and rethrows its error.
-void complete(const mx::Stream& s) {
-  mx::synchronize(s);
-  mx::scheduler::check_error(s);
+bool overlap(const mx::array& a, const mx::array& b) {
+  auto pa = a.data<char>();
+  auto pb = b.data<char>();
+  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
 }
 
-void check_peer(int peer, int size, const char* what) {
-  if (size == 1) {
-    throw std::invalid_argument(
-        std::string("[mlxdist] Cannot ") + what + " in a group of size 1");
+// Runs a backend call and waits for the work it queued on `s`; whatever goes
+// wrong there is the transport's failure.
+template <typename F>
+void communicate(const mx::Stream& s, F&& call) {
+  try {
+    call();
+    mx::synchronize(s);
+    mx::scheduler::check_error(s);
+  } catch (const std::exception& e) {
+    throw cmlx::Error(MLXDIST_ERROR_COMMUNICATION, e.what());
   }
+}
+
+void check_peer_in_range(int peer, int size, const char* name) {
   if (peer < 0 || peer >= size) {
-    throw std::invalid_argument(
-        std::string("[mlxdist] Invalid ") + (what[0] == 's' ? "dst" : "src") +
-        "=" + std::to_string(peer) + " for a group of size " +
-        std::to_string(size));
+    fail(
+        MLXDIST_ERROR_RANK,
+        std::string(name) + "=" + std::to_string(peer) +
+            " is not a rank of a group of size " + std::to_string(size));
   }
 }
 
@@ -174,14 +168,23 @@ void check_peer(int peer, int size, const char* what) {
 
 extern "C" void mlxdist_error_handler(const char* msg, void*) {
   last_error = msg ? msg : "";
+  last_error_kind = cmlx::pending_error_kind == MLXDIST_ERROR_NONE
+      ? MLXDIST_ERROR_UNKNOWN
+      : cmlx::pending_error_kind;
+  cmlx::pending_error_kind = MLXDIST_ERROR_NONE;
 }
 
 extern "C" const char* mlxdist_last_error(void) {
   return last_error.c_str();
 }
 
+extern "C" mlxdist_error_kind mlxdist_last_error_kind(void) {
+  return last_error_kind;
+}
+
 extern "C" void mlxdist_clear_error(void) {
   last_error.clear();
+  last_error_kind = MLXDIST_ERROR_NONE;
 }
 
 extern "C" const char* mlxdist_compiled_mlx_version(void) {
@@ -233,11 +236,14 @@ struct Layout {
 
 Layout layout_of(const int* shape, int dim, mlx_dtype dtype) {
   if (dim < 0) {
-    throw std::invalid_argument("[mlxdist] negative dimension count");
+    fail(MLXDIST_ERROR_SHAPE, "negative dimension count");
   }
   size_t count;
   mx::Shape s = cmlx::to_shape(shape, dim, &count);
   mx::Dtype dt = cmlx::to_cpp_dtype(dtype);
+  if (count > SIZE_MAX / mx::size_of(dt)) {
+    fail(MLXDIST_ERROR_MEMORY, "array of " + std::to_string(count) + " elements overflows the address space");
+  }
   return Layout{std::move(s), dt, count * mx::size_of(dt)};
 }
 
@@ -248,7 +254,11 @@ extern "C" int mlxdist_array_alloc(
     mlx_dtype dtype) {
   return guarded([&] {
     Layout l = layout_of(shape, dim, dtype);
-    cmlx::set_array(res, mx::array(mx::allocator::malloc(l.nbytes), std::move(l.shape), l.dtype));
+    auto memory = mx::allocator::malloc(l.nbytes);
+    if (l.nbytes > 0 && memory.buffer().ptr() == nullptr) {
+      fail(MLXDIST_ERROR_MEMORY, "cannot allocate " + std::to_string(l.nbytes) + " bytes");
+    }
+    cmlx::set_array(res, mx::array(std::move(memory), std::move(l.shape), l.dtype));
   });
 }
 
@@ -262,7 +272,7 @@ extern "C" int mlxdist_array_wrap(
     Layout l = layout_of(shape, dim, dtype);
     size_t nbytes = l.nbytes;
     if (data == nullptr && nbytes > 0) {
-      throw std::invalid_argument("[mlxdist] null data for a non-empty array");
+      fail(MLXDIST_ERROR_ARGUMENT, "null data for a non-empty array");
     }
     auto memory = nbytes == 0 ? mx::allocator::malloc(0) : foreign_data(data, nbytes);
     cmlx::set_array(res, mx::array(std::move(memory), std::move(l.shape), l.dtype));
@@ -304,48 +314,48 @@ extern "C" int mlxdist_collective(
     auto g = group_of(group);
     int size = g.size();
     if (o.dtype() != in.dtype()) {
-      throw std::invalid_argument("[mlxdist] out has a different dtype than x");
+      fail(MLXDIST_ERROR_DTYPE, "out has a different dtype than x");
     }
-    auto shape = expected_shape(in, op, size);
-    if (o.shape() != shape) {
-      throw std::invalid_argument(
-          "[mlxdist] out has shape " + shape_str(o.shape()) + ", expected " +
-          shape_str(shape));
+    if (o.nbytes() != result_bytes(in.nbytes(), op, size)) {
+      fail(
+          MLXDIST_ERROR_SHAPE,
+          "out holds " + std::to_string(o.nbytes()) + " bytes, the result " +
+              std::to_string(result_bytes(in.nbytes(), op, size)));
     }
-    if (op == MLXDIST_ALL_GATHER || op == MLXDIST_SUM_SCATTER) {
-      if (o.data<char>() == in.data<char>()) {
-        throw std::invalid_argument(
-            "[mlxdist] all_gather and sum_scatter cannot run in place");
-      }
+    bool in_place = o.data<char>() == in.data<char>();
+    if (!in_place && overlap(o, in)) {
+      fail(MLXDIST_ERROR_ARGUMENT, "out partly overlaps x");
+    }
+    if (in_place && (op == MLXDIST_ALL_GATHER || op == MLXDIST_SUM_SCATTER)) {
+      fail(MLXDIST_ERROR_ARGUMENT, "all_gather and sum_scatter cannot run in place");
     }
     if (size == 1) {
-      if (o.data<char>() != in.data<char>()) {
+      if (!in_place) {
         std::memcpy(o.data<char>(), in.data<char>(), in.nbytes());
       }
       return;
     }
     auto raw = g.raw_group();
     auto cs = raw->communication_stream(stream_of(s));
-    switch (op) {
-      case MLXDIST_ALL_SUM:
-        raw->all_sum(in, o, cs);
-        break;
-      case MLXDIST_ALL_MAX:
-        raw->all_max(in, o, cs);
-        break;
-      case MLXDIST_ALL_MIN:
-        raw->all_min(in, o, cs);
-        break;
-      case MLXDIST_ALL_GATHER:
-        raw->all_gather(in, o, cs);
-        break;
-      case MLXDIST_SUM_SCATTER:
-        raw->sum_scatter(in, o, cs);
-        break;
-      default:
-        throw std::invalid_argument("[mlxdist] invalid collective op");
-    }
-    complete(cs);
+    communicate(cs, [&] {
+      switch (op) {
+        case MLXDIST_ALL_SUM:
+          raw->all_sum(in, o, cs);
+          break;
+        case MLXDIST_ALL_MAX:
+          raw->all_max(in, o, cs);
+          break;
+        case MLXDIST_ALL_MIN:
+          raw->all_min(in, o, cs);
+          break;
+        case MLXDIST_ALL_GATHER:
+          raw->all_gather(in, o, cs);
+          break;
+        case MLXDIST_SUM_SCATTER:
+          raw->sum_scatter(in, o, cs);
+          break;
+      }
+    });
   });
 }
 
@@ -357,11 +367,10 @@ extern "C" int mlxdist_send(
   return guarded([&] {
     auto& in = dense_array(x, "x");
     auto g = group_of(group);
-    check_peer(dst, g.size(), "send");
+    check_peer_in_range(dst, g.size(), "dst");
     auto raw = g.raw_group();
     auto cs = raw->communication_stream(stream_of(s));
-    raw->send(in, dst, cs);
-    complete(cs);
+    communicate(cs, [&] { raw->send(in, dst, cs); });
   });
 }
 
@@ -373,10 +382,9 @@ extern "C" int mlxdist_recv(
   return guarded([&] {
     auto& o = dense_array(out, "out");
     auto g = group_of(group);
-    check_peer(src, g.size(), "recv");
+    check_peer_in_range(src, g.size(), "src");
     auto raw = g.raw_group();
     auto cs = raw->communication_stream(stream_of(s));
-    raw->recv(o, src, cs);
-    complete(cs);
+    communicate(cs, [&] { raw->recv(o, src, cs); });
   });
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from mlxdist._ffi import ffi, lib
+from mlxdist._c import ffi, lib
 
 __all__ = ["Handle", "ArrayHandle", "GroupHandle", "thread_stream"]
 
@@ -86,9 +86,9 @@ def thread_stream() -> Any:
     handle = _StreamHandle()
     handle.out[0] = lib.mlx_default_cpu_stream_new()
     if handle.value.ctx == ffi.NULL:
-        from mlxdist.errors import check
+        from mlxdist._c.gate import raise_last
 
-        check(1, "default CPU stream")
+        raise_last("default CPU stream")
     _local.handle = handle
     _local.value = handle.value
     return _local.value

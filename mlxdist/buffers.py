@@ -1,131 +1,87 @@
-"""Bridging numpy and mlx arrays to cmlx's ``mlx_array`` handles.
+"""Registered buffers: numpy arrays viewing MLX memory, and the eager path's
+bridging of numpy memory to cmlx's ``mlx_array`` handles.
 
 MLX's own constructors cannot adopt memory MLX did not allocate on its CPU
 build (they copy). Registered buffers (:func:`empty`, :func:`zeros`,
 :func:`asarray`) are numpy arrays viewing MLX-allocated memory, as
 ``MPI_Alloc_mem`` or ``ncclMemAlloc`` give: a collective reads them with no
-copy in and can write into them. The direct collectives also view any other
+copy in and can write into them. The eager collectives also view any other
 C-contiguous, aligned numpy memory in place (``mlxdist_array_wrap``), since
-they hand it only to the backend for the length of the call; the graph path,
-and memory that cannot be viewed, cost one copy in. Results are MLX buffers
-that numpy views without a copy.
+they hand it only to the backend for the length of the call; memory that
+cannot be viewed costs one copy in. Results are MLX buffers that numpy views
+without a copy; released large ones are kept for reuse (:func:`set_cache_limit`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
-from typing import Any, Sequence, Union
+from collections import defaultdict
+from typing import Any, Hashable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from mlxdist._ffi import ffi, lib
-from mlxdist._handles import ArrayHandle
-from mlxdist._pool import MIN_BYTES, pool
-from mlxdist.errors import DtypeError, ShapeError, TransformError, check
+from mlxdist._c import ffi, lib
+from mlxdist._c.gate import raise_last
+from mlxdist._c.handles import ArrayHandle
+from mlxdist.dtypes import DTypeLike, code_of_numpy, parse_dtype, storage_dtype
+from mlxdist.errors import DtypeError, InvalidArgumentError, ShapeError
+from mlxdist.rules import INT32_MAX, checked_shape
 
 __all__ = [
-    "ArrayLike",
-    "DTypeLike",
     "MlxBuffer",
     "empty",
     "zeros",
     "asarray",
     "is_registered",
+    "registered_buffer",
+    "operand",
+    "set_cache_limit",
 ]
 
-ArrayLike = Union[np.ndarray, mx.array]
-DTypeLike = Union[np.dtype, type, str, mx.Dtype]
-
-_INT32_MAX = 2**31 - 1
-
-_NUMPY_DTYPES: dict[np.dtype, int] = {
-    np.dtype(np.bool_): lib.MLX_BOOL,
-    np.dtype(np.uint8): lib.MLX_UINT8,
-    np.dtype(np.uint16): lib.MLX_UINT16,
-    np.dtype(np.uint32): lib.MLX_UINT32,
-    np.dtype(np.uint64): lib.MLX_UINT64,
-    np.dtype(np.int8): lib.MLX_INT8,
-    np.dtype(np.int16): lib.MLX_INT16,
-    np.dtype(np.int32): lib.MLX_INT32,
-    np.dtype(np.int64): lib.MLX_INT64,
-    np.dtype(np.float16): lib.MLX_FLOAT16,
-    np.dtype(np.float32): lib.MLX_FLOAT32,
-    np.dtype(np.float64): lib.MLX_FLOAT64,
-    np.dtype(np.complex64): lib.MLX_COMPLEX64,
-}
-_MLX_DTYPES: dict[mx.Dtype, int] = {
-    mx.bool_: lib.MLX_BOOL,
-    mx.uint8: lib.MLX_UINT8,
-    mx.uint16: lib.MLX_UINT16,
-    mx.uint32: lib.MLX_UINT32,
-    mx.uint64: lib.MLX_UINT64,
-    mx.int8: lib.MLX_INT8,
-    mx.int16: lib.MLX_INT16,
-    mx.int32: lib.MLX_INT32,
-    mx.int64: lib.MLX_INT64,
-    mx.float16: lib.MLX_FLOAT16,
-    mx.float32: lib.MLX_FLOAT32,
-    mx.float64: lib.MLX_FLOAT64,
-    mx.bfloat16: lib.MLX_BFLOAT16,
-    mx.complex64: lib.MLX_COMPLEX64,
-}
-# numpy has no bfloat16: its bits travel in uint16 storage.
-_STORAGE: dict[int, np.dtype] = {c: d for d, c in _NUMPY_DTYPES.items()}
-_STORAGE[lib.MLX_BFLOAT16] = np.dtype(np.uint16)
-_MLX_OF: dict[int, mx.Dtype] = {c: d for d, c in _MLX_DTYPES.items()}
+MIN_BYTES = 1 << 20
 
 
-def _numpy_code(dtype: np.dtype) -> int:
-    if not dtype.isnative:
-        raise DtypeError(
-            f"array has non-native byte order ({dtype.str}); convert it with "
-            "a.astype(a.dtype.newbyteorder('='))"
-        )
-    code = _NUMPY_DTYPES.get(dtype)
-    if code is None:
-        raise DtypeError(
-            f"dtype {dtype} cannot be communicated; supported: "
-            + ", ".join(sorted(str(d) for d in _NUMPY_DTYPES))
-            + " (bfloat16 through mlx arrays)"
-        )
-    return code
+class BufferPool:
+    """Released buffers by (shape, dtype), at most ``limit`` bytes in all.
 
-
-def dtype_code(dtype: DTypeLike) -> tuple[int, bool]:
-    """The ``mlx_dtype`` of a numpy or mlx dtype, and whether it was an mlx one.
-
-    Raises:
-        DtypeError: the dtype is not one MLX moves.
+    Args:
+        limit: The most bytes kept; 0 keeps nothing.
     """
-    if isinstance(dtype, mx.Dtype):
-        return _MLX_DTYPES[dtype], True
-    try:
-        np_dtype = np.dtype(dtype)
-    except TypeError as exc:
-        raise DtypeError(f"not a dtype: {dtype!r}") from exc
-    return _numpy_code(np_dtype), False
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._free: dict[Hashable, list[tuple[ArrayHandle, int]]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def take(self, key: Hashable) -> ArrayHandle | None:
+        """A released buffer for ``key``, or None."""
+        with self._lock:
+            entries = self._free.get(key)
+            if not entries:
+                return None
+            handle, nbytes = entries.pop()
+            self.held -= nbytes
+            return handle
+
+    def give(self, key: Hashable, handle: ArrayHandle, nbytes: int) -> None:
+        """Keep a released buffer if it fits under the limit (else it is freed)."""
+        with self._lock:
+            if self.held + nbytes <= self.limit:
+                self._free[key].append((handle, nbytes))
+                self.held += nbytes
+
+    def clear(self) -> None:
+        """Free every kept buffer."""
+        with self._lock:
+            self._free.clear()
+            self.held = 0
 
 
-def checked_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
-    """Validate a shape given by the user.
-
-    Raises:
-        ShapeError: a dimension is negative, not an integer or too large.
-    """
-    if isinstance(shape, (int, np.integer)):
-        shape = (shape,)
-    try:
-        dims = tuple(int(d) for d in shape)
-        if any(d != s for d, s in zip(dims, shape)):
-            raise ValueError
-    except (TypeError, ValueError) as exc:
-        raise ShapeError(f"shape must be a sequence of integers, got {shape!r}") from exc
-    for d in dims:
-        if d < 0 or d > _INT32_MAX:
-            raise ShapeError(f"invalid dimension {d} in shape {dims}")
-    return dims
+pool = BufferPool(512 << 20)
 
 
 class MlxBuffer:
@@ -157,7 +113,7 @@ class MlxBuffer:
         self.value = handle.value
         self.shape = shape
         self.code = code
-        self.storage = storage = _STORAGE[code]
+        self.storage = storage = storage_dtype(code)
         self.nbytes = storage.itemsize * math.prod(shape)
         self.ptr = int(ffi.cast("uintptr_t", lib.mlxdist_array_data(self.value)))
         # numpy needs a non-null address even for an empty array.
@@ -174,13 +130,13 @@ class MlxBuffer:
 
         Large buffers come from, and return to, the pool of released ones.
         """
-        large = _STORAGE[code].itemsize * math.prod(shape) >= MIN_BYTES
+        large = storage_dtype(code).itemsize * math.prod(shape) >= MIN_BYTES
         key = (shape, code)
         handle = pool.take(key) if large else None
         if handle is None:
             handle = ArrayHandle()
             if lib.mlxdist_array_alloc(handle.out, shape, len(shape), code):
-                check(1, "allocate")
+                raise_last(f"allocate {shape} of {storage_dtype(code)}")
         buf = cls(handle, shape, code)
         if large:
             weakref.finalize(buf, pool.give, key, handle, buf.nbytes)
@@ -190,7 +146,7 @@ class MlxBuffer:
     def copy_of(cls, data: np.ndarray, code: int) -> "MlxBuffer":
         """MLX memory holding a copy of a C-contiguous numpy array's bytes."""
         shape = data.shape
-        if shape and max(shape) > _INT32_MAX:
+        if shape and max(shape) > INT32_MAX:
             raise ShapeError(f"a dimension of shape {shape} exceeds MLX's 32-bit limit")
         if data.nbytes >= MIN_BYTES:
             buf = cls.allocate(shape, code)
@@ -199,7 +155,7 @@ class MlxBuffer:
         handle = ArrayHandle()
         handle.out[0] = lib.mlx_array_new_data(ffi.from_buffer(data), shape, len(shape), code)
         if handle.value.ctx == ffi.NULL:
-            check(1, "copy into MLX memory")
+            raise_last("copy into MLX memory")
         return cls(handle, shape, code)
 
     @classmethod
@@ -213,7 +169,7 @@ class MlxBuffer:
         if not _can_wrap:
             return None
         shape = data.shape
-        if shape and max(shape) > _INT32_MAX:
+        if shape and max(shape) > INT32_MAX:
             raise ShapeError(f"a dimension of shape {shape} exceeds MLX's 32-bit limit")
         handle = ArrayHandle()
         if lib.mlxdist_array_wrap(handle.out, ffi.from_buffer(data), shape, len(shape), code):
@@ -221,45 +177,9 @@ class MlxBuffer:
             return None
         return cls(handle, shape, code, owner=data)
 
-    @classmethod
-    def adopt(cls, handle: ArrayHandle) -> "MlxBuffer":
-        """Wrap an evaluated, row-contiguous array (e.g. a graph result)."""
-        value = handle.value
-        ndim = lib.mlx_array_ndim(value)
-        shape = tuple(ffi.unpack(lib.mlx_array_shape(value), ndim)) if ndim else ()
-        return cls(handle, shape, lib.mlx_array_dtype(value))
-
     def numpy(self) -> np.ndarray:
         """A numpy view of the buffer (bfloat16 shows as its uint16 bits)."""
         return np.asarray(self)
-
-    def to(self, as_mlx: bool) -> ArrayLike:
-        """The result in the caller's kind: a numpy view, or an mx.array (one copy)."""
-        return to_kind(np.asarray(self), as_mlx, self.code)
-
-
-def storage_dtype(code: int) -> np.dtype:
-    """The numpy dtype holding an ``mlx_dtype``'s values (uint16 for bfloat16)."""
-    return _STORAGE[code]
-
-
-def code_of(view: np.ndarray) -> int:
-    """The ``mlx_dtype`` of a numpy view: bfloat16 if it views a bfloat16 buffer."""
-    base = view.base
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, MlxBuffer):
-        return base.code
-    return _numpy_code(view.dtype)
-
-
-def to_kind(view: np.ndarray, as_mlx: bool, code: int) -> ArrayLike:
-    """A numpy view as the caller's kind: itself, or an mx.array (one copy)."""
-    if not as_mlx:
-        return view
-    if code == lib.MLX_BFLOAT16:
-        return mx.array(view).view(mx.bfloat16)
-    return mx.array(view)
 
 
 # Whether this MLX build lets the direct path view foreign memory (see
@@ -302,49 +222,19 @@ def _copy_in(data: np.ndarray, code: int, wrap: bool = False) -> MlxBuffer:
     return MlxBuffer.copy_of(data, code)
 
 
-def _mlx_numpy(x: mx.array) -> tuple[np.ndarray, int]:
-    try:
-        mx.eval(x)
-    except ValueError as exc:
-        if "transformations" in str(exc):
-            raise TransformError(
-                "mlxdist collectives are eager: they run when called and cannot be "
-                "traced by mx.compile or mx.vmap. Call them outside the compiled or "
-                "vectorised function."
-            ) from exc
-        raise
-    code = _MLX_DTYPES[x.dtype]
-    if code == lib.MLX_BFLOAT16:
-        return np.asarray(x.view(mx.uint16)), code
-    return np.asarray(x), code
+def operand(x: Any) -> MlxBuffer:
+    """The MLX buffer an eager collective reads for the numpy array ``x``.
 
-
-def as_operand(x: Any, wrap: bool = False) -> tuple[MlxBuffer, bool]:
-    """The MLX buffer a collective reads for ``x``, and whether ``x`` is an mlx array.
-
-    A registered buffer is used as is. With ``wrap`` (the direct collectives,
-    which never let the array reach MLX's graph) other memory is viewed in
-    place where it is contiguous and aligned; anything else is copied once.
+    A registered buffer is used as is; other C-contiguous, aligned memory is
+    viewed in place where this MLX build allows; anything else is copied once.
 
     Raises:
-        TypeError: ``x`` is neither a numpy array (or scalar) nor an mlx array.
         DtypeError: the dtype or byte order cannot be communicated.
-        TransformError: ``x`` is being traced by mx.compile or mx.vmap.
     """
-    if type(x) is np.ndarray:
-        buf = registered_buffer(x)
-        if buf is not None:
-            return buf, False
-        code = _NUMPY_DTYPES.get(x.dtype)
-        return _copy_in(x, _numpy_code(x.dtype) if code is None else code, wrap), False
-    if isinstance(x, np.generic):
-        x = np.asarray(x)
-    if isinstance(x, np.ndarray):
-        return as_operand(np.asarray(x), wrap)
-    if isinstance(x, mx.array):
-        data, code = _mlx_numpy(x)
-        return _copy_in(data, code, wrap), True
-    raise TypeError(f"expected a numpy.ndarray or mlx.core.array, got {type(x).__name__}")
+    buf = registered_buffer(x)
+    if buf is not None:
+        return buf
+    return _copy_in(x, code_of_numpy(x.dtype), wrap=True)
 
 
 def empty(shape: Sequence[int] | int, dtype: DTypeLike = np.float32) -> np.ndarray:
@@ -364,7 +254,7 @@ def empty(shape: Sequence[int] | int, dtype: DTypeLike = np.float32) -> np.ndarr
         ShapeError: invalid shape.
         DtypeError: dtype MLX cannot move.
     """
-    code, is_mlx = dtype_code(dtype)
+    code, is_mlx = parse_dtype(dtype)
     if is_mlx:
         raise DtypeError("registered buffers are numpy arrays: pass a numpy dtype")
     return MlxBuffer.allocate(checked_shape(shape), code).numpy()
@@ -408,7 +298,9 @@ def asarray(x: Any) -> np.ndarray:
             raise DtypeError("numpy has no bfloat16: keep bfloat16 data in mlx arrays")
         x = np.asarray(x)
     x = np.asarray(x)
-    return _copy_in(x, _numpy_code(x.dtype)).numpy()
+    if x.dtype == object:
+        raise DtypeError(f"cannot make a registered buffer of {type(x).__name__} values")
+    return _copy_in(x, code_of_numpy(x.dtype)).numpy()
 
 
 def is_registered(x: Any) -> bool:
@@ -422,3 +314,23 @@ def is_registered(x: Any) -> bool:
         or returned by a collective, viewed whole.
     """
     return isinstance(x, np.ndarray) and registered_buffer(x) is not None
+
+
+def set_cache_limit(limit: int) -> int:
+    """Set how many bytes of released result buffers mlxdist keeps for reuse.
+
+    Args:
+        limit: The byte limit (default 512 MiB); 0 frees them all and keeps none.
+
+    Returns:
+        The previous limit.
+
+    Raises:
+        InvalidArgumentError: a negative limit (a ValueError).
+    """
+    if limit < 0:
+        raise InvalidArgumentError(f"cache limit must be >= 0, got {limit}")
+    previous, pool.limit = pool.limit, int(limit)
+    if pool.held > pool.limit:
+        pool.clear()
+    return previous

@@ -1,0 +1,104 @@
+"""The one gate for C calls that fail: classification of errors, and the
+eager path's lock and world-failure bookkeeping.
+
+The C layer records each failure's message and kind on the calling thread
+(``mlxdist_last_error``/``_kind``); :func:`raise_last` turns them into the
+exception class of that kind. :func:`call` runs one eager backend call under
+its world's lock: a communication failure ends the world (MLX's transports do
+not recover), so later calls fail at once instead of waiting on a dead peer;
+every other kind of error leaves it usable.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, NoReturn
+
+from mlxdist._c import lib, last_error
+from mlxdist._c.handles import GroupHandle, thread_stream
+from mlxdist.errors import (
+    AllocationError,
+    CommunicationError,
+    DistributedError,
+    DtypeError,
+    GroupClosedError,
+    InitializationError,
+    InvalidArgumentError,
+    InvalidRankError,
+    ShapeError,
+    UnsupportedOperationError,
+)
+
+__all__ = ["WorldState", "raise_last", "check", "call"]
+
+_KIND_CLASSES: dict[int, type[DistributedError]] = {
+    lib.MLXDIST_ERROR_ARGUMENT: InvalidArgumentError,
+    lib.MLXDIST_ERROR_SHAPE: ShapeError,
+    lib.MLXDIST_ERROR_DTYPE: DtypeError,
+    lib.MLXDIST_ERROR_RANK: InvalidRankError,
+    lib.MLXDIST_ERROR_UNSUPPORTED: UnsupportedOperationError,
+    lib.MLXDIST_ERROR_COMMUNICATION: CommunicationError,
+    lib.MLXDIST_ERROR_INIT: InitializationError,
+    lib.MLXDIST_ERROR_MEMORY: AllocationError,
+}
+
+
+class WorldState:
+    """What the groups of one world share: the lock serializing their eager
+    operations and, once the transport failed, the failure that ended it."""
+
+    __slots__ = ("lock", "lost")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lost: str | None = None
+
+
+def raise_last(what: str, default: type[DistributedError] = DistributedError) -> NoReturn:
+    """Raise the error the C layer reported last on this thread.
+
+    Args:
+        what: The operation, prefixed to the message.
+        default: The class for errors of unknown kind (a real mlx-c's).
+
+    Raises:
+        DistributedError: the subclass of the reported kind.
+    """
+    cls = _KIND_CLASSES.get(lib.mlxdist_last_error_kind(), default)
+    raise cls(f"{what}: {last_error() or 'unknown error'}")
+
+
+def check(rc: int, what: str, default: type[DistributedError] = DistributedError) -> None:
+    """Raise (as :func:`raise_last`) when an mlx-c style return code is not 0."""
+    if rc:
+        raise_last(what, default)
+
+
+def call(world: WorldState, group: GroupHandle, what: str, func: Callable[..., int], *args: Any) -> None:
+    """Run ``func(*args, group, stream)``, a blocking backend call, under the world's lock.
+
+    Args:
+        world: The state of the group's world.
+        group: The group's handle.
+        what: The operation, for messages.
+        func: A cmlx function returning 0 or 1; cffi releases the GIL around it.
+        *args: Its leading arguments.
+
+    Raises:
+        GroupClosedError: the group is closed.
+        CommunicationError: the world already failed, or the transport failed now.
+        DistributedError: the subclass the C layer reported.
+    """
+    with world.lock:
+        group_ptr = group._ptr  # read under the lock: close() takes it too
+        if group_ptr is None:
+            raise GroupClosedError(f"{what}: the group is closed")
+        if world.lost is not None:
+            raise CommunicationError(f"{what}: this group's world already failed ({world.lost}); start the job again")
+        rc = func(*args, group_ptr[0], thread_stream())
+        if rc == 0:
+            return
+        kind = lib.mlxdist_last_error_kind()
+        if kind == lib.MLXDIST_ERROR_COMMUNICATION:
+            world.lost = f"{what}: {last_error()}"
+    raise_last(what)

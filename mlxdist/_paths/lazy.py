@@ -1,0 +1,123 @@
+"""The lazy path: mx.arrays into MLX's graph through mlx-c, lazy mx.arrays out.
+
+Each operation is one call into the bridge (``mlxdist._bridge``), which hands
+the mx.array to the cffi extension's ``mlx_distributed_*`` function as an
+``mlx_array`` (no evaluation, no copy) and returns the node that function
+builds. MLX's own primitives carry the VJP/JVP/vmap rules, so results are
+differentiable, compile and evaluate like mx.distributed's. Argument errors
+raise here, when the operation is built; failures of the communication itself
+surface when the result is evaluated, as MLX's RuntimeError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+from mlxdist._c import bridge, ffi, lib
+from mlxdist._c.gate import raise_last
+from mlxdist._paths import fillins
+from mlxdist.errors import CommunicationError, DtypeError
+from mlxdist.rules import result_shape
+
+__all__ = ["FUNCTIONS", "collective", "send", "recv", "recv_like", "stream_error"]
+
+
+def _address(name: str) -> int:
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+
+
+# The addresses of mlx-c's functions, which the bridge calls.
+FUNCTIONS: dict[str, int] = {
+    op: _address(f"mlx_distributed_{op}")
+    for op in ("all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "recv_like")
+}
+
+
+def stream_error(stream: Any) -> DtypeError:
+    """The error for a ``stream=`` that is neither None, a Stream nor a Device."""
+    return DtypeError(f"stream must be an mlx.core.Stream, an mlx.core.Device or None, got {type(stream).__name__}")
+
+
+def _checked_group(group: Any) -> int:
+    if group._handle._ptr is None:
+        group._live_handle()
+    lost = group._world.lost
+    if lost is not None:
+        raise CommunicationError(f"this group's world already failed ({lost}); start the job again")
+    return group._address
+
+
+def _native(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
+    try:
+        result = bridge.collective(FUNCTIONS[op], x, _checked_group(group), stream)
+    except TypeError:
+        raise stream_error(stream) from None
+    if result is None:
+        raise_last(op)
+    return result
+
+
+def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
+    """A lazy collective of an mx.array.
+
+    Args:
+        group: The group.
+        op: all_sum, all_max, all_min, all_gather or sum_scatter.
+        x: The input.
+        stream: None (the backend's communication stream), a Stream or a Device.
+
+    Returns:
+        The lazy result.
+
+    Raises:
+        ShapeError, DtypeError, GroupClosedError, CommunicationError (a world
+        that already failed), or the kind the C layer reported.
+    """
+    if op != "all_sum" and op != "all_max" and op != "all_min":
+        result_shape(op, tuple(x.shape), group._size)
+    is_bool = x.dtype == mx.bool_
+    if fillins.applies(op, group._caps, is_bool) and group._size > 1:
+        return fillins.compose(
+            op, x, group._caps, group._rank, group._size,
+            native=lambda o, a: _native(group, o, a, stream),
+            is_bool=is_bool,
+            to_bytes=lambda a: a.astype(mx.uint8),
+            to_bool=lambda a: a.astype(mx.bool_),
+        )
+    return _native(group, op, x, stream)
+
+
+def send(group: Any, x: mx.array, dst: int, stream: Any) -> mx.array:
+    """A lazy send of ``x`` to ``dst`` (validated by the caller); evaluating the
+    returned array (or anything depending on it) sends."""
+    try:
+        result = bridge.peer(FUNCTIONS["send"], x, dst, _checked_group(group), stream)
+    except TypeError:
+        raise stream_error(stream) from None
+    if result is None:
+        raise_last("send")
+    return result
+
+
+def recv(group: Any, shape: tuple[int, ...], code: int, src: int, stream: Any) -> mx.array:
+    """A lazy receive of ``shape`` and ``code`` from ``src`` (validated by the caller)."""
+    try:
+        result = bridge.recv(FUNCTIONS["recv"], list(shape), code, src, _checked_group(group), stream)
+    except TypeError:
+        raise stream_error(stream) from None
+    if result is None:
+        raise_last("recv")
+    return result
+
+
+def recv_like(group: Any, x: mx.array, src: int, stream: Any) -> mx.array:
+    """A lazy receive of an array like ``x`` from ``src`` (validated by the caller)."""
+    try:
+        result = bridge.peer(FUNCTIONS["recv_like"], x, src, _checked_group(group), stream)
+    except TypeError:
+        raise stream_error(stream) from None
+    if result is None:
+        raise_last("recv_like")
+    return result
