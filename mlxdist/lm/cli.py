@@ -107,13 +107,12 @@ def _run(args: argparse.Namespace) -> int:
 
     import mlxdist
     from mlxdist.errors import InvalidArgumentError
-    from mlxdist.lm import _collectives as dist
     from mlxdist.lm.generation import generate_tokens
     from mlxdist.lm.loading import load
     from mlxdist.lm.memory import peak_rss_bytes
 
     group = mlxdist.init()
-    rank, size = dist.rank(group), dist.size(group)
+    rank, size = group.rank(), group.size()
     if args.nranks is not None and args.nranks != size:
         raise InvalidArgumentError(f"-n {args.nranks} given inside a launched job of {size} ranks")
     if rank == 0:

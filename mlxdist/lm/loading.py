@@ -10,7 +10,6 @@ import mlx.nn as nn
 
 from mlxdist.errors import InvalidArgumentError
 from mlxdist.group import Group
-from mlxdist.lm import _collectives as dist
 from mlxdist.lm.memory import parameter_bytes
 from mlxdist.lm.pipeline import apply_pipeline_parallel
 from mlxdist.lm.plan import Plan, choose, layout_of
@@ -76,7 +75,7 @@ def load(
         raise TypeError(f"group must be an mlxdist.Group, got {type(group).__module__}.{type(group).__name__}")
     model, config = load_model(path, lazy=True)
     full_bytes = parameter_bytes(model)
-    plan = choose(model, config["model_type"], dist.rank(group), dist.size(group), mode, pp_weights)
+    plan = choose(model, config["model_type"], group.rank(), group.size(), mode, pp_weights)
     plan.full_bytes = full_bytes
     if plan.mode == "tp":
         plan.sharded_full_bytes = apply_tensor_parallel(model, layout_of(model), group)

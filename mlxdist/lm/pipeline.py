@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from mlxdist.group import Group
-from mlxdist.lm import _collectives as dist
+from mlxdist.world import all_gather, recv_like, send
 
 __all__ = ["PipelineStage", "apply_pipeline_parallel"]
 
@@ -73,18 +73,18 @@ class PipelineStage(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
         masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
-        rank, size = dist.rank(self.group), dist.size(self.group)
+        rank, size = self.group.rank(), self.group.size()
         if rank > 0:
-            h = dist.recv_like(h, rank - 1, self.group)
+            h = recv_like(h, rank - 1, group=self.group)
         for layer, c in zip(self.layers, cache):
             h = layer(h, masks[bool(getattr(layer, "use_sliding", False))], cache=c)
         if rank < size - 1:
-            h = dist.send(h, rank + 1, self.group)
+            h = send(h, rank + 1, group=self.group)
             # Whoever evaluates only the caches (prefill chunks) still sends.
             if cache[-1] is not None:
                 cache[-1].keys = mx.depends(cache[-1].keys, h)
         batch = h.shape[0]
-        h = dist.all_gather(h, self.group)[(size - 1) * batch :]
+        h = all_gather(h, group=self.group)[(size - 1) * batch :]
         return self.norm(h)
 
 

@@ -14,7 +14,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxdist.group import Group
-from mlxdist.lm._collectives import size as group_size
 from mlxdist.lm.plan import FamilyLayout
 from mlxdist.nn import shard_linear
 
@@ -54,7 +53,7 @@ def shard_block(block: nn.Module, layout: FamilyLayout, group: Group) -> None:
             mx.eval(sharded.parameters())
             mx.clear_cache()  # the unsharded projection's buffers go back to the system
     attention = _get(block, layout.attention)
-    n = group_size(group)
+    n = group.size()
     for name in layout.head_counts:
         setattr(attention, name, getattr(attention, name) // n)
 

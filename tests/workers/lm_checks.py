@@ -23,7 +23,6 @@ import numpy as np  # noqa: E402
 
 import mlxdist  # noqa: E402
 from mlxdist.lm import generate_tokens, load, logits, peak_rss_bytes, rss_bytes  # noqa: E402
-from mlxdist.lm import _collectives as dist  # noqa: E402
 
 
 def agreed(group: mlxdist.Group, tokens: list[int]) -> None:
@@ -54,7 +53,7 @@ def run_mlx_lm_shard(group: mlxdist.Group, check: dict) -> dict:
     from mlx_lm.utils import load_model
 
     mx_group = mx.distributed.init(backend=str(group.backend))
-    assert mx_group.size() == dist.size(group), "mx.distributed sees another world"
+    assert mx_group.size() == group.size(), "mx.distributed sees another world"
     model, _ = load_model(__import__("pathlib").Path(check["path"]), lazy=True)
     model.shard(mx_group)
     mx.eval(model.parameters())
@@ -68,7 +67,7 @@ def run_memory(group: mlxdist.Group, check: dict) -> dict:
     peak_before = peak_rss_bytes()
     model, _, plan = load(check["path"], group, check["mode"])
     peaks = np.array([[before, peak_before, peak_rss_bytes(), plan.weight_bytes]], dtype=np.int64)
-    every = np.asarray(group.all_gather(peaks)).reshape(dist.size(group), 4)
+    every = np.asarray(group.all_gather(peaks)).reshape(group.size(), 4)
     return {
         "rss_before": every[:, 0].tolist(),
         "peak_before": every[:, 1].tolist(),
@@ -87,7 +86,7 @@ def main() -> None:
         checks = json.load(f)
     group = mlxdist.init()
     results = [RUNNERS[check["kind"]](group, check) for check in checks]
-    if dist.rank(group) == 0:
+    if group.rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
 
