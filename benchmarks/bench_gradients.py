@@ -106,7 +106,7 @@ def run_rank(args: argparse.Namespace) -> None:
         for name, run in variants.items():
             times[name][r] = timed(run, group)
     medians = {name: float(np.median(slowest_rank(group, t))) for name, t in times.items()}
-    if group.rank == 0:
+    if group.rank() == 0:
         report(args, group, nparams, medians)
 
 
@@ -116,7 +116,7 @@ def report(
     """Rank 0 prints the times, throughputs and ratios against the targets."""
     print(
         f"average_gradients: {nparams / 1e6:.1f}M float32 parameters ({nparams * 4 / 2**20:.0f} MiB), "
-        f"{group.size} ranks, {group.backend.value}, median of {args.rounds} rounds (slowest rank)"
+        f"{group.size()} ranks, {group.backend.value}, median of {args.rounds} rounds (slowest rank)"
     )
     for name, seconds in medians.items():
         rate = nparams * 4 / seconds / 1e9

@@ -15,6 +15,7 @@ from mlxdist.backends import Backend, detect_backend, is_available
 from mlxdist.buffers import asarray, empty, is_registered, set_cache_limit, zeros
 from mlxdist.errors import (
     AllocationError,
+    ArgumentTypeError,
     BackendUnavailableError,
     CommunicationError,
     DistributedError,
@@ -71,6 +72,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidRankError",
     "ShapeError",
+    "ArgumentTypeError",
     "DtypeError",
     "AllocationError",
     "CommunicationError",

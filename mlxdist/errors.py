@@ -18,6 +18,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidRankError",
     "ShapeError",
+    "ArgumentTypeError",
     "DtypeError",
     "AllocationError",
     "CommunicationError",
@@ -53,7 +54,11 @@ class ShapeError(InvalidArgumentError):
     """An array's shape does not fit the operation."""
 
 
-class DtypeError(DistributedError, TypeError):
+class ArgumentTypeError(DistributedError, TypeError):
+    """An argument has a type the operation cannot take (a list for an array...)."""
+
+
+class DtypeError(ArgumentTypeError):
     """An array's dtype is not one the operation or backend can move."""
 
 

@@ -17,7 +17,7 @@ from mlxdist._c.gate import WorldState, check
 from mlxdist._c.handles import GroupHandle
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
 from mlxdist.dtypes import DTypeLike
-from mlxdist.errors import BackendUnavailableError, InitializationError, InvalidArgumentError
+from mlxdist.errors import ArgumentTypeError, BackendUnavailableError, InitializationError, InvalidArgumentError
 from mlxdist.group import ArrayLike, Group, StreamLike
 
 __all__ = [
@@ -111,13 +111,13 @@ def resolve_group(group: Group | None) -> Group:
     """``group``, or the world group when None (initialising it if needed).
 
     Raises:
-        InvalidArgumentError: ``group`` is not an mlxdist Group (for instance
+        ArgumentTypeError: ``group`` is not an mlxdist Group (for instance
             an mx.distributed.Group).
     """
     if group is None:
         return world()
-    if type(group) is not Group:
-        raise InvalidArgumentError(f"group must be an mlxdist.Group or None, got {type(group).__name__}")
+    if not isinstance(group, Group):
+        raise ArgumentTypeError(f"group must be an mlxdist.Group or None, got {type(group).__name__}")
     return group
 
 

@@ -15,7 +15,7 @@ from mlxdist._c import gate, lib
 from mlxdist._paths import fillins
 from mlxdist.buffers import MlxBuffer, operand, registered_buffer
 from mlxdist.dtypes import code_of_numpy, storage_dtype
-from mlxdist.errors import DtypeError, InvalidArgumentError, ShapeError
+from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError
 from mlxdist.rules import SAME_SHAPE, result_shape
 
 __all__ = ["as_numpy", "collective", "send", "recv"]
@@ -33,14 +33,14 @@ def as_numpy(x: Any) -> np.ndarray:
     """``x`` as a numpy array: arrays as they are, numpy scalars as 0-d arrays.
 
     Raises:
-        DtypeError: anything else (a list, a Python number, None): name the
-            dtype by passing an array.
+        ArgumentTypeError: anything else (a list, a Python number, None):
+            pass an array, which names the dtype.
     """
     if type(x) is np.ndarray:
         return x
     if isinstance(x, (np.ndarray, np.generic)):
         return np.asarray(x)
-    raise DtypeError(f"expected a numpy.ndarray or mlx.core.array, got {type(x).__name__}")
+    raise ArgumentTypeError(f"expected a numpy.ndarray or mlx.core.array, got {type(x).__name__}")
 
 
 def _overlap(a: MlxBuffer, b: MlxBuffer) -> bool:

@@ -3,10 +3,11 @@
 The counterparts of ``mlx.nn.layers.distributed`` for mlxdist's groups:
 column-parallel (:class:`AllToShardedLinear`) and row-parallel
 (:class:`ShardedToAllLinear`) linear layers, their quantized forms,
-:func:`shard_linear` / :func:`shard_inplace` to shard existing modules, and
-the differentiable collectives they use (:func:`all_sum`,
-:func:`sum_gradients`); and for data parallelism :func:`average_gradients`
+:func:`shard_linear` / :func:`shard_inplace` to shard existing modules and
+:func:`sum_gradients`; and for data parallelism :func:`average_gradients`
 (bucketed, optionally cast on the wire) and :func:`clip_grad_norm_sharded`.
+The layers call mlxdist's lazy collectives, so models built from them
+differentiate and compile as MLX's own do.
 
 Example (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 
@@ -19,9 +20,9 @@ Example (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
     down = shard_linear(nn.Linear(2048, 512), "sharded-to-all", group=group)
 """
 
-from mlxdist.nn.autograd import all_sum, sum_gradients
+from mlxdist.nn.base import ShardedLinearBase, sum_gradients
 from mlxdist.nn.gradients import average_gradients, clip_grad_norm_sharded
-from mlxdist.nn.layers import AllToShardedLinear, ShardedLinearBase, ShardedToAllLinear
+from mlxdist.nn.linear import AllToShardedLinear, ShardedToAllLinear
 from mlxdist.nn.quantized import (
     QuantizationSpec,
     QuantizedAllToShardedLinear,
@@ -41,7 +42,6 @@ __all__ = [
     "shard_linear",
     "shard_inplace",
     "sum_gradients",
-    "all_sum",
     "average_gradients",
     "clip_grad_norm_sharded",
 ]

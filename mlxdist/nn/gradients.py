@@ -2,19 +2,19 @@
 clipping the global norm of gradients sharded over ranks.
 
 :func:`average_gradients` packs the leaves of a gradient tree into flat buckets
-and all-reduces each bucket once. A bucket lives in a registered buffer (MLX
-memory seen by numpy), so the collective reads and writes it in place with no
-copy. The buffers are kept from one call to the next: first-touching fresh
-memory costs more than the copies themselves. A leaf that travels in its own
-dtype is divided by the group size as numpy packs it (one pass), so the sum
-comes back averaged and is copied into the leaf's new mx.array; a leaf cast
+and all-reduces each bucket once, in place. A bucket whose wire dtype numpy
+has lives in a registered buffer (:func:`mlxdist.empty`: MLX memory seen by
+numpy), all-reduced eagerly with no copy; released large buffers return to
+mlxdist's buffer cache, so the next call reuses them instead of first-touching
+fresh memory. A leaf that travels in its own dtype is divided by the group
+size as numpy packs it (one pass), so the sum comes back averaged; a leaf cast
 for the wire is cast by mlx, and cast back and divided after the sum.
+bfloat16 buckets (numpy has no bfloat16) are concatenated and all-summed
+lazily as mx.arrays.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from numbers import Real
 from typing import Any, Hashable, Sequence
 
@@ -22,28 +22,27 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from mlxdist._ffi import lib
-from mlxdist.arrays import MlxBuffer
-from mlxdist.errors import DtypeError, InvalidArgumentError
+from mlxdist.buffers import empty
+from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError
 from mlxdist.group import Group
-from mlxdist.world import world
+from mlxdist.world import resolve_group
 
 __all__ = [
     "average_gradients",
     "clip_grad_norm_sharded",
     "plan_buckets",
-    "release_buffers",
     "DEFAULT_ALL_REDUCE_SIZE",
 ]
 
 DEFAULT_ALL_REDUCE_SIZE = 32 * 1024**2
 
-# The floating dtypes a gradient may have or travel as, with their mlx_dtype.
-_WIRE_CODES: dict[mx.Dtype, int] = {
-    mx.float16: lib.MLX_FLOAT16,
-    mx.bfloat16: lib.MLX_BFLOAT16,
-    mx.float32: lib.MLX_FLOAT32,
-    mx.float64: lib.MLX_FLOAT64,
+# The floating dtypes a gradient may have or travel as, and numpy's for them
+# (None: numpy has none).
+_WIRE_NUMPY: dict[mx.Dtype, Any] = {
+    mx.float16: np.float16,
+    mx.bfloat16: None,
+    mx.float32: np.float32,
+    mx.float64: np.float64,
 }
 
 
@@ -51,61 +50,7 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).removeprefix("mlx.core.")
 
 
-_FLOAT_NAMES = ", ".join(_dtype_name(d) for d in _WIRE_CODES)
-
-
-class _BufferPool:
-    """Registered buffers kept between calls, keyed by (mlx_dtype, length).
-
-    A call takes the buffers it needs, reusing earlier calls' buffers of the
-    same key, and hands them back when done. The pool keeps the most recently
-    used keys and holds at most twice the bytes of the largest call so far
-    (e.g. the float32 and the bfloat16 buffers of one model). Concurrent calls
-    never share a buffer.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: OrderedDict[tuple[int, int], list[np.ndarray]] = OrderedDict()
-        self._bytes = 0
-        self._largest_call = 0
-
-    def take(self, code: int, length: int) -> np.ndarray:
-        with self._lock:
-            spare = self._free.get((code, length))
-            if spare:
-                buffer = spare.pop()
-                self._bytes -= buffer.nbytes
-                return buffer
-        return MlxBuffer.allocate((length,), code).numpy()
-
-    def give_back(self, used: list[tuple[tuple[int, int], np.ndarray]]) -> None:
-        with self._lock:
-            self._largest_call = max(self._largest_call, sum(b.nbytes for _, b in used))
-            for key, buffer in used:
-                self._free.setdefault(key, []).append(buffer)
-                self._free.move_to_end(key)
-                self._bytes += buffer.nbytes
-            while self._bytes > 2 * self._largest_call:
-                _, evicted = self._free.popitem(last=False)
-                self._bytes -= sum(b.nbytes for b in evicted)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._bytes = self._largest_call = 0
-
-
-_pool = _BufferPool()
-
-
-def release_buffers() -> None:
-    """Free the communication buffers :func:`average_gradients` keeps between calls.
-
-    They hold up to twice the bytes of the largest tree averaged so far, as it
-    was on the wire; the next call allocates what it needs again.
-    """
-    _pool.clear()
+_FLOAT_NAMES = ", ".join(_dtype_name(d) for d in _WIRE_NUMPY)
 
 
 def plan_buckets(nbytes: Sequence[int], kinds: Sequence[Hashable], limit: int) -> list[list[int]]:
@@ -162,7 +107,7 @@ def _checked_wire_type(communication_type: Any) -> mx.Dtype | None:
             f"communication_type must be an mlx floating dtype ({_FLOAT_NAMES}) or None, "
             f"got {communication_type!r}"
         )
-    if dtype not in _WIRE_CODES:
+    if dtype not in _WIRE_NUMPY:
         raise DtypeError(
             f"communication_type must be a floating dtype ({_FLOAT_NAMES}), got {_dtype_name(dtype)}"
         )
@@ -175,10 +120,10 @@ def _checked_leaves(gradients: Any) -> list[tuple[str, mx.array]]:
     for key, leaf in leaves:
         name = repr(key) if key else "the tree itself"
         if not isinstance(leaf, mx.array):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"gradient leaf {name} is a {type(leaf).__name__}, not an mlx.core.array"
             )
-        if leaf.dtype not in _WIRE_CODES:
+        if leaf.dtype not in _WIRE_NUMPY:
             raise DtypeError(
                 f"gradient leaf {name} has dtype {_dtype_name(leaf.dtype)}; gradients must be "
                 f"floating-point ({_FLOAT_NAMES})"
@@ -186,60 +131,46 @@ def _checked_leaves(gradients: Any) -> list[tuple[str, mx.array]]:
     return leaves
 
 
-def _numpy_divides(dtype: mx.Dtype, wire: mx.Dtype) -> bool:
-    """Whether numpy averages the leaf: it travels in its own dtype, which numpy has.
-
-    numpy then divides while copying into the bucket (one pass) and the sum
-    comes back averaged; otherwise mlx casts before sending, and casts back and
-    divides after.
-    """
-    return dtype == wire and wire != mx.bfloat16
-
-
-def _wire_bits(leaf: mx.array, wire: mx.Dtype) -> mx.array:
-    """The leaf as it travels: cast to the wire dtype, bfloat16 seen as its uint16 bits."""
-    on_wire = leaf.astype(wire) if leaf.dtype != wire else leaf
-    return on_wire.view(mx.uint16) if wire == mx.bfloat16 else on_wire
-
-
-def _averaged_leaf(summed: np.ndarray, wire: mx.Dtype, dtype: mx.Dtype, size: int) -> mx.array:
-    """One leaf's all-reduced values (a view of the bucket) as an averaged mx.array of ``dtype``."""
-    if _numpy_divides(dtype, wire):
-        return mx.array(summed, dtype=wire)
-    if wire == mx.bfloat16:
-        return mx.array(summed, dtype=mx.uint16).view(mx.bfloat16).astype(dtype) / size
-    return mx.array(summed, dtype=wire).astype(dtype) / size
-
-
-def _average_bucket(
-    group: Group,
-    leaves: list[mx.array],
-    members: list[int],
-    wire: mx.Dtype,
-    averaged: list[mx.array | None],
-    used: list[tuple[tuple[int, int], np.ndarray]],
+def _average_bucket_eager(
+    group: Group, leaves: list[mx.array], members: list[int], wire: mx.Dtype, averaged: list[mx.array | None]
 ) -> None:
-    """All-reduce one bucket of leaves and store their averages in ``averaged``."""
-    key = (_WIRE_CODES[wire], sum(leaves[i].size for i in members))
-    bucket = _pool.take(*key)
-    used.append((key, bucket))
-    sources = [_wire_bits(leaves[i], wire) for i in members]
+    """All-reduce one bucket of leaves in a registered buffer; store their averages."""
+    size = group.size()
+    bucket = empty(sum(leaves[i].size for i in members), _WIRE_NUMPY[wire])
+    sources = [leaves[i].astype(wire) if leaves[i].dtype != wire else leaves[i] for i in members]
     mx.eval(sources)
     offset = 0
     slots = []
     for index, source in zip(members, sources):
         slot = bucket[offset : offset + source.size].reshape(source.shape)
-        if _numpy_divides(leaves[index].dtype, wire):
-            np.divide(np.asarray(source), group.size, out=slot)
+        if leaves[index].dtype == wire:
+            np.divide(np.asarray(source), size, out=slot)
         else:
             np.copyto(slot, np.asarray(source))
         slots.append((index, slot))
         offset += source.size
     group.all_sum(bucket, out=bucket)
     for index, slot in slots:
-        averaged[index] = _averaged_leaf(slot, wire, leaves[index].dtype, group.size)
+        dtype = leaves[index].dtype
+        value = mx.array(slot, dtype=wire)
+        averaged[index] = value if dtype == wire else value.astype(dtype) / size
     # Evaluated now, each bucket's temporaries are freed before the next one's.
     mx.eval([averaged[index] for index, _ in slots])
+
+
+def _average_bucket_lazy(
+    group: Group, leaves: list[mx.array], members: list[int], wire: mx.Dtype, averaged: list[mx.array | None]
+) -> None:
+    """All-sum one bucket of leaves as one flat mx.array in ``wire``; store their averages."""
+    size = group.size()
+    flat = mx.concatenate([leaves[i].astype(wire).reshape(-1) for i in members])
+    summed = group.all_sum(flat)
+    offset = 0
+    for index in members:
+        leaf = leaves[index]
+        averaged[index] = (summed[offset : offset + leaf.size].reshape(leaf.shape).astype(leaf.dtype)) / size
+        offset += leaf.size
+    mx.eval([averaged[index] for index in members])
 
 
 def average_gradients(
@@ -284,19 +215,19 @@ def average_gradients(
     limit = _checked_size(all_reduce_size)
     wire_type = _checked_wire_type(communication_type)
     flat = _checked_leaves(gradients)
-    group = world() if group is None else group
-    if group.size == 1:
+    group = resolve_group(group)
+    if group.size() == 1:
         return gradients
     leaves = [leaf for _, leaf in flat]
     averaged: list[mx.array | None] = list(leaves)
     sent = [i for i, leaf in enumerate(leaves) if leaf.size]
     wires = [wire_type or leaves[i].dtype for i in sent]
     buckets = plan_buckets([leaves[i].size * w.size for i, w in zip(sent, wires)], wires, limit)
-    used: list[tuple[tuple[int, int], np.ndarray]] = []
     for bucket in buckets:
         members = [sent[j] for j in bucket]
-        _average_bucket(group, leaves, members, wires[bucket[0]], averaged, used)
-    _pool.give_back(used)
+        wire = wires[bucket[0]]
+        average = _average_bucket_eager if _WIRE_NUMPY[wire] is not None else _average_bucket_lazy
+        average(group, leaves, members, wire, averaged)
     results = iter(averaged)
     return tree_map(lambda _: next(results), gradients)
 
@@ -339,8 +270,7 @@ def clip_grad_norm_sharded(
     local = mx.array(0.0, dtype=accumulator)
     for gradient in leaves:
         local = local + _squared_norm(gradient, accumulator)
-    group = world() if group is None else group
-    total_norm = mx.sqrt(group.all_sum(local))
+    total_norm = mx.sqrt(resolve_group(group).all_sum(local))
     scale = mx.minimum(max_norm / (total_norm + 1e-6), 1.0)
     clipped = tree_map(lambda g: (g * scale).astype(g.dtype), gradients)
     return clipped, total_norm

@@ -20,16 +20,16 @@ from typing import Any, ClassVar, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperationError
+from mlxdist.errors import ArgumentTypeError, InvalidArgumentError, ShapeError, UnsupportedOperationError
 from mlxdist.group import Group
-from mlxdist.nn.autograd import resolve_group
-from mlxdist.nn.layers import (
+from mlxdist.nn.base import (
     KeyLike,
     LayerT,
     ShardedLinearBase,
     agreed_key,
     check_dims,
     global_linear_parameters,
+    resolve_group,
     shard_layer_parameters,
 )
 from mlxdist.nn.slicing import Segments, segment_bounds
@@ -153,12 +153,12 @@ def _check_group_alignment(
         return
     bounds = segment_bounds(segments, input_dims)
     for start, stop in zip(bounds, bounds[1:]):
-        local, remainder = divmod(stop - start, group.size)
+        local, remainder = divmod(stop - start, group.size())
         if remainder:
             continue  # left to the divisibility check, which names the segment
         if start % spec.group_size or local % spec.group_size:
             raise ShapeError(
-                f"cannot shard a quantized layer's input across {group.size} ranks: each rank's "
+                f"cannot shard a quantized layer's input across {group.size()} ranks: each rank's "
                 f"input slice has {local} features (segment [{start}, {stop}) of input_dims="
                 f"{input_dims}), not a multiple of group_size={spec.group_size}; "
                 "(input_dims / N) % group_size must be 0 for each segment"
@@ -261,7 +261,7 @@ class _QuantizedShardedLinear(ShardedLinearBase):
                 quantization groups.
         """
         if not isinstance(quantized_linear_layer, nn.QuantizedLinear):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "from_quantized_linear needs an mlx.nn.QuantizedLinear, "
                 f"got {type(quantized_linear_layer).__name__}"
             )

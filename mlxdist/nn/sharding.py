@@ -12,10 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from mlxdist.errors import InvalidArgumentError
+from mlxdist.errors import ArgumentTypeError, InvalidArgumentError
 from mlxdist.group import Group
-from mlxdist.nn.autograd import resolve_group
-from mlxdist.nn.layers import AllToShardedLinear, ShardedLinearBase, ShardedToAllLinear
+from mlxdist.nn.base import ShardedLinearBase, resolve_group
+from mlxdist.nn.linear import AllToShardedLinear, ShardedToAllLinear
 from mlxdist.nn.quantized import (
     QuantizedAllToShardedLinear,
     QuantizedShardedToAllLinear,
@@ -78,7 +78,7 @@ def shard_linear(
             if name == sharding and isinstance(module, kind):
                 return converter(module, segments=segments, group=group)
     state = "is already sharded" if isinstance(module, ShardedLinearBase) else "is not supported"
-    raise TypeError(
+    raise ArgumentTypeError(
         f"shard_linear: {type(module).__name__} {state}; it shards mlx.nn.Linear and "
         "mlx.nn.QuantizedLinear (use shard_inplace with a predicate for other modules)"
     )
@@ -127,7 +127,7 @@ def shard_inplace(
             raise InvalidArgumentError("segments apply to the string shardings; a predicate returns its own")
         predicate = sharding
     else:
-        raise TypeError(f"sharding must be a string or a predicate, got {type(sharding).__name__}")
+        raise ArgumentTypeError(f"sharding must be a string or a predicate, got {type(sharding).__name__}")
     group = resolve_group(group)
     owners = dict(module.named_modules())
 
@@ -136,7 +136,7 @@ def shard_inplace(
         return unpacked_length(name, array, axis, quantized_input_dims(owners.get(prefix)))
 
     parameters = module.parameters()
-    sharded = dict(shard_parameters(tree_flatten(parameters), predicate, group.size, group.rank, logical_dim))
+    sharded = dict(shard_parameters(tree_flatten(parameters), predicate, group.size(), group.rank(), logical_dim))
     if sharded:
         module.update(tree_map_with_path(lambda path, value: sharded.get(path, value), parameters))
     return module

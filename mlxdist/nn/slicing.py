@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from mlxdist.errors import InvalidArgumentError, ShapeError
+from mlxdist.errors import ArgumentTypeError, InvalidArgumentError, ShapeError
 
 __all__ = [
     "Segments",
@@ -190,12 +190,12 @@ def parse_rule(rule: ShardingRule, path: str, ndim: int) -> tuple[int, Segments]
     elif isinstance(rule, numbers.Integral) and not isinstance(rule, bool):
         axis, segments = rule, 1
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"the sharding predicate returned {rule!r} for {path!r}: expected an axis, "
             "(axis, segments) or None"
         )
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"the sharding predicate returned axis {axis!r} for {path!r}: expected an int")
+        raise ArgumentTypeError(f"the sharding predicate returned axis {axis!r} for {path!r}: expected an int")
     if not -ndim <= axis < ndim:
         raise InvalidArgumentError(
             f"the sharding predicate returned axis {axis} for {path!r}, which has {ndim} dimensions"

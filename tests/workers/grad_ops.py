@@ -18,8 +18,6 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 import mlxdist
-from mlxdist._ffi import lib
-from mlxdist.arrays import code_of
 from mlxdist.group import Group
 from mlxdist.nn.gradients import average_gradients, clip_grad_norm_sharded
 
@@ -37,14 +35,14 @@ Pair = namedtuple("Pair", ["weight", "bias"])
 
 
 @contextmanager
-def wire_log() -> Iterator[list[tuple[int, int]]]:
-    """Record (mlx_dtype code, bytes) of every Group.all_sum call made inside."""
-    calls: list[tuple[int, int]] = []
+def wire_log() -> Iterator[list[tuple[str, int]]]:
+    """Record (dtype name, bytes) of every Group.all_sum call made inside."""
+    calls: list[tuple[str, int]] = []
     original = Group.all_sum
 
-    def counting(self: Group, x: Any, *, out: Any = None) -> Any:
-        calls.append((code_of(x) if isinstance(x, np.ndarray) else -1, x.nbytes))
-        return original(self, x, out=out)
+    def counting(self: Group, x: Any, *, stream: Any = None, out: Any = None) -> Any:
+        calls.append((str(x.dtype).removeprefix("mlx.core."), x.nbytes))
+        return original(self, x, stream=stream, out=out)
 
     Group.all_sum = counting
     try:
@@ -97,7 +95,7 @@ def check_bucket_counts(size: int) -> None:
     """One all-reduce per bucket: 1 by default, 2 at 200 bytes, 10 at 0."""
     expected = rank_mean(size, float32_leaves)
     for limit, calls in ((None, 1), (200, 2), (0, 10)):
-        tree = random_tree(mlxdist.world().rank, float32_leaves)
+        tree = random_tree(mlxdist.world().rank(), float32_leaves)
         kwargs = {} if limit is None else {"all_reduce_size": limit}
         with wire_log() as log:
             result = average_gradients(tree, **kwargs)
@@ -125,7 +123,7 @@ def nested_tree(rng: np.random.Generator) -> Any:
 def check_structure(size: int) -> None:
     """Structure, shapes and dtypes come back; values are the mean over ranks."""
     expected = rank_mean(size, nested_tree)
-    rank = mlxdist.world().rank
+    rank = mlxdist.world().rank()
     for limit in (64, 0, 10**9):
         tree = random_tree(rank, nested_tree)
         result = average_gradients(tree, group=mlxdist.world(), all_reduce_size=limit)
@@ -150,14 +148,14 @@ def mixed_tree(rng: np.random.Generator) -> list[mx.array]:
 
 def check_mixed_dtypes(size: int) -> None:
     """One bucket per dtype, each summed in its own dtype; or all upcast to float32."""
-    rank = mlxdist.world().rank
+    rank = mlxdist.world().rank()
     tree = random_tree(rank, mixed_tree)
     expected = rank_mean(size, mixed_tree)
     with wire_log() as log:
         result = average_gradients(tree)
     assert len(log) == 4, log  # one bucket per dtype
     wire_codes = {code for code, _ in log}
-    assert wire_codes == {lib.MLX_FLOAT32, lib.MLX_FLOAT16, lib.MLX_BFLOAT16, lib.MLX_FLOAT64}
+    assert wire_codes == {"float32", "float16", "bfloat16", "float64"}
     for got, want, leaf in zip(result, expected, tree):  # the wire sums in each leaf's dtype
         assert_close([got], [want], [leaf], 2 * EPS[leaf.dtype] * size)
     with wire_log() as log:
@@ -166,19 +164,19 @@ def check_mixed_dtypes(size: int) -> None:
     # Sent as float32, every leaf is summed in float32 and rounded once to its dtype.
     with wire_log() as log:
         upcast = average_gradients(tree, communication_type=mx.float32)
-    assert log == [(lib.MLX_FLOAT32, 4 * sum(leaf.size for leaf in tree))], log
+    assert log == [("float32", 4 * sum(leaf.size for leaf in tree))], log
     for got, want, leaf in zip(upcast, expected, tree):
         assert_close([got], [want], [leaf], 2 * max(EPS[leaf.dtype], FLOAT32_EPS) * size)
 
 
 def check_cast_on_wire(size: int) -> None:
     """float32 leaves sent as bfloat16 or float16: half the bytes, within their rounding."""
-    rank = mlxdist.world().rank
+    rank = mlxdist.world().rank()
     tree = random_tree(rank, float32_leaves)
     expected = rank_mean(size, float32_leaves)
     for wire, code, eps in (
-        (mx.bfloat16, lib.MLX_BFLOAT16, BFLOAT16_EPS),
-        ("float16", lib.MLX_FLOAT16, FLOAT16_EPS),
+        (mx.bfloat16, "bfloat16", BFLOAT16_EPS),
+        ("float16", "float16", FLOAT16_EPS),
     ):
         with wire_log() as log:
             result = average_gradients(tree, communication_type=wire)
@@ -190,7 +188,7 @@ def check_cast_on_wire(size: int) -> None:
 
 def check_against_mlx(size: int, backend: str) -> None:
     """mlx's own average_gradients over mx.distributed, on the same process-wide group."""
-    tree = random_tree(mlxdist.world().rank, nested_tree)
+    tree = random_tree(mlxdist.world().rank(), nested_tree)
     ours = average_gradients(tree, all_reduce_size=256)
     theirs = mlx.nn.utils.average_gradients(tree, group=mx.distributed.init(backend=backend))
     scales = [scale for _, scale in rank_mean(size, nested_tree)]
@@ -209,7 +207,7 @@ def shard_tree(rng: np.random.Generator) -> dict[str, mx.array]:
 
 def check_clip(size: int) -> None:
     """Against mlx's clip_grad_norm on the concatenated shards, computed on every rank."""
-    rank = mlxdist.world().rank
+    rank = mlxdist.world().rank()
     shards = [random_tree(r, shard_tree) for r in range(size)]
     full = {k: mx.concatenate([s[k] for s in shards]) for k in shards[0]}
     for max_norm in (0.5, 1e6):
@@ -240,15 +238,15 @@ def check_clip(size: int) -> None:
 def main() -> None:
     """Run every check on this rank."""
     group = mlxdist.init()
-    assert group.size > 1, "launch this worker with at least 2 ranks"
+    assert group.size() > 1, "launch this worker with at least 2 ranks"
     backend = group.backend.value
-    check_bucket_counts(group.size)
-    check_structure(group.size)
-    check_mixed_dtypes(group.size)
-    check_cast_on_wire(group.size)
-    check_against_mlx(group.size, backend)
-    check_clip(group.size)
-    print(f"grad_ops rank {group.rank}/{group.size} {backend}: ok", flush=True)
+    check_bucket_counts(group.size())
+    check_structure(group.size())
+    check_mixed_dtypes(group.size())
+    check_cast_on_wire(group.size())
+    check_against_mlx(group.size(), backend)
+    check_clip(group.size())
+    print(f"grad_ops rank {group.rank()}/{group.size()} {backend}: ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def train(
         loss, grads = step(model, tokens[rows])
         if group is not None:
             grads = average_gradients(grads, group, communication_type=communication_type)
-            loss = group.all_sum(loss) / group.size
+            loss = group.all_sum(loss) / group.size()
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
         losses.append(loss.item())
@@ -107,7 +107,7 @@ def max_difference(a: list[tuple[str, mx.array]], b: list[tuple[str, mx.array]])
 def main() -> None:
     """Train three ways and compare with the single-process reference."""
     group = mlxdist.init()
-    size, rank = group.size, group.rank
+    size, rank = group.size(), group.rank()
     assert size > 1 and BATCH % size == 0, f"cannot split a batch of {BATCH} over {size} ranks"
     share = slice(rank * BATCH // size, (rank + 1) * BATCH // size)
     reference, reference_losses = train(slice(None), None)

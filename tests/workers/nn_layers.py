@@ -21,18 +21,18 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 import mlxdist
+from mlxdist import all_sum
 from mlxdist.nn import (
     AllToShardedLinear,
     QuantizedAllToShardedLinear,
     QuantizedShardedToAllLinear,
     ShardedToAllLinear,
-    all_sum,
     quantization_spec,
     shard_inplace,
     shard_linear,
     sum_gradients,
 )
-from mlxdist.nn.layers import global_linear_parameters
+from mlxdist.nn.base import global_linear_parameters
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # (rtol, atol) for values of magnitude ~1: the sharded computation adds the
@@ -49,7 +49,7 @@ CANDIDATE_BITS = range(1, 9)
 CANDIDATE_GROUP_SIZES = (16, 32, 64, 128)
 
 group = mlxdist.init(sys.argv[1], strict=True)
-N, RANK = group.size, group.rank
+N, RANK = group.size(), group.rank()
 assert N > 1, "run this worker on two or more ranks"
 failures: list[str] = []
 
@@ -292,7 +292,7 @@ def check_quantized_constructors() -> None:
 def gather(x: mx.array, axis: int) -> mx.array:
     """Every rank's ``x`` concatenated along ``axis``."""
     moved = mx.moveaxis(x, axis, 0)
-    return mx.moveaxis(mlxdist.all_gather(moved, group), 0, axis)
+    return mx.moveaxis(mlxdist.all_gather(moved, group=group), 0, axis)
 
 
 def check_constructors() -> None:
@@ -309,7 +309,7 @@ def check_constructors() -> None:
     mx.random.seed(1000 + RANK)
     column = AllToShardedLinear(6, 2 * N, group=group)
     row = ShardedToAllLinear(2 * N, 6, group=group)
-    same = mx.array_equal(mlxdist.all_max(row.bias, group), mlxdist.all_min(row.bias, group))
+    same = mx.array_equal(mlxdist.all_max(row.bias, group=group), mlxdist.all_min(row.bias, group=group))
     assert same, "the row-parallel bias differs across ranks"
     # The gathered layers are one consistent linear layer.
     full_column = nn.Linear(6, 2 * N)
@@ -395,7 +395,7 @@ def check_conv_shard_inplace() -> None:
     mx.random.seed(60)
     full = ConvNet(lambda y: y, lambda y: y)
     full.bias2 = mx.random.normal((5,))
-    sharded = ConvNet(lambda y: all_sum(y, group), sum_gradients(group))
+    sharded = ConvNet(lambda y: all_sum(y, group=group), sum_gradients(group))
     sharded.update(full.parameters())
 
     def predicate(path: str, weight: mx.array):
@@ -456,14 +456,14 @@ def check_module_behaviour() -> None:
 def check_functional() -> None:
     x = mx.arange(4, dtype=mx.float32) + RANK
     want = sum(np.arange(4, dtype=np.float32) + r for r in range(N))
-    np.testing.assert_array_equal(np.array(all_sum(x, group)), want)
+    np.testing.assert_array_equal(np.array(all_sum(x, group=group)), want)
     # all_sum: identity backward; sum_gradients: all-sum backward.
-    grad = mx.grad(lambda x: (all_sum(x, group) ** 2).sum())(x)
+    grad = mx.grad(lambda x: (all_sum(x, group=group) ** 2).sum())(x)
     np.testing.assert_allclose(np.array(grad), 2 * want)
     c = mx.full((4,), float(RANK + 1))
     grad = mx.grad(lambda x: (sum_gradients(group)(x) * c).sum())(x)
     np.testing.assert_allclose(np.array(grad), np.full(4, sum(r + 1 for r in range(N)), np.float32))
-    _, tangent = mx.jvp(lambda x: all_sum(x, group), [x], [mx.ones(4)])
+    _, tangent = mx.jvp(lambda x: all_sum(x, group=group), [x], [mx.ones(4)])
     np.testing.assert_allclose(np.array(tangent[0]), np.full(4, N, np.float32))
 
 
@@ -489,17 +489,33 @@ def check_shape_errors() -> None:
     expect(ShapeError, lambda: nn.quantize(mlp, group_size=64, bits=4), "group_size=64")
 
 
-def check_transform_errors() -> None:
-    """Eager collectives cannot be traced by mx.compile or mx.vmap."""
-    TransformError = mlxdist.TransformError
-    row = shard(linear(4 * N, 4, 1), "sharded-to-all")
-    column = shard(linear(4, 4 * N, 1))
-    x = shard_of(inputs((2, 4 * N), 2))
-    expect(TransformError, lambda: mx.compile(row)(x), "mx.compile", "layers")
-    expect(TransformError, lambda: mx.vmap(row)(x), "mx.vmap", "layers")
-    column_grad = mx.grad(lambda y: (column(y) ** 2).sum())
-    expect(TransformError, lambda: mx.compile(column_grad)(inputs((2, 4), 3)), "sum_gradients", "layers")
-    expect(TransformError, lambda: mx.compile(lambda y: all_sum(y, group))(x), "all_sum")
+def check_compiled_stack() -> None:
+    """A column/row/column/row stack under mx.compile: the forward, and the
+    compiled gradients, equal the unsharded model's."""
+    dims = [(12, 8 * N), (8 * N, 10), (10, 4 * N), (4 * N, 6)]
+    full = Stack([linear(i, o, seed=90 + k) for k, (i, o) in enumerate(dims)])
+    shardings = ["all-to-sharded", "sharded-to-all"] * 2
+    sharded = Stack([shard_linear(l, s, group=group) for l, s in zip(full.layers, shardings)])
+    x = inputs((5, 12), 95)
+    target = inputs((5, 6), 96)
+
+    def loss(model: nn.Module, x: mx.array) -> mx.array:
+        return ((model(x) - target) ** 2).mean()
+
+    forward = mx.compile(lambda x: sharded(x))
+    assert_close(forward(x), full(x), mx.float32, "compiled forward")
+    assert_close(forward(x * 2), full(x * 2), mx.float32, "compiled forward, second call")
+    grad_input = mx.compile(mx.grad(lambda x: loss(sharded, x)))
+    assert_close(grad_input(x), mx.grad(lambda x: loss(full, x))(x), mx.float32, "compiled d input", GRAD_TOLERANCE)
+    value_and_grad = nn.value_and_grad(sharded, loss)
+    step = mx.compile(lambda x: value_and_grad(sharded, x), inputs=sharded.state)
+    got_loss, got_grads = step(x)
+    want_loss, want_grads = nn.value_and_grad(full, loss)(full, x)
+    assert_close(got_loss, want_loss, mx.float32, "compiled loss", GRAD_TOLERANCE)
+    for k, sharding in enumerate(shardings):
+        axis = 0 if sharding == "all-to-sharded" else 1
+        got, want = got_grads["layers"][k]["weight"], shard_of(want_grads["layers"][k]["weight"], axis)
+        assert_close(got, want, mx.float32, f"compiled d weight {k}", GRAD_TOLERANCE)
 
 
 def check_argument_errors() -> None:
@@ -516,6 +532,7 @@ def check_argument_errors() -> None:
 
 
 def check_type_errors() -> None:
+    TypeError = mlxdist.ArgumentTypeError  # a TypeError and a DistributedError
     expect(TypeError, lambda: shard(nn.Conv2d(3, 4, 3)), "Conv2d")
     expect(TypeError, lambda: shard(shard(linear(8, 4 * N, 1))), "already sharded")
     expect(TypeError, lambda: AllToShardedLinear.from_linear(nn.Embedding(4, 8), group=group), "Embedding")
@@ -554,7 +571,7 @@ def main() -> int:
     check("module behaviour", check_module_behaviour)
     check("functional", check_functional)
     check("shape errors", check_shape_errors)
-    check("transform errors", check_transform_errors)
+    check("compiled stack", check_compiled_stack)
     check("argument errors", check_argument_errors)
     check("type errors", check_type_errors)
     group.barrier()

@@ -1,4 +1,9 @@
-"""Column- and row-parallel linear layers over an :class:`mlxdist.Group`.
+"""What every sharded layer shares: the group, the gradient rule, parameter
+sharding and the layer base class.
+
+The float layers (:mod:`mlxdist.nn.linear`) and the quantized ones
+(:mod:`mlxdist.nn.quantized`) build on this module; it imports neither.
+
 
 - :class:`AllToShardedLinear` (column parallel): the input is replicated, each
   rank holds a slice of the output features; no communication forward, an
@@ -15,16 +20,17 @@ for MLX's own layers.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Any, ClassVar, Optional, TypeVar, Union
+from typing import Any, Callable, ClassVar, TypeVar, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxdist.errors import InvalidArgumentError
+from mlxdist.errors import ArgumentTypeError, InvalidArgumentError
 from mlxdist.group import Group
-from mlxdist.nn.autograd import all_sum, resolve_group, sum_gradients
+from mlxdist.world import all_sum, resolve_group
 from mlxdist.nn.slicing import (
     LogicalDim,
     Segments,
@@ -35,6 +41,8 @@ from mlxdist.nn.slicing import (
 )
 
 __all__ = [
+    "sum_gradients",
+    "resolve_group",
     "KeyLike",
     "ShardedLinearBase",
     "AllToShardedLinear",
@@ -45,6 +53,47 @@ __all__ = [
 
 KeyLike = Union[int, mx.array, None]
 LayerT = TypeVar("LayerT", bound="ShardedLinearBase")
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_gradients(group: Group) -> Callable[[mx.array], mx.array]:
+    @mx.custom_function
+    def passthrough(x: mx.array) -> mx.array:
+        return x
+
+    @passthrough.vjp
+    def passthrough_vjp(primals: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
+        return all_sum(cotangent, group=group)
+
+    return passthrough
+
+
+def sum_gradients(group: Group | None = None) -> Callable[[mx.array], mx.array]:
+    """A function that is the identity forward and all-sums its gradient backward.
+
+    Put it on the replicated input of column-parallel layers: each rank's
+    shard contributes part of the input's gradient, and the all-sum gives
+    every rank the whole of it. It is lazy like the collectives, so it
+    compiles and differentiates inside ``mx.compile``.
+
+    Args:
+        group: The group (the world group when None).
+
+    Returns:
+        A function ``f(x) -> x`` whose vjp all-sums the cotangent over the
+        group (the identity on a size-1 group).
+
+    Raises:
+        InvalidArgumentError: ``group`` is not an mlxdist group.
+    """
+    group = resolve_group(group)
+    if group.size() == 1:
+        return _identity
+    return _sum_gradients(group)
+
+
+def _identity(x: mx.array) -> mx.array:
+    return x
 
 
 def agreed_key(group: Group, key: KeyLike) -> mx.array:
@@ -67,10 +116,10 @@ def agreed_key(group: Group, key: KeyLike) -> mx.array:
     if isinstance(key, numbers.Integral) and not isinstance(key, bool):
         return mx.random.key(int(key))
     if key is not None:
-        raise TypeError(f"key must be an mx.random.key, an int seed or None, got {type(key).__name__}")
+        raise ArgumentTypeError(f"key must be an mx.random.key, an int seed or None, got {type(key).__name__}")
     drawn = mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.int32)
-    if group.size > 1:
-        drawn = group.all_sum(drawn if group.rank == 0 else mx.zeros_like(drawn))
+    if group.size() > 1:
+        drawn = group.all_sum(drawn if group.rank() == 0 else mx.zeros_like(drawn))
     return drawn.astype(mx.uint32)
 
 
@@ -133,7 +182,7 @@ def shard_layer_parameters(
         InvalidArgumentError, ShapeError: see :func:`mlxdist.nn.slicing.shard_parameters`.
     """
     predicate = predicate_for(sharding, segments)
-    sharded = shard_parameters(parameters.items(), predicate, group.size, group.rank, logical_dim)
+    sharded = shard_parameters(parameters.items(), predicate, group.size(), group.rank(), logical_dim)
     return {**parameters, **dict(sharded)}
 
 
@@ -169,7 +218,7 @@ class ShardedLinearBase(nn.Module):
         name, dim = (
             ("output_dims", output_dims) if cls.sharding == "all-to-sharded" else ("input_dims", input_dims)
         )
-        rank_ranges(segment_bounds(1, dim), group.size, group.rank, f"{name}={dim}")
+        rank_ranges(segment_bounds(1, dim), group.size(), group.rank(), f"{name}={dim}")
 
     def _product(self, x: mx.array) -> mx.array:
         """``x`` times the local weight, transposed, without bias."""
@@ -193,14 +242,11 @@ class ShardedLinearBase(nn.Module):
             All-to-sharded: this rank's slice of the output features.
             Sharded-to-all: the whole output (all-summed), the same on every rank.
 
-        Raises:
-            TransformError: a sharded-to-all layer on more than one process
-                inside ``mx.compile`` or ``mx.vmap``.
-            CommunicationError: the transport failed.
+        Lazy, as MLX's layers: the all-sum runs when the result is evaluated.
         """
         if self.sharding == "all-to-sharded":
             return self._affine(sum_gradients(self.group)(x))
-        return self._add_bias(all_sum(self._product(x), self.group))
+        return self._add_bias(all_sum(self._product(x), group=self.group))
 
     @property
     def local_input_dims(self) -> int:
@@ -210,155 +256,17 @@ class ShardedLinearBase(nn.Module):
     @property
     def input_dims(self) -> int:
         """Input features of the whole (unsharded) layer."""
-        scale = self.group.size if self.sharding == "sharded-to-all" else 1
+        scale = self.group.size() if self.sharding == "sharded-to-all" else 1
         return self.local_input_dims * scale
 
     @property
     def output_dims(self) -> int:
         """Output features of the whole (unsharded) layer."""
-        scale = self.group.size if self.sharding == "all-to-sharded" else 1
+        scale = self.group.size() if self.sharding == "all-to-sharded" else 1
         return int(self["weight"].shape[0]) * scale
 
     def _extra_repr(self) -> str:
         return (
             f"input_dims={self.input_dims}, output_dims={self.output_dims}, "
-            f"bias={'bias' in self}, ranks={self.group.size}"
+            f"bias={'bias' in self}, ranks={self.group.size()}"
         )
-
-
-class _FloatShardedLinear(ShardedLinearBase):
-    def __init__(
-        self,
-        input_dims: int,
-        output_dims: int,
-        bias: bool = True,
-        group: Optional[Group] = None,
-        *,
-        key: KeyLike = None,
-    ) -> None:
-        super().__init__()
-        check_dims(input_dims=input_dims, output_dims=output_dims)
-        group = resolve_group(group)
-        self._check_shardable(input_dims, output_dims, group)
-        full = global_linear_parameters(input_dims, output_dims, bias, agreed_key(group, key))
-        self._install(group, shard_layer_parameters(full, self.sharding, 1, group))
-
-    def _product(self, x: mx.array) -> mx.array:
-        return x @ self["weight"].T
-
-    def _affine(self, x: mx.array) -> mx.array:
-        if "bias" in self:
-            return mx.addmm(self["bias"], x, self["weight"].T)
-        return self._product(x)
-
-    @classmethod
-    def from_linear(
-        cls: type[LayerT],
-        linear_layer: nn.Module,
-        segments: Segments = 1,
-        group: Optional[Group] = None,
-    ) -> LayerT:
-        """Shard an ``nn.Linear``: this rank keeps its slice of the layer's weights.
-
-        Args:
-            linear_layer: The unsharded ``mlx.nn.Linear`` (the same on every rank).
-            segments: The fused parts of the sharded axis: an int (3 for a
-                fused QKV), a list of split indices or a list of fractions.
-            group: The group (the world group when None).
-
-        Returns:
-            The sharded layer, in the linear layer's dtype. No communication.
-
-        Raises:
-            TypeError: ``linear_layer`` is not an ``mlx.nn.Linear``, or group is not
-                an mlxdist group.
-            InvalidArgumentError: bad segments.
-            ShapeError: a segment of the sharded dimension is not divisible
-                by the group size.
-        """
-        if not isinstance(linear_layer, nn.Linear):
-            raise TypeError(f"from_linear needs an mlx.nn.Linear, got {type(linear_layer).__name__}")
-        group = resolve_group(group)
-        parameters = shard_layer_parameters(dict(linear_layer.parameters()), cls.sharding, segments, group)
-        return cls._assemble(group, parameters)
-
-    def to_quantized(
-        self,
-        group_size: Optional[int] = None,
-        bits: Optional[int] = None,
-        mode: str = "affine",
-        quantize_input: bool = False,
-    ) -> ShardedLinearBase:
-        """Quantize this rank's shard (what ``nn.quantize`` calls).
-
-        Args:
-            group_size: Quantization group size (None: the mode's default).
-            bits: Bits per weight (None: the mode's default).
-            mode: A mode of ``mx.quantize`` (``"affine"``, ``"mxfp4"``...).
-            quantize_input: Not supported for sharded layers.
-
-        Returns:
-            The matching quantized sharded layer.
-
-        Raises:
-            UnsupportedOperationError: quantize_input is True.
-            InvalidArgumentError: MLX does not support the quantization.
-            ShapeError: the local input dimension is not a multiple of the
-                group size.
-        """
-        from mlxdist.nn.quantized import quantized_from_float
-
-        return quantized_from_float(self, group_size, bits, mode, quantize_input)
-
-
-class AllToShardedLinear(_FloatShardedLinear):
-    """Column-parallel linear layer: replicated input, output features sharded.
-
-    Rank ``r`` holds rows ``[r * out / N, (r + 1) * out / N)`` of the weight and
-    bias and returns that slice of the output. The forward pass does not
-    communicate; the backward pass all-sums the input's gradient (see
-    :func:`mlxdist.nn.sum_gradients`).
-
-    Args:
-        input_dims: Input features.
-        output_dims: Output features of the whole layer (divisible by the
-            group size).
-        bias: Whether the layer has a bias.
-        group: The :class:`mlxdist.Group` (the world group when None).
-        key: Seed or ``mx.random.key`` of the whole layer's initial weights;
-            None draws one on rank 0 and broadcasts it. Every rank gets its
-            slice of the same global matrix, drawn as ``nn.Linear`` draws it.
-
-    Raises:
-        InvalidArgumentError: dims not positive integers.
-        ShapeError: output_dims not divisible by the group size.
-        TypeError: group is not an mlxdist group.
-    """
-
-    sharding: ClassVar[str] = "all-to-sharded"
-
-
-class ShardedToAllLinear(_FloatShardedLinear):
-    """Row-parallel linear layer: input features sharded, output all-summed.
-
-    Rank ``r`` holds columns ``[r * in / N, (r + 1) * in / N)`` of the weight
-    and the whole bias. It multiplies its slice of the input, the partial
-    results are all-summed over the group (eagerly), and the bias is added
-    once, so every rank returns the whole output.
-
-    Args:
-        input_dims: Input features of the whole layer (divisible by the group
-            size).
-        output_dims: Output features.
-        bias: Whether the layer has a bias.
-        group: The :class:`mlxdist.Group` (the world group when None).
-        key: As for :class:`AllToShardedLinear`; the bias is the same on
-            every rank.
-
-    Raises:
-        InvalidArgumentError: dims not positive integers.
-        ShapeError: input_dims not divisible by the group size.
-        TypeError: group is not an mlxdist group.
-    """
-
-    sharding: ClassVar[str] = "sharded-to-all"
