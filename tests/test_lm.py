@@ -57,10 +57,10 @@ CHECKPOINTS = {
 }
 # Largest |logit difference| allowed between a float16/bfloat16 model sharded
 # over 2 ranks and the same model in one process (teacher-forced, logits of
-# order 10 on these models): TP changes the summation order of the
-# row-parallel products, and the partial sums are rounded to the model dtype
-# before the all-sum.
-LOGIT_TOLERANCE = {"f16": 0.25, "bf16": 2.0}
+# order 10 on these models; measured 0.17 and 0.18 here): TP changes the
+# summation order of the row-parallel products, and the partial sums are
+# rounded to the model dtype before the all-sum.
+LOGIT_TOLERANCE = {"f16": 0.35, "bf16": 0.35}
 PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.")
 BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
@@ -184,10 +184,10 @@ def test_half_precision_tp_matches_mlx_lm_shard(checkpoints, references, tmp_pat
 
 
 def test_memory_each_rank_reads_only_its_shard(tmp_path) -> None:
-    """A 200 MB float32 model at 2 ranks: no rank's peak RSS grows by the whole model (TP and PP)."""
+    """A 100 MB float32 model at 2 ranks: no rank's peak RSS grows by the whole model (TP and PP)."""
     path = write_checkpoint(
-        tmp_path / "big", "llama", hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4,
-        intermediate_size=2048, vocab_size=512,
+        tmp_path / "big", "llama", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+        intermediate_size=1536, vocab_size=512,
     )
     full = sum(v.nbytes for v in mx.load(str(path / "model.safetensors")).values())
     for mode in ("tp", "pp"):
