@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -170,14 +171,23 @@ def run_job(argv: list[str], n: int, backend: str, timeout: float) -> tuple[dict
     from mlxdist.launch import launch
 
     sink = _Collect()
+    command = [sys.executable, os.path.abspath(__file__), *argv]
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
-    result = launch([sys.executable, os.path.abspath(__file__), *argv], n=n, backend=backend,
-                    timeout=timeout, stdout=sink)
+    if n == 1:  # a plain process: a one-host ring hostfile does not initialise
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        for line in done.stdout.splitlines():
+            sink.write(line)
+        failed, code = done.returncode != 0, done.returncode
+        if failed:
+            sys.stderr.write(done.stderr[-4000:])
+    else:
+        result = launch(command, n=n, backend=backend, timeout=timeout, stdout=sink)
+        failed, code = not result.ok, result.exit_code
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_SELF)
-    if not result.ok or not sink.results:
-        raise SystemExit(f"bench_lm: job {argv} on {n} {backend} ranks failed (exit {result.exit_code})")
+    if failed or not sink.results:
+        raise SystemExit(f"bench_lm: job {argv} on {n} {backend} ranks failed (exit {code})")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return sink.results[0], cpu / wall
 
