@@ -71,18 +71,18 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: write_checkpoint(root / name, **args) for name, args in CHECKPOINTS.items()}
 
 
-def reference(path: Path, tokens: list[int] | None = None) -> dict:
+def reference(path: Path, prompt: list[int] = PROMPT) -> dict:
     """One process, plain mlx-lm: greedy tokens and teacher-forced logits."""
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
 
     model, _ = load_model(path)
     generated = []
-    for token, _ in generate_step(mx.array(PROMPT), model, max_tokens=MAX_TOKENS):
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=MAX_TOKENS):
         generated.append(int(token))
         if len(generated) == MAX_TOKENS:
             break
-    scored = PROMPT + (generated if tokens is None else tokens)
+    scored = prompt + generated
     logits = model(mx.array(scored)[None])[0].astype(mx.float32)
     return {"tokens": generated, "logits": np.array(logits)}
 
@@ -279,6 +279,23 @@ def test_generate_command(checkpoints, references, backend: str) -> None:
     assert record["decode_tps"] > 0 and record["prompt_tps"] > 0
     assert len(record["weight_bytes"]) == 2 and len(record["peak_rss_bytes"]) == 2
     assert record["weight_bytes"][0] < record["full_weight_bytes"]
+
+
+def test_generate_command_text_prompt(checkpoints) -> None:
+    """One process, --prompt TEXT: the checkpoint's tokenizer encodes it; tokens as mlx-lm's."""
+    from mlx_lm.utils import load_tokenizer
+
+    text = "hello sharded world"
+    ids = load_tokenizer(checkpoints["q4"]).encode(text)
+    command = [
+        sys.executable, "-m", "mlxdist.lm", "--model", str(checkpoints["q4"]), "--prompt", text,
+        "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--json",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["mode"] == "single" and record["prompt_tokens"] == len(ids)
+    assert record["tokens"] == reference(checkpoints["q4"], ids)["tokens"]
 
 
 def test_generate_command_errors(checkpoints) -> None:
