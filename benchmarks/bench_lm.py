@@ -43,8 +43,12 @@ import numpy as np  # noqa: E402
 RESULT_TAG = "BENCH_LM_RESULT "
 FORMATS = {"float16": dict(dtype="float16"), "4-bit": dict(dtype="float32", bits=4, group_size=64)}
 SIZES = {
-    "default": dict(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8, intermediate_size=2816, vocab_size=512),
-    "quick": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=512),
+    "default": dict(
+        hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8, intermediate_size=2816, vocab_size=512
+    ),
+    "quick": dict(
+        hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=512
+    ),
 }
 
 
@@ -66,7 +70,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 # -- in a launched job ---------------------------------------------------------
 
 
-def _step_comm_seconds(group: Any, kind: str, hidden: int, dtype: mx.Dtype, blocks: int, repeats: int = 20) -> float:
+def _step_comm_seconds(
+    group: Any, kind: str, hidden: int, dtype: mx.Dtype, blocks: int, repeats: int = 20
+) -> float:
     """Time of one decode step's communication alone (median over ``repeats``)."""
     from mlxdist.world import all_gather, all_sum, recv_like, send
 
@@ -96,9 +102,9 @@ def _slowest(group: Any, seconds: float) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import mlxdist
     from mlx_lm.utils import load_model
 
+    import mlxdist
     from mlxdist.lm import generate_tokens, load
 
     path, fmt = Path(args.worker[0]), args.worker[1]
@@ -139,8 +145,12 @@ def worker(args: argparse.Namespace) -> None:
         dtype = mx.float16 if fmt == "float16" else mx.float32
         blocks = config["num_hidden_layers"]
         result["comm_seconds"] = {
-            "mlxdist TP": _slowest(group, _step_comm_seconds(group, "tp", config["hidden_size"], dtype, blocks)),
-            "mlxdist PP": _slowest(group, _step_comm_seconds(group, "pp", config["hidden_size"], dtype, blocks)),
+            "mlxdist TP": _slowest(
+                group, _step_comm_seconds(group, "tp", config["hidden_size"], dtype, blocks)
+            ),
+            "mlxdist PP": _slowest(
+                group, _step_comm_seconds(group, "pp", config["hidden_size"], dtype, blocks)
+            ),
         }
         result["comm_share"] = {
             name: seconds * result["decode_tps"][name] for name, seconds in result["comm_seconds"].items()
@@ -194,7 +204,8 @@ def run_job(argv: list[str], n: int, backend: str, timeout: float) -> tuple[dict
 
 def markdown(results: list[dict], launcher_share: float) -> str:
     lines = [
-        "| weights | ranks, backend | 1 process | mlx-lm shard() | mlxdist TP (× mlx-lm) | mlxdist PP | TP comm share | PP comm share |",
+        "| weights | ranks, backend | 1 process | mlx-lm shard() | mlxdist TP (× mlx-lm) | mlxdist PP "
+        "| TP comm share | PP comm share |",
         "|---|---|---|---|---|---|---|---|",
     ]
     single = {r["format"]: r["decode_tps"]["1 process (mlx-lm)"] for r in results if r["ranks"] == 1}
@@ -209,7 +220,10 @@ def markdown(results: list[dict], launcher_share: float) -> str:
             f"{100 * r['comm_share']['mlxdist TP']:.0f} % | {100 * r['comm_share']['mlxdist PP']:.0f} % |"
         )
     lines.append("")
-    lines.append(f"Decode tokens/s (median of rounds, slowest rank). Launcher CPU: {100 * launcher_share:.1f} % of a core.")
+    lines.append(
+        "Decode tokens/s (median of rounds, slowest rank). "
+        f"Launcher CPU: {100 * launcher_share:.1f} % of a core."
+    )
     return "\n".join(lines)
 
 
@@ -236,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(result)
                 print(json.dumps(result), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": dims, "results": results, "launcher_cpu": max(shares, default=0)}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"model": dims, "results": results, "launcher_cpu": max(shares, default=0)}, indent=2)
+        )
     if args.markdown:
         print(markdown(results, max(shares, default=0.0)))
     return 0

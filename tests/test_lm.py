@@ -24,12 +24,11 @@ pytest.importorskip("mlx_lm", reason="mlxdist.lm needs the lm extra (Python >= 3
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
+from conftest import BACKENDS, run_ranks  # noqa: E402
 
 import mlxdist  # noqa: E402
 from mlxdist.lm import choose, generate_tokens, layer_ranges, load  # noqa: E402
 from mlxdist.lm.testing import write_checkpoint  # noqa: E402
-
-from conftest import BACKENDS, run_ranks  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -113,7 +112,14 @@ def job(tmp_path: Path, n: int, backend: str, checks: list[dict], timeout: float
 
 
 def generate_check(path: Path, mode: str, **extra) -> dict:
-    return {"kind": "generate", "path": str(path), "mode": mode, "prompt": PROMPT, "max_tokens": MAX_TOKENS, **extra}
+    return {
+        "kind": "generate",
+        "path": str(path),
+        "mode": mode,
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        **extra,
+    }
 
 
 def check_weight_bytes(path: Path, result: dict, n: int) -> float:
@@ -124,7 +130,9 @@ def check_weight_bytes(path: Path, result: dict, n: int) -> float:
         expected = replicated + projections // n
     else:
         start, stop = plan["layers"][plan["rank"]]
-        expected = (replicated + projections) - sum(blocks.values()) + sum(blocks[i] for i in range(start, stop))
+        expected = (
+            (replicated + projections) - sum(blocks.values()) + sum(blocks[i] for i in range(start, stop))
+        )
     assert result["weight_bytes"] == expected
     assert plan["full_bytes"] == replicated + projections
     return result["weight_bytes"] / plan["full_bytes"]
@@ -133,7 +141,10 @@ def check_weight_bytes(path: Path, result: dict, n: int) -> float:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [2, 4])
 def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: str) -> None:
-    """Float32 dense and 4-bit (8-bit at 2 ranks): TP and PP tokens equal 1 process; odd heads: auto PP, tp raises."""
+    """Float32 dense, 4-bit (8-bit at 2 ranks): TP and PP tokens equal 1 process.
+
+    6 heads / 3 kv heads: auto picks PP (tokens equal 1 process), mode="tp" raises ShapeError.
+    """
     dense = ["f32", "q4"] + (["q8"] if n == 2 else [])
     checks = [generate_check(checkpoints[name], mode) for name in dense for mode in ("auto", "pp")]
     checks += [generate_check(checkpoints["odd"], "auto"), generate_check(checkpoints["odd"], "tp")]
@@ -153,19 +164,27 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
         if name == "odd":
             assert "not divisible" in result["plan"]["reason"]
         ratios[(name, want)] = check_weight_bytes(checkpoints[name], result, n)
-    print(f"\nweight bytes of rank 0 / whole model, {n} {backend} ranks:", {k: round(v, 3) for k, v in ratios.items()})
+    print(
+        f"\nweight bytes of rank 0 / whole model, {n} {backend} ranks:",
+        {k: round(v, 3) for k, v in ratios.items()},
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_tp_matches_mlx_lm_shard(checkpoints, references, tmp_path, backend: str) -> None:
-    """Float16/bfloat16 TP at 2 ranks: tokens equal mlx-lm's own shard() in the same job; logits near 1 process."""
+    """Float16/bfloat16 TP at 2 ranks: as mlx-lm's own shard() in the same job; logits near 1 process."""
     checks = []
     for name in ("f16", "bf16"):
         scored = PROMPT + references[name]["tokens"]
         checks.append(generate_check(checkpoints[name], "tp", logits_of=scored))
         checks.append(
-            {"kind": "mlx_lm_shard", "path": str(checkpoints[name]), "prompt": PROMPT,
-             "max_tokens": MAX_TOKENS, "logits_of": scored}
+            {
+                "kind": "mlx_lm_shard",
+                "path": str(checkpoints[name]),
+                "prompt": PROMPT,
+                "max_tokens": MAX_TOKENS,
+                "logits_of": scored,
+            }
         )
     results = job(tmp_path, 2, backend, checks)
     for index, name in enumerate(("f16", "bf16")):
@@ -186,8 +205,14 @@ def test_half_precision_tp_matches_mlx_lm_shard(checkpoints, references, tmp_pat
 def test_memory_each_rank_reads_only_its_shard(tmp_path) -> None:
     """A 100 MB float32 model at 2 ranks: no rank's peak RSS grows by the whole model (TP and PP)."""
     path = write_checkpoint(
-        tmp_path / "big", "llama", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
-        intermediate_size=1536, vocab_size=512,
+        tmp_path / "big",
+        "llama",
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=1536,
+        vocab_size=512,
     )
     full = sum(v.nbytes for v in mx.load(str(path / "model.safetensors")).values())
     for mode in ("tp", "pp"):
@@ -195,7 +220,10 @@ def test_memory_each_rank_reads_only_its_shard(tmp_path) -> None:
         assert result["plan"]["mode"] == mode
         for rank in range(2):
             growth = result["peak_after"][rank] - result["rss_before"][rank]
-            print(f"\n{mode} rank {rank}: peak RSS growth {growth / full:.2f} x model, weights {result['weight_bytes'][rank] / full:.2f} x")
+            print(
+                f"\n{mode} rank {rank}: peak RSS growth {growth / full:.2f} x model, "
+                f"weights {result['weight_bytes'][rank] / full:.2f} x"
+            )
             # The shard (about half), plus one unsharded projection at a time while slicing (TP).
             assert growth < 0.7 * full, (mode, rank, growth / full)
             assert result["weight_bytes"][rank] < 0.6 * full
@@ -265,9 +293,23 @@ def test_load_refuses_a_non_checkpoint(tmp_path) -> None:
 def test_generate_command(checkpoints, references, backend: str) -> None:
     """mlxdist-generate -n 2 starts its ranks, and rank 0 prints one JSON line."""
     command = [
-        sys.executable, "-m", "mlxdist.lm", "--model", str(checkpoints["f32"]),
-        "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", str(MAX_TOKENS),
-        "-n", "2", "--backend", backend, "--json", "--ignore-eos", "--timeout", "120",
+        sys.executable,
+        "-m",
+        "mlxdist.lm",
+        "--model",
+        str(checkpoints["f32"]),
+        "--prompt-ids",
+        ",".join(map(str, PROMPT)),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "-n",
+        "2",
+        "--backend",
+        backend,
+        "--json",
+        "--ignore-eos",
+        "--timeout",
+        "120",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -288,8 +330,17 @@ def test_generate_command_text_prompt(checkpoints) -> None:
     text = "hello sharded world"
     ids = load_tokenizer(checkpoints["q4"]).encode(text)
     command = [
-        sys.executable, "-m", "mlxdist.lm", "--model", str(checkpoints["q4"]), "--prompt", text,
-        "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--json",
+        sys.executable,
+        "-m",
+        "mlxdist.lm",
+        "--model",
+        str(checkpoints["q4"]),
+        "--prompt",
+        text,
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--ignore-eos",
+        "--json",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,9 +20,7 @@ Requires the ``lm`` extra (``pip install "mlxdist[lm]"``).
 try:
     import mlx_lm  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError(
-        "mlxdist.lm needs mlx-lm (Python >= 3.11): pip install 'mlxdist[lm]'"
-    ) from exc
+    raise ImportError("mlxdist.lm needs mlx-lm (Python >= 3.11): pip install 'mlxdist[lm]'") from exc
 
 from mlxdist.lm.generation import Generation, generate_tokens, logits
 from mlxdist.lm.loading import load

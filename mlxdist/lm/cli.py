@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
     parser = argparse.ArgumentParser(
         prog="mlxdist-generate",
-        description="Generate with an mlx-lm checkpoint sharded over mlxdist ranks (TP, or PP when TP cannot split it).",
+        description="Generate with an mlx-lm checkpoint sharded over mlxdist ranks "
+        "(TP, or PP when TP cannot split it).",
     )
     parser.add_argument("--model", required=True, help="mlx-lm checkpoint directory")
     prompt = parser.add_mutually_exclusive_group(required=True)
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--mode", choices=("auto", "tp", "pp"), default="auto")
     parser.add_argument("--pp-weights", type=_positive_floats, help="per-rank pipeline shares, e.g. 1,2")
-    parser.add_argument("-n", "--nranks", type=int, help="local ranks to start when not inside a launched job")
+    parser.add_argument(
+        "-n", "--nranks", type=int, help="local ranks to start when not inside a launched job"
+    )
     parser.add_argument("--backend", choices=("ring", "mpi"), default="ring", help="for -n (default ring)")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline for -n launches, seconds")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
@@ -121,7 +124,9 @@ def _run(args: argparse.Namespace) -> int:
     prompt = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
     vocab = int(model.args.vocab_size)
     if any(i >= vocab for i in prompt):
-        raise InvalidArgumentError(f"prompt token ids must be below the vocabulary size {vocab}, got {prompt}")
+        raise InvalidArgumentError(
+            f"prompt token ids must be below the vocabulary size {vocab}, got {prompt}"
+        )
     sampler = None
     if args.temp > 0:
         from mlx_lm.sample_utils import make_sampler
@@ -156,7 +161,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(text, flush=True)
         print(
-            f"[{plan.mode} on {size} ranks] prompt {out.prompt_tps:.1f} tok/s, decode {out.decode_tps:.1f} tok/s",
+            f"[{plan.mode} on {size} ranks] prompt {out.prompt_tps:.1f} tok/s, "
+            f"decode {out.decode_tps:.1f} tok/s",
             file=sys.stderr,
         )
     return 0

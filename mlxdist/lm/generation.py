@@ -83,7 +83,9 @@ def generate_tokens(
     start = time.perf_counter()
     first = start
     try:
-        steps = generate_step(mx.array(list(prompt), dtype=mx.uint32), model, max_tokens=max_tokens, sampler=sampler)
+        steps = generate_step(
+            mx.array(list(prompt), dtype=mx.uint32), model, max_tokens=max_tokens, sampler=sampler
+        )
         for token, _ in steps:
             if not result.tokens:
                 first = time.perf_counter()

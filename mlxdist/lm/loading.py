@@ -72,7 +72,9 @@ def load(
     if group is None:
         group = world()
     if not isinstance(group, Group):
-        raise TypeError(f"group must be an mlxdist.Group, got {type(group).__module__}.{type(group).__name__}")
+        raise TypeError(
+            f"group must be an mlxdist.Group, got {type(group).__module__}.{type(group).__name__}"
+        )
     model, config = load_model(path, lazy=True)
     full_bytes = parameter_bytes(model)
     plan = choose(model, config["model_type"], group.rank(), group.size(), mode, pp_weights)

@@ -157,15 +157,21 @@ def tp_violations(model: nn.Module, layout: FamilyLayout, size: int) -> list[str
         for name in layout.head_counts:
             count = int(getattr(attention, name))
             if count % size:
-                found.setdefault(name, f"{name}={count} is not divisible by {size} ranks ({where}.{layout.attention})")
+                found.setdefault(
+                    name, f"{name}={count} is not divisible by {size} ranks ({where}.{layout.attention})"
+                )
         for path in layout.column:
             out_dims, _, _ = _linear_dims(_module(block, path))
             if out_dims % size:
-                found.setdefault(path, f"{path} output features {out_dims} are not divisible by {size} ranks ({where})")
+                found.setdefault(
+                    path, f"{path} output features {out_dims} are not divisible by {size} ranks ({where})"
+                )
         for path in layout.row:
             _, in_dims, group_size = _linear_dims(_module(block, path))
             if in_dims % size:
-                found.setdefault(path, f"{path} input features {in_dims} are not divisible by {size} ranks ({where})")
+                found.setdefault(
+                    path, f"{path} input features {in_dims} are not divisible by {size} ranks ({where})"
+                )
             elif group_size and (in_dims // size) % group_size:
                 found.setdefault(
                     path,
@@ -175,7 +181,9 @@ def tp_violations(model: nn.Module, layout: FamilyLayout, size: int) -> list[str
     return list(found.values())
 
 
-def layer_ranges(num_layers: int, size: int, weights: Optional[Sequence[float]] = None) -> list[tuple[int, int]]:
+def layer_ranges(
+    num_layers: int, size: int, weights: Optional[Sequence[float]] = None
+) -> list[tuple[int, int]]:
     """Contiguous decoder-block ranges, one per rank, in rank order.
 
     Args:
@@ -195,7 +203,8 @@ def layer_ranges(num_layers: int, size: int, weights: Optional[Sequence[float]] 
     """
     if num_layers < size:
         raise InvalidArgumentError(
-            f"pipeline parallelism needs at least one decoder block per rank: {num_layers} blocks, {size} ranks"
+            "pipeline parallelism needs at least one decoder block per rank: "
+            f"{num_layers} blocks, {size} ranks"
         )
     if weights is None:
         weights = [1.0] * size
@@ -261,7 +270,14 @@ def choose(
     if mode in ("auto", "tp"):
         broken = tp_violations(model, layout, size)
         if not broken:
-            plan = Plan("tp", f"tensor parallel over {size} ranks: every head count and projection divides", family, rank, size, everything)
+            plan = Plan(
+                "tp",
+                f"tensor parallel over {size} ranks: every head count and projection divides",
+                family,
+                rank,
+                size,
+                everything,
+            )
             logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
             return plan
         if mode == "tp":

@@ -78,4 +78,3 @@ def apply_tensor_parallel(model: nn.Module, layout: FamilyLayout, group: Group) 
         shard_block(block, layout, group)
         mx.eval(block.parameters())
     return sharded_full
-

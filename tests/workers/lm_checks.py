@@ -37,7 +37,11 @@ def run_generate(group: mlxdist.Group, check: dict) -> dict:
     try:
         model, _, plan = load(check["path"], group, check["mode"])
     except Exception as exc:  # recorded for the test to judge
-        return {"error": type(exc).__name__, "message": str(exc), "mro": [c.__name__ for c in type(exc).__mro__]}
+        return {
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "mro": [c.__name__ for c in type(exc).__mro__],
+        }
     out = generate_tokens(model, check["prompt"], check["max_tokens"])
     agreed(group, out.tokens)
     scored = check.get("logits_of") or check["prompt"] + out.tokens
