@@ -284,9 +284,13 @@ def test_layer_ranges() -> None:
         layer_ranges(4, 2, [1, 0])
 
 
-def test_load_refuses_a_non_checkpoint(tmp_path) -> None:
+def test_load_refuses_bad_arguments(tmp_path, checkpoints) -> None:
     with pytest.raises(mlxdist.InvalidArgumentError, match="not an mlx-lm checkpoint directory"):
         load(tmp_path)
+    with pytest.raises(mlxdist.ArgumentTypeError, match="group must be an mlxdist.Group"):
+        load(checkpoints["f32"], mx.distributed.init())
+    with pytest.raises(mlxdist.InvalidArgumentError, match="mode must be one of"):
+        load(checkpoints["f32"], mlxdist.world(), mode="dp")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,7 +14,7 @@ from mlxdist.lm.memory import parameter_bytes
 from mlxdist.lm.pipeline import apply_pipeline_parallel
 from mlxdist.lm.plan import Plan, choose, layout_of
 from mlxdist.lm.tensor import apply_tensor_parallel
-from mlxdist.world import world
+from mlxdist.world import resolve_group
 
 __all__ = ["load"]
 
@@ -64,17 +64,12 @@ def load(
             constraint).
         UnsupportedOperationError: no sharding plan for the model's family
             (on more than one rank).
-        TypeError: ``group`` is not an mlxdist group.
+        ArgumentTypeError: ``group`` is not an mlxdist group (a ``TypeError``).
     """
     from mlx_lm.utils import load_model, load_tokenizer
 
     path = _checkpoint_dir(path_or_dir)
-    if group is None:
-        group = world()
-    if not isinstance(group, Group):
-        raise TypeError(
-            f"group must be an mlxdist.Group, got {type(group).__module__}.{type(group).__name__}"
-        )
+    group = resolve_group(group)
     model, config = load_model(path, lazy=True)
     full_bytes = parameter_bytes(model)
     plan = choose(model, config["model_type"], group.rank(), group.size(), mode, pp_weights)
