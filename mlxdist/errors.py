@@ -14,6 +14,7 @@ __all__ = [
     "DistributedError",
     "BackendUnavailableError",
     "InitializationError",
+    "ConfigurationError",
     "UnsupportedOperationError",
     "InvalidArgumentError",
     "InvalidRankError",
@@ -36,6 +37,10 @@ class BackendUnavailableError(DistributedError):
 
 class InitializationError(DistributedError):
     """The backend exists but the group could not be formed (peers, hostfile, launcher)."""
+
+
+class ConfigurationError(InitializationError, ValueError):
+    """The launch configuration (rank, hostfile, addresses) is invalid."""
 
 
 class UnsupportedOperationError(DistributedError, NotImplementedError):

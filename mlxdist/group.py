@@ -17,6 +17,7 @@ each rank must issue its operations in the same order, as with MPI and NCCL.
 from __future__ import annotations
 
 import numbers
+import threading
 from typing import Any, Sequence, Union
 
 import mlx.core as mx
@@ -59,13 +60,27 @@ class Group:
             process that no launcher started.
     """
 
-    __slots__ = ("_handle", "_address", "_rank", "_size", "backend", "_caps", "_world", "__weakref__")
+    __slots__ = (
+        "_handle",
+        "_address",
+        "_rank",
+        "_size",
+        "backend",
+        "_caps",
+        "_world",
+        "_lock",
+        "_closed",
+        "__weakref__",
+    )
 
     def __init__(self, handle: GroupHandle, backend: Backend | None, world: WorldState) -> None:
         self._handle = handle
         self.backend = backend
         self._caps = capabilities(backend)
         self._world = world
+        self._lock = threading.Lock() if world.concurrent_groups else world.lock
+        self._closed = False
+        world.groups.add(self)
         # The mlx_distributed_group ctx: the bridge's view of this handle.
         self._address = int(ffi.cast("uintptr_t", handle.value.ctx))
         self._rank = lib.mlx_distributed_group_rank(handle.value)
@@ -91,17 +106,23 @@ class Group:
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._handle.closed
+        return self._closed
 
     def close(self) -> None:
         """Release this group's handle. Idempotent; the group is unusable afterwards.
 
+        Returns at once, from any thread: an eager operation running on
+        another thread finishes first and releases the handle when it ends.
         Lazy results built before stay valid: each holds its own reference to
         the group. MLX keeps each backend's world alive for the process, so
         other groups (and mx.distributed) are unaffected.
         """
-        with self._world.lock:
-            self._handle.close()
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._handle.close()
+            finally:
+                self._lock.release()
 
     def __enter__(self) -> "Group":
         return self
@@ -110,7 +131,7 @@ class Group:
         self.close()
 
     def _live_handle(self) -> Any:
-        if self._handle.closed:
+        if self._closed:
             raise GroupClosedError("the group is closed")
         return self._handle.value
 
@@ -140,7 +161,7 @@ class Group:
             name = self.backend.value if self.backend else "the single-process group"
             raise UnsupportedOperationError(f"split: {name} cannot split groups")
         handle = GroupHandle()
-        with self._world.lock:
+        with self._lock:
             rc = lib.mlx_distributed_group_split(handle.out, self._live_handle(), int(color), int(key))
         if rc:
             raise_last("split")

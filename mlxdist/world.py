@@ -6,6 +6,8 @@ are keyword-only with None defaults, ``group=None`` meaning the world group.
 
 from __future__ import annotations
 
+import atexit
+import os
 import threading
 from typing import Sequence
 
@@ -15,6 +17,8 @@ import numpy as np
 from mlxdist._c import lib
 from mlxdist._c.gate import WorldState, check
 from mlxdist._c.handles import GroupHandle
+from mlxdist._mpi_threads import provides_thread_multiple, request_thread_multiple
+from mlxdist.config import ring_config
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
 from mlxdist.dtypes import DTypeLike
 from mlxdist.errors import ArgumentTypeError, BackendUnavailableError, InitializationError, InvalidArgumentError
@@ -40,6 +44,15 @@ _state_lock = threading.Lock()
 # share its lock (their operations are serialized, see Group) and its fate.
 _worlds: dict[Backend | None, WorldState] = {}
 _world: Group | None = None
+
+
+@atexit.register
+def _close_groups() -> None:
+    # Before C++ static destruction: MPI aborts the job when a communicator
+    # is freed after MLX finalised MPI, which groups still alive then are.
+    for state in list(_worlds.values()):
+        for group in list(state.groups):
+            group.close()
 
 
 def init(backend: BackendLike = Backend.ANY, strict: bool = False) -> Group:
@@ -76,6 +89,10 @@ def init(backend: BackendLike = Backend.ANY, strict: bool = False) -> Group:
         )
     if chosen is not None and not is_available(chosen):
         raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
+    if chosen is Backend.RING and (strict or "MLX_HOSTFILE" in os.environ or "MLX_RANK" in os.environ):
+        ring_config()
+    if chosen is Backend.MPI:
+        request_thread_multiple()
     handle = GroupHandle()
     # With no launcher, ring's non-strict init answers at once with a
     # single-process group, where MPI would start a singleton MPI job.
@@ -89,7 +106,10 @@ def init(backend: BackendLike = Backend.ANY, strict: bool = False) -> Group:
             # MLX caches a failed non-strict init as a size-1 group; a ring,
             # jaccl or NCCL world always has several ranks.
             raise InitializationError(f"{chosen.value} formed no world of several ranks")
-        group = Group(handle, kind, _worlds.setdefault(kind, WorldState()))
+        state = _worlds.get(kind)
+        if state is None:
+            state = _worlds[kind] = WorldState(kind is Backend.MPI and size > 1 and provides_thread_multiple())
+        group = Group(handle, kind, state)
         if _world is None or _world.closed:
             _world = group
     return group

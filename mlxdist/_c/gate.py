@@ -12,10 +12,11 @@ every other kind of error leaves it usable.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Callable, NoReturn
 
 from mlxdist._c import lib, last_error
-from mlxdist._c.handles import GroupHandle, thread_stream
+from mlxdist._c.handles import thread_stream
 from mlxdist.errors import (
     AllocationError,
     CommunicationError,
@@ -44,14 +45,25 @@ _KIND_CLASSES: dict[int, type[DistributedError]] = {
 
 
 class WorldState:
-    """What the groups of one world share: the lock serializing their eager
-    operations and, once the transport failed, the failure that ended it."""
+    """What the groups of one world share.
 
-    __slots__ = ("lock", "lost")
+    Attributes:
+        lock: Serializes the eager operations of the world's groups, unless
+            ``concurrent_groups`` (then each group has its own lock).
+        concurrent_groups: The backend lets different groups of the world
+            communicate at the same time from different threads (MPI
+            initialised with MPI_THREAD_MULTIPLE).
+        lost: Once the transport failed, the failure that ended the world.
+        groups: The world's live groups.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("lock", "concurrent_groups", "lost", "groups")
+
+    def __init__(self, concurrent_groups: bool = False) -> None:
         self.lock = threading.Lock()
+        self.concurrent_groups = concurrent_groups
         self.lost: str | None = None
+        self.groups: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def raise_last(what: str, default: type[DistributedError] = DistributedError) -> NoReturn:
@@ -74,12 +86,11 @@ def check(rc: int, what: str, default: type[DistributedError] = DistributedError
         raise_last(what, default)
 
 
-def call(world: WorldState, group: GroupHandle, what: str, func: Callable[..., int], *args: Any) -> None:
-    """Run ``func(*args, group, stream)``, a blocking backend call, under the world's lock.
+def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
+    """Run ``func(*args, group, stream)``, a blocking backend call, under the group's lock.
 
     Args:
-        world: The state of the group's world.
-        group: The group's handle.
+        group: The :class:`mlxdist.Group` (its lock, handle and world).
         what: The operation, for messages.
         func: A cmlx function returning 0 or 1; cffi releases the GIL around it.
         *args: Its leading arguments.
@@ -89,13 +100,16 @@ def call(world: WorldState, group: GroupHandle, what: str, func: Callable[..., i
         CommunicationError: the world already failed, or the transport failed now.
         DistributedError: the subclass the C layer reported.
     """
-    with world.lock:
-        group_ptr = group._ptr  # read under the lock: close() takes it too
-        if group_ptr is None:
+    world = group._world
+    with group._lock:
+        group_ptr = group._handle._ptr  # read under the lock: close() frees it under it
+        if group_ptr is None or group._closed:
             raise GroupClosedError(f"{what}: the group is closed")
         if world.lost is not None:
             raise CommunicationError(f"{what}: this group's world already failed ({world.lost}); start the job again")
         rc = func(*args, group_ptr[0], thread_stream())
+        if group._closed:
+            group._handle.close()  # closed by another thread while this call ran
         if rc == 0:
             return
         kind = lib.mlxdist_last_error_kind()

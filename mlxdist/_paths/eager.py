@@ -83,7 +83,7 @@ def _hot(group: Any, op: str, x: np.ndarray, out: np.ndarray) -> bool:
         and (ob is xb or not _overlap(ob, xb))
         and out.flags.writeable
     ):
-        gate.call(group._world, group._handle, op, lib.mlxdist_collective, ob.value, xb.value, _OPS[op])
+        gate.call(group, op, lib.mlxdist_collective, ob.value, xb.value, _OPS[op])
         return True
     return False
 
@@ -135,7 +135,7 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
         # x a slice of out): read a copy instead, as MPI_IN_PLACE semantics ask.
         src = MlxBuffer.copy_of(np.array(x, order="C"), code)
     result = dest or MlxBuffer.allocate(shape, code)
-    gate.call(group._world, group._handle, op, lib.mlxdist_collective, result.value, src.value, _OPS[op])
+    gate.call(group, op, lib.mlxdist_collective, result.value, src.value, _OPS[op])
     if out is None:
         return result.numpy()
     if result is not dest:
@@ -146,14 +146,14 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
 def send(group: Any, x: Any, dst: int) -> None:
     """Send a numpy array to ``dst`` (validated by the caller); returns when sent."""
     src = operand(as_numpy(x))
-    gate.call(group._world, group._handle, "send", lib.mlxdist_send, src.value, dst)
+    gate.call(group, "send", lib.mlxdist_send, src.value, dst)
 
 
 def recv(group: Any, shape: tuple[int, ...], code: int, src: int, out: np.ndarray | None) -> np.ndarray:
     """Receive into ``out`` (or a new buffer) from ``src``; returns when received."""
     dest = None if out is None else _out_buffer(out, shape, code)
     result = dest or MlxBuffer.allocate(shape, code)
-    gate.call(group._world, group._handle, "recv", lib.mlxdist_recv, result.value, src)
+    gate.call(group, "recv", lib.mlxdist_recv, result.value, src)
     if out is None:
         return result.numpy()
     if result is not dest:

@@ -41,7 +41,7 @@ def stream_error(stream: Any) -> DtypeError:
 
 
 def _checked_group(group: Any) -> int:
-    if group._handle._ptr is None:
+    if group._closed:
         group._live_handle()
     lost = group._world.lost
     if lost is not None:
