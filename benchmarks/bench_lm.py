@@ -12,6 +12,10 @@ writes a random-weight Llama checkpoint (``mlxdist.lm.testing``), then:
   after a ``--prompt``-token prompt, median over rounds; each round's rate
   is the slowest rank's).
 
+Rounds alternate the order of the variants, and the TP ratio is the
+median over rounds of the same-round ratio (this machine is shared: the load
+average is recorded with each job).
+
 It also times the communication of one decode step alone on the same group:
 TP's 2 all-sums per block of a ``(1, 1, hidden)`` vector in the model's
 dtype (chained, one eval), and PP's hops (send/recv between neighbours, one
@@ -44,7 +48,7 @@ RESULT_TAG = "BENCH_LM_RESULT "
 FORMATS = {"float16": dict(dtype="float16"), "4-bit": dict(dtype="float32", bits=4, group_size=64)}
 SIZES = {
     "default": dict(
-        hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8, intermediate_size=2816, vocab_size=512
+        hidden_size=768, num_layers=6, num_heads=12, num_kv_heads=4, intermediate_size=2048, vocab_size=512
     ),
     "quick": dict(
         hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=512
@@ -58,7 +62,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--formats", nargs="+", choices=tuple(FORMATS), default=list(FORMATS))
     parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per round")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="a smaller model")
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline per launched job, seconds")
     parser.add_argument("--json", help="also write the results to this file")
@@ -125,8 +129,11 @@ def worker(args: argparse.Namespace) -> None:
     prompt_rates: dict[str, list[float]] = {name: [] for name in models}
     tokens: dict[str, list[int]] = {}
     generate_tokens(next(iter(models.values())), prompt, 4)  # warm-up
-    for _ in range(args.rounds):
-        for name, model in models.items():
+    names = list(models)
+    for round_index in range(args.rounds):
+        # Alternate the order so that drifting load falls on every variant alike.
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            model = models[name]
             out = generate_tokens(model, prompt, args.tokens)
             tokens[name] = out.tokens
             steps = len(out.tokens) - 1
@@ -138,9 +145,13 @@ def worker(args: argparse.Namespace) -> None:
         "ranks": size,
         "backend": None if size == 1 else str(group.backend),
         "decode_tps": {name: median(r) for name, r in rates.items()},
+        "load_average": os.getloadavg()[0],
         "prompt_tps": {name: median(r) for name, r in prompt_rates.items()},
         "same_tokens_as_mlx_lm": None if size == 1 else tokens["mlxdist TP"] == tokens["mlx-lm shard()"],
     }
+    if size > 1:
+        # Median over rounds of the same-round ratio: robust to load that drifts between rounds.
+        result["tp_vs_mlx_lm"] = median(a / b for a, b in zip(rates["mlxdist TP"], rates["mlx-lm shard()"]))
     if size > 1:
         dtype = mx.float16 if fmt == "float16" else mx.float32
         blocks = config["num_hidden_layers"]
@@ -216,12 +227,15 @@ def markdown(results: list[dict], launcher_share: float) -> str:
         tp, theirs, pp = d["mlxdist TP"], d["mlx-lm shard()"], d["mlxdist PP"]
         lines.append(
             f"| {r['format']} | {r['ranks']}, {r['backend']} | {single.get(r['format'], float('nan')):.1f} | "
-            f"{theirs:.1f} | {tp:.1f} ({tp / theirs:.2f}×) | {pp:.1f} | "
+            f"{theirs:.1f} | {tp:.1f} ({r['tp_vs_mlx_lm']:.2f}×) | {pp:.1f} | "
             f"{100 * r['comm_share']['mlxdist TP']:.0f} % | {100 * r['comm_share']['mlxdist PP']:.0f} % |"
         )
     lines.append("")
     lines.append(
-        "Decode tokens/s (median of rounds, slowest rank). "
+        "Decode tokens/s (median of rounds, slowest rank); × mlx-lm: median over rounds of the same-round "
+        "ratio. Load average during the jobs: "
+        + ", ".join(f"{r['load_average']:.1f}" for r in results)
+        + ". "
         f"Launcher CPU: {100 * launcher_share:.1f} % of a core."
     )
     return "\n".join(lines)
