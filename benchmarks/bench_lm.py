@@ -8,13 +8,13 @@ writes a random-weight Llama checkpoint (``mlxdist.lm.testing``), then:
 - 2 ranks of each backend, started by ``mlxdist.launch`` (which waits
   without spinning; its own CPU use is reported): mlxdist TP, mlxdist PP and
   mlx-lm's ``model.shard()`` over ``mx.distributed``, loaded in the same
-  job and timed in alternating rounds (greedy decode of ``--tokens`` tokens
-  after a ``--prompt``-token prompt, median over rounds; each round's rate
-  is the slowest rank's).
-
-Rounds alternate the order of the variants, and the TP ratio is the
-median over rounds of the same-round ratio (this machine is shared: the load
-average is recorded with each job).
+  job. Each first generates ``--tokens`` tokens with mlx-lm's generator
+  (TP's tokens must equal mlx-lm's; the prompt rate is taken there), then
+  ``--rounds x --tokens`` greedy decode steps of the three run interleaved,
+  step by step (A B C C B A ...), each step timed alone as its slowest rank:
+  on a shared machine, load that drifts falls on every variant alike. The
+  decode rate is 1 / the median step time, and the TP ratio the median of
+  the step-by-step ratio against mlx-lm.
 
 It also times the communication of one decode step alone on the same group:
 TP's 2 all-sums per block of a ``(1, 1, hidden)`` vector in the model's
@@ -60,9 +60,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", choices=("ring", "mpi"), default=["ring", "mpi"])
     parser.add_argument("--formats", nargs="+", choices=tuple(FORMATS), default=list(FORMATS))
-    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per round")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per model (and per round)")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved decode steps: rounds x tokens")
     parser.add_argument("--quick", action="store_true", help="a smaller model")
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline per launched job, seconds")
     parser.add_argument("--json", help="also write the results to this file")
@@ -105,6 +105,37 @@ def _slowest(group: Any, seconds: float) -> float:
     return float(np.asarray(group.all_gather(np.array([seconds]))).max())
 
 
+def _interleaved_steps(
+    models: dict[str, Any], prompt: list[int], steps: int, group: Any
+) -> dict[str, list[float]]:
+    """Greedy decode steps of every model, interleaved (A B C C B A ...), each timed alone.
+
+    Each step builds the graph for one token and evaluates it (no overlap with
+    the next step). Returns per model the step times, each the slowest rank's.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    state = {}
+    for name, model in models.items():
+        cache = make_prompt_cache(model)
+        y = mx.argmax(model(mx.array(prompt)[None], cache=cache)[:, -1, :], axis=-1)
+        mx.eval(y)
+        state[name] = (cache, y)
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(steps):
+        for name in names if index % 2 == 0 else names[::-1]:
+            cache, y = state[name]
+            start = time.perf_counter()
+            y = mx.argmax(models[name](y[None], cache=cache)[:, -1, :], axis=-1)
+            mx.eval(y)
+            times[name].append(time.perf_counter() - start)
+            state[name] = (cache, y)
+    return {
+        name: np.asarray(group.all_gather(np.array([t]))).max(axis=0).tolist() for name, t in times.items()
+    }
+
+
 def worker(args: argparse.Namespace) -> None:
     from mlx_lm.utils import load_model
 
@@ -125,33 +156,31 @@ def worker(args: argparse.Namespace) -> None:
         theirs.shard(mx.distributed.init(backend=str(group.backend)))
         mx.eval(theirs.parameters())
         models["mlx-lm shard()"] = theirs
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    prompt_rates: dict[str, list[float]] = {name: [] for name in models}
+    # Generation as users run it: the tokens (TP must equal mlx-lm's) and the prompt rate.
     tokens: dict[str, list[int]] = {}
-    generate_tokens(next(iter(models.values())), prompt, 4)  # warm-up
-    names = list(models)
-    for round_index in range(args.rounds):
-        # Alternate the order so that drifting load falls on every variant alike.
-        for name in names if round_index % 2 == 0 else names[::-1]:
-            model = models[name]
-            out = generate_tokens(model, prompt, args.tokens)
-            tokens[name] = out.tokens
-            steps = len(out.tokens) - 1
-            rates[name].append(steps / _slowest(group, out.decode_seconds))
-            prompt_rates[name].append(out.prompt_tokens / _slowest(group, out.prompt_seconds))
+    prompt_tps: dict[str, float] = {}
+    generate_tps: dict[str, float] = {}
+    for name, model in models.items():
+        out = generate_tokens(model, prompt, args.tokens)
+        tokens[name] = out.tokens
+        prompt_tps[name] = out.prompt_tokens / _slowest(group, out.prompt_seconds)
+        generate_tps[name] = (len(out.tokens) - 1) / _slowest(group, out.decode_seconds)
+    steps = _interleaved_steps(models, prompt, args.tokens * args.rounds, group)
     config = json.loads((path / "config.json").read_text())
     result: dict[str, Any] = {
         "format": fmt,
         "ranks": size,
         "backend": None if size == 1 else str(group.backend),
-        "decode_tps": {name: median(r) for name, r in rates.items()},
+        "decode_tps": {name: 1.0 / median(times) for name, times in steps.items()},
+        "generate_tps": generate_tps,
+        "prompt_tps": prompt_tps,
         "load_average": os.getloadavg()[0],
-        "prompt_tps": {name: median(r) for name, r in prompt_rates.items()},
         "same_tokens_as_mlx_lm": None if size == 1 else tokens["mlxdist TP"] == tokens["mlx-lm shard()"],
     }
     if size > 1:
-        # Median over rounds of the same-round ratio: robust to load that drifts between rounds.
-        result["tp_vs_mlx_lm"] = median(a / b for a, b in zip(rates["mlxdist TP"], rates["mlx-lm shard()"]))
+        # Median of the step-by-step ratio of rates (mlx-lm's step time / ours).
+        pairs = zip(steps["mlx-lm shard()"], steps["mlxdist TP"])
+        result["tp_vs_mlx_lm"] = median(theirs / ours for theirs, ours in pairs)
     if size > 1:
         dtype = mx.float16 if fmt == "float16" else mx.float32
         blocks = config["num_hidden_layers"]
@@ -232,8 +261,8 @@ def markdown(results: list[dict], launcher_share: float) -> str:
         )
     lines.append("")
     lines.append(
-        "Decode tokens/s (median of rounds, slowest rank); × mlx-lm: median over rounds of the same-round "
-        "ratio. Load average during the jobs: "
+        "Decode tokens/s: 1 / median decode-step time (steps of all variants interleaved, each step "
+        "the slowest rank's); × mlx-lm: median of the step-by-step ratio. Load average during the jobs: "
         + ", ".join(f"{r['load_average']:.1f}" for r in results)
         + ". "
         f"Launcher CPU: {100 * launcher_share:.1f} % of a core."
