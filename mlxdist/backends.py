@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping, Union
 
 from mlxdist._c import lib
+from mlxdist._mpi import select_library
 from mlxdist.errors import InvalidArgumentError
 
 __all__ = [
@@ -123,7 +124,10 @@ def is_available(backend: BackendLike = Backend.ANY) -> bool:
     Raises:
         InvalidArgumentError: unknown backend name.
     """
-    return bool(lib.mlx_distributed_is_available(as_backend(backend).value.encode()))
+    chosen = as_backend(backend)
+    if chosen in (Backend.MPI, Backend.ANY):
+        select_library()  # MLX reads MLX_MPI_LIBNAME once, on first use
+    return bool(lib.mlx_distributed_is_available(chosen.value.encode()))
 
 
 def detect_backend(environ: Mapping[str, str] | None = None) -> Backend | None:

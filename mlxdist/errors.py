@@ -24,6 +24,7 @@ __all__ = [
     "AllocationError",
     "CommunicationError",
     "GroupClosedError",
+    "LauncherNotFoundError",
 ]
 
 
@@ -77,3 +78,7 @@ class CommunicationError(DistributedError):
 
 class GroupClosedError(InvalidArgumentError):
     """The group was closed and can no longer be used."""
+
+
+class LauncherNotFoundError(BackendUnavailableError, FileNotFoundError):
+    """No launcher (``mpirun``) or no rank command was found where it was looked for."""

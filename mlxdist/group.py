@@ -23,10 +23,10 @@ from typing import Any, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from mlxdist._c import ffi, lib
+from mlxdist._c import bridge, ffi, lib
 from mlxdist._c.gate import WorldState, raise_last
 from mlxdist._c.handles import GroupHandle
-from mlxdist._paths import eager, lazy
+from mlxdist._paths import eager, fillins, lazy
 from mlxdist.backends import Backend, capabilities
 from mlxdist.dtypes import DTypeLike, code_of_mlx, parse_dtype
 from mlxdist.errors import (
@@ -40,6 +40,14 @@ __all__ = ["Group", "ArrayLike"]
 
 ArrayLike = Union[np.ndarray, mx.array]
 StreamLike = Union[mx.Stream, mx.Device, None]
+
+# The hot path of the lazy reductions: one bridge call. A failure, a bool
+# array the backend cannot reduce, or anything else unusual takes the full
+# path (lazy.collective), which raises or composes.
+_bridge_collective = bridge.collective
+_LAZY_ALL_SUM = lazy.FUNCTIONS["all_sum"]
+_LAZY_ALL_MAX = lazy.FUNCTIONS["all_max"]
+_LAZY_ALL_MIN = lazy.FUNCTIONS["all_min"]
 
 
 def _no_out_for_mlx(out: Any) -> None:
@@ -70,6 +78,9 @@ class Group:
         "_world",
         "_lock",
         "_closed",
+        "_composed",
+        "_fast",
+        "_bool_ok",
         "__weakref__",
     )
 
@@ -77,9 +88,14 @@ class Group:
         self._handle = handle
         self.backend = backend
         self._caps = capabilities(backend)
+        self._composed = fillins.composed(self._caps)
+        self._bool_ok = "all_sum" not in self._composed[1]
         self._world = world
         self._lock = threading.Lock() if world.concurrent_groups else world.lock
         self._closed = False
+        # Whether mx.array reductions may go straight to the bridge: the
+        # group is open and its world has not failed.
+        self._fast = world.lost is None
         world.groups.add(self)
         # The mlx_distributed_group ctx: the bridge's view of this handle.
         self._address = int(ffi.cast("uintptr_t", handle.value.ctx))
@@ -118,6 +134,7 @@ class Group:
         other groups (and mx.distributed) are unaffected.
         """
         self._closed = True
+        self._fast = False
         if self._lock.acquire(blocking=False):
             try:
                 self._handle.close()
@@ -157,6 +174,7 @@ class Group:
         for name, value, low in (("color", color, 0), ("key", key, -1)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= INT32_MAX:
                 raise InvalidArgumentError(f"split {name} must be an integer in [{low}, {INT32_MAX}], got {value!r}")
+        self._live_handle()
         if "split" not in self._caps.native:
             name = self.backend.value if self.backend else "the single-process group"
             raise UnsupportedOperationError(f"split: {name} cannot split groups")
@@ -187,27 +205,27 @@ class Group:
             DtypeError, ShapeError, InvalidArgumentError, GroupClosedError,
             CommunicationError: see :mod:`mlxdist.errors`.
         """
-        if type(x) is mx.array:
-            _no_out_for_mlx(out)
-            return lazy.collective(self, "all_sum", x, stream)
-        _numpy_only_stream(stream)
-        return eager.collective(self, "all_sum", x, out)
+        if type(x) is mx.array and self._fast and stream is None and out is None:
+            result = _bridge_collective(_LAZY_ALL_SUM, x, self._address, None, self._bool_ok)
+            if result is not None and result is not NotImplemented:
+                return result
+        return self._collective("all_sum", x, stream, out)
 
     def all_max(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Element-wise maximum over all ranks; arguments as :meth:`all_sum`."""
-        if type(x) is mx.array:
-            _no_out_for_mlx(out)
-            return lazy.collective(self, "all_max", x, stream)
-        _numpy_only_stream(stream)
-        return eager.collective(self, "all_max", x, out)
+        if type(x) is mx.array and self._fast and stream is None and out is None:
+            result = _bridge_collective(_LAZY_ALL_MAX, x, self._address, None, self._bool_ok)
+            if result is not None and result is not NotImplemented:
+                return result
+        return self._collective("all_max", x, stream, out)
 
     def all_min(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Element-wise minimum over all ranks; arguments as :meth:`all_sum`."""
-        if type(x) is mx.array:
-            _no_out_for_mlx(out)
-            return lazy.collective(self, "all_min", x, stream)
-        _numpy_only_stream(stream)
-        return eager.collective(self, "all_min", x, out)
+        if type(x) is mx.array and self._fast and stream is None and out is None:
+            result = _bridge_collective(_LAZY_ALL_MIN, x, self._address, None, self._bool_ok)
+            if result is not None and result is not NotImplemented:
+                return result
+        return self._collective("all_min", x, stream, out)
 
     def all_gather(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Concatenate every rank's ``x`` along axis 0, in rank order.
@@ -226,11 +244,7 @@ class Group:
         Raises:
             DtypeError, ShapeError, GroupClosedError, CommunicationError.
         """
-        if type(x) is mx.array:
-            _no_out_for_mlx(out)
-            return lazy.collective(self, "all_gather", x, stream)
-        _numpy_only_stream(stream)
-        return eager.collective(self, "all_gather", x, out)
+        return self._collective("all_gather", x, stream, out)
 
     def sum_scatter(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Sum over all ranks, then keep this rank's slice of axis 0.
@@ -252,11 +266,16 @@ class Group:
             ShapeError: scalar input or axis 0 not divisible by the size.
             DtypeError, GroupClosedError, CommunicationError.
         """
+        return self._collective("sum_scatter", x, stream, out)
+
+    def _collective(self, op: str, x: ArrayLike, stream: StreamLike, out: np.ndarray | None) -> ArrayLike:
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
-            return lazy.collective(self, "sum_scatter", x, stream)
-        _numpy_only_stream(stream)
-        return eager.collective(self, "sum_scatter", x, out)
+            if out is not None:
+                _no_out_for_mlx(out)
+            return lazy.collective(self, op, x, stream)
+        if stream is not None:
+            _numpy_only_stream(stream)
+        return eager.collective(self, op, x, out)
 
     def barrier(self) -> None:
         """Block until every rank of the group has reached the barrier (eager).

@@ -8,8 +8,13 @@ It reports, and exits non-zero when any check fails:
   ``group_size`` and ``group_free``);
 - the libmlx the extension loaded is the file the ``mlx`` package loaded, and
   the MLX version compiled against is the one running;
+- the bridge (``mlxdist._bridge``): its nanobind internals key, mlx.core's
+  (the interpreter's ``__nb_internals_*`` keys), and a round trip of an
+  mx.array through an ``mlx_array`` handle and through a lazy all_sum that
+  keeps the graph node and leaves it unevaluated;
 - which backends are available here and, for each backend and operation,
-  whether MLX provides it natively, mlxdist fills it in, or it is unavailable.
+  whether MLX provides it natively, mlxdist fills it in, or it is unavailable
+  (from :data:`mlxdist.backends.CAPABILITIES`).
 
 Output is a table, or JSON with ``--json``.
 """
@@ -23,30 +28,27 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "Check",
     "LinkReport",
-    "OPERATIONS",
-    "FILLED_IN",
     "declared_functions",
     "resolve_functions",
     "call_side_effect_free",
     "mapped_libmlx_files",
     "check_libmlx",
     "check_versions",
+    "check_bridge",
     "operation_table",
     "run_checks",
     "main",
 ]
 
 DISTRIBUTED_PREFIX = "mlx_distributed_"
-OPERATIONS = ("all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "split")
-# Operations mlxdist computes itself where a backend lacks them, from the
-# operation named as the value (see Group.sum_scatter).
-FILLED_IN = {"sum_scatter": "all_sum"}
 BACKEND_NAMES = ("ring", "mpi", "jaccl", "nccl")
+# The suffix of the internals key of nanobind's domain "mlx" (mlx.core's).
+MLX_DOMAIN_SUFFIX = "_mlx__"
 
 _LIBMLX_NAME = re.compile(r"^libmlx\.(so|dylib)(\.|$)")
 
@@ -78,7 +80,9 @@ class LinkReport:
     missing: list[str] = field(default_factory=list)
     libmlx: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    bridge: dict[str, Any] = field(default_factory=dict)
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mpi_library: str = ""
 
     @property
     def ok(self) -> bool:
@@ -161,7 +165,7 @@ def call_side_effect_free(ffi: Any, lib: Any, init_backend: str) -> list[Check]:
     Returns:
         One :class:`Check` per call, in call order.
     """
-    from mlxdist._ffi import last_error
+    from mlxdist._c import last_error
 
     def returned(rc: int) -> tuple[bool, str, None]:
         return rc == 0, f"rc={rc}" + (f" ({last_error()})" if rc else ""), None
@@ -288,7 +292,7 @@ def check_versions() -> tuple[list[Check], dict[str, str]]:
     """
     import mlx.core as mx
 
-    from mlxdist._ffi import compiled_mlx_version, running_mlx_version
+    from mlxdist._c import compiled_mlx_version, running_mlx_version
 
     versions = {
         "compiled": compiled_mlx_version(),
@@ -310,31 +314,98 @@ def check_versions() -> tuple[list[Check], dict[str, str]]:
     return checks, versions
 
 
+# -- the bridge --------------------------------------------------------------
+
+
+def check_bridge(bridge: Any) -> tuple[list[Check], dict[str, Any]]:
+    """Check the nanobind bridge against mlx.core and round-trip an array through it.
+
+    - its internals key is mlx.core's: the interpreter holds exactly one key of
+      nanobind's domain ``mlx``, and it is the bridge's;
+    - its MLX version is the running one;
+    - an unevaluated mx.array through ``to_handle``/``from_handle`` (an
+      ``mlx_array`` ctx and back) keeps its graph node and stays unevaluated;
+    - a lazy all_sum through the bridge on the single-process world returns
+      that node unevaluated (MLX's all_sum of one rank is its input), and
+      evaluates to the input's values.
+
+    Args:
+        bridge: The ``mlxdist._bridge`` module.
+
+    Returns:
+        The checks and what was seen (keys, versions).
+    """
+    import mlx.core as mx
+
+    from mlxdist._c import running_mlx_version
+
+    keys = sorted(str(k) for k in bridge.internals_keys())
+    mlx_keys = [k for k in keys if k.endswith(MLX_DOMAIN_SUFFIX)]
+    own = str(bridge.internals_key)
+    info: dict[str, Any] = {
+        "module": getattr(bridge, "__file__", "") or "",
+        "internals_key": own,
+        "mlx_core_key": mlx_keys[0] if len(mlx_keys) == 1 else mlx_keys,
+        "interpreter_keys": keys,
+        "compiled_mlx_version": str(bridge.compiled_mlx_version),
+    }
+    checks = [
+        Check("bridge internals key == mlx.core's", mlx_keys == [own],
+              f"bridge: {own}; domain mlx in this interpreter: {', '.join(mlx_keys) or 'none'}"),
+        Check("bridge compiled MLX == running libmlx",
+              _release(info["compiled_mlx_version"]) == _release(running_mlx_version()),
+              f"{info['compiled_mlx_version']} / {running_mlx_version()}"),
+    ]
+
+    def round_trip() -> tuple[bool, str, None]:
+        x = mx.arange(4, dtype=mx.float32) + 1  # a graph node, not evaluated
+        before = bridge.node(x)
+        back = bridge.from_handle(bridge.to_handle(x))
+        after, source = bridge.node(back), bridge.node(x)
+        ok = after == before == source and before[1] == 0
+        return ok, f"node {before} -> {after}, source still {source}", None
+
+    checks.append(_call("", "bridge round trip keeps the node, unevaluated", round_trip)[0])
+
+    def lazy_all_sum() -> tuple[bool, str, None]:
+        import mlxdist
+        from mlxdist._paths.lazy import FUNCTIONS
+
+        group = mlxdist.init()
+        if group.size() != 1:
+            return True, f"not run: a launched world of {group.size()} ranks", None
+        x = mx.arange(4, dtype=mx.float32) + 1
+        y = bridge.collective(FUNCTIONS["all_sum"], x, group._address, None)
+        node, source = bridge.node(y), bridge.node(x)
+        lazy = node == source and node[1] == 0
+        values = [float(v) for v in y.tolist()]
+        ok = lazy and values == [1.0, 2.0, 3.0, 4.0] and y.dtype == mx.float32
+        return ok, f"node {node} (input {source}), values {values}", None
+
+    checks.append(_call("mlx_distributed_all_sum", "lazy all_sum through the bridge (size-1 world)", lazy_all_sum)[0])
+    return checks, info
+
+
 # -- backends ----------------------------------------------------------------
 
 
-def operation_table(native: dict[Any, frozenset[str]], available: dict[str, bool]) -> dict[str, dict[str, Any]]:
+def operation_table(capabilities: Mapping[Any, Any], available: Mapping[str, bool]) -> dict[str, dict[str, Any]]:
     """For each backend and operation: ``native``, ``mlxdist`` or ``unavailable``.
 
     Args:
-        native: Operations each backend provides natively (keyed by
-            :class:`mlxdist.Backend` or name).
+        capabilities: :class:`mlxdist.backends.Capabilities` per backend (keyed
+            by :class:`mlxdist.Backend` or name).
         available: Whether each backend can be used here.
 
     Returns:
         ``{backend: {"available": bool, "operations": {op: status}}}``.
     """
+    from mlxdist.backends import OPERATIONS
+
     table = {}
-    for backend, ops in native.items():
+    for backend, caps in capabilities.items():
         name = getattr(backend, "value", backend)
-        statuses = {}
-        for op in OPERATIONS:
-            if op in ops:
-                statuses[op] = "native"
-            elif FILLED_IN.get(op) in ops:
-                statuses[op] = "mlxdist"
-            else:
-                statuses[op] = "unavailable"
+        statuses = {op: caps.status(op) for op in OPERATIONS}
         table[name] = {"available": bool(available.get(name, False)), "operations": statuses}
     return table
 
@@ -342,16 +413,17 @@ def operation_table(native: dict[Any, frozenset[str]], available: dict[str, bool
 # -- driver ------------------------------------------------------------------
 
 
-def _load_extension(report: LinkReport) -> tuple[Any, Any] | None:
+def _load_extension(report: LinkReport) -> tuple[Any, Any, Any] | None:
     try:
         from mlxdist import _cmlx
-        from mlxdist._ffi import ffi, lib
+        from mlxdist._c import bridge, ffi, lib
     except ImportError as exc:
-        report.checks.append(Check("load mlxdist._cmlx", False, str(exc)))
+        report.checks.append(Check("load mlxdist._cmlx and mlxdist._bridge", False, str(exc)))
         return None
     report.extension = getattr(_cmlx, "__file__", "") or ""
     report.checks.append(Check("load mlxdist._cmlx", True, report.extension))
-    return ffi, lib
+    report.checks.append(Check("load mlxdist._bridge", True, getattr(bridge, "__file__", "") or ""))
+    return ffi, lib, bridge
 
 
 def run_checks() -> LinkReport:
@@ -364,9 +436,12 @@ def run_checks() -> LinkReport:
     loaded = _load_extension(report)
     if loaded is None:
         return report
-    ffi, lib = loaded
-    from mlxdist.backends import NATIVE_OPERATIONS, detect_backend
+    ffi, lib, bridge = loaded
+    from mlxdist._mpi import LIBNAME_VARIABLE, default_library_name, select_library
+    from mlxdist.backends import CAPABILITIES, detect_backend
 
+    select_library()  # the libmpi mlxdist.init would use, before MLX first loads one
+    report.mpi_library = os.environ.get(LIBNAME_VARIABLE) or default_library_name()
     report.declared = declared_functions(lib)
     if not report.declared:
         report.checks.append(Check("declared mlx_distributed_* functions", False, "none declared"))
@@ -380,9 +455,11 @@ def run_checks() -> LinkReport:
     report.checks.append(libmlx_check)
     version_checks, report.versions = check_versions()
     report.checks.extend(version_checks)
+    bridge_checks, report.bridge = check_bridge(bridge)
+    report.checks.extend(bridge_checks)
 
     available = {b: bool(lib.mlx_distributed_is_available(b.encode())) for b in BACKEND_NAMES}
-    report.backends = operation_table(NATIVE_OPERATIONS, available)
+    report.backends = operation_table(CAPABILITIES, available)
     return report
 
 
@@ -422,6 +499,8 @@ def render(report: LinkReport, console: Any) -> None:
     console.print(others)
 
     if report.backends:
+        from mlxdist.backends import OPERATIONS
+
         styles = {"native": "green", "mlxdist": "cyan", "unavailable": "dim"}
         ops = Table(
             title="operations per backend (native: MLX; mlxdist: filled in by mlxdist)",

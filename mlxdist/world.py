@@ -17,7 +17,8 @@ import numpy as np
 from mlxdist._c import lib
 from mlxdist._c.gate import WorldState, check
 from mlxdist._c.handles import GroupHandle
-from mlxdist._mpi_threads import provides_thread_multiple, request_thread_multiple
+from mlxdist._mpi import prepare as prepare_mpi
+from mlxdist._mpi import provides_thread_multiple
 from mlxdist.config import ring_config
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
 from mlxdist.dtypes import DTypeLike
@@ -74,8 +75,11 @@ def init(backend: BackendLike = Backend.ANY, strict: bool = False) -> Group:
 
     Raises:
         InvalidArgumentError: unknown backend name, or strict not a bool.
-        BackendUnavailableError: MLX lacks the backend here.
-        InitializationError: strict and no world could be formed.
+        BackendUnavailableError: MLX lacks the backend here (for MPI: no
+            loadable Open MPI library).
+        InitializationError: strict and no world could be formed; for MPI, the
+            launcher and libmpi are different MPIs, or MPI was already
+            initialised in the process (e.g. by mpi4py).
     """
     global _world
     if not isinstance(strict, bool):
@@ -87,12 +91,12 @@ def init(backend: BackendLike = Backend.ANY, strict: bool = False) -> Group:
             "strict init found no launch environment (mpirun, MLX_HOSTFILE + MLX_RANK, "
             "jaccl or NCCL variables); start the ranks with mlxdist.launch, mlx.launch or mpirun"
         )
+    if chosen is Backend.MPI:
+        prepare_mpi()
     if chosen is not None and not is_available(chosen):
         raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
     if chosen is Backend.RING and (strict or "MLX_HOSTFILE" in os.environ or "MLX_RANK" in os.environ):
         ring_config()
-    if chosen is Backend.MPI:
-        request_thread_multiple()
     handle = GroupHandle()
     # With no launcher, ring's non-strict init answers at once with a
     # single-process group, where MPI would start a singleton MPI job.
@@ -135,7 +139,8 @@ def resolve_group(group: Group | None) -> Group:
             an mx.distributed.Group).
     """
     if group is None:
-        return world()
+        group = _world
+        return group if group is not None and not group._closed else world()
     if not isinstance(group, Group):
         raise ArgumentTypeError(f"group must be an mlxdist.Group or None, got {type(group).__name__}")
     return group

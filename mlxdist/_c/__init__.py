@@ -25,17 +25,12 @@ __all__ = ["ffi", "lib", "bridge", "last_error", "compiled_mlx_version", "runnin
 
 def _unbuilt(module: str, exc: ImportError) -> ImportError:
     package = Path(__file__).resolve().parent.parent
-    in_source_tree = (package.parent / "pyproject.toml").is_file()
-    where = (
-        f"mlxdist was imported from the source tree {package.parent}, where the "
-        f"extension {module} has not been built. Build it in place with "
-        "`pip install -e .` from that directory, or, after `pip install .`, run "
-        "Python from outside the source tree so the installed package is imported."
-        if in_source_tree
-        else f"the compiled extension {module} is missing from {package}; reinstall mlxdist "
-        "(`pip install --force-reinstall mlxdist`)."
+    return ImportError(
+        f"mlxdist's compiled extension ({module}) is not built in {package}: build it in place "
+        "with `pip install -e .` from the source tree, or, after `pip install .`, run Python "
+        f"from outside the source tree so that the installed package is imported ({exc})",
+        name=module,
     )
-    return ImportError(f"{where} ({exc})")
 
 
 try:

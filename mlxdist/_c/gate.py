@@ -65,6 +65,12 @@ class WorldState:
         self.lost: str | None = None
         self.groups: weakref.WeakSet[Any] = weakref.WeakSet()
 
+    def fail(self, reason: str) -> None:
+        """End the world: every later operation of its groups raises at once."""
+        self.lost = reason
+        for group in list(self.groups):
+            group._fast = False
+
 
 def raise_last(what: str, default: type[DistributedError] = DistributedError) -> NoReturn:
     """Raise the error the C layer reported last on this thread.
@@ -114,5 +120,5 @@ def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
             return
         kind = lib.mlxdist_last_error_kind()
         if kind == lib.MLXDIST_ERROR_COMMUNICATION:
-            world.lost = f"{what}: {last_error()}"
+            world.fail(f"{what}: {last_error()}")
     raise_last(what)

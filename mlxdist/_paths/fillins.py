@@ -16,7 +16,7 @@ from typing import Any, Callable
 from mlxdist.backends import Capabilities
 from mlxdist.rules import SAME_SHAPE
 
-__all__ = ["applies", "compose"]
+__all__ = ["applies", "composed", "compose"]
 
 
 def _scatter_missing(op: str, caps: Capabilities) -> bool:
@@ -30,6 +30,15 @@ def _bool_as_bytes(op: str, caps: Capabilities, is_bool: bool) -> bool:
 def applies(op: str, caps: Capabilities, is_bool: bool) -> bool:
     """Whether ``op`` on this backend (for this dtype) must be composed."""
     return _scatter_missing(op, caps) or _bool_as_bytes(op, caps, is_bool)
+
+
+def composed(caps: Capabilities) -> tuple[frozenset[str], frozenset[str]]:
+    """The operations a backend must compose: (always, for bool arrays)."""
+    ops = ("all_sum", "all_max", "all_min", "all_gather", "sum_scatter")
+    return (
+        frozenset(op for op in ops if applies(op, caps, False)),
+        frozenset(op for op in ops if applies(op, caps, True)),
+    )
 
 
 def compose(

@@ -19,9 +19,9 @@ from mlxdist._c import bridge, ffi, lib
 from mlxdist._c.gate import raise_last
 from mlxdist._paths import fillins
 from mlxdist.errors import CommunicationError, DtypeError
-from mlxdist.rules import result_shape
+from mlxdist.rules import SAME_SHAPE, result_shape
 
-__all__ = ["FUNCTIONS", "collective", "send", "recv", "recv_like", "stream_error"]
+__all__ = ["FUNCTIONS", "check_stream", "collective", "send", "recv", "recv_like"]
 
 
 def _address(name: str) -> int:
@@ -35,9 +35,16 @@ FUNCTIONS: dict[str, int] = {
 }
 
 
-def stream_error(stream: Any) -> DtypeError:
-    """The error for a ``stream=`` that is neither None, a Stream nor a Device."""
-    return DtypeError(f"stream must be an mlx.core.Stream, an mlx.core.Device or None, got {type(stream).__name__}")
+def check_stream(stream: Any) -> None:
+    """Refuse a ``stream=`` that is neither None, a Stream nor a Device.
+
+    Raises:
+        DtypeError: a TypeError, as MLX raises for it.
+    """
+    if stream is not None and not isinstance(stream, (mx.Stream, mx.Device, mx.DeviceType)):
+        raise DtypeError(
+            f"stream must be an mlx.core.Stream, an mlx.core.Device or None, got {type(stream).__name__}"
+        )
 
 
 def _checked_group(group: Any) -> int:
@@ -49,14 +56,14 @@ def _checked_group(group: Any) -> int:
     return group._address
 
 
-def _native(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
-    try:
-        result = bridge.collective(FUNCTIONS[op], x, _checked_group(group), stream)
-    except TypeError:
-        raise stream_error(stream) from None
+def _built(what: str, result: mx.array | None) -> mx.array:
     if result is None:
-        raise_last(op)
+        raise_last(what)
     return result
+
+
+def _native(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
+    return _built(op, bridge.collective(FUNCTIONS[op], x, _checked_group(group), stream, True))
 
 
 def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
@@ -75,14 +82,15 @@ def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
         ShapeError, DtypeError, GroupClosedError, CommunicationError (a world
         that already failed), or the kind the C layer reported.
     """
-    if op != "all_sum" and op != "all_max" and op != "all_min":
+    if stream is not None:
+        check_stream(stream)
+    if op not in SAME_SHAPE:
         result_shape(op, tuple(x.shape), group._size)
-    is_bool = x.dtype == mx.bool_
-    if fillins.applies(op, group._caps, is_bool) and group._size > 1:
+    if op in group._composed[0] or (op in group._composed[1] and x.dtype == mx.bool_):
         return fillins.compose(
             op, x, group._caps, group._rank, group._size,
             native=lambda o, a: _native(group, o, a, stream),
-            is_bool=is_bool,
+            is_bool=x.dtype == mx.bool_,
             to_bytes=lambda a: a.astype(mx.uint8),
             to_bool=lambda a: a.astype(mx.bool_),
         )
@@ -92,32 +100,17 @@ def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
 def send(group: Any, x: mx.array, dst: int, stream: Any) -> mx.array:
     """A lazy send of ``x`` to ``dst`` (validated by the caller); evaluating the
     returned array (or anything depending on it) sends."""
-    try:
-        result = bridge.peer(FUNCTIONS["send"], x, dst, _checked_group(group), stream)
-    except TypeError:
-        raise stream_error(stream) from None
-    if result is None:
-        raise_last("send")
-    return result
+    check_stream(stream)
+    return _built("send", bridge.peer(FUNCTIONS["send"], x, dst, _checked_group(group), stream))
 
 
 def recv(group: Any, shape: tuple[int, ...], code: int, src: int, stream: Any) -> mx.array:
     """A lazy receive of ``shape`` and ``code`` from ``src`` (validated by the caller)."""
-    try:
-        result = bridge.recv(FUNCTIONS["recv"], list(shape), code, src, _checked_group(group), stream)
-    except TypeError:
-        raise stream_error(stream) from None
-    if result is None:
-        raise_last("recv")
-    return result
+    check_stream(stream)
+    return _built("recv", bridge.recv(FUNCTIONS["recv"], list(shape), code, src, _checked_group(group), stream))
 
 
 def recv_like(group: Any, x: mx.array, src: int, stream: Any) -> mx.array:
     """A lazy receive of an array like ``x`` from ``src`` (validated by the caller)."""
-    try:
-        result = bridge.peer(FUNCTIONS["recv_like"], x, src, _checked_group(group), stream)
-    except TypeError:
-        raise stream_error(stream) from None
-    if result is None:
-        raise_last("recv_like")
-    return result
+    check_stream(stream)
+    return _built("recv_like", bridge.peer(FUNCTIONS["recv_like"], x, src, _checked_group(group), stream))

@@ -3,19 +3,6 @@ sharding and the layer base class.
 
 The float layers (:mod:`mlxdist.nn.linear`) and the quantized ones
 (:mod:`mlxdist.nn.quantized`) build on this module; it imports neither.
-
-
-- :class:`AllToShardedLinear` (column parallel): the input is replicated, each
-  rank holds a slice of the output features; no communication forward, an
-  all-sum of the input's gradient backward.
-- :class:`ShardedToAllLinear` (row parallel): each rank holds a slice of the
-  input features, the partial products are all-summed, and the bias is added
-  once after the sum.
-
-They are ``mlx.nn.Module``\\ s with ``weight``/``bias`` parameters laid out as
-in ``mlx.nn.Linear`` (each rank's slice), so ``parameters()``, ``update``,
-``load_weights``, ``freeze``, ``nn.quantize`` and ``value_and_grad`` work as
-for MLX's own layers.
 """
 
 from __future__ import annotations

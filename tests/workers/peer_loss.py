@@ -9,7 +9,7 @@ import mlxdist
 
 group = mlxdist.init(strict=True)
 group.barrier()
-if group.rank == 1:
+if group.rank() == 1:
     os._exit(0)
 for attempt in ("first", "again"):
     try:

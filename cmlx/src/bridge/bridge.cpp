@@ -135,7 +135,10 @@ NB_MODULE(_bridge, m) {
 
   m.def(
       "collective",
-      [](uintptr_t fn, const mx::array& x, uintptr_t group, nb::handle stream) {
+      [](uintptr_t fn, const mx::array& x, uintptr_t group, nb::handle stream, bool bool_ok) -> nb::object {
+        if (!bool_ok && x.dtype() == mx::bool_) {
+          return nb::borrow(Py_NotImplemented);
+        }
         const auto& g = group_at(group);
         mx::Stream s = stream_for(stream, g);
         mlx_array res{nullptr};
@@ -143,8 +146,9 @@ NB_MODULE(_bridge, m) {
             &res, borrowed(x), mlx_distributed_group{reinterpret_cast<void*>(group)}, mlx_stream{&s});
         return finish(rc, res);
       },
-      nb::arg("fn"), nb::arg("x"), nb::arg("group"), nb::arg("stream").none(),
-      "fn(res, x, group, stream) of mlx-c (all_sum, all_gather, ...): the lazy result, or None on failure.");
+      nb::arg("fn"), nb::arg("x"), nb::arg("group"), nb::arg("stream").none(), nb::arg("bool_ok") = true,
+      "fn(res, x, group, stream) of mlx-c (all_sum, all_gather, ...): the lazy result, None on "
+      "failure, or NotImplemented for a bool x when not bool_ok (the caller composes it).");
 
   m.def(
       "peer",

@@ -1,0 +1,28 @@
+"""The lazy path against mx.distributed (tests/suites/lazy.py): size 1 in this
+process, 2 and 4 ranks of ring and MPI launched."""
+
+from __future__ import annotations
+
+import pytest
+
+import mlxdist
+from conftest import BACKENDS
+from suites import lazy
+from support import run_here, run_on_ranks
+
+SUITE = "suites.lazy:run"
+
+
+def test_lazy_path_on_size_one_world():
+    checks = run_here(lazy.run, mlxdist.init())
+    assert checks.count > 100
+    assert not checks.failures, "\n".join(checks.failures[:20])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_lazy_path_on_ranks(backend, n):
+    run = run_on_ranks([SUITE], n, backend, timeout=240)
+    results = run.of(SUITE)
+    assert [r.rank for r in results] == list(range(n))
+    assert all(r.checks > 200 and r.failures == 0 for r in results), results
