@@ -16,10 +16,11 @@ writes a random-weight Llama checkpoint (``mlxdist.lm.testing``), then:
   decode rate is 1 / the median step time, and the TP ratio the median of
   the step-by-step ratio against mlx-lm.
 
-It also times the communication of one decode step alone on the same group:
-TP's 2 all-sums per block of a ``(1, 1, hidden)`` vector in the model's
-dtype (chained, one eval), and PP's hops (send/recv between neighbours, one
-all_gather), and reports them as a share of the decode step time.
+Among those interleaved steps it also times one decode step's communication
+alone on the same group: TP's 2 all-sums per block of a ``(1, 1, hidden)``
+vector in the model's dtype (chained, one eval), and PP's hops (send/recv
+between neighbours, one all_gather); the communication share is its median
+over the median decode step.
 
 Run ``python benchmarks/bench_lm.py`` (``--backends ring mpi``, ``--quick``
 for a smaller model); ``--markdown`` prints the README table.
@@ -37,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 from statistics import median
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -74,63 +75,65 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 # -- in a launched job ---------------------------------------------------------
 
 
-def _step_comm_seconds(
-    group: Any, kind: str, hidden: int, dtype: mx.Dtype, blocks: int, repeats: int = 20
-) -> float:
-    """Time of one decode step's communication alone (median over ``repeats``)."""
+def _comm_step(group: Any, kind: str, hidden: int, dtype: mx.dtype, blocks: int) -> Callable[[], mx.array]:
+    """One decode step's communication alone, as a step function.
+
+    TP: 2 all-sums per block of a ``(1, 1, hidden)`` vector, chained; PP: the
+    hops between neighbours and the closing all_gather.
+    """
     from mlxdist.world import all_gather, all_sum, recv_like, send
 
     rank, size = group.rank(), group.size()
     x = mx.ones((1, 1, hidden), dtype=dtype)
     mx.eval(x)
-    times = []
-    for _ in range(repeats + 2):
-        start = time.perf_counter()
+
+    def step() -> mx.array:
         h = x
         if kind == "tp":
             for _ in range(2 * blocks):
                 h = all_sum(h, group=group) * 0.5
-        else:
-            if rank > 0:
-                h = recv_like(h, rank - 1, group=group)
-            if rank < size - 1:
-                h = send(h, rank + 1, group=group)
-            h = all_gather(h, group=group)[size - 1 :]
-        mx.eval(h)
-        times.append(time.perf_counter() - start)
-    return median(times[2:])
+            return h
+        if rank > 0:
+            h = recv_like(h, rank - 1, group=group)
+        if rank < size - 1:
+            h = send(h, rank + 1, group=group)
+        return all_gather(h, group=group)[size - 1 :]
+
+    return step
+
+
+def _decode_step(model: Any, prompt: list[int]) -> Callable[[], mx.array]:
+    """A greedy decode step of ``model`` (after prefilling ``prompt``), as a step function."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    last = [mx.argmax(model(mx.array(prompt)[None], cache=cache)[:, -1, :], axis=-1)]
+    mx.eval(last[0])
+
+    def step() -> mx.array:
+        last[0] = mx.argmax(model(last[0][None], cache=cache)[:, -1, :], axis=-1)
+        return last[0]
+
+    return step
 
 
 def _slowest(group: Any, seconds: float) -> float:
     return float(np.asarray(group.all_gather(np.array([seconds]))).max())
 
 
-def _interleaved_steps(
-    models: dict[str, Any], prompt: list[int], steps: int, group: Any
-) -> dict[str, list[float]]:
-    """Greedy decode steps of every model, interleaved (A B C C B A ...), each timed alone.
+def _interleaved(steps: dict[str, Callable[[], mx.array]], count: int, group: Any) -> dict[str, list[float]]:
+    """Run ``count`` rounds of every step function, interleaved (A B C C B A ...), each timed alone.
 
-    Each step builds the graph for one token and evaluates it (no overlap with
-    the next step). Returns per model the step times, each the slowest rank's.
+    Each step builds its graph and evaluates it (no overlap with the next).
+    Returns per name the step times, each the slowest rank's.
     """
-    from mlx_lm.models.cache import make_prompt_cache
-
-    state = {}
-    for name, model in models.items():
-        cache = make_prompt_cache(model)
-        y = mx.argmax(model(mx.array(prompt)[None], cache=cache)[:, -1, :], axis=-1)
-        mx.eval(y)
-        state[name] = (cache, y)
-    names = list(models)
+    names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(steps):
+    for index in range(count):
         for name in names if index % 2 == 0 else names[::-1]:
-            cache, y = state[name]
             start = time.perf_counter()
-            y = mx.argmax(models[name](y[None], cache=cache)[:, -1, :], axis=-1)
-            mx.eval(y)
+            mx.eval(steps[name]())
             times[name].append(time.perf_counter() - start)
-            state[name] = (cache, y)
     return {
         name: np.asarray(group.all_gather(np.array([t]))).max(axis=0).tolist() for name, t in times.items()
     }
@@ -165,13 +168,20 @@ def worker(args: argparse.Namespace) -> None:
         tokens[name] = out.tokens
         prompt_tps[name] = out.prompt_tokens / _slowest(group, out.prompt_seconds)
         generate_tps[name] = (len(out.tokens) - 1) / _slowest(group, out.decode_seconds)
-    steps = _interleaved_steps(models, prompt, args.tokens * args.rounds, group)
     config = json.loads((path / "config.json").read_text())
+    step_functions = {name: _decode_step(model, prompt) for name, model in models.items()}
+    if size > 1:
+        dtype = mx.float16 if fmt == "float16" else mx.float32
+        for kind in ("tp", "pp"):
+            step_functions[f"{kind} comm"] = _comm_step(
+                group, kind, config["hidden_size"], dtype, config["num_hidden_layers"]
+            )
+    steps = _interleaved(step_functions, args.tokens * args.rounds, group)
     result: dict[str, Any] = {
         "format": fmt,
         "ranks": size,
         "backend": None if size == 1 else str(group.backend),
-        "decode_tps": {name: 1.0 / median(times) for name, times in steps.items()},
+        "decode_tps": {name: 1.0 / median(steps[name]) for name in models},
         "generate_tps": generate_tps,
         "prompt_tps": prompt_tps,
         "load_average": os.getloadavg()[0],
@@ -182,18 +192,11 @@ def worker(args: argparse.Namespace) -> None:
         pairs = zip(steps["mlx-lm shard()"], steps["mlxdist TP"])
         result["tp_vs_mlx_lm"] = median(theirs / ours for theirs, ours in pairs)
     if size > 1:
-        dtype = mx.float16 if fmt == "float16" else mx.float32
-        blocks = config["num_hidden_layers"]
-        result["comm_seconds"] = {
-            "mlxdist TP": _slowest(
-                group, _step_comm_seconds(group, "tp", config["hidden_size"], dtype, blocks)
-            ),
-            "mlxdist PP": _slowest(
-                group, _step_comm_seconds(group, "pp", config["hidden_size"], dtype, blocks)
-            ),
-        }
+        # Communication alone, timed among the decode steps, over the decode step time.
+        result["comm_seconds"] = {kind: median(steps[f"{kind} comm"]) for kind in ("tp", "pp")}
         result["comm_share"] = {
-            name: seconds * result["decode_tps"][name] for name, seconds in result["comm_seconds"].items()
+            kind: median(steps[f"{kind} comm"]) / median(steps[f"mlxdist {kind.upper()}"])
+            for kind in ("tp", "pp")
         }
     if rank == 0:
         print(RESULT_TAG + json.dumps(result), flush=True)
@@ -257,7 +260,7 @@ def markdown(results: list[dict], launcher_share: float) -> str:
         lines.append(
             f"| {r['format']} | {r['ranks']}, {r['backend']} | {single.get(r['format'], float('nan')):.1f} | "
             f"{theirs:.1f} | {tp:.1f} ({r['tp_vs_mlx_lm']:.2f}×) | {pp:.1f} | "
-            f"{100 * r['comm_share']['mlxdist TP']:.0f} % | {100 * r['comm_share']['mlxdist PP']:.0f} % |"
+            f"{100 * r['comm_share']['tp']:.0f} % | {100 * r['comm_share']['pp']:.0f} % |"
         )
     lines.append("")
     lines.append(
