@@ -1,152 +1,219 @@
-"""Reproduce the README's performance table: ``python benchmarks/collectives.py``.
+"""Reproduce the README's collective tables: ``python benchmarks/collectives.py``.
 
 For each backend (ring and MPI, 2 local ranks) it runs ``python -m mlxdist.bench``
-three times:
+``--repeat`` times (default 3) for each of:
 
-- ``latency``: all_sum and the send/recv ring shift, 1 KiB to 64 KiB, with many
-  iterations (small messages are noisy);
-- ``sweep``: the default sweep (every operation, 1 KiB to 64 MiB, float32, 5
-  warm-up and 20 timed iterations), with a busbw plot;
-- ``tp``: the tensor-parallel sizes (hidden 4096 x 1..512 tokens, float16 and bfloat16).
+- ``chain``: the decode chain, 64 chained all_sums of float16 x 4096 with one
+  eval, plain and with ``* 0.5`` between them (``--workload chain``);
+- ``latency``: all_sum and the send/recv ring shift at 1 KiB and 64 KiB, with
+  many iterations (small messages are noisy);
+- ``bandwidth``: all_sum and all_gather, 1 to 64 MiB, with a busbw plot;
+- ``tp`` (only when asked for with ``--runs``): the tensor-parallel sizes
+  (hidden 4096 x 1..512 tokens, float16 and bfloat16).
 
-The raw rows go to ``<out>/<backend>-<run>.json`` and the summary to
-``<out>/collectives.md``. Every figure is a ratio against mx.distributed (and
-mpi4py on MPI) measured in the same run.
+Every figure is a ratio against mx.distributed (and mpi4py on MPI) measured in
+the same run; the summary gives each ratio's median over the repeats and its
+range. The raw rows go to ``<out>/<backend>-<run>-<i>.json`` and the summary
+to ``<out>/collectives.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 RUNS = {
-    "latency": ["-b", "1K", "-e", "64K", "-o", "all_sum,sendrecv", "-w", "20", "-n", "200"],
-    "sweep": [],
+    "chain": ["--workload", "chain", "-w", "3", "-n", "120", "--rounds", "120"],
+    "latency": ["-b", "1K", "-e", "64K", "-f", "64", "-o", "all_sum,sendrecv", "-w", "50", "-n", "1000",
+                "--rounds", "20"],
+    # One iteration per round: load from elsewhere comes in bursts longer than a 64 MiB operation.
+    "bandwidth": ["-b", "1M", "-e", "64M", "-f", "8", "-o", "all_sum,all_gather", "-w", "3", "-n", "24",
+                  "--rounds", "24"],
     "tp": ["--tp", "-o", "all_sum"],
 }
+DEFAULT_RUNS = ("chain", "latency", "bandwidth")
 IMPLS = ("mlxdist-reg", "mlxdist-numpy", "mlxdist-mlx", "mx.distributed", "mpi4py")
-BANDWIDTH_SIZES = (1 << 20, 8 << 20, 64 << 20)
+# The mlxdist paths whose ratios to mx.distributed the tables show.
+PATHS = ("mlxdist-mlx", "mlxdist-numpy", "mlxdist-reg")
+REFERENCE = "mx.distributed"
+
+Docs = dict[str, dict[str, list[dict[str, Any]]]]  # backend -> run -> one document per repeat
 
 
-def run_bench(backend: str, run: str, out: Path, ranks: int) -> dict[str, Any]:
+def command_for(backend: str, run: str, target: Path, ranks: int) -> list[str]:
+    """The ``mlxdist.bench`` command line of one run (rows to ``target``)."""
+    command = [sys.executable, "-m", "mlxdist.bench", "--backend", backend, "--nranks", str(ranks),
+               *RUNS[run], "--json", str(target), "--no-progress"]
+    if run == "bandwidth":
+        command += ["--plot", str(target.with_suffix(".png"))]
+    return command
+
+
+def run_bench(backend: str, run: str, repeat: int, out: Path, ranks: int) -> dict[str, Any]:
     """Run one mlxdist.bench job and return its JSON document.
-
-    Args:
-        backend: ``ring`` or ``mpi``.
-        run: A key of :data:`RUNS`.
-        out: The output directory.
-        ranks: The number of local ranks.
-
-    Returns:
-        The document the bench wrote.
 
     Raises:
         subprocess.CalledProcessError: the bench failed (a rank died or a result was wrong).
     """
-    target = out / f"{backend}-{run}.json"
-    command = [sys.executable, "-m", "mlxdist.bench", "--backend", backend, "--nranks", str(ranks),
-               *RUNS[run], "--json", str(target)]
-    if run == "sweep":
-        command += ["--plot", str(out / f"{backend}-busbw.png")]
-    print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True)
+    target = out / f"{backend}-{run}-{repeat}.json"
+    command = command_for(backend, run, target, ranks)
+    print("$", " ".join(["python", *command[1:]]), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return json.loads(target.read_text())
 
 
 def _index(doc: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
-    return {(r["op"], r["dtype"], r["bytes"], r["tokens"], r["impl"]): r for r in doc["rows"]}
+    return {(r["op"], r["dtype"], r["bytes"], r.get("tokens"), r["impl"]): r for r in doc["rows"]}
 
 
-def _cell(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _values(docs: Iterable[dict[str, Any]], key: tuple, impl: str, field: str) -> list[float]:
+    """``field`` of one cell in every repeat that has it."""
+    found = []
+    for doc in docs:
+        row = _index(doc).get((*key, impl))
+        if row is not None and row[field]:
+            found.append(float(row[field]))
+    return found
 
 
-def _ratio(a: dict | None, b: dict | None, key: str) -> str:
-    if not a or not b or not b[key]:
+def _ratios(docs: list[dict[str, Any]], key: tuple, impl: str, field: str) -> list[float]:
+    """Per repeat, ``field`` of ``impl`` over mx.distributed's, from the same run."""
+    ratios = []
+    for doc in docs:
+        rows = _index(doc)
+        row, anchor = rows.get((*key, impl)), rows.get((*key, REFERENCE))
+        if row and anchor and anchor[field]:
+            ratios.append(row[field] / anchor[field])
+    return ratios
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    """``median [min–max]`` of the repeats, or the one value, or n/a."""
+    if not values:
         return "n/a"
-    return f"{a[key] / b[key]:.2f}"
+    mid = f"{statistics.median(values):.{digits}f}"
+    if len(values) == 1:
+        return mid
+    return f"{mid} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+
+
+def _median(values: list[float], digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f}" if values else "n/a"
 
 
 def _size(nbytes: int) -> str:
     return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
-def latency_table(docs: dict[str, dict[str, dict]]) -> list[str]:
-    """Markdown rows: median latency of small all_sum and sendrecv, per backend."""
+def chain_table(docs: Docs) -> list[str]:
+    """Markdown rows: the decode chain per backend, ms per chain and mlxdist's ratio."""
     lines = [
-        "| backend | op | size | " + " | ".join(IMPLS) + " | reg / mx.distributed | reg / mpi4py |",
-        "|---|---|---|" + "---|" * (len(IMPLS) + 2),
+        "| backend | chain | mx.distributed, ms | mlxdist, ms | mlxdist ÷ mx.distributed |",
+        "|---|---|---|---|---|",
     ]
     for backend, runs in docs.items():
-        rows = _index(runs["latency"])
-        for op in ("all_sum", "sendrecv"):
-            for nbytes in (1 << 10, 64 << 10):
-                at = {impl: rows.get((op, "float32", nbytes, None, impl)) for impl in IMPLS}
-                lines.append(_row(backend, op, nbytes, at, "median_us"))
-    return lines
-
-
-def _row(backend: str, op: str, nbytes: int, at: dict[str, Any], field: str, *digits: int) -> str:
-    """One markdown row: ``field`` per implementation, then mlxdist-reg's ratios to the anchors."""
-    cells = [_cell(r[field] if r else None, *digits) for r in at.values()]
-    return (
-        f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells)
-        + f" | {_ratio(at['mlxdist-reg'], at['mx.distributed'], field)}"
-        + f" | {_ratio(at['mlxdist-reg'], at['mpi4py'], field)} |"
-    )
-
-
-def bandwidth_table(docs: dict[str, dict[str, dict]]) -> list[str]:
-    """Markdown rows: busbw of every operation at large sizes, per backend."""
-    lines = [
-        "| backend | op | size | " + " | ".join(IMPLS) + " | reg / mx.distributed | reg / mpi4py |",
-        "|---|---|---|" + "---|" * (len(IMPLS) + 2),
-    ]
-    for backend, runs in docs.items():
-        rows = _index(runs["sweep"])
-        for op in runs["sweep"]["header"]["ops"]:
-            for nbytes in BANDWIDTH_SIZES:
-                at = {impl: rows.get((op, "float32", nbytes, None, impl)) for impl in IMPLS}
-                if not any(at.values()):
-                    continue
-                lines.append(_row(backend, op, nbytes, at, "busbw_GBps", 3))
-    return lines
-
-
-def tensor_parallel_table(docs: dict[str, dict[str, dict]]) -> list[str]:
-    """Markdown rows: all_sum median time at Llama decode/prefill sizes, per backend."""
-    impls = ("mlxdist-reg", "mlxdist-mlx", "mx.distributed")
-    lines = [
-        "| backend | dtype | tokens | size | " + " | ".join(impls) + " | mlx / mx.distributed |",
-        "|---|---|---|---|" + "---|" * (len(impls) + 1),
-    ]
-    for backend, runs in docs.items():
-        rows = _index(runs["tp"])
-        for r in (r for r in runs["tp"]["rows"] if r["impl"] == "mx.distributed"):
-            at = {impl: rows.get((r["op"], r["dtype"], r["bytes"], r["tokens"], impl)) for impl in impls}
-            cells = [_cell(x["median_us"] if x else None) for x in at.values()]
+        repeats = runs.get("chain", [])
+        if not repeats:
+            continue
+        for row in (r for r in repeats[0]["rows"] if r["impl"] == REFERENCE):
+            key = (row["op"], row["dtype"], row["bytes"], None)
+            ms = {impl: [v / 1e3 for v in _values(repeats, key, impl, "median_us")] for impl in
+                  (REFERENCE, "mlxdist-mlx")}
+            scaled = " × 0.5" if row["op"] != "chain" else ""
+            name = f"{row['length']} × all_sum{scaled}, {row['dtype']}[{row['count']}]"
             lines.append(
-                f"| {backend} | {r['dtype']} | {r['tokens']} | {_size(r['bytes'])} | " + " | ".join(cells)
-                + f" | {_ratio(at['mlxdist-mlx'], at['mx.distributed'], 'median_us')} |"
+                f"| {backend} | {name} | {_median(ms[REFERENCE], 2)} | {_median(ms['mlxdist-mlx'], 2)} "
+                f"| {_spread(_ratios(repeats, key, 'mlxdist-mlx', 'median_us'))} |"
             )
     return lines
 
 
-def markdown(docs: dict[str, dict[str, dict]]) -> str:
+def latency_table(docs: Docs) -> list[str]:
+    """Markdown rows: median latency per implementation and each mlxdist path's ratio."""
+    lines = [
+        "| backend | op | size | " + " | ".join(f"{i}, µs" for i in IMPLS) + " | "
+        + " | ".join(f"{p} ÷ mx" for p in PATHS) + " |",
+        "|---|---|---|" + "---|" * (len(IMPLS) + len(PATHS)),
+    ]
+    for backend, runs in docs.items():
+        repeats = runs.get("latency", [])
+        for op in ("all_sum", "sendrecv"):
+            for nbytes in (1 << 10, 64 << 10):
+                key = (op, "float32", nbytes, None)
+                times = [_median(_values(repeats, key, impl, "median_us")) for impl in IMPLS]
+                ratios = [_spread(_ratios(repeats, key, path, "median_us")) for path in PATHS]
+                if any(t != "n/a" for t in times):
+                    lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(times + ratios) + " |")
+    return lines
+
+
+def bandwidth_table(docs: Docs) -> list[str]:
+    """Markdown rows: busbw per implementation at 1 to 64 MiB and each mlxdist path's ratio."""
+    lines = [
+        "| backend | op | size | " + " | ".join(f"{i}, GB/s" for i in IMPLS) + " | "
+        + " | ".join(f"{p} ÷ mx" for p in PATHS) + " |",
+        "|---|---|---|" + "---|" * (len(IMPLS) + len(PATHS)),
+    ]
+    for backend, runs in docs.items():
+        repeats = runs.get("bandwidth", [])
+        if not repeats:
+            continue
+        sizes = sorted({r["bytes"] for r in repeats[0]["rows"]})
+        for op in repeats[0]["header"]["ops"]:
+            for nbytes in sizes:
+                key = (op, "float32", nbytes, None)
+                rates = [_median(_values(repeats, key, impl, "busbw_GBps"), 2) for impl in IMPLS]
+                ratios = [_spread(_ratios(repeats, key, path, "busbw_GBps")) for path in PATHS]
+                lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(rates + ratios) + " |")
+    return lines
+
+
+def tensor_parallel_table(docs: Docs) -> list[str]:
+    """Markdown rows: all_sum median time at Llama decode/prefill sizes, per backend."""
+    impls = ("mlxdist-reg", "mlxdist-mlx", REFERENCE)
+    lines = [
+        "| backend | dtype | tokens | size | " + " | ".join(f"{i}, µs" for i in impls) + " | mlx ÷ mx |",
+        "|---|---|---|---|" + "---|" * (len(impls) + 1),
+    ]
+    for backend, runs in docs.items():
+        repeats = runs.get("tp", [])
+        if not repeats:
+            continue
+        for row in (r for r in repeats[0]["rows"] if r["impl"] == REFERENCE):
+            key = (row["op"], row["dtype"], row["bytes"], row["tokens"])
+            times = [_median(_values(repeats, key, impl, "median_us")) for impl in impls]
+            lines.append(
+                f"| {backend} | {row['dtype']} | {row['tokens']} | {_size(row['bytes'])} | " + " | ".join(times)
+                + f" | {_spread(_ratios(repeats, key, 'mlxdist-mlx', 'median_us'))} |"
+            )
+    return lines
+
+
+def markdown(docs: Docs) -> str:
     """The summary document, with the machine each backend ran on."""
-    hosts = {b: runs["sweep"]["header"] for b, runs in docs.items()}
     parts = ["# mlxdist collective benchmarks", ""]
-    for backend, h in hosts.items():
-        parts.append(f"- {backend}: {h['ranks']} ranks on {h['host']} ({h['cores']} cores), MLX {h['mlx']}, "
-                     f"{h['warmup']} warm-up + {h['iters']} timed iterations; times are the slowest rank's")
-    parts += ["", "## Latency: median µs (lower is better)", "", *latency_table(docs),
-              "", "## Bus bandwidth: GB/s (higher is better)", "", *bandwidth_table(docs),
-              "", "## Tensor-parallel all_sum (hidden 4096): median µs", "", *tensor_parallel_table(docs), ""]
-    return "\n".join(parts)
+    for backend, runs in docs.items():
+        some = next(iter(d[0] for d in runs.values() if d))
+        h = some["header"]
+        counts = ", ".join(f"{run} × {len(d)}" for run, d in runs.items() if d)
+        parts.append(f"- {backend}: {h['ranks']} ranks on {h['host']} ({h['cores']} cores), MLX {h['mlx']}; "
+                     f"runs: {counts}; times are the slowest rank's; ratios: median [range] over the runs")
+    sections = (
+        ("Decode chain: ms per chain (lower is better)", chain_table),
+        ("Latency: median µs (lower is better)", latency_table),
+        ("Bus bandwidth: GB/s (higher is better)", bandwidth_table),
+        ("Tensor-parallel all_sum (hidden 4096): median µs", tensor_parallel_table),
+    )
+    for title, table in sections:
+        rows = table(docs)
+        if len(rows) > 2:
+            parts += ["", f"## {title}", "", *rows]
+    return "\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,31 +226,39 @@ def main(argv: list[str] | None = None) -> int:
         The exit status.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="ring,mpi", help="comma list (default ring,mpi)")
+    parser.add_argument("--backends", default="mpi,ring", help="comma list (default mpi,ring)")
     parser.add_argument(
-        "--runs", default=",".join(RUNS),
-        help=f"comma list of {', '.join(RUNS)}; the others are read from earlier results in --out",
+        "--runs", default=",".join(DEFAULT_RUNS),
+        help=f"comma list of {', '.join(RUNS)} (default {','.join(DEFAULT_RUNS)})",
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each (default 3)")
     parser.add_argument("--nranks", type=int, default=2)
+    parser.add_argument("--summarize", action="store_true",
+                        help="run nothing: summarize the JSON files already in --out")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in args.runs.split(",") if r]
-    docs: dict[str, dict[str, dict]] = {}
-    for backend in args.backends.split(","):
-        docs[backend] = {}
-        for run in RUNS:
-            saved = args.out / f"{backend}-{run}.json"
-            if run in runs:
-                docs[backend][run] = run_bench(backend, run, args.out, args.nranks)
-            elif saved.exists():  # a run not repeated now keeps its last results
-                docs[backend][run] = json.loads(saved.read_text())
-    if all(set(d) == set(RUNS) for d in docs.values()):
-        summary = markdown(docs)
-        (args.out / "collectives.md").write_text(summary)
-        print(summary)
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    backends = args.backends.split(",")
+    docs: Docs = {b: {run: [] for run in runs} for b in backends}
+    if args.summarize:
+        for backend in backends:
+            for run in runs:
+                files = sorted(args.out.glob(f"{backend}-{run}-*.json"))
+                docs[backend][run] = [json.loads(f.read_text()) for f in files]
     else:
-        print(f"not all of {', '.join(RUNS)} have results for every backend: no summary written")
+        # Repeats outermost, so a burst of load from elsewhere hits one repeat
+        # of everything rather than every repeat of one run.
+        for repeat in range(args.repeat):
+            for backend in backends:
+                for run in runs:
+                    docs[backend][run].append(run_bench(backend, run, repeat, args.out, args.nranks))
+    summary = markdown(docs)
+    (args.out / "collectives.md").write_text(summary)
+    print(summary)
     return 0
 
 

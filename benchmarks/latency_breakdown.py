@@ -8,7 +8,13 @@ Times a 1 KiB float32 all_sum on 2 ranks, in interleaved rounds, as:
   call pays (MLX's backends run on that thread);
 - ``direct C``: ``mlxdist_collective`` called straight from a loop, no Python
   layer: backend call + hop;
-- ``mlxdist``: ``Group.all_sum`` on registered buffers with ``out=``;
+- ``mlxdist registered``: ``Group.all_sum`` on registered buffers with ``out=``;
+- ``mlxdist numpy``: ``Group.all_sum`` on a plain numpy array (its input
+  viewed in place, a new registered result);
+- ``bridge call``: the lazy path's one nanobind call, as
+  ``mlxdist._paths.lazy`` makes it, then ``mx.eval``;
+- ``mlxdist mx.array``: ``mlxdist.all_sum`` on an mx.array, then ``mx.eval``
+  (the lazy path: graph build through mlx-c, eval, hop);
 - ``mx.distributed``: MLX's Python bindings (graph build, eval, hop);
 
 and prints each median (slowest rank) and its ratio to mx.distributed.
@@ -26,9 +32,10 @@ import mlx.core as mx
 import numpy as np
 
 import mlxdist
-from mlxdist._ffi import lib
-from mlxdist._handles import thread_stream
-from mlxdist.arrays import registered_buffer
+from mlxdist._c import bridge, lib
+from mlxdist._c.handles import thread_stream
+from mlxdist._paths.lazy import FUNCTIONS
+from mlxdist.buffers import registered_buffer
 from mlxdist.bench.timing import slowest_rank
 from mlxdist.launch import launch
 
@@ -41,16 +48,22 @@ def cases(group: mlxdist.Group, count: int) -> dict[str, Callable[[], object]]:
     stream, handle = thread_stream(), group._handle.value
     mx_group = mx.distributed.init(backend=group.backend.value)
     xm = mx.ones(count)
+    mx.eval(xm)
+    plain = np.ones(count, np.float32)
     cpu = mx.default_stream(mx.cpu)
+    all_sum, address = FUNCTIONS["all_sum"], group._address
     timed: dict[str, Callable[[], object]] = {}
     if group.backend is mlxdist.Backend.MPI:
         from mpi4py import MPI
 
-        comm, plain, plain_out = MPI.COMM_WORLD, np.ones(count, np.float32), np.empty(count, np.float32)
-        timed["mpi4py"] = lambda: comm.Allreduce(plain, plain_out)
+        comm, mpi_in, mpi_out = MPI.COMM_WORLD, np.ones(count, np.float32), np.empty(count, np.float32)
+        timed["mpi4py"] = lambda: comm.Allreduce(mpi_in, mpi_out)
     timed["stream hop"] = lambda: mx.synchronize(cpu)
     timed["direct C"] = lambda: lib.mlxdist_collective(ob.value, xb.value, lib.MLXDIST_ALL_SUM, handle, stream)
-    timed["mlxdist"] = lambda: group.all_sum(x, out=out)
+    timed["mlxdist registered"] = lambda: group.all_sum(x, out=out)
+    timed["mlxdist numpy"] = lambda: group.all_sum(plain)
+    timed["bridge call"] = lambda: mx.eval(bridge.collective(all_sum, xm, address, None))
+    timed["mlxdist mx.array"] = lambda: mx.eval(mlxdist.all_sum(xm, group=group))
     timed["mx.distributed"] = lambda: mx.eval(mx.distributed.all_sum(xm, group=mx_group))
     return timed
 
@@ -70,13 +83,13 @@ def run_rank(args: argparse.Namespace) -> None:
                 call()
                 times[i] = time.perf_counter() - start
             medians[name].append(float(np.median(slowest_rank(group, times))) * 1e6)
-    if group.rank == 0:
+    if group.rank() == 0:
         anchor = statistics.median(medians["mx.distributed"])
-        print(f"all_sum {args.bytes} B float32, {group.size} ranks, {group.backend.value}; "
+        print(f"all_sum {args.bytes} B float32, {group.size()} ranks, {group.backend.value}; "
               f"median of {args.rounds} rounds x {args.iters} iterations (slowest rank)")
         for name, values in medians.items():
             value = statistics.median(values)
-            print(f"  {name:16s} {value:8.1f} us   {value / anchor:5.2f}x mx.distributed")
+            print(f"  {name:20s} {value:8.1f} us   {value / anchor:5.2f}x mx.distributed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Mapping, Union
 
 from mlxdist._c import lib
 from mlxdist._mpi import select_library
-from mlxdist.errors import InvalidArgumentError
+from mlxdist.errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = [
     "Backend",
@@ -99,13 +99,14 @@ def as_backend(backend: BackendLike) -> Backend:
     """Parse a backend name or member.
 
     Raises:
+        ArgumentTypeError: neither a Backend nor a string (a TypeError).
         InvalidArgumentError: not a backend name (a ValueError).
     """
     if isinstance(backend, Backend):
         return backend
     names = ", ".join(b.value for b in Backend)
     if not isinstance(backend, str):
-        raise InvalidArgumentError(f"backend must be a Backend or one of {names}, got {backend!r}")
+        raise ArgumentTypeError(f"backend must be a Backend or one of {names}, got {backend!r}")
     try:
         return Backend(backend.lower())
     except ValueError:
@@ -122,6 +123,7 @@ def is_available(backend: BackendLike = Backend.ANY) -> bool:
         True if the backend can be initialised in this process.
 
     Raises:
+        ArgumentTypeError: neither a Backend nor a string.
         InvalidArgumentError: unknown backend name.
     """
     chosen = as_backend(backend)
@@ -142,8 +144,13 @@ def detect_backend(environ: Mapping[str, str] | None = None) -> Backend | None:
 
     Returns:
         The backend, or None for a process that was not launched as a rank.
+
+    Raises:
+        ArgumentTypeError: ``environ`` is not a mapping.
     """
     env = os.environ if environ is None else environ
+    if not isinstance(env, Mapping):
+        raise ArgumentTypeError(f"environ must be a mapping of variables or None, got {type(environ).__name__}")
     if "MLX_RANK" in env and ("MLX_IBV_DEVICES" in env or "MLX_JACCL_COORDINATOR" in env):
         return Backend.JACCL
     if "MLX_RANK" in env and "MLX_WORLD_SIZE" in env and "NCCL_HOST_IP" in env:

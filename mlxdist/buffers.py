@@ -14,7 +14,9 @@ without a copy; released large ones are kept for reuse (:func:`set_cache_limit`)
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import threading
 import weakref
 from collections import defaultdict
@@ -27,7 +29,7 @@ from mlxdist._c import ffi, lib
 from mlxdist._c.gate import raise_last
 from mlxdist._c.handles import ArrayHandle
 from mlxdist.dtypes import DTypeLike, code_of_numpy, parse_dtype, storage_dtype
-from mlxdist.errors import DtypeError, InvalidArgumentError, ShapeError
+from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError
 from mlxdist.rules import INT32_MAX, checked_shape
 
 __all__ = [
@@ -42,6 +44,16 @@ __all__ = [
 ]
 
 MIN_BYTES = 1 << 20
+# Eager calls make buffers for their operands and results, so every
+# microsecond here shows up in small collectives: cffi's uintptr_t type and
+# numpy's type strings are looked up once.
+_UINTPTR = ffi.typeof("uintptr_t")
+
+
+@functools.lru_cache(maxsize=None)
+def _typestr(storage: np.dtype) -> str:
+    """numpy's type string of ``storage`` (``dtype.str`` builds a new string on every access)."""
+    return storage.str
 
 
 class BufferPool:
@@ -99,7 +111,6 @@ class MlxBuffer:
         "storage",
         "nbytes",
         "owner",
-        "__array_interface__",
         "__weakref__",
     )
 
@@ -110,19 +121,19 @@ class MlxBuffer:
         # For a wrapped buffer, the object owning the memory, kept alive here.
         self.owner = owner
         # The handle struct, for C calls; the handle keeps its object alive.
-        self.value = handle.value
+        self.value = value = handle.value
         self.shape = shape
         self.code = code
         self.storage = storage = storage_dtype(code)
         self.nbytes = storage.itemsize * math.prod(shape)
-        self.ptr = int(ffi.cast("uintptr_t", lib.mlxdist_array_data(self.value)))
+        self.ptr = int(ffi.cast(_UINTPTR, lib.mlxdist_array_data(value)))
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        """numpy's view of the buffer; made on demand, since the operands an
+        eager call wraps are never viewed."""
         # numpy needs a non-null address even for an empty array.
-        self.__array_interface__ = {
-            "version": 3,
-            "shape": shape,
-            "typestr": storage.str,
-            "data": (self.ptr or 1, False),
-        }
+        return {"version": 3, "shape": self.shape, "typestr": _typestr(self.storage), "data": (self.ptr or 1, False)}
 
     @classmethod
     def allocate(cls, shape: tuple[int, ...], code: int) -> "MlxBuffer":
@@ -253,6 +264,7 @@ def empty(shape: Sequence[int] | int, dtype: DTypeLike = np.float32) -> np.ndarr
     Raises:
         ShapeError: invalid shape.
         DtypeError: dtype MLX cannot move.
+        AllocationError: MLX cannot allocate it (a MemoryError).
     """
     code, is_mlx = parse_dtype(dtype)
     if is_mlx:
@@ -273,6 +285,7 @@ def zeros(shape: Sequence[int] | int, dtype: DTypeLike = np.float32) -> np.ndarr
     Raises:
         ShapeError: invalid shape.
         DtypeError: dtype MLX cannot move.
+        AllocationError: MLX cannot allocate it (a MemoryError).
     """
     out = empty(shape, dtype)
     out.fill(0)
@@ -326,8 +339,11 @@ def set_cache_limit(limit: int) -> int:
         The previous limit.
 
     Raises:
+        ArgumentTypeError: not an integer (bools included; a TypeError).
         InvalidArgumentError: a negative limit (a ValueError).
     """
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise ArgumentTypeError(f"cache limit must be an integer number of bytes, got {limit!r}")
     if limit < 0:
         raise InvalidArgumentError(f"cache limit must be >= 0, got {limit}")
     previous, pool.limit = pool.limit, int(limit)

@@ -88,8 +88,6 @@ class Group:
         self._handle = handle
         self.backend = backend
         self._caps = capabilities(backend)
-        self._composed = fillins.composed(self._caps)
-        self._bool_ok = "all_sum" not in self._composed[1]
         self._world = world
         self._lock = threading.Lock() if world.concurrent_groups else world.lock
         self._closed = False
@@ -103,6 +101,8 @@ class Group:
         self._size = lib.mlx_distributed_group_size(handle.value)
         if self._rank < 0 or self._size < 1:
             raise_last("group")
+        self._composed = fillins.composed(self._caps, self._size)
+        self._bool_ok = "all_sum" not in self._composed[1]
 
     def rank(self) -> int:
         """This process's rank in the group."""
@@ -202,7 +202,7 @@ class Group:
             The sum, of ``x``'s kind, shape and dtype.
 
         Raises:
-            DtypeError, ShapeError, InvalidArgumentError, GroupClosedError,
+            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError, GroupClosedError,
             CommunicationError: see :mod:`mlxdist.errors`.
         """
         if type(x) is mx.array and self._fast and stream is None and out is None:
@@ -230,7 +230,8 @@ class Group:
     def all_gather(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Concatenate every rank's ``x`` along axis 0, in rank order.
 
-        A scalar becomes a vector of ``size`` elements.
+        A scalar becomes a vector of ``size`` elements; a size-1 group returns
+        its input as it is (as MLX's does), so a scalar stays a scalar there.
 
         Args:
             x: An mx.array or numpy array, the same shape and dtype on every rank.
@@ -242,7 +243,7 @@ class Group:
             The gathered array, of ``x``'s kind.
 
         Raises:
-            DtypeError, ShapeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError, DtypeError, ShapeError, GroupClosedError, CommunicationError.
         """
         return self._collective("all_gather", x, stream, out)
 
@@ -264,7 +265,7 @@ class Group:
 
         Raises:
             ShapeError: scalar input or axis 0 not divisible by the size.
-            DtypeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError.
         """
         return self._collective("sum_scatter", x, stream, out)
 
@@ -311,7 +312,7 @@ class Group:
         Raises:
             InvalidRankError: dst not an integer rank, this rank, or a size-1 group.
             UnsupportedOperationError: ring and dst not a neighbour.
-            DtypeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError.
         """
         dst = self._peer(dst, "send to", "dst")
         if type(x) is mx.array:
@@ -376,7 +377,8 @@ class Group:
         """
         src = self._peer(src, "receive from", "src")
         if type(x) is mx.array:
-            _no_out_for_mlx(out)
+            if out is not None:
+                _no_out_for_mlx(out)
             code_of_mlx(x.dtype)
             return lazy.recv_like(self, x, src, stream)
         _numpy_only_stream(stream)

@@ -3,6 +3,7 @@ given by users, the shape each collective returns, and who may be a peer."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Sequence
 
@@ -12,8 +13,9 @@ __all__ = ["SAME_SHAPE", "INT32_MAX", "checked_shape", "result_shape", "check_pe
 
 # Reductions return their input's shape.
 SAME_SHAPE = frozenset({"all_sum", "all_max", "all_min"})
-# MLX's shapes hold 32-bit dimensions.
+# MLX's shapes hold 32-bit dimensions; sizes are 64-bit.
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 def checked_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
@@ -26,8 +28,8 @@ def checked_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
         The shape as a tuple of ints.
 
     Raises:
-        ShapeError: not integers (bools included), a negative dimension, or
-            one past MLX's 32-bit limit.
+        ShapeError: not integers (bools included), a negative dimension,
+            one past MLX's 32-bit limit, or more elements than a 64-bit count.
     """
     dims = (shape,) if isinstance(shape, numbers.Integral) else shape
     try:
@@ -39,7 +41,10 @@ def checked_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
             raise ShapeError(f"shape must be a sequence of integers, got {shape!r}")
         if not 0 <= d <= INT32_MAX:
             raise ShapeError(f"invalid dimension {d} in shape {tuple(items)} (0 <= d <= {INT32_MAX})")
-    return tuple(int(d) for d in items)
+    dims = tuple(int(d) for d in items)
+    if math.prod(dims) > INT64_MAX:
+        raise ShapeError(f"shape {dims} has {math.prod(dims)} elements, more than MLX can count ({INT64_MAX})")
+    return dims
 
 
 def result_shape(op: str, shape: tuple[int, ...], size: int) -> tuple[int, ...]:

@@ -22,7 +22,7 @@ from mlxdist._mpi import provides_thread_multiple
 from mlxdist.config import ring_config
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
 from mlxdist.dtypes import DTypeLike
-from mlxdist.errors import ArgumentTypeError, BackendUnavailableError, InitializationError, InvalidArgumentError
+from mlxdist.errors import ArgumentTypeError, BackendUnavailableError, InitializationError
 from mlxdist.group import ArrayLike, Group, StreamLike
 
 __all__ = [
@@ -74,7 +74,9 @@ def init(backend: BackendLike = Backend.ANY, strict: bool = False) -> Group:
         module-level functions.
 
     Raises:
-        InvalidArgumentError: unknown backend name, or strict not a bool.
+        ArgumentTypeError: backend neither a Backend nor a string, or strict
+            not a bool (TypeErrors).
+        InvalidArgumentError: unknown backend name (a ValueError).
         BackendUnavailableError: MLX lacks the backend here (for MPI: no
             loadable Open MPI library).
         InitializationError: strict and no world could be formed; for MPI, the
@@ -83,7 +85,7 @@ def init(backend: BackendLike = Backend.ANY, strict: bool = False) -> Group:
     """
     global _world
     if not isinstance(strict, bool):
-        raise InvalidArgumentError(f"strict must be a bool, got {strict!r}")
+        raise ArgumentTypeError(f"strict must be a bool, got {strict!r}")
     requested = as_backend(backend)
     chosen = detect_backend() if requested is Backend.ANY else requested
     if chosen is None and strict:

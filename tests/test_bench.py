@@ -16,7 +16,8 @@ import pytest
 
 import mlxdist
 from mlxdist.bench.__main__ import finish
-from mlxdist.bench.implementations import Implementation, MlxdistImpl, Prepared
+from mlxdist.bench.chain import Chain, expected_chain, run_chains
+from mlxdist.bench.implementations import Implementation, MlxdistImpl, MxDistributedImpl, Prepared
 from mlxdist.bench.options import BenchConfig, parse_args, parse_size
 from mlxdist.bench.sweep import plan, run_sweep, size_points
 from mlxdist.bench.timing import split_rounds
@@ -33,6 +34,10 @@ from mlxdist.bench.workload import (
 ROW_KEYS = {
     "op", "dtype", "impl", "bytes", "count", "tokens", "warmup", "iters",
     "median_us", "p99_us", "algbw_GBps", "busbw_GBps", "wrong", "ratio_vs_mx",
+}
+CHAIN_ROW_KEYS = {
+    "op", "dtype", "impl", "bytes", "count", "length", "warmup", "iters",
+    "median_us", "p99_us", "per_op_us", "wrong", "ratio_vs_mx",
 }
 HEADER_KEYS = {"host", "cores", "mlx", "backend", "ranks", "rank_hosts", "warmup", "iters", "implementations"}
 LAUNCH_VARIABLES = ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK")
@@ -116,6 +121,64 @@ def test_tensor_parallel_mode_under_a_launcher() -> None:
     assert doc["header"]["mode"] == "tensor-parallel"
 
 
+@pytest.mark.parametrize("backend", ["ring", "mpi"])
+def test_decode_chain_matches_mx_distributed(backend: str, tmp_path: Path) -> None:
+    """Both chains on 2 ranks: mx.distributed's values equal numpy's, mlxdist's equal mx.distributed's."""
+    out = tmp_path / "chain.json"
+    done = bench("--backend", backend, "--workload", "chain", "--length", "5", "--hidden", "40",
+                 "-d", "float16,bfloat16", "-n", "3", "-w", "1", "--json", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["header"]["mode"] == "chain" and doc["header"]["chain_length"] == 5
+    rows = doc["rows"]
+    assert {(r["op"], r["dtype"], r["impl"]) for r in rows} == {
+        (v, d, i) for v in ("chain", "chain*0.5") for d in ("float16", "bfloat16")
+        for i in ("mlxdist-mlx", "mx.distributed")
+    }
+    for row in rows:
+        assert set(row) == CHAIN_ROW_KEYS
+        assert row["wrong"] == 0, row
+        assert (row["count"], row["length"], row["bytes"]) == (40, 5, 80)
+        assert math.isclose(row["per_op_us"], row["median_us"] / 5)
+        assert (row["ratio_vs_mx"] is None) == (row["impl"] == "mx.distributed")
+    assert "decode chain" in done.stdout and "Out of bounds values : 0 OK" in done.stdout
+
+
+def test_chain_model_follows_the_arithmetic() -> None:
+    """numpy's chain: the first all_sum adds the ranks' inputs, later ones multiply by the size."""
+    inputs = [rank_values(r, 17) for r in range(2)]
+    total = inputs[0] + inputs[1]
+    assert np.array_equal(expected_chain(Chain("chain", "float16", 17, 3), 2), total * 4)
+    assert np.array_equal(expected_chain(Chain("chain*0.5", "float16", 17, 6), 2), total / 2)
+    # float16 overflows to inf after enough doublings, as MLX's sums do.
+    long = expected_chain(Chain("chain", "float16", 17, 64), 2)
+    assert np.array_equal(np.isinf(long), total != 0) and np.all(long[total == 0] == 0)
+    assert np.all(np.isfinite(expected_chain(Chain("chain", "bfloat16", 17, 64), 2)))
+    assert expected_chain(Chain("chain", "float16", 17, 3), 3) is None  # not exact: no model
+
+
+class _BrokenLazy(Implementation):
+    """A lazy all_sum that adds 1: the chain check must catch it."""
+
+    name = "broken"
+
+    def lazy_all_sum(self):  # type: ignore[no-untyped-def]
+        return lambda x: mlxdist.all_sum(x) + 1
+
+
+def test_chain_counts_wrong_values() -> None:
+    group = mlxdist.init()  # no launcher: a one-rank group
+    config = BenchConfig(warmup=1, iters=2, rounds=1, dtypes=("float16",), hidden=9, chain_length=3,
+                         workload="chain")
+    impls = [MlxdistImpl(group, "mlx"), MxDistributedImpl(group.backend), _BrokenLazy(),
+             MlxdistImpl(group, "numpy")]
+    rows, skips = run_chains(config, group, impls, NullProgress())
+    assert {(s.op, s.impl) for s in skips} == {("chain", "mlxdist-numpy"), ("chain*0.5", "mlxdist-numpy")}
+    assert len(rows) == 2 * 3
+    for row in rows:
+        assert row["wrong"] == (9 if row["impl"] == "broken" else 0), row
+
+
 def test_backend_other_than_the_launchers_is_refused() -> None:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     done = subprocess.run(
@@ -151,7 +214,7 @@ class _OffByOne(Implementation):
 
 def test_wrong_results_are_counted_and_fail_the_run(capsys: pytest.CaptureFixture) -> None:
     group = mlxdist.init()  # no launcher: a one-rank group, collectives return their input
-    assert group.size == 1
+    assert group.size() == 1
     config = BenchConfig(min_bytes=1024, max_bytes=2048, warmup=1, iters=2,
                          ops=("all_sum", "all_gather", "all_max"), dtypes=("float32", "float16"))
     impls = [MlxdistImpl(group, "registered"), MlxdistImpl(group, "mlx"), _OffByOne(group)]
@@ -205,6 +268,9 @@ def test_sizes_and_bus_factors() -> None:
     assert parse_size("1K") == 1024 and parse_size("64M") == 64 << 20 and parse_size("512") == 512
     sweep = BenchConfig(min_bytes=1 << 10, max_bytes=64 << 20)
     assert [b for b, _ in size_points(sweep, "float32")] == [1 << k for k in range(10, 27)]
+    chain = parse_args(["--workload", "chain"])
+    assert (chain.chain_length, chain.hidden, chain.dtypes) == (64, 4096, ("float16",))
+    assert chain.impls == ("mlxdist-mlx", "mx.distributed")
     tp = parse_args(["--tp"])
     assert tp.dtypes == ("float16", "bfloat16")
     assert size_points(tp, "float16") == [(4096 * t * 2, t) for t in (1, 8, 32, 128, 512)]
@@ -216,7 +282,8 @@ def test_sizes_and_bus_factors() -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    for argv in (["-b", "1X"], ["-d", "float64"], ["-b", "4K", "-e", "1K"], ["-o", "all_prod"]):
+    for argv in (["-b", "1X"], ["-d", "float64"], ["-b", "4K", "-e", "1K"], ["-o", "all_prod"],
+                 ["--workload", "chain", "--tp"], ["--workload", "chain", "-o", "all_sum"], ["--length", "0"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
 

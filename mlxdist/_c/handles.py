@@ -22,10 +22,17 @@ class Handle:
     # A C function taking the handle's address: called by the finalizer with
     # no Python frame in between.
     _release: Callable[[Any], None]
+    # cffi's type of a pointer to the handle, looked up once per class (eager
+    # calls make handles for their operands).
+    _pointer_type: Any = None
     __slots__ = ("_ptr", "__weakref__")
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._pointer_type = ffi.typeof(cls._ctype + "*")
+
     def __init__(self) -> None:
-        self._ptr = ffi.gc(ffi.new(self._ctype + "*"), type(self)._release)
+        self._ptr = ffi.gc(ffi.new(self._pointer_type), self._release)
 
     @property
     def out(self) -> Any:

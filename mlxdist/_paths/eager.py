@@ -50,7 +50,7 @@ def _overlap(a: MlxBuffer, b: MlxBuffer) -> bool:
 def _out_buffer(out: Any, shape: tuple[int, ...], code: int) -> MlxBuffer | None:
     """Check ``out``; the buffer the backend can write straight into, if any."""
     if type(out) is not np.ndarray:
-        raise DtypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        raise ArgumentTypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:
         raise ShapeError(f"out has shape {out.shape}, the result has shape {shape}")
     if out.dtype != storage_dtype(code):
@@ -117,7 +117,8 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
             return x
         np.copyto(out, x)
         return out
-    if fillins.applies(op, group._caps, x.dtype == np.bool_):
+    composed, composed_for_bool = group._composed
+    if op in composed or (op in composed_for_bool and x.dtype == np.bool_):
         result = fillins.compose(
             op, x, group._caps, group._rank, group._size,
             native=lambda o, a: collective(group, o, a, None),

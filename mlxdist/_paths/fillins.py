@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from mlxdist.backends import Capabilities
+from mlxdist.backends import OPERATIONS, Capabilities
 from mlxdist.rules import SAME_SHAPE
 
 __all__ = ["applies", "composed", "compose"]
@@ -32,12 +32,19 @@ def applies(op: str, caps: Capabilities, is_bool: bool) -> bool:
     return _scatter_missing(op, caps) or _bool_as_bytes(op, caps, is_bool)
 
 
-def composed(caps: Capabilities) -> tuple[frozenset[str], frozenset[str]]:
-    """The operations a backend must compose: (always, for bool arrays)."""
-    ops = ("all_sum", "all_max", "all_min", "all_gather", "sum_scatter")
+def composed(caps: Capabilities, size: int) -> tuple[frozenset[str], frozenset[str]]:
+    """The operations a group of ``size`` ranks composes, decided once per group.
+
+    Returns:
+        (those composed whatever the dtype, those composed for bool arrays);
+        both empty on a single-process group, where collectives return their
+        input.
+    """
+    if size == 1:
+        return frozenset(), frozenset()
     return (
-        frozenset(op for op in ops if applies(op, caps, False)),
-        frozenset(op for op in ops if applies(op, caps, True)),
+        frozenset(op for op in OPERATIONS if applies(op, caps, False)),
+        frozenset(op for op in OPERATIONS if applies(op, caps, True)),
     )
 
 

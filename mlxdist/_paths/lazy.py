@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlxdist._c import bridge, ffi, lib
 from mlxdist._c.gate import raise_last
 from mlxdist._paths import fillins
-from mlxdist.errors import CommunicationError, DtypeError
+from mlxdist.errors import ArgumentTypeError, CommunicationError, InvalidArgumentError
 from mlxdist.rules import SAME_SHAPE, result_shape
 
 __all__ = ["FUNCTIONS", "check_stream", "collective", "send", "recv", "recv_like"]
@@ -36,15 +36,23 @@ FUNCTIONS: dict[str, int] = {
 
 
 def check_stream(stream: Any) -> None:
-    """Refuse a ``stream=`` that is neither None, a Stream nor a Device.
+    """Refuse a ``stream=`` that is neither None, a Stream nor a Device, or
+    names a device this MLX build lacks.
 
     Raises:
-        DtypeError: a TypeError, as MLX raises for it.
+        ArgumentTypeError: not a Stream or Device (a TypeError, as MLX raises for it).
+        InvalidArgumentError: a device this build has no backend for (a
+            ValueError: MLX's own ValueError, typed).
     """
-    if stream is not None and not isinstance(stream, (mx.Stream, mx.Device, mx.DeviceType)):
-        raise DtypeError(
+    if stream is None:
+        return
+    if not isinstance(stream, (mx.Stream, mx.Device, mx.DeviceType)):
+        raise ArgumentTypeError(
             f"stream must be an mlx.core.Stream, an mlx.core.Device or None, got {type(stream).__name__}"
         )
+    device = stream.device if isinstance(stream, mx.Stream) else stream
+    if not mx.is_available(device if isinstance(device, mx.Device) else mx.Device(device)):
+        raise InvalidArgumentError(f"stream={stream}: this MLX build has no backend for that device")
 
 
 def _checked_group(group: Any) -> int:
@@ -79,8 +87,9 @@ def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
         The lazy result.
 
     Raises:
-        ShapeError, DtypeError, GroupClosedError, CommunicationError (a world
-        that already failed), or the kind the C layer reported.
+        ShapeError, ArgumentTypeError and InvalidArgumentError (``stream=``),
+        DtypeError, GroupClosedError, CommunicationError (a world that already
+        failed), or the kind the C layer reported.
     """
     if stream is not None:
         check_stream(stream)

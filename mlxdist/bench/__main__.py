@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import mlxdist
 from mlxdist.backends import Backend, detect_backend
+from mlxdist.bench.chain import run_chains
 from mlxdist.bench.header import collect_header
 from mlxdist.bench.implementations import make_implementations
 from mlxdist.bench.options import BenchConfig, parse_args
@@ -64,14 +65,17 @@ def run_rank(config: BenchConfig, launched: Backend) -> int:
     impls = make_implementations(config.impls, group)
     header = collect_header(config, group, [impl.name for impl in impls])
     progress: Progress
-    if group.rank != 0:
+    if group.rank() != 0:
         progress = NullProgress()
     elif config.emit_events:
         progress = EventProgress()
     else:
         progress = make_progress(config.progress)
-    rows, skips = run_sweep(config, group, impls, progress)
-    if group.rank != 0:
+    if config.workload == "chain":
+        rows, skips = run_chains(config, group, impls, progress)
+    else:
+        rows, skips = run_sweep(config, group, impls, progress)
+    if group.rank() != 0:
         return 0
     doc = {"header": header, "rows": rows, "skipped": skips_as_dicts(skips)}
     if config.result_file:

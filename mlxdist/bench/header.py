@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlxdist
+from mlxdist.bench.chain import VARIANTS
 from mlxdist.bench.options import BenchConfig, format_size
 
 __all__ = ["collect_header", "header_lines"]
@@ -23,8 +24,14 @@ def _gather_hosts(group: mlxdist.Group) -> list[str]:
     name = socket.gethostname().encode()[:_HOST_BYTES]
     padded = np.zeros(_HOST_BYTES, np.uint8)
     padded[: len(name)] = np.frombuffer(name, np.uint8)
-    gathered = np.asarray(group.all_gather(padded)).reshape(group.size, _HOST_BYTES)
+    gathered = np.asarray(group.all_gather(padded)).reshape(group.size(), _HOST_BYTES)
     return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in gathered]
+
+
+def _mode(config: BenchConfig) -> str:
+    if config.workload == "chain":
+        return "chain"
+    return "tensor-parallel" if config.tp else "sweep"
 
 
 def collect_header(config: BenchConfig, group: mlxdist.Group, impls: list[str]) -> dict[str, Any]:
@@ -49,18 +56,19 @@ def collect_header(config: BenchConfig, group: mlxdist.Group, impls: list[str]) 
         "mlxdist": mlxdist.__version__,
         "numpy": np.__version__,
         "backend": group.backend.value if group.backend else "none",
-        "ranks": group.size,
+        "ranks": group.size(),
         "rank_hosts": [{"rank": r, "pid": int(p), "host": h} for r, (p, h) in enumerate(zip(pids, hosts))],
-        "mode": "tensor-parallel" if config.tp else "sweep",
+        "mode": _mode(config),
         "min_bytes": config.min_bytes,
         "max_bytes": config.max_bytes,
         "step_factor": config.step_factor,
-        "hidden": config.hidden if config.tp else None,
+        "hidden": config.hidden if config.tp or config.workload == "chain" else None,
+        "chain_length": config.chain_length if config.workload == "chain" else None,
         "tokens": list(config.tokens) if config.tp else None,
         "warmup": config.warmup,
         "iters": config.iters,
         "rounds": config.rounds,
-        "ops": list(config.ops),
+        "ops": list(VARIANTS) if config.workload == "chain" else list(config.ops),
         "dtypes": list(config.dtypes),
         "implementations": impls,
     }
@@ -82,6 +90,8 @@ def header_lines(header: dict[str, Any]) -> list[str]:
     """
     if header["mode"] == "tensor-parallel":
         sizes = f"tensor-parallel: hidden {header['hidden']} x tokens {header['tokens']}"
+    elif header["mode"] == "chain":
+        sizes = f"decode chain: {header['chain_length']} chained all_sums of hidden {header['hidden']}, one eval"
     else:
         sizes = (
             f"minBytes {format_size(header['min_bytes'])} maxBytes {format_size(header['max_bytes'])} "

@@ -2,7 +2,8 @@
 
 - ``mlxdist-reg``: mlxdist with registered buffers (``mlxdist.empty`` and ``out=``);
 - ``mlxdist-numpy``: mlxdist with plain numpy arrays;
-- ``mlxdist-mlx``: mlxdist with mx.array inputs and results;
+- ``mlxdist-mlx``: mlxdist with mx.arrays: the lazy path, so each iteration
+  builds the operation and then evaluates it, exactly as ``mx.distributed``;
 - ``mx.distributed``: the same engine through MLX's own bindings, evaluating each result;
 - ``mpi4py``: MPI through mpi4py with numpy buffers (on the MPI backend only).
 
@@ -20,12 +21,20 @@ import mlx.core as mx
 import numpy as np
 
 import mlxdist
-from mlxdist.backends import NATIVE_OPERATIONS, Backend
+from mlxdist.backends import Backend, capabilities
 from mlxdist.bench.workload import Message
 
-__all__ = ["Prepared", "Implementation", "MlxdistImpl", "MxDistributedImpl", "Mpi4pyImpl", "make_implementations"]
+__all__ = [
+    "MX_DTYPES",
+    "Prepared",
+    "Implementation",
+    "MlxdistImpl",
+    "MxDistributedImpl",
+    "Mpi4pyImpl",
+    "make_implementations",
+]
 
-_MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -99,6 +108,13 @@ class Implementation:
         """
         raise NotImplementedError
 
+    def lazy_all_sum(self) -> Callable[[mx.array], mx.array] | None:
+        """A lazy all_sum (mx.array in, unevaluated mx.array out), or None for eager implementations.
+
+        The decode chain (:mod:`mlxdist.bench.chain`) strings these together.
+        """
+        return None
+
 
 class MlxdistImpl(Implementation):
     """mlxdist's Group, fed registered buffers, plain numpy arrays or mx.arrays.
@@ -122,7 +138,7 @@ class MlxdistImpl(Implementation):
 
     def _array(self, values: np.ndarray, dtype: str) -> Any:
         if self.buffers == "mlx":
-            x = mx.array(values).astype(_MX_DTYPES[dtype])
+            x = mx.array(values).astype(MX_DTYPES[dtype])
             mx.eval(x)
             return x
         if self.buffers == "registered":
@@ -132,41 +148,80 @@ class MlxdistImpl(Implementation):
     def prepare(self, msg: Message, values: np.ndarray) -> Prepared:
         group = self.group
         x = self._array(values, msg.dtype)
+        if self.buffers == "mlx":
+            return self._prepare_lazy(msg, x)
         out = mlxdist.empty(msg.output_count, _NUMPY_DTYPES[msg.dtype]) if self.buffers == "registered" else None
         if msg.op == "sendrecv":
 
             def receive(src: int) -> Any:
                 return group.recv_like(x, src, out=out)
 
-            return Prepared(lambda: ring_shift(group.rank, group.size, lambda dst: group.send(x, dst), receive),
+            return Prepared(lambda: ring_shift(group.rank(), group.size(), lambda dst: group.send(x, dst), receive),
                             _as_float32)
         collective = getattr(group, msg.op)
         if out is None:
             return Prepared(lambda: collective(x), _as_float32)
         return Prepared(lambda: collective(x, out=out), _as_float32)
 
+    def lazy_all_sum(self) -> Callable[[mx.array], mx.array] | None:
+        if self.buffers != "mlx":
+            return None
+        group = self.group
+        # The module-level function, as models call mx.distributed.all_sum.
+        return lambda x: mlxdist.all_sum(x, group=group)
+
+    def _prepare_lazy(self, msg: Message, x: mx.array) -> Prepared:
+        """mx.arrays: build the lazy operation, then evaluate it (as :class:`MxDistributedImpl`)."""
+        group = self.group
+        if msg.op == "sendrecv":
+
+            def send(dst: int) -> None:
+                mx.eval(group.send(x, dst))
+
+            def receive(src: int) -> mx.array:
+                received = group.recv_like(x, src)
+                mx.eval(received)
+                return received
+
+            return Prepared(lambda: ring_shift(group.rank(), group.size(), send, receive), _as_float32)
+        collective = getattr(group, msg.op)
+
+        def run() -> mx.array:
+            result = collective(x)
+            mx.eval(result)
+            return result
+
+        return Prepared(run, _as_float32)
+
 
 class MxDistributedImpl(Implementation):
     """MLX's own Python bindings over the same process-wide group.
 
     Args:
-        backend: The backend mlxdist initialised.
+        backend: The backend mlxdist initialised; None for the single-process
+            group, which is ring's non-strict fallback in both libraries.
     """
 
     name = "mx.distributed"
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend | None) -> None:
         self.backend = backend
-        self.group = mx.distributed.init(backend=backend.value)
+        self.group = mx.distributed.init(backend=(backend or Backend.RING).value)
 
     def unsupported(self, op: str, dtype: str) -> str | None:
-        if op == "sum_scatter" and op not in NATIVE_OPERATIONS.get(self.backend, frozenset()):
-            return f"MLX's {self.backend.value} backend has no sum_scatter"
+        needs = "send" if op == "sendrecv" else op
+        if capabilities(self.backend).status(needs) != "native":
+            where = f"{self.backend.value} backend" if self.backend else "single-process group"
+            return f"MLX's {where} has no {needs}"
         return None
+
+    def lazy_all_sum(self) -> Callable[[mx.array], mx.array] | None:
+        group = self.group
+        return lambda x: mx.distributed.all_sum(x, group=group)
 
     def prepare(self, msg: Message, values: np.ndarray) -> Prepared:
         group = self.group
-        x = mx.array(values).astype(_MX_DTYPES[msg.dtype])
+        x = mx.array(values).astype(MX_DTYPES[msg.dtype])
         mx.eval(x)
         if msg.op == "sendrecv":
 

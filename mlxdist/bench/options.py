@@ -9,10 +9,24 @@ from typing import Sequence
 
 from mlxdist.bench.workload import DTYPES, OPERATIONS
 
-__all__ = ["BenchConfig", "parse_size", "format_size", "build_parser", "parse_args", "IMPLEMENTATIONS"]
+__all__ = [
+    "BenchConfig",
+    "parse_size",
+    "format_size",
+    "build_parser",
+    "parse_args",
+    "IMPLEMENTATIONS",
+    "WORKLOADS",
+    "CHAIN_IMPLEMENTATIONS",
+]
 
 IMPLEMENTATIONS = ("mlxdist-reg", "mlxdist-numpy", "mlxdist-mlx", "mx.distributed", "mpi4py")
+# collectives: the nccl-tests-style sweep; chain: the decode chain (mlxdist.bench.chain).
+WORKLOADS = ("collectives", "chain")
+# The implementations that build lazy graphs, the only ones the chain can run.
+CHAIN_IMPLEMENTATIONS = ("mlxdist-mlx", "mx.distributed")
 TP_DTYPES = ("float16", "bfloat16")
+CHAIN_DTYPES = ("float16",)
 TP_OPERATIONS = ("all_sum", "all_gather", "sum_scatter")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.I)
@@ -99,6 +113,8 @@ class BenchConfig:
     dtypes: tuple[str, ...] = ("float32",)
     ops: tuple[str, ...] = OPERATIONS
     impls: tuple[str, ...] = IMPLEMENTATIONS
+    workload: str = "collectives"
+    chain_length: int = 64
     tp: bool = False
     hidden: int = 4096
     tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
@@ -139,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tensor-parallel sizes: hidden x tokens (Llama decode/prefill), float16 and bfloat16",
     )
-    sizes.add_argument("--hidden", type=_positive, default=4096, help="hidden size for --tp (default 4096)")
+    sizes.add_argument(
+        "--hidden", type=_positive, default=4096, help="hidden size for --tp and the chain (default 4096)"
+    )
     sizes.add_argument(
         "--tokens",
         type=_positive_list,
@@ -148,8 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what = parser.add_argument_group("what to run")
     what.add_argument(
+        "--workload", choices=WORKLOADS, default="collectives",
+        help="collectives: the size sweep (default); chain: the decode chain, --length chained all_sums "
+        "of a --hidden vector (float16 by default) built lazily and evaluated once, with and without "
+        "'* 0.5' between them, on the lazy implementations",
+    )
+    what.add_argument(
+        "--length", type=_positive, default=64, help="all_sums per chain for --workload chain (default 64)"
+    )
+    what.add_argument(
         "-d", "--datatype", type=_choices(DTYPES, "dtype"), default=None,
-        help=f"comma list of {', '.join(DTYPES)} or 'all' (default float32; float16,bfloat16 with --tp)",
+        help=f"comma list of {', '.join(DTYPES)} or 'all' (default float32; float16,bfloat16 with --tp; "
+        "float16 for the chain)",
     )
     what.add_argument(
         "-o", "--ops", type=_choices(OPERATIONS, "operation"), default=None,
@@ -157,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{','.join(TP_OPERATIONS)} with --tp)",
     )
     what.add_argument(
-        "--impls", type=_choices(IMPLEMENTATIONS, "implementation"), default=IMPLEMENTATIONS,
-        help="comma list of implementations (default all; mpi4py runs on MPI only)",
+        "--impls", type=_choices(IMPLEMENTATIONS, "implementation"), default=None,
+        help="comma list of implementations (default all; mpi4py runs on MPI only; "
+        f"{','.join(CHAIN_IMPLEMENTATIONS)} for the chain)",
     )
     launch = parser.add_argument_group("ranks")
     launch.add_argument(
@@ -201,6 +230,13 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         parser.error(f"--minbytes {args.minbytes} is larger than --maxbytes {args.maxbytes}")
     if args.stepfactor < 2 and args.minbytes != args.maxbytes:
         parser.error("--stepfactor must be >= 2 to step from --minbytes to --maxbytes")
+    chain = args.workload == "chain"
+    if chain and (args.tp or args.plot or args.ops):
+        parser.error("--workload chain takes none of --tp, --plot, -o/--ops")
+    if chain:
+        dtypes = args.datatype or CHAIN_DTYPES
+    else:
+        dtypes = args.datatype or (TP_DTYPES if args.tp else ("float32",))
     return BenchConfig(
         min_bytes=args.minbytes,
         max_bytes=args.maxbytes,
@@ -208,9 +244,11 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         warmup=args.warmup_iters,
         iters=args.iters,
         rounds=args.rounds,
-        dtypes=args.datatype or (TP_DTYPES if args.tp else ("float32",)),
+        dtypes=dtypes,
         ops=args.ops or (TP_OPERATIONS if args.tp else OPERATIONS),
-        impls=args.impls,
+        impls=args.impls or (CHAIN_IMPLEMENTATIONS if chain else IMPLEMENTATIONS),
+        workload=args.workload,
+        chain_length=args.length,
         tp=args.tp,
         hidden=args.hidden,
         tokens=args.tokens,

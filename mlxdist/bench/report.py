@@ -53,21 +53,70 @@ def _console(stream: TextIO) -> Any:
 
 
 def render_tables(doc: dict[str, Any], stat: str = "median", stream: TextIO | None = None) -> None:
-    """Print the header block and one table per operation and dtype.
+    """Print the header block and the tables: one per operation and dtype of a
+    sweep, or the decode-chain table.
 
     Args:
-        doc: The sweep's JSON document (header, rows, skipped).
+        doc: The run's JSON document (header, rows, skipped).
         stat: ``"median"`` or ``"p99"``: the time shown.
         stream: Where to print (stdout by default).
     """
-    from rich import box
-    from rich.table import Table
-
     console = _console(stream or sys.stdout)
     header, rows = doc["header"], doc["rows"]
     for line in header_lines(header):
         console.print(line, markup=False)
     impls = _impl_order(rows, header)
+    if header["mode"] == "chain":
+        console.print(_chain_table(rows, impls, stat))
+    else:
+        _sweep_tables(console, rows, impls, stat, header)
+    for skip in doc.get("skipped", []):
+        console.print(f"# skipped {skip['impl']} {skip['op']} {skip['dtype']}: {skip['reason']}", markup=False)
+    total_wrong = sum(r["wrong"] for r in rows)
+    console.print(f"# Out of bounds values : {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}", markup=False)
+
+
+def _chain_table(rows: list[dict[str, Any]], impls: list[str], stat: str) -> Any:
+    """The decode-chain table: one line per variant and dtype, time per chain and per all_sum."""
+    from rich import box
+    from rich.table import Table
+
+    caption = (
+        f"time: {stat} µs per chain (slowest rank); µs/op: that time / length; "
+        "mlxdist / mx: median time ratio (< 1: mlxdist faster)"
+    )
+    table = Table(title="decode chain", title_justify="left", caption=caption, caption_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("chain", "dtype", "hidden", "length"):
+        table.add_column(name, justify="left" if name == "chain" else "right")
+    for name in impls:
+        table.add_column(f"{name}\n{stat} µs", justify="right")
+        table.add_column("µs/op", justify="right")
+    table.add_column("#wrong", justify="right")
+    table.add_column("mlxdist\n/ mx", justify="right")
+    by_chain: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_chain.setdefault((row["op"], row["dtype"]), {})[row["impl"]] = row
+    for (variant, dtype), by_impl in by_chain.items():
+        first = next(iter(by_impl.values()))
+        cells = [variant, dtype, str(first["count"]), str(first["length"])]
+        for name in impls:
+            row = by_impl.get(name)
+            cells += [f"{row[f'{stat}_us']:.1f}", f"{row['per_op_us']:.2f}"] if row else ["n/a", "n/a"]
+        wrong = sum(r["wrong"] for r in by_impl.values())
+        cells.append(f"[bold red]{wrong}[/]" if wrong else "0")
+        ratio = ratio_row(by_impl)
+        cells.append(f"{ratio['ratio_vs_mx']:.2f}" if ratio else "n/a")
+        table.add_row(*cells)
+    return table
+
+
+def _sweep_tables(console: Any, rows: list[dict[str, Any]], impls: list[str], stat: str,
+                  header: dict[str, Any]) -> None:
+    """One table per operation and dtype of a sweep."""
+    from rich import box
+    from rich.table import Table
+
     tensor_parallel = header["mode"] == "tensor-parallel"
     for (op, dtype), by_size in _sections(rows).items():
         ratio_impls = sorted({r["impl"] for s in by_size.values() if (r := ratio_row(s))}, key=impls.index)
@@ -96,10 +145,6 @@ def render_tables(doc: dict[str, Any], stat: str = "median", stream: TextIO | No
             cells.append(f"{ratio['ratio_vs_mx']:.2f}" if ratio else "n/a")
             table.add_row(*cells)
         console.print(table)
-    for skip in doc.get("skipped", []):
-        console.print(f"# skipped {skip['impl']} {skip['op']} {skip['dtype']}: {skip['reason']}", markup=False)
-    total_wrong = sum(r["wrong"] for r in rows)
-    console.print(f"# Out of bounds values : {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}", markup=False)
 
 
 def write_json(doc: dict[str, Any], path: str) -> None:

@@ -114,8 +114,8 @@ def _measure_message(
     msg: Message, impls: list[Implementation], group: mlxdist.Group, config: BenchConfig, progress: Progress
 ) -> list[dict[str, Any]]:
     """Time every implementation on one message, round by round, and check the results."""
-    values = rank_values(group.rank, msg.input_count)
-    expected = expected_result(msg, group.rank, group.size)
+    values = rank_values(group.rank(), msg.input_count)
+    expected = expected_result(msg, group.rank(), group.size())
     prepared = [impl.prepare(msg, values) for impl in impls]
     results = [warm_up(p.run, config.warmup) for p in prepared]
     times: list[list[np.ndarray]] = [[] for _ in impls]
@@ -129,7 +129,7 @@ def _measure_message(
         wrong = count_wrong(p.values(result), expected)
         timing = summarize(slowest_rank(group, np.concatenate(impl_times)))
         total_wrong = int(np.asarray(group.all_sum(np.array([wrong], np.int64)))[0])
-        rows.append(_row(msg, impl.name, timing, total_wrong, group.size, config))
+        rows.append(_row(msg, impl.name, timing, total_wrong, group.size(), config))
     return rows
 
 
@@ -157,7 +157,7 @@ def run_sweep(
     Returns:
         One row per message and implementation that ran, and what was skipped.
     """
-    messages = plan(config, group.size)
+    messages = plan(config, group.size())
     skips = {
         (op, dtype, impl.name): Skip(op, dtype, impl.name, reason)
         for op in config.ops

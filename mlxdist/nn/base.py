@@ -71,7 +71,7 @@ def sum_gradients(group: Group | None = None) -> Callable[[mx.array], mx.array]:
         group (the identity on a size-1 group).
 
     Raises:
-        InvalidArgumentError: ``group`` is not an mlxdist group.
+        ArgumentTypeError: ``group`` is not an mlxdist group (a TypeError).
     """
     group = resolve_group(group)
     if group.size() == 1:

@@ -98,7 +98,7 @@ class Lazy:
                  f"{(g.rank(), g.size())} vs {(self.mxg.rank(), self.mxg.size())}")
         c.expect_raises("group=mx.distributed.Group is refused (a TypeError)", mlxdist.ArgumentTypeError,
                         lambda: mlxdist.all_sum(mx.ones(2), group=self.mxg), "mlxdist.Group")
-        c.expect_raises("a bad stream is a DtypeError", mlxdist.DtypeError,
+        c.expect_raises("a bad stream is an ArgumentTypeError", mlxdist.ArgumentTypeError,
                         lambda: mlxdist.all_sum(mx.ones(2), stream="cpu"), "stream")
         c.expect_raises("a bad stream is a TypeError (as mx.distributed)", TypeError,
                         lambda: mlxdist.all_gather(mx.ones(2), stream=object()))

@@ -1,0 +1,59 @@
+"""The bad-input battery (tests/suites/misuse.py) on the size-1 world and on 2
+ranks of ring and MPI (one launch each)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import mlxdist
+from conftest import BACKENDS
+from suites import misuse
+from support import run_here, run_on_ranks
+
+SUITE = "suites.misuse:run"
+CASES = re.compile(r"MISUSE rank=(\d+) size=(\d+) cases=(\d+)")
+
+
+def test_misuse_on_the_size_one_world(capsys):
+    checks = run_here(misuse.run, mlxdist.init())
+    assert not checks.failures, "\n".join(checks.failures[:30])
+    cases = int(CASES.search(capsys.readouterr().out).group(3))
+    assert cases >= 400 and checks.count > 1500
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_misuse_on_two_ranks(backend):
+    # One launch per backend: the misuse battery, then the thread cases
+    # (two split groups on two threads where the backend can split).
+    threads = ["suites.threads:close_while_blocked"] + (["suites.threads:split_threads"] if backend == "mpi" else [])
+    run = run_on_ranks([SUITE, *threads], 2, backend, timeout=120)
+    for suite in threads:
+        assert len(run.of(suite)) == 2 and all(r.failures == 0 for r in run.of(suite)), run.of(suite)
+    cases = sorted((int(r), int(n)) for line in run.output for r, _, n in CASES.findall(line))
+    assert [r for r, _ in cases] == [0, 1], cases
+    assert all(n >= 440 for _, n in cases), cases
+    assert all(r.checks > 1500 and r.failures == 0 for r in run.of(SUITE))
+
+
+def test_the_readme_errors_table_states_the_hierarchy():
+    # README "Errors": each row's classes derive from DistributedError and
+    # from the builtin the row names; every exported error class has a row.
+    import builtins
+    from pathlib import Path
+
+    section = (Path(__file__).resolve().parent.parent / "README.md").read_text().split("## Errors\n", 1)[1]
+    rows = [line.strip("|").split("|") for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("| `")]
+    named = set()
+    for cells in rows:
+        classes = re.findall(r"`(\w+)`", cells[0])
+        builtin = re.findall(r"`(\w+)`", cells[1])
+        for name in classes:
+            cls = getattr(mlxdist, name)
+            named.add(name)
+            assert issubclass(cls, mlxdist.DistributedError), name
+            for b in builtin:
+                assert issubclass(cls, getattr(builtins, b)), f"{name} is not a {b}"
+    exported = {n for n in mlxdist.__all__ if n.endswith("Error") and n != "DistributedError"}
+    assert named == exported

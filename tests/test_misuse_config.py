@@ -1,0 +1,133 @@
+"""Bad launch configurations, each in a fresh interpreter with a deadline.
+
+MLX reads them itself with few checks (a negative rank segfaults, an empty
+hostfile is a SIGFPE, "abc" is rank 0, a one-rank ring waits ~31 s); mlxdist
+validates them first. Every case must end, within seconds, in a
+:class:`mlxdist.ConfigurationError` (an InitializationError, a ValueError and a
+DistributedError) whose message names the entry at fault, for ``init()`` as a
+user calls it and for ``init("ring", strict=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from mlxdist.launch import free_ports
+
+PROBE = """
+import mlxdist
+for args in ((), ("ring", True)):
+    try:
+        mlxdist.init(*args)
+    except mlxdist.ConfigurationError as e:
+        ok = isinstance(e, ValueError) and isinstance(e, mlxdist.InitializationError)
+        print("typed" if ok else "mistyped", type(e).__name__, e, flush=True)
+    except BaseException as e:
+        print("untyped", type(e).__name__, e, flush=True)
+    else:
+        print("accepted", flush=True)
+"""
+
+
+def two_hosts() -> list[list[str]]:
+    a, b = free_ports(2)
+    return [[f"127.0.0.1:{a}"], [f"127.0.0.1:{b}"]]
+
+
+CASES = {
+    # name: (MLX_RANK, hostfile document (None: the default two hosts), what the message names)
+    "rank -1": ("-1", None, "MLX_RANK='-1'"),
+    "rank abc": ("abc", None, "MLX_RANK='abc'"),
+    "rank empty": ("", None, "MLX_RANK"),
+    "rank 1.0": ("1.0", None, "MLX_RANK='1.0'"),
+    "rank past the hostfile": ("2", None, "MLX_RANK=2"),
+    "hostfile []": ("0", [], "0 rank(s)"),
+    "hostfile one entry": ("0", "one", "1 rank(s)"),
+    "hostfile {'hosts': 1}": ("0", {"hosts": 1}, "dict"),
+    "hostfile [[1], [2]]": ("0", [[1], [2]], "address 0 is 1"),
+    "hostfile [[], []]": ("0", [[], []], "rank 0's entry is []"),
+    "hostfile ['a', 'b']": ("0", ["127.0.0.1:1", "127.0.0.1:2"], "rank 0's entry"),
+    "port 99999": ("0", "port", "port 99999"),
+    "port 0": ("0", "port0", "port 0"),
+    "no port": ("0", [["127.0.0.1"], ["127.0.0.1:2"]], "'127.0.0.1'"),
+    "not an address": ("0", [["no-such-host.invalid:5000"], ["127.0.0.1:5001"]], "no-such-host.invalid"),
+    "uneven address counts": ("0", "uneven", "different numbers"),
+    "hostfile not JSON": ("0", "notjson", "not valid JSON"),
+    "hostfile missing": ("0", "missing", "cannot read"),
+    "port in use": ("0", "busy", "in use"),
+}
+
+
+def write_hostfile(tmp_path, document):  # type: ignore[no-untyped-def]
+    hosts = two_hosts()
+    path = tmp_path / "hosts.json"
+    if document == "one":
+        document = hosts[:1]
+    elif document == "port":
+        document = [["127.0.0.1:99999"], hosts[1]]
+    elif document == "port0":
+        document = [["127.0.0.1:0"], hosts[1]]
+    elif document == "uneven":
+        document = [hosts[0] * 2, hosts[1]]
+    elif document is None or document == "busy":
+        document = hosts
+    if document == "notjson":
+        path.write_text('[["127.0.0.1:1"],')
+    elif document != "missing":
+        path.write_text(json.dumps(document))
+    return path, document
+
+
+def test_bad_ring_configurations_are_typed(tmp_path):
+    # One fresh interpreter per case (a crash stays a failure of its case),
+    # all at once, each with its own deadline; each tries init() as a user
+    # calls it and then init("ring", strict=True).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "OMPI_", "PMI"))}
+    busy = socket.socket()
+    running = {}
+    try:
+        for case, (rank, document, _) in sorted(CASES.items()):
+            folder = tmp_path / case.replace(" ", "_").replace("/", "_")
+            folder.mkdir()
+            path, document = write_hostfile(folder, document)
+            if case == "port in use":
+                host, port = document[0][0].split(":")
+                busy.bind((host, int(port)))
+                busy.listen()
+            running[case] = subprocess.Popen(
+                [sys.executable, "-c", PROBE],
+                env={**env, "MLX_RANK": rank, "MLX_HOSTFILE": str(path)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        start = time.monotonic()
+        problems = []
+        for case, process in running.items():
+            try:
+                out, err = process.communicate(timeout=max(1.0, 60 - (time.monotonic() - start)))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                problems.append(f"{case}: no answer within the deadline")
+                continue
+            lines = out.splitlines()
+            names = CASES[case][2]
+            if process.returncode != 0 or len(lines) != 2:
+                problems.append(f"{case}: exit {process.returncode}, {out!r} {err[-500:]!r}")
+            for line in lines:
+                if not line.startswith("typed ConfigurationError") or names not in line:
+                    problems.append(f"{case}: {line}")
+        elapsed = time.monotonic() - start
+    finally:
+        busy.close()
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+    assert not problems, "\n".join(problems)
+    assert elapsed < 30, f"{len(CASES)} configuration errors took {elapsed:.1f} s"
