@@ -1,0 +1,308 @@
+"""Benchmark: decode tokens/s of mlxdist.lm's TP and PP beside mlx-lm's own ``shard()``, same run.
+
+For each weight format (float16; 4-bit affine with float32 scales, group size
+64: MLX's CPU quantized matmul is far slower with float16 scales) the script
+writes a random-weight Llama checkpoint (``mlxdist.lm.testing``), then:
+
+- 1 process: mlx-lm's unsharded model (the baseline);
+- 2 ranks of each backend, started by ``mlxdist.launch`` (which waits
+  without spinning; its own CPU use is reported): mlxdist TP, mlxdist PP and
+  mlx-lm's ``model.shard()`` over ``mx.distributed``, loaded in the same
+  job. Each first generates ``--tokens`` tokens with mlx-lm's generator
+  (TP's tokens must equal mlx-lm's; the prompt rate is taken there), then
+  ``--rounds x --tokens`` greedy decode steps of the three run interleaved,
+  step by step (A B C C B A ...), each step timed alone as its slowest rank:
+  on a shared machine, load that drifts falls on every variant alike. The
+  decode rate is 1 / the median step time, and the TP ratio the median of
+  the step-by-step ratio against mlx-lm.
+
+Among those interleaved steps it also times one decode step's communication
+alone on the same group: TP's 2 all-sums per block of a ``(1, 1, hidden)``
+vector in the model's dtype (chained, one eval), and PP's hops (send/recv
+between neighbours, one all_gather); the communication share is its median
+over the median decode step.
+
+Run ``python benchmarks/bench_lm.py`` (``--backends ring mpi``, ``--quick``
+for a smaller model); ``--markdown`` prints the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+RESULT_TAG = "BENCH_LM_RESULT "
+FORMATS = {"float16": dict(dtype="float16"), "4-bit": dict(dtype="float32", bits=4, group_size=64)}
+SIZES = {
+    "default": dict(
+        hidden_size=768, num_layers=6, num_heads=12, num_kv_heads=4, intermediate_size=2048, vocab_size=512
+    ),
+    "quick": dict(
+        hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=512
+    ),
+}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", choices=("ring", "mpi"), default=["ring", "mpi"])
+    parser.add_argument("--formats", nargs="+", choices=tuple(FORMATS), default=list(FORMATS))
+    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per model (and per round)")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved decode steps: rounds x tokens")
+    parser.add_argument("--quick", action="store_true", help="a smaller model")
+    parser.add_argument("--timeout", type=float, default=900.0, help="deadline per launched job, seconds")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--worker", nargs=2, metavar=("CHECKPOINT", "FORMAT"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# -- in a launched job ---------------------------------------------------------
+
+
+def _comm_step(group: Any, kind: str, hidden: int, dtype: mx.dtype, blocks: int) -> Callable[[], mx.array]:
+    """One decode step's communication alone, as a step function.
+
+    TP: 2 all-sums per block of a ``(1, 1, hidden)`` vector, chained; PP: the
+    hops between neighbours and the closing all_gather.
+    """
+    from mlxdist.world import all_gather, all_sum, recv_like, send
+
+    rank, size = group.rank(), group.size()
+    x = mx.ones((1, 1, hidden), dtype=dtype)
+    mx.eval(x)
+
+    def step() -> mx.array:
+        h = x
+        if kind == "tp":
+            for _ in range(2 * blocks):
+                h = all_sum(h, group=group) * 0.5
+            return h
+        if rank > 0:
+            h = recv_like(h, rank - 1, group=group)
+        if rank < size - 1:
+            h = send(h, rank + 1, group=group)
+        return all_gather(h, group=group)[size - 1 :]
+
+    return step
+
+
+def _decode_step(model: Any, prompt: list[int]) -> Callable[[], mx.array]:
+    """A greedy decode step of ``model`` (after prefilling ``prompt``), as a step function."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    last = [mx.argmax(model(mx.array(prompt)[None], cache=cache)[:, -1, :], axis=-1)]
+    mx.eval(last[0])
+
+    def step() -> mx.array:
+        last[0] = mx.argmax(model(last[0][None], cache=cache)[:, -1, :], axis=-1)
+        return last[0]
+
+    return step
+
+
+def _slowest(group: Any, seconds: float) -> float:
+    return float(np.asarray(group.all_gather(np.array([seconds]))).max())
+
+
+def _interleaved(steps: dict[str, Callable[[], mx.array]], count: int, group: Any) -> dict[str, list[float]]:
+    """Run ``count`` rounds of every step function, interleaved (A B C C B A ...), each timed alone.
+
+    Each step builds its graph and evaluates it (no overlap with the next).
+    Returns per name the step times, each the slowest rank's.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(count):
+        for name in names if index % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            mx.eval(steps[name]())
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: np.asarray(group.all_gather(np.array([t]))).max(axis=0).tolist() for name, t in times.items()
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    from mlx_lm.utils import load_model
+
+    import mlxdist
+    from mlxdist.lm import generate_tokens, load
+
+    path, fmt = Path(args.worker[0]), args.worker[1]
+    group = mlxdist.init()
+    rank, size = group.rank(), group.size()
+    prompt = [(7 * i + 3) % 500 + 3 for i in range(args.prompt)]
+    models: dict[str, Any] = {}
+    if size == 1:
+        models["1 process (mlx-lm)"], _ = load_model(path)
+    else:
+        models["mlxdist TP"], _, _ = load(path, group, "tp")
+        models["mlxdist PP"], _, _ = load(path, group, "pp")
+        theirs, _ = load_model(path, lazy=True)
+        theirs.shard(mx.distributed.init(backend=str(group.backend)))
+        mx.eval(theirs.parameters())
+        models["mlx-lm shard()"] = theirs
+    # Generation as users run it: the tokens (TP must equal mlx-lm's) and the prompt rate.
+    tokens: dict[str, list[int]] = {}
+    prompt_tps: dict[str, float] = {}
+    generate_tps: dict[str, float] = {}
+    for name, model in models.items():
+        out = generate_tokens(model, prompt, args.tokens)
+        tokens[name] = out.tokens
+        prompt_tps[name] = out.prompt_tokens / _slowest(group, out.prompt_seconds)
+        generate_tps[name] = (len(out.tokens) - 1) / _slowest(group, out.decode_seconds)
+    config = json.loads((path / "config.json").read_text())
+    step_functions = {name: _decode_step(model, prompt) for name, model in models.items()}
+    if size > 1:
+        dtype = mx.float16 if fmt == "float16" else mx.float32
+        for kind in ("tp", "pp"):
+            step_functions[f"{kind} comm"] = _comm_step(
+                group, kind, config["hidden_size"], dtype, config["num_hidden_layers"]
+            )
+    steps = _interleaved(step_functions, args.tokens * args.rounds, group)
+    result: dict[str, Any] = {
+        "format": fmt,
+        "ranks": size,
+        "backend": None if size == 1 else str(group.backend),
+        "decode_tps": {name: 1.0 / median(steps[name]) for name in models},
+        "generate_tps": generate_tps,
+        "prompt_tps": prompt_tps,
+        "load_average": os.getloadavg()[0],
+        "same_tokens_as_mlx_lm": None if size == 1 else tokens["mlxdist TP"] == tokens["mlx-lm shard()"],
+    }
+    if size > 1:
+        # Median of the step-by-step ratio of rates (mlx-lm's step time / ours).
+        pairs = zip(steps["mlx-lm shard()"], steps["mlxdist TP"])
+        result["tp_vs_mlx_lm"] = median(theirs / ours for theirs, ours in pairs)
+    if size > 1:
+        # Communication alone, timed among the decode steps, over the decode step time.
+        result["comm_seconds"] = {kind: median(steps[f"{kind} comm"]) for kind in ("tp", "pp")}
+        result["comm_share"] = {
+            kind: median(steps[f"{kind} comm"]) / median(steps[f"mlxdist {kind.upper()}"])
+            for kind in ("tp", "pp")
+        }
+    if rank == 0:
+        print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# -- the driver ------------------------------------------------------------------
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.results: list[dict] = []
+
+    def write(self, line: str) -> int:
+        at = line.find(RESULT_TAG)
+        if at >= 0:
+            self.results.append(json.loads(line[at + len(RESULT_TAG) :]))
+        return len(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def run_job(argv: list[str], n: int, backend: str, timeout: float) -> tuple[dict, float]:
+    """Run the worker on ``n`` ranks; returns its result and the launcher's CPU share of one core."""
+    from mlxdist.launch import launch
+
+    sink = _Collect()
+    command = [sys.executable, os.path.abspath(__file__), *argv]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter()
+    if n == 1:  # a plain process: a one-host ring hostfile does not initialise
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        for line in done.stdout.splitlines():
+            sink.write(line)
+        failed, code = done.returncode != 0, done.returncode
+        if failed:
+            sys.stderr.write(done.stderr[-4000:])
+    else:
+        result = launch(command, n=n, backend=backend, timeout=timeout, stdout=sink)
+        failed, code = not result.ok, result.exit_code
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if failed or not sink.results:
+        raise SystemExit(f"bench_lm: job {argv} on {n} {backend} ranks failed (exit {code})")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return sink.results[0], cpu / wall
+
+
+def markdown(results: list[dict], launcher_share: float) -> str:
+    lines = [
+        "| weights | ranks, backend | 1 process | mlx-lm shard() | mlxdist TP (× mlx-lm) | mlxdist PP "
+        "| TP comm share | PP comm share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    single = {r["format"]: r["decode_tps"]["1 process (mlx-lm)"] for r in results if r["ranks"] == 1}
+    for r in results:
+        if r["ranks"] == 1:
+            continue
+        d = r["decode_tps"]
+        tp, theirs, pp = d["mlxdist TP"], d["mlx-lm shard()"], d["mlxdist PP"]
+        lines.append(
+            f"| {r['format']} | {r['ranks']}, {r['backend']} | {single.get(r['format'], float('nan')):.1f} | "
+            f"{theirs:.1f} | {tp:.1f} ({r['tp_vs_mlx_lm']:.2f}×) | {pp:.1f} | "
+            f"{100 * r['comm_share']['tp']:.0f} % | {100 * r['comm_share']['pp']:.0f} % |"
+        )
+    lines.append("")
+    lines.append(
+        "Decode tokens/s: 1 / median decode-step time (steps of all variants interleaved, each step "
+        "the slowest rank's); × mlx-lm: median of the step-by-step ratio. Load average during the jobs: "
+        + ", ".join(f"{r['load_average']:.1f}" for r in results)
+        + ". "
+        f"Launcher CPU: {100 * launcher_share:.1f} % of a core."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        worker(args)
+        return 0
+    from mlxdist.lm.testing import write_checkpoint
+
+    dims = SIZES["quick" if args.quick else "default"]
+    common = ["--tokens", str(args.tokens), "--prompt", str(args.prompt), "--rounds", str(args.rounds)]
+    results, shares = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-lm-") as tmp:
+        for fmt in args.formats:
+            path = write_checkpoint(Path(tmp) / fmt.replace(" ", ""), "llama", seed=0, **FORMATS[fmt], **dims)
+            worker_argv = ["--worker", str(path), fmt, *common]
+            single, _ = run_job(worker_argv, 1, "ring", args.timeout)
+            results.append(single)
+            print(json.dumps(single), flush=True)
+            for backend in args.backends:
+                result, share = run_job(worker_argv, 2, backend, args.timeout)
+                shares.append(share)
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"model": dims, "results": results, "launcher_cpu": max(shares, default=0)}, indent=2)
+        )
+    if args.markdown:
+        print(markdown(results, max(shares, default=0.0)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

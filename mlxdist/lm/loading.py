@@ -1,0 +1,85 @@
+"""``mlxdist.lm.load``: an mlx-lm checkpoint, loaded lazily and sharded for a group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxdist.errors import InvalidArgumentError
+from mlxdist.group import Group
+from mlxdist.lm.memory import parameter_bytes
+from mlxdist.lm.pipeline import apply_pipeline_parallel
+from mlxdist.lm.plan import Plan, choose, layout_of
+from mlxdist.lm.tensor import apply_tensor_parallel
+from mlxdist.world import resolve_group
+
+__all__ = ["load"]
+
+
+def _checkpoint_dir(path_or_dir: Union[str, Path]) -> Path:
+    path = Path(path_or_dir)
+    if not (path / "config.json").is_file():
+        raise InvalidArgumentError(
+            f"{str(path_or_dir)!r} is not an mlx-lm checkpoint directory (no config.json in it)"
+        )
+    return path
+
+
+def load(
+    path_or_dir: Union[str, Path],
+    group: Optional[Group] = None,
+    mode: str = "auto",
+    *,
+    pp_weights: Optional[Sequence[float]] = None,
+    tokenizer_config: Optional[dict[str, Any]] = None,
+) -> tuple[nn.Module, Any, Plan]:
+    """Load an mlx-lm checkpoint and shard it over a group.
+
+    The weights are loaded lazily; each rank reads and keeps only its shard
+    (TP: its slice of every projection, one block at a time; PP: its blocks),
+    plus the replicated embeddings, norms and head.
+
+    Args:
+        path_or_dir: A local checkpoint directory in mlx-lm's format
+            (``config.json``, ``model*.safetensors``, tokenizer files).
+        group: The :class:`mlxdist.Group` (the world group when None).
+        mode: ``"auto"`` (tensor parallel when valid, else pipeline
+            parallel), ``"tp"`` or ``"pp"``.
+        pp_weights: One positive number per rank: pipeline block shares
+            proportional to them (e.g. each rank's memory).
+        tokenizer_config: Extra arguments for the tokenizer.
+
+    Returns:
+        ``(model, tokenizer, plan)``: the sharded mlx-lm model (call it, or
+        pass it to ``mlx_lm.generate`` functions, identically on every rank),
+        mlx-lm's tokenizer wrapper, and the :class:`~mlxdist.lm.plan.Plan`.
+
+    Raises:
+        InvalidArgumentError: not a checkpoint directory, unknown mode, or PP
+            impossible (fewer blocks than ranks, bad ``pp_weights``).
+        ShapeError: ``mode="tp"`` on a model that TP cannot split (names the
+            constraint).
+        UnsupportedOperationError: no sharding plan for the model's family
+            (on more than one rank).
+        ArgumentTypeError: ``group`` is not an mlxdist group (a ``TypeError``).
+    """
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    path = _checkpoint_dir(path_or_dir)
+    group = resolve_group(group)
+    model, config = load_model(path, lazy=True)
+    full_bytes = parameter_bytes(model)
+    plan = choose(model, config["model_type"], group.rank(), group.size(), mode, pp_weights)
+    plan.full_bytes = full_bytes
+    if plan.mode == "tp":
+        plan.sharded_full_bytes = apply_tensor_parallel(model, layout_of(model), group)
+    elif plan.mode == "pp":
+        start, stop = plan.layers[plan.rank]
+        plan.sharded_full_bytes = apply_pipeline_parallel(model, start, stop, group)
+    mx.eval(model.parameters())
+    plan.weight_bytes = parameter_bytes(model)
+    tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, plan

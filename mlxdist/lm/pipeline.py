@@ -1,0 +1,110 @@
+"""Pipeline parallelism for mlx-lm models: contiguous decoder blocks per rank.
+
+Rank ``r`` runs blocks ``[start_r, stop_r)``; the hidden state goes from rank
+``r`` to ``r + 1`` with send/recv on the given group, and the last rank's
+output is all-gathered so every rank computes the same logits (and, decoding
+greedily or with a shared seed, the same tokens). Embeddings, the final norm
+and the head are on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
+
+from mlxdist.group import Group
+from mlxdist.world import all_gather, recv_like, send
+
+__all__ = ["PipelineStage", "apply_pipeline_parallel"]
+
+
+class PipelineStage(nn.Module):
+    """The inner model (``model.model``) of an mlx-lm decoder, reduced to this rank's blocks.
+
+    It takes the inner model's place and call signature, so the outer model
+    (head, tied embeddings), caches and ``mlx_lm.generate`` work unchanged.
+
+    Args:
+        inner: The family's inner model (``embed_tokens``, ``layers``, ``norm``).
+        start: First block this rank runs.
+        stop: One past the last.
+        group: The group the hidden state travels over.
+    """
+
+    def __init__(self, inner: nn.Module, start: int, stop: int, group: Group) -> None:
+        super().__init__()
+        self.embed_tokens = inner.embed_tokens
+        self.layers = inner.layers[start:stop]
+        self.norm = inner.norm
+        self.sliding_window = getattr(inner, "sliding_window", None)
+        self.group = group
+        self.start, self.stop = start, stop
+
+    @property
+    def pipeline_layers(self) -> list:
+        """This rank's blocks (the name qwen2's outer model reads)."""
+        return self.layers
+
+    def _mask(self, h: mx.array, cache: list, sliding: bool) -> Any:
+        for layer, c in zip(self.layers, cache):
+            if bool(getattr(layer, "use_sliding", False)) == sliding:
+                return create_attention_mask(h, c, window_size=self.sliding_window if sliding else None)
+        return None
+
+    def __call__(
+        self, inputs: mx.array, cache: Optional[list] = None, input_embeddings: Optional[mx.array] = None
+    ) -> mx.array:
+        """Run this rank's blocks between its neighbours'.
+
+        Args:
+            inputs: Token ids ``(B, L)``.
+            cache: This rank's per-block caches, or None.
+            input_embeddings: Embeddings to use instead of ``inputs``'.
+
+        Returns:
+            The normalised hidden state of the last block, ``(B, L, D)``, the
+            same on every rank.
+        """
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
+        rank, size = self.group.rank(), self.group.size()
+        if rank > 0:
+            h = recv_like(h, rank - 1, group=self.group)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, masks[bool(getattr(layer, "use_sliding", False))], cache=c)
+        if rank < size - 1:
+            h = send(h, rank + 1, group=self.group)
+            # Whoever evaluates only the caches (prefill chunks) still sends.
+            if cache[-1] is not None:
+                cache[-1].keys = mx.depends(cache[-1].keys, h)
+        batch = h.shape[0]
+        h = all_gather(h, group=self.group)[(size - 1) * batch :]
+        return self.norm(h)
+
+
+def apply_pipeline_parallel(model: nn.Module, start: int, stop: int, group: Group) -> int:
+    """Keep blocks ``[start, stop)`` of ``model`` and wire them into the pipeline.
+
+    The other blocks' lazy weights are dropped unread; this rank's are
+    materialised block by block.
+
+    Args:
+        model: A lazily loaded mlx-lm model with ``model.model.{embed_tokens, layers, norm}``.
+        start: First block of this rank.
+        stop: One past its last block.
+        group: The group.
+
+    Returns:
+        Bytes of all decoder blocks of the whole model.
+    """
+    blocks_bytes = sum(v.nbytes for block in model.model.layers for _, v in tree_flatten(block.parameters()))
+    model.model = PipelineStage(model.model, start, stop, group)
+    for block in model.model.layers:
+        mx.eval(block.parameters())
+    return blocks_bytes
