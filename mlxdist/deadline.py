@@ -95,8 +95,10 @@ _HEARTBEAT = 0.5
 # every rank reports the same cause) before deciding alone.
 _RELAY_WAIT = 1.0
 # Interpreter exit after init is bounded by this many seconds (MPI
-# finalisation or a group release waiting on a dead peer).
-_EXIT_BOUND = 10.0
+# finalisation or a group release waiting on a dead peer). The bound starts
+# when init's exit hook runs: exit hooks registered before init run after it
+# and count against it.
+_EXIT_BOUND = 30.0
 # Rank 0 serves the side channel: at exit it waits this long for the others to leave.
 _DRAIN = 2.0
 
