@@ -776,7 +776,30 @@ def agree_over_backend(
 def attach(world: Any, dog: Watchdog) -> None:
     """Make ``dog`` the watchdog of ``world`` and start it."""
     _watchdogs[id(world)] = dog
+    if dog.settings.check:
+        # Every lazy build then takes the slow path, where it is checked.
+        world.checked = True
+        for group in list(world.groups):
+            group._fast = False
     dog.run()
+
+
+def agree(op: str, group: Any, world: Any, dtype: Any, shape: tuple[int, ...], peer: int | None) -> None:
+    """The agreement check for an operation built on the lazy path, at build time.
+
+    Ranks of one program build their lazy collectives in the same order as
+    they would call eager ones; with the check on, a build whose (op, dtype,
+    shape, peer) differs from the other ranks' raises MismatchError on every
+    rank before anything is sent. Does nothing unless the check is on.
+
+    Raises:
+        MismatchError, DeadlineExceeded, PeerLostError: as for eager calls.
+    """
+    dog = _watchdogs.get(id(world))
+    if dog is None or not dog.settings.check:
+        return
+    name = str(dtype).removeprefix("mlx.core.")
+    dog.leave(dog.enter(op, group, group, (name, tuple(shape), peer)))
 
 
 def launch_environment(environ: Mapping[str, str] | None = None) -> tuple[tuple[str, int], str] | None:

@@ -92,8 +92,8 @@ class Group:
         self._lock = threading.Lock() if world.concurrent_groups else world.lock
         self._closed = False
         # Whether mx.array reductions may go straight to the bridge: the
-        # group is open and its world has not failed.
-        self._fast = world.lost is None
+        # group is open, its world has not failed and is not checked.
+        self._fast = world.lost is None and not world.checked
         world.groups.add(self)
         # The mlx_distributed_group ctx: the bridge's view of this handle.
         self._address = int(ffi.cast("uintptr_t", handle.value.ctx))

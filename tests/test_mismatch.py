@@ -45,6 +45,20 @@ def test_check_on_names_both_calls_on_every_rank(backend, case):
         assert f"rank 0 called {first}" in line and f"rank 1 called {second}" in line, line
 
 
+@pytest.mark.parametrize("backend", ("ring", "mpi"))
+@pytest.mark.parametrize("case", ("op", "shape", "dtype", "recv_larger"))
+def test_check_on_lazy_builds(backend, case):
+    """mx.arrays: the check runs when the operation is built, before anything is sent."""
+    job = run_job(backend, 2, [sys.executable, WORKER, case, str(TIMEOUT), "1", "mlx"], LIMIT)
+    assert not job.hung, job.output
+    results = job.lines("RESULT")
+    assert sorted(results) == [0, 1], job.output
+    first, second = EXPECTED_CALLS[case]
+    for rank, line in results.items():
+        assert line.startswith("MismatchError "), line
+        assert f"rank 0 called {first}" in line and f"rank 1 called {second}" in line, line
+
+
 def test_check_on_three_ranks():
     """One rank of three differs: all three raise, naming every rank's call."""
     job = run_job("ring", 3, [sys.executable, WORKER, "shape", str(TIMEOUT), "1"], LIMIT)

@@ -56,15 +56,17 @@ class WorldState:
             initialised with MPI_THREAD_MULTIPLE).
         lost: Once the transport failed, the failure that ended the world.
         groups: The world's live groups.
+        checked: The agreement check is on (see :mod:`mlxdist.deadline`).
     """
 
-    __slots__ = ("lock", "concurrent_groups", "lost", "groups")
+    __slots__ = ("lock", "concurrent_groups", "lost", "groups", "checked")
 
     def __init__(self, concurrent_groups: bool = False) -> None:
         self.lock = threading.Lock()
         self.concurrent_groups = concurrent_groups
         self.lost: str | None = None
         self.groups: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.checked = False  # the agreement check is on
 
     def fail(self, reason: str) -> None:
         """End the world: every later operation of its groups raises at once."""

@@ -17,7 +17,9 @@ import mlx.core as mx
 
 from mlxdist._c import bridge, ffi, lib
 from mlxdist._c.gate import raise_last
+from mlxdist import deadline
 from mlxdist._paths import fillins
+from mlxdist.dtypes import mlx_dtype
 from mlxdist.errors import ArgumentTypeError, CommunicationError, InvalidArgumentError
 from mlxdist.rules import SAME_SHAPE, result_shape
 
@@ -64,6 +66,11 @@ def _checked_group(group: Any) -> int:
     return group._address
 
 
+def _agree(group: Any, op: str, dtype: Any, shape: Any, peer: int | None = None) -> None:
+    if group._world.checked:
+        deadline.agree(op, group, group._world, dtype, shape, peer)
+
+
 def _built(what: str, result: mx.array | None) -> mx.array:
     if result is None:
         raise_last(what)
@@ -95,6 +102,7 @@ def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
         check_stream(stream)
     if op not in SAME_SHAPE:
         result_shape(op, tuple(x.shape), group._size)
+    _agree(group, op, x.dtype, x.shape)
     if op in group._composed[0] or (op in group._composed[1] and x.dtype == mx.bool_):
         return fillins.compose(
             op, x, group._caps, group._rank, group._size,
@@ -110,16 +118,19 @@ def send(group: Any, x: mx.array, dst: int, stream: Any) -> mx.array:
     """A lazy send of ``x`` to ``dst`` (validated by the caller); evaluating the
     returned array (or anything depending on it) sends."""
     check_stream(stream)
+    _agree(group, "send", x.dtype, x.shape, dst)
     return _built("send", bridge.peer(FUNCTIONS["send"], x, dst, _checked_group(group), stream))
 
 
 def recv(group: Any, shape: tuple[int, ...], code: int, src: int, stream: Any) -> mx.array:
     """A lazy receive of ``shape`` and ``code`` from ``src`` (validated by the caller)."""
     check_stream(stream)
+    _agree(group, "recv", mlx_dtype(code), shape, src)
     return _built("recv", bridge.recv(FUNCTIONS["recv"], list(shape), code, src, _checked_group(group), stream))
 
 
 def recv_like(group: Any, x: mx.array, src: int, stream: Any) -> mx.array:
     """A lazy receive of an array like ``x`` from ``src`` (validated by the caller)."""
     check_stream(stream)
+    _agree(group, "recv", x.dtype, x.shape, src)
     return _built("recv_like", bridge.peer(FUNCTIONS["recv_like"], x, src, _checked_group(group), stream))

@@ -1,6 +1,7 @@
 """Ranks call different things at the same point.
 
-argv: case timeout check(0|1)
+argv: case timeout check(0|1) [numpy|mlx]: the eager path, or the lazy one
+(mx.arrays, results evaluated by mlxdist.eval)
 
 Prints ``RESULT <rank> <error class> <message>`` on a typed error,
 ``DONE <rank> <value>`` when the call returned (check off: the documented
@@ -9,31 +10,34 @@ wrong answer), then exits 3 (typed error) or 0.
 
 import sys
 
+import mlx.core as mx
 import numpy as np
 
 import mlxdist
 
 case, timeout, check = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+lazy = len(sys.argv) > 4 and sys.argv[4] == "mlx"
 group = mlxdist.init(strict=True, timeout=timeout, check=check)
 rank, size = group.rank(), group.size()
 group.barrier()
-four = np.arange(4, dtype=np.float32) + rank
+xp = mx if lazy else np  # the same calls on mx.arrays are lazy builds
+four = xp.arange(4, dtype=xp.float32) + rank
 
 
 def call():
     if case == "op":  # all_sum against all_max
         return group.all_sum(four) if rank == 0 else group.all_max(four)
     if case == "shape":  # (4,) against (8,)
-        return group.all_sum(four if rank == 0 else np.zeros(8, np.float32))
+        return group.all_sum(four if rank == 0 else xp.zeros(8, xp.float32))
     if case == "dtype":  # float32 against float64
-        return group.all_sum(four if rank == 0 else four.astype(np.float64))
+        return group.all_sum(four if rank == 0 else four.astype(xp.float64))
     if case == "gather":  # all_sum against all_gather
         return group.all_sum(four) if rank == 0 else group.all_gather(four)
     if case == "recv_larger":  # send (4,), receive (8,)
         if rank == 0:
             return group.send(four, 1)
         if rank == 1:
-            return group.recv((8,), np.float32, 0)
+            return group.recv((8,), xp.float32, 0)
         return group.barrier()
     if case == "both_send":  # 0 and 1 both send, nobody receives
         if rank in (0, 1):
@@ -46,7 +50,9 @@ def call():
 
 try:
     got = call()
+    if lazy and got is not None:
+        mlxdist.eval(got)
 except mlxdist.DistributedError as exc:
     print(f"RESULT {rank} {type(exc).__name__} {exc}", flush=True)
     sys.exit(3)
-print(f"DONE {rank} {None if got is None else np.asarray(got).tolist()}", flush=True)
+print(f"DONE {rank} {None if got is None else got.tolist()}", flush=True)
