@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import itertools
 import json
 import os
 import secrets
@@ -64,6 +65,8 @@ from mlxdist.errors import (
     MismatchError,
     PeerLostError,
 )
+
+_monotonic = time.monotonic
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -210,6 +213,7 @@ class Watchdog:
         self.failure_kind: str | None = None
         self.gone: set[int] = set()
         self.seq = 0
+        self._counter = itertools.count(1)
         self.active: dict[int, _Active] = {}
         self.overrides: dict[int, float | None] = {}
         self.lock = threading.Lock()
@@ -275,19 +279,25 @@ class Watchdog:
         Raises:
             DeadlineExceeded, PeerLostError, MismatchError: the world failed.
         """
-        self.raise_if_failed(op, description)
+        if self.failure is not None:
+            self.raise_if_failed(op, description)
         if self.gone and group is not None and _group_size(group) == self.size:
             raise PeerLostError(
                 f"{op} on {description}: rank(s) {sorted(self.gone)} already left the job; "
                 "the operation could never complete"
             )
-        timeout = self.timeout_of(group)
-        now = time.monotonic()
-        with self.lock:
-            self.seq += 1
-            seq = self.seq
-            entry = _Active(op, description, seq, now, None if timeout is None else now + timeout)
-            self.active[id(entry)] = entry
+        timeout = self.settings.timeout
+        if self.overrides and group is not None:
+            override = self.overrides.get(id(group), UNSET)
+            if override is not UNSET:
+                timeout = override
+        now = _monotonic()
+        # Lock-free: next() on the counter and the dict's item assignment are
+        # each atomic under the GIL, and readers copy the dict's values in one
+        # step (list(...)). This runs around every eager call.
+        seq = self.seq = next(self._counter)
+        entry = _Active(op, description, seq, now, None if timeout is None else now + timeout)
+        self.active[id(entry)] = entry
         if signature is not None and self.settings.check and _group_size(group) == self.size:
             entry.in_check = True
             try:
@@ -300,8 +310,7 @@ class Watchdog:
 
     def leave(self, entry: _Active) -> None:
         """Unregister a call."""
-        with self.lock:
-            self.active.pop(id(entry), None)
+        self.active.pop(id(entry), None)
 
     def translate(self, entry: _Active, exc: BaseException) -> DistributedError | None:
         """The typed error to raise in place of ``exc`` (a failure inside a guarded call).
@@ -384,8 +393,7 @@ class Watchdog:
                            "(process died, was killed or exited)")
 
     def _busy_world_op(self) -> bool:
-        with self.lock:
-            return bool(self.active)
+        return bool(self.active)
 
     def _fail(self, kind: str, message: str) -> None:
         """Mark the world failed and interrupt whatever is blocked."""
@@ -413,8 +421,7 @@ class Watchdog:
 
     def _interrupt(self) -> None:
         """End the calls blocked in the backend (see the module docstring)."""
-        with self.lock:
-            busy = list(self.active.values())
+        busy = list(self.active.values())
         if not busy:
             return
         if self.backend == "ring" and not self._interrupted:
@@ -467,17 +474,15 @@ class Watchdog:
                 self.link.send(self._beat(now))
 
     def _expire_due(self, now: float) -> None:
-        with self.lock:
-            expired = [e for e in self.active.values() if e.deadline is not None and now > e.deadline]
+        expired = [e for e in list(self.active.values()) if e.deadline is not None and now > e.deadline]
         if expired and self.failure is None:
             self._expire(expired[0], now)
 
     def _beat(self, now: float) -> dict[str, Any]:
-        with self.lock:
-            current = max(self.active.values(), key=lambda e: e.seq, default=None)
-            if current is None:
-                return {"t": "hb", "seq": self.seq, "op": None, "busy": 0.0}
-            return {"t": "hb", "seq": self.seq, "op": current.op, "busy": round(now - current.start, 3)}
+        current = max(list(self.active.values()), key=lambda e: e.seq, default=None)
+        if current is None:
+            return {"t": "hb", "seq": self.seq, "op": None, "busy": 0.0}
+        return {"t": "hb", "seq": self.seq, "op": current.op, "busy": round(now - current.start, 3)}
 
 
 def _group_size(group: Any) -> int:
