@@ -32,10 +32,9 @@ EXPECTED_CALLS = {
 }
 
 
-@pytest.mark.parametrize("backend", ("ring", "mpi"))
-@pytest.mark.parametrize("case", CASES)
-def test_check_on_names_both_calls_on_every_rank(backend, case):
-    job = run_job(backend, 2, [sys.executable, WORKER, case, str(TIMEOUT), "1"], LIMIT)
+def assert_both_named(backend: str, case: str, kind: str) -> None:
+    """Both ranks of a checked 2-rank job raise MismatchError naming both calls."""
+    job = run_job(backend, 2, [sys.executable, WORKER, case, str(TIMEOUT), "1", kind], LIMIT)
     assert not job.hung, job.output
     results = job.lines("RESULT")
     assert sorted(results) == [0, 1], job.output
@@ -43,20 +42,19 @@ def test_check_on_names_both_calls_on_every_rank(backend, case):
     for rank, line in results.items():
         assert line.startswith("MismatchError "), line
         assert f"rank 0 called {first}" in line and f"rank 1 called {second}" in line, line
+
+
+@pytest.mark.parametrize("backend", ("ring", "mpi"))
+@pytest.mark.parametrize("case", CASES)
+def test_check_on_names_both_calls_on_every_rank(backend, case):
+    assert_both_named(backend, case, "numpy")
 
 
 @pytest.mark.parametrize("backend", ("ring", "mpi"))
 @pytest.mark.parametrize("case", ("op", "shape", "dtype", "recv_larger"))
 def test_check_on_lazy_builds(backend, case):
     """mx.arrays: the check runs when the operation is built, before anything is sent."""
-    job = run_job(backend, 2, [sys.executable, WORKER, case, str(TIMEOUT), "1", "mlx"], LIMIT)
-    assert not job.hung, job.output
-    results = job.lines("RESULT")
-    assert sorted(results) == [0, 1], job.output
-    first, second = EXPECTED_CALLS[case]
-    for rank, line in results.items():
-        assert line.startswith("MismatchError "), line
-        assert f"rank 0 called {first}" in line and f"rank 1 called {second}" in line, line
+    assert_both_named(backend, case, "mlx")
 
 
 def test_check_on_three_ranks():
