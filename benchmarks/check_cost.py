@@ -42,11 +42,10 @@ PROBE = textwrap.dedent('''
         return (time.perf_counter() - t0) / iters * 1e6
     ours = timed(lambda: g.all_sum(x))
     anchor = timed(lambda: mx.eval(mx.distributed.all_sum(xm, group=mxg)))
-    guard = deadline.guard("probe", g, g._world, ())
+    dog = g._world.watchdog  # what the eager gate does around each call
     t0 = time.perf_counter()
     for _ in range(100000):
-        with deadline.guard("probe", g, g._world, ()):
-            pass
+        dog.leave(dog.enter("probe", g, g, None))
     guard_us = (time.perf_counter() - t0) / 100000 * 1e6
     if g.rank() == 0:
         print(f"COST {ours:.2f} {anchor:.2f} {guard_us:.3f}", flush=True)

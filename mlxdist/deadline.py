@@ -781,6 +781,7 @@ def agree_over_backend(
 def attach(world: Any, dog: Watchdog) -> None:
     """Make ``dog`` the watchdog of ``world`` and start it."""
     _watchdogs[id(world)] = dog
+    world.watchdog = dog
     if dog.settings.check:
         # Every lazy build then takes the slow path, where it is checked.
         world.checked = True

@@ -57,9 +57,10 @@ class WorldState:
         lost: Once the transport failed, the failure that ended the world.
         groups: The world's live groups.
         checked: The agreement check is on (see :mod:`mlxdist.deadline`).
+        watchdog: The world's deadline watchdog (None: no deadline, e.g. size 1).
     """
 
-    __slots__ = ("lock", "concurrent_groups", "lost", "groups", "checked")
+    __slots__ = ("lock", "concurrent_groups", "lost", "groups", "checked", "watchdog")
 
     def __init__(self, concurrent_groups: bool = False) -> None:
         self.lock = threading.Lock()
@@ -67,6 +68,7 @@ class WorldState:
         self.lost: str | None = None
         self.groups: weakref.WeakSet[Any] = weakref.WeakSet()
         self.checked = False  # the agreement check is on
+        self.watchdog: Any = None  # the world's mlxdist.deadline.Watchdog, once started
 
     def fail(self, reason: str) -> None:
         """End the world: every later operation of its groups raises at once."""
@@ -110,20 +112,36 @@ def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
         DistributedError: the subclass the C layer reported.
     """
     world = group._world
-    # issue 12 hook: deadline, peer loss and agreement check around the call;
-    # the failure is raised inside the guard, which types it.
-    with group._lock, deadline.guard(what, group, world, args):
-        group_ptr = group._handle._ptr  # read under the lock: close() frees it under it
-        if group_ptr is None or group._closed:
-            raise GroupClosedError(f"{what}: the group is closed")
-        if world.lost is not None:
-            raise CommunicationError(f"{what}: this group's world already failed ({world.lost}); start the job again")
-        rc = func(*args, group_ptr[0], thread_stream())
-        if group._closed:
-            group._handle.close()  # closed by another thread while this call ran
-        if rc == 0:
+    dog = world.watchdog
+    with group._lock:
+        if dog is None:
+            _run(group, world, what, func, args)
             return
-        kind = lib.mlxdist_last_error_kind()
-        if kind == lib.MLXDIST_ERROR_COMMUNICATION:
-            world.fail(f"{what}: {last_error()}")
-        raise_last(what)
+        # Deadline, peer loss and the agreement check around the call: the
+        # watchdog turns a failure inside it into the typed error.
+        entry = dog.enter(what, group, group, deadline.signature_of(what, args) if dog.settings.check else None)
+        try:
+            _run(group, world, what, func, args)
+        except BaseException as exc:
+            dog.leave(entry)
+            typed = dog.translate(entry, exc)
+            if typed is not None:
+                raise typed from exc
+            raise
+        dog.leave(entry)
+
+
+def _run(group: Any, world: WorldState, what: str, func: Callable[..., int], args: tuple[Any, ...]) -> None:
+    group_ptr = group._handle._ptr  # read under the lock: close() frees it under it
+    if group_ptr is None or group._closed:
+        raise GroupClosedError(f"{what}: the group is closed")
+    if world.lost is not None:
+        raise CommunicationError(f"{what}: this group's world already failed ({world.lost}); start the job again")
+    rc = func(*args, group_ptr[0], thread_stream())
+    if group._closed:
+        group._handle.close()  # closed by another thread while this call ran
+    if rc == 0:
+        return
+    if lib.mlxdist_last_error_kind() == lib.MLXDIST_ERROR_COMMUNICATION:
+        world.fail(f"{what}: {last_error()}")
+    raise_last(what)
