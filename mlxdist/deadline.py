@@ -58,10 +58,12 @@ from typing import Any, Callable, Mapping
 
 from mlxdist._sidechannel import Link, Store
 from mlxdist.errors import (
+    ArgumentTypeError,
     CommunicationError,
     DeadlineExceeded,
     DistributedError,
     InitializationError,
+    InvalidArgumentError,
     MismatchError,
     PeerLostError,
 )
@@ -133,10 +135,12 @@ def _parse_timeout(value: Any, source: str) -> float | None:
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"{source} must be a number of seconds or 'none', got {value!r}") from None
+            raise InvalidArgumentError(f"{source} must be a number of seconds or 'none', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{source} must be a number of seconds or None, got {type(value).__name__}")
     value = float(value)
-    if not value > 0:
-        raise ValueError(f"{source} must be > 0 seconds (or None for no deadline), got {value!r}")
+    if not 0 < value < float("inf"):
+        raise InvalidArgumentError(f"{source} must be > 0 seconds and finite (or None for no deadline), got {value!r}")
     return value
 
 
@@ -155,7 +159,7 @@ def settings_from(
         The settings.
 
     Raises:
-        ValueError: a timeout that is not a positive number.
+        InvalidArgumentError, ArgumentTypeError: a timeout that is not a positive number.
     """
     env = os.environ if environ is None else environ
     if timeout is UNSET:
@@ -610,7 +614,8 @@ def set_timeout(group: Any, seconds: float | None) -> None:
         seconds: Seconds per operation, or None for no deadline.
 
     Raises:
-        ValueError: seconds not positive.
+        InvalidArgumentError: seconds not positive and finite (a ValueError).
+        ArgumentTypeError: seconds not a number (a TypeError).
         InitializationError: the group's world has no watchdog (size 1).
     """
     dog = _watchdogs.get(id(group._world))
