@@ -15,9 +15,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlxdist._c import lib
-from mlxdist import deadline  # issue 12 hook
+from mlxdist import deadline
 from mlxdist._c.gate import WorldState
-from mlxdist._c.gate import check as check_rc  # issue 12: init has a check= argument
+from mlxdist._c.gate import check as check_rc  # (init has its own check= argument)
 from mlxdist._c.handles import GroupHandle
 from mlxdist._mpi import prepare as prepare_mpi
 from mlxdist._mpi import provides_thread_multiple
@@ -62,8 +62,8 @@ def init(
     backend: BackendLike = Backend.ANY,
     strict: bool = False,
     *,
-    timeout: float | None = deadline.UNSET,  # issue 12
-    check: bool | None = None,  # issue 12
+    timeout: float | None = deadline.UNSET,
+    check: bool | None = None,
 ) -> Group:
     """Join the distributed world and return its group.
 
@@ -114,13 +114,13 @@ def init(
         raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
     if chosen is Backend.RING and (strict or "MLX_HOSTFILE" in os.environ or "MLX_RANK" in os.environ):
         ring_config()
-    settings = deadline.settings_from(timeout, check)  # issue 12
+    settings = deadline.settings_from(timeout, check)
     handle = GroupHandle()
     # With no launcher, ring's non-strict init answers at once with a
     # single-process group, where MPI would start a singleton MPI job.
     name = (chosen or Backend.RING).value.encode()
     with _state_lock:
-        pending = deadline.before_init(chosen and chosen.value, settings)  # issue 12
+        pending = deadline.before_init(chosen and chosen.value, settings)
         rc = lib.mlx_distributed_init(handle.out, strict, name)
         check_rc(rc, f"init({(chosen or Backend.ANY).value})", InitializationError)
         size = lib.mlx_distributed_group_size(handle.value)
@@ -133,7 +133,7 @@ def init(
         if state is None:
             state = _worlds[kind] = WorldState(kind is Backend.MPI and size > 1 and provides_thread_multiple())
         group = Group(handle, kind, state)
-        deadline.after_init(group, state, pending, settings)  # issue 12
+        deadline.after_init(group, state, pending, settings)
         if _world is None or _world.closed:
             _world = group
     return group

@@ -314,6 +314,6 @@ def test_the_launcher_waits_without_spinning():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    # Issue 11's bar is < 5 % of a core; a 20 ms polling loop wakes ~200 times in 4 s.
+    # The bar is < 5 % of a core; a 20 ms polling loop wakes ~200 times in 4 s.
     assert cpu1 - cpu0 < 0.2
     assert switches1 - switches0 < 20, switches1 - switches0

@@ -15,7 +15,7 @@ import threading
 import weakref
 from typing import Any, Callable, NoReturn
 
-from mlxdist import deadline  # issue 12 hook
+from mlxdist import deadline
 from mlxdist._c import lib, last_error
 from mlxdist._c.handles import thread_stream
 from mlxdist.errors import (
