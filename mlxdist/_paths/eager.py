@@ -29,6 +29,13 @@ _OPS = {
 }
 
 
+NUMPY_ARRAYS = fillins.ArrayKind(
+    is_bool=lambda a: a.dtype == np.bool_,
+    to_bytes=lambda a: a.view(np.uint8),
+    to_bool=lambda a: a.view(np.bool_),
+)
+
+
 def as_numpy(x: Any) -> np.ndarray:
     """``x`` as a numpy array: arrays as they are, numpy scalars as 0-d arrays.
 
@@ -47,18 +54,22 @@ def _overlap(a: MlxBuffer, b: MlxBuffer) -> bool:
     return a.ptr < b.ptr + b.nbytes and b.ptr < a.ptr + a.nbytes
 
 
-def _out_buffer(out: Any, shape: tuple[int, ...], code: int) -> MlxBuffer | None:
-    """Check ``out``; the buffer the backend can write straight into, if any."""
+def _check_out(out: Any, shape: tuple[int, ...], code: int) -> None:
+    """Refuse an ``out`` the result does not fit."""
     if type(out) is not np.ndarray:
         raise ArgumentTypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:
         raise ShapeError(f"out has shape {out.shape}, the result has shape {shape}")
     if out.dtype != storage_dtype(code):
         raise DtypeError(f"out has dtype {out.dtype}, the result has dtype {storage_dtype(code)}")
-    flags = out.flags
-    if not flags.writeable:
+    if not out.flags.writeable:
         raise InvalidArgumentError("out is read-only")
+
+
+def _writable(out: np.ndarray, code: int) -> MlxBuffer | None:
+    """The buffer the backend can write straight into for a checked ``out``, if any."""
     buffer = registered_buffer(out)
+    flags = out.flags
     if buffer is None and flags.c_contiguous and flags.aligned:
         buffer = MlxBuffer.wrap(out, code)
     return buffer
@@ -110,27 +121,22 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
     x = as_numpy(x)
     code = code_of_numpy(x.dtype)
     shape = result_shape(op, x.shape, group._size)
-    dest = None if out is None else _out_buffer(out, shape, code)
+    if out is not None:
+        _check_out(out, shape, code)
     if group._size == 1:
         group._live_handle()
         if out is None:
             return x
         np.copyto(out, x)
         return out
-    composed, composed_for_bool = group._composed
-    if op in composed or (op in composed_for_bool and x.dtype == np.bool_):
-        result = fillins.compose(
-            op, x, group._caps, group._rank, group._size,
-            native=lambda o, a: collective(group, o, a, None),
-            is_bool=x.dtype == np.bool_,
-            to_bytes=lambda a: a.view(np.uint8),
-            to_bool=lambda a: a.view(np.bool_),
-        )
+    if fillins.needed(group, op, x, NUMPY_ARRAYS):
+        result = fillins.compose(group, op, x, NUMPY_ARRAYS, lambda o, a: collective(group, o, a, None))
         if out is None:
             return result
         np.copyto(out, result)
         return out
     src = operand(x)
+    dest = None if out is None else _writable(out, code)
     if dest is not None and _overlap(dest, src) and (dest.ptr != src.ptr or op not in SAME_SHAPE):
         # Writing over the input as it is read (the in-place all_gather idiom,
         # x a slice of out): read a copy instead, as MPI_IN_PLACE semantics ask.
@@ -152,7 +158,10 @@ def send(group: Any, x: Any, dst: int) -> None:
 
 def recv(group: Any, shape: tuple[int, ...], code: int, src: int, out: np.ndarray | None) -> np.ndarray:
     """Receive into ``out`` (or a new buffer) from ``src``; returns when received."""
-    dest = None if out is None else _out_buffer(out, shape, code)
+    dest = None
+    if out is not None:
+        _check_out(out, shape, code)
+        dest = _writable(out, code)
     result = dest or MlxBuffer.allocate(shape, code)
     gate.call(group, "recv", lib.mlxdist_recv, result.value, src)
     if out is None:

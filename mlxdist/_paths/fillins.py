@@ -11,12 +11,20 @@ so the composed operation stays lazy and differentiable.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from mlxdist.backends import OPERATIONS, Capabilities
 from mlxdist.rules import SAME_SHAPE
 
-__all__ = ["applies", "composed", "compose"]
+__all__ = ["ArrayKind", "applies", "composed", "needed", "compose"]
+
+
+class ArrayKind(NamedTuple):
+    """How a path's arrays are tested for bool and cast to and from bytes."""
+
+    is_bool: Callable[[Any], bool]
+    to_bytes: Callable[[Any], Any]
+    to_bool: Callable[[Any], Any]
 
 
 def _scatter_missing(op: str, caps: Capabilities) -> bool:
@@ -48,37 +56,34 @@ def composed(caps: Capabilities, size: int) -> tuple[frozenset[str], frozenset[s
     )
 
 
-def compose(
-    op: str,
-    x: Any,
-    caps: Capabilities,
-    rank: int,
-    size: int,
-    native: Callable[[str, Any], Any],
-    is_bool: bool,
-    to_bytes: Callable[[Any], Any],
-    to_bool: Callable[[Any], Any],
-) -> Any:
-    """``op`` on ``x`` built from the backend's native operations.
+def needed(group: Any, op: str, x: Any, kind: ArrayKind) -> bool:
+    """Whether ``group`` composes ``op`` for ``x`` (from its ``_composed`` sets).
+
+    The dtype is read only where it matters: on the hot path of small
+    collectives every attribute read shows.
+    """
+    always, for_bool = group._composed
+    return op in always or (op in for_bool and kind.is_bool(x))
+
+
+def compose(group: Any, op: str, x: Any, kind: ArrayKind, native: Callable[[str, Any], Any]) -> Any:
+    """``op`` on ``x`` built from the group's backend's native operations.
 
     Args:
+        group: The group (its capabilities, rank and size).
         op: The collective.
         x: A numpy array or mx.array whose shape suits ``op`` (checked by the caller).
-        caps: The backend's capabilities.
-        rank: This rank.
-        size: The group's size.
+        kind: The array kind of ``x``.
         native: Runs a native collective on an array of the same kind.
-        is_bool: Whether ``x`` is a bool array.
-        to_bytes: Casts a bool array to uint8 (of its kind).
-        to_bool: Casts a uint8 array back to bool.
 
     Returns:
         The result, of ``x``'s kind.
     """
+    caps, rank, size = group._caps, group._rank, group._size
     if _scatter_missing(op, caps):
         rows = x.shape[0] // size
-        total = compose("all_sum", x, caps, rank, size, native, is_bool, to_bytes, to_bool)
+        total = compose(group, "all_sum", x, kind, native)
         return total[rank * rows : (rank + 1) * rows]
-    if _bool_as_bytes(op, caps, is_bool):
-        return to_bool(native("all_max" if op == "all_sum" else op, to_bytes(x)))
+    if _bool_as_bytes(op, caps, kind.is_bool(x)):
+        return kind.to_bool(native("all_max" if op == "all_sum" else op, kind.to_bytes(x)))
     return native(op, x)

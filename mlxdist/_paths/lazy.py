@@ -26,6 +26,13 @@ from mlxdist.rules import SAME_SHAPE, result_shape
 __all__ = ["FUNCTIONS", "check_stream", "collective", "send", "recv", "recv_like"]
 
 
+MLX_ARRAYS = fillins.ArrayKind(
+    is_bool=lambda a: a.dtype == mx.bool_,
+    to_bytes=lambda a: a.astype(mx.uint8),
+    to_bool=lambda a: a.astype(mx.bool_),
+)
+
+
 def _address(name: str) -> int:
     return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
 
@@ -103,14 +110,8 @@ def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
     if op not in SAME_SHAPE:
         result_shape(op, tuple(x.shape), group._size)
     _agree(group, op, x.dtype, x.shape)
-    if op in group._composed[0] or (op in group._composed[1] and x.dtype == mx.bool_):
-        return fillins.compose(
-            op, x, group._caps, group._rank, group._size,
-            native=lambda o, a: _native(group, o, a, stream),
-            is_bool=x.dtype == mx.bool_,
-            to_bytes=lambda a: a.astype(mx.uint8),
-            to_bool=lambda a: a.astype(mx.bool_),
-        )
+    if fillins.needed(group, op, x, MLX_ARRAYS):
+        return fillins.compose(group, op, x, MLX_ARRAYS, lambda o, a: _native(group, o, a, stream))
     return _native(group, op, x, stream)
 
 
