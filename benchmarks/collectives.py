@@ -133,32 +133,38 @@ def chain_table(docs: Docs) -> list[str]:
     return lines
 
 
-def latency_table(docs: Docs) -> list[str]:
-    """Markdown rows: median latency per implementation and each mlxdist path's ratio."""
-    lines = [
-        "| backend | op | size | " + " | ".join(f"{i}, µs" for i in IMPLS) + " | "
+def _paths_header(unit: str) -> list[str]:
+    """The header of a table with one column per implementation and one ratio per mlxdist path."""
+    return [
+        "| backend | op | size | " + " | ".join(f"{i}, {unit}" for i in IMPLS) + " | "
         + " | ".join(f"{p} ÷ mx" for p in PATHS) + " |",
         "|---|---|---|" + "---|" * (len(IMPLS) + len(PATHS)),
     ]
+
+
+def _paths_cells(repeats: list[dict[str, Any]], op: str, nbytes: int, field: str, digits: int) -> list[str]:
+    """Each implementation's median ``field`` and each mlxdist path's ratio, for one message."""
+    key = (op, "float32", nbytes, None)
+    values = [_median(_values(repeats, key, impl, field), digits) for impl in IMPLS]
+    return values + [_spread(_ratios(repeats, key, path, field)) for path in PATHS]
+
+
+def latency_table(docs: Docs) -> list[str]:
+    """Markdown rows: median latency per implementation and each mlxdist path's ratio."""
+    lines = _paths_header("µs")
     for backend, runs in docs.items():
         repeats = runs.get("latency", [])
         for op in ("all_sum", "sendrecv"):
             for nbytes in (1 << 10, 64 << 10):
-                key = (op, "float32", nbytes, None)
-                times = [_median(_values(repeats, key, impl, "median_us")) for impl in IMPLS]
-                ratios = [_spread(_ratios(repeats, key, path, "median_us")) for path in PATHS]
-                if any(t != "n/a" for t in times):
-                    lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(times + ratios) + " |")
+                cells = _paths_cells(repeats, op, nbytes, "median_us", 1)
+                if any(c != "n/a" for c in cells[: len(IMPLS)]):
+                    lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells) + " |")
     return lines
 
 
 def bandwidth_table(docs: Docs) -> list[str]:
     """Markdown rows: busbw per implementation at 1 to 64 MiB and each mlxdist path's ratio."""
-    lines = [
-        "| backend | op | size | " + " | ".join(f"{i}, GB/s" for i in IMPLS) + " | "
-        + " | ".join(f"{p} ÷ mx" for p in PATHS) + " |",
-        "|---|---|---|" + "---|" * (len(IMPLS) + len(PATHS)),
-    ]
+    lines = _paths_header("GB/s")
     for backend, runs in docs.items():
         repeats = runs.get("bandwidth", [])
         if not repeats:
@@ -166,10 +172,8 @@ def bandwidth_table(docs: Docs) -> list[str]:
         sizes = sorted({r["bytes"] for r in repeats[0]["rows"]})
         for op in repeats[0]["header"]["ops"]:
             for nbytes in sizes:
-                key = (op, "float32", nbytes, None)
-                rates = [_median(_values(repeats, key, impl, "busbw_GBps"), 2) for impl in IMPLS]
-                ratios = [_spread(_ratios(repeats, key, path, "busbw_GBps")) for path in PATHS]
-                lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(rates + ratios) + " |")
+                cells = _paths_cells(repeats, op, nbytes, "busbw_GBps", 2)
+                lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import mlxdist
 from mlxdist.bench.implementations import Implementation, MX_DTYPES
 from mlxdist.bench.options import BenchConfig
-from mlxdist.bench.sweep import REFERENCE, Progress, Skip
+from mlxdist.bench.sweep import REFERENCE, Progress, Skip, add_ratios
 from mlxdist.bench.timing import slowest_rank, split_rounds, summarize, time_block, warm_up
 from mlxdist.bench.workload import ITEMSIZE, rank_values
 
@@ -205,10 +205,7 @@ def _measure(
         total_wrong = int(np.asarray(group.all_sum(np.array([wrong], np.int64)))[0])
         slowest = slowest_rank(group, np.concatenate(impl_times))
         rows.append(_row(chain, name, slowest, total_wrong, config))
-    anchor = next((r for r in rows if r["impl"] == REFERENCE), None)
-    for row in rows:
-        if anchor is not None and row is not anchor:
-            row["ratio_vs_mx"] = row["median_us"] / anchor["median_us"]
+    add_ratios(rows)
     return rows
 
 

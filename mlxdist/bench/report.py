@@ -103,12 +103,15 @@ def _chain_table(rows: list[dict[str, Any]], impls: list[str], stat: str) -> Any
         for name in impls:
             row = by_impl.get(name)
             cells += [f"{row[f'{stat}_us']:.1f}", f"{row['per_op_us']:.2f}"] if row else ["n/a", "n/a"]
-        wrong = sum(r["wrong"] for r in by_impl.values())
-        cells.append(f"[bold red]{wrong}[/]" if wrong else "0")
-        ratio = ratio_row(by_impl)
-        cells.append(f"{ratio['ratio_vs_mx']:.2f}" if ratio else "n/a")
-        table.add_row(*cells)
+        table.add_row(*cells, *_check_cells(by_impl))
     return table
+
+
+def _check_cells(by_impl: dict[str, dict[str, Any]]) -> list[str]:
+    """The "#wrong" and "mlxdist / mx" cells of one table row."""
+    wrong = sum(r["wrong"] for r in by_impl.values())
+    ratio = ratio_row(by_impl)
+    return [f"[bold red]{wrong}[/]" if wrong else "0", f"{ratio['ratio_vs_mx']:.2f}" if ratio else "n/a"]
 
 
 def _sweep_tables(console: Any, rows: list[dict[str, Any]], impls: list[str], stat: str,
@@ -139,11 +142,7 @@ def _sweep_tables(console: Any, rows: list[dict[str, Any]], impls: list[str], st
             for name in impls:
                 row = by_impl.get(name)
                 cells += [f"{row[f'{stat}_us']:.1f}", f"{row['busbw_GBps']:.3g}"] if row else ["n/a", "n/a"]
-            wrong = sum(r["wrong"] for r in by_impl.values())
-            cells.append(f"[bold red]{wrong}[/]" if wrong else "0")
-            ratio = ratio_row(by_impl)
-            cells.append(f"{ratio['ratio_vs_mx']:.2f}" if ratio else "n/a")
-            table.add_row(*cells)
+            table.add_row(*cells, *_check_cells(by_impl))
         console.print(table)
 
 

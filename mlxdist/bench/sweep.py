@@ -133,7 +133,7 @@ def _measure_message(
     return rows
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
+def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Set each mlxdist row's median time over mx.distributed's at the same message."""
     reference = next((r for r in rows if r["impl"] == REFERENCE), None)
     if reference is None:
@@ -171,7 +171,7 @@ def run_sweep(
     for msg in messages:
         runnable = [i for i in impls if (msg.op, msg.dtype, i.name) not in skips]
         block = _measure_message(msg, runnable, group, config, progress)
-        _add_ratios(block)
+        add_ratios(block)
         rows.extend(block)
     progress.stop()
     return rows, list(skips.values())
