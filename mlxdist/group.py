@@ -9,9 +9,11 @@ the path:
 - numpy in, numpy out, eagerly (:mod:`mlxdist._paths.eager`): when the call
   returns the result is there; ``out=`` and registered buffers avoid copies.
 
-Eager operations of one world (a group and every group split from it) are
-serialized by one lock; lazy ones run when MLX evaluates them. Either way
-each rank must issue its operations in the same order, as with MPI and NCCL.
+Eager operations run under a lock: one per group where the backend lets
+groups communicate concurrently (MPI with MPI_THREAD_MULTIPLE), else one per
+world (a group and every group split from it). Lazy ones run when MLX
+evaluates them. Either way each rank must issue its operations in the same
+order, as with MPI and NCCL.
 """
 
 from __future__ import annotations

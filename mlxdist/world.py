@@ -44,7 +44,8 @@ __all__ = [
 
 _state_lock = threading.Lock()
 # One state per backend world: the world group and every group split from it
-# share its lock (their operations are serialized, see Group) and its fate.
+# share its fate and, unless the backend lets groups communicate at once, its
+# lock (see Group).
 _worlds: dict[Backend | None, WorldState] = {}
 _world: Group | None = None
 
