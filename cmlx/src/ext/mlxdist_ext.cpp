@@ -9,7 +9,6 @@
 #include <cstring>
 #include <future>
 #include <memory>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
