@@ -50,6 +50,8 @@ def _check_ring(trial: Trial, allowed: tuple[str, ...], lazy: bool = False) -> N
         assert kind in allowed, f"rank {rank}: {kind}: {message}"
         delay = trial.error_delay(rank)
         assert delay is not None and delay <= trial.timeout + MARGIN, f"rank {rank} after {delay:.2f} s"
+        # Clocks of one machine: an error before the fault was not caused by it.
+        assert delay >= -0.01, f"rank {rank} failed {-delay:.2f} s before the fault: {detail}"
         assert f"{trial.victim}" in message, f"the message does not name rank {trial.victim}: {message}"
 
 

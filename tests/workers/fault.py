@@ -52,11 +52,8 @@ def step() -> None:
         raise SystemExit(f"unknown op {op}")
 
 
-for _ in range(3):
-    step()
-print("READY", flush=True)
-
-if rank == victim and fault != "none":
+def strike_later() -> None:
+    """On the victim: inject the fault after a seeded delay."""
     delay = random.Random(seed).uniform(0.05, 0.4)
 
     def strike() -> None:
@@ -75,7 +72,16 @@ if rank == victim and fault != "none":
         raise RuntimeError("the victim raised")
     threading.Thread(target=strike, daemon=True).start()
 
+
+# The warm-up is inside the try: the victim can finish its third operation (its sends
+# buffered by the kernel) and strike while a slow survivor is still in it; that
+# survivor's error is the trial's result like any other.
 try:
+    for _ in range(3):
+        step()
+    print("READY", flush=True)
+    if rank == victim and fault != "none":
+        strike_later()
     while True:
         step()
 except mlxdist.DistributedError as exc:
