@@ -477,7 +477,13 @@ class Link:
             self.sock.settimeout(None)
         if not line:
             return f"rank 0's side channel at {self.address[0]}:{self.address[1]} closed the connection during init"
-        message = json.loads(line)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            return (f"the side channel at {self.address[0]}:{self.address[1]} answered {line[:60]!r}, "
+                    "which is not mlxdist's protocol (another program on that port?)")
         if message.get("t") == "ready":
             return None
         return str(message.get("message", "init failed"))

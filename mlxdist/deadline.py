@@ -707,18 +707,19 @@ def rendezvous(
     dog = Watchdog(backend, rank, size, settings, ring_peers)
     timeout = settings.timeout
     if rank == 0:
+        # Rank 0 must serve the store itself: connecting to whatever else
+        # holds the port would only end in a confusing protocol failure.
         try:
             listener = _bind(*address)
         except OSError as exc:
-            listener = None
-            bind_error = exc
-        if listener is not None:
-            dog.store = Store(listener, size, token, timeout, _heartbeat_timeout(settings), hosts)
+            raise InitializationError(
+                f"rank 0 cannot listen on the side channel's address {address[0]}:{address[1]} "
+                f"(MLXDIST_STORE): {exc.strerror or exc}; another process holds the port, or the "
+                "address is not this host's") from exc
+        dog.store = Store(listener, size, token, timeout, _heartbeat_timeout(settings), hosts)
     try:
         dog.link = Link(address, rank, size, token, timeout, dog._on_message)
     except OSError as exc:
-        if rank == 0 and dog.store is None:
-            raise InitializationError(f"rank 0 cannot listen on {address[0]}:{address[1]}: {bind_error}") from exc
         raise InitializationError(
             f"rank {rank} cannot reach rank 0's side channel at {address[0]}:{address[1]} "
             f"within {timeout:g} s: {exc} (rank 0 missing or wrong address)") from exc

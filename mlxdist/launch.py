@@ -94,8 +94,38 @@ class LaunchResult:
         return 0 if self.ok else 1
 
 
+# Ports the system never hands out by itself (bind to port 0, outgoing
+# connections) lie below its ephemeral range; a job's ports are drawn from
+# [_PORT_FLOOR, start of that range) so that mpirun's own listeners and the
+# ranks' outgoing connections, made after the ports were chosen, cannot take them.
+_PORT_FLOOR = 10000
+_EPHEMERAL_FALLBACK = 32768  # Linux's default start; macOS and BSD start at 49152
+
+
+def _ephemeral_start() -> int:
+    """The first port of the system's ephemeral range."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        out = subprocess.run(["sysctl", "-n", "net.inet.ip.portrange.first"], capture_output=True,
+                             text=True, timeout=5)
+        return int(out.stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return _EPHEMERAL_FALLBACK
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports on ``host`` that were free a moment ago (bound together, then released).
+    """Distinct ports on ``host`` that were free a moment ago, outside the ephemeral range.
+
+    Each candidate is bound (all of them together, so they are distinct) and
+    released before returning. Ports are drawn at random below the system's
+    ephemeral range, where no process is given a port unless it asks for that
+    one, so a port stays free between this call and the rank that binds it
+    (with the ephemeral ports of ``bind(0)`` another process, mpirun's among
+    them, could be handed the same port in between).
 
     Args:
         count: How many distinct ports.
@@ -103,13 +133,30 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
     Returns:
         The port numbers.
+
+    Raises:
+        OSError: ``count`` free ports could not be found.
     """
-    sockets = []
+    top = _ephemeral_start()
+    if top - _PORT_FLOOR < 100 * count:  # an unusual range: fall back to the system's choice
+        low, top = 1024, 65536
+    else:
+        low = _PORT_FLOOR
+    rng = secrets.SystemRandom()
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for _ in range(100 * count):
+            if len(sockets) == count:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
+            try:
+                s.bind((host, rng.randrange(low, top)))
+            except OSError:
+                s.close()
+                continue
             sockets.append(s)
+        if len(sockets) < count:
+            raise OSError(f"no {count} free ports on {host} in [{low}, {top})")
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
@@ -420,7 +467,9 @@ def launch(
         # loopback, connections must present the job token; the first rank
         # to end the job writes the report read below.
         report_path = os.path.join(tmp, "failure.json")
-        base_env.setdefault("MLXDIST_STORE", f"127.0.0.1:{free_ports(1)[0]}")
+        # One call for every port of the job (the store's last): distinct ports.
+        ports = free_ports(1 if backend == "mpi" else n + 1)
+        base_env.setdefault("MLXDIST_STORE", f"127.0.0.1:{ports[-1]}")
         base_env.setdefault("MLXDIST_JOB_TOKEN", secrets.token_hex(16))
         base_env.setdefault("MLXDIST_REPORT", report_path)
         if backend == "mpi":
@@ -439,7 +488,7 @@ def launch(
         else:
             hostfile = os.path.join(tmp, "hosts.json")
             with open(hostfile, "w") as f:
-                json.dump([[f"127.0.0.1:{p}"] for p in free_ports(n)], f)
+                json.dump([[f"127.0.0.1:{p}"] for p in ports[:n]], f)
             commands = [resolved] * n
             envs = [dict(base_env, MLX_RANK=str(r), MLX_HOSTFILE=hostfile) for r in range(n)]
             prefixes = [f"[{r}] " for r in range(n)]

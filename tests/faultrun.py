@@ -60,11 +60,11 @@ class Trial:
         return self.end_time - self.fault_time
 
 
-def _env(extra: dict[str, str]) -> dict[str, str]:
+def _env(extra: dict[str, str], store_port: int) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("MLX_RANK", "MLX_HOSTFILE", "MLXDIST_REPORT", "MLXDIST_TIMEOUT", "MLXDIST_CHECK"):
         env.pop(key, None)
-    env.update(PYTHONUNBUFFERED="1", MLXDIST_STORE=f"127.0.0.1:{free_ports(1)[0]}",
+    env.update(PYTHONUNBUFFERED="1", MLXDIST_STORE=f"127.0.0.1:{store_port}",
                MLXDIST_JOB_TOKEN=secrets.token_hex(16))
     env.update(extra)
     return env
@@ -90,7 +90,8 @@ def start(backend: str, n: int, argv: list[str], tmp: str, extra_env: dict[str, 
     Returns:
         The processes and the files their output goes to.
     """
-    env = _env(extra_env or {})
+    ports = free_ports(n + 1)  # one call: distinct ports for the ranks and the store
+    env = _env(extra_env or {}, ports[-1])
     procs, logs = [], []
     if backend == "mpi":
         log = Path(tmp, "mpirun.log")
@@ -99,7 +100,7 @@ def start(backend: str, n: int, argv: list[str], tmp: str, extra_env: dict[str, 
         logs.append(log)
         return procs, logs
     hostfile = Path(tmp, "hosts.json")
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[:n]]))
     for r in range(n):
         log = Path(tmp, f"rank{r}.log")
         procs.append(subprocess.Popen(argv, env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)),

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -143,3 +144,49 @@ def test_a_forged_token_is_refused():
         elapsed, outputs = _wait(procs)
     assert answer == b"", answer  # closed without an answer
     assert "ranks [1] did not join" in _result(outputs[0]), outputs
+
+
+def test_a_stranger_on_the_store_port_is_named():
+    """Another program holds the side channel's port and answers with its own banner:
+    rank 0 cannot listen there and says so; rank 1 reaches the stranger and gets a typed
+    error instead of a protocol failure deep in init."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ports = free_ports(3)
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stranger.bind(("127.0.0.1", ports[2]))
+        stranger.listen(8)
+        stop = threading.Event()
+
+        def serve() -> None:
+            stranger.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    conn, _ = stranger.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                    time.sleep(0.2)
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        hostfile = Path(tmp, "hosts.json")
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[:2]]))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_HOSTFILE=str(hostfile),
+                   MLXDIST_STORE=f"127.0.0.1:{ports[2]}", MLXDIST_JOB_TOKEN=secrets.token_hex(16))
+        procs = []
+        for r in (0, 1):
+            log = Path(tmp, f"p{r}.log")
+            procs.append((subprocess.Popen([sys.executable, WORKER, str(TIMEOUT)], env=dict(env, MLX_RANK=str(r)),
+                                           stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True),
+                          log))
+        try:
+            elapsed, outputs = _wait(procs)
+        finally:
+            stop.set()
+            server.join()
+            stranger.close()
+    first, second = (_result(out) for out in outputs)
+    assert "InitializationError" in first and "cannot listen" in first and f":{ports[2]}" in first, outputs
+    assert "InitializationError" in second and "not mlxdist's protocol" in second and "SSH-2.0" in second, outputs
+    assert elapsed < TIMEOUT + 8, elapsed

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -85,7 +86,19 @@ def test_bad_arguments():
         launch([], n=2)
     with pytest.raises(ValueError):
         launch([sys.executable], n=2, backend="carrier-pigeon")
-    assert len(set(free_ports(8))) == 8
+
+
+
+def test_free_ports_are_distinct_and_never_ephemeral():
+    """The system hands ephemeral ports to bind(0) callers and outgoing connections
+    (mpirun's listeners, the ranks' connects): a job's ports must lie below that range."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = free_ports(8)
+    assert len(set(ports)) == 8
+    assert all(1024 <= p < first_ephemeral for p in ports), (ports, first_ephemeral)
+    for p in ports:  # free: each binds
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", p))
 
 
 def test_lost_peer_raises_communication_error():
