@@ -6,14 +6,16 @@ outside the engine, with one :class:`Watchdog` per world:
 - a side channel (:mod:`mlxdist._sidechannel`) that init starts: rank 0 runs
   a small TCP store on the job's own address; every rank connects with the
   job token and sends heartbeats;
-- every blocking call of the world runs under :meth:`Watchdog.guard`: a call
-  still running at its deadline, a peer whose connection closes or whose
+- every blocking call of the world is registered with the watchdog
+  (:meth:`Watchdog.enter` and :meth:`Watchdog.leave`, from the eager gate and
+  :func:`evaluate`): a call still running at its deadline, a peer whose connection closes or whose
   heartbeats stop, or a mismatch found by the agreement check fails the
   world on *every* rank;
 - a failed world interrupts the calls still blocked in the backend. On ring,
   the backend's TCP connections (found through ``/proc/self/fd``, matched
   against the hostfile) are shut down, so MLX's own wait ends with "connection
-  to a peer was lost" and the guard raises the typed error in its place. On
+  to a peer was lost" and :meth:`Watchdog.translate` gives the typed error
+  raised in its place. On
   MPI a blocked call cannot be interrupted: the watchdog writes the report
   (rank, op, cause) to stderr and ends the process with
   :data:`JOB_ABORT_EXIT`; the launcher (or mpirun) then ends the job. The same
@@ -29,7 +31,7 @@ error at once; the process stays usable (save, then exit).
 
 The lazy rule: an mx.array collective communicates inside ``mx.eval``. Evaluate
 results of collectives with :func:`evaluate` (``mlxdist.eval``), which runs
-``mx.eval`` under the same guard and raises the typed errors; a bare
+``mx.eval`` registered in the same way and raises the typed errors; a bare
 ``mx.eval`` is still interrupted on ring (the connections are closed when the
 world fails) but raises MLX's ``RuntimeError``.
 
@@ -79,7 +81,6 @@ __all__ = [
     "settings_from",
     "before_init",
     "after_init",
-    "guard",
     "set_timeout",
     "evaluate",
 ]
@@ -175,7 +176,7 @@ def settings_from(
 
 
 class _Active:
-    """One call in progress under a guard."""
+    """One blocking call in progress, registered with the watchdog."""
 
     __slots__ = ("op", "group", "seq", "start", "deadline", "in_check")
 
@@ -191,8 +192,8 @@ class _Active:
 class Watchdog:
     """Guards every blocking call of one world.
 
-    Built by :func:`before_init` or :func:`after_init`; the eager gate calls :meth:`guard` around each C
-    call, :func:`evaluate` around ``mx.eval``.
+    Built by :func:`before_init` or :func:`after_init`; the eager gate registers
+    each C call with :meth:`enter` and :meth:`leave`, :func:`evaluate` each ``mx.eval``.
 
     Args:
         backend: ``"ring"`` or ``"mpi"``.
@@ -247,12 +248,7 @@ class Watchdog:
         if self.store is not None:
             self.store.drain(_DRAIN)
 
-    # -- the guard -----------------------------------------------------------
-
-    def timeout_of(self, group: Any) -> float | None:
-        """The deadline of ``group``'s operations (its override, else the world's)."""
-        override = self.overrides.get(id(group), UNSET) if group is not None else UNSET
-        return self.settings.timeout if override is UNSET else override
+    # -- registration of calls ----------------------------------------------
 
     def raise_if_failed(self, op: str = "operation", description: Any = None) -> None:
         """Raise the world's failure, if it failed, naming ``op`` (the call refused)."""
@@ -317,7 +313,7 @@ class Watchdog:
         self.active.pop(id(entry), None)
 
     def translate(self, entry: _Active, exc: BaseException) -> DistributedError | None:
-        """The typed error to raise in place of ``exc`` (a failure inside a guarded call).
+        """The typed error to raise in place of ``exc`` (a failure inside a registered call).
 
         When the backend reports a lost connection before the side channel has
         said why, this waits briefly for the cause, so every rank names the
@@ -546,64 +542,6 @@ def _shutdown_sockets(peers: set[tuple[str, int]]) -> int:
 # -- worlds ---------------------------------------------------------------------
 
 _watchdogs: dict[int, Watchdog] = {}
-
-
-class _Guard:
-    """The context manager :func:`guard` returns."""
-
-    __slots__ = ("dog", "op", "group", "description", "signature", "entry")
-
-    def __init__(self, dog: Watchdog, op: str, group: Any, description: Any, signature: Any) -> None:
-        self.dog = dog
-        self.op = op
-        self.group = group
-        self.description = description
-        self.signature = signature
-
-    def __enter__(self) -> None:
-        dog = self.dog
-        signature = signature_of(self.op, self.signature) if dog.settings.check else None
-        self.entry = dog.enter(self.op, self.group, self.description, signature)
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        self.dog.leave(self.entry)
-        if exc is not None:
-            typed = self.dog.translate(self.entry, exc)
-            if typed is not None:
-                raise typed from exc
-
-
-class _NoGuard:
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-_NO_GUARD = _NoGuard()
-
-
-def guard(op: str, group: Any, world: Any, args: tuple[Any, ...] = ()) -> Any:
-    """The context every blocking call of a world runs in (the eager gate's hook).
-
-    Args:
-        op: The operation name.
-        group: The group (for its timeout and in messages).
-        world: The object the world's groups share (its key).
-        args: The C call's arguments; read (see :func:`signature_of`) only when
-            the agreement check is on.
-
-    Returns:
-        A context manager: it raises the world's failure on entry, and turns a
-        backend failure inside it into the typed error on exit.
-    """
-    dog = _watchdogs.get(id(world))
-    if dog is None:
-        return _NO_GUARD
-    return _Guard(dog, op, group, group, args)
 
 
 def set_timeout(group: Any, seconds: float | None) -> None:
