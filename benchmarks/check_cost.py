@@ -5,7 +5,7 @@
 Runs 2 local ranks per configuration, alternating check off / check on for
 ``--rounds`` rounds (the machine is noisy), timing all_sum of 1 KiB of float32
 (numpy, the eager path) and the same all_sum through mx.distributed in the same
-process as an anchor. Also times the guard itself (enter/exit, no backend call).
+process as an anchor. Also times the watchdog's registration of a call (enter + leave, no backend call).
 Prints the median per-op time of each.
 """
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 ours, anchor, guard = (statistics.median(r[i] for r in rows) for i in range(3))
                 print(f"{backend} check={'on ' if check == '1' else 'off'}: all_sum 1 KiB numpy {ours:8.1f} us "
                       f"(mx.distributed in the same run {anchor:8.1f} us, ratio {ours / anchor:5.2f}); "
-                      f"guard enter+exit {guard:.2f} us")
+                      f"watchdog enter+leave {guard:.2f} us")
     return 0
 
 
