@@ -138,7 +138,9 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         OSError: ``count`` free ports could not be found.
     """
     top = _ephemeral_start()
-    if top - _PORT_FLOOR < 100 * count:  # an unusual range: fall back to the system's choice
+    if top - _PORT_FLOOR < 100 * count:
+        # An ephemeral range reaching down near the floor leaves no room:
+        # draw from every unprivileged port instead.
         low, top = 1024, 65536
     else:
         low = _PORT_FLOOR
@@ -269,26 +271,27 @@ def _pump(
     stream.close()
 
 
+def _signal_running(procs: Sequence[subprocess.Popen], sig: int) -> None:
+    """Send ``sig`` to the process group of each process still running."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 def _kill_all(procs: Sequence[subprocess.Popen], grace: float = KILL_GRACE) -> None:
     """SIGTERM every live process group, wait one shared grace period, SIGKILL the rest."""
     live = [p for p in procs if p.poll() is None]
-    for p in live:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _signal_running(live, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in live:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    for p in live:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _signal_running(live, signal.SIGKILL)
     for p in live:
         p.wait()
 

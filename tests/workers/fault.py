@@ -73,8 +73,8 @@ def strike_later() -> None:
     threading.Thread(target=strike, daemon=True).start()
 
 
-# The warm-up is inside the try: the victim can finish its third operation (its sends
-# buffered by the kernel) and strike while a slow survivor is still in it; that
+# The warm-up is inside the try: the victim can finish its third operation (its last
+# sends possibly still queued) and strike while a slow survivor is still in it; that
 # survivor's error is the trial's result like any other.
 try:
     for _ in range(3):
