@@ -25,11 +25,12 @@ TIMEOUT = 3.0
 LIMIT = 30.0
 
 
-def _start_ranks(ranks: list[int], hosts: int, tmp: str, args: list[str], token: str | None = None):
+def _start_ranks(ranks: list[int], hosts: int, tmp: str, args: list[str], token: str | None = None,
+                 store_port: int | None = None):
     ports = free_ports(hosts + 1)
     hostfile = Path(tmp, "hosts.json")
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[:hosts]]))
-    store = ("127.0.0.1", ports[hosts])
+    store = ("127.0.0.1", ports[hosts] if store_port is None else store_port)
     env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_HOSTFILE=str(hostfile),
                MLXDIST_STORE=f"{store[0]}:{store[1]}", MLXDIST_JOB_TOKEN=token or secrets.token_hex(16))
     procs = []
@@ -151,9 +152,9 @@ def test_a_stranger_on_the_store_port_is_named():
     rank 0 cannot listen there and says so; rank 1 reaches the stranger and gets a typed
     error instead of a protocol failure deep in init."""
     with tempfile.TemporaryDirectory() as tmp:
-        ports = free_ports(3)
+        port = free_ports(1)[0]
         stranger = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        stranger.bind(("127.0.0.1", ports[2]))
+        stranger.bind(("127.0.0.1", port))
         stranger.listen(8)
         stop = threading.Event()
 
@@ -170,16 +171,7 @@ def test_a_stranger_on_the_store_port_is_named():
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()
-        hostfile = Path(tmp, "hosts.json")
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[:2]]))
-        env = dict(os.environ, PYTHONUNBUFFERED="1", MLX_HOSTFILE=str(hostfile),
-                   MLXDIST_STORE=f"127.0.0.1:{ports[2]}", MLXDIST_JOB_TOKEN=secrets.token_hex(16))
-        procs = []
-        for r in (0, 1):
-            log = Path(tmp, f"p{r}.log")
-            procs.append((subprocess.Popen([sys.executable, WORKER, str(TIMEOUT)], env=dict(env, MLX_RANK=str(r)),
-                                           stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True),
-                          log))
+        procs, _, _ = _start_ranks([0, 1], 2, tmp, [str(TIMEOUT)], store_port=port)
         try:
             elapsed, outputs = _wait(procs)
         finally:
@@ -187,6 +179,6 @@ def test_a_stranger_on_the_store_port_is_named():
             server.join()
             stranger.close()
     first, second = (_result(out) for out in outputs)
-    assert "InitializationError" in first and "cannot listen" in first and f":{ports[2]}" in first, outputs
+    assert "InitializationError" in first and "cannot listen" in first and f":{port}" in first, outputs
     assert "InitializationError" in second and "not mlxdist's protocol" in second and "SSH-2.0" in second, outputs
     assert elapsed < TIMEOUT + 8, elapsed

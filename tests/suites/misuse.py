@@ -123,17 +123,7 @@ class Misuse:
 
     def reference(self, op: str, shape: tuple[int, ...] = (4,), dtype: Any = np.int32) -> np.ndarray:
         """numpy's answer for ``op`` over every rank's :meth:`data`."""
-        inputs = [self.data(r, shape, dtype) for r in range(self.size)]
-        if op == "all_sum":
-            return np.sum(inputs, axis=0).astype(dtype)
-        if op == "all_max":
-            return np.max(inputs, axis=0)
-        if op == "all_min":
-            return np.min(inputs, axis=0)
-        if op == "all_gather":
-            return np.concatenate([np.atleast_1d(x) for x in inputs])
-        rows = shape[0] // self.size
-        return np.sum(inputs, axis=0).astype(dtype)[self.rank * rows : (self.rank + 1) * rows]
+        return self._ref_of(op, lambda r: self.data(r, shape, dtype))
 
     # -- the cases ------------------------------------------------------------
 
@@ -216,7 +206,7 @@ class Misuse:
             self.right(
                 f"{op} of a transpose",
                 lambda: getattr(g, op)(wide.T),
-                self._ref_of(op, lambda r: self.data(r, (4, 6)).T, rows=6),
+                self._ref_of(op, lambda r: self.data(r, (4, 6)).T),
             )
             self.right(
                 f"{op} of a Fortran array",
@@ -296,7 +286,8 @@ class Misuse:
             )
             self.only_rank0("all_gather past int32 rows", ShapeError, lambda: g.all_gather(huge))
 
-    def _ref_of(self, op: str, make: Callable[[int], np.ndarray], rows: int | None = None) -> np.ndarray:
+    def _ref_of(self, op: str, make: Callable[[int], np.ndarray]) -> np.ndarray:
+        """numpy's answer for ``op`` when rank ``r``'s input is ``make(r)``."""
         inputs = [make(r) for r in range(self.size)]
         if self.size == 1:
             return inputs[0]  # a size-1 group passes its input through, as MLX's does
