@@ -380,23 +380,33 @@ class Watchdog:
                 text += f"; ranks not arrived: {missing}"
             if silent:
                 text += f"; ranks not responding: {silent}"
-            self._fail(str(message.get("kind")), text)
+            culprit = message.get("culprit")
+            lost = sorted(set(missing) | set(silent) | ({int(culprit)} if culprit is not None else set()))
+            self._fail(str(message.get("kind")), text, lost, message)
         elif kind == "gone":
             rank = int(message["rank"])
             self.gone.add(rank)
             if message.get("clean") and self._busy_world_op():
-                self._fail("lost", f"rank {rank} exited while this rank was waiting for it")
+                self._fail("lost", f"rank {rank} exited while this rank was waiting for it", [rank])
         elif kind == "eof":
             if not self._stop:
                 self.gone.add(0)
                 self._fail("lost", "rank 0 was lost: the side channel it serves closed "
-                           "(process died, was killed or exited)")
+                           "(process died, was killed or exited)", [0])
 
     def _busy_world_op(self) -> bool:
         return bool(self.active)
 
-    def _fail(self, kind: str, message: str) -> None:
-        """Mark the world failed and interrupt whatever is blocked."""
+    def _fail(self, kind: str, message: str, lost: list[int] | None = None,
+              about: Mapping[str, Any] | None = None) -> None:
+        """Mark the world failed, report it to the launcher and interrupt whatever is blocked.
+
+        Args:
+            kind: ``"deadline"``, ``"lost"`` or ``"mismatch"``.
+            message: The cause.
+            lost: The ranks known to be lost or stalled.
+            about: The abort message (its ``op`` and ``seq``), if one said so.
+        """
         with self.changed:
             if self.failure is not None:
                 return
@@ -405,6 +415,9 @@ class Watchdog:
             self.failure = cls(message)
             self.changed.notify_all()
         self.relayed.set()
+        about = about or {}
+        _write_report({"rank": self.rank, "op": about.get("op"), "seq": about.get("seq"), "kind": kind,
+                       "message": message, "lost": list(lost or [])})
         self._interrupt()
 
     def _expire(self, entry: _Active, now: float) -> None:
@@ -417,7 +430,8 @@ class Watchdog:
         if sent:
             self.relayed.wait(_RELAY_WAIT)
         if self.failure is None:
-            self._fail("deadline", message + " (rank 0's side channel did not answer)")
+            self._fail("deadline", message + " (rank 0's side channel did not answer)", None,
+                       {"op": entry.op, "seq": entry.seq})
 
     def _interrupt(self) -> None:
         """End the calls blocked in the backend (see the module docstring)."""

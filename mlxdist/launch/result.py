@@ -88,6 +88,10 @@ def report_lines(result: LaunchResult, timeout: float | None, backend: str) -> l
     lines = []
     if result.timed_out:
         lines.append(f"mlxdist.launch: job deadline of {timeout:g} s passed; killed all ranks")
+    elif result.ended_after_failure and result.lost_ranks:
+        who = ", ".join(str(r) for r in result.lost_ranks)
+        lines.append(f"mlxdist.launch: the world failed and rank(s) {who} did not end (stalled or lost); "
+                     "ended the job")
     elif result.rank_exits:
         first = result.failed_rank if result.failed_rank in result.rank_exits else min(result.rank_exits)
         order = [first] + sorted(r for r in result.rank_exits if r != first)

@@ -30,7 +30,7 @@ def launch(
     command: Sequence[str],
     n: int = 2,
     backend: str = "ring",
-    timeout: float | None = 300.0,
+    timeout: float | None = None,
     env: dict[str, str] | None = None,
     capture: bool = False,
     stdout: IO[str] | None = None,
@@ -40,15 +40,19 @@ def launch(
     """Run ``command`` as ``n`` local ranks and wait for the job to end.
 
     The job ends when every rank exited, when one fails (the others are then
-    ended), or at the job deadline ``timeout`` if one is given. See
+    ended), when a rank's watchdog reported that the world failed and some
+    rank has not ended a few seconds later (a stopped or stalled rank: it is
+    ended and named), or at the job deadline ``timeout`` if one is given.
+    Detecting a failed operation is the per-operation deadline's job
+    (``MLXDIST_TIMEOUT``), so by default there is no job deadline. See
     :func:`mlxdist.launch.plan_job` for how the ranks are started.
 
     Args:
         command: The program and its arguments (e.g. ``[sys.executable, "x.py"]``).
         n: Number of ranks (>= 1, and within the open-file limit).
         backend: ``"ring"`` or ``"mpi"``.
-        timeout: Seconds (positive, finite) before every rank is killed; None:
-            no job deadline.
+        timeout: Seconds (positive, finite) before every rank is killed; None
+            (the default): no job deadline.
         env: Extra environment variables for every rank.
         capture: Also keep the prefixed output lines in the result.
         stdout: Where rank stdout lines go (``sys.stdout`` by default).
