@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -93,6 +94,15 @@ def find_mpirun(explicit: str | None = None, environ: Mapping[str, str] | None =
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _is_open_mpi(path: str, mtime_ns: int) -> bool:
+    """Whether the mpirun at ``path`` (as of ``mtime_ns``) is Open MPI's; asked once per file."""
+    version = subprocess.run(
+        [path, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60
+    ).stdout
+    return "Open MPI" in version or "OpenRTE" in version
+
+
 def mpirun_command(runner: MpiRunner, n: int, command: Sequence[str], pass_env: Sequence[str]) -> list[str]:
     """``mpirun -np n ... command``, with the options a local Open MPI run needs.
 
@@ -106,10 +116,7 @@ def mpirun_command(runner: MpiRunner, n: int, command: Sequence[str], pass_env: 
         The full command line.
     """
     args = [runner.path, "-np", str(n)]
-    version = subprocess.run(
-        [runner.path, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60
-    ).stdout
-    if "Open MPI" in version or "OpenRTE" in version:
+    if _is_open_mpi(runner.path, os.stat(runner.path).st_mtime_ns):
         args += ["--oversubscribe", "--tag-output", "--bind-to", "none"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.append("--allow-run-as-root")
