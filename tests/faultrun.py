@@ -89,28 +89,51 @@ def run_trial(backend: str, n: int, fault: str, op: str, elements: int, timeout:
     The trial ends when every survivor exited (ring: the victim is then
     killed) or after :data:`HANG_LIMIT` seconds (``hung``).
     """
-    trial = Trial(backend, n, fault, op, elements, timeout)
-    argv = [sys.executable, str(WORKER), fault, op, str(elements), str(timeout), str(n - 1), str(seed)]
-    started = _Started(backend, n, argv, None)
-    procs = started.job.procs
-    survivors = procs if backend == "mpi" else procs[:-1]
-    limit = time.monotonic() + HANG_LIMIT
+    return run_trials([(backend, n, fault, op, elements, timeout, seed)])[0]
+
+
+def run_trials(specs: list[tuple[str, int, str, str, int, float, int]], at_once: int = 1) -> list[Trial]:
+    """Trials ``(backend, n, fault, op, elements, timeout, seed)`` (see :func:`run_trial`),
+    ``at_once`` of them side by side, each under its own hang limit.
+
+    Returns:
+        The trials, in the order of ``specs``.
+    """
+    trials: list[Trial | None] = [None] * len(specs)
+    pending = list(range(len(specs)))
+    running: dict[int, tuple[Trial, _Started, float]] = {}
     try:
-        while any(p.poll() is None for p in survivors):
-            if time.monotonic() > limit:
-                trial.hung = True
-                break
+        while pending or running:
+            while pending and len(running) < at_once:
+                index = pending.pop(0)
+                backend, n, fault, op, elements, timeout, seed = specs[index]
+                trial = Trial(backend, n, fault, op, elements, timeout)
+                argv = [sys.executable, str(WORKER), fault, op, str(elements), str(timeout), str(n - 1), str(seed)]
+                running[index] = (trial, _Started(backend, n, argv, None), time.monotonic() + HANG_LIMIT)
+            for index, (trial, started, limit) in list(running.items()):
+                procs = started.job.procs
+                survivors = procs if trial.backend == "mpi" else procs[:-1]
+                trial.hung = time.monotonic() > limit
+                if trial.hung or all(p.poll() is not None for p in survivors):
+                    trial.end_time = time.time()
+                    trial.output = started.stop()
+                    trial.returncodes = [p.returncode for p in procs]
+                    _read(trial)
+                    trials[index] = trial
+                    del running[index]
             time.sleep(0.01)
-        trial.end_time = time.time()
     finally:
-        trial.output = started.stop()
-    trial.returncodes = [p.returncode for p in procs]
+        for _, started, _ in running.values():
+            started.stop()
+    return [trial for trial in trials if trial is not None]
+
+
+def _read(trial: Trial) -> None:
     for line in trial.output.splitlines():
         if m := _FAULT.search(line):
             trial.fault_time = float(m.group(1))
         if m := _RESULT.search(line):
             trial.results[int(m.group(1))] = (m.group(2), float(m.group(3)), m.group(4))
-    return trial
 
 
 def names_failure(trial: Trial) -> bool:
@@ -149,17 +172,39 @@ class Job:
 def run_job(backend: str, n: int, argv: list[str], limit: float = HANG_LIMIT,
             extra_env: dict[str, str] | None = None) -> Job:
     """Run ``argv`` as n ranks until all exit, or kill them all after ``limit`` s (``hung``)."""
-    started = _Started(backend, n, argv, extra_env)
-    procs = started.job.procs
-    t0 = time.monotonic()
-    hung = False
+    return run_jobs([(backend, n, argv)], limit, extra_env)[0]
+
+
+def run_jobs(specs: list[tuple[str, int, list[str]]], limit: float = HANG_LIMIT,
+             extra_env: dict[str, str] | None = None, at_once: int = 1) -> list[Job]:
+    """Run jobs ``(backend, n, argv)``, ``at_once`` of them at a time, each until all its
+    ranks exit or ``limit`` s after its start (then it is killed: ``hung``).
+
+    Jobs that mostly wait (for a deadline, or a typed error raised before anything is
+    sent) can run side by side; each job has its own ranks, ports, side channel and limit.
+
+    Returns:
+        The jobs' outcomes, in the order of ``specs``.
+    """
+    jobs: list[Job | None] = [None] * len(specs)
+    pending = list(range(len(specs)))
+    running: dict[int, tuple[_Started, float]] = {}
     try:
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() - t0 > limit:
-                hung = True
-                break
+        while pending or running:
+            while pending and len(running) < at_once:
+                index = pending.pop(0)
+                backend, n, argv = specs[index]
+                running[index] = (_Started(backend, n, argv, extra_env), time.monotonic())
+            for index, (started, t0) in list(running.items()):
+                procs = started.job.procs
+                hung = time.monotonic() - t0 > limit
+                if hung or all(p.poll() is not None for p in procs):
+                    elapsed = time.monotonic() - t0
+                    output = started.stop()
+                    jobs[index] = Job(hung, elapsed, [p.returncode for p in procs], output)
+                    del running[index]
             time.sleep(0.01)
-        elapsed = time.monotonic() - t0
     finally:
-        output = started.stop()
-    return Job(hung, elapsed, [p.returncode for p in procs], output)
+        for started, _ in running.values():
+            started.stop()
+    return [job for job in jobs if job is not None]
