@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["LaunchResult", "TIMEOUT_EXIT", "describe_exit", "report_lines"]
 

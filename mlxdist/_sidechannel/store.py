@@ -1,67 +1,18 @@
-"""The side channel: a small TCP store between the ranks of one world.
-
-Rank 0 runs a :class:`Store`; every rank (rank 0 too) connects to it with a
-:class:`Link`. Messages are JSON objects, one per line. The channel carries
-what MLX's backends cannot: who joined (init rendezvous), who is alive
-(connection state and heartbeats), who aborted and why (one rank's failure is
-broadcast to all), and, when the agreement check is on, what each rank is
-about to call.
-
-A connection is trusted only after its first line carries the job token;
-anything else is closed without an answer, so a stray or garbage connection
-cannot disturb the job.
-
-Messages, rank -> store:
-    ``hello`` {rank, size, token, pid}: join; ``hb`` {seq, op, busy}: heartbeat
-    with the rank's progress; ``abort`` {kind, message, seq, op}: this rank
-    failed; ``chk`` {seq, op, dtype, shape, peer}: agreement check;
-    ``bye``: a clean exit.
-Messages, store -> rank:
-    ``ready``: every rank joined; ``fail`` {message}: init failed;
-    ``abort`` {kind, culprit, message, missing}: the world failed;
-    ``gone`` {rank, clean}: a rank left; ``chk_ok`` {seq}.
-"""
+"""The store rank 0 serves: joins, heartbeats, aborts relayed to every rank, the agreement check."""
 
 from __future__ import annotations
 
 import hmac
 import json
-import os
 import select
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["Store", "Link", "describe_call", "HELLO_TIMEOUT"]
+from mlxdist._sidechannel.protocol import MAX_LINE, describe_call, encode
 
-# A connection must send its hello within this many seconds.
-HELLO_TIMEOUT = 2.0
-# Lines longer than this are garbage.
-MAX_LINE = 1 << 16
-
-
-def _encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def describe_call(entry: dict[str, Any] | None) -> str:
-    """One rank's call as text, e.g. ``all_sum(float32, shape (4,))`` or ``send(..., to 1)``.
-
-    Args:
-        entry: A ``chk`` message, or None for a rank that had posted nothing.
-
-    Returns:
-        A short description.
-    """
-    if entry is None:
-        return "nothing yet"
-    shape = tuple(entry.get("shape") or ())
-    text = f"{entry['op']}({entry.get('dtype')}, shape {shape}"
-    peer = entry.get("peer")
-    if peer is not None:
-        text += f", {'to' if entry['op'] == 'send' else 'from'} {peer}"
-    return text + ")"
+__all__ = ["Store"]
 
 
 class _Peer:
@@ -131,7 +82,7 @@ class Store:
         try:
             peer.sock.setblocking(True)
             peer.sock.settimeout(1.0)
-            peer.sock.sendall(_encode(message))
+            peer.sock.sendall(encode(message))
         except OSError:
             pass
         finally:
@@ -404,116 +355,3 @@ class Store:
             for r in sorted(set(ranks) | set(self.pending))
         )
         self._abort("mismatch", f"ranks called different operations: {calls}", None)
-
-
-class Link:
-    """One rank's connection to the store.
-
-    Args:
-        address: ``(host, port)`` of rank 0's store.
-        rank: This rank.
-        size: The world size this rank believes in.
-        token: The job token.
-        timeout: Seconds to keep retrying the connection (rank 0 may start late).
-        on_message: Called on the reader thread with every message after ``ready``.
-
-    Raises:
-        OSError: the store could not be reached in time.
-    """
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        rank: int,
-        size: int,
-        token: str,
-        timeout: float | None,
-        on_message: Callable[[dict[str, Any]], None],
-    ) -> None:
-        self.address = address
-        self.rank = rank
-        self.on_message = on_message
-        self.send_lock = threading.Lock()
-        self.closed = False
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.create_connection(address, timeout=1.0)
-                break
-            except OSError:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(None)
-        self.file = self.sock.makefile("rb")
-        self.send({"t": "hello", "rank": rank, "size": size, "token": token, "pid": os.getpid()})
-
-    def send(self, message: dict[str, Any]) -> bool:
-        """Send one message; False when the connection is gone."""
-        data = _encode(message)
-        with self.send_lock:
-            if self.closed:
-                return False
-            try:
-                self.sock.sendall(data)
-                return True
-            except OSError:
-                return False
-
-    def wait_ready(self, timeout: float | None) -> str | None:
-        """Block until the store says every rank joined.
-
-        Returns:
-            None when ready, else the reason init failed.
-        """
-        if timeout is not None:
-            self.sock.settimeout(timeout)
-        try:
-            line = self.file.readline(MAX_LINE)
-        except (socket.timeout, OSError):
-            return f"no answer from rank 0's side channel at {self.address[0]}:{self.address[1]} within {timeout:g} s"
-        finally:
-            self.sock.settimeout(None)
-        if not line:
-            return f"rank 0's side channel at {self.address[0]}:{self.address[1]} closed the connection during init"
-        try:
-            message = json.loads(line)
-        except ValueError:
-            message = None
-        if not isinstance(message, dict):
-            return (f"the side channel at {self.address[0]}:{self.address[1]} answered {line[:60]!r}, "
-                    "which is not mlxdist's protocol (another program on that port?)")
-        if message.get("t") == "ready":
-            return None
-        return str(message.get("message", "init failed"))
-
-    def start_reader(self) -> None:
-        """Deliver every later message to ``on_message`` on a daemon thread."""
-        threading.Thread(target=self._read, name="mlxdist-link", daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                line = self.file.readline(MAX_LINE)
-            except OSError:
-                line = b""
-            if not line:
-                if not self.closed:
-                    self.on_message({"t": "eof"})
-                return
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            self.on_message(message)
-
-    def close(self) -> None:
-        """Close the connection (idempotent)."""
-        with self.send_lock:
-            self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
