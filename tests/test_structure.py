@@ -105,3 +105,8 @@ def test_the_c_gate_imports_nothing_above_it():
             above = {m for m in imports_of(name, path, set(files))
                      if not (m == "mlxdist._c" or m.startswith("mlxdist._c.")) and m != "mlxdist.errors"}
             assert not above, (name, above)
+
+
+def test_every_module_holds_one_idea_in_under_450_lines():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in module_names().items()}
+    assert {name: lines for name, lines in sizes.items() if lines > 450} == {}
