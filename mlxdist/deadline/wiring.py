@@ -24,9 +24,10 @@ from mlxdist.deadline.rendezvous import (
 )
 from mlxdist.deadline.settings import UNSET, Settings, parse_timeout
 from mlxdist.deadline.watchdog import Watchdog, group_size
+from mlxdist.dtypes import code_of_mlx, code_of_numpy
 from mlxdist.errors import CommunicationError, DistributedError, InitializationError
 
-__all__ = ["attach", "before_init", "after_init", "set_timeout", "evaluate"]
+__all__ = ["attach", "before_init", "after_init", "set_timeout", "evaluate", "agree"]
 
 # The backends whose world started its watchdog in this process (one world each).
 _started: set[str] = set()
@@ -67,6 +68,35 @@ def set_timeout(group: Any, seconds: float | None) -> None:
     if dog is None:
         raise InitializationError(f"{group!r} has no deadlines (a single-process group)")
     dog.overrides[id(group)] = parse_timeout(seconds, "seconds")
+
+
+def agree(op: str, group: Any, world: Any, dtype: Any, shape: tuple[int, ...], peer: int | None) -> None:
+    """The agreement check of an operation built without the eager gate (lazy or composed).
+
+    Does nothing unless ``world``'s watchdog runs the check (see
+    :meth:`Watchdog.check_build`).
+
+    Args:
+        op: The operation's name.
+        group: The group it runs on.
+        world: The group's world (``group._world``).
+        dtype: An MLX dtype, a numpy dtype or an ``mlx_dtype`` code.
+        shape: The operand's shape.
+        peer: The peer of a send or receive, else None.
+
+    Raises:
+        MismatchError, DeadlineExceeded, PeerLostError: as for eager calls.
+    """
+    dog = world.watchdog
+    if dog is None or not dog.settings.check:
+        return
+    if isinstance(dtype, int):
+        code = dtype
+    elif isinstance(dtype, mx.Dtype):
+        code = code_of_mlx(dtype)
+    else:
+        code = code_of_numpy(np.dtype(dtype))
+    dog.check_build(op, group, code, tuple(shape), peer)
 
 
 def evaluate(*arrays: Any, group: Any, timeout: float | None = UNSET) -> None:
