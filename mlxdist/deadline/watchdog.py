@@ -315,10 +315,11 @@ class Watchdog:
             self.failure = cls(message)
             self.changed.notify_all()
         self.relayed.set()
+        self._interrupt()
+        # After the interruption is under way, so the report delays nothing.
         about = about or {}
         write_report({"rank": self.rank, "op": about.get("op"), "seq": about.get("seq"), "kind": kind,
-                       "message": message, "lost": list(lost or [])})
-        self._interrupt()
+                      "message": message, "lost": list(lost or [])})
 
     def _expire(self, entry: _Active, now: float) -> None:
         """``entry`` passed its deadline: tell every rank, wait for the relayed cause."""
