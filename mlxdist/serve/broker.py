@@ -30,7 +30,12 @@ logger = logging.getLogger("mlxdist.serve")
 
 # Seconds a closed engine link waits for the job's own report before failing the requests.
 _LINK_GRACE = 1.0
-_RANKS = re.compile(r"rank(?:s|\(s\))?[^0-9\[]{0,30}\[?([0-9][0-9, ]*)")
+# How mlxdist's errors and the launcher's reports name the ranks at fault.
+_RANKS = (
+    re.compile(r"ranks not (?:responding|arrived): \[([0-9, ]+)\]"),
+    re.compile(r"rank\(s\) \[([0-9, ]+)\]"),
+    re.compile(r"rank ([0-9]+) (?:was lost|was killed|exited|died|left|stopped)"),
+)
 
 
 @dataclass
@@ -55,11 +60,12 @@ class Pending:
 
 def lost_ranks(message: str, own_rank: Optional[int] = None) -> list[int]:
     """The ranks a failure message names (best effort), without the reporting rank itself."""
-    ranks: set[int] = set()
-    for match in _RANKS.finditer(message):
-        ranks.update(int(r) for r in re.findall(r"\d+", match.group(1)))
-    ranks.discard(own_rank) if own_rank is not None else None
-    return sorted(ranks)
+    for pattern in _RANKS:  # the most specific naming first
+        ranks = {int(r) for match in pattern.finditer(message) for r in re.findall(r"[0-9]+", match.group(1))}
+        ranks.discard(-1 if own_rank is None else own_rank)
+        if ranks:
+            return sorted(ranks)
+    return []
 
 
 class Broker:
@@ -80,6 +86,7 @@ class Broker:
         self.plan: dict[str, Any] = {}
         self.reason: Optional[str] = None
         self.failed_ranks: list[int] = []
+        self._named = False
         self.stats: dict[str, Any] = {}
         self.pending: dict[str, Pending] = {}
         self.cancelled_at: dict[str, int] = {}
@@ -181,12 +188,12 @@ class Broker:
             source: ``"engine"`` (rank 0 said why), ``"link"`` (its link closed)
                 or ``"job"`` (the launcher's report, added to the reason).
         """
-        if ranks is None and source == "engine":
-            ranks = lost_ranks(reason, own_rank=0 if reason.startswith("rank 0:") else None)
-        if ranks:
-            # What the engine named (the lost peer) beats the launcher's first exit.
-            if source == "engine" or not self.failed_ranks:
-                self.failed_ranks = sorted(ranks)
+        named = lost_ranks(reason, own_rank=0 if reason.startswith("rank 0:") else None)
+        # The lost peer an error names beats the launcher's first exit (often the rank that noticed).
+        if named and (source == "engine" or not self._named):
+            self.failed_ranks, self._named = named, True
+        elif ranks and not self.failed_ranks:
+            self.failed_ranks = sorted(ranks)
         if self.state == "failed":
             if source == "job":
                 self.reason = f"{self.reason}; {reason}"
