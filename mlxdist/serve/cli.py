@@ -89,10 +89,12 @@ def _config(args: argparse.Namespace) -> Any:
 def _front_door(args: argparse.Namespace) -> Any:
     from mlxdist.serve.frontdoor import FrontDoor
 
-    door = FrontDoor(_config(args), host=args.host, port=args.port,
-                     max_inflight=args.max_concurrent + args.max_queue, stall=2 * args.timeout + 10)
+    return FrontDoor(host=args.host, port=args.port, max_inflight=args.max_concurrent + args.max_queue,
+                     stall=2 * args.timeout + 10)
+
+
+def _announce(args: argparse.Namespace, door: Any) -> None:
     print(f"mlxdist-serve: serving on http://{args.host}:{door.port}/v1", file=sys.stderr, flush=True)
-    return door
 
 
 class _Tee:
@@ -119,6 +121,10 @@ def _start_ranks(command: list[str], n: int, backend: str, env: dict[str, str], 
 
 
 def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from mlxdist.errors import InvalidArgumentError
+
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise InvalidArgumentError(f"{args.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
     door = _front_door(args)
     tee = _Tee(sys.stderr)
     outcome: dict[str, Any] = {}
@@ -140,8 +146,10 @@ def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
             door.stop()
 
     job = threading.Thread(target=run_job, name="mlxdist-serve-job", daemon=True)
-    job.start()
-    door.run()
+    job.start()  # the ranks start while this process reads the tokenizer
+    config = _config(args)
+    _announce(args, door)
+    door.run(config)
     stopping.set()
     job.join(timeout=args.timeout + 15)
     reason, ranks = door.failure()
@@ -174,7 +182,8 @@ def _serve_rank(args: argparse.Namespace) -> int:
             address, token = os.environ[_LINK], os.environ.get(_TOKEN, "")
         else:
             door = _front_door(args)
-            door.start_thread()
+            door.start_thread(_config(args))
+            _announce(args, door)
             address, token = door.link_address, door.token
         link = LinkClient(address, token)
     try:

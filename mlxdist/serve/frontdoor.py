@@ -62,17 +62,16 @@ def load_config(model_dir: str, *, max_tokens: int, api_key: Optional[str], max_
 
 
 class FrontDoor:
-    """HTTP server plus engine link.
+    """HTTP server plus engine link. Both sockets are bound at once; serving starts with :meth:`run`.
 
     Args:
-        config: The app's configuration.
         host: Address to serve HTTP on.
         port: HTTP port (0: any free one; see :attr:`port` once started).
         max_inflight: Requests admitted at once (more get 429).
         stall: Seconds of engine silence with requests running before failing.
     """
 
-    def __init__(self, config: ServeConfig, *, host: str, port: int, max_inflight: int, stall: float) -> None:
+    def __init__(self, *, host: str, port: int, max_inflight: int, stall: float) -> None:
         self.token = secrets.token_hex(16)
         self.link_socket = socket.create_server(("127.0.0.1", 0))
         self.link_address = f"127.0.0.1:{self.link_socket.getsockname()[1]}"
@@ -83,10 +82,8 @@ class FrontDoor:
         self.broker = Broker(self.token, max_inflight=max_inflight, stall=stall)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.started = threading.Event()
-        app = build_app(self.broker, config)
-        app.router.lifespan_context = self._lifespan
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=3))
+        self.server: Optional[uvicorn.Server] = None
+        self._exit = False
         self._thread: Optional[threading.Thread] = None
 
     @asynccontextmanager
@@ -99,22 +96,30 @@ class FrontDoor:
         finally:
             await self.broker.shutdown()
 
-    def _serve(self) -> None:
+    def run(self, config: ServeConfig) -> None:
+        """Serve on this thread until :meth:`stop` (or SIGINT/SIGTERM on the main thread).
+
+        Args:
+            config: The app's configuration.
+        """
+        app = build_app(self.broker, config)
+        app.router.lifespan_context = self._lifespan
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=3))
+        self.server.should_exit = self._exit
         self.server.run(sockets=[self.http_socket])
 
-    def run(self) -> None:
-        """Serve on this thread until :meth:`stop` (or SIGINT/SIGTERM on the main thread)."""
-        self._serve()
-
-    def start_thread(self) -> None:
+    def start_thread(self, config: ServeConfig) -> None:
         """Serve on a daemon thread; returns once the link accepts the engine."""
-        self._thread = threading.Thread(target=self._serve, name="mlxdist-serve-http", daemon=True)
+        self._thread = threading.Thread(target=self.run, args=(config,), name="mlxdist-serve-http", daemon=True)
         self._thread.start()
         self.started.wait(30)
 
     def call(self, function: Any, *args: Any) -> None:
-        """Run ``function(*args)`` on the front door's event loop (from any thread)."""
-        if self.loop is not None and not self.loop.is_closed():
+        """Run ``function(*args)`` on the front door's event loop (from any thread; at once before it runs)."""
+        if self.loop is None:
+            function(*args)
+        elif not self.loop.is_closed():
             self.loop.call_soon_threadsafe(function, *args)
 
     def fail(self, reason: str, ranks: Optional[list[int]] = None) -> None:
@@ -122,8 +127,10 @@ class FrontDoor:
         self.call(functools.partial(self.broker.fail, reason, ranks, source="job"))
 
     def stop(self) -> None:
-        """Ask uvicorn to finish (thread-safe)."""
-        self.server.should_exit = True
+        """Ask uvicorn to finish (thread-safe; before it starts, it will not)."""
+        self._exit = True
+        if self.server is not None:
+            self.server.should_exit = True
 
     def join(self, timeout: float) -> None:
         """Wait for the serving thread (started with :meth:`start_thread`)."""
