@@ -406,3 +406,77 @@ def test_a_lost_rank_ends_every_request_and_the_job_naming_it(checkpoint, tmp_pa
     finally:
         for server in servers.values():
             server.close()
+
+
+# -- the parts, in this process ---------------------------------------------------
+
+
+def test_link_messages_follow_the_schema():
+    from mlxdist.serve.protocol import ProtocolError, decode, encode
+
+    line = encode("submit", id="a", prompt=[1, 2], max_tokens=3, temperature=0.0, top_p=1.0, seed=5)
+    assert decode(line)["prompt"] == [1, 2]
+    bad = [
+        b"not json\n",
+        b"[1, 2]\n",
+        b'{"type": "exec", "code": "import os"}\n',
+        b'{"type": "cancel"}\n',
+        b'{"type": "cancel", "id": "a", "extra": 1}\n',
+        b'{"type": "cancel", "id": 7}\n',
+        b'{"type": "submit", "id": "a", "prompt": [1, -2], "max_tokens": 3, "temperature": 0, "top_p": 1, "seed": 0}\n',
+        b'{"type": "submit", "id": "a", "prompt": [], "max_tokens": 3, "temperature": 0, "top_p": 1, "seed": 0}\n',
+        b'{"type": "submit", "id": "a", "prompt": [1], "max_tokens": true, "temperature": 0, "top_p": 1, "seed": 0}\n',
+        b'{"type": "step", "events": [["a", "tok", null]], "stats": {}}\n',
+    ]
+    for line in bad:
+        with pytest.raises(ProtocolError):
+            decode(line)
+    with pytest.raises(ProtocolError):
+        encode("cancel", id=3)
+
+
+def test_seeded_sampling_depends_only_on_the_seed_and_top_p_keeps_the_nucleus():
+    import mlx.core as mx
+    import numpy as np
+
+    from mlxdist.serve.sampling import SeededSampler
+
+    logprobs = mx.log(mx.softmax(mx.random.normal((1, 50), key=mx.random.key(0)) * 3, axis=-1))
+
+    def draws(seed: int, top_p: float = 1.0, n: int = 40) -> list[int]:
+        sampler = SeededSampler(1.0, top_p, seed)
+        return [int(sampler(logprobs)[0]) for _ in range(n)]
+
+    assert draws(11) == draws(11)
+    assert draws(11) != draws(12)
+    probs = np.array(mx.softmax(logprobs, axis=-1))[0]
+    order = np.argsort(-probs)
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1].tolist())
+    assert set(draws(3, top_p=0.5, n=200)) <= nucleus
+    assert draws(3, top_p=1e-9, n=5) == [int(order[0])] * 5
+
+
+def test_stop_strings_cut_the_text_and_are_never_streamed(reference):
+    from mlxdist.serve.text import TextAssembler
+
+    tokenizer = reference.tokenizer
+    tokens = tokenizer.encode("the cat sat on the mat")
+    assembler = TextAssembler(tokenizer, ["on th"], {2})
+    pieces, finish = [], None
+    for token in tokens:
+        piece, finish = assembler.add(token, None)
+        pieces.append(piece)
+        if finish:
+            break
+    assert "".join(pieces) == "the cat sat " and finish == "stop"
+
+
+def test_failure_messages_name_the_lost_ranks():
+    from mlxdist.serve.broker import lost_ranks
+
+    assert lost_ranks("rank 0: DeadlineExceeded: step #3 did not complete within 3 s; ranks not responding: [1]",
+                      own_rank=0) == [1]
+    assert lost_ranks("mlxdist.launch: rank 0 exited with 75; killed the others; mlxdist.launch: first failure, "
+                      "reported by rank 0: all_sum #9: ranks not arrived: [2]; ranks not responding: [2, 3]") == [2, 3]
+    assert lost_ranks("mlxdist.launch: rank 1 was killed by SIGKILL; killed the others") == [1]
+    assert lost_ranks("rank 0's engine closed its link to the front door") == []

@@ -92,6 +92,7 @@ class Broker:
         self.cancelled_at: dict[str, int] = {}
         self.failed = asyncio.Event()
         self._writer: Optional[asyncio.StreamWriter] = None
+        self._link_task: Optional[asyncio.Task] = None
         self._server: Optional[asyncio.base_events.Server] = None
         self._stats_wait: Optional[asyncio.Future] = None
         self._heard = time.monotonic()
@@ -118,6 +119,7 @@ class Broker:
             writer.close()
             return
         self._writer = writer
+        self._link_task = asyncio.current_task()
         self._heard = time.monotonic()
         try:
             while True:
@@ -267,6 +269,10 @@ class Broker:
                 await self._writer.drain()
             except (ApiError, OSError):
                 pass
+            self._writer.close()
+        if self._link_task is not None:
+            # Let the link's reader see the close and end before the loop does.
+            await asyncio.wait({self._link_task}, timeout=2)
         if self._server is not None:
             self._server.close()
         for task in self._tasks:

@@ -168,11 +168,17 @@ class Engine:
 
     def _submit(self, request: dict[str, Any]) -> None:
         rid = request["id"]
-        prompt = request["prompt"]
-        if rid in self.uid_of or any(t >= self.vocab_size for t in prompt):
-            self._send("rejected", id=rid, message=f"token ids must be below the vocabulary size {self.vocab_size}"
-                       if rid not in self.uid_of else f"request id {rid!r} is already running")
+        problem = None
+        if rid in self.uid_of:
+            problem = f"request id {rid!r} is already running"
+        elif any(t >= self.vocab_size for t in request["prompt"]):
+            problem = f"token ids must be below the vocabulary size {self.vocab_size}"
+        elif request["max_tokens"] < 1 or request["temperature"] < 0 or not 0 < request["top_p"] <= 1:
+            problem = "max_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]"
+        if problem is not None:  # every rank skips it alike; rank 0 says why
+            self._send("rejected", id=rid, message=problem)
             return
+        prompt = request["prompt"]
         sampler = sampler_for(request["temperature"], request["top_p"], request["seed"])
         (uid,) = self.generator.insert([prompt], max_tokens=[request["max_tokens"]], samplers=[sampler])
         self.uid_of[rid], self.id_of[uid] = uid, rid

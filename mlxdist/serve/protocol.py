@@ -13,7 +13,7 @@ Front door -> engine:
 - ``submit``: ``id``, ``prompt`` (token ids), ``max_tokens``,
   ``temperature``, ``top_p``, ``seed``.
 - ``cancel``: ``id``.
-- ``stats``: ask every rank for its counters.
+- ``stats_request``: ask every rank for its counters.
 - ``shutdown``: end the job cleanly.
 
 Engine -> front door:
@@ -46,7 +46,6 @@ _NUMBER = (int, float)
 _STR = (str,)
 _LIST = (list,)
 _DICT = (dict,)
-_FINISH = (str, type(None))
 
 # message type -> {field: allowed Python types}; ``type`` is implicit.
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -101,7 +100,7 @@ def check(message: Any) -> dict[str, Any]:
     if fields != set(schema):
         raise ProtocolError(f"{kind} message has fields {sorted(fields)}, expected {sorted(schema)}")
     for name, types in schema.items():
-        if not _is(message[name], types) and not (types is _FINISH and message[name] is None):
+        if not _is(message[name], types):
             raise ProtocolError(f"{kind}.{name} must be {'/'.join(t.__name__ for t in types)}")
     if kind == "submit":
         prompt = message["prompt"]
