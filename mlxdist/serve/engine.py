@@ -22,35 +22,17 @@ import time
 from typing import Any, Optional
 
 import mlx.core as mx
-import numpy as np
 
+import mlxdist
 from mlxdist.deadline import watched
 from mlxdist.errors import DistributedError
 from mlxdist.group import Group
 from mlxdist.serve.protocol import LinkClient, ProtocolError
 from mlxdist.serve.sampling import sampler_for
 
-__all__ = ["Engine", "broadcast_json"]
+__all__ = ["Engine"]
 
 logger = logging.getLogger("mlxdist.serve")
-
-
-def broadcast_json(value: Any, root: int, group: Group) -> Any:
-    """Rank ``root``'s JSON value on every rank (mlxdist's broadcast_object, without pickle)."""
-    import mlxdist
-
-    broadcast = getattr(mlxdist, "broadcast_object", None)
-    if broadcast is not None:
-        return broadcast(value, root=root, group=group, pickle=False)
-    # Until mlxdist.broadcast_object is available: the length, then the bytes, by all_sum.
-    import json
-
-    mine = json.dumps(value).encode() if group.rank() == root else b""
-    length = int(np.asarray(group.all_sum(np.array([len(mine)], dtype=np.int64)))[0])
-    buffer = np.zeros(length, dtype=np.uint8)
-    if mine:
-        buffer[:] = np.frombuffer(mine, dtype=np.uint8)
-    return json.loads(np.asarray(group.all_sum(buffer)).astype(np.uint8).tobytes())
 
 
 class _CountingModel:
@@ -226,12 +208,12 @@ class Engine:
         """
         if self.link is not None:
             threading.Thread(target=self._read_link, name="mlxdist-serve-link", daemon=True).start()
-        pids = np.asarray(self.group.all_gather(np.array([os.getpid()], dtype=np.int64))).reshape(-1)
-        self._send("ready", plan={**self.plan, "ranks": self.size, "pids": [int(p) for p in pids]})
+        pids = mlxdist.all_gather_object(os.getpid(), group=self.group)
+        self._send("ready", plan={**self.plan, "ranks": self.size, "pids": pids})
         try:
             while True:
                 work = self._collect() if self.rank == 0 else None
-                work = broadcast_json(work, 0, self.group)
+                work = mlxdist.broadcast_object(work, 0, group=self.group)
                 self.step = work["step"] + 1
                 self.counters["steps"] += 1
                 if work["stop"]:
@@ -241,9 +223,7 @@ class Engine:
                 for rid, received_at in work["cancel"]:
                     self._cancel(rid, received_at)
                 if work["stats"]:
-                    mine = self._stats()
-                    per_rank = [broadcast_json(mine, r, self.group) for r in range(self.size)]
-                    self._send("stats", ranks=per_rank)
+                    self._send("stats", ranks=mlxdist.all_gather_object(self._stats(), group=self.group))
                 if self.uid_of:
                     events = self._decode()
                     if events:
