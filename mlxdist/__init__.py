@@ -13,7 +13,6 @@ Quick start (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 
 from mlxdist.backends import Backend, detect_backend, is_available
 from mlxdist.buffers import asarray, empty, is_registered, set_cache_limit, zeros
-from mlxdist.deadline import evaluate as eval  # noqa: A001  (mx.eval under the deadline)
 from mlxdist.deadline import set_timeout as _set_timeout
 from mlxdist.errors import (
     AllocationError,
@@ -48,6 +47,7 @@ from mlxdist.world import (
     all_min,
     all_sum,
     barrier,
+    evaluate as eval,  # noqa: A001  (mx.eval under the deadline)
     init,
     recv,
     recv_like,

@@ -14,7 +14,7 @@ import numpy as np
 from mlxdist._c import lib
 from mlxdist.errors import DtypeError
 
-__all__ = ["DType", "DTYPES", "DTypeLike", "code_of_numpy", "code_of_mlx", "parse_dtype", "storage_dtype", "mlx_dtype"]
+__all__ = ["DType", "DTYPES", "DTypeLike", "code_of_numpy", "code_of_mlx", "parse_dtype", "storage_dtype", "mlx_dtype", "name_of_code"]
 
 DTypeLike = Union[np.dtype, type, str, mx.Dtype]
 
@@ -102,3 +102,9 @@ def storage_dtype(code: int) -> np.dtype:
 def mlx_dtype(code: int) -> mx.Dtype:
     """MLX's dtype for an ``mlx_dtype`` code."""
     return _BY_CODE[code].mlx
+
+
+def name_of_code(code: int) -> str:
+    """The name of an ``mlx_dtype`` code (``"float32"``...), or the code itself if unknown."""
+    row = _BY_CODE.get(code)
+    return str(code) if row is None else str(row.mlx).removeprefix("mlx.core.")

@@ -1,22 +1,22 @@
-"""Check that the compiled extension is linked and usable: ``python -m mlxdist.linkcheck``.
+"""What the import cannot promise about mlxdist's build: ``python -m mlxdist.linkcheck``.
 
-It reports, and exits non-zero when any check fails:
+Importing :mod:`mlxdist._c` already loads both extensions, resolves every C
+function they declare, checks that the MLX they were compiled against is the
+one running and that the bridge sees mlx.core's nanobind types (else the
+import fails, saying so). This checks, and exits non-zero when a check fails:
 
-- every ``mlx_distributed_*`` function the cdef declares resolves in the built
-  extension, and the side-effect-free ones run (``is_available`` per backend,
-  ``group_new``/``group_free``, a non-strict ``init`` with ``group_rank``,
-  ``group_size`` and ``group_free``);
-- the libmlx the extension loaded is the file the ``mlx`` package loaded, and
-  the MLX version compiled against is the one running;
-- the bridge (``mlxdist._bridge``): its nanobind internals key, mlx.core's
-  (the interpreter's ``__nb_internals_*`` keys), and a round trip of an
-  mx.array through an ``mlx_array`` handle and through a lazy all_sum that
-  keeps the graph node and leaves it unevaluated;
-- which backends are available here and, for each backend and operation,
-  whether MLX provides it natively, mlxdist fills it in, or it is unavailable
-  (from :data:`mlxdist.backends.CAPABILITIES`).
+- the libmlx the extension loaded is the one file the ``mlx`` package loaded
+  (two would be two engines that share no group);
+- the side-effect-free ``mlx_distributed_*`` functions run (``is_available``
+  per backend, ``group_new``/``group_free``, a non-strict ``init`` with
+  ``group_rank``, ``group_size`` and ``group_free``);
+- an mx.array goes through the bridge and back, and through a lazy all_sum,
+  keeping its graph node, unevaluated;
 
-Output is a table, or JSON with ``--json``.
+and it prints, for each backend and operation, whether MLX provides it
+natively, mlxdist fills it in, or it is unavailable (from
+:data:`mlxdist.backends.CAPABILITIES`), with the versions and the libmpi in
+use. Output is a table, or JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -34,11 +34,9 @@ __all__ = [
     "Check",
     "LinkReport",
     "declared_functions",
-    "resolve_functions",
     "call_side_effect_free",
     "mapped_libmlx_files",
     "check_libmlx",
-    "check_versions",
     "check_bridge",
     "operation_table",
     "run_checks",
@@ -47,8 +45,6 @@ __all__ = [
 
 DISTRIBUTED_PREFIX = "mlx_distributed_"
 BACKEND_NAMES = ("ring", "mpi", "jaccl", "nccl")
-# The suffix of the internals key of nanobind's domain "mlx" (mlx.core's).
-MLX_DOMAIN_SUFFIX = "_mlx__"
 
 _LIBMLX_NAME = re.compile(r"^libmlx\.(so|dylib)(\.|$)")
 
@@ -61,7 +57,7 @@ class Check:
         name: What was checked.
         ok: Whether it passed.
         detail: The value seen, or why it failed.
-        function: The C function the check resolved or called, if any.
+        function: The C function the check called, if any.
     """
 
     name: str
@@ -77,10 +73,8 @@ class LinkReport:
     extension: str = ""
     checks: list[Check] = field(default_factory=list)
     declared: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
     libmlx: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
-    bridge: dict[str, Any] = field(default_factory=dict)
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
     mpi_library: str = ""
 
@@ -117,31 +111,6 @@ def declared_functions(lib: Any, prefix: str = DISTRIBUTED_PREFIX) -> list[str]:
         if name.startswith(prefix) and not isinstance(getattr(lib, name, None), int):
             names.append(name)
     return sorted(names)
-
-
-def resolve_functions(ffi: Any, lib: Any, names: Sequence[str]) -> list[Check]:
-    """Resolve each function in ``lib`` and take its address.
-
-    Args:
-        ffi: The extension's ``ffi``.
-        lib: The extension's ``lib``.
-        names: Function names to resolve.
-
-    Returns:
-        One :class:`Check` per name: ok when it resolves to a callable with a
-        non-null address; the detail is its C type or the error.
-    """
-    checks = []
-    for name in names:
-        try:
-            func = getattr(lib, name)
-            address = ffi.cast("uintptr_t", ffi.addressof(lib, name))
-            ok = callable(func) and int(address) != 0
-            detail = ffi.typeof(func).cname if ok else "null address"
-        except Exception as exc:  # AttributeError, ffi.error: the name does not resolve
-            ok, detail = False, f"{type(exc).__name__}: {exc}"
-        checks.append(Check(f"resolve {name}", ok, detail, function=name))
-    return checks
 
 
 def _call(function: str, label: str, action: Callable[[], tuple[bool, str, Any]]) -> tuple[Check, Any]:
@@ -220,7 +189,7 @@ def call_side_effect_free(ffi: Any, lib: Any, init_backend: str) -> list[Check]:
     return checks
 
 
-# -- libmlx and versions -----------------------------------------------------
+# -- libmlx ------------------------------------------------------------------
 
 
 def _linux_mapped_files() -> list[str]:
@@ -280,49 +249,12 @@ def check_libmlx(ffi: Any, lib: Any, mapped: list[str] | None) -> tuple[Check, d
     return Check("libmlx is shared with mlx", same, detail), info
 
 
-def _release(version: str) -> str:
-    return version.split(".dev")[0].split("+")[0]
-
-
-def check_versions() -> tuple[list[Check], dict[str, str]]:
-    """Compare the MLX version compiled against, libmlx's, and the mlx package's.
-
-    Returns:
-        The checks and the versions seen.
-    """
-    import mlx.core as mx
-
-    from mlxdist._c import compiled_mlx_version, running_mlx_version
-
-    versions = {
-        "compiled": compiled_mlx_version(),
-        "libmlx": running_mlx_version(),
-        "mlx_python": str(mx.__version__),
-    }
-    checks = [
-        Check(
-            "compiled MLX == running libmlx",
-            _release(versions["compiled"]) == _release(versions["libmlx"]),
-            f"{versions['compiled']} / {versions['libmlx']}",
-        ),
-        Check(
-            "running libmlx == mlx package",
-            _release(versions["libmlx"]) == _release(versions["mlx_python"]),
-            f"{versions['libmlx']} / {versions['mlx_python']}",
-        ),
-    ]
-    return checks, versions
-
-
 # -- the bridge --------------------------------------------------------------
 
 
-def check_bridge(bridge: Any) -> tuple[list[Check], dict[str, Any]]:
-    """Check the nanobind bridge against mlx.core and round-trip an array through it.
+def check_bridge(bridge: Any) -> list[Check]:
+    """Round-trip an mx.array through the bridge, and through a lazy all_sum.
 
-    - its internals key is mlx.core's: the interpreter holds exactly one key of
-      nanobind's domain ``mlx``, and it is the bridge's;
-    - its MLX version is the running one;
     - an unevaluated mx.array through ``to_handle``/``from_handle`` (an
       ``mlx_array`` ctx and back) keeps its graph node and stays unevaluated;
     - a lazy all_sum through the bridge on the single-process world returns
@@ -333,29 +265,9 @@ def check_bridge(bridge: Any) -> tuple[list[Check], dict[str, Any]]:
         bridge: The ``mlxdist._bridge`` module.
 
     Returns:
-        The checks and what was seen (keys, versions).
+        The checks.
     """
     import mlx.core as mx
-
-    from mlxdist._c import running_mlx_version
-
-    keys = sorted(str(k) for k in bridge.internals_keys())
-    mlx_keys = [k for k in keys if k.endswith(MLX_DOMAIN_SUFFIX)]
-    own = str(bridge.internals_key)
-    info: dict[str, Any] = {
-        "module": getattr(bridge, "__file__", "") or "",
-        "internals_key": own,
-        "mlx_core_key": mlx_keys[0] if len(mlx_keys) == 1 else mlx_keys,
-        "interpreter_keys": keys,
-        "compiled_mlx_version": str(bridge.compiled_mlx_version),
-    }
-    checks = [
-        Check("bridge internals key == mlx.core's", mlx_keys == [own],
-              f"bridge: {own}; domain mlx in this interpreter: {', '.join(mlx_keys) or 'none'}"),
-        Check("bridge compiled MLX == running libmlx",
-              _release(info["compiled_mlx_version"]) == _release(running_mlx_version()),
-              f"{info['compiled_mlx_version']} / {running_mlx_version()}"),
-    ]
 
     def round_trip() -> tuple[bool, str, None]:
         x = mx.arange(4, dtype=mx.float32) + 1  # a graph node, not evaluated
@@ -364,8 +276,6 @@ def check_bridge(bridge: Any) -> tuple[list[Check], dict[str, Any]]:
         after, source = bridge.node(back), bridge.node(x)
         ok = after == before == source and before[1] == 0
         return ok, f"node {before} -> {after}, source still {source}", None
-
-    checks.append(_call("", "bridge round trip keeps the node, unevaluated", round_trip)[0])
 
     def lazy_all_sum() -> tuple[bool, str, None]:
         import mlxdist
@@ -382,8 +292,10 @@ def check_bridge(bridge: Any) -> tuple[list[Check], dict[str, Any]]:
         ok = lazy and values == [1.0, 2.0, 3.0, 4.0] and y.dtype == mx.float32
         return ok, f"node {node} (input {source}), values {values}", None
 
-    checks.append(_call("mlx_distributed_all_sum", "lazy all_sum through the bridge (size-1 world)", lazy_all_sum)[0])
-    return checks, info
+    return [
+        _call("", "bridge round trip keeps the node, unevaluated", round_trip)[0],
+        _call("mlx_distributed_all_sum", "lazy all_sum through the bridge (size-1 world)", lazy_all_sum)[0],
+    ]
 
 
 # -- backends ----------------------------------------------------------------
@@ -413,19 +325,6 @@ def operation_table(capabilities: Mapping[Any, Any], available: Mapping[str, boo
 # -- driver ------------------------------------------------------------------
 
 
-def _load_extension(report: LinkReport) -> tuple[Any, Any, Any] | None:
-    try:
-        from mlxdist import _cmlx
-        from mlxdist._c import bridge, ffi, lib
-    except ImportError as exc:
-        report.checks.append(Check("load mlxdist._cmlx and mlxdist._bridge", False, str(exc)))
-        return None
-    report.extension = getattr(_cmlx, "__file__", "") or ""
-    report.checks.append(Check("load mlxdist._cmlx", True, report.extension))
-    report.checks.append(Check("load mlxdist._bridge", True, getattr(bridge, "__file__", "") or ""))
-    return ffi, lib, bridge
-
-
 def run_checks() -> LinkReport:
     """Run every check.
 
@@ -433,31 +332,28 @@ def run_checks() -> LinkReport:
         The :class:`LinkReport` (its ``ok`` says whether all passed).
     """
     report = LinkReport()
-    loaded = _load_extension(report)
-    if loaded is None:
+    try:
+        import mlx.core as mx
+
+        from mlxdist import _cmlx
+        from mlxdist._c import bridge, compiled_mlx_version, ffi, lib, running_mlx_version
+    except ImportError as exc:  # the import's own guarantees failed: it says which
+        report.checks.append(Check("import mlxdist._c", False, str(exc)))
         return report
-    ffi, lib, bridge = loaded
     from mlxdist._mpi import LIBNAME_VARIABLE, default_library_name, select_library
     from mlxdist.backends import CAPABILITIES, detect_backend
 
+    report.extension = getattr(_cmlx, "__file__", "") or ""
+    report.versions = {"compiled": compiled_mlx_version(), "libmlx": running_mlx_version(),
+                       "mlx_python": str(mx.__version__)}
     select_library()  # the libmpi mlxdist.init would use, before MLX first loads one
     report.mpi_library = os.environ.get(LIBNAME_VARIABLE) or default_library_name()
     report.declared = declared_functions(lib)
-    if not report.declared:
-        report.checks.append(Check("declared mlx_distributed_* functions", False, "none declared"))
-    resolved = resolve_functions(ffi, lib, report.declared)
-    report.missing = [name for name, c in zip(report.declared, resolved) if not c.ok]
-    report.checks.extend(resolved)
     launched = detect_backend()
     report.checks.extend(call_side_effect_free(ffi, lib, launched.value if launched else "ring"))
-
     libmlx_check, report.libmlx = check_libmlx(ffi, lib, mapped_libmlx_files())
     report.checks.append(libmlx_check)
-    version_checks, report.versions = check_versions()
-    report.checks.extend(version_checks)
-    bridge_checks, report.bridge = check_bridge(bridge)
-    report.checks.extend(bridge_checks)
-
+    report.checks.extend(check_bridge(bridge))
     available = {b: bool(lib.mlx_distributed_is_available(b.encode())) for b in BACKEND_NAMES}
     report.backends = operation_table(CAPABILITIES, available)
     return report
@@ -476,28 +372,17 @@ def render(report: LinkReport, console: Any) -> None:
     """
     from rich.table import Table
 
-    functions = Table(title="mlx_distributed_* functions declared by the extension", title_justify="left")
-    for column in ("function", "resolved", "called"):
-        functions.add_column(column)
-    for name in report.declared:
-        own = [c for c in report.checks if c.function == name]
-        resolved = all(c.ok for c in own if c.name.startswith("resolve "))
-        calls = "\n".join(
-            f"{c.name} -> {c.detail}" if c.ok else f"[bold red]{c.name} -> {c.detail}[/]"
-            for c in own
-            if not c.name.startswith("resolve ")
-        )
-        functions.add_row(name, _status(resolved), calls or "[dim]resolved only[/]")
-    console.print(functions)
-
-    others = Table(title="checks", title_justify="left")
+    checks = Table(title="checks", title_justify="left")
     for column in ("check", "result", "detail"):
-        others.add_column(column, overflow="fold")
+        checks.add_column(column, overflow="fold")
     for c in report.checks:
-        if not c.function or c.function not in report.declared:
-            others.add_row(c.name, _status(c.ok), c.detail)
-    console.print(others)
-
+        checks.add_row(c.name, _status(c.ok), c.detail)
+    console.print(checks)
+    called = {c.function for c in report.checks}
+    console.print("mlx_distributed_* functions (all resolved at import; * called here): " + ", ".join(
+        f"{name}{'*' if name in called else ''}" for name in report.declared))
+    console.print("MLX: " + ", ".join(f"{k} {v}" for k, v in report.versions.items())
+                  + f"; libmpi: {report.mpi_library}")
     if report.backends:
         from mlxdist.backends import OPERATIONS
 
@@ -530,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="python -m mlxdist.linkcheck",
-        description="Check that mlxdist's extension is linked to the MLX the mlx package uses.",
+        description="Check what importing mlxdist cannot: one libmlx, the C calls, the bridge; print the operations per backend.",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)

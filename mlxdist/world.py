@@ -14,8 +14,8 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxdist._c import lib
 from mlxdist import deadline
+from mlxdist._c import lib
 from mlxdist._c.gate import WorldState
 from mlxdist._c.gate import check as check_rc  # (init has its own check= argument)
 from mlxdist._c.handles import GroupHandle
@@ -40,6 +40,7 @@ __all__ = [
     "recv",
     "recv_like",
     "barrier",
+    "evaluate",
 ]
 
 _state_lock = threading.Lock()
@@ -113,15 +114,16 @@ def init(
         prepare_mpi()
     if chosen is not None and not is_available(chosen):
         raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
+    ring = None
     if chosen is Backend.RING and (strict or "MLX_HOSTFILE" in os.environ or "MLX_RANK" in os.environ):
-        ring_config()
+        ring = ring_config()
     settings = deadline.settings_from(timeout, check)
     handle = GroupHandle()
     # With no launcher, ring's non-strict init answers at once with a
     # single-process group, where MPI would start a singleton MPI job.
     name = (chosen or Backend.RING).value.encode()
     with _state_lock:
-        pending = deadline.before_init(chosen and chosen.value, settings)
+        pending = deadline.before_init(chosen and chosen.value, settings, ring)
         rc = lib.mlx_distributed_init(handle.out, strict, name)
         check_rc(rc, f"init({(chosen or Backend.ANY).value})", InitializationError)
         size = lib.mlx_distributed_group_size(handle.value)
@@ -134,7 +136,7 @@ def init(
         if state is None:
             state = _worlds[kind] = WorldState(kind is Backend.MPI and size > 1 and provides_thread_multiple())
         group = Group(handle, kind, state)
-        deadline.after_init(group, state, pending, settings)
+        deadline.after_init(group, state, pending, settings, ring, lib.mlxdist_abandon_waits)
         if _world is None or _world.closed:
             _world = group
     return group
@@ -224,3 +226,18 @@ def recv_like(
 def barrier(*, group: Group | None = None) -> None:
     """:meth:`Group.barrier` on ``group`` (the world group when None)."""
     resolve_group(group).barrier()
+
+
+def evaluate(*arrays: object, group: Group | None = None, timeout: float | None = deadline.UNSET) -> None:
+    """``mx.eval`` under the world's deadline: the way to evaluate lazy collectives (``mlxdist.eval``).
+
+    Args:
+        *arrays: What ``mx.eval`` takes.
+        group: The group whose world the collectives use (the world group by default).
+        timeout: Seconds for this evaluation (the group's deadline by default).
+
+    Raises:
+        DeadlineExceeded, PeerLostError, MismatchError: as for eager calls.
+        CommunicationError: another communication failure inside the evaluation.
+    """
+    deadline.evaluate(*arrays, group=resolve_group(group), timeout=timeout)

@@ -1,23 +1,17 @@
-"""Fault trials: start ranks directly (no launcher killing the survivors), inject a
-fault, and measure what the survivors see. Used by test_faults.py and
-benchmarks/faults.py."""
+"""Fault trials: start ranks through the launch plan (as the launcher does, but
+watched here: nothing ends the survivors early), inject a fault, and measure
+what the survivors see. Used by test_faults.py and benchmarks/faults.py."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxdist.launch import free_ports
+from mlxdist.launch import plan_job
 
 WORKER = Path(__file__).parent / "workers" / "fault.py"
 # A trial that has not ended by then is a hang: everything is killed.
@@ -60,69 +54,29 @@ class Trial:
         return self.end_time - self.fault_time
 
 
-def _env(extra: dict[str, str], store_port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("MLX_RANK", "MLX_HOSTFILE", "MLXDIST_REPORT", "MLXDIST_TIMEOUT", "MLXDIST_CHECK"):
-        env.pop(key, None)
-    env.update(PYTHONUNBUFFERED="1", MLXDIST_STORE=f"127.0.0.1:{store_port}",
-               MLXDIST_JOB_TOKEN=secrets.token_hex(16))
-    env.update(extra)
-    return env
+class _Started:
+    """A job started through the launch plan, its output kept line by line (no prefixes)."""
 
-
-def mpirun_prefix(n: int) -> list[str]:
-    """``mpirun -np n`` with the options a local, oversubscribed, root run needs."""
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        raise FileNotFoundError("mpirun not found")
-    args = [mpirun, "-np", str(n), "--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        args.append("--allow-run-as-root")
-    if os.environ.get("MLX_MPI_LIBNAME"):
-        args += ["-x", "MLX_MPI_LIBNAME"]
-    return args
-
-
-def start(backend: str, n: int, argv: list[str], tmp: str, extra_env: dict[str, str] | None = None
-          ) -> tuple[list[subprocess.Popen], list[Path]]:
-    """Start ``argv`` as n ranks (each ring rank, or mpirun, in its own session).
-
-    Returns:
-        The processes and the files their output goes to.
-    """
-    ports = free_ports(n + 1)  # one call: distinct ports for the ranks and the store
-    env = _env(extra_env or {}, ports[-1])
-    procs, logs = [], []
-    if backend == "mpi":
-        log = Path(tmp, "mpirun.log")
-        procs.append(subprocess.Popen(mpirun_prefix(n) + argv, env=env, stdin=subprocess.DEVNULL,
-                                      stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-        logs.append(log)
-        return procs, logs
-    hostfile = Path(tmp, "hosts.json")
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[:n]]))
-    for r in range(n):
-        log = Path(tmp, f"rank{r}.log")
-        procs.append(subprocess.Popen(argv, env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)),
-                                      stdin=subprocess.DEVNULL, stdout=log.open("w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-        logs.append(log)
-    return procs, logs
-
-
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    """SIGKILL every process group still running (stopped ones included)."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
+    def __init__(self, backend: str, n: int, argv: list[str], extra_env: dict[str, str] | None) -> None:
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self.plan = plan_job(argv, n=n, backend=backend, env=extra_env)
         try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+            self.job = self.plan.start(self._line)
+        except BaseException:
+            self.plan.close()
+            raise
+
+    def _line(self, rank: int | None, stream: str, text: str) -> None:
+        with self._lock:
+            self.lines.append(text)
+
+    def stop(self) -> str:
+        """SIGKILL everything still running (stopped processes included); the output."""
+        self.job.end(grace=0.0)
+        self.plan.close()
+        with self._lock:
+            return "".join(line + "\n" for line in self.lines)
 
 
 _RESULT = re.compile(r"RESULT (\d+) (\w+) ([\d.]+) (.*)")
@@ -137,21 +91,20 @@ def run_trial(backend: str, n: int, fault: str, op: str, elements: int, timeout:
     """
     trial = Trial(backend, n, fault, op, elements, timeout)
     argv = [sys.executable, str(WORKER), fault, op, str(elements), str(timeout), str(n - 1), str(seed)]
-    with tempfile.TemporaryDirectory(prefix="mlxdist-fault-") as tmp:
-        procs, logs = start(backend, n, argv, tmp)
-        survivors = procs if backend == "mpi" else procs[:-1]
-        limit = time.monotonic() + HANG_LIMIT
-        try:
-            while any(p.poll() is None for p in survivors):
-                if time.monotonic() > limit:
-                    trial.hung = True
-                    break
-                time.sleep(0.01)
-            trial.end_time = time.time()
-        finally:
-            stop_all(procs)
-        trial.returncodes = [p.returncode for p in procs]
-        trial.output = "".join(log.read_text(errors="replace") for log in logs)
+    started = _Started(backend, n, argv, None)
+    procs = started.job.procs
+    survivors = procs if backend == "mpi" else procs[:-1]
+    limit = time.monotonic() + HANG_LIMIT
+    try:
+        while any(p.poll() is None for p in survivors):
+            if time.monotonic() > limit:
+                trial.hung = True
+                break
+            time.sleep(0.01)
+        trial.end_time = time.time()
+    finally:
+        trial.output = started.stop()
+    trial.returncodes = [p.returncode for p in procs]
     for line in trial.output.splitlines():
         if m := _FAULT.search(line):
             trial.fault_time = float(m.group(1))
@@ -196,18 +149,17 @@ class Job:
 def run_job(backend: str, n: int, argv: list[str], limit: float = HANG_LIMIT,
             extra_env: dict[str, str] | None = None) -> Job:
     """Run ``argv`` as n ranks until all exit, or kill them all after ``limit`` s (``hung``)."""
-    with tempfile.TemporaryDirectory(prefix="mlxdist-job-") as tmp:
-        procs, logs = start(backend, n, argv, tmp, extra_env)
-        t0 = time.monotonic()
-        hung = False
-        try:
-            while any(p.poll() is None for p in procs):
-                if time.monotonic() - t0 > limit:
-                    hung = True
-                    break
-                time.sleep(0.01)
-            elapsed = time.monotonic() - t0
-        finally:
-            stop_all(procs)
-        output = "".join(log.read_text(errors="replace") for log in logs)
+    started = _Started(backend, n, argv, extra_env)
+    procs = started.job.procs
+    t0 = time.monotonic()
+    hung = False
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() - t0 > limit:
+                hung = True
+                break
+            time.sleep(0.01)
+        elapsed = time.monotonic() - t0
+    finally:
+        output = started.stop()
     return Job(hung, elapsed, [p.returncode for p in procs], output)

@@ -1,4 +1,5 @@
-"""The battery (tests/suites/battery.py) on a size-1 world and on 2 and 4 real ranks."""
+"""The battery (tests/suites/battery.py) on a size-1 world and on 2 and 4 real ranks
+(in the launches shared per ranks and backend, tests/support/shared.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import mlxdist
 from conftest import BACKENDS
 from suites import battery
-from support import run_here, run_on_ranks
+from support import run_here
+from support.shared import SHARED, suite_results
 
 SUITE = "suites.battery:run"
 
@@ -23,9 +25,10 @@ def test_battery_on_size_one_world():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [2, 4])
 def test_battery_on_ranks(backend, n):
-    depth = "thorough" if n == 2 else "core"
-    run = run_on_ranks([SUITE], n, backend, {"depth": depth}, timeout=300)
-    results = run.of(SUITE)
+    # In the launch this (ranks, backend) shares with the other suites (support.shared).
+    depth = SHARED[(n, backend)][1]["depth"]
+    assert depth == ("thorough" if n == 2 else "core")
+    results, _ = suite_results(SUITE, n, backend)
     assert [r.rank for r in results] == list(range(n))
     least = 900 if depth == "thorough" else 300
     assert all(r.checks > least and r.failures == 0 for r in results), results

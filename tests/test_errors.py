@@ -18,7 +18,8 @@ from mlxdist._c.gate import check
 from mlxdist._c.handles import GroupHandle
 from mlxdist.backends import detect_backend
 from suites import errors
-from support import run_here, run_on_ranks
+from support import run_here
+from support.shared import suite_results
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -49,8 +50,8 @@ def test_c_errors_carry_their_kind_on_the_size_one_world():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_c_errors_carry_their_kind_on_two_ranks(backend):
-    run = run_on_ranks(["suites.errors:run"], 2, backend, timeout=120)
-    assert all(r.checks >= 20 and r.failures == 0 for r in run.of("suites.errors:run"))
+    results, _ = suite_results("suites.errors:run", 2, backend)  # the launch shared per (n, backend)
+    assert len(results) == 2 and all(r.checks >= 20 and r.failures == 0 for r in results)
 
 
 def test_the_kind_not_the_message_decides_the_class():

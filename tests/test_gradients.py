@@ -25,6 +25,8 @@ from mlxdist.nn.gradients import (
     plan_buckets,
 )
 
+from support.shared import worker_output
+
 
 class TwinRanks(mlxdist.Group):
     """A stand-in group of two ranks holding the same data: all_sum doubles.
@@ -193,11 +195,13 @@ def test_exported_from_mlxdist_nn() -> None:
 
 
 @pytest.mark.parametrize(("backend", "n"), [("ring", 2), ("mpi", 2), ("ring", 4)])
-def test_average_and_clip_on_ranks(ranks: Any, backend: str, n: int) -> None:
-    ranks("grad_ops.py", n, backend, timeout=120)
+def test_average_and_clip_on_ranks(backend: str, n: int) -> None:
+    # In the launch shared with the layer checks (tests/support/shared.py).
+    output = worker_output("grad_ops.py", n, backend)
+    assert sum("grad_ops rank" in line and ": ok" in line for line in output) == n
 
 
 @pytest.mark.parametrize(("backend", "n"), [("ring", 2), ("mpi", 2), ("mpi", 4)])
-def test_data_parallel_training_matches_one_process(ranks: Any, backend: str, n: int) -> None:
-    result = ranks("grad_train.py", n, backend, timeout=180)
-    assert sum("grad_train rank" in line for line in result.output) == n
+def test_data_parallel_training_matches_one_process(backend: str, n: int) -> None:
+    output = worker_output("grad_train.py", n, backend)
+    assert sum("grad_train rank" in line for line in output) == n

@@ -330,3 +330,51 @@ def test_the_launcher_waits_without_spinning():
     # The bar is < 5 % of a core; a 20 ms polling loop wakes ~200 times in 4 s.
     assert cpu1 - cpu0 < 0.2
     assert switches1 - switches0 < 20, switches1 - switches0
+
+
+def test_no_job_deadline_unless_asked(monkeypatch, tmp_path):
+    """No --timeout means no job deadline: launch(), the command line and mlxdist-generate
+    arm none, and a job that outlives a small stand-in default runs to completion."""
+    from mlxdist.launch import RunningJob
+    from mlxdist.lm.cli import build_parser
+
+    armed: list[float | None] = []
+    original = RunningJob.wait
+
+    def recording_wait(self, timeout=None, **kwargs):
+        armed.append(timeout)
+        return original(self, timeout, **kwargs)
+
+    monkeypatch.setattr(RunningJob, "wait", recording_wait)
+    # A stand-in for a long healthy job: it outlives the launcher's idle poll.
+    script = tmp_path / "slow.py"
+    script.write_text("import time; time.sleep(1.5); print('done')\n")
+    result = launch([sys.executable, str(script)], n=2, capture=True, stdout=io.StringIO(), stderr=io.StringIO())
+    assert result.ok and not result.timed_out and sorted(result.output) == ["[0] done\n", "[1] done\n"]
+    from mlxdist.launch import main
+
+    assert main(["-n", "1", "--", sys.executable, "-c", "pass"]) == 0
+    assert main(["-n", "1", "--timeout", "30", "--", sys.executable, "-c", "pass"]) == 0
+    assert armed == [None, None, 30.0]
+    assert build_parser().parse_args(["--model", "m", "--prompt", "p"]).timeout is None
+
+
+@pytest.mark.parametrize("backend", ["ring", "mpi"])
+def test_a_stopped_rank_ends_the_job_and_is_named(backend):
+    """SIGSTOP of rank 1 of 3: the survivors get the typed error within the operation's
+    deadline and exit 0; the launcher ends the stopped rank, exits non-zero and names it."""
+    op_deadline = 4.0
+    result = launch([sys.executable, str(WORKERS / "stopped_rank.py"), str(op_deadline)], n=3, backend=backend,
+                    capture=True, stdout=io.StringIO(), stderr=io.StringIO())
+    ended = time.time()
+    text = "".join(result.output)
+    stopped_at = [float(line.split()[-1]) for line in result.output if line.startswith("[1] STOP")]
+    assert stopped_at, text
+    # The operation's deadline, the relay, the launcher's grace: a few seconds.
+    assert ended - stopped_at[0] < op_deadline + 8.0, text
+    assert not result.ok and result.exit_code != 0 and not result.timed_out
+    assert result.lost_ranks == [1], text
+    assert "lost or stalled: rank(s) 1" in text, text
+    if backend == "ring":
+        assert {line.split()[2] for line in result.output if "CAUGHT" in line} == {"0", "2"}, text
+        assert "rank(s) 1 did not end" in text, text

@@ -8,7 +8,8 @@ import pytest
 import mlxdist
 from conftest import BACKENDS
 from suites import lazy
-from support import run_here, run_on_ranks
+from support import run_here
+from support.shared import suite_results
 
 SUITE = "suites.lazy:run"
 
@@ -22,7 +23,6 @@ def test_lazy_path_on_size_one_world():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [2, 4])
 def test_lazy_path_on_ranks(backend, n):
-    run = run_on_ranks([SUITE], n, backend, timeout=240)
-    results = run.of(SUITE)
+    results, _ = suite_results(SUITE, n, backend)  # the launch shared per (n, backend)
     assert [r.rank for r in results] == list(range(n))
     assert all(r.checks > 200 and r.failures == 0 for r in results), results

@@ -1,5 +1,5 @@
 """The bad-input battery (tests/suites/misuse.py) on the size-1 world and on 2
-ranks of ring and MPI (one launch each)."""
+ranks of ring and MPI (in the launch shared per ranks and backend, tests/support/shared.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import mlxdist
 from conftest import BACKENDS
 from suites import misuse
-from support import run_here, run_on_ranks
+from support import run_here
+from support.shared import suite_results
 
 SUITE = "suites.misuse:run"
 CASES = re.compile(r"MISUSE rank=(\d+) size=(\d+) cases=(\d+)")
@@ -25,16 +26,17 @@ def test_misuse_on_the_size_one_world(capsys):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_misuse_on_two_ranks(backend):
-    # One launch per backend: the misuse battery, then the thread cases
-    # (two split groups on two threads where the backend can split).
+    # The launch shared per (ranks, backend) (support.shared): the misuse battery, then
+    # the thread cases (two split groups on two threads where the backend can split).
     threads = ["suites.threads:close_while_blocked"] + (["suites.threads:split_threads"] if backend == "mpi" else [])
-    run = run_on_ranks([SUITE, *threads], 2, backend, timeout=120)
     for suite in threads:
-        assert len(run.of(suite)) == 2 and all(r.failures == 0 for r in run.of(suite)), run.of(suite)
+        results, _ = suite_results(suite, 2, backend)
+        assert len(results) == 2 and all(r.failures == 0 for r in results), results
+    mine, run = suite_results(SUITE, 2, backend)
     cases = sorted((int(r), int(n)) for line in run.output for r, _, n in CASES.findall(line))
     assert [r for r, _ in cases] == [0, 1], cases
     assert all(n >= 440 for _, n in cases), cases
-    assert all(r.checks > 1500 and r.failures == 0 for r in run.of(SUITE))
+    assert all(r.checks > 1500 and r.failures == 0 for r in mine)
 
 
 def test_the_readme_errors_table_states_the_hierarchy():

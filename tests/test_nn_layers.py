@@ -30,17 +30,19 @@ from mlxdist.nn.base import global_linear_parameters
 from mlxdist.nn.slicing import parse_rule, physical_ranges, predicate_for, rank_ranges, segment_bounds
 
 from conftest import BACKENDS
+from support.shared import worker_output
 
 CANDIDATE_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [2, 4])
-def test_layers_on_ranks(ranks, n: int, backend: str) -> None:
-    """Every multi-rank check, for one (ranks, backend) configuration."""
-    result = ranks("nn_layers.py", n, backend, args=[backend], timeout=240)
-    passed = [line for line in result.output if "all checks passed" in line]
-    assert len(passed) == n, "".join(result.output[-40:])
+def test_layers_on_ranks(n: int, backend: str) -> None:
+    """Every multi-rank check, for one (ranks, backend) configuration (in the launch it
+    shares with the gradient workers, tests/support/shared.py)."""
+    output = worker_output("nn_layers.py", n, backend)
+    passed = [line for line in output if "all checks passed" in line]
+    assert len(passed) == n, "".join(output[-40:])
 
 
 @pytest.fixture(scope="module")

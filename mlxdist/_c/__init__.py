@@ -9,7 +9,9 @@
 Importing this module loads libmlx through ``mlx.core`` (so an editable build
 resolves it too), installs mlxdist's error handler before any other C call
 (mlx-c's default handler exits the process), and checks that the running MLX
-is the one both extensions were compiled against.
+is the one both extensions were compiled against and that the bridge sees
+mlx.core's nanobind types: when any of this fails, the import fails, saying
+why (``python -m mlxdist.linkcheck`` checks what an import cannot).
 """
 
 from __future__ import annotations
@@ -85,3 +87,9 @@ def _load_bridge() -> Any:
 
 _check_abi()
 bridge = _load_bridge()
+if str(bridge.compiled_mlx_version).split(".dev")[0] != compiled_mlx_version():
+    raise ImportError(
+        f"mlxdist._bridge was compiled against MLX {bridge.compiled_mlx_version}, mlxdist._cmlx against "
+        f"{compiled_mlx_version()}: the two extensions come from different builds. Rebuild with "
+        "`pip install --force-reinstall --no-deps .` from the mlxdist source."
+    )

@@ -1,48 +1,26 @@
-"""The one gate for C calls that fail: classification of errors, and the
-eager path's lock and world-failure bookkeeping.
+"""The one gate for eager C calls: the world's lock and failure bookkeeping.
 
-The C layer records each failure's message and kind on the calling thread
-(``mlxdist_last_error``/``_kind``); :func:`raise_last` turns them into the
-exception class of that kind. :func:`call` runs one eager backend call under
-its world's lock: a communication failure ends the world (MLX's transports do
-not recover), so later calls fail at once instead of waiting on a dead peer;
-every other kind of error leaves it usable.
+Errors become typed exceptions through :mod:`mlxdist._c.failures` (its
+:func:`raise_last` and :func:`check` are re-exported here). :func:`call` runs
+one eager backend call under its world's lock and its watchdog, which the world
+that owns it hands over (``WorldState.watchdog``): a communication failure
+ends the world (MLX's transports do not recover), so later calls fail at once
+instead of waiting on a dead peer; every other kind of error leaves it usable.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
-from mlxdist import deadline
-from mlxdist._c import lib, last_error
+from mlxdist._c import last_error, lib
+from mlxdist._c.failures import check, raise_last
 from mlxdist._c.handles import thread_stream
-from mlxdist.errors import (
-    AllocationError,
-    CommunicationError,
-    DistributedError,
-    DtypeError,
-    GroupClosedError,
-    InitializationError,
-    InvalidArgumentError,
-    InvalidRankError,
-    ShapeError,
-    UnsupportedOperationError,
-)
+from mlxdist._c.signature import signature_of
+from mlxdist.errors import CommunicationError, GroupClosedError
 
 __all__ = ["WorldState", "raise_last", "check", "call"]
-
-_KIND_CLASSES: dict[int, type[DistributedError]] = {
-    lib.MLXDIST_ERROR_ARGUMENT: InvalidArgumentError,
-    lib.MLXDIST_ERROR_SHAPE: ShapeError,
-    lib.MLXDIST_ERROR_DTYPE: DtypeError,
-    lib.MLXDIST_ERROR_RANK: InvalidRankError,
-    lib.MLXDIST_ERROR_UNSUPPORTED: UnsupportedOperationError,
-    lib.MLXDIST_ERROR_COMMUNICATION: CommunicationError,
-    lib.MLXDIST_ERROR_INIT: InitializationError,
-    lib.MLXDIST_ERROR_MEMORY: AllocationError,
-}
 
 
 class WorldState:
@@ -57,7 +35,9 @@ class WorldState:
         lost: Once the transport failed, the failure that ended the world.
         groups: The world's live groups.
         checked: The agreement check is on (see :mod:`mlxdist.deadline`).
-        watchdog: The world's deadline watchdog (None: no deadline, e.g. size 1).
+        watchdog: The world's deadline watchdog (None: no deadline, e.g. size 1),
+            set by the world that owns it; anything with ``enter``, ``leave``,
+            ``translate`` and ``settings.check`` (see :mod:`mlxdist.deadline`).
     """
 
     __slots__ = ("lock", "concurrent_groups", "lost", "groups", "checked", "watchdog")
@@ -75,26 +55,6 @@ class WorldState:
         self.lost = reason
         for group in list(self.groups):
             group._fast = False
-
-
-def raise_last(what: str, default: type[DistributedError] = DistributedError) -> NoReturn:
-    """Raise the error the C layer reported last on this thread.
-
-    Args:
-        what: The operation, prefixed to the message.
-        default: The class for errors of unknown kind (a real mlx-c's).
-
-    Raises:
-        DistributedError: the subclass of the reported kind.
-    """
-    cls = _KIND_CLASSES.get(lib.mlxdist_last_error_kind(), default)
-    raise cls(f"{what}: {last_error() or 'unknown error'}")
-
-
-def check(rc: int, what: str, default: type[DistributedError] = DistributedError) -> None:
-    """Raise (as :func:`raise_last`) when an mlx-c style return code is not 0."""
-    if rc:
-        raise_last(what, default)
 
 
 def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
@@ -119,7 +79,7 @@ def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
             return
         # Deadline, peer loss and the agreement check around the call: the
         # watchdog turns a failure inside it into the typed error.
-        entry = dog.enter(what, group, group, deadline.signature_of(what, args) if dog.settings.check else None)
+        entry = dog.enter(what, group, group, signature_of(what, args) if dog.settings.check else None)
         try:
             _run(group, world, what, func, args)
         except BaseException as exc:

@@ -11,6 +11,7 @@ import threading
 from typing import Any, Callable
 
 from mlxdist._c import ffi, lib
+from mlxdist._c.failures import raise_last
 
 __all__ = ["Handle", "ArrayHandle", "GroupHandle", "thread_stream"]
 
@@ -93,8 +94,6 @@ def thread_stream() -> Any:
     handle = _StreamHandle()
     handle.out[0] = lib.mlx_default_cpu_stream_new()
     if handle.value.ctx == ffi.NULL:
-        from mlxdist._c.gate import raise_last
-
         raise_last("default CPU stream")
     _local.handle = handle
     _local.value = handle.value

@@ -17,9 +17,8 @@ import mlx.core as mx
 
 from mlxdist._c import bridge, ffi, lib
 from mlxdist._c.gate import raise_last
-from mlxdist import deadline
 from mlxdist._paths import fillins
-from mlxdist.dtypes import mlx_dtype
+from mlxdist.dtypes import code_of_mlx, mlx_dtype
 from mlxdist.errors import ArgumentTypeError, CommunicationError, InvalidArgumentError
 from mlxdist.rules import SAME_SHAPE, result_shape
 
@@ -75,7 +74,8 @@ def _checked_group(group: Any) -> int:
 
 def _agree(group: Any, op: str, dtype: Any, shape: Any, peer: int | None = None) -> None:
     if group._world.checked:
-        deadline.agree(op, group, group._world, dtype, shape, peer)
+        # The group's own world's watchdog (set once the check is on).
+        group._world.watchdog.check_build(op, group, code_of_mlx(dtype), shape, peer)
 
 
 def _built(what: str, result: mx.array | None) -> mx.array:

@@ -19,6 +19,8 @@ from typing import IO, Optional, Sequence
 
 import numpy as np
 
+from mlxdist.launch.cli import timeout_seconds
+
 __all__ = ["main", "build_parser", "parse_ids"]
 
 _PREFIX = "[0] "
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--nranks", type=int, help="local ranks to start when not inside a launched job"
     )
     parser.add_argument("--backend", choices=("ring", "mpi"), default="ring", help="for -n (default ring)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="deadline for -n launches, seconds")
+    parser.add_argument("--timeout", type=timeout_seconds, default=None,
+                        help="job deadline for -n launches, seconds (default: none)")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")

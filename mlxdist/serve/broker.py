@@ -186,16 +186,16 @@ class Broker:
 
         Args:
             reason: What failed (naming the rank when known).
-            ranks: The ranks lost, when known; else read from an engine's ``reason``.
+            ranks: The ranks lost, as the launcher knows them; else read from ``reason``.
             source: ``"engine"`` (rank 0 said why), ``"link"`` (its link closed)
                 or ``"job"`` (the launcher's report, added to the reason).
         """
         named = lost_ranks(reason, own_rank=0 if reason.startswith("rank 0:") else None)
-        # The lost peer an error names beats the launcher's first exit (often the rank that noticed).
-        if named and (source == "engine" or not self._named):
-            self.failed_ranks, self._named = named, True
-        elif ranks and not self.failed_ranks:
-            self.failed_ranks = sorted(ranks)
+        # The peer a rank's error names beats the launcher's account (whose first exit is
+        # often the rank that noticed); the launcher's own list beats reading its lines.
+        picked = named if source == "engine" else (ranks or named)
+        if picked and (source == "engine" or not self._named):
+            self.failed_ranks, self._named = sorted(picked), True
         if self.state == "failed":
             if source == "job":
                 self.reason = f"{self.reason}; {reason}"

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from typing import IO, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -29,8 +29,6 @@ _LINK = "MLXDIST_SERVE_LINK"
 _TOKEN = "MLXDIST_SERVE_TOKEN"
 # Seconds the front door keeps answering after a failure, so clients get their errors.
 _FAIL_GRACE = 2.0
-# No job deadline for a server: failures end it through the per-operation deadline.
-_NO_JOB_DEADLINE = 10 * 365 * 86400.0
 
 
 def _positive_floats(text: str) -> list[float]:
@@ -97,67 +95,62 @@ def _announce(args: argparse.Namespace, door: Any) -> None:
     print(f"mlxdist-serve: serving on http://{args.host}:{door.port}/v1", file=sys.stderr, flush=True)
 
 
-class _Tee:
-    """Forwards the launcher's lines and keeps its own reports (``mlxdist.launch: ...``)."""
+def _start_ranks(command: list[str], n: int, backend: str, env: dict[str, str]) -> Any:
+    """Start ``command`` as ``n`` local ranks (their output prefixed on ours); the launch plan and the job."""
+    from mlxdist.launch import PrefixedWriter, plan_job
 
-    def __init__(self, sink: IO[str]) -> None:
-        self.sink = sink
-        self.reports: list[str] = []
-
-    def write(self, line: str) -> int:
-        if line.startswith("mlxdist.launch:"):
-            self.reports.append(line.strip())
-        return self.sink.write(line)
-
-    def flush(self) -> None:
-        self.sink.flush()
-
-
-def _start_ranks(command: list[str], n: int, backend: str, env: dict[str, str], stderr: IO[str]) -> Any:
-    """Run ``command`` as ``n`` local ranks until the job ends; the launch's result."""
-    from mlxdist.launch import launch
-
-    return launch(command, n=n, backend=backend, timeout=_NO_JOB_DEADLINE, env=env, stderr=stderr)
+    plan = plan_job(command, n=n, backend=backend, env=env)
+    try:
+        return plan, plan.start(PrefixedWriter(sys.stdout, sys.stderr, None))
+    except BaseException:
+        plan.close()
+        raise
 
 
 def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from mlxdist.errors import InvalidArgumentError
+    from mlxdist.launch.result import report_lines
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise InvalidArgumentError(f"{args.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
     door = _front_door(args)
-    tee = _Tee(sys.stderr)
+    env = {_LINK: door.link_address, _TOKEN: door.token}
+    plan, job = _start_ranks([sys.executable, "-m", "mlxdist.serve", *argv], args.nranks, args.backend, env)
     outcome: dict[str, Any] = {}
     stopping = threading.Event()
 
-    def run_job() -> None:
-        env = {_LINK: door.link_address, _TOKEN: door.token}
-        try:
-            outcome["result"] = _start_ranks([sys.executable, "-m", "mlxdist.serve", *argv], args.nranks,
-                                             args.backend, env, tee)
-        except Exception as exc:  # the launch itself failed (e.g. no mpirun)
-            outcome["error"] = f"{type(exc).__name__}: {exc}"
+    def watch_job() -> None:
+        # No job deadline: a failed world ends the job through the per-operation deadline.
+        result = outcome["result"] = job.wait(None)
+        lines = report_lines(result, None, args.backend)
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
         if not stopping.is_set():
-            result = outcome.get("result")
-            ranks = sorted(result.rank_exits) if result is not None else []
-            why = "; ".join(tee.reports) or outcome.get("error") or "the ranks' job ended"
-            door.fail(f"the job ended: {why}", ranks or None)
+            ranks = result.lost_ranks or sorted(result.rank_exits)
+            door.fail(f"the job ended: {'; '.join(lines) or 'the ranks exited'}", ranks or None)
             time.sleep(_FAIL_GRACE)
             door.stop()
 
-    job = threading.Thread(target=run_job, name="mlxdist-serve-job", daemon=True)
-    job.start()  # the ranks start while this process reads the tokenizer
-    config = _config(args)
-    _announce(args, door)
-    door.run(config)
-    stopping.set()
-    job.join(timeout=args.timeout + 15)
+    watcher = threading.Thread(target=watch_job, name="mlxdist-serve-job", daemon=True)
+    watcher.start()
+    try:
+        config = _config(args)  # read while the ranks start
+        _announce(args, door)
+        door.run(config)
+        stopping.set()
+        # The front door asked the engine to stop; the ranks end by themselves, else they are ended.
+        watcher.join(timeout=args.timeout + 10)
+    finally:
+        stopping.set()
+        job.end()
+        watcher.join(timeout=10)
+        plan.close()
     reason, ranks = door.failure()
     result = outcome.get("result")
-    if reason is None and (result is None or result.ok):
+    if reason is None and result is not None and result.ok:
         return 0
     named = f" (rank {', '.join(map(str, ranks))})" if ranks else ""
-    print(f"mlxdist-serve: failed{named}: {reason or outcome.get('error')}", file=sys.stderr, flush=True)
+    print(f"mlxdist-serve: failed{named}: {reason or 'the ranks did not end cleanly'}", file=sys.stderr, flush=True)
     code = result.exit_code if result is not None else 1
     return code or 1
 

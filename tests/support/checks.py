@@ -23,7 +23,8 @@ import numpy as np
 import mlxdist
 from mlxdist.launch import LaunchResult, launch
 
-__all__ = ["Checks", "SuiteResult", "RankRun", "run_here", "launch_ranks", "run_on_ranks", "to_numpy", "WORKER"]
+__all__ = ["Checks", "SuiteResult", "RankRun", "run_here", "launch_ranks", "launch_suites", "run_on_ranks",
+           "to_numpy", "WORKER"]
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 SUMMARY = re.compile(r"CHECKS suite=(\S+) rank=(\d+) size=(\d+) checks=(\d+) failures=(\d+)")
@@ -171,6 +172,7 @@ class RankRun:
 
     output: list[str]
     results: list[SuiteResult]
+    launch: LaunchResult | None = None
 
     def of(self, suite: str) -> list[SuiteResult]:
         """The per-rank summaries of ``suite`` (``module:function``)."""
@@ -209,6 +211,32 @@ def launch_ranks(
     return result
 
 
+def launch_suites(
+    suites: Sequence[str],
+    n: int,
+    backend: str,
+    options: Mapping[str, str] | None = None,
+    timeout: float = 240.0,
+) -> RankRun:
+    """Launch the worker running ``suites`` in order on ``n`` ranks, and read its summaries.
+
+    Fails no test: the caller judges the result (see :func:`run_on_ranks`).
+
+    Returns:
+        The output, per-rank summaries and the launch's result.
+    """
+    words = [f"{k}={v}" for k, v in (options or {}).items()]
+    command = [sys.executable, str(WORKER), f"size={n}", *words, *suites]
+    result = launch_ranks(command, n, backend, timeout, expect_ok=False)
+    results = []
+    for line in result.output:
+        match = SUMMARY.search(line)
+        if match:
+            suite, rank, size, count, failed = match.groups()
+            results.append(SuiteResult(suite, int(rank), int(size), int(count), int(failed)))
+    return RankRun(list(result.output), results, result)
+
+
 def run_on_ranks(
     suites: Sequence[str],
     n: int,
@@ -226,16 +254,8 @@ def run_on_ranks(
     """
     import pytest
 
-    words = [f"{k}={v}" for k, v in (options or {}).items()]
-    command = [sys.executable, str(WORKER), f"size={n}", *words, *suites]
-    result = launch_ranks(command, n, backend, timeout, expect_ok=False)
-    results = []
-    for line in result.output:
-        match = SUMMARY.search(line)
-        if match:
-            suite, rank, size, count, failed = match.groups()
-            results.append(SuiteResult(suite, int(rank), int(size), int(count), int(failed)))
-    run = RankRun(list(result.output), results)
+    run = launch_suites(suites, n, backend, options, timeout)
+    result, results = run.launch, run.results
     complete = all(len(run.of(s)) == n for s in suites)
     if not result.ok or not complete or any(r.failures for r in results):
         fails = run.failure_lines()

