@@ -148,7 +148,8 @@ def build_app(broker: Broker, config: ServeConfig) -> Starlette:
                 prompt = chat_prompt(config.tokenizer, parse_messages(body))
             else:
                 prompt = text_prompt(config.tokenizer, parse_prompt(body), config.vocab_size)
-            sampling = parse_sampling(body, len(prompt), context=config.context, cap=config.max_tokens)
+            sampling = parse_sampling(body, len(prompt), context=config.context, cap=config.max_tokens,
+                                      vocab_size=config.vocab_size)
             pending = broker.admit(prompt, sampling)
         except ApiError as exc:
             return _error(exc)

@@ -125,7 +125,7 @@ def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
         lines = report_lines(result, None, args.backend)
         for line in lines:
             print(line, file=sys.stderr, flush=True)
-        if not stopping.is_set():
+        if not (stopping.is_set() or door.broker.stopping):  # not the end we asked for
             ranks = result.lost_ranks or sorted(result.rank_exits)
             door.fail(f"the job ended: {'; '.join(lines) or 'the ranks exited'}", ranks or None)
             time.sleep(_FAIL_GRACE)
