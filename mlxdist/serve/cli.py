@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -155,6 +156,16 @@ def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return code or 1
 
 
+def _answer_before_ending(door: Any) -> None:
+    """When the launcher ends rank 0 (another rank failed), tell the clients before going."""
+
+    def ending(signum: int, frame: Any) -> None:
+        door.fail(f"the launcher ended rank 0 ({signal.Signals(signum).name}): the job is ending")
+        threading.Timer(_FAIL_GRACE / 2, os._exit, args=(128 + signum,)).start()
+
+    signal.signal(signal.SIGTERM, ending)
+
+
 def _serve_rank(args: argparse.Namespace) -> int:
     import mlxdist
     from mlxdist.errors import DistributedError
@@ -177,6 +188,7 @@ def _serve_rank(args: argparse.Namespace) -> int:
             door = _front_door(args)
             door.start_thread(_config(args))
             _announce(args, door)
+            _answer_before_ending(door)
             address, token = door.link_address, door.token
         link = LinkClient(address, token)
     try:
