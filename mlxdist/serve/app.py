@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -243,7 +242,3 @@ def build_app(broker: Broker, config: ServeConfig) -> Starlette:
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
 
-
-def new_token() -> str:
-    """A fresh job token for the engine link."""
-    return uuid.uuid4().hex

@@ -76,6 +76,10 @@ class Broker:
         max_inflight: Requests admitted at once (decoding plus waiting); more get 429.
         stall: Seconds without a word from the engine, while requests run,
             after which the world is declared failed.
+
+    Attributes:
+        state: ``"loading"``, ``"ready"`` or ``"failed"``.
+        stopping: Set once :meth:`shutdown` began (the job's end is then expected).
     """
 
     def __init__(self, token: str, *, max_inflight: int, stall: float) -> None:
