@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
     parser = argparse.ArgumentParser(
         prog="mlxdist-serve",
+        allow_abbrev=False,
         description="Serve an mlx-lm checkpoint sharded over mlxdist ranks through OpenAI's API.",
     )
     parser.add_argument("--model", required=True, help="mlx-lm checkpoint directory")
@@ -108,6 +109,19 @@ def _start_ranks(command: list[str], n: int, backend: str, env: dict[str, str]) 
         raise
 
 
+def _rank_argv(argv: Sequence[str]) -> list[str]:
+    """The command line for the ranks: ours without ``--api-key`` (only the front door checks it)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--api-key":
+            skip = True
+        elif not arg.startswith("--api-key="):
+            out.append(arg)
+    return out
+
+
 def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from mlxdist.errors import InvalidArgumentError
     from mlxdist.launch.result import report_lines
@@ -116,7 +130,8 @@ def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise InvalidArgumentError(f"{args.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
     door = _front_door(args)
     env = {_LINK: door.link_address, _TOKEN: door.token}
-    plan, job = _start_ranks([sys.executable, "-m", "mlxdist.serve", *argv], args.nranks, args.backend, env)
+    command = [sys.executable, "-m", "mlxdist.serve", *_rank_argv(argv)]
+    plan, job = _start_ranks(command, args.nranks, args.backend, env)
     outcome: dict[str, Any] = {}
     stopping = threading.Event()
 
