@@ -33,6 +33,14 @@ from mlxdist.errors import (
     UnsupportedOperationError,
 )
 from mlxdist.group import Group
+from mlxdist.composed import (
+    all_gather_object,
+    all_to_all,
+    broadcast,
+    broadcast_object,
+    gather,
+    scatter,
+)
 from mlxdist.world import (
     all_gather,
     all_max,
@@ -77,6 +85,12 @@ __all__ = [
     "all_min",
     "all_gather",
     "sum_scatter",
+    "broadcast",
+    "gather",
+    "scatter",
+    "all_to_all",
+    "broadcast_object",
+    "all_gather_object",
     "send",
     "recv",
     "recv_like",

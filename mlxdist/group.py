@@ -31,6 +31,7 @@ from mlxdist._c.handles import GroupHandle
 from mlxdist._paths import eager, fillins, lazy
 from mlxdist.backends import Backend, capabilities
 from mlxdist.dtypes import DTypeLike, code_of_mlx, parse_dtype
+from mlxdist.group_composed import ComposedCollectives
 from mlxdist.errors import (
     GroupClosedError,
     InvalidArgumentError,
@@ -62,7 +63,7 @@ def _numpy_only_stream(stream: Any) -> None:
         raise InvalidArgumentError("stream= applies to mx.array inputs; numpy inputs run eagerly")
 
 
-class Group:
+class Group(ComposedCollectives):
     """A group of processes that communicate; obtain one from :func:`mlxdist.init`.
 
     Attributes:

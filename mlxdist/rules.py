@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from mlxdist.errors import InvalidRankError, ShapeError, UnsupportedOperationError
 
-__all__ = ["SAME_SHAPE", "INT32_MAX", "checked_shape", "result_shape", "check_peer"]
+__all__ = ["SAME_SHAPE", "INT32_MAX", "checked_shape", "result_shape", "composed_shape", "check_root", "check_peer"]
 
 # Reductions return their input's shape.
 SAME_SHAPE = frozenset({"all_sum", "all_max", "all_min"})
@@ -70,6 +70,49 @@ def result_shape(op: str, shape: tuple[int, ...], size: int) -> tuple[int, ...]:
             )
         return (shape[0] // size,) + shape[1:]
     return shape
+
+
+def composed_shape(op: str, shape: tuple[int, ...], size: int, is_root: bool) -> tuple[int, ...]:
+    """The shape broadcast, gather, scatter or all_to_all returns on one rank.
+
+    - broadcast: the input's shape (every rank passes the root's shape).
+    - gather: on the root, the parts concatenated along axis 0 (a scalar part
+      is one row, as all_gather); on the other ranks no rows:
+      ``(0,) + shape[1:]``. A size-1 group returns its input as it is.
+    - scatter: every rank passes the root's shape; each receives its
+      ``shape[0] // size`` rows.
+    - all_to_all: the input's shape (``size`` parts of ``shape[0] // size`` rows out, as many in).
+
+    Raises:
+        ShapeError: scatter or all_to_all of a scalar or of an axis 0 not
+            divisible by the size; a gathered axis 0 past MLX's 32-bit limit.
+    """
+    if op == "broadcast":
+        return shape
+    if op == "gather":
+        if size == 1:
+            return shape
+        return result_shape("all_gather", shape, size) if is_root else (0,) + shape[1:]
+    if not shape or shape[0] % size:
+        raise ShapeError(
+            f"{op} needs an array of at least one dimension whose axis 0 is divisible by "
+            f"the group size {size}; got shape {shape}"
+        )
+    return (shape[0] // size,) + shape[1:] if op == "scatter" else shape
+
+
+def check_root(root: Any, size: int) -> int:
+    """Validate the root rank of broadcast, gather or scatter.
+
+    Returns:
+        The root as an int.
+
+    Raises:
+        InvalidRankError: not an integer (bools included) or not a rank of the group.
+    """
+    if isinstance(root, bool) or not isinstance(root, numbers.Integral) or not 0 <= root < size:
+        raise InvalidRankError(f"root={root!r} is not a rank of a group of size {size}")
+    return int(root)
 
 
 def check_peer(peer: Any, rank: int, size: int, neighbours_only: bool, verb: str, name: str) -> int:

@@ -13,12 +13,13 @@ import numpy as np
 
 from mlxdist._c import gate, lib
 from mlxdist._paths import fillins
+from mlxdist._paths.host import host_array, host_out
 from mlxdist.buffers import MlxBuffer, operand, registered_buffer
 from mlxdist.dtypes import code_of_numpy, storage_dtype
 from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError
 from mlxdist.rules import SAME_SHAPE, result_shape
 
-__all__ = ["as_numpy", "collective", "send", "recv"]
+__all__ = ["as_numpy", "as_out", "check_out", "collective", "send", "recv"]
 
 _OPS = {
     "all_sum": lib.MLXDIST_ALL_SUM,
@@ -37,24 +38,35 @@ NUMPY_ARRAYS = fillins.ArrayKind(
 
 
 def as_numpy(x: Any) -> np.ndarray:
-    """``x`` as a numpy array: arrays as they are, numpy scalars as 0-d arrays.
+    """``x`` as a numpy array: arrays as they are, numpy scalars as 0-d arrays,
+    buffers and CPU DLPack tensors viewed without a copy (:mod:`mlxdist._paths.host`).
 
     Raises:
         ArgumentTypeError: anything else (a list, a Python number, None):
             pass an array, which names the dtype.
+        InvalidArgumentError: a DLPack tensor on another device than the CPU.
     """
     if type(x) is np.ndarray:
         return x
-    if isinstance(x, (np.ndarray, np.generic)):
-        return np.asarray(x)
-    raise ArgumentTypeError(f"expected a numpy.ndarray or mlx.core.array, got {type(x).__name__}")
+    return host_array(x)
+
+
+def as_out(out: Any) -> np.ndarray | None:
+    """``out=`` as a numpy array sharing its memory (None stays None).
+
+    Raises:
+        ArgumentTypeError, InvalidArgumentError: see :func:`mlxdist._paths.host.host_out`.
+    """
+    if out is None or type(out) is np.ndarray:
+        return out
+    return host_out(out)
 
 
 def _overlap(a: MlxBuffer, b: MlxBuffer) -> bool:
     return a.ptr < b.ptr + b.nbytes and b.ptr < a.ptr + a.nbytes
 
 
-def _check_out(out: Any, shape: tuple[int, ...], code: int) -> None:
+def check_out(out: Any, shape: tuple[int, ...], code: int) -> None:
     """Refuse an ``out`` the result does not fit."""
     if type(out) is not np.ndarray:
         raise ArgumentTypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
@@ -119,10 +131,11 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
         if _hot(group, op, x, out):
             return out
     x = as_numpy(x)
+    out = as_out(out)
     code = code_of_numpy(x.dtype)
     shape = result_shape(op, x.shape, group._size)
     if out is not None:
-        _check_out(out, shape, code)
+        check_out(out, shape, code)
     if group._size == 1:
         group._live_handle()
         if out is None:
@@ -159,8 +172,9 @@ def send(group: Any, x: Any, dst: int) -> None:
 def recv(group: Any, shape: tuple[int, ...], code: int, src: int, out: np.ndarray | None) -> np.ndarray:
     """Receive into ``out`` (or a new buffer) from ``src``; returns when received."""
     dest = None
+    out = as_out(out)
     if out is not None:
-        _check_out(out, shape, code)
+        check_out(out, shape, code)
         dest = _writable(out, code)
     result = dest or MlxBuffer.allocate(shape, code)
     gate.call(group, "recv", lib.mlxdist_recv, result.value, src)

@@ -62,7 +62,7 @@ from mlxdist.deadline.rendezvous import (
 )
 from mlxdist.deadline.settings import DEFAULT_TIMEOUT, UNSET, Settings, parse_timeout, settings_from
 from mlxdist.deadline.watchdog import JOB_ABORT_EXIT, Watchdog
-from mlxdist.deadline.wiring import after_init, agree, attach, before_init, evaluate, set_timeout
+from mlxdist.deadline.wiring import after_init, agree, attach, before_init, evaluate, set_timeout, watched
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -78,6 +78,7 @@ __all__ = [
     "agree",
     "set_timeout",
     "evaluate",
+    "watched",
     "rendezvous",
     "agree_over_backend",
     "launch_environment",

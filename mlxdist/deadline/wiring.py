@@ -8,8 +8,9 @@ everything else (the eager gate, the lazy path, :func:`set_timeout`,
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -27,7 +28,7 @@ from mlxdist.deadline.watchdog import Watchdog, group_size
 from mlxdist.dtypes import code_of_mlx, code_of_numpy
 from mlxdist.errors import CommunicationError, DistributedError, InitializationError
 
-__all__ = ["attach", "before_init", "after_init", "set_timeout", "evaluate", "agree"]
+__all__ = ["attach", "before_init", "after_init", "set_timeout", "evaluate", "agree", "watched"]
 
 # The backends whose world started its watchdog in this process (one world each).
 _started: set[str] = set()
@@ -111,26 +112,44 @@ def evaluate(*arrays: Any, group: Any, timeout: float | None = UNSET) -> None:
         DeadlineExceeded, PeerLostError, MismatchError: as for eager calls.
         CommunicationError: another communication failure inside the evaluation.
     """
+    with watched("eval", group=group, timeout=timeout):
+        mx.eval(*arrays)
+
+
+@contextlib.contextmanager
+def watched(op: str, *, group: Any, timeout: float | None = UNSET) -> Iterator[None]:
+    """Run a block that evaluates lazy collectives (``mx.eval`` inside a library) under the deadline.
+
+    Args:
+        op: The name the block gets in errors and reports (e.g. ``"serve step"``).
+        group: The group whose world the collectives use.
+        timeout: Seconds for the whole block (the group's deadline by default).
+
+    Raises:
+        DeadlineExceeded, PeerLostError, MismatchError: the world failed during
+            the block, or had failed before it.
+        CommunicationError: another communication failure inside the block.
+    """
     dog = group._world.watchdog
     if dog is None:
-        mx.eval(*arrays)
+        yield
         return
-    entry = dog.enter("eval", group, group)
+    entry = dog.enter(op, group, group)
     if timeout is not UNSET:
         seconds = parse_timeout(timeout, "timeout")
         entry.deadline = None if seconds is None else entry.start + seconds
     try:
-        mx.eval(*arrays)
+        yield
     except RuntimeError as exc:
         if isinstance(exc, DistributedError):
             raise
         typed = dog.translate(entry, exc)
         if typed is None:
-            typed = CommunicationError(f"eval: {exc}")
+            typed = CommunicationError(f"{op}: {exc}")
         raise typed from exc
     finally:
         dog.leave(entry)
-    dog.raise_if_failed("eval", group)
+    dog.raise_if_failed(op, group)
 
 
 def before_init(backend: str | None, settings: Settings, ring: RingConfig | None = None) -> Watchdog | None:

@@ -1,0 +1,170 @@
+"""broadcast, gather, scatter and all_to_all on the lazy path: mx.arrays in,
+lazy mx.arrays out, built from the backend's lazy send/recv (and all_gather,
+all_sum) inside MLX's graph.
+
+Each is an ``mx.custom_function`` whose gradient is the transposed
+collective, so results differentiate and compile like MLX's own:
+
+- broadcast's transpose sums every rank's cotangent onto the root (the other
+  ranks' inputs get zeros);
+- gather's is a scatter from the root, scatter's a gather onto it;
+- all_to_all's is all_to_all.
+
+Forward-mode derivatives (jvp) apply the operation itself to the tangent.
+The trees (:mod:`mlxdist._paths.trees`) need no ordering beyond their data
+dependencies: each rank receives before it sends. all_to_all all_gathers and
+keeps its blocks: a lazy pairwise exchange would depend on the order MLX
+happens to evaluate independent sends and receives in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from mlxdist._paths import lazy
+from mlxdist._paths.trees import tree
+from mlxdist.dtypes import code_of_mlx
+from mlxdist.rules import composed_shape
+
+__all__ = ["broadcast", "gather", "scatter", "all_to_all"]
+
+Builder = Callable[[mx.array], mx.array]
+
+
+def _linear(forward: Builder, transpose: Builder) -> Builder:
+    """``forward`` as a linear MLX function whose vjp is ``transpose`` and jvp itself."""
+    function = mx.custom_function(forward)
+    function.vjp(lambda primals, cotangent, output: transpose(cotangent))
+    function.jvp(lambda primals, tangents: forward(tangents[0]))
+    return function
+
+
+def _after(value: mx.array, sends: list[mx.array]) -> mx.array:
+    """``value``, evaluated only with ``sends`` (lazy sends must be part of the result)."""
+    return mx.depends(value, sends) if sends else value
+
+
+def _recv(group: Any, shape: tuple[int, ...], dtype: mx.Dtype, src: int, stream: Any) -> mx.array:
+    return lazy.recv(group, shape, code_of_mlx(dtype), src, stream)
+
+
+# -- the compositions, without gradients -------------------------------------
+
+
+def _broadcast(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+    place = tree(group._size, root, group._rank, group._caps.neighbours_only)
+    data = x if place.parent is None else _recv(group, tuple(x.shape), x.dtype, place.parent, stream)
+    for child in place.children:
+        data = lazy.send(group, data, child, stream)  # returns data, sending when evaluated
+    return data
+
+
+def _reduce_to_root(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+    total = lazy.collective(group, "all_sum", x, stream)
+    return total if group._rank == root else _after(mx.zeros_like(x), [total])
+
+
+def _blocks(x: mx.array, ranks: tuple[int, ...], rows: int) -> mx.array:
+    if list(ranks) == list(range(ranks[0], ranks[0] + len(ranks))):
+        return x[ranks[0] * rows : (ranks[-1] + 1) * rows]
+    return mx.concatenate([x[r * rows : (r + 1) * rows] for r in ranks])
+
+
+def _scatter(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+    """``x`` has the root's shape on every rank (only the root's values are read)."""
+    rank, size = group._rank, group._size
+    rows = x.shape[0] // size
+    place = tree(size, root, rank, group._caps.neighbours_only)
+    mine = place.members[rank]
+    if rank == root:
+        sends = [lazy.send(group, _blocks(x, place.members[c], rows), c, stream) for c in place.children]
+        return _after(x[root * rows : (root + 1) * rows], sends)
+    rest = tuple(x.shape[1:])
+    payload = _recv(group, (len(mine) * rows,) + rest, x.dtype, place.parent, stream)  # type: ignore[arg-type]
+    sends = []
+    for child in place.children:
+        start = mine.index(child) * rows
+        sends.append(lazy.send(group, payload[start : start + len(place.members[child]) * rows], child, stream))
+    return _after(payload[:rows], sends)
+
+
+def _gather(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+    rank, size = group._rank, group._size
+    part = x.reshape(1) if x.ndim == 0 else x
+    rows, rest = part.shape[0], tuple(part.shape[1:])
+    place = tree(size, root, rank, group._caps.neighbours_only)
+    mine = place.members[rank]
+    received = {}
+    for child in place.children[::-1]:
+        ranks = place.members[child]
+        received[child] = _recv(group, (len(ranks) * rows,) + rest, x.dtype, child, stream)
+    if rank == root:
+        blocks = {root: part}
+        for child, got in received.items():
+            for i, r in enumerate(place.members[child]):
+                blocks[r] = got[i * rows : (i + 1) * rows]
+        return mx.concatenate([blocks[r] for r in range(size)])
+    pieces = sorted([(0, part)] + [(mine.index(c), got) for c, got in received.items()], key=lambda p: p[0])
+    payload = mx.concatenate([p for _, p in pieces]) if len(pieces) > 1 else part
+    sent = lazy.send(group, payload, place.parent, stream)  # type: ignore[arg-type]
+    return sent[:0]
+
+
+def _all_to_all(group: Any, x: mx.array, stream: Any) -> mx.array:
+    size, rank = group._size, group._rank
+    rows = x.shape[0] // size
+    gathered = lazy.collective(group, "all_gather", x, stream)
+    # (sender, block, rows, ...): keep block ``rank`` of every sender.
+    blocks = gathered.reshape((size, size, rows) + tuple(x.shape[1:]))[:, rank]
+    return blocks.reshape(tuple(x.shape))
+
+
+# -- the differentiable operations -------------------------------------------
+
+
+def broadcast(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+    """The root's ``x`` on every rank, lazily (arguments validated by the caller)."""
+    if group._size == 1:
+        return x
+    return _linear(
+        lambda a: _broadcast(group, a, root, stream),
+        lambda cotangent: _reduce_to_root(group, cotangent, root, stream),
+    )(x)
+
+
+def scatter(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+    """This rank's rows of the root's ``x``, lazily."""
+    if group._size == 1:
+        return x
+    shape, dtype = tuple(x.shape), x.dtype
+
+    def transpose(cotangent: mx.array) -> mx.array:
+        got = _gather(group, cotangent, root, stream)
+        return got if group._rank == root else _after(mx.zeros(shape, dtype), [got])
+
+    return _linear(lambda a: _scatter(group, a, root, stream), transpose)(x)
+
+
+def gather(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+    """Every rank's ``x`` along axis 0 on the root, no rows elsewhere, lazily."""
+    if group._size == 1:
+        return x
+    shape = tuple(x.shape)
+    full = composed_shape("gather", shape, group._size, True)
+
+    def transpose(cotangent: mx.array) -> mx.array:
+        if group._rank != root:
+            cotangent = mx.broadcast_to(mx.zeros((), cotangent.dtype), full)  # a template: never read
+        return _scatter(group, cotangent, root, stream).reshape(shape)
+
+    return _linear(lambda a: _gather(group, a, root, stream), transpose)(x)
+
+
+def all_to_all(group: Any, x: mx.array, stream: Any) -> mx.array:
+    """Block ``j`` to rank ``j``, the blocks received in rank order, lazily."""
+    if group._size == 1:
+        return x
+    exchange: Builder = lambda a: _all_to_all(group, a, stream)  # noqa: E731
+    return _linear(exchange, exchange)(x)
