@@ -203,7 +203,9 @@ def worker(args: argparse.Namespace) -> None:
         "generate_tps": generate_tps,
         "prompt_tps": prompt_tps,
         "load_average": os.getloadavg()[0],
-        "same_tokens_as_mlx_lm": None if size == 1 or args.uneven else tokens["mlxdist TP"] == tokens["mlx-lm shard()"],
+        "same_tokens_as_mlx_lm": (
+            None if size == 1 or args.uneven else tokens["mlxdist TP"] == tokens["mlx-lm shard()"]
+        ),
         "tp_tokens_equal_pp": None if size == 1 else tokens["mlxdist TP"] == tokens["mlxdist PP"],
         "link": os.environ.get("BENCH_LM_LINK", "loopback" if size > 1 else None),
     }
@@ -334,7 +336,8 @@ def uneven_markdown(results: list[dict]) -> str:
         d, shares = r["decode_tps"], r["tp_shares"]
         one = single.get(r["format"], float("nan"))
         lines.append(
-            f"| {r['format']} | {r['ranks']}, {r['backend']}, {r['link']} | {one:.1f} | {d['mlxdist TP']:.1f} | "
+            f"| {r['format']} | {r['ranks']}, {r['backend']}, {r['link']} | {one:.1f} | "
+            f"{d['mlxdist TP']:.1f} | "
             f"{d['mlxdist PP']:.1f} | {r['tp_vs_pp']:.2f}× | {d['mlxdist TP'] / one:.2f}× | "
             f"{shares['query_heads']}, {shares['intermediate']} |"
         )

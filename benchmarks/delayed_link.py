@@ -140,7 +140,8 @@ def measure_one_way_us(names: list[str], addresses: list[str], count: int = 200)
     )
     try:
         client = subprocess.run(
-            ["ip", "netns", "exec", names[0], sys.executable, "-c", _PING, "client", addresses[1], str(count)],
+            ["ip", "netns", "exec", names[0], sys.executable, "-c", _PING, "client", addresses[1],
+             str(count)],
             capture_output=True, text=True, timeout=60, check=True,
         )
         return float(client.stdout.strip())

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tp-weights", type=_positive_floats, help="per-rank tensor-parallel shares, e.g. 2,1 (default even)"
     )
     parser.add_argument(
-        "--vocab-parallel", action="store_true", help="under TP, also split the embedding and head by vocabulary"
+        "--vocab-parallel",
+        action="store_true",
+        help="under TP, also split the embedding and head by vocabulary rows",
     )
     parser.add_argument(
         "-n", "--nranks", type=int, help="local ranks to start when not inside a launched job"

@@ -22,7 +22,17 @@ from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperatio
 from mlxdist.lm.split import TensorSplit, check_weights, tensor_split
 from mlxdist.nn.quantized import quantized_input_dims
 
-__all__ = ["MODES", "FamilyLayout", "LAYOUTS", "Plan", "layout_of", "tp_violations", "model_split", "layer_ranges", "choose"]
+__all__ = [
+    "MODES",
+    "FamilyLayout",
+    "LAYOUTS",
+    "Plan",
+    "layout_of",
+    "tp_violations",
+    "model_split",
+    "layer_ranges",
+    "choose",
+]
 
 logger = logging.getLogger("mlxdist.lm")
 

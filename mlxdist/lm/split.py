@@ -88,7 +88,8 @@ class TensorSplit:
         counts = {stop - start for start, stop in self.query_heads}
         held = [h for heads in self.kv_heads for h in heads]
         vocab_even = self.vocab is None or len(set(self.vocab)) == 1
-        return len(counts) == 1 and len(set(self.intermediate)) == 1 and len(held) == len(set(held)) and vocab_even
+        unique_kv = len(held) == len(set(held))
+        return len(counts) == 1 and len(set(self.intermediate)) == 1 and unique_kv and vocab_even
 
     def as_dict(self) -> dict:
         """JSON-ready: per rank query heads, key/value heads, intermediate features, vocabulary rows."""
@@ -102,7 +103,8 @@ class TensorSplit:
     def describe(self) -> str:
         """One line: each rank's share."""
         parts = []
-        for rank, ((start, stop), heads, inter) in enumerate(zip(self.query_heads, self.kv_heads, self.intermediate)):
+        rows = zip(self.query_heads, self.kv_heads, self.intermediate)
+        for rank, ((start, stop), heads, inter) in enumerate(rows):
             vocab = "" if self.vocab is None else f", {self.vocab[rank]} vocab rows"
             parts.append(f"rank {rank}: {stop - start} q heads, kv {heads}, {inter} mlp features{vocab}")
         return "; ".join(parts)

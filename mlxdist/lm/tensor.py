@@ -51,7 +51,9 @@ def _shares(path: str, layout: FamilyLayout, split: TensorSplit) -> dict[str, An
     raise ValueError(f"{path} has no role in the family layout")  # a layout bug, not user input
 
 
-def shard_block(block: nn.Module, layout: FamilyLayout, group: Group, split: Optional[TensorSplit] = None) -> None:
+def shard_block(
+    block: nn.Module, layout: FamilyLayout, group: Group, split: Optional[TensorSplit] = None
+) -> None:
     """Shard one decoder block in place over ``group``, materialising each projection's shard at once.
 
     Only one unsharded projection is read into memory at a time.

@@ -24,7 +24,7 @@ __all__ = ["VocabParallelEmbedding", "VocabParallelHead", "apply_vocab_parallel"
 
 
 def _rows(module: nn.Module, start: int, stop: int) -> nn.Module:
-    """``module`` (an embedding or linear layer, float or quantized) reduced to rows ``[start, stop)``, evaluated."""
+    """``module`` (embedding or linear, float or quantized) cut to rows ``[start, stop)``, evaluated."""
     rows = [(path, mx.contiguous(value[start:stop])) for path, value in tree_flatten(module.parameters())]
     module.update(tree_unflatten(rows))
     mx.eval(module.parameters())

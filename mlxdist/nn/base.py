@@ -190,7 +190,11 @@ def shard_layer_parameters(
 
 
 def uneven_config(
-    sharding: str, weight_shape: Sequence[int], sizes: Sizes | None, ranges: Ranges | None, input_dims: int | None = None
+    sharding: str,
+    weight_shape: Sequence[int],
+    sizes: Sizes | None,
+    ranges: Ranges | None,
+    input_dims: int | None = None,
 ) -> dict[str, int]:
     """The layer attribute recording the whole sharded axis, when shards may differ in size.
 

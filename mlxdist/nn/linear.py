@@ -106,7 +106,8 @@ class _FloatShardedLinear(ShardedLinearBase):
         parameters = shard_layer_parameters(
             dict(linear_layer.parameters()), cls.sharding, segments, group, sizes=sizes, ranges=ranges
         )
-        return cls._assemble(group, parameters, **uneven_config(cls.sharding, linear_layer["weight"].shape, sizes, ranges))
+        uneven = uneven_config(cls.sharding, linear_layer["weight"].shape, sizes, ranges)
+        return cls._assemble(group, parameters, **uneven)
 
     def to_quantized(
         self,

@@ -152,7 +152,9 @@ def shard_inplace(
 
     parameters = module.parameters()
     sharded = dict(
-        shard_parameters(tree_flatten(parameters), predicate, group.size(), group.rank(), logical_dim, sizes=sizes)
+        shard_parameters(
+            tree_flatten(parameters), predicate, group.size(), group.rank(), logical_dim, sizes=sizes
+        )
     )
     if sharded:
         module.update(tree_map_with_path(lambda path, value: sharded.get(path, value), parameters))

@@ -88,7 +88,9 @@ def _per_segment_sizes(sizes: Sizes, segments: int, size: int) -> list[list[int]
         )
     for row in rows:
         if len(row) != size or any(not _is_count(v) or v < 1 for v in row):
-            raise InvalidArgumentError(f"sizes must hold {size} positive ints (one per rank), got {list(row)!r}")
+            raise InvalidArgumentError(
+                f"sizes must hold {size} positive ints (one per rank), got {list(row)!r}"
+            )
     return [[int(v) for v in row] for row in rows]
 
 
@@ -143,10 +145,16 @@ def check_ranges(ranges: Ranges, size: int, dim: int, partition: bool, what: str
         ShapeError: ``partition`` and the ranges overlap or leave a gap.
     """
     if isinstance(ranges, (str, bytes)) or not isinstance(ranges, Sequence) or len(ranges) != size:
-        raise InvalidArgumentError(f"ranges must hold one list of (start, stop) per rank ({size}), got {ranges!r}")
+        raise InvalidArgumentError(
+            f"ranges must hold one list of (start, stop) per rank ({size}), got {ranges!r}"
+        )
     for rank_ranges_of in ranges:
-        if isinstance(rank_ranges_of, (str, bytes)) or not isinstance(rank_ranges_of, Sequence) or not rank_ranges_of:
-            raise InvalidArgumentError(f"each rank's ranges must be a non-empty list of (start, stop), got {ranges!r}")
+        if isinstance(rank_ranges_of, (str, bytes)) or not isinstance(rank_ranges_of, Sequence):
+            rank_ranges_of = ()
+        if not rank_ranges_of:
+            raise InvalidArgumentError(
+                f"each rank's ranges must be a non-empty list of (start, stop), got {ranges!r}"
+            )
         for pair in rank_ranges_of:
             if (
                 not isinstance(pair, Sequence)

@@ -91,7 +91,8 @@ def checks(group: mlxdist.Group) -> list[tuple[str, Callable[[], None]]]:
         x = _normal((3, 16), 106)
         want = full(x)
         mine = 4 * (rank % 2)
-        _close(layer(x), mx.concatenate([want[:, :4], want[:, mine : mine + 4]], axis=-1), "overlapping ranges")
+        expected = mx.concatenate([want[:, :4], want[:, mine : mine + 4]], axis=-1)
+        _close(layer(x), expected, "overlapping ranges")
 
     def quantized_layers() -> None:
         group_size = 32
@@ -174,12 +175,13 @@ def checks(group: mlxdist.Group) -> list[tuple[str, Callable[[], None]]]:
         shape, invalid = mlxdist.ShapeError, mlxdist.InvalidArgumentError
         full = _linear(8, odd, seed=130)
         _expect(shape, lambda: shard_linear(full, "all-to-sharded", sizes=[1] * n, group=group), "add up to")
-        _expect(invalid, lambda: shard_linear(full, "all-to-sharded", sizes=[odd], group=group), "positive ints")
+        one_size = [odd]
+        _expect(invalid, lambda: shard_linear(full, "all-to-sharded", sizes=one_size, group=group), "positive")
         both = dict(sizes=split_sizes(odd, n), ranges=[[(0, 1)]] * n)
         _expect(invalid, lambda: shard_linear(full, "all-to-sharded", group=group, **both), "not both")
         overlapping = [[(0, odd)]] * n
         row = _linear(odd, 4, seed=131)
-        _expect(shape, lambda: shard_linear(row, "sharded-to-all", ranges=overlapping, group=group), "exactly once")
+        _expect(shape, lambda: shard_linear(row, "sharded-to-all", ranges=overlapping, group=group), "once")
         quantized = nn.QuantizedLinear.from_linear(_linear(64 * n, 4, seed=132), 32, 4)
         misaligned = [64 * n - 16 * (n - 1)] + [16] * (n - 1)
         _expect(shape, lambda: shard_linear(quantized, "sharded-to-all", sizes=misaligned, group=group),
