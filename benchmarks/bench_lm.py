@@ -24,8 +24,9 @@ over the median decode step.
 
 With ``--uneven`` the checkpoint has 12 query / 3 key-value heads, which
 2 ranks do not divide: mlx-lm's ``shard()`` cannot split it, so the jobs
-compare mlxdist's uneven TP with its PP (and the 1-process job), the TP/PP
-ratio paired step by step. ``--netns 50 300`` (root) also runs the 2-rank
+compare mlxdist's uneven TP with its PP and with the unsharded model run
+alone on every rank in the same job ("1 process each": no communication),
+all three interleaved and every ratio paired step by step. ``--netns 50 300`` (root) also runs the 2-rank
 ring jobs across two network namespaces joined by a link that delays every
 packet by about that many microseconds one way (``delayed_link.py``; the
 measured one-way latency is reported), like a link between two machines.
@@ -172,7 +173,10 @@ def worker(args: argparse.Namespace) -> None:
     else:
         models["mlxdist TP"], _, tp_plan = load(path, group, "tp")
         models["mlxdist PP"], _, _ = load(path, group, "pp")
-        if not args.uneven:  # mlx-lm's shard() cannot split heads that do not divide
+        if args.uneven:
+            # The anchor in the same job: every rank runs the whole model alone, no communication.
+            models["1 process each"], _ = load_model(path)
+        else:  # mlx-lm's shard() cannot split heads that do not divide, so it runs only here
             theirs, _ = load_model(path, lazy=True)
             theirs.shard(mx.distributed.init(backend=str(group.backend)))
             mx.eval(theirs.parameters())
@@ -213,7 +217,11 @@ def worker(args: argparse.Namespace) -> None:
         result["tp_shares"] = tp_plan.as_dict()["shares"]
         # Medians of the step-by-step ratios of rates (the other's step time / TP's).
         result["tp_vs_pp"] = median(pp / tp for pp, tp in zip(steps["mlxdist PP"], steps["mlxdist TP"]))
-        if not args.uneven:
+        if args.uneven:
+            alone = steps["1 process each"]
+            result["tp_vs_1_process"] = median(one / tp for one, tp in zip(alone, steps["mlxdist TP"]))
+            result["pp_vs_1_process"] = median(one / pp for one, pp in zip(alone, steps["mlxdist PP"]))
+        else:
             pairs = zip(steps["mlx-lm shard()"], steps["mlxdist TP"])
             result["tp_vs_mlx_lm"] = median(theirs / ours for theirs, ours in pairs)
     if size > 1:
@@ -325,22 +333,22 @@ def run_netns_job(argv: list[str], one_way_us: float, timeout: float) -> dict:
 def uneven_markdown(results: list[dict]) -> str:
     """The README table of ``--uneven``: uneven TP vs PP vs 1 process."""
     lines = [
-        "| weights | ranks, backend, link | 1 process | mlxdist uneven TP | mlxdist PP | TP / PP (paired) "
-        "| TP / 1 process | TP shares (q heads, mlp) |",
+        "| weights | ranks, backend, link | 1 process each | uneven TP | PP | TP ÷ PP | TP ÷ 1 process "
+        "| PP ÷ 1 process |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    single = {r["format"]: r["decode_tps"]["1 process (mlx-lm)"] for r in results if r["ranks"] == 1}
     for r in results:
         if r["ranks"] == 1:
             continue
-        d, shares = r["decode_tps"], r["tp_shares"]
-        one = single.get(r["format"], float("nan"))
+        d = r["decode_tps"]
         lines.append(
-            f"| {r['format']} | {r['ranks']}, {r['backend']}, {r['link']} | {one:.1f} | "
-            f"{d['mlxdist TP']:.1f} | "
-            f"{d['mlxdist PP']:.1f} | {r['tp_vs_pp']:.2f}× | {d['mlxdist TP'] / one:.2f}× | "
-            f"{shares['query_heads']}, {shares['intermediate']} |"
+            f"| {r['format']} | {r['ranks']}, {r['backend']}, {r['link']} | {d['1 process each']:.1f} | "
+            f"{d['mlxdist TP']:.1f} | {d['mlxdist PP']:.1f} | {r['tp_vs_pp']:.2f}× | "
+            f"{r['tp_vs_1_process']:.2f}× | {r['pp_vs_1_process']:.2f}× |"
         )
+    shares = next(r["tp_shares"] for r in results if r["ranks"] > 1)
+    lines.append("")
+    lines.append(f"TP shares: query heads {shares['query_heads']}, MLP features {shares['intermediate']}.")
     lines.append("")
     lines.append(
         "Load average during the jobs: " + ", ".join(f"{r['load_average']:.1f}" for r in results) + "."
@@ -391,9 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for fmt in args.formats:
             path = write_checkpoint(Path(tmp) / fmt.replace(" ", ""), "llama", seed=0, **FORMATS[fmt], **dims)
             worker_argv = ["--worker", str(path), fmt, *common]
-            single, _ = run_job(worker_argv, 1, "ring", args.timeout)
-            results.append(single)
-            print(json.dumps(single), flush=True)
+            if not args.uneven:  # there the anchor runs in each 2-rank job
+                single, _ = run_job(worker_argv, 1, "ring", args.timeout)
+                results.append(single)
+                print(json.dumps(single), flush=True)
             for backend in args.backends:
                 result, share = run_job(worker_argv, 2, backend, args.timeout)
                 shares.append(share)
