@@ -30,6 +30,14 @@ __all__ = ["TensorSplit", "tensor_split", "check_weights"]
 def check_weights(weights: Optional[Sequence[float]], size: int, what: str) -> list[float]:
     """Per-rank weights: ``weights`` checked, or equal ones when None.
 
+    Args:
+        weights: One positive number per rank, or None.
+        size: The number of ranks.
+        what: Names the argument in the error message.
+
+    Returns:
+        ``size`` floats.
+
     Raises:
         InvalidArgumentError: not ``size`` positive numbers.
     """

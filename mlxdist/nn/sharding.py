@@ -70,8 +70,10 @@ def shard_linear(
             head's ``head_dim``, a quantization group). None: equal shares.
         ranges: Each rank's ``(start, stop)`` ranges of the sharded axis,
             concatenated in order; column-parallel ranges may overlap (a
-            replicated key/value head), row-parallel ones must cover the
-            input once. None: from segments and sizes.
+            replicated key/value head: the forward pass is exact, and each
+            holder's weight gradient is its own part, to be summed over the
+            holders when training), row-parallel ones must cover the input
+            once. None: from segments and sizes.
         group: The :class:`mlxdist.Group` (the world group when None).
 
     Returns:
