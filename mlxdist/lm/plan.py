@@ -277,16 +277,18 @@ def model_split(
     for block in model.model.layers:
         attention = _module(block, layout.attention)
         n_heads, n_kv = (int(getattr(attention, name)) for name in layout.head_counts)
-        query_out, _, _ = _linear_dims(_module(block, layout.query[0]))
+        query_out, hidden, _ = _linear_dims(_module(block, layout.query[0]))
         intermediate, _, _ = _linear_dims(_module(block, layout.mlp[0]))
         _, _, o_group = _linear_dims(_module(block, layout.query[-1]))
         _, _, down_group = _linear_dims(_module(block, layout.mlp[-1]))
-        shapes.add((n_heads, n_kv, query_out // n_heads, intermediate, o_group or 1, down_group or 1))
+        shapes.add((n_heads, n_kv, query_out // n_heads, intermediate, o_group or 1, down_group or 1, hidden))
     if len(shapes) != 1:
         raise ShapeError(f"tensor parallelism needs decoder blocks of one shape, found {sorted(shapes)}")
-    ((n_heads, n_kv, head_dim, intermediate, o_unit, mlp_unit),) = shapes
+    ((n_heads, n_kv, head_dim, intermediate, o_unit, mlp_unit, hidden),) = shapes
     vocab = int(model.model.embed_tokens.weight.shape[0]) if vocab_parallel else None
-    split = tensor_split(n_heads, n_kv, head_dim, intermediate, size, weights, mlp_unit=mlp_unit, vocab=vocab)
+    split = tensor_split(
+        n_heads, n_kv, head_dim, intermediate, size, weights, mlp_unit=mlp_unit, vocab=vocab, hidden=hidden
+    )
     misaligned = [q for q in split.query_sizes if q % o_unit]
     if misaligned:
         raise ShapeError(

@@ -11,8 +11,11 @@ each rank holds:
   serves) go to one rank; with more ranks than key/value heads, the query
   heads are split and each rank holds the key/value heads its query heads use
   (a head is then replicated on several ranks);
-- MLP intermediate features and vocabulary rows in the same proportions, in
-  whole quantization groups where the row-parallel projection is quantized.
+- MLP intermediate features so that each rank's whole share of a block
+  (its attention projections plus its MLP features) follows the weights: the
+  rank whose whole GQA groups gave it more attention gets fewer MLP features,
+  in whole quantization groups where the down projection is quantized;
+- vocabulary rows in proportion to the weights.
 """
 
 from __future__ import annotations
@@ -130,6 +133,24 @@ def _kv_heads_of(first: int, stop: int, group: int) -> list[int]:
     return used  # one copy per query head
 
 
+def _balancing_weights(
+    query_heads: list[tuple[int, int]],
+    kv_heads: list[list[int]],
+    head_dim: int,
+    hidden: int,
+    intermediate: int,
+    weights: list[float],
+) -> list[float]:
+    """MLP feature weights that bring each rank's block share (attention + MLP) to its weight's share."""
+    head_cost, feature_cost = 2 * hidden * head_dim, 3 * hidden
+    attention = [head_cost * ((stop - start) + len(kv)) for (start, stop), kv in zip(query_heads, kv_heads)]
+    total = sum(attention) + intermediate * feature_cost
+    scale = sum(weights)
+    wanted = [(total * w / scale - cost) / feature_cost for w, cost in zip(weights, attention)]
+    # A rank whose attention alone exceeds its share still gets the minimum (split_sizes' one unit).
+    return [max(features, 1e-9) for features in wanted]
+
+
 def tensor_split(
     n_heads: int,
     n_kv_heads: int,
@@ -140,6 +161,7 @@ def tensor_split(
     *,
     mlp_unit: int = 1,
     vocab: Optional[int] = None,
+    hidden: Optional[int] = None,
 ) -> TensorSplit:
     """Each rank's share of a decoder's heads, MLP features and (optionally) vocabulary.
 
@@ -153,6 +175,11 @@ def tensor_split(
         mlp_unit: The step of the MLP split (the quantization group size of
             a quantized down projection, else 1).
         vocab: Vocabulary rows to split too, or None.
+        hidden: The model width. Given, the MLP features balance each rank's
+            whole block share (a query head's q and o rows and a key/value
+            head's k and v rows cost ``2 * hidden * head_dim`` weights each, an
+            MLP feature ``3 * hidden``) against the weights; None splits the
+            MLP features alone by the weights.
 
     Returns:
         The split.
@@ -182,7 +209,10 @@ def tensor_split(
             f"the MLP's {intermediate} intermediate features cannot give each of {size} ranks "
             f"whole groups of {mlp_unit}"
         )
-    mlp = split_sizes(intermediate, weights, mlp_unit)
+    mlp_weights = weights
+    if hidden is not None:
+        mlp_weights = _balancing_weights(query_heads, kv_heads, head_dim, hidden, intermediate, weights)
+    mlp = split_sizes(intermediate, mlp_weights, mlp_unit)
     rows = None
     if vocab is not None:
         if vocab < size:
