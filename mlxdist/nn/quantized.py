@@ -160,13 +160,16 @@ def _check_group_alignment(
     if sharding != "sharded-to-all":
         return
     if sizes is not None or ranges is not None:
-        given = f"sizes {list(sizes)}" if sizes is not None else f"ranges {list(ranges)}"
-        cuts = (
-            [v for row in ([sizes] if all(isinstance(v, int) for v in sizes) else sizes) for v in row]
-            if sizes is not None
-            else [v for rank in ranges for pair in rank for v in pair]
-        )
-        if any(not isinstance(v, int) or v % spec.group_size for v in cuts):
+        try:
+            given = f"sizes {list(sizes)}" if sizes is not None else f"ranges {list(ranges)}"
+            cuts = (
+                [v for row in ([sizes] if all(isinstance(v, int) for v in sizes) else sizes) for v in row]
+                if sizes is not None
+                else [v for rank in ranges for pair in rank for v in pair]
+            )
+        except TypeError:
+            return  # malformed: shard_parameters names what is wrong
+        if any(isinstance(v, int) and v % spec.group_size for v in cuts):
             raise ShapeError(
                 f"cannot shard a quantized layer's input (input_dims={input_dims}) by {given}: every "
                 f"rank's slice must be a whole number of quantization groups (group_size={spec.group_size})"

@@ -77,6 +77,8 @@ def split_sizes(total: int, weights: Union[int, Sequence[float]], unit: int = 1)
 
 
 def _per_segment_sizes(sizes: Sizes, segments: int, size: int) -> list[list[int]]:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise InvalidArgumentError(f"sizes must be a list of per-rank lengths, got {sizes!r}")
     rows = list(sizes)
     if rows and all(_is_count(v) for v in rows):
         rows = [rows] * segments
