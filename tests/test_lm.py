@@ -404,7 +404,8 @@ def test_load_refuses_bad_arguments(tmp_path, checkpoints) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_command(checkpoints, references, backend: str) -> None:
-    """mlxdist-generate -n 2 starts its ranks, and rank 0 prints one JSON line."""
+    """mlxdist-generate -n 2 starts its ranks, and rank 0 prints one JSON line (on MPI with
+    --tp-weights 2,1 --vocab-parallel: the shares follow the weights, the tokens do not change)."""
     command = [
         sys.executable,
         "-m",
@@ -424,6 +425,8 @@ def test_generate_command(checkpoints, references, backend: str) -> None:
         "--timeout",
         "120",
     ]
+    if backend == "mpi":  # the TP options reach load() and the shares the JSON
+        command += ["--tp-weights", "2,1", "--vocab-parallel"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -434,6 +437,11 @@ def test_generate_command(checkpoints, references, backend: str) -> None:
     assert record["decode_tps"] > 0 and record["prompt_tps"] > 0
     assert len(record["weight_bytes"]) == 2 and len(record["peak_rss_bytes"]) == 2
     assert record["weight_bytes"][0] < record["full_weight_bytes"]
+    if backend == "mpi":
+        # 4 KV groups by 2:1 -> 3 and 1 (6 and 2 query heads); the vocabulary 341 and 171 rows.
+        assert record["shares"]["query_heads"] == [6, 2] and record["shares"]["vocab"] == [341, 171]
+        assert record["weight_bytes"][0] > record["weight_bytes"][1]
+        assert "by tp weights" in record["reason"]
 
 
 def test_generate_command_text_prompt(checkpoints) -> None:
