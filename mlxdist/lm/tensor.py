@@ -12,13 +12,13 @@ vocabulary (:mod:`mlxdist.lm.vocab`).
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxdist.group import Group
-from typing import Any, Optional
-
 from mlxdist.lm.plan import FamilyLayout
 from mlxdist.lm.split import TensorSplit
 from mlxdist.lm.vocab import apply_vocab_parallel
