@@ -22,6 +22,15 @@ vector in the model's dtype (chained, one eval), and PP's hops (send/recv
 between neighbours, one all_gather); the communication share is its median
 over the median decode step.
 
+With ``--uneven`` the checkpoint has 12 query / 3 key-value heads, which
+2 ranks do not divide: mlx-lm's ``shard()`` cannot split it, so the jobs
+compare mlxdist's uneven TP with its PP and with the unsharded model run
+alone on every rank in the same job ("1 process each": no communication),
+all three interleaved and every ratio paired step by step. ``--netns 50 300`` (root) also runs the 2-rank
+ring jobs across two network namespaces joined by a link that delays every
+packet by about that many microseconds one way (``delayed_link.py``; the
+measured one-way latency is reported), like a link between two machines.
+
 Run ``python benchmarks/bench_lm.py`` (``--backends ring mpi``, ``--quick``
 for a smaller model); ``--markdown`` prints the README table.
 """
@@ -54,6 +63,10 @@ SIZES = {
     "quick": dict(
         hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=512
     ),
+    # 3 key/value heads: 2 ranks get 8 and 4 query heads (whole groups), the MLP evenly.
+    "uneven": dict(
+        hidden_size=768, num_layers=6, num_heads=12, num_kv_heads=3, intermediate_size=2048, vocab_size=512
+    ),
 }
 
 
@@ -65,6 +78,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved decode steps: rounds x tokens")
     parser.add_argument("--quick", action="store_true", help="a smaller model")
+    parser.add_argument("--uneven", action="store_true", help="heads 2 ranks do not divide: uneven TP vs PP")
+    parser.add_argument(
+        "--netns", nargs="*", type=float, default=[], metavar="DELAY_US",
+        help="also run 2 ring ranks across two network namespaces with this one-way delay (root)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline per launched job, seconds")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
@@ -153,12 +171,16 @@ def worker(args: argparse.Namespace) -> None:
     if size == 1:
         models["1 process (mlx-lm)"], _ = load_model(path)
     else:
-        models["mlxdist TP"], _, _ = load(path, group, "tp")
+        models["mlxdist TP"], _, tp_plan = load(path, group, "tp")
         models["mlxdist PP"], _, _ = load(path, group, "pp")
-        theirs, _ = load_model(path, lazy=True)
-        theirs.shard(mx.distributed.init(backend=str(group.backend)))
-        mx.eval(theirs.parameters())
-        models["mlx-lm shard()"] = theirs
+        if args.uneven:
+            # The anchor in the same job: every rank runs the whole model alone, no communication.
+            models["1 process each"], _ = load_model(path)
+        else:  # mlx-lm's shard() cannot split heads that do not divide, so it runs only here
+            theirs, _ = load_model(path, lazy=True)
+            theirs.shard(mx.distributed.init(backend=str(group.backend)))
+            mx.eval(theirs.parameters())
+            models["mlx-lm shard()"] = theirs
     # Generation as users run it: the tokens (TP must equal mlx-lm's) and the prompt rate.
     tokens: dict[str, list[int]] = {}
     prompt_tps: dict[str, float] = {}
@@ -185,12 +207,23 @@ def worker(args: argparse.Namespace) -> None:
         "generate_tps": generate_tps,
         "prompt_tps": prompt_tps,
         "load_average": os.getloadavg()[0],
-        "same_tokens_as_mlx_lm": None if size == 1 else tokens["mlxdist TP"] == tokens["mlx-lm shard()"],
+        "same_tokens_as_mlx_lm": (
+            None if size == 1 or args.uneven else tokens["mlxdist TP"] == tokens["mlx-lm shard()"]
+        ),
+        "tp_tokens_equal_pp": None if size == 1 else tokens["mlxdist TP"] == tokens["mlxdist PP"],
+        "link": os.environ.get("BENCH_LM_LINK", "loopback" if size > 1 else None),
     }
     if size > 1:
-        # Median of the step-by-step ratio of rates (mlx-lm's step time / ours).
-        pairs = zip(steps["mlx-lm shard()"], steps["mlxdist TP"])
-        result["tp_vs_mlx_lm"] = median(theirs / ours for theirs, ours in pairs)
+        result["tp_shares"] = tp_plan.as_dict()["shares"]
+        # Medians of the step-by-step ratios of rates (the other's step time / TP's).
+        result["tp_vs_pp"] = median(pp / tp for pp, tp in zip(steps["mlxdist PP"], steps["mlxdist TP"]))
+        if args.uneven:
+            alone = steps["1 process each"]
+            result["tp_vs_1_process"] = median(one / tp for one, tp in zip(alone, steps["mlxdist TP"]))
+            result["pp_vs_1_process"] = median(one / pp for one, pp in zip(alone, steps["mlxdist PP"]))
+        else:
+            pairs = zip(steps["mlx-lm shard()"], steps["mlxdist TP"])
+            result["tp_vs_mlx_lm"] = median(theirs / ours for theirs, ours in pairs)
     if size > 1:
         # Communication alone, timed among the decode steps, over the decode step time.
         result["comm_seconds"] = {kind: median(steps[f"{kind} comm"]) for kind in ("tp", "pp")}
@@ -245,6 +278,84 @@ def run_job(argv: list[str], n: int, backend: str, timeout: float) -> tuple[dict
     return sink.results[0], cpu / wall
 
 
+def run_netns_job(argv: list[str], one_way_us: float, timeout: float) -> dict:
+    """Run the worker as 2 ring ranks in two network namespaces joined by a delayed link.
+
+    The relay's own cost adds to the requested delay, so the delay is
+    calibrated: asked for, measured (half a TCP round trip), and asked again
+    corrected by the error, up to three times. The result records the
+    one-way latency measured just before the job.
+    """
+    from delayed_link import delayed_link, measure_one_way_us
+
+    request = one_way_us
+    for _ in range(3):  # the relay's wake-up cost is not a constant: correct the request a few times
+        with delayed_link(request) as (names, addresses):
+            measured = measure_one_way_us(names, addresses)
+        if abs(measured - one_way_us) <= 0.1 * one_way_us:
+            break
+        request = max(0.0, request + one_way_us - measured)
+    with delayed_link(request) as (names, addresses):
+        measured = measure_one_way_us(names, addresses)
+        procs: list[subprocess.Popen] = []
+        with tempfile.TemporaryDirectory(prefix="bench-lm-netns-") as tmp:
+            hostfile = Path(tmp, "hosts.json")
+            hostfile.write_text(json.dumps([[f"{a}:{29600 + i}"] for i, a in enumerate(addresses)]))
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXDIST_", "OMPI_", "PMI"))}
+            env.update(MLX_HOSTFILE=str(hostfile), BENCH_LM_LINK=f"{measured:.0f} us one way")
+            logs = [Path(tmp, f"rank{r}.log") for r in range(2)]
+            try:
+                for rank, ns in enumerate(names):
+                    procs.append(subprocess.Popen(
+                        ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), *argv],
+                        env=dict(env, MLX_RANK=str(rank)), stdout=logs[rank].open("w"),
+                        stderr=subprocess.STDOUT, start_new_session=True,
+                    ))
+                deadline = time.monotonic() + timeout
+                while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        os.killpg(p.pid, 9)
+                    p.wait()
+            sink = _Collect()
+            for line in logs[0].read_text(errors="replace").splitlines():
+                sink.write(line)
+            if not sink.results or any(p.returncode != 0 for p in procs):
+                tail = "".join(log.read_text(errors="replace")[-2000:] for log in logs)
+                raise SystemExit(f"bench_lm: the 2-namespace job ({one_way_us} us) failed:\n{tail}")
+    result = sink.results[0]
+    result["one_way_us"] = measured
+    return result
+
+
+def uneven_markdown(results: list[dict]) -> str:
+    """The README table of ``--uneven``: uneven TP vs PP vs 1 process."""
+    lines = [
+        "| weights | ranks, backend, link | 1 process each | uneven TP | PP | TP ÷ PP | TP ÷ 1 process "
+        "| PP ÷ 1 process |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["ranks"] == 1:
+            continue
+        d = r["decode_tps"]
+        lines.append(
+            f"| {r['format']} | {r['ranks']}, {r['backend']}, {r['link']} | {d['1 process each']:.1f} | "
+            f"{d['mlxdist TP']:.1f} | {d['mlxdist PP']:.1f} | {r['tp_vs_pp']:.2f}× | "
+            f"{r['tp_vs_1_process']:.2f}× | {r['pp_vs_1_process']:.2f}× |"
+        )
+    shares = next(r["tp_shares"] for r in results if r["ranks"] > 1)
+    lines.append("")
+    lines.append(f"TP shares: query heads {shares['query_heads']}, MLP features {shares['intermediate']}.")
+    lines.append("")
+    lines.append(
+        "Load average during the jobs: " + ", ".join(f"{r['load_average']:.1f}" for r in results) + "."
+    )
+    return "\n".join(lines)
+
+
 def markdown(results: list[dict], launcher_share: float) -> str:
     lines = [
         "| weights | ranks, backend | 1 process | mlx-lm shard() | mlxdist TP (× mlx-lm) | mlxdist PP "
@@ -280,19 +391,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from mlxdist.lm.testing import write_checkpoint
 
-    dims = SIZES["quick" if args.quick else "default"]
+    dims = SIZES["uneven" if args.uneven else "quick" if args.quick else "default"]
     common = ["--tokens", str(args.tokens), "--prompt", str(args.prompt), "--rounds", str(args.rounds)]
+    common += ["--uneven"] if args.uneven else []
     results, shares = [], []
     with tempfile.TemporaryDirectory(prefix="bench-lm-") as tmp:
         for fmt in args.formats:
             path = write_checkpoint(Path(tmp) / fmt.replace(" ", ""), "llama", seed=0, **FORMATS[fmt], **dims)
             worker_argv = ["--worker", str(path), fmt, *common]
-            single, _ = run_job(worker_argv, 1, "ring", args.timeout)
-            results.append(single)
-            print(json.dumps(single), flush=True)
+            if not args.uneven:  # there the anchor runs in each 2-rank job
+                single, _ = run_job(worker_argv, 1, "ring", args.timeout)
+                results.append(single)
+                print(json.dumps(single), flush=True)
             for backend in args.backends:
                 result, share = run_job(worker_argv, 2, backend, args.timeout)
                 shares.append(share)
+                results.append(result)
+                print(json.dumps(result), flush=True)
+            for delay in args.netns:
+                result = run_netns_job(worker_argv, delay, args.timeout)
                 results.append(result)
                 print(json.dumps(result), flush=True)
     if args.json:
@@ -300,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dumps({"model": dims, "results": results, "launcher_cpu": max(shares, default=0)}, indent=2)
         )
     if args.markdown:
-        print(markdown(results, max(shares, default=0.0)))
+        print(uneven_markdown(results) if args.uneven else markdown(results, max(shares, default=0.0)))
     return 0
 
 

@@ -35,6 +35,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 PROMPT = [17, 260, 301, 42, 99, 400, 5, 311]
 MAX_TOKENS = 12
 DIMS = dict(hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=512)
+ODD_HEADS = dict(hidden_size=96, num_layers=4, head_dim=32, intermediate_size=192, vocab_size=512)
 # name -> write_checkpoint arguments. Every family appears; "odd" has 6 heads and 3 kv heads.
 CHECKPOINTS = {
     "f32": dict(family="llama", dtype="float32", **DIMS),
@@ -53,6 +54,12 @@ CHECKPOINTS = {
         intermediate_size=192,
         vocab_size=512,
     ),
+    # Heads no rank count above 1 divides, with head_dim a whole quantization group.
+    "g3": dict(family="llama", dtype="float32", seed=6, **ODD_HEADS, num_heads=3, num_kv_heads=1),
+    "g3q4": dict(family="qwen3", dtype="float32", bits=4, group_size=32, seed=7, **ODD_HEADS, num_heads=3,
+                 num_kv_heads=1),
+    "odd_q4": dict(family="llama", dtype="float32", bits=4, group_size=32, seed=8, **ODD_HEADS, num_heads=6,
+                   num_kv_heads=3),
 }
 # Largest |logit difference| allowed between a float16/bfloat16 model sharded
 # over 2 ranks and the same model in one process (teacher-forced, logits of
@@ -61,6 +68,10 @@ CHECKPOINTS = {
 # rounded to the model dtype before the all-sum.
 LOGIT_TOLERANCE = {"f16": 0.35, "bf16": 0.35}
 PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.")
+VOCAB = re.compile(r"^(model\.embed_tokens|lm_head)\.")
+# A projection's share follows the query heads, the key/value heads or the MLP features.
+ROLE = {"q_proj": "query_heads", "o_proj": "query_heads", "k_proj": "kv_heads", "v_proj": "kv_heads",
+        "gate_proj": "intermediate", "up_proj": "intermediate", "down_proj": "intermediate"}
 BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -122,12 +133,41 @@ def generate_check(path: Path, mode: str, **extra) -> dict:
     }
 
 
+def expected_tp_bytes(path: Path, shares: dict, rank: int) -> int:
+    """This rank's parameter bytes under TP with these shares, from the checkpoint file alone."""
+    weights = mx.load(str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    whole = {
+        "query_heads": config["num_attention_heads"],
+        "kv_heads": config["num_key_value_heads"],
+        "intermediate": config["intermediate_size"],
+    }
+    held = {
+        "query_heads": shares["query_heads"][rank],
+        "kv_heads": len(shares["kv_heads"][rank]),
+        "intermediate": shares["intermediate"][rank],
+    }
+    total = 0
+    for key, value in weights.items():
+        projection = PROJECTION.search(key)
+        if projection:
+            role = ROLE[projection.group(1)]
+            share = value.nbytes * held[role]
+            assert share % whole[role] == 0, (key, held[role], whole[role])
+            total += share // whole[role]
+        elif shares["vocab"] is not None and VOCAB.search(key):
+            total += value.nbytes * shares["vocab"][rank] // config["vocab_size"]
+        else:
+            total += value.nbytes
+    return total
+
+
 def check_weight_bytes(path: Path, result: dict, n: int) -> float:
     """Assert this rank's weight bytes are its share; return the ratio to the whole model."""
     replicated, projections, blocks = parameter_groups(path)
     plan = result["plan"]
     if plan["mode"] == "tp":
-        expected = replicated + projections // n
+        expected = expected_tp_bytes(path, plan["shares"], plan["rank"])
     else:
         start, stop = plan["layers"][plan["rank"]]
         expected = (
@@ -143,31 +183,89 @@ def check_weight_bytes(path: Path, result: dict, n: int) -> float:
 def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: str) -> None:
     """Float32 dense, 4-bit (8-bit at 2 ranks): TP and PP tokens equal 1 process.
 
-    6 heads / 3 kv heads: auto picks PP (tokens equal 1 process), mode="tp" raises ShapeError.
+    Heads that do not divide (6 / 3 at 2 and 4 ranks, 3 / 1 at 2 ranks): auto picks uneven TP, tokens
+    equal 1 process (4-bit 6 / 3 at 4 ranks on MPI); 3 query heads on 4 ranks: mode="tp" raises
+    ShapeError. On ring at 2 ranks also: --tp-weights 2,1 and the vocabulary-parallel head (the split is
+    backend-independent).
     """
     dense = ["f32", "q4"] + (["q8"] if n == 2 else [])
     checks = [generate_check(checkpoints[name], mode) for name in dense for mode in ("auto", "pp")]
-    checks += [generate_check(checkpoints["odd"], "auto"), generate_check(checkpoints["odd"], "tp")]
+    checks.append(generate_check(checkpoints["odd"], "auto"))
+    if n == 2:
+        checks += [generate_check(checkpoints[name], "auto") for name in ("g3", "g3q4")]
+    else:
+        checks.append(generate_check(checkpoints["g3"], "tp"))
+        if backend == "mpi":  # 4 ring ranks on a 2-core machine take ~10 s per TP check
+            checks.append(generate_check(checkpoints["odd_q4"], "auto"))
+    if n == 2 and backend == "ring":
+        checks.append(generate_check(checkpoints["odd"], "auto", tp_weights=[2, 1]))
+        checks.append(generate_check(checkpoints["f32"], "auto", vocab_parallel=True))
     results = job(tmp_path, n, backend, checks)
-    ratios = {}
+    ratios, shares = {}, {}
     for check, result in zip(checks, results):
         name = Path(check["path"]).name
-        if name == "odd" and check["mode"] == "tp":
+        if name == "g3" and check["mode"] == "tp":
             assert result["error"] == "ShapeError", result
             assert "ValueError" in result["mro"]
-            assert f"n_kv_heads=3 is not divisible by {n} ranks" in result["message"]
+            assert f"at least one query head per rank: n_heads=3 < {n} ranks" in result["message"]
             continue
         assert "error" not in result, result
-        want = "pp" if name == "odd" or check["mode"] == "pp" else "tp"
-        assert result["plan"]["mode"] == want, result["plan"]
-        assert result["tokens"] == references[name]["tokens"], (name, check["mode"])
-        if name == "odd":
-            assert "not divisible" in result["plan"]["reason"]
-        ratios[(name, want)] = check_weight_bytes(checkpoints[name], result, n)
+        plan = result["plan"]
+        want = "pp" if check["mode"] == "pp" else "tp"
+        assert plan["mode"] == want, plan
+        assert result["tokens"] == references[name]["tokens"], (name, check)
+        uneven = name in ("odd", "odd_q4", "g3", "g3q4")
+        if uneven:
+            assert "uneven tensor parallel" in plan["reason"]
+        key = (name, want, str(check.get("tp_weights", "")), check.get("vocab_parallel", False))
+        ratios[key] = check_weight_bytes(checkpoints[name], result, n)
+        shares[key] = plan["shares"]
+    if n == 2:
+        assert shares[("g3", "tp", "", False)]["query_heads"] == [2, 1]
+        assert shares[("g3", "tp", "", False)]["kv_heads"] == [[0], [0]]  # one KV head on both ranks
+    else:
+        assert shares[("odd", "tp", "", False)]["query_heads"] == [2, 2, 1, 1]
+        assert shares[("odd", "tp", "", False)]["kv_heads"] == [[0], [1], [2], [2]]
+    if n == 2 and backend == "ring":
+        weighted = shares[("odd", "tp", "[2, 1]", False)]
+        assert weighted["query_heads"] == [4, 2] and weighted["intermediate"] == [128, 64]
+        # The vocabulary-parallel head and embedding: rank 0 holds half of each.
+        head = sum(v.nbytes for k, v in mx.load(str(checkpoints["f32"] / "model.safetensors")).items()
+                   if VOCAB.search(k))
+        full = parameter_groups(checkpoints["f32"])
+        saved = (ratios[("f32", "tp", "", False)] - ratios[("f32", "tp", "", True)]) * sum(full[:2])
+        assert round(saved) == head // 2
     print(
         f"\nweight bytes of rank 0 / whole model, {n} {backend} ranks:",
         {k: round(v, 3) for k, v in ratios.items()},
+        "\nseconds per check:",
+        [(Path(c["path"]).name, c["mode"], round(r["seconds"], 1)) for c, r in zip(checks, results)],
     )
+
+
+@pytest.mark.parametrize("backend", ["mpi"])
+def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: str) -> None:
+    """8 query / 4 KV heads on 3 ranks: auto picks uneven TP (4, 2, 2 heads); float32 dense and 4-bit
+    tokens equal 1 process, also with a vocabulary-parallel tied head; float16 logits within tolerance."""
+    checks = [generate_check(checkpoints[name], "auto") for name in ("f32", "q4")]
+    checks.append(generate_check(checkpoints["q4"], "auto", vocab_parallel=True))
+    checks.append(generate_check(checkpoints["f16"], "auto", logits_of=PROMPT + references["f16"]["tokens"]))
+    results = job(tmp_path, 3, backend, checks)
+    for check, result in zip(checks, results):
+        name = Path(check["path"]).name
+        assert "error" not in result, result
+        plan = result["plan"]
+        assert plan["mode"] == "tp" and "uneven tensor parallel over 3 ranks" in plan["reason"], plan
+        assert plan["shares"]["query_heads"] == [4, 2, 2] and plan["shares"]["kv_heads"] == [[0, 1], [2], [3]]
+        check_weight_bytes(checkpoints[name], result, 3)
+        if name == "f16":
+            drift = np.abs(np.array(result["logits"]) - references[name]["logits"]).max()
+            print(f"\nf16 uneven TP at 3 {backend} ranks: max |logit - 1 process| = {drift:.4f}")
+            assert drift <= LOGIT_TOLERANCE[name], drift
+        else:
+            assert result["tokens"] == references[name]["tokens"], check
+    assert results[2]["plan"]["shares"]["vocab"] == [171, 171, 170]
+    print("seconds per check:", [round(r["seconds"], 1) for r in results])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -242,17 +340,28 @@ def test_dispatcher_on_a_lazy_model(checkpoints) -> None:
     odd, _ = load_model(checkpoints["odd"], lazy=True)
     for size in (2, 4):
         plan = choose(odd, "qwen2", 0, size, "auto")
-        assert plan.mode == "pp"
-        assert "n_kv_heads=3 is not divisible by" in plan.reason
-        with pytest.raises(mlxdist.ShapeError, match="n_kv_heads=3 is not divisible by"):
-            choose(odd, "qwen2", 0, size, "tp")
-    assert choose(odd, "qwen2", 0, 3, "auto").mode == "tp"
+        assert plan.mode == "tp" and "uneven tensor parallel" in plan.reason
+        assert "n_kv_heads=3 is not divisible by" in plan.reason or "n_heads=6" in plan.reason
+        assert choose(odd, "qwen2", 0, size, "tp").split == plan.split
+    even = choose(odd, "qwen2", 0, 3, "auto")
+    assert even.mode == "tp" and "every head count and projection divides" in even.reason
+    assert even.split.as_dict()["query_heads"] == [2, 2, 2]
+    weighted = choose(odd, "qwen2", 0, 3, "auto", tp_weights=[1, 1, 1]).split
+    assert weighted == even.split  # equal weights: the even split, just reached another way
+    assert choose(odd, "qwen2", 0, 2, "tp", tp_weights=[2, 1]).split.as_dict()["intermediate"] == [128, 64]
+    with pytest.raises(mlxdist.InvalidArgumentError, match="tp_weights must be 2 positive numbers"):
+        choose(odd, "qwen2", 0, 2, "auto", tp_weights=[1])
+    # More ranks than query heads: PP, and mode="tp" names the constraint.
+    g3, _ = load_model(checkpoints["g3"], lazy=True)
+    assert choose(g3, "llama", 0, 4, "auto").mode == "pp"
+    with pytest.raises(mlxdist.ShapeError, match="at least one query head per rank"):
+        choose(g3, "llama", 0, 4, "tp")
     with pytest.raises(mlxdist.InvalidArgumentError, match="at least one decoder block per rank"):
-        choose(odd, "qwen2", 0, 5, "auto")
+        choose(g3, "llama", 0, 5, "auto")
     with pytest.raises(mlxdist.InvalidArgumentError, match="mode must be one of"):
         choose(odd, "qwen2", 0, 2, "sequence")
     q4, _ = load_model(checkpoints["q4"], lazy=True)
-    # 8 ranks: the o_proj/down_proj input per rank (16, 32) is below the group size 32.
+    # 8 ranks: one head (16 features) of o_proj's input per rank is below the group size 32.
     with pytest.raises(mlxdist.ShapeError, match="group_size=32"):
         choose(q4, "qwen3", 0, 8, "tp")
 
@@ -295,7 +404,8 @@ def test_load_refuses_bad_arguments(tmp_path, checkpoints) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_command(checkpoints, references, backend: str) -> None:
-    """mlxdist-generate -n 2 starts its ranks, and rank 0 prints one JSON line."""
+    """mlxdist-generate -n 2 starts its ranks, and rank 0 prints one JSON line (on MPI with
+    --tp-weights 2,1 --vocab-parallel: the shares follow the weights, the tokens do not change)."""
     command = [
         sys.executable,
         "-m",
@@ -315,6 +425,8 @@ def test_generate_command(checkpoints, references, backend: str) -> None:
         "--timeout",
         "120",
     ]
+    if backend == "mpi":  # the TP options reach load() and the shares the JSON
+        command += ["--tp-weights", "2,1", "--vocab-parallel"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -325,6 +437,11 @@ def test_generate_command(checkpoints, references, backend: str) -> None:
     assert record["decode_tps"] > 0 and record["prompt_tps"] > 0
     assert len(record["weight_bytes"]) == 2 and len(record["peak_rss_bytes"]) == 2
     assert record["weight_bytes"][0] < record["full_weight_bytes"]
+    if backend == "mpi":
+        # 4 KV groups by 2:1 -> 3 and 1 (6 and 2 query heads); the vocabulary 341 and 171 rows.
+        assert record["shares"]["query_heads"] == [6, 2] and record["shares"]["vocab"] == [341, 171]
+        assert record["weight_bytes"][0] > record["weight_bytes"][1]
+        assert "by tp weights" in record["reason"]
 
 
 def test_generate_command_text_prompt(checkpoints) -> None:

@@ -226,3 +226,50 @@ def test_errors_without_peers(solo: mlxdist.Group) -> None:
         QuantizedAllToShardedLinear(48, 8, group=solo)
     with pytest.raises(mlxdist.UnsupportedOperationError, match="quantize_input"):
         shard_linear(linear, "all-to-sharded", group=solo).to_quantized(mode="mxfp8", quantize_input=True)
+
+
+def test_split_sizes() -> None:
+    from mlxdist.nn import split_sizes
+
+    assert split_sizes(8, 2) == [4, 4] and split_sizes(8, 3) == [3, 3, 2]
+    assert split_sizes(256, 3, 32) == [96, 96, 64]
+    assert split_sizes(6, [2, 1]) == [4, 2] and split_sizes(4, [2, 1]) == [3, 1]
+    # Every rank gets at least one unit, however small its weight.
+    assert split_sizes(8, [10, 1, 1]) == [6, 1, 1]
+    for total, weights, unit in ((97, [3, 1, 2], 1), (640, [1, 1, 1, 1, 5], 32), (7, 7, 1)):
+        sizes = split_sizes(total, weights, unit)
+        assert sum(sizes) == total and all(s >= unit and s % unit == 0 for s in sizes)
+    with pytest.raises(mlxdist.ShapeError, match="3 ranks"):
+        split_sizes(64, 3, 32)
+    for bad in (dict(weights=[1, 0]), dict(weights=[]), dict(weights=["a"]), dict(unit=0), dict(unit=5)):
+        args = {"total": 64, "weights": 2, "unit": 1, **bad}
+        with pytest.raises(mlxdist.InvalidArgumentError):
+            split_sizes(args["total"], args["weights"], args["unit"])
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_uneven_ranges_match_numpy_split(size: int) -> None:
+    from mlxdist.nn.shares import uneven_ranges
+
+    bounds, data = [0, 12, 20], np.arange(20)
+    sizes = [[5, 4, 3][:size], [3, 3, 2][:size]]
+    sizes = [row[:-1] + [length - sum(row[:-1])] for row, length in zip(sizes, (12, 8))]
+    for rank in range(size):
+        got = np.concatenate([data[a:b] for a, b in uneven_ranges(bounds, sizes, size, rank, "w")])
+        cuts = [np.split(data[a:b], np.cumsum(row)[:-1])[rank] for (a, b), row in zip([(0, 12), (12, 20)], sizes)]
+        np.testing.assert_array_equal(got, np.concatenate(cuts))
+    with pytest.raises(mlxdist.ShapeError, match="add up to"):
+        uneven_ranges([0, 12], [1] * size, size, 0, "w")
+
+
+def test_size_one_sizes_and_ranges(solo: mlxdist.Group) -> None:
+    full = nn.Linear(8, 6)
+    x = mx.random.normal((2, 8))
+    column = shard_linear(full, "all-to-sharded", sizes=[6], group=solo)
+    assert mx.array_equal(column(x), full(x)) and column.output_dims == 6
+    # A replicated block: rows 0-1 twice, then 4-5.
+    repeated = shard_linear(full, "all-to-sharded", ranges=[[(0, 2), (0, 2), (4, 6)]], group=solo)
+    want = full(x)
+    assert mx.array_equal(repeated(x), mx.concatenate([want[:, :2], want[:, :2], want[:, 4:]], axis=-1))
+    with pytest.raises(mlxdist.ShapeError, match="exactly once"):
+        shard_linear(nn.Linear(6, 2), "sharded-to-all", ranges=[[(0, 4), (2, 6)]], group=solo)

@@ -2,8 +2,10 @@
 
 mlx-lm loads checkpoints, tokenizes and generates; mlxdist shards:
 tensor parallel (:mod:`mlxdist.lm.tensor`, with :mod:`mlxdist.nn`'s layers)
-when the model allows it, pipeline parallel (:mod:`mlxdist.lm.pipeline`)
-otherwise, chosen by :func:`mlxdist.lm.plan.choose`.
+on any number of ranks that each get a query head (evenly when the heads
+divide, else in uneven shares, :mod:`mlxdist.lm.split`; optionally the
+vocabulary too, :mod:`mlxdist.lm.vocab`), pipeline parallel
+(:mod:`mlxdist.lm.pipeline`) otherwise, chosen by :func:`mlxdist.lm.plan.choose`.
 
 Example (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 
@@ -25,7 +27,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 from mlxdist.lm.generation import Generation, generate_tokens, logits
 from mlxdist.lm.loading import load
 from mlxdist.lm.memory import parameter_bytes, peak_rss_bytes, rss_bytes
-from mlxdist.lm.plan import MODES, Plan, choose, layer_ranges, tp_violations
+from mlxdist.lm.plan import MODES, Plan, choose, layer_ranges, model_split, tp_violations
+from mlxdist.lm.split import TensorSplit, tensor_split
 
 __all__ = [
     "load",
@@ -34,6 +37,9 @@ __all__ = [
     "choose",
     "layer_ranges",
     "tp_violations",
+    "model_split",
+    "TensorSplit",
+    "tensor_split",
     "generate_tokens",
     "Generation",
     "logits",

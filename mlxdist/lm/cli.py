@@ -4,8 +4,9 @@ Outside a launched job, ``-n N`` (N > 1) starts N local ranks through
 :func:`mlxdist.launch.launch` running this same command; inside one (ring's
 ``MLX_RANK``/``MLX_HOSTFILE``, or mpirun's environment) every rank loads its
 shard and generates, and rank 0 prints the text, or with ``--json`` one JSON
-line: tokens, text, mode, reason, decode and prompt tokens/s, and per rank
-the weight bytes and peak memory.
+line: tokens, text, mode, reason, decode and prompt tokens/s, per rank the
+weight bytes and peak memory, and under TP each rank's shares (query heads,
+key/value heads, MLP features, vocabulary rows).
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--mode", choices=("auto", "tp", "pp"), default="auto")
     parser.add_argument("--pp-weights", type=_positive_floats, help="per-rank pipeline shares, e.g. 1,2")
+    parser.add_argument(
+        "--tp-weights", type=_positive_floats, help="per-rank tensor-parallel shares, e.g. 2,1 (default even)"
+    )
+    parser.add_argument(
+        "--vocab-parallel",
+        action="store_true",
+        help="under TP, also split the embedding and head by vocabulary rows",
+    )
     parser.add_argument(
         "-n", "--nranks", type=int, help="local ranks to start when not inside a launched job"
     )
@@ -123,7 +132,14 @@ def _run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"-n {args.nranks} given inside a launched job of {size} ranks")
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    model, tokenizer, plan = load(args.model, group, args.mode, pp_weights=args.pp_weights)
+    model, tokenizer, plan = load(
+        args.model,
+        group,
+        args.mode,
+        pp_weights=args.pp_weights,
+        tp_weights=args.tp_weights,
+        vocab_parallel=args.vocab_parallel,
+    )
     prompt = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
     vocab = int(model.args.vocab_size)
     if any(i >= vocab for i in prompt):
@@ -157,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
             "decode_tps": out.decode_tps,
             "weight_bytes": per_rank[:, 0].tolist(),
             "full_weight_bytes": plan.full_bytes,
+            "shares": plan.as_dict()["shares"],
             "peak_rss_bytes": per_rank[:, 1].tolist(),
             "peak_mlx_bytes": per_rank[:, 2].tolist(),
         }

@@ -34,6 +34,8 @@ def load(
     mode: str = "auto",
     *,
     pp_weights: Optional[Sequence[float]] = None,
+    tp_weights: Optional[Sequence[float]] = None,
+    vocab_parallel: bool = False,
     tokenizer_config: Optional[dict[str, Any]] = None,
 ) -> tuple[nn.Module, Any, Plan]:
     """Load an mlx-lm checkpoint and shard it over a group.
@@ -50,6 +52,12 @@ def load(
             parallel), ``"tp"`` or ``"pp"``.
         pp_weights: One positive number per rank: pipeline block shares
             proportional to them (e.g. each rank's memory).
+        tp_weights: One positive number per rank: tensor-parallel shares
+            (query heads, MLP features, vocabulary rows) proportional to them,
+            e.g. ``[2, 1]`` for a rank twice as fast. None: as even as the
+            heads allow.
+        vocab_parallel: Under TP, also split the embedding and head by
+            vocabulary rows (logits all-gathered).
         tokenizer_config: Extra arguments for the tokenizer.
 
     Returns:
@@ -58,10 +66,11 @@ def load(
         mlx-lm's tokenizer wrapper, and the :class:`~mlxdist.lm.plan.Plan`.
 
     Raises:
-        InvalidArgumentError: not a checkpoint directory, unknown mode, or PP
-            impossible (fewer blocks than ranks, bad ``pp_weights``).
-        ShapeError: ``mode="tp"`` on a model that TP cannot split (names the
-            constraint).
+        InvalidArgumentError: not a checkpoint directory, unknown mode, bad
+            weights, or PP impossible (fewer blocks than ranks).
+        ShapeError: ``mode="tp"`` on a model that TP cannot split: a rank
+            would get no query head, or a quantized slice would cut a group
+            (names the constraint).
         UnsupportedOperationError: no sharding plan for the model's family
             (on more than one rank).
         ArgumentTypeError: ``group`` is not an mlxdist group (a ``TypeError``).
@@ -72,10 +81,19 @@ def load(
     group = resolve_group(group)
     model, config = load_model(path, lazy=True)
     full_bytes = parameter_bytes(model)
-    plan = choose(model, config["model_type"], group.rank(), group.size(), mode, pp_weights)
+    plan = choose(
+        model,
+        config["model_type"],
+        group.rank(),
+        group.size(),
+        mode,
+        pp_weights,
+        tp_weights=tp_weights,
+        vocab_parallel=vocab_parallel,
+    )
     plan.full_bytes = full_bytes
     if plan.mode == "tp":
-        plan.sharded_full_bytes = apply_tensor_parallel(model, layout_of(model), group)
+        plan.sharded_full_bytes = apply_tensor_parallel(model, layout_of(model), group, plan.split)
     elif plan.mode == "pp":
         start, stop = plan.layers[plan.rank]
         plan.sharded_full_bytes = apply_pipeline_parallel(model, start, stop, group)

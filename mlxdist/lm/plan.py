@@ -2,9 +2,11 @@
 
 A :class:`FamilyLayout` says where a family's mlx-lm model keeps what
 sharding touches (the decoder blocks, the projections, the head counts on the
-attention module). :func:`choose` checks tensor parallelism's constraints on
-the loaded (still lazy) model, and picks TP when every one holds, else
-pipeline parallelism, else raises.
+attention module). :func:`choose` picks, on the loaded (still lazy) model,
+even tensor parallelism when every head count and projection divides by the
+group size, else uneven tensor parallelism (:mod:`mlxdist.lm.split`) when
+every rank can get a query head (and quantized slices fall on whole groups),
+else pipeline parallelism, else raises.
 """
 
 from __future__ import annotations
@@ -17,9 +19,20 @@ from typing import Optional, Sequence
 import mlx.nn as nn
 
 from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperationError
+from mlxdist.lm.split import TensorSplit, check_weights, tensor_split
 from mlxdist.nn.quantized import quantized_input_dims
 
-__all__ = ["MODES", "FamilyLayout", "LAYOUTS", "Plan", "layout_of", "tp_violations", "layer_ranges", "choose"]
+__all__ = [
+    "MODES",
+    "FamilyLayout",
+    "LAYOUTS",
+    "Plan",
+    "layout_of",
+    "tp_violations",
+    "model_split",
+    "layer_ranges",
+    "choose",
+]
 
 logger = logging.getLogger("mlxdist.lm")
 
@@ -34,8 +47,11 @@ class FamilyLayout:
         column: Projections of a block made column-parallel (all-to-sharded).
         row: Projections made row-parallel (sharded-to-all).
         attention: The block's attention module.
-        head_counts: Attributes of the attention module holding head counts,
-            divided by the group size under TP.
+        head_counts: Attributes of the attention module holding the query
+            and key/value head counts, set to each rank's under TP.
+        query: Projections split with the query heads (q, and o's input).
+        key_value: Projections split with the key/value heads.
+        mlp: Projections split with the MLP intermediate features.
     """
 
     column: tuple[str, ...] = (
@@ -48,6 +64,9 @@ class FamilyLayout:
     row: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     attention: str = "self_attn"
     head_counts: tuple[str, ...] = ("n_heads", "n_kv_heads")
+    query: tuple[str, ...] = ("self_attn.q_proj", "self_attn.o_proj")
+    key_value: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
+    mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 # mlx-lm model module -> layout. Every listed family has model.model.{embed_tokens,
@@ -75,6 +94,8 @@ class Plan:
         full_bytes: Bytes of the whole checkpoint's parameters.
         sharded_full_bytes: Of ``full_bytes``, the parameters TP splits (or PP
             distributes: the decoder blocks).
+        split: Under TP, each rank's query heads, key/value heads, MLP
+            features and vocabulary rows.
     """
 
     mode: str
@@ -86,6 +107,7 @@ class Plan:
     weight_bytes: int = 0
     full_bytes: int = 0
     sharded_full_bytes: int = 0
+    split: Optional[TensorSplit] = None
 
     @property
     def replicated_bytes(self) -> int:
@@ -104,6 +126,7 @@ class Plan:
             "weight_bytes": self.weight_bytes,
             "full_bytes": self.full_bytes,
             "sharded_full_bytes": self.sharded_full_bytes,
+            "shares": None if self.split is None else self.split.as_dict(),
         }
 
 
@@ -224,6 +247,57 @@ def layer_ranges(
     return [(start, start + count) for start, count in zip(starts, counts)]
 
 
+def model_split(
+    model: nn.Module,
+    layout: FamilyLayout,
+    size: int,
+    weights: Optional[Sequence[float]] = None,
+    vocab_parallel: bool = False,
+) -> TensorSplit:
+    """Each rank's share of a model under tensor parallelism (see :func:`mlxdist.lm.split.tensor_split`).
+
+    Args:
+        model: A loaded mlx-lm model of the layout's family (weights may be lazy).
+        layout: Its family layout.
+        size: The group size.
+        weights: Per-rank TP weights (None: equal shares).
+        vocab_parallel: Also split the vocabulary (embedding and head).
+
+    Returns:
+        The split, the same for every block.
+
+    Raises:
+        ShapeError: a rank would get no query head, the blocks differ in
+            shape, or a quantized row-parallel slice (attention output or MLP)
+            is not a whole number of quantization groups.
+        UnsupportedOperationError: a projection is neither ``nn.Linear`` nor
+            ``nn.QuantizedLinear``.
+    """
+    shapes = set()
+    for block in model.model.layers:
+        attention = _module(block, layout.attention)
+        n_heads, n_kv = (int(getattr(attention, name)) for name in layout.head_counts)
+        query_out, hidden, _ = _linear_dims(_module(block, layout.query[0]))
+        intermediate, _, _ = _linear_dims(_module(block, layout.mlp[0]))
+        _, _, o_group = _linear_dims(_module(block, layout.query[-1]))
+        _, _, down_group = _linear_dims(_module(block, layout.mlp[-1]))
+        shapes.add((n_heads, n_kv, query_out // n_heads, intermediate, o_group or 1, down_group or 1, hidden))
+    if len(shapes) != 1:
+        raise ShapeError(f"tensor parallelism needs decoder blocks of one shape, found {sorted(shapes)}")
+    ((n_heads, n_kv, head_dim, intermediate, o_unit, mlp_unit, hidden),) = shapes
+    vocab = int(model.model.embed_tokens.weight.shape[0]) if vocab_parallel else None
+    split = tensor_split(
+        n_heads, n_kv, head_dim, intermediate, size, weights, mlp_unit=mlp_unit, vocab=vocab, hidden=hidden
+    )
+    misaligned = [q for q in split.query_sizes if q % o_unit]
+    if misaligned:
+        raise ShapeError(
+            f"quantized {layout.query[-1]}: query features per rank {split.query_sizes} "
+            f"({head_dim} per head) are not multiples of group_size={o_unit}"
+        )
+    return split
+
+
 def choose(
     model: nn.Module,
     family: str,
@@ -231,8 +305,15 @@ def choose(
     size: int,
     mode: str = "auto",
     pp_weights: Optional[Sequence[float]] = None,
+    *,
+    tp_weights: Optional[Sequence[float]] = None,
+    vocab_parallel: bool = False,
 ) -> Plan:
     """Pick the parallelism for a model on a group, and log the choice in one line.
+
+    Even tensor parallelism when every head count and projection divides
+    (and no ``tp_weights``), else uneven tensor parallelism when every rank
+    gets at least one query head, else pipeline parallelism.
 
     Args:
         model: The loaded (lazy) mlx-lm model.
@@ -241,17 +322,22 @@ def choose(
         size: The group size.
         mode: ``"auto"`` (TP when valid, else PP), ``"tp"`` or ``"pp"``.
         pp_weights: Per-rank weights for PP's block ranges.
+        tp_weights: Per-rank weights for TP's shares (e.g. ``[2, 1]`` for a
+            rank twice as fast); None: as even as the heads allow.
+        vocab_parallel: Under TP, also split the embedding and head by
+            vocabulary rows.
 
     Returns:
-        The :class:`Plan` (byte counts not yet filled in).
+        The :class:`Plan` (byte counts not yet filled in; ``split`` set under TP).
 
     Raises:
-        InvalidArgumentError: unknown mode, or PP impossible (fewer blocks
-            than ranks, bad weights).
+        InvalidArgumentError: unknown mode, bad weights, or PP impossible
+            (fewer blocks than ranks).
         UnsupportedOperationError: no layout for the family (any mode on more
             than one rank).
-        ShapeError: ``mode="tp"`` and a TP constraint is broken (the message
-            names it).
+        ShapeError: ``mode="tp"`` and TP impossible: a rank would get no query
+            head, or a quantized slice would cut a quantization group (the
+            message names it).
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -267,22 +353,27 @@ def choose(
             f"mlxdist.lm has no sharding plan for model_type {family!r} ({type(model).__module__}); "
             f"supported: {', '.join(sorted(m.rsplit('.', 1)[1] for m in LAYOUTS))} (and mistral)"
         )
+    if tp_weights is not None:
+        tp_weights = check_weights(tp_weights, size, "tp_weights")
     if mode in ("auto", "tp"):
         broken = tp_violations(model, layout, size)
-        if not broken:
-            plan = Plan(
-                "tp",
-                f"tensor parallel over {size} ranks: every head count and projection divides",
-                family,
-                rank,
-                size,
-                everything,
-            )
+        try:
+            split = model_split(model, layout, size, tp_weights, vocab_parallel)
+        except ShapeError as exc:
+            if mode == "tp":
+                raise ShapeError(f"{family} cannot be tensor-parallel over {size} ranks: {exc}") from None
+            why = f"tensor parallel impossible ({'; '.join(broken + [str(exc)])}), so pipeline parallel"
+        else:
+            if not broken and tp_weights is None:
+                how = f"tensor parallel over {size} ranks: every head count and projection divides"
+            elif broken:
+                more = f", and {len(broken) - 1} more" if len(broken) > 1 else ""
+                how = f"uneven tensor parallel over {size} ranks ({broken[0]}{more})"
+            else:
+                how = f"uneven tensor parallel over {size} ranks by tp weights {tp_weights}"
+            plan = Plan("tp", f"{how}: {split.describe()}", family, rank, size, everything, split=split)
             logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
             return plan
-        if mode == "tp":
-            raise ShapeError(f"{family} cannot be tensor-parallel over {size} ranks: " + "; ".join(broken))
-        why = f"tensor parallel impossible ({'; '.join(broken)}), so pipeline parallel"
     else:
         why = "pipeline parallel as requested"
     ranges = layer_ranges(num_layers, size, pp_weights)

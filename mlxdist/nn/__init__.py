@@ -3,7 +3,9 @@
 The counterparts of ``mlx.nn.layers.distributed`` for mlxdist's groups:
 column-parallel (:class:`AllToShardedLinear`) and row-parallel
 (:class:`ShardedToAllLinear`) linear layers, their quantized forms,
-:func:`shard_linear` / :func:`shard_inplace` to shard existing modules and
+:func:`shard_linear` / :func:`shard_inplace` to shard existing modules (evenly,
+or in per-rank ``sizes`` from :func:`split_sizes` when the ranks' shares
+differ) and
 :func:`sum_gradients`; and for data parallelism :func:`average_gradients`
 (bucketed, optionally cast on the wire) and :func:`clip_grad_norm_sharded`.
 The layers call mlxdist's lazy collectives, so models built from them
@@ -29,6 +31,7 @@ from mlxdist.nn.quantized import (
     QuantizedShardedToAllLinear,
     quantization_spec,
 )
+from mlxdist.nn.shares import split_sizes
 from mlxdist.nn.sharding import shard_inplace, shard_linear
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "quantization_spec",
     "shard_linear",
     "shard_inplace",
+    "split_sizes",
     "sum_gradients",
     "average_gradients",
     "clip_grad_norm_sharded",

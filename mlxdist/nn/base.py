@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Callable, ClassVar, TypeVar, Union
+from typing import Any, Callable, ClassVar, Sequence, TypeVar, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlxdist.errors import ArgumentTypeError, InvalidArgumentError
 from mlxdist.group import Group
 from mlxdist.world import all_sum, resolve_group
+from mlxdist.nn.shares import Ranges, Sizes
 from mlxdist.nn.slicing import (
     LogicalDim,
     Segments,
@@ -152,6 +153,9 @@ def shard_layer_parameters(
     segments: Segments,
     group: Group,
     logical_dim: LogicalDim | None = None,
+    *,
+    sizes: Sizes | None = None,
+    ranges: Ranges | None = None,
 ) -> dict[str, mx.array]:
     """A layer's parameters with this rank's shard in place of the sharded ones.
 
@@ -161,6 +165,9 @@ def shard_layer_parameters(
         segments: The fused parts of the sharded axis.
         group: The group.
         logical_dim: Logical length of an axis (for packed quantized arrays).
+        sizes: Per-rank lengths of the sharded axis (None: equal shares).
+        ranges: Per-rank ``(start, stop)`` ranges of it; row-parallel ones
+            must cover it exactly once.
 
     Returns:
         The parameters, sharded.
@@ -169,8 +176,44 @@ def shard_layer_parameters(
         InvalidArgumentError, ShapeError: see :func:`mlxdist.nn.slicing.shard_parameters`.
     """
     predicate = predicate_for(sharding, segments)
-    sharded = shard_parameters(parameters.items(), predicate, group.size(), group.rank(), logical_dim)
+    sharded = shard_parameters(
+        parameters.items(),
+        predicate,
+        group.size(),
+        group.rank(),
+        logical_dim,
+        sizes=sizes,
+        ranges=ranges,
+        partition=sharding == "sharded-to-all",
+    )
     return {**parameters, **dict(sharded)}
+
+
+def uneven_config(
+    sharding: str,
+    weight_shape: Sequence[int],
+    sizes: Sizes | None,
+    ranges: Ranges | None,
+    input_dims: int | None = None,
+) -> dict[str, int]:
+    """The layer attribute recording the whole sharded axis, when shards may differ in size.
+
+    Args:
+        sharding: ``"all-to-sharded"`` or ``"sharded-to-all"``.
+        weight_shape: The unsharded weight's shape.
+        sizes: The per-rank sizes given, or None.
+        ranges: The per-rank ranges given, or None.
+        input_dims: Unpacked input features, for a quantized weight.
+
+    Returns:
+        ``{"sharded_dims": length}`` for uneven shards, else ``{}`` (even
+        shards derive it from the group size).
+    """
+    if sizes is None and ranges is None:
+        return {}
+    if sharding == "all-to-sharded":
+        return {"sharded_dims": int(weight_shape[0])}
+    return {"sharded_dims": int(input_dims if input_dims is not None else weight_shape[-1])}
 
 
 class ShardedLinearBase(nn.Module):
@@ -240,17 +283,23 @@ class ShardedLinearBase(nn.Module):
         """Input features of this rank's weight."""
         return int(self["weight"].shape[-1])
 
+    # Length of the sharded axis of the whole layer, set when the shards are uneven.
+    sharded_dims: int | None = None
+
+    def _whole(self, local: int) -> int:
+        return self.sharded_dims if self.sharded_dims is not None else local * self.group.size()
+
     @property
     def input_dims(self) -> int:
         """Input features of the whole (unsharded) layer."""
-        scale = self.group.size() if self.sharding == "sharded-to-all" else 1
-        return self.local_input_dims * scale
+        local = self.local_input_dims
+        return self._whole(local) if self.sharding == "sharded-to-all" else local
 
     @property
     def output_dims(self) -> int:
         """Output features of the whole (unsharded) layer."""
-        scale = self.group.size() if self.sharding == "all-to-sharded" else 1
-        return int(self["weight"].shape[0]) * scale
+        local = int(self["weight"].shape[0])
+        return self._whole(local) if self.sharding == "all-to-sharded" else local
 
     def _extra_repr(self) -> str:
         return (

@@ -15,7 +15,7 @@ in ``mlx.nn.Linear`` (each rank's slice), so ``parameters()``, ``update``,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,14 +25,17 @@ from mlxdist.errors import ArgumentTypeError
 from mlxdist.group import Group
 from mlxdist.nn.base import (
     KeyLike,
+    LayerT,
     ShardedLinearBase,
     agreed_key,
     check_dims,
     global_linear_parameters,
     resolve_group,
     shard_layer_parameters,
+    uneven_config,
 )
 from mlxdist.nn.quantized import quantized_from_float
+from mlxdist.nn.shares import Ranges, Sizes
 from mlxdist.nn.slicing import Segments
 
 __all__ = ["AllToShardedLinear", "ShardedToAllLinear"]
@@ -69,6 +72,9 @@ class _FloatShardedLinear(ShardedLinearBase):
         linear_layer: nn.Module,
         segments: Segments = 1,
         group: Optional[Group] = None,
+        *,
+        sizes: Optional[Sizes] = None,
+        ranges: Optional[Ranges] = None,
     ) -> LayerT:
         """Shard an ``nn.Linear``: this rank keeps its slice of the layer's weights.
 
@@ -77,6 +83,11 @@ class _FloatShardedLinear(ShardedLinearBase):
             segments: The fused parts of the sharded axis: an int (3 for a
                 fused QKV), a list of split indices or a list of fractions.
             group: The group (the world group when None).
+            sizes: Each rank's length of the sharded axis (of every segment),
+                for shards of different sizes; None splits evenly.
+            ranges: Each rank's ``(start, stop)`` ranges of the sharded axis,
+                concatenated in order (column-parallel ones may overlap: a
+                replicated slice); None: from segments and sizes.
 
         Returns:
             The sharded layer, in the linear layer's dtype. No communication.
@@ -84,15 +95,19 @@ class _FloatShardedLinear(ShardedLinearBase):
         Raises:
             TypeError: ``linear_layer`` is not an ``mlx.nn.Linear``, or group is not
                 an mlxdist group.
-            InvalidArgumentError: bad segments.
+            InvalidArgumentError: bad segments, sizes or ranges.
             ShapeError: a segment of the sharded dimension is not divisible
-                by the group size.
+                by the group size (or not the sum of ``sizes``), or row-parallel
+                ``ranges`` that do not cover the input once.
         """
         if not isinstance(linear_layer, nn.Linear):
             raise ArgumentTypeError(f"from_linear needs an mlx.nn.Linear, got {type(linear_layer).__name__}")
         group = resolve_group(group)
-        parameters = shard_layer_parameters(dict(linear_layer.parameters()), cls.sharding, segments, group)
-        return cls._assemble(group, parameters)
+        parameters = shard_layer_parameters(
+            dict(linear_layer.parameters()), cls.sharding, segments, group, sizes=sizes, ranges=ranges
+        )
+        uneven = uneven_config(cls.sharding, linear_layer["weight"].shape, sizes, ranges)
+        return cls._assemble(group, parameters, **uneven)
 
     def to_quantized(
         self,

@@ -31,7 +31,9 @@ from mlxdist.nn.base import (
     global_linear_parameters,
     resolve_group,
     shard_layer_parameters,
+    uneven_config,
 )
+from mlxdist.nn.shares import Ranges, Sizes
 from mlxdist.nn.slicing import Segments, segment_bounds
 
 __all__ = [
@@ -142,7 +144,13 @@ def unpacked_length(name: str, array: mx.array, axis: int, input_dims: int | Non
 
 
 def _check_group_alignment(
-    sharding: str, input_dims: int, segments: Segments, group: Group, spec: QuantizationSpec
+    sharding: str,
+    input_dims: int,
+    segments: Segments,
+    group: Group,
+    spec: QuantizationSpec,
+    sizes: Optional[Sizes] = None,
+    ranges: Optional[Ranges] = None,
 ) -> None:
     """The input axis must hold whole quantization groups, and row-parallel shards cut between them."""
     if input_dims % spec.group_size:
@@ -150,6 +158,22 @@ def _check_group_alignment(
             f"a quantized layer's input_dims={input_dims} must be a multiple of group_size={spec.group_size}"
         )
     if sharding != "sharded-to-all":
+        return
+    if sizes is not None or ranges is not None:
+        try:
+            given = f"sizes {list(sizes)}" if sizes is not None else f"ranges {list(ranges)}"
+            cuts = (
+                [v for row in ([sizes] if all(isinstance(v, int) for v in sizes) else sizes) for v in row]
+                if sizes is not None
+                else [v for rank in ranges for pair in rank for v in pair]
+            )
+        except TypeError:
+            return  # malformed: shard_parameters names what is wrong
+        if any(isinstance(v, int) and v % spec.group_size for v in cuts):
+            raise ShapeError(
+                f"cannot shard a quantized layer's input (input_dims={input_dims}) by {given}: every "
+                f"rank's slice must be a whole number of quantization groups (group_size={spec.group_size})"
+            )
         return
     bounds = segment_bounds(segments, input_dims)
     for start, stop in zip(bounds, bounds[1:]):
@@ -240,6 +264,9 @@ class _QuantizedShardedLinear(ShardedLinearBase):
         quantized_linear_layer: nn.Module,
         segments: Segments = 1,
         group: Optional[Group] = None,
+        *,
+        sizes: Optional[Sizes] = None,
+        ranges: Optional[Ranges] = None,
     ) -> LayerT:
         """Shard an ``nn.QuantizedLinear``: this rank keeps its slice of the packed weights.
 
@@ -248,6 +275,10 @@ class _QuantizedShardedLinear(ShardedLinearBase):
             segments: The fused parts of the sharded axis (int, split indices
                 or fractions), in unpacked input or output features.
             group: The group (the world group when None).
+            sizes: Each rank's length of the sharded axis (unpacked features;
+                row-parallel: whole quantization groups), or None for equal shares.
+            ranges: Each rank's ``(start, stop)`` ranges of the sharded axis
+                (column-parallel ones may overlap), or None.
 
         Returns:
             The sharded quantized layer (frozen). No communication.
@@ -269,15 +300,18 @@ class _QuantizedShardedLinear(ShardedLinearBase):
         source = quantized_linear_layer
         spec = quantization_spec(source.group_size, source.bits, getattr(source, "mode", "affine"))
         input_dims = quantized_input_dims(source)
-        _check_group_alignment(cls.sharding, input_dims, segments, group, spec)
+        _check_group_alignment(cls.sharding, input_dims, segments, group, spec, sizes, ranges)
         parameters = shard_layer_parameters(
             dict(source.parameters()),
             cls.sharding,
             segments,
             group,
             lambda name, array, axis: unpacked_length(name, array, axis, input_dims),
+            sizes=sizes,
+            ranges=ranges,
         )
-        return cls._assemble(group, parameters, **_config(spec))
+        uneven = uneven_config(cls.sharding, source["weight"].shape, sizes, ranges, input_dims)
+        return cls._assemble(group, parameters, **_config(spec), **uneven)
 
 
 def _config(spec: QuantizationSpec) -> dict[str, Any]:
@@ -384,4 +418,5 @@ def quantized_from_float(
     parameters = _quantize_weight(layer["weight"], spec)
     if "bias" in layer:
         parameters["bias"] = layer["bias"]
-    return _QUANTIZED_OF[layer.sharding]._assemble(layer.group, parameters, **_config(spec))
+    uneven = {} if layer.sharded_dims is None else {"sharded_dims": layer.sharded_dims}
+    return _QUANTIZED_OF[layer.sharding]._assemble(layer.group, parameters, **_config(spec), **uneven)

@@ -22,6 +22,7 @@ from mlxdist.nn.quantized import (
     quantized_input_dims,
     unpacked_length,
 )
+from mlxdist.nn.shares import Ranges, Sizes
 from mlxdist.nn.slicing import SHARDINGS, Predicate, Segments, predicate_for, shard_parameters
 
 __all__ = ["shard_linear", "shard_inplace"]
@@ -46,6 +47,8 @@ def shard_linear(
     sharding: str,
     *,
     segments: Segments = 1,
+    sizes: Optional[Sizes] = None,
+    ranges: Optional[Ranges] = None,
     group: Optional[Group] = None,
 ) -> ShardedLinearBase:
     """A new tensor-parallel layer holding this rank's shard of a linear layer.
@@ -61,22 +64,33 @@ def shard_linear(
             ``"sharded-to-all"`` (row parallel).
         segments: The fused parts of the sharded axis: an int (3 for a fused
             QKV projection), a list of split indices or a list of fractions.
+        sizes: Shards of different sizes: each rank's length of the sharded
+            axis (of every segment, or one list per segment), in features;
+            :func:`mlxdist.nn.split_sizes` computes them in whole units (a
+            head's ``head_dim``, a quantization group). None: equal shares.
+        ranges: Each rank's ``(start, stop)`` ranges of the sharded axis,
+            concatenated in order; column-parallel ranges may overlap (a
+            replicated key/value head: the forward pass is exact, and each
+            holder's weight gradient is its own part, to be summed over the
+            holders when training), row-parallel ones must cover the input
+            once. None: from segments and sizes.
         group: The :class:`mlxdist.Group` (the world group when None).
 
     Returns:
-        The sharded layer.
+        The sharded layer (its forward, all-sum and gradients as for even shards).
 
     Raises:
-        InvalidArgumentError: unknown sharding or bad segments.
+        InvalidArgumentError: unknown sharding, bad segments, sizes or ranges.
         TypeError: another module type, or group not an mlxdist group.
-        ShapeError: a segment not divisible by the group size, or a quantized
+        ShapeError: a segment not divisible by the group size (or not the sum
+            of ``sizes``), overlapping row-parallel ranges, or a quantized
             row-parallel slice that is not a whole number of groups.
     """
     _check_sharding_name(sharding)
     if not isinstance(module, ShardedLinearBase):
         for (name, kind), converter in _CONVERTERS.items():
             if name == sharding and isinstance(module, kind):
-                return converter(module, segments=segments, group=group)
+                return converter(module, segments=segments, group=group, sizes=sizes, ranges=ranges)
     state = "is already sharded" if isinstance(module, ShardedLinearBase) else "is not supported"
     raise ArgumentTypeError(
         f"shard_linear: {type(module).__name__} {state}; it shards mlx.nn.Linear and "
@@ -89,6 +103,7 @@ def shard_inplace(
     sharding: Union[str, Predicate],
     *,
     segments: Segments = 1,
+    sizes: Optional[Sizes] = None,
     group: Optional[Group] = None,
 ) -> nn.Module:
     """Replace a module's parameters by this rank's shards, in place.
@@ -106,6 +121,8 @@ def shard_inplace(
             each parameter (``path`` as in ``tree_flatten``, e.g.
             ``"layers.0.weight"``); None leaves the parameter whole.
         segments: The fused parts of the sharded axis, for the string forms.
+        sizes: Each rank's length of every sharded axis (in logical, unpacked
+            features), for shards of different sizes; None: equal shares.
         group: The :class:`mlxdist.Group` (the world group when None).
 
     Returns:
@@ -117,8 +134,8 @@ def shard_inplace(
         TypeError: sharding is neither a string nor callable, the predicate
             returned something else than an axis, ``(axis, segments)`` or None,
             or group is not an mlxdist group.
-        ShapeError: a segment not divisible by the group size, or a cut
-            inside a quantization group.
+        ShapeError: a segment not divisible by the group size (or not the
+            sum of ``sizes``), or a cut inside a quantization group.
     """
     if isinstance(sharding, str):
         predicate = predicate_for(sharding, segments)
@@ -136,7 +153,11 @@ def shard_inplace(
         return unpacked_length(name, array, axis, quantized_input_dims(owners.get(prefix)))
 
     parameters = module.parameters()
-    sharded = dict(shard_parameters(tree_flatten(parameters), predicate, group.size(), group.rank(), logical_dim))
+    sharded = dict(
+        shard_parameters(
+            tree_flatten(parameters), predicate, group.size(), group.rank(), logical_dim, sizes=sizes
+        )
+    )
     if sharded:
         module.update(tree_map_with_path(lambda path, value: sharded.get(path, value), parameters))
     return module

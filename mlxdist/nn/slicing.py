@@ -5,6 +5,11 @@ is three). ``segments`` says where the parts are, and each part is split
 evenly over the ranks, so rank ``r`` holds the ``r``-th slice of every part,
 concatenated in order.
 
+Shards may also differ in size: ``sizes`` gives each rank's length of every
+segment (:func:`split_sizes` computes them in whole units, by weight), and
+``ranges`` gives each rank's index ranges outright (they may overlap, e.g. a
+key/value head replicated on the ranks whose query heads use it).
+
 Quantized weights are packed: along their input axis a ``weight``, its
 ``scales`` and ``biases`` have different lengths for the same logical input.
 Slicing therefore works in logical units (``logical_dim`` elements along the
@@ -20,17 +25,23 @@ from typing import Callable, Iterable, Sequence, Tuple, Union
 import mlx.core as mx
 
 from mlxdist.errors import ArgumentTypeError, InvalidArgumentError, ShapeError
+from mlxdist.nn.shares import Ranges, Sizes, check_ranges, split_sizes, uneven_ranges
 
 __all__ = [
     "Segments",
+    "Sizes",
+    "Ranges",
     "ShardingRule",
     "Predicate",
     "LogicalDim",
     "SHARDINGS",
     "segment_bounds",
     "rank_ranges",
+    "split_sizes",
+    "uneven_ranges",
     "physical_ranges",
     "take_ranges",
+    "check_ranges",
     "parse_rule",
     "predicate_for",
     "shard_parameters",
@@ -252,6 +263,10 @@ def shard_parameters(
     size: int,
     rank: int,
     logical_dim: LogicalDim | None = None,
+    *,
+    sizes: Sizes | None = None,
+    ranges: Ranges | None = None,
+    partition: bool = False,
 ) -> list[tuple[str, mx.array]]:
     """Apply a sharding predicate to flat ``(path, array)`` parameters.
 
@@ -265,15 +280,24 @@ def shard_parameters(
         rank: This rank.
         logical_dim: ``(path, array, axis) -> length`` in logical units
             (default: the array's own length along the axis).
+        sizes: Each rank's length of every segment (None: equal shares);
+            see :func:`uneven_ranges`.
+        ranges: Each rank's ``(start, stop)`` ranges of the whole axis, in
+            logical units (None: from segments and sizes); only with one segment.
+        partition: With ``ranges``, require them to cover the axis exactly once.
 
     Returns:
         ``(path, shard)`` for the parameters the predicate sharded.
 
     Raises:
-        TypeError, InvalidArgumentError: a bad rule or segments.
-        ShapeError: a segment not divisible by ``size``, or a cut inside a
-            packed word or quantization group.
+        TypeError, InvalidArgumentError: a bad rule, segments, sizes or ranges
+            (or both sizes and ranges).
+        ShapeError: a segment not divisible by ``size`` (or not the sum of
+            ``sizes``), overlapping ``ranges`` where a partition is needed, or a
+            cut inside a packed word or quantization group.
     """
+    if sizes is not None and ranges is not None:
+        raise InvalidArgumentError("give sizes or ranges, not both")
     plans = []
     for path, array in parameters:
         if not isinstance(array, mx.array):
@@ -288,6 +312,14 @@ def shard_parameters(
             bounds = segment_bounds(segments, dim)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"{path!r}: {exc}") from None
-        ranges = rank_ranges(bounds, size, rank, what)
-        plans.append((path, array, axis, physical_ranges(ranges, array.shape[axis], dim, what)))
+        if ranges is not None:
+            if len(bounds) > 2:
+                raise InvalidArgumentError(f"{path!r}: ranges replace segments; give segments=1 with ranges")
+            check_ranges(ranges, size, dim, partition, what)
+            mine = [(int(a), int(b)) for a, b in ranges[rank]]
+        elif sizes is not None:
+            mine = uneven_ranges(bounds, sizes, size, rank, what)
+        else:
+            mine = rank_ranges(bounds, size, rank, what)
+        plans.append((path, array, axis, physical_ranges(mine, array.shape[axis], dim, what)))
     return [(path, take_ranges(array, axis, ranges)) for path, array, axis, ranges in plans]

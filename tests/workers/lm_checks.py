@@ -1,13 +1,14 @@
 """Rank worker for tests/test_lm.py: runs a list of sharded-inference checks in one job.
 
 Usage: lm_checks.py SPEC.json OUT.json. SPEC is a list of checks:
-``{"kind": "generate", "path", "mode", "prompt", "max_tokens"}``,
+``{"kind": "generate", "path", "mode", "prompt", "max_tokens"}`` (optionally
+``tp_weights`` and ``vocab_parallel``, passed to ``load``),
 ``{"kind": "mlx_lm_shard", "path", "prompt", "max_tokens"}`` (mlx-lm's own
 ``model.shard()`` over mx.distributed), ``{"kind": "memory", "path", "mode"}``.
 "generate" and "mlx_lm_shard" also record teacher-forced logits of the
 prompt followed by the generated tokens (``logits_of`` tokens, if given).
 Rank 0 writes one result per check to OUT (exceptions recorded by type and
-message); every rank must agree on the tokens, or the worker fails.
+message; each with the seconds it took); every rank must agree on the tokens, or the worker fails.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,7 +37,13 @@ def agreed(group: mlxdist.Group, tokens: list[int]) -> None:
 
 def run_generate(group: mlxdist.Group, check: dict) -> dict:
     try:
-        model, _, plan = load(check["path"], group, check["mode"])
+        model, _, plan = load(
+            check["path"],
+            group,
+            check["mode"],
+            tp_weights=check.get("tp_weights"),
+            vocab_parallel=check.get("vocab_parallel", False),
+        )
     except Exception as exc:  # recorded for the test to judge
         return {
             "error": type(exc).__name__,
@@ -89,7 +97,10 @@ def main() -> None:
     with open(spec_path) as f:
         checks = json.load(f)
     group = mlxdist.init()
-    results = [RUNNERS[check["kind"]](group, check) for check in checks]
+    results = []
+    for check in checks:
+        start = time.perf_counter()
+        results.append({**RUNNERS[check["kind"]](group, check), "seconds": time.perf_counter() - start})
     if group.rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

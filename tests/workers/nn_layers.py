@@ -33,6 +33,7 @@ from mlxdist.nn import (
     sum_gradients,
 )
 from mlxdist.nn.base import global_linear_parameters
+from nn_uneven import checks as uneven_checks
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # (rtol, atol) for values of magnitude ~1: the sharded computation adds the
@@ -574,6 +575,8 @@ def main() -> int:
     check("compiled stack", check_compiled_stack)
     check("argument errors", check_argument_errors)
     check("type errors", check_type_errors)
+    for name, fn in uneven_checks(group):
+        check(name, fn)
     group.barrier()
     if failures:
         summary = f"rank {RANK}: {len(failures)} checks failed: {', '.join(failures)}"

@@ -1,0 +1,221 @@
+"""Per-rank shares of a decoder under tensor parallelism, even or not.
+
+:func:`tensor_split` decides, from a model's head counts and widths, which
+query heads, key/value heads, MLP features and (optionally) vocabulary rows
+each rank holds:
+
+- query heads in proportion to the ranks' weights (equal by default), every
+  rank at least one;
+- while there are at least as many key/value heads as ranks, whole
+  grouped-query-attention groups (a key/value head and the query heads it
+  serves) go to one rank; with more ranks than key/value heads, the query
+  heads are split and each rank holds the key/value heads its query heads use
+  (a head is then replicated on several ranks);
+- MLP intermediate features so that each rank's whole share of a block
+  (its attention projections plus its MLP features) follows the weights: the
+  rank whose whole GQA groups gave it more attention gets fewer MLP features,
+  in whole quantization groups where the down projection is quantized;
+- vocabulary rows in proportion to the weights.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from mlxdist.errors import InvalidArgumentError, ShapeError
+from mlxdist.nn.shares import split_sizes
+
+__all__ = ["TensorSplit", "tensor_split", "check_weights"]
+
+
+def check_weights(weights: Optional[Sequence[float]], size: int, what: str) -> list[float]:
+    """Per-rank weights: ``weights`` checked, or equal ones when None.
+
+    Args:
+        weights: One positive number per rank, or None.
+        size: The number of ranks.
+        what: Names the argument in the error message.
+
+    Returns:
+        ``size`` floats.
+
+    Raises:
+        InvalidArgumentError: not ``size`` positive numbers.
+    """
+    if weights is None:
+        return [1.0] * size
+    values = list(weights)
+    if len(values) != size or any(
+        isinstance(w, bool) or not isinstance(w, numbers.Real) or not w > 0 for w in values
+    ):
+        raise InvalidArgumentError(f"{what} must be {size} positive numbers (one per rank), got {values!r}")
+    return [float(w) for w in values]
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """What each rank holds under tensor parallelism (lists indexed by rank).
+
+    Attributes:
+        head_dim: Features per attention head.
+        query_heads: ``(first, stop)`` query heads of each rank.
+        kv_heads: The key/value heads each rank holds, in its local order
+            (one per local group of query heads; a head may appear on several
+            ranks, or, where a rank's query heads straddle groups unevenly,
+            once per query head).
+        intermediate: MLP intermediate features of each rank.
+        vocab: Vocabulary rows of each rank, or None (head and embedding whole).
+    """
+
+    head_dim: int
+    query_heads: list[tuple[int, int]]
+    kv_heads: list[list[int]]
+    intermediate: list[int]
+    vocab: Optional[list[int]] = None
+
+    @property
+    def query_sizes(self) -> list[int]:
+        """Query (and attention output) features of each rank."""
+        return [(stop - start) * self.head_dim for start, stop in self.query_heads]
+
+    def kv_ranges(self) -> list[list[tuple[int, int]]]:
+        """Each rank's ``(start, stop)`` feature ranges of a key or value projection, adjacent ones merged."""
+        merged_all = []
+        for heads in self.kv_heads:
+            merged: list[tuple[int, int]] = []
+            for head in heads:
+                start, stop = head * self.head_dim, (head + 1) * self.head_dim
+                if merged and merged[-1][1] == start:
+                    merged[-1] = (merged[-1][0], stop)
+                else:
+                    merged.append((start, stop))
+            merged_all.append(merged)
+        return merged_all
+
+    def is_even(self) -> bool:
+        """Whether every rank holds the same amount of everything and no head is replicated."""
+        counts = {stop - start for start, stop in self.query_heads}
+        held = [h for heads in self.kv_heads for h in heads]
+        vocab_even = self.vocab is None or len(set(self.vocab)) == 1
+        unique_kv = len(held) == len(set(held))
+        return len(counts) == 1 and len(set(self.intermediate)) == 1 and unique_kv and vocab_even
+
+    def as_dict(self) -> dict:
+        """JSON-ready: per rank query heads, key/value heads, intermediate features, vocabulary rows."""
+        return {
+            "query_heads": [stop - start for start, stop in self.query_heads],
+            "kv_heads": [list(heads) for heads in self.kv_heads],
+            "intermediate": list(self.intermediate),
+            "vocab": None if self.vocab is None else list(self.vocab),
+        }
+
+    def describe(self) -> str:
+        """One line: each rank's share."""
+        parts = []
+        rows = zip(self.query_heads, self.kv_heads, self.intermediate)
+        for rank, ((start, stop), heads, inter) in enumerate(rows):
+            vocab = "" if self.vocab is None else f", {self.vocab[rank]} vocab rows"
+            parts.append(f"rank {rank}: {stop - start} q heads, kv {heads}, {inter} mlp features{vocab}")
+        return "; ".join(parts)
+
+
+def _kv_heads_of(first: int, stop: int, group: int) -> list[int]:
+    """The key/value heads a rank with query heads ``[first, stop)`` holds, in the order attention needs."""
+    used = [head // group for head in range(first, stop)]
+    distinct = sorted(set(used))
+    per_kv, remainder = divmod(len(used), len(distinct))
+    # Attention maps local query head j to local kv head j // (local q / local kv): that holds
+    # when every distinct kv head serves the same number of this rank's query heads.
+    if not remainder and all(used.count(head) == per_kv for head in distinct):
+        return distinct
+    return used  # one copy per query head
+
+
+def _balancing_weights(
+    query_heads: list[tuple[int, int]],
+    kv_heads: list[list[int]],
+    head_dim: int,
+    hidden: int,
+    intermediate: int,
+    weights: list[float],
+) -> list[float]:
+    """MLP feature weights that bring each rank's block share (attention + MLP) to its weight's share."""
+    head_cost, feature_cost = 2 * hidden * head_dim, 3 * hidden
+    attention = [head_cost * ((stop - start) + len(kv)) for (start, stop), kv in zip(query_heads, kv_heads)]
+    total = sum(attention) + intermediate * feature_cost
+    scale = sum(weights)
+    wanted = [(total * w / scale - cost) / feature_cost for w, cost in zip(weights, attention)]
+    # A rank whose attention alone exceeds its share still gets the minimum (split_sizes' one unit).
+    return [max(features, 1e-9) for features in wanted]
+
+
+def tensor_split(
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    intermediate: int,
+    size: int,
+    weights: Optional[Sequence[float]] = None,
+    *,
+    mlp_unit: int = 1,
+    vocab: Optional[int] = None,
+    hidden: Optional[int] = None,
+) -> TensorSplit:
+    """Each rank's share of a decoder's heads, MLP features and (optionally) vocabulary.
+
+    Args:
+        n_heads: Query heads.
+        n_kv_heads: Key/value heads (a divisor of ``n_heads``).
+        head_dim: Features per head.
+        intermediate: MLP intermediate features.
+        size: Ranks.
+        weights: One positive number per rank (e.g. its speed); None: equal.
+        mlp_unit: The step of the MLP split (the quantization group size of
+            a quantized down projection, else 1).
+        vocab: Vocabulary rows to split too, or None.
+        hidden: The model width. Given, the MLP features balance each rank's
+            whole block share (a query head's q and o rows and a key/value
+            head's k and v rows cost ``2 * hidden * head_dim`` weights each, an
+            MLP feature ``3 * hidden``) against the weights; None splits the
+            MLP features alone by the weights.
+
+    Returns:
+        The split.
+
+    Raises:
+        InvalidArgumentError: bad weights or head counts.
+        ShapeError: a rank would get no query head, or fewer MLP units
+            (or vocabulary rows) than ranks.
+    """
+    weights = check_weights(weights, size, "tp weights")
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise InvalidArgumentError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads} >= 1")
+    if size > n_heads:
+        raise ShapeError(
+            f"tensor parallelism needs at least one query head per rank: n_heads={n_heads} < {size} ranks"
+        )
+    group = n_heads // n_kv_heads
+    if size <= n_kv_heads:
+        counts = [kv * group for kv in split_sizes(n_kv_heads, weights)]
+    else:
+        counts = split_sizes(n_heads, weights)
+    starts = [sum(counts[:rank]) for rank in range(size)]
+    query_heads = [(start, start + count) for start, count in zip(starts, counts)]
+    kv_heads = [_kv_heads_of(start, stop, group) for start, stop in query_heads]
+    if intermediate % mlp_unit or intermediate // mlp_unit < size:
+        raise ShapeError(
+            f"the MLP's {intermediate} intermediate features cannot give each of {size} ranks "
+            f"whole groups of {mlp_unit}"
+        )
+    mlp_weights = weights
+    if hidden is not None:
+        mlp_weights = _balancing_weights(query_heads, kv_heads, head_dim, hidden, intermediate, weights)
+    mlp = split_sizes(intermediate, mlp_weights, mlp_unit)
+    rows = None
+    if vocab is not None:
+        if vocab < size:
+            raise ShapeError(f"a vocabulary of {vocab} rows cannot be split over {size} ranks")
+        rows = split_sizes(vocab, weights)
+    return TensorSplit(head_dim, query_heads, kv_heads, mlp, rows)
