@@ -34,10 +34,19 @@ Builder = Callable[[mx.array], mx.array]
 
 
 def _linear(forward: Builder, transpose: Builder) -> Builder:
-    """``forward`` as a linear MLX function whose vjp is ``transpose`` and jvp itself."""
-    function = mx.custom_function(forward)
-    function.vjp(lambda primals, cotangent, output: transpose(cotangent))
-    function.jvp(lambda primals, tangents: forward(tangents[0]))
+    """``forward`` as a linear MLX function whose vjp is ``transpose`` and jvp itself.
+
+    The graph inside sees its input through stop_gradient: MLX's transforms
+    then use only the custom rules, never those of the send and recv inside
+    (which have none).
+    """
+
+    def opaque(a: mx.array) -> mx.array:
+        return forward(mx.stop_gradient(a))
+
+    function = mx.custom_function(opaque)
+    function.vjp(lambda primals, cotangent, output: transpose(mx.stop_gradient(cotangent)))
+    function.jvp(lambda primals, tangents: opaque(tangents[0] if isinstance(tangents, (list, tuple)) else tangents))
     return function
 
 
