@@ -18,7 +18,7 @@ import numpy as np
 from mlxdist import objects
 from mlxdist._paths import composed_eager, composed_lazy, lazy
 from mlxdist.dtypes import code_of_mlx
-from mlxdist.errors import InvalidArgumentError
+from mlxdist.errors import InvalidArgumentError, UnsupportedOperationError
 from mlxdist.rules import check_root, composed_shape
 
 __all__ = ["ComposedCollectives"]
@@ -37,6 +37,11 @@ def _lazy_checks(group: Any, op: str, x: mx.array, root: int, stream: Any, out: 
     composed_eager.agree(group, op if op == "all_to_all" else f"{op}(root={root})", x.dtype, tuple(x.shape))
 
 
+def _available(group: Any, op: str) -> None:
+    if group._size > 1 and group._caps.status(op) == "unavailable":
+        raise UnsupportedOperationError(f"{op}: {group.backend.value} lacks the send/recv it is composed from")
+
+
 def _eager_only(stream: Any) -> None:
     if stream is not None:
         raise InvalidArgumentError("stream= applies to mx.array inputs; numpy inputs run eagerly")
@@ -51,6 +56,7 @@ class ComposedCollectives:
 
     def _rooted(self, op: str, x: Any, root: Any, stream: Any, out: Any) -> Any:
         root = check_root(root, self._size)
+        _available(self, op)
         if type(x) is mx.array:
             _lazy_checks(self, op, x, root, stream, out)
             return getattr(composed_lazy, op)(self, x, root, stream)
@@ -154,6 +160,7 @@ class ComposedCollectives:
             ArgumentTypeError, DtypeError, InvalidArgumentError,
             GroupClosedError, CommunicationError, MismatchError.
         """
+        _available(self, "all_to_all")
         if type(x) is mx.array:
             _lazy_checks(self, "all_to_all", x, 0, stream, out)
             return composed_lazy.all_to_all(self, x, stream)
