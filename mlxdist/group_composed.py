@@ -34,7 +34,7 @@ def _lazy_checks(group: Any, op: str, x: mx.array, root: int, stream: Any, out: 
     lazy.check_stream(stream)
     code_of_mlx(x.dtype)
     composed_shape(op, tuple(x.shape), group._size, group._rank == root)
-    composed_eager.agree(group, op if op == "all_to_all" else f"{op}(root={root})", x.dtype, tuple(x.shape))
+    composed_eager.agree(group, op if op == "all_to_all" else f"{op}[root={root}]", x.dtype, tuple(x.shape))
 
 
 def _available(group: Any, op: str) -> None:

@@ -129,7 +129,7 @@ def broadcast_object(group: Any, obj: Any, root: Any, use_pickle: Any) -> Any:
         except ArgumentTypeError as exc:
             raise ArgumentTypeError(f"broadcast_object: rank {root}'s object: {exc}") from None
         return obj
-    agree(group, f"broadcast_object(root={root}, pickle={use_pickle})", np.uint8, (FRAME,))
+    agree(group, f"broadcast_object[root={root}, pickle={use_pickle}]", np.uint8, (FRAME,))
     is_root = group._rank == root
     frame, rest = _frame(obj, use_pickle) if is_root else (np.zeros(FRAME, np.uint8), None)
     frame = group.broadcast(frame, root)
@@ -153,7 +153,7 @@ def all_gather_object(group: Any, obj: Any, use_pickle: Any) -> list[Any]:
         except ArgumentTypeError as exc:
             raise ArgumentTypeError(f"all_gather_object: rank 0: {exc}") from None
         return [obj]
-    agree(group, f"all_gather_object(pickle={use_pickle})", np.uint8, (FRAME,))
+    agree(group, f"all_gather_object[pickle={use_pickle}]", np.uint8, (FRAME,))
     size, rank = group._size, group._rank
     frame, rest = _frame(obj, use_pickle)
     frames = group.all_gather(frame).reshape(size, FRAME)

@@ -41,7 +41,7 @@ def prepare(group: Any, op: str, x: Any, out: Any, root: int) -> tuple[np.ndarra
     shape = composed_shape(op, x.shape, group._size, group._rank == root)
     if out is not None:
         eager.check_out(out, shape, code)
-    name = op if op == "all_to_all" else f"{op}(root={root})"
+    name = op if op == "all_to_all" else f"{op}[root={root}]"
     agree(group, name, x.dtype, x.shape)
     return x, out, code, shape
 
