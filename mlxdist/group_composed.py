@@ -142,8 +142,8 @@ class ComposedCollectives:
         and concatenate the blocks received in rank order.
 
         Eagerly a pairwise exchange where any rank reaches any other (MPI,
-        and two ranks of ring), else (and lazily) an all_gather of which
-        each rank keeps its blocks.
+        and two ranks of ring) for inputs over 64 KiB; otherwise (and
+        lazily) an all_gather of which each rank keeps its blocks.
 
         Args:
             x: An array whose axis 0 is divisible by the size, the same shape
