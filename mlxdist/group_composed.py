@@ -38,7 +38,7 @@ def _lazy_checks(group: Any, op: str, x: mx.array, root: int, stream: Any, out: 
 
 
 def _available(group: Any, op: str) -> None:
-    if group._size > 1 and group._caps.status(op) == "unavailable":
+    if group._size > 1 and "send" not in group._caps.native and group._caps.status(op) == "unavailable":
         raise UnsupportedOperationError(f"{op}: {group.backend.value} lacks the send/recv it is composed from")
 
 
@@ -50,7 +50,8 @@ def _eager_only(stream: Any) -> None:
 class ComposedCollectives:
     """broadcast, gather, scatter, all_to_all and the object collectives of a :class:`mlxdist.Group`."""
 
-    __slots__ = ()
+    # The lazy forms' custom functions, made once per (op, root, stream).
+    __slots__ = ("_lazy_functions",)
     _rank: int
     _size: int
 
