@@ -21,7 +21,7 @@ from mlxdist import buffers
 from mlxdist.errors import ArgumentTypeError, InvalidArgumentError, InvalidRankError, ShapeError
 from mlxdist.objects import FRAME
 from suites.battery import DTYPES, rank_data
-from support.checks import Checks, to_numpy
+from support.checks import Checks
 
 try:
     import torch
