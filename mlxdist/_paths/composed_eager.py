@@ -197,9 +197,14 @@ def all_to_all(group: Any, x: Any, out: Any) -> np.ndarray:
     result = _new(shape, code, out)
     if (group._caps.neighbours_only and size > 2) or x.nbytes <= SMALL_ALL_TO_ALL:
         gathered = eager.collective(group, "all_gather", x, None)
-        for j in range(size):
-            start = j * size * rows + rank * rows
-            np.copyto(result[j * rows : (j + 1) * rows], gathered[start : start + rows])
+        # (sender, block, rows, ...): block ``rank`` of every sender, in one copy
+        # (block by block into an ``out`` that no reshape can view).
+        blocks = gathered.reshape((size, size, rows) + shape[1:])[:, rank]
+        if result.flags.c_contiguous:
+            np.copyto(result.reshape((size, rows) + shape[1:]), blocks)
+        else:
+            for j in range(size):
+                np.copyto(result[j * rows : (j + 1) * rows], blocks[j])
         return result
     np.copyto(result[rank * rows : (rank + 1) * rows], x[rank * rows : (rank + 1) * rows])
     for dst, src, send_first in exchange_rounds(size, rank):

@@ -111,6 +111,12 @@ class Composed:
             got = self.call(op, data[self.rank], root, out=view)
             self.c.expect(f"{op} out=memoryview shares its memory", np.shares_memory(got, np.frombuffer(raw, np.uint8)))
             self.c.expect_equal(f"{op} out=memoryview values", np.frombuffer(raw, np.int32).reshape(want.shape), want)
+        for op in ("all_to_all", "broadcast", "scatter"):
+            data = self.inputs("float32", self.shape_of(op))
+            want = reference(op, data, self.rank, 0)
+            backing = np.zeros((2 * want.shape[0],) + want.shape[1:], np.float32)
+            self.call(op, data[self.rank], 0, out=backing[::2])
+            self.c.expect_equal(f"{op} into a strided out=", backing[::2], want)
         data = self.inputs("float64", self.shape_of("all_to_all"))
         x = data[self.rank].copy()
         self.c.expect_equal("all_to_all in place", self.g.all_to_all(x, out=x), reference("all_to_all", data, self.rank, 0))
