@@ -11,6 +11,7 @@ rank's cotangent), with and without mx.compile.
 from __future__ import annotations
 
 import array
+import functools
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -294,6 +295,7 @@ class Composed:
         self.c.expect("objects after the errors", mlxdist.all_gather_object(self.rank) == list(range(self.size)))
 
 
+@functools.lru_cache(maxsize=8)
 def _pattern(n: int, seed: int) -> bytes:
     return (bytes([seed % 251]) + bytes(range(251))) * (n // 252) + bytes(range(n % 252))
 
