@@ -239,6 +239,8 @@ class Composed:
 
             x = mx.array(xs[self.rank])
             self.c.expect_equal(f"grad {op}", mx.grad(loss)(x), want, tolerance=1e-5)
+            # Of an input derived inside the traced function (traced too).
+            self.c.expect_equal(f"grad {op} of 3 x", mx.grad(lambda a: loss(a * 3))(x), want * 3, tolerance=1e-4)
             self.c.expect_equal(f"grad {op} compiled", mx.compile(mx.grad(loss))(x), want, tolerance=1e-5)
             tangent = [rank_data("float32", shape, r, seed=7) for r in range(self.size)]
             _, (jvp,) = mx.jvp(lambda a: self.call(op, a, root), [x], [mx.array(tangent[self.rank])])
