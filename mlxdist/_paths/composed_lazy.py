@@ -35,7 +35,9 @@ from mlxdist.rules import composed_shape
 __all__ = ["broadcast", "gather", "scatter", "all_to_all"]
 
 Builder = Callable[[mx.array], mx.array]
-_is_tracer = bridge.is_tracer
+# A bridge built before is_tracer existed (rebuild with pip install -e .)
+# takes the custom function every time: right, only slower.
+_is_tracer: Callable[[mx.array], bool] = getattr(bridge, "is_tracer", lambda x: True)
 
 
 def _first(values: Any) -> mx.array:
