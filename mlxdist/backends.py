@@ -45,9 +45,32 @@ class Backend(str, enum.Enum):
 
 BackendLike = Union[Backend, str]
 
-OPERATIONS = ("all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "split")
-# What mlxdist computes where a backend lacks an operation, from which operation.
-FILL_INS = {"sum_scatter": "all_sum"}
+OPERATIONS = (
+    "all_sum",
+    "all_max",
+    "all_min",
+    "all_gather",
+    "sum_scatter",
+    "broadcast",
+    "gather",
+    "scatter",
+    "all_to_all",
+    "send",
+    "recv",
+    "split",
+)
+# What mlxdist computes where a backend lacks an operation, from which
+# operations (all of them needed). MLX 0.32 has no broadcast, gather, scatter
+# or all_to_all on any backend: they are composed from send/recv trees
+# (mlxdist._paths.trees); all_to_all's lazy form and ring's beyond two ranks
+# keep their blocks of an all_gather.
+FILL_INS: dict[str, tuple[str, ...]] = {
+    "sum_scatter": ("all_sum",),
+    "broadcast": ("send", "recv"),
+    "gather": ("send", "recv"),
+    "scatter": ("send", "recv"),
+    "all_to_all": ("all_gather", "send", "recv"),
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +92,7 @@ class Capabilities:
         """"native", "mlxdist" (filled in) or "unavailable" for an operation."""
         if op in self.native:
             return "native"
-        if FILL_INS.get(op) in self.native:
+        if op in FILL_INS and set(FILL_INS[op]) <= self.native:
             return "mlxdist"
         return "unavailable"
 
@@ -84,7 +107,7 @@ CAPABILITIES: dict[Backend, Capabilities] = {
     Backend.NCCL: Capabilities(_REDUCTIONS | {"split", "sum_scatter"}),
 }
 # The group of a process no launcher started: collectives return their input.
-SINGLE_PROCESS = Capabilities(_REDUCTIONS | {"sum_scatter"})
+SINGLE_PROCESS = Capabilities(_REDUCTIONS | {"sum_scatter", "broadcast", "gather", "scatter", "all_to_all"})
 
 
 def capabilities(backend: Backend | None) -> Capabilities:

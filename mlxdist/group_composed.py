@@ -18,7 +18,7 @@ import numpy as np
 from mlxdist import objects
 from mlxdist._paths import composed_eager, composed_lazy, lazy
 from mlxdist.dtypes import code_of_mlx
-from mlxdist.errors import InvalidArgumentError
+from mlxdist.errors import InvalidArgumentError, UnsupportedOperationError
 from mlxdist.rules import check_root, composed_shape
 
 __all__ = ["ComposedCollectives"]
@@ -34,7 +34,12 @@ def _lazy_checks(group: Any, op: str, x: mx.array, root: int, stream: Any, out: 
     lazy.check_stream(stream)
     code_of_mlx(x.dtype)
     composed_shape(op, tuple(x.shape), group._size, group._rank == root)
-    composed_eager.agree(group, op if op == "all_to_all" else f"{op}(root={root})", x.dtype, tuple(x.shape))
+    composed_eager.agree(group, op if op == "all_to_all" else f"{op}[root={root}]", x.dtype, tuple(x.shape))
+
+
+def _available(group: Any, op: str) -> None:
+    if group._size > 1 and "send" not in group._caps.native and group._caps.status(op) == "unavailable":
+        raise UnsupportedOperationError(f"{op}: {group.backend.value} lacks the send/recv it is composed from")
 
 
 def _eager_only(stream: Any) -> None:
@@ -45,12 +50,14 @@ def _eager_only(stream: Any) -> None:
 class ComposedCollectives:
     """broadcast, gather, scatter, all_to_all and the object collectives of a :class:`mlxdist.Group`."""
 
-    __slots__ = ()
+    # The lazy forms' custom functions, made once per (op, root, stream).
+    __slots__ = ("_lazy_functions",)
     _rank: int
     _size: int
 
     def _rooted(self, op: str, x: Any, root: Any, stream: Any, out: Any) -> Any:
         root = check_root(root, self._size)
+        _available(self, op)
         if type(x) is mx.array:
             _lazy_checks(self, op, x, root, stream, out)
             return getattr(composed_lazy, op)(self, x, root, stream)
@@ -136,8 +143,8 @@ class ComposedCollectives:
         and concatenate the blocks received in rank order.
 
         Eagerly a pairwise exchange where any rank reaches any other (MPI,
-        and two ranks of ring), else (and lazily) an all_gather of which
-        each rank keeps its blocks.
+        and two ranks of ring) for inputs over 64 KiB; otherwise (and
+        lazily) an all_gather of which each rank keeps its blocks.
 
         Args:
             x: An array whose axis 0 is divisible by the size, the same shape
@@ -154,6 +161,7 @@ class ComposedCollectives:
             ArgumentTypeError, DtypeError, InvalidArgumentError,
             GroupClosedError, CommunicationError, MismatchError.
         """
+        _available(self, "all_to_all")
         if type(x) is mx.array:
             _lazy_checks(self, "all_to_all", x, 0, stream, out)
             return composed_lazy.all_to_all(self, x, stream)

@@ -76,13 +76,13 @@ def encode(obj: Any, use_pickle: bool) -> tuple[int, Any]:
     return JSON, json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def decode(kind: int, payload: Any) -> Any:
+def decode(kind: int, payload: bytes | bytearray) -> Any:
     """The object of an :func:`encode` ``(kind, payload)``."""
     if kind == BYTES:
         return bytes(payload)
     if kind == PICKLE:
         return pickle_module.loads(payload)
-    return json.loads(bytes(payload) if not isinstance(payload, bytes) else payload)
+    return json.loads(payload)
 
 
 def _checked_pickle(use_pickle: Any) -> bool:
@@ -105,11 +105,17 @@ def _frame(obj: Any, use_pickle: bool) -> tuple[np.ndarray, np.ndarray]:
     return frame, data[head:]
 
 
-def _read(frame: np.ndarray, rest: np.ndarray | None) -> tuple[int, bytes]:
-    length, kind = _HEADER.unpack_from(frame)
-    head = frame[_HEADER.size : _HEADER.size + min(length, _INLINE)]
-    payload = head.tobytes() if rest is None or length <= _INLINE else head.tobytes() + rest[: length - _INLINE].tobytes()
-    return kind, payload
+def _assemble(frame: np.ndarray, rest: np.ndarray | None) -> bytes:
+    """The payload of a frame and the rest of it, copied once into one bytes."""
+    length = _HEADER.unpack_from(frame)[0]
+    head = memoryview(frame[_HEADER.size : _HEADER.size + min(length, _INLINE)])
+    if length <= _INLINE or rest is None:
+        return bytes(head)
+    return b"".join((head, memoryview(rest[: length - _INLINE])))
+
+
+def _kind(frame: np.ndarray) -> int:
+    return _HEADER.unpack_from(frame)[1]
 
 
 def broadcast_object(group: Any, obj: Any, root: Any, use_pickle: Any) -> Any:
@@ -118,9 +124,12 @@ def broadcast_object(group: Any, obj: Any, root: Any, use_pickle: Any) -> Any:
     root = check_root(root, group._size)
     group._live_handle()
     if group._size == 1:
-        encode(obj, use_pickle)  # the same errors as on several ranks
+        try:
+            encode(obj, use_pickle)  # the same errors as on several ranks
+        except ArgumentTypeError as exc:
+            raise ArgumentTypeError(f"broadcast_object: rank {root}'s object: {exc}") from None
         return obj
-    agree(group, f"broadcast_object(root={root}, pickle={use_pickle})", np.uint8, (FRAME,))
+    agree(group, f"broadcast_object[root={root}, pickle={use_pickle}]", np.uint8, (FRAME,))
     is_root = group._rank == root
     frame, rest = _frame(obj, use_pickle) if is_root else (np.zeros(FRAME, np.uint8), None)
     frame = group.broadcast(frame, root)
@@ -128,10 +137,10 @@ def broadcast_object(group: Any, obj: Any, root: Any, use_pickle: Any) -> Any:
     if length > _INLINE:
         rest = group.broadcast(rest if is_root else np.empty(length - _INLINE, np.uint8), root)
     if kind == ERROR:
-        raise ArgumentTypeError(f"broadcast_object: rank {root}'s object: {_read(frame, rest)[1].decode()}")
+        raise ArgumentTypeError(f"broadcast_object: rank {root}'s object: {_assemble(frame, rest).decode()}")
     if is_root:
         return obj
-    return decode(*_read(frame, rest))
+    return decode(kind, _assemble(frame, rest))
 
 
 def all_gather_object(group: Any, obj: Any, use_pickle: Any) -> list[Any]:
@@ -139,9 +148,12 @@ def all_gather_object(group: Any, obj: Any, use_pickle: Any) -> list[Any]:
     use_pickle = _checked_pickle(use_pickle)
     group._live_handle()
     if group._size == 1:
-        encode(obj, use_pickle)
+        try:
+            encode(obj, use_pickle)
+        except ArgumentTypeError as exc:
+            raise ArgumentTypeError(f"all_gather_object: rank 0: {exc}") from None
         return [obj]
-    agree(group, f"all_gather_object(pickle={use_pickle})", np.uint8, (FRAME,))
+    agree(group, f"all_gather_object[pickle={use_pickle}]", np.uint8, (FRAME,))
     size, rank = group._size, group._rank
     frame, rest = _frame(obj, use_pickle)
     frames = group.all_gather(frame).reshape(size, FRAME)
@@ -149,12 +161,13 @@ def all_gather_object(group: Any, obj: Any, use_pickle: Any) -> list[Any]:
     longest = max(lengths) - _INLINE
     rests: list[np.ndarray | None] = [None] * size
     if longest > 0:
-        padded = np.zeros(longest, np.uint8)
-        padded[: rest.size] = rest
+        padded = rest
+        if rest.size < longest:
+            padded = np.zeros(longest, np.uint8)
+            padded[: rest.size] = rest
         rests = list(group.all_gather(padded).reshape(size, longest))
-    decoded = [_read(frames[r], rests[r]) for r in range(size)]
-    failed = [r for r, (kind, _) in enumerate(decoded) if kind == ERROR]
+    failed = [r for r in range(size) if _kind(frames[r]) == ERROR]
     if failed:
-        reasons = "; ".join(f"rank {r}: {decoded[r][1].decode()}" for r in failed)
+        reasons = "; ".join(f"rank {r}: {_assemble(frames[r], rests[r]).decode()}" for r in failed)
         raise ArgumentTypeError(f"all_gather_object: {reasons}")
-    return [obj if r == rank else decode(*decoded[r]) for r in range(size)]
+    return [obj if r == rank else decode(_kind(frames[r]), _assemble(frames[r], rests[r])) for r in range(size)]

@@ -110,6 +110,8 @@ def check_root(root: Any, size: int) -> int:
     Raises:
         InvalidRankError: not an integer (bools included) or not a rank of the group.
     """
+    if type(root) is int and 0 <= root < size:
+        return root
     if isinstance(root, bool) or not isinstance(root, numbers.Integral) or not 0 <= root < size:
         raise InvalidRankError(f"root={root!r} is not a rank of a group of size {size}")
     return int(root)

@@ -12,6 +12,9 @@ from support import run_here
 from support.shared import SHARED, suite_results
 
 SUITE = "suites.battery:run"
+# broadcast, gather, scatter, all_to_all and the object collectives: in the
+# battery's jobs, and alone on 3 ranks (trees and rounds of an odd size).
+COMPOSED = "suites.composed:run"
 
 
 def test_battery_on_size_one_world():
@@ -23,9 +26,14 @@ def test_battery_on_size_one_world():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [2, 3, 4])
 def test_battery_on_ranks(backend, n):
-    # In the launch this (ranks, backend) shares with the other suites (support.shared).
+    # In the launch this (ranks, backend) shares with the other suites (support.shared);
+    # 3 ranks run the composed suite alone (trees and rounds of an odd size).
+    composed, _ = suite_results(COMPOSED, n, backend)
+    assert all(r.checks > 300 for r in composed), composed
+    if n == 3:
+        return
     depth = SHARED[(n, backend)][1]["depth"]
     assert depth == ("thorough" if n == 2 else "core")
     results, _ = suite_results(SUITE, n, backend)

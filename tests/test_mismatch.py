@@ -69,6 +69,8 @@ EXPECTED_CALLS = {
     "recv_larger": ("send(float32, shape (4,), to 1)", "recv(float32, shape (8,), from 0)"),
     "both_send": ("send(float32, shape (4,), to 1)", "send(float32, shape (4,), to 0)"),
     "collective_vs_send": ("all_sum(float32, shape (4,))", "send(float32, shape (4,), to 0)"),
+    "root": ("broadcast[root=0](float32, shape (4,))", "broadcast[root=1](float32, shape (4,))"),
+    "scatter_shape": ("scatter[root=0](float32, shape (4,))", "scatter[root=0](float32, shape (8,))"),
 }
 
 
@@ -95,6 +97,12 @@ def test_check_on_names_both_calls_on_every_rank(backend, case):
 def test_check_on_lazy_builds(backend, case):
     """mx.arrays: the check runs when the operation is built, before anything is sent."""
     assert_both_named(backend, case, "mlx")
+
+
+@pytest.mark.parametrize(("backend", "case", "kind"), [("ring", "root", "numpy"), ("mpi", "scatter_shape", "mlx")])
+def test_check_on_composed_collectives(backend, case, kind):
+    """broadcast/gather/scatter are checked as one call with their root: another root or shape is named."""
+    assert_both_named(backend, case, kind)
 
 
 def test_check_on_three_ranks():

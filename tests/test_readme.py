@@ -62,7 +62,7 @@ def test_cells_state_the_capabilities(backend: Backend):
         elif rest.startswith("(bool: mlxdist"):
             assert not caps.bool_reductions and set(ops) <= {"all_sum", "all_max", "all_min"}
         elif rest.startswith("(from "):
-            assert all(FILL_INS.get(op) == rest[len("(from ") : -1] for op in ops), rest
+            assert all(", ".join(FILL_INS.get(op, ())) == rest[len("(from ") : -1] for op in ops), rest
         else:
             assert rest == "", f"{ops} on {backend.value}: unchecked qualifier {rest!r}"
         if status == "native" and {ALIASES.get(op, op) for op in ops} <= {"send", "recv"}:

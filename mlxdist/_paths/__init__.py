@@ -6,5 +6,8 @@
 - :mod:`.eager`: numpy arrays and registered buffers go straight to the
   backend and the call returns when the result is there.
 
-:mod:`.fillins` composes what a backend lacks, once for both.
+:mod:`.fillins` composes what a backend lacks, once for both;
+:mod:`.composed_lazy` and :mod:`.composed_eager` build broadcast, gather,
+scatter and all_to_all (which MLX lacks everywhere) on the schedules of
+:mod:`.trees`; :mod:`.host` views buffers and DLPack tensors for the eager path.
 """

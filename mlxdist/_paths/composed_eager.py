@@ -22,7 +22,12 @@ from mlxdist.buffers import MlxBuffer
 from mlxdist.dtypes import code_of_numpy
 from mlxdist.rules import composed_shape
 
-__all__ = ["agree", "broadcast", "gather", "scatter", "all_to_all", "prepare"]
+__all__ = ["agree", "broadcast", "gather", "scatter", "all_to_all", "prepare", "SMALL_ALL_TO_ALL"]
+
+# Up to this many bytes per rank, all_to_all is one all_gather (every rank
+# receives size times the data, in one call) rather than 2 (size - 1) sends
+# and receives: small messages cost their calls, not their bytes.
+SMALL_ALL_TO_ALL = 64 << 10
 
 
 def agree(group: Any, op: str, dtype: Any, shape: tuple[int, ...]) -> None:
@@ -41,7 +46,7 @@ def prepare(group: Any, op: str, x: Any, out: Any, root: int) -> tuple[np.ndarra
     shape = composed_shape(op, x.shape, group._size, group._rank == root)
     if out is not None:
         eager.check_out(out, shape, code)
-    name = op if op == "all_to_all" else f"{op}(root={root})"
+    name = op if op == "all_to_all" else f"{op}[root={root}]"
     agree(group, name, x.dtype, x.shape)
     return x, out, code, shape
 
@@ -172,8 +177,9 @@ def all_to_all(group: Any, x: Any, out: Any) -> np.ndarray:
     """Block ``j`` of axis 0 to rank ``j``; the blocks received, in rank order.
 
     Any-to-any backends (MPI) and two ranks exchange pairwise
-    (:func:`mlxdist._paths.trees.exchange_rounds`); ring beyond two ranks
-    all_gathers and keeps its blocks.
+    (:func:`mlxdist._paths.trees.exchange_rounds`); ring beyond two ranks,
+    and every backend up to :data:`SMALL_ALL_TO_ALL` bytes, all_gathers and
+    keeps its blocks.
 
     Args:
         group: The group.
@@ -189,11 +195,16 @@ def all_to_all(group: Any, x: Any, out: Any) -> np.ndarray:
     if out is not None and np.shares_memory(out, x):
         x = x.copy()  # written over as it is read: read a copy, as MPI_IN_PLACE
     result = _new(shape, code, out)
-    if group._caps.neighbours_only and size > 2:
+    if (group._caps.neighbours_only and size > 2) or x.nbytes <= SMALL_ALL_TO_ALL:
         gathered = eager.collective(group, "all_gather", x, None)
-        for j in range(size):
-            start = j * size * rows + rank * rows
-            np.copyto(result[j * rows : (j + 1) * rows], gathered[start : start + rows])
+        # (sender, block, rows, ...): block ``rank`` of every sender, in one copy
+        # (block by block into an ``out`` that no reshape can view).
+        blocks = gathered.reshape((size, size, rows) + shape[1:])[:, rank]
+        if result.flags.c_contiguous:
+            np.copyto(result.reshape((size, rows) + shape[1:]), blocks)
+        else:
+            for j in range(size):
+                np.copyto(result[j * rows : (j + 1) * rows], blocks[j])
         return result
     np.copyto(result[rank * rows : (rank + 1) * rows], x[rank * rows : (rank + 1) * rows])
     for dst, src, send_first in exchange_rounds(size, rank):

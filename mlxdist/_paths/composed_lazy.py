@@ -11,6 +11,9 @@ collective, so results differentiate and compile like MLX's own:
 - all_to_all's is all_to_all.
 
 Forward-mode derivatives (jvp) apply the operation itself to the tangent.
+An input no transformation traces (``is_tracer`` false: not under grad, jvp
+or compile) needs no rule: its graph is built directly, without the custom
+function's cost (tens of microseconds per call).
 The trees (:mod:`mlxdist._paths.trees`) need no ordering beyond their data
 dependencies: each rank receives before it sends. all_to_all all_gathers and
 keeps its blocks: a lazy pairwise exchange would depend on the order MLX
@@ -23,6 +26,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
+from mlxdist._c import bridge
 from mlxdist._paths import lazy
 from mlxdist._paths.trees import tree
 from mlxdist.dtypes import code_of_mlx
@@ -31,13 +35,43 @@ from mlxdist.rules import composed_shape
 __all__ = ["broadcast", "gather", "scatter", "all_to_all"]
 
 Builder = Callable[[mx.array], mx.array]
+# A bridge built before is_tracer existed (rebuild with pip install -e .)
+# takes the custom function every time: right, only slower.
+_is_tracer: Callable[[mx.array], bool] = getattr(bridge, "is_tracer", lambda x: True)
 
 
-def _linear(forward: Builder, transpose: Builder) -> Builder:
-    """``forward`` as a linear MLX function whose vjp is ``transpose`` and jvp itself."""
-    function = mx.custom_function(forward)
-    function.vjp(lambda primals, cotangent, output: transpose(cotangent))
-    function.jvp(lambda primals, tangents: forward(tangents[0]))
+def _first(values: Any) -> mx.array:
+    return values[0] if isinstance(values, (list, tuple)) else values
+
+
+def _linear(forward: Builder, transpose: Callable[[mx.array, mx.array], mx.array]) -> Builder:
+    """``forward`` as a linear MLX function: its vjp is ``transpose(primal,
+    cotangent)``, its jvp ``forward`` of the tangent.
+
+    The graph inside sees its input through stop_gradient: MLX's transforms
+    then use only the custom rules, never those of the send and recv inside
+    (which have none).
+    """
+
+    def opaque(a: mx.array) -> mx.array:
+        return forward(mx.stop_gradient(a))
+
+    function = mx.custom_function(opaque)
+    function.vjp(lambda primals, cotangent, output: transpose(_first(primals), mx.stop_gradient(cotangent)))
+    function.jvp(lambda primals, tangents: opaque(_first(tangents)))
+    return function
+
+
+def _cached(group: Any, key: tuple[Any, ...], make: Callable[[], Builder]) -> Builder:
+    """The function of ``key`` (op, root, stream) for ``group``, made once: they
+    depend on nothing else (shapes come from their arguments)."""
+    try:
+        functions = group._lazy_functions
+    except AttributeError:
+        functions = group._lazy_functions = {}
+    function = functions.get(key)
+    if function is None:
+        function = functions[key] = make()
     return function
 
 
@@ -128,43 +162,55 @@ def broadcast(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
     """The root's ``x`` on every rank, lazily (arguments validated by the caller)."""
     if group._size == 1:
         return x
-    return _linear(
+    if not _is_tracer(x):
+        return _broadcast(group, x, root, stream)
+    return _cached(group, ("broadcast", root, stream), lambda: _linear(
         lambda a: _broadcast(group, a, root, stream),
-        lambda cotangent: _reduce_to_root(group, cotangent, root, stream),
-    )(x)
+        lambda primal, cotangent: _reduce_to_root(group, cotangent, root, stream),
+    ))(x)
 
 
 def scatter(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
     """This rank's rows of the root's ``x``, lazily."""
     if group._size == 1:
         return x
-    shape, dtype = tuple(x.shape), x.dtype
+    if not _is_tracer(x):
+        return _scatter(group, x, root, stream)
 
-    def transpose(cotangent: mx.array) -> mx.array:
+    def transpose(primal: mx.array, cotangent: mx.array) -> mx.array:
         got = _gather(group, cotangent, root, stream)
-        return got if group._rank == root else _after(mx.zeros(shape, dtype), [got])
+        return got if group._rank == root else _after(mx.zeros(primal.shape, primal.dtype), [got])
 
-    return _linear(lambda a: _scatter(group, a, root, stream), transpose)(x)
+    return _cached(group, ("scatter", root, stream), lambda: _linear(
+        lambda a: _scatter(group, a, root, stream), transpose))(x)
 
 
 def gather(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
     """Every rank's ``x`` along axis 0 on the root, no rows elsewhere, lazily."""
     if group._size == 1:
         return x
-    shape = tuple(x.shape)
-    full = composed_shape("gather", shape, group._size, True)
+    if not _is_tracer(x):
+        return _gather(group, x, root, stream)
 
-    def transpose(cotangent: mx.array) -> mx.array:
+    def transpose(primal: mx.array, cotangent: mx.array) -> mx.array:
+        shape = tuple(primal.shape)
         if group._rank != root:
+            full = composed_shape("gather", shape, group._size, True)
             cotangent = mx.broadcast_to(mx.zeros((), cotangent.dtype), full)  # a template: never read
         return _scatter(group, cotangent, root, stream).reshape(shape)
 
-    return _linear(lambda a: _gather(group, a, root, stream), transpose)(x)
+    return _cached(group, ("gather", root, stream), lambda: _linear(
+        lambda a: _gather(group, a, root, stream), transpose))(x)
 
 
 def all_to_all(group: Any, x: mx.array, stream: Any) -> mx.array:
     """Block ``j`` to rank ``j``, the blocks received in rank order, lazily."""
     if group._size == 1:
         return x
-    exchange: Builder = lambda a: _all_to_all(group, a, stream)  # noqa: E731
-    return _linear(exchange, exchange)(x)
+    if not _is_tracer(x):
+        return _all_to_all(group, x, stream)
+
+    def make() -> Builder:
+        return _linear(lambda a: _all_to_all(group, a, stream), lambda primal, c: _all_to_all(group, c, stream))
+
+    return _cached(group, ("all_to_all", stream), make)(x)

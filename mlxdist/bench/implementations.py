@@ -5,6 +5,10 @@
 - ``mlxdist-mlx``: mlxdist with mx.arrays: the lazy path, so each iteration
   builds the operation and then evaluates it, exactly as ``mx.distributed``;
 - ``mx.distributed``: the same engine through MLX's own bindings, evaluating each result;
+  MLX has no broadcast, gather, scatter or all_to_all, so for those it runs
+  what MLX users write by hand: an all_sum of the root's array and zeros
+  elsewhere (broadcast, scatter: then this rank's rows), an all_gather (gather;
+  all_to_all: then this rank's blocks);
 - ``mpi4py``: MPI through mpi4py with numpy buffers (on the MPI backend only).
 
 The send/recv ring shift is the same exchange for all of them: each rank
@@ -22,7 +26,7 @@ import numpy as np
 
 import mlxdist
 from mlxdist.backends import Backend, capabilities
-from mlxdist.bench.workload import Message
+from mlxdist.bench.workload import ROOT, Message
 
 __all__ = [
     "MX_DTYPES",
@@ -150,7 +154,11 @@ class MlxdistImpl(Implementation):
         x = self._array(values, msg.dtype)
         if self.buffers == "mlx":
             return self._prepare_lazy(msg, x)
-        out = mlxdist.empty(msg.output_count, _NUMPY_DTYPES[msg.dtype]) if self.buffers == "registered" else None
+        out = None
+        if self.buffers == "registered":
+            # gather's other ranks receive nothing; a broadcast lands in place.
+            empty = msg.op == "gather" and group.rank() != ROOT and group.size() > 1
+            out = x if msg.op == "broadcast" else mlxdist.empty(0 if empty else msg.output_count, _NUMPY_DTYPES[msg.dtype])
         if msg.op == "sendrecv":
 
             def receive(src: int) -> Any:
@@ -208,8 +216,11 @@ class MxDistributedImpl(Implementation):
         self.backend = backend
         self.group = mx.distributed.init(backend=(backend or Backend.RING).value)
 
+    # What the hand-written forms of the operations MLX lacks are built from.
+    _BY_HAND = {"broadcast": "all_sum", "scatter": "all_sum", "gather": "all_gather", "all_to_all": "all_gather"}
+
     def unsupported(self, op: str, dtype: str) -> str | None:
-        needs = "send" if op == "sendrecv" else op
+        needs = "send" if op == "sendrecv" else self._BY_HAND.get(op, op)
         if capabilities(self.backend).status(needs) != "native":
             where = f"{self.backend.value} backend" if self.backend else "single-process group"
             return f"MLX's {where} has no {needs}"
@@ -234,6 +245,8 @@ class MxDistributedImpl(Implementation):
                 return received
 
             return Prepared(lambda: ring_shift(group.rank(), group.size(), send, receive), _as_float32)
+        if msg.op in self._BY_HAND:
+            return self._by_hand(msg, x)
         collective = getattr(mx.distributed, msg.op)
 
         def run() -> mx.array:
@@ -242,6 +255,36 @@ class MxDistributedImpl(Implementation):
             return result
 
         return Prepared(run, _as_float32)
+
+    def _by_hand(self, msg: Message, x: mx.array) -> Prepared:
+        """broadcast, gather, scatter and all_to_all as MLX users write them today."""
+        group, op = self.group, msg.op
+        rank, size = group.rank(), group.size()
+        mine = x if rank == ROOT else mx.zeros_like(x)
+        mx.eval(mine)
+        block = msg.input_count // size
+
+        def build() -> mx.array:
+            if op == "broadcast":
+                return mx.distributed.all_sum(mine, group=group)
+            if op == "scatter":
+                return mx.distributed.all_sum(mine, group=group)[rank * block : (rank + 1) * block]
+            gathered = mx.distributed.all_gather(x, group=group)
+            if op == "gather":
+                return gathered
+            return gathered.reshape(size, size, block)[:, rank].reshape(-1)
+
+        def run() -> mx.array:
+            result = build()
+            mx.eval(result)
+            return result
+
+        def values(result: mx.array) -> np.ndarray:
+            if op == "gather" and rank != ROOT and size > 1:
+                return np.zeros(0, np.float32)  # every rank gathered; only the root's counts
+            return _as_float32(result)
+
+        return Prepared(run, values)
 
 
 class Mpi4pyImpl(Implementation):
@@ -293,6 +336,32 @@ class Mpi4pyImpl(Implementation):
 
             def run() -> np.ndarray:
                 comm.Reduce_scatter_block(x, out, op=MPI.SUM)
+                return out
+
+        elif msg.op == "broadcast":
+            buffer = x if rank == ROOT else out
+
+            def run() -> np.ndarray:
+                comm.Bcast(buffer, root=ROOT)
+                return buffer
+
+        elif msg.op == "gather":
+            into = out if rank == ROOT else None
+
+            def run() -> np.ndarray:
+                comm.Gather(x, into, root=ROOT)
+                return out if rank == ROOT or size == 1 else np.zeros(0, np.float32)
+
+        elif msg.op == "scatter":
+
+            def run() -> np.ndarray:
+                comm.Scatter(x, out, root=ROOT)
+                return out
+
+        elif msg.op == "all_to_all":
+
+            def run() -> np.ndarray:
+                comm.Alltoall(x, out)
                 return out
 
         else:

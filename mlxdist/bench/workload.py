@@ -12,6 +12,7 @@ import numpy as np
 
 __all__ = [
     "OPERATIONS",
+    "ROOT",
     "DTYPES",
     "ITEMSIZE",
     "Message",
@@ -22,7 +23,22 @@ __all__ = [
     "count_wrong",
 ]
 
-OPERATIONS = ("all_sum", "all_gather", "sum_scatter", "all_max", "all_min", "sendrecv")
+OPERATIONS = (
+    "all_sum",
+    "all_gather",
+    "sum_scatter",
+    "all_max",
+    "all_min",
+    "sendrecv",
+    "broadcast",
+    "gather",
+    "scatter",
+    "all_to_all",
+)
+# The rooted operations' root.
+ROOT = 0
+# Operations whose input is split into one block per rank.
+_SPLIT = ("all_gather", "sum_scatter", "gather", "scatter", "all_to_all")
 DTYPES = ("float32", "float16", "bfloat16")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -38,10 +54,12 @@ class Message:
     Attributes:
         op: The operation.
         dtype: The dtype name.
-        nbytes: The size nccl-tests reports: the whole result for all_gather,
-            the whole input for sum_scatter, the array for the others.
+        nbytes: The size nccl-tests reports: the whole result for all_gather
+            and gather, the whole input for sum_scatter and scatter, the array
+            for the others.
         input_count: Elements of each rank's input.
-        output_count: Elements of each rank's result.
+        output_count: Elements of each rank's result (the root's, for gather:
+            the other ranks get none).
         tokens: Token count for tensor-parallel sizes, else None.
     """
 
@@ -72,12 +90,17 @@ def message(op: str, dtype: str, nbytes: int, nranks: int, tokens: int | None = 
     if op not in OPERATIONS or dtype not in DTYPES:
         raise ValueError(f"unknown operation {op!r} or dtype {dtype!r}")
     total = nbytes // ITEMSIZE[dtype]
-    if op in ("all_gather", "sum_scatter"):
+    if op in _SPLIT:
         total -= total % nranks
     if total < nranks:
         raise ValueError(f"{nbytes} bytes of {dtype} is less than one element per rank for {op}")
     per_rank = total // nranks
-    counts = {"all_gather": (per_rank, total), "sum_scatter": (total, per_rank)}
+    counts = {
+        "all_gather": (per_rank, total),
+        "gather": (per_rank, total),
+        "sum_scatter": (total, per_rank),
+        "scatter": (total, per_rank),
+    }
     input_count, output_count = counts.get(op, (total, total))
     return Message(op, dtype, total * ITEMSIZE[dtype], input_count, output_count, tokens)
 
@@ -90,12 +113,12 @@ def bus_factor(op: str, nranks: int) -> float:
         nranks: The number of ranks.
 
     Returns:
-        2(n-1)/n for the all-reduces, (n-1)/n for all_gather and
-        sum_scatter, 1 for sendrecv.
+        2(n-1)/n for the all-reduces, (n-1)/n for all_gather, sum_scatter,
+        gather, scatter and all_to_all, 1 for sendrecv and broadcast.
     """
-    if op == "sendrecv":
+    if op in ("sendrecv", "broadcast"):
         return 1.0
-    if op in ("all_gather", "sum_scatter"):
+    if op in _SPLIT:
         return (nranks - 1) / nranks
     return 2 * (nranks - 1) / nranks
 
@@ -130,7 +153,16 @@ def expected_result(msg: Message, rank: int, nranks: int) -> np.ndarray:
     """
     if msg.op == "sendrecv":
         return rank_values((rank - 1) % nranks, msg.input_count)
+    if msg.op == "broadcast":
+        return rank_values(ROOT, msg.input_count)
+    if msg.op == "scatter":
+        return rank_values(ROOT, msg.input_count)[rank * msg.output_count : (rank + 1) * msg.output_count]
     inputs = np.stack([rank_values(r, msg.input_count) for r in range(nranks)])
+    if msg.op == "gather":
+        return inputs.reshape(-1) if rank == ROOT or nranks == 1 else np.zeros(0, np.float32)
+    if msg.op == "all_to_all":
+        block = msg.input_count // nranks
+        return inputs[:, rank * block : (rank + 1) * block].reshape(-1)
     if msg.op == "all_gather":
         return inputs.reshape(-1)
     if msg.op == "all_max":

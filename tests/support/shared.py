@@ -20,15 +20,18 @@ from support.checks import RankRun, SuiteResult, launch_ranks, launch_suites
 
 __all__ = ["SHARED", "SHARED_WORKERS", "shared_run", "suite_results", "shared_workers", "worker_output"]
 
-_TWO_RANKS = ("suites.battery:run", "suites.lazy:run", "suites.errors:run", "suites.misuse:run",
+_TWO_RANKS = ("suites.battery:run", "suites.composed:run", "suites.lazy:run", "suites.errors:run", "suites.misuse:run",
               "suites.threads:close_while_blocked")
 # (ranks, backend): (suites in order, worker options). The battery's depth is
-# "thorough" on 2 ranks and "core" on 4.
+# "thorough" on 2 ranks and "core" on 4; the composed suite's objects go up to
+# 64 MiB on 2 ranks and 4 MiB on more (each rank holds size copies).
 SHARED: dict[tuple[int, str], tuple[tuple[str, ...], dict[str, str]]] = {
-    (2, "ring"): (_TWO_RANKS, {"depth": "thorough"}),
-    (2, "mpi"): (_TWO_RANKS + ("suites.threads:split_threads",), {"depth": "thorough"}),
-    (4, "ring"): (("suites.battery:run", "suites.lazy:run"), {"depth": "core"}),
-    (4, "mpi"): (("suites.battery:run", "suites.lazy:run"), {"depth": "core"}),
+    (2, "ring"): (_TWO_RANKS, {"depth": "thorough", "object_mib": "64"}),
+    (2, "mpi"): (_TWO_RANKS + ("suites.threads:split_threads",), {"depth": "thorough", "object_mib": "64"}),
+    (3, "ring"): (("suites.composed:run",), {"object_mib": "4"}),
+    (3, "mpi"): (("suites.composed:run",), {"object_mib": "4"}),
+    (4, "ring"): (("suites.battery:run", "suites.composed:run", "suites.lazy:run"), {"depth": "core", "object_mib": "4"}),
+    (4, "mpi"): (("suites.battery:run", "suites.composed:run", "suites.lazy:run"), {"depth": "core", "object_mib": "4"}),
 }
 # Every suite's own deadline added up, as when each had its own launch.
 _TIMEOUT = 780.0

@@ -48,6 +48,10 @@ def call():
         return group.barrier()
     if case == "collective_vs_send":
         return group.all_sum(four) if rank == 0 else group.send(four, 0) if rank == 1 else group.all_sum(four)
+    if case == "root":  # broadcast from 0 against broadcast from 1
+        return group.broadcast(four, 0 if rank == 0 else 1)
+    if case == "scatter_shape":  # scatter (4,) against (8,)
+        return group.scatter(four if rank == 0 else xp.zeros(8, xp.float32), 0)
     raise SystemExit(f"unknown case {case}")
 
 

@@ -198,6 +198,11 @@ NB_MODULE(_bridge, m) {
       nb::arg("handle"), "Take a heap mlx::core::array (deleting the heap object) as an mx.array.");
 
   m.def(
+      "is_tracer",
+      [](const mx::array& x) { return x.is_tracer(); },
+      nb::arg("x"), "Whether x is traced by a transformation (grad, vjp, jvp, vmap, compile) now.");
+
+  m.def(
       "node",
       [](const mx::array& x) { return nb::make_tuple(x.id(), static_cast<int>(x.status())); },
       nb::arg("x"), "(graph node id, status) of x, status 0 meaning not yet scheduled.");
