@@ -219,12 +219,14 @@ class _Collect:
         pass
 
 
-def run_job(argv: list[str], n: int, backend: str, timeout: float) -> tuple[dict, float]:
-    """Run the worker on ``n`` ranks; returns its result and the launcher's CPU share of one core."""
+def run_job(
+    argv: list[str], n: int, backend: str, timeout: float, script: str = __file__
+) -> tuple[dict, float]:
+    """Run ``script``'s worker on ``n`` ranks; returns its result and the launcher's CPU share of one core."""
     from mlxdist.launch import launch
 
     sink = _Collect()
-    command = [sys.executable, os.path.abspath(__file__), *argv]
+    command = [sys.executable, os.path.abspath(script), *argv]
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
     if n == 1:  # a plain process: a one-host ring hostfile does not initialise
@@ -240,7 +242,7 @@ def run_job(argv: list[str], n: int, backend: str, timeout: float) -> tuple[dict
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_SELF)
     if failed or not sink.results:
-        raise SystemExit(f"bench_lm: job {argv} on {n} {backend} ranks failed (exit {code})")
+        raise SystemExit(f"{Path(script).name}: job {argv} on {n} {backend} ranks failed (exit {code})")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return sink.results[0], cpu / wall
 
