@@ -47,6 +47,7 @@ for ring, on ``MLXDIST_STORE_HOST`` or loopback for MPI).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import itertools
 import json
@@ -56,7 +57,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from mlxdist._sidechannel import Link, Store
 from mlxdist.errors import (
@@ -83,6 +84,7 @@ __all__ = [
     "after_init",
     "set_timeout",
     "evaluate",
+    "watched",
 ]
 
 DEFAULT_TIMEOUT = 300.0
@@ -576,30 +578,48 @@ def evaluate(*arrays: Any, group: Any = None, timeout: float | None = UNSET) -> 
     """
     import mlx.core as mx
 
+    with watched("eval", group=group, timeout=timeout):
+        mx.eval(*arrays)
+
+
+@contextlib.contextmanager
+def watched(op: str, *, group: Any = None, timeout: float | None = UNSET) -> Iterator[None]:
+    """Run a block that evaluates lazy collectives (``mx.eval`` inside a library) under the deadline.
+
+    Args:
+        op: The name the block gets in errors and reports (e.g. ``"decode step"``).
+        group: The group whose world the collectives use (the world group by default).
+        timeout: Seconds for the whole block (the group's deadline by default).
+
+    Raises:
+        DeadlineExceeded, PeerLostError, MismatchError: the world failed during
+            the block, or had failed before it.
+        CommunicationError: another communication failure inside the block.
+    """
     if group is None:
         from mlxdist.world import world
 
         group = world()
     dog = _watchdogs.get(id(group._world))
     if dog is None:
-        mx.eval(*arrays)
+        yield
         return
-    entry = dog.enter("eval", group, group)
+    entry = dog.enter(op, group, group)
     if timeout is not UNSET:
         seconds = _parse_timeout(timeout, "timeout")
         entry.deadline = None if seconds is None else entry.start + seconds
     try:
-        mx.eval(*arrays)
+        yield
     except RuntimeError as exc:
         if isinstance(exc, DistributedError):
             raise
         typed = dog.translate(entry, exc)
         if typed is None:
-            typed = CommunicationError(f"eval: {exc}")
+            typed = CommunicationError(f"{op}: {exc}")
         raise typed from exc
     finally:
         dog.leave(entry)
-    dog.raise_if_failed("eval", group)
+    dog.raise_if_failed(op, group)
 
 
 # -- starting the side channel ---------------------------------------------------

@@ -1,0 +1,225 @@
+"""``mlxdist-serve`` / ``python -m mlxdist.serve``: an OpenAI-compatible server over sharded ranks.
+
+Three ways to run:
+
+- ``-n N`` (N > 1) outside a launched job: this process supervises. It
+  serves HTTP itself and starts N local ranks running this command; rank 0's
+  engine connects back over a local link (``MLXDIST_SERVE_LINK`` and
+  ``MLXDIST_SERVE_TOKEN`` in the ranks' environment). When the job fails it
+  answers every request in flight with the error, reports ``failed`` on
+  ``/health`` naming the rank, and exits non-zero.
+- Inside a launched job (``mlxdist.launch -n 2 -- mlxdist-serve ...``): rank
+  0 serves HTTP on a thread of its own over the same link.
+- Neither: one process, the front door on a thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from typing import IO, Any, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+_LINK = "MLXDIST_SERVE_LINK"
+_TOKEN = "MLXDIST_SERVE_TOKEN"
+# Seconds the front door keeps answering after a failure, so clients get their errors.
+_FAIL_GRACE = 2.0
+# No job deadline for a server: failures end it through the per-operation deadline.
+_NO_JOB_DEADLINE = 10 * 365 * 86400.0
+
+
+def _positive_floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="mlxdist-serve",
+        description="Serve an mlx-lm checkpoint sharded over mlxdist ranks through OpenAI's API.",
+    )
+    parser.add_argument("--model", required=True, help="mlx-lm checkpoint directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free port)")
+    parser.add_argument("--mode", choices=("auto", "tp", "pp"), default="auto")
+    parser.add_argument("--pp-weights", type=_positive_floats, help="per-rank pipeline shares, e.g. 1,2")
+    parser.add_argument("-n", "--nranks", type=_positive(int), help="local ranks to start when not inside a launched job")
+    parser.add_argument("--backend", choices=("ring", "mpi"), default="ring", help="for -n (default ring)")
+    parser.add_argument("--max-concurrent", type=_positive(int), default=8, help="requests decoded together (default 8)")
+    parser.add_argument("--max-queue", type=int, default=32,
+                        help="requests waiting beyond --max-concurrent before 429 (default 32)")
+    parser.add_argument("--max-tokens", type=_positive(int), default=512,
+                        help="server-side cap on generated tokens per request (default 512)")
+    parser.add_argument("--max-body", type=_positive(int), default=1 << 20, help="largest request body, bytes (default 1 MiB)")
+    parser.add_argument("--api-key", default=os.environ.get("MLXDIST_SERVE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default $MLXDIST_SERVE_API_KEY, else none)")
+    parser.add_argument("--timeout", type=_positive(float), default=30.0,
+                        help="per-operation deadline of the ranks, seconds (default 30)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from mlxdist.serve.frontdoor import load_config
+
+    return load_config(args.model, max_tokens=args.max_tokens, api_key=args.api_key, max_body=args.max_body,
+                       timeout=args.timeout)
+
+
+def _front_door(args: argparse.Namespace) -> Any:
+    from mlxdist.serve.frontdoor import FrontDoor
+
+    door = FrontDoor(_config(args), host=args.host, port=args.port,
+                     max_inflight=args.max_concurrent + args.max_queue, stall=2 * args.timeout + 10)
+    print(f"mlxdist-serve: serving on http://{args.host}:{door.port}/v1", file=sys.stderr, flush=True)
+    return door
+
+
+class _Tee:
+    """Forwards the launcher's lines and keeps its own reports (``mlxdist.launch: ...``)."""
+
+    def __init__(self, sink: IO[str]) -> None:
+        self.sink = sink
+        self.reports: list[str] = []
+
+    def write(self, line: str) -> int:
+        if line.startswith("mlxdist.launch:"):
+            self.reports.append(line.strip())
+        return self.sink.write(line)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
+def _start_ranks(command: list[str], n: int, backend: str, env: dict[str, str], stderr: IO[str]) -> Any:
+    """Run ``command`` as ``n`` local ranks until the job ends; the launch's result."""
+    from mlxdist.launch import launch
+
+    return launch(command, n=n, backend=backend, timeout=_NO_JOB_DEADLINE, env=env, stderr=stderr)
+
+
+def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    door = _front_door(args)
+    tee = _Tee(sys.stderr)
+    outcome: dict[str, Any] = {}
+    stopping = threading.Event()
+
+    def run_job() -> None:
+        env = {_LINK: door.link_address, _TOKEN: door.token}
+        try:
+            outcome["result"] = _start_ranks([sys.executable, "-m", "mlxdist.serve", *argv], args.nranks,
+                                             args.backend, env, tee)
+        except Exception as exc:  # the launch itself failed (e.g. no mpirun)
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+        if not stopping.is_set():
+            result = outcome.get("result")
+            ranks = sorted(result.rank_exits) if result is not None else []
+            why = "; ".join(tee.reports) or outcome.get("error") or "the ranks' job ended"
+            door.fail(f"the job ended: {why}", ranks or None)
+            time.sleep(_FAIL_GRACE)
+            door.stop()
+
+    job = threading.Thread(target=run_job, name="mlxdist-serve-job", daemon=True)
+    job.start()
+    door.run()
+    stopping.set()
+    job.join(timeout=args.timeout + 15)
+    reason, ranks = door.failure()
+    result = outcome.get("result")
+    if reason is None and (result is None or result.ok):
+        return 0
+    named = f" (rank {', '.join(map(str, ranks))})" if ranks else ""
+    print(f"mlxdist-serve: failed{named}: {reason or outcome.get('error')}", file=sys.stderr, flush=True)
+    code = result.exit_code if result is not None else 1
+    return code or 1
+
+
+def _serve_rank(args: argparse.Namespace) -> int:
+    import mlxdist
+    from mlxdist.errors import DistributedError
+    from mlxdist.lm.loading import load
+    from mlxdist.serve.engine import Engine
+    from mlxdist.serve.protocol import LinkClient
+
+    group = mlxdist.init(timeout=max(60.0, args.timeout))
+    rank, size = group.rank(), group.size()
+    if size > 1:
+        mlxdist.set_timeout(args.timeout, group)
+    if args.nranks is not None and args.nranks != size and _LINK not in os.environ:
+        raise mlxdist.errors.InvalidArgumentError(f"-n {args.nranks} given inside a launched job of {size} ranks")
+    door = None
+    link = None
+    if rank == 0:
+        if _LINK in os.environ:
+            address, token = os.environ[_LINK], os.environ.get(_TOKEN, "")
+        else:
+            door = _front_door(args)
+            door.start_thread()
+            address, token = door.link_address, door.token
+        link = LinkClient(address, token)
+    try:
+        model, tokenizer, plan = load(args.model, group, args.mode, pp_weights=args.pp_weights)
+        description = {"mode": plan.mode, "reason": plan.reason, "family": plan.family}
+        engine = Engine(model, group, description, link=link, max_concurrent=args.max_concurrent,
+                        eos_ids=sorted(tokenizer.eos_token_ids), vocab_size=int(model.args.vocab_size),
+                        timeout=args.timeout)
+        engine.run()
+    except Exception as exc:
+        message = f"rank {rank}: {type(exc).__name__}: {exc}"
+        if link is not None and not isinstance(exc, DistributedError):
+            try:
+                link.send("failed", message=message)
+            except DistributedError:
+                pass
+        print(f"mlxdist-serve: {message}", file=sys.stderr, flush=True)
+        if door is not None:
+            time.sleep(_FAIL_GRACE)
+            door.stop()
+            door.join(5)
+        return 1
+    if door is not None:
+        door.stop()
+        door.join(5)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    from mlxdist.backends import detect_backend
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_queue < 0:
+        parser.error("--max-queue must be >= 0")
+    if not 0 <= args.port < 65536:
+        parser.error("--port must be in [0, 65535]")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    try:
+        if (args.nranks or 1) > 1 and detect_backend() is None:
+            return _supervise(args, argv)
+        return _serve_rank(args)
+    except (ValueError, TypeError, NotImplementedError, OSError) as exc:
+        print(f"mlxdist-serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,249 @@
+"""The rank side of the server: every rank decodes the same batch, step by step.
+
+Rank 0 reads requests and cancellations from the front door's link. Before
+each step it hands the step's work to every rank with a broadcast of a JSON
+value (new requests with their token ids and sampling parameters, requests
+to drop, whether to report counters or stop), so all ranks insert and remove
+the same requests in the same order and run the same batched forward
+(mlx-lm's :class:`~mlx_lm.generate.BatchGenerator` over the sharded model).
+Rank 0 then sends the step's tokens to the front door. Every collective, the
+model's included, runs under mlxdist's per-operation deadline: a rank that
+dies or stalls fails the step on every live rank, and rank 0 tells the front
+door before the job ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from mlxdist.deadline import watched
+from mlxdist.errors import DistributedError
+from mlxdist.group import Group
+from mlxdist.serve.protocol import LinkClient, ProtocolError
+from mlxdist.serve.sampling import sampler_for
+
+__all__ = ["Engine", "broadcast_json"]
+
+logger = logging.getLogger("mlxdist.serve")
+
+
+def broadcast_json(value: Any, root: int, group: Group) -> Any:
+    """Rank ``root``'s JSON value on every rank (mlxdist's broadcast_object, without pickle)."""
+    import mlxdist
+
+    broadcast = getattr(mlxdist, "broadcast_object", None)
+    if broadcast is not None:
+        return broadcast(value, root=root, group=group, pickle=False)
+    # Until mlxdist.broadcast_object is available: the length, then the bytes, by all_sum.
+    import json
+
+    mine = json.dumps(value).encode() if group.rank() == root else b""
+    length = int(np.asarray(group.all_sum(np.array([len(mine)], dtype=np.int64)))[0])
+    buffer = np.zeros(length, dtype=np.uint8)
+    if mine:
+        buffer[:] = np.frombuffer(mine, dtype=np.uint8)
+    return json.loads(np.asarray(group.all_sum(buffer)).astype(np.uint8).tobytes())
+
+
+class _CountingModel:
+    """The model, counting its forward passes (prefill chunks and decode steps alike)."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.forwards = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.forwards += 1
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class Engine:
+    """One rank's serving loop.
+
+    Args:
+        model: The sharded mlx-lm model (:func:`mlxdist.lm.load`).
+        group: The group it is sharded over.
+        plan: The description sent to the front door (mode, reason, family).
+        link: Rank 0's link to the front door (None on the other ranks).
+        max_concurrent: Requests decoded together; more wait in the batch queue.
+        eos_ids: Token ids that end a request.
+        vocab_size: Token ids must be below it.
+        timeout: Seconds each step (its collectives and forward) may take.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        group: Group,
+        plan: dict[str, Any],
+        *,
+        link: Optional[LinkClient],
+        max_concurrent: int,
+        eos_ids: list[int],
+        vocab_size: int,
+        timeout: Optional[float],
+    ) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.plan = plan
+        self.link = link
+        self.vocab_size = vocab_size
+        self.timeout = timeout
+        # Rank 0 offers work at least this often, so idle ranks never wait out the deadline.
+        self.idle_tick = 0.5 if timeout is None else min(0.5, timeout / 4)
+        self.model = _CountingModel(model)
+        self.generator = BatchGenerator(
+            self.model,
+            stop_tokens=[[int(e)] for e in eos_ids],
+            completion_batch_size=max_concurrent,
+            prefill_batch_size=min(8, max_concurrent),
+        )
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.step = 0
+        self.uid_of: dict[str, int] = {}
+        self.id_of: dict[int, str] = {}
+        self.generated: dict[str, int] = {}
+        self.counters = {"steps": 0, "forwards": 0, "generated_tokens": 0, "requests": 0, "cancelled": 0}
+        # What the last cancellation looked like on this rank (for /stats).
+        self.last_cancel: dict[str, Any] = {}
+
+    # -- rank 0: the link ------------------------------------------------------
+
+    def _read_link(self) -> None:
+        assert self.link is not None
+        while True:
+            try:
+                message = self.link.receive()
+            except ProtocolError as exc:
+                logger.error("mlxdist-serve: dropping a malformed link message: %s", exc)
+                continue
+            if message is None:
+                self.inbox.put({"type": "shutdown"})
+                return
+            self.inbox.put(message)
+
+    def _collect(self) -> dict[str, Any]:
+        """Rank 0: this step's work, waiting up to the idle tick when nothing is running."""
+        work: dict[str, Any] = {"step": self.step, "submit": [], "cancel": [], "stats": False, "stop": False}
+        wait = self.idle_tick if not self.uid_of else 0.0
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                message = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return work
+            kind = message["type"]
+            if kind == "submit":
+                work["submit"].append({k: v for k, v in message.items() if k != "type"})
+            elif kind == "cancel":
+                work["cancel"].append([message["id"], self.step])
+            elif kind == "stats_request":
+                work["stats"] = True
+            elif kind == "shutdown":
+                work["stop"] = True
+            deadline = time.monotonic()  # take what else is queued, then go
+
+    def _send(self, kind: str, **fields: Any) -> None:
+        if self.link is None:
+            return
+        try:
+            self.link.send(kind, **fields)
+        except DistributedError:
+            self.inbox.put({"type": "shutdown"})
+
+    # -- every rank ------------------------------------------------------------
+
+    def _submit(self, request: dict[str, Any]) -> None:
+        rid = request["id"]
+        prompt = request["prompt"]
+        if rid in self.uid_of or any(t >= self.vocab_size for t in prompt):
+            self._send("rejected", id=rid, message=f"token ids must be below the vocabulary size {self.vocab_size}"
+                       if rid not in self.uid_of else f"request id {rid!r} is already running")
+            return
+        sampler = sampler_for(request["temperature"], request["top_p"], request["seed"])
+        (uid,) = self.generator.insert([prompt], max_tokens=[request["max_tokens"]], samplers=[sampler])
+        self.uid_of[rid], self.id_of[uid] = uid, rid
+        self.generated[rid] = 0
+        self.counters["requests"] += 1
+
+    def _cancel(self, rid: str, received_at: int) -> None:
+        uid = self.uid_of.pop(rid, None)
+        if uid is None:
+            return  # already finished
+        self.generator.remove([uid])
+        del self.id_of[uid]
+        self.counters["cancelled"] += 1
+        self.last_cancel = {"id": rid, "tokens": self.generated.pop(rid), "received_step": received_at,
+                            "removed_step": self.step}
+
+    def _stats(self) -> dict[str, Any]:
+        return {"rank": self.rank, "pid": os.getpid(), "active": len(self.uid_of), **self.counters,
+                "forwards": self.model.forwards, "last_cancel": self.last_cancel}
+
+    def _decode(self) -> list[list[Any]]:
+        """One step of the batch (a prefill chunk and/or one decode forward); the tokens it produced."""
+        with watched("serve step", group=self.group, timeout=self.timeout):
+            _, responses = self.generator.next()
+            # mlx-lm leaves the next forward running; it must end before the next collective.
+            mx.synchronize(self.generator.stream)
+        events = []
+        for response in responses:
+            rid = self.id_of.get(response.uid)
+            if rid is None:
+                continue
+            self.generated[rid] += 1
+            self.counters["generated_tokens"] += 1
+            if response.finish_reason is not None:
+                del self.uid_of[rid], self.id_of[response.uid], self.generated[rid]
+            events.append([rid, int(response.token), response.finish_reason])
+        return events
+
+    def run(self) -> None:
+        """Serve until the front door says stop (or goes away).
+
+        Raises:
+            DeadlineExceeded, PeerLostError, CommunicationError: the world
+                failed (rank 0 has told the front door).
+        """
+        if self.link is not None:
+            threading.Thread(target=self._read_link, name="mlxdist-serve-link", daemon=True).start()
+        pids = np.asarray(self.group.all_gather(np.array([os.getpid()], dtype=np.int64))).reshape(-1)
+        self._send("ready", plan={**self.plan, "ranks": self.size, "pids": [int(p) for p in pids]})
+        try:
+            while True:
+                work = self._collect() if self.rank == 0 else None
+                work = broadcast_json(work, 0, self.group)
+                self.step = work["step"] + 1
+                self.counters["steps"] += 1
+                if work["stop"]:
+                    return
+                for request in work["submit"]:
+                    self._submit(request)
+                for rid, received_at in work["cancel"]:
+                    self._cancel(rid, received_at)
+                if work["stats"]:
+                    mine = self._stats()
+                    per_rank = [broadcast_json(mine, r, self.group) for r in range(self.size)]
+                    self._send("stats", ranks=per_rank)
+                if self.uid_of:
+                    events = self._decode()
+                    if events:
+                        self._send("step", events=events, stats=self._stats())
+        except DistributedError as exc:
+            self._send("failed", message=f"rank {self.rank}: {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self.generator.close()

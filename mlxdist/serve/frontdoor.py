@@ -1,0 +1,138 @@
+"""The front door as a running thing: the link listener, the broker, the app and uvicorn, together.
+
+It runs either on the main thread of the process that supervises the ranks
+(that process handles SIGINT/SIGTERM) or on a thread of rank 0 inside a
+launched job. Either way the engine reaches it over the same local link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import secrets
+import socket
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+import uvicorn
+
+from mlxdist.serve.app import ServeConfig, build_app
+from mlxdist.serve.broker import Broker
+
+__all__ = ["FrontDoor", "load_config"]
+
+logger = logging.getLogger("mlxdist.serve")
+
+
+def load_config(model_dir: str, *, max_tokens: int, api_key: Optional[str], max_body: int,
+                timeout: float) -> ServeConfig:
+    """Read what the front door needs from a checkpoint directory (tokenizer and config.json only).
+
+    Raises:
+        InvalidArgumentError: not a checkpoint directory.
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxdist.errors import InvalidArgumentError
+
+    path = Path(model_dir)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InvalidArgumentError(f"{model_dir!r} is not an mlx-lm checkpoint directory (no config.json in it)")
+    config = json.loads(config_file.read_text())
+    text_config = config.get("text_config", config)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    context = int(text_config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 4096))
+    names = (path.resolve().name, str(model_dir), str(path.resolve()))
+    return ServeConfig(
+        model_names=names,
+        tokenizer=tokenizer,
+        context=context,
+        vocab_size=int(text_config["vocab_size"]),
+        eos_ids={int(e) for e in tokenizer.eos_token_ids},
+        max_tokens=max_tokens,
+        api_key=api_key,
+        max_body=max_body,
+        timeout=timeout,
+    )
+
+
+class FrontDoor:
+    """HTTP server plus engine link.
+
+    Args:
+        config: The app's configuration.
+        host: Address to serve HTTP on.
+        port: HTTP port (0: any free one; see :attr:`port` once started).
+        max_inflight: Requests admitted at once (more get 429).
+        stall: Seconds of engine silence with requests running before failing.
+    """
+
+    def __init__(self, config: ServeConfig, *, host: str, port: int, max_inflight: int, stall: float) -> None:
+        self.token = secrets.token_hex(16)
+        self.link_socket = socket.create_server(("127.0.0.1", 0))
+        self.link_address = f"127.0.0.1:{self.link_socket.getsockname()[1]}"
+        self.http_socket = socket.create_server((host, port))
+        self.port = self.http_socket.getsockname()[1]
+        self.host = host
+        # asyncio objects bind to the loop that first uses them (Python >= 3.10): uvicorn's.
+        self.broker = Broker(self.token, max_inflight=max_inflight, stall=stall)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.started = threading.Event()
+        app = build_app(self.broker, config)
+        app.router.lifespan_context = self._lifespan
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=3))
+        self._thread: Optional[threading.Thread] = None
+
+    @asynccontextmanager
+    async def _lifespan(self, app: Any) -> AsyncIterator[None]:
+        self.loop = asyncio.get_running_loop()
+        await self.broker.start(self.link_socket)
+        self.started.set()
+        try:
+            yield
+        finally:
+            await self.broker.shutdown()
+
+    def _serve(self) -> None:
+        self.server.run(sockets=[self.http_socket])
+
+    def run(self) -> None:
+        """Serve on this thread until :meth:`stop` (or SIGINT/SIGTERM on the main thread)."""
+        self._serve()
+
+    def start_thread(self) -> None:
+        """Serve on a daemon thread; returns once the link accepts the engine."""
+        self._thread = threading.Thread(target=self._serve, name="mlxdist-serve-http", daemon=True)
+        self._thread.start()
+        self.started.wait(30)
+
+    def call(self, function: Any, *args: Any) -> None:
+        """Run ``function(*args)`` on the front door's event loop (from any thread)."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(function, *args)
+
+    def fail(self, reason: str, ranks: Optional[list[int]] = None) -> None:
+        """Declare the job ended (thread-safe): every request in flight gets the error."""
+        self.call(functools.partial(self.broker.fail, reason, ranks, source="job"))
+
+    def stop(self) -> None:
+        """Ask uvicorn to finish (thread-safe)."""
+        self.server.should_exit = True
+
+    def join(self, timeout: float) -> None:
+        """Wait for the serving thread (started with :meth:`start_thread`)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def failure(self) -> tuple[Optional[str], list[int]]:
+        """``(reason, ranks)`` when the world failed, else ``(None, [])``."""
+        broker = self.broker
+        if broker.state != "failed":
+            return None, []
+        return broker.reason, list(broker.failed_ranks)

@@ -1,0 +1,52 @@
+"""Per-request sampling that every rank reproduces: each request carries its own PRNG key."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+__all__ = ["SeededSampler", "sampler_for"]
+
+
+class SeededSampler:
+    """Temperature and nucleus sampling from a request's own key.
+
+    The key is split once per call, so a request's draws depend only on its
+    seed and on how many tokens it has drawn: not on the other requests in
+    the batch, nor on the rank (every rank computes the same logits and
+    draws the same token).
+
+    Args:
+        temperature: Positive; logits are divided by it.
+        top_p: In (0, 1]; 1 keeps every token.
+        seed: The request's seed.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.key = mx.random.key(seed)
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        """Draw one token per row of ``logprobs`` (``(B, vocab)``); returns ``(B,)`` uint32."""
+        keys = mx.random.split(self.key)
+        self.key, draw = keys[0], keys[1]
+        logits = logprobs / self.temperature
+        if self.top_p < 1.0:
+            probs = mx.softmax(logits, axis=-1)
+            order = mx.argsort(-probs, axis=-1)
+            sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always).
+            before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+            keep_sorted = before < self.top_p
+            keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+            logits = mx.where(keep, logits, -mx.inf)
+        return mx.random.categorical(logits, key=draw).astype(mx.uint32)
+
+
+def sampler_for(temperature: float, top_p: float, seed: int) -> Optional[SeededSampler]:
+    """The sampler of a request: None (greedy, the batch's default) at temperature 0."""
+    if temperature == 0:
+        return None
+    return SeededSampler(temperature, top_p, seed)
