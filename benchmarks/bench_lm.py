@@ -8,8 +8,10 @@ writes a random-weight Llama checkpoint (``mlxdist.lm.testing``), then:
 - 2 ranks of each backend, started by ``mlxdist.launch`` (which waits
   without spinning; its own CPU use is reported): mlxdist TP, mlxdist PP and
   mlx-lm's ``model.shard()`` over ``mx.distributed``, loaded in the same
-  job. Each first generates ``--tokens`` tokens with mlx-lm's generator
-  (TP's tokens must equal mlx-lm's; the prompt rate is taken there), then
+  job. After an untimed warm-up generation of each, each generates
+  ``--tokens`` tokens with mlx-lm's generator (TP's tokens must equal
+  mlx-lm's; a one-shot prompt rate is taken there: ``bench_prefill.py``
+  measures prefill with medians over interleaved runs), then
   ``--rounds x --tokens`` greedy decode steps of the three run interleaved,
   step by step (A B C C B A ...), each step timed alone as its slowest rank:
   on a shared machine, load that drifts falls on every variant alike. The
@@ -163,6 +165,11 @@ def worker(args: argparse.Namespace) -> None:
     tokens: dict[str, list[int]] = {}
     prompt_tps: dict[str, float] = {}
     generate_tps: dict[str, float] = {}
+    # An untimed warm-up of each first: the first prefill after loading pays first-touch costs (fresh
+    # buffers, page faults) that then fell on whichever model ran first (mlxdist TP) and made its
+    # prompt rate look 0.7-0.9x mlx-lm's. benchmarks/bench_prefill.py measures prefill properly.
+    for model in models.values():
+        generate_tokens(model, prompt, 2)
     for name, model in models.items():
         out = generate_tokens(model, prompt, args.tokens)
         tokens[name] = out.tokens

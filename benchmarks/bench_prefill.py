@@ -14,6 +14,9 @@ falls on both alike. Each prefill's process CPU time (both ranks added) is
 reported beside it: work that the variant itself does, which other load on the
 machine inflates far less than wall time.
 
+It also compares the two forward graphs (``mx.export_to_dot``): the count of
+each primitive, which should be equal (``same_graph_ops``).
+
 Run ``python benchmarks/bench_prefill.py`` (``--backends ring mpi``,
 ``--lengths 16 64 256``, ``--quick`` for the smaller model); ``--markdown``
 prints the README table, ``--json FILE`` writes the results.
@@ -60,6 +63,19 @@ def prompt_of(length: int, vocab: int) -> list[int]:
     return [(7 * i + 3) % (vocab - 12) + 3 for i in range(length)]
 
 
+def graph_ops(model: Any, prompt: list[int]) -> dict[str, int]:
+    """How many nodes of each primitive the model's forward graph over ``prompt`` has (not evaluated)."""
+    import collections
+    import io
+    import re
+
+    import mlx.core as mx
+
+    dot = io.StringIO()
+    mx.export_to_dot(dot, model(mx.array(prompt)[None]))
+    return dict(collections.Counter(re.findall(r'label ?= ?"([^"]*)"', dot.getvalue())))
+
+
 def worker(args: argparse.Namespace) -> None:
     import mlx.core as mx
     from mlx_lm.utils import load_model
@@ -77,6 +93,8 @@ def worker(args: argparse.Namespace) -> None:
     models[THEIRS] = theirs
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     prompts = {length: prompt_of(length, vocab) for length in args.lengths}
+    # The same graph, primitive for primitive, is what parity should rest on.
+    ops = {name: graph_ops(model, prompts[args.lengths[0]]) for name, model in models.items()}
     first_tokens: dict[str, dict[int, int]] = {name: {} for name in models}
     for length, prompt in prompts.items():  # warm-up: allocations, kernels, page faults
         for name, model in models.items():
@@ -119,6 +137,8 @@ def worker(args: argparse.Namespace) -> None:
         "rounds": args.rounds,
         "rows": rows,
         "same_first_tokens": first_tokens[OURS] == first_tokens[THEIRS],
+        "same_graph_ops": ops[OURS] == ops[THEIRS],
+        "graph_ops": ops,
         "load_average": os.getloadavg()[0],
     }
     if group.rank() == 0:
@@ -146,7 +166,10 @@ def markdown(results: list[dict]) -> str:
         f"{results[0]['rounds'] if results else 0} interleaved rounds (slowest rank); × mlx-lm: median of "
         "the round-by-round ratio. CPU s: median process CPU time of one prefill, both ranks added (load "
         "from other processes inflates it far less than wall time); CPU × mlx-lm: median of the "
-        "round-by-round ratio (mlx-lm's CPU time over TP's). Load average during the jobs: "
+        "round-by-round ratio (mlx-lm's CPU time over TP's). Same forward graph, primitive for primitive: "
+        + ", ".join(f"{r['format']} {r['backend']} {'yes' if r['same_graph_ops'] else 'NO'}" for r in results)
+        + "; same first tokens: " + ", ".join("yes" if r["same_first_tokens"] else "NO" for r in results)
+        + ". Load average during the jobs: "
         + ", ".join(f"{r['load_average']:.1f}" for r in results)
         + "."
     )

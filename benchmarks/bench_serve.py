@@ -57,6 +57,7 @@ from bench_lm import FORMATS, SIZES  # noqa: E402
 OURS, THEIRS = "mlxdist-serve", "mlx_lm.server"
 TINY = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab_size=512)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DECODE_CONCURRENCY = 32  # mlx_lm.server's default --decode-concurrency
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -98,8 +99,9 @@ def _bin(name: str) -> str:
 def server_command(server: str, checkpoint: Path, backend: str, port: int) -> tuple[list[str], dict]:
     """The command (and extra environment) that serves ``checkpoint`` on 2 ranks of ``backend``."""
     if server == OURS:
-        command = [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), "-n", "2"]
-        return [*command, "--backend", backend, "--host", "127.0.0.1", "--port", str(port)], {}
+        # TP, and as many requests decoded together as mlx_lm.server's default (--decode-concurrency 32).
+        command = [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), "-n", "2", "--mode", "tp"]
+        return [*command, "--max-concurrent", str(DECODE_CONCURRENCY), "--backend", backend, "--host", "127.0.0.1", "--port", str(port)], {}
     launch = [_bin("mlx.launch"), "-n", "2", "--backend", backend]
     env: dict[str, str] = {}
     if backend == "mpi":
