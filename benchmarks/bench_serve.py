@@ -73,6 +73,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model, one round, concurrency 1 and 2")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to be ready")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one request")
+    parser.add_argument(
+        "--serve-deadline", type=float, default=300.0,
+        help="mlxdist-serve's per-operation deadline, seconds (a serve step under heavy load can take long)",
+    )
     parser.add_argument("--checkpoint", help="serve this checkpoint instead of writing one")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
@@ -96,11 +100,17 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def server_command(server: str, checkpoint: Path, backend: str, port: int) -> tuple[list[str], dict]:
-    """The command (and extra environment) that serves ``checkpoint`` on 2 ranks of ``backend``."""
+def server_command(
+    server: str, checkpoint: Path, backend: str, port: int, deadline: float
+) -> tuple[list[str], dict]:
+    """The command (and extra environment) that serves ``checkpoint`` on 2 ranks of ``backend``.
+
+    ``deadline`` is mlxdist-serve's per-operation deadline (mlx_lm.server has none).
+    """
     if server == OURS:
         # TP, and as many requests decoded together as mlx_lm.server's default (--decode-concurrency 32).
         command = [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), "-n", "2", "--mode", "tp"]
+        command += ["--timeout", str(deadline)]
         return [*command, "--max-concurrent", str(DECODE_CONCURRENCY), "--backend", backend, "--host", "127.0.0.1", "--port", str(port)], {}
     launch = [_bin("mlx.launch"), "-n", "2", "--backend", backend]
     env: dict[str, str] = {}
@@ -340,7 +350,7 @@ def run_backend(args: argparse.Namespace, checkpoint: Path, backend: str, logs: 
             # Round r's prompts, the same for every server (and new to each server in this round).
             window = prompts[round_index * total : (round_index + 1) * total]
             port = free_port()
-            command, env = server_command(name, checkpoint, backend, port)
+            command, env = server_command(name, checkpoint, backend, port, args.serve_deadline)
             server = Server(name, command, env, port, logs / f"{name}-{backend}-{round_index}.log")
             try:
                 server.wait_ready(args.start_timeout)
@@ -406,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mlxdist.lm.testing import write_checkpoint
 
+    # SIGTERM ends the run through the finally blocks, which stop the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     dims = TINY if args.quick else SIZES["default"]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
