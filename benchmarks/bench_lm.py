@@ -8,8 +8,10 @@ writes a random-weight Llama checkpoint (``mlxdist.lm.testing``), then:
 - 2 ranks of each backend, started by ``mlxdist.launch`` (which waits
   without spinning; its own CPU use is reported): mlxdist TP, mlxdist PP and
   mlx-lm's ``model.shard()`` over ``mx.distributed``, loaded in the same
-  job. Each first generates ``--tokens`` tokens with mlx-lm's generator
-  (TP's tokens must equal mlx-lm's; the prompt rate is taken there), then
+  job. After an untimed warm-up generation of each, each generates
+  ``--tokens`` tokens with mlx-lm's generator (TP's tokens must equal
+  mlx-lm's; a one-shot prompt rate is taken there: ``bench_prefill.py``
+  measures prefill with medians over interleaved runs), then
   ``--rounds x --tokens`` greedy decode steps of the three run interleaved,
   step by step (A B C C B A ...), each step timed alone as its slowest rank:
   on a shared machine, load that drifts falls on every variant alike. The
@@ -185,6 +187,11 @@ def worker(args: argparse.Namespace) -> None:
     tokens: dict[str, list[int]] = {}
     prompt_tps: dict[str, float] = {}
     generate_tps: dict[str, float] = {}
+    # An untimed warm-up of each first: the first prefill after loading pays first-touch costs (fresh
+    # buffers, page faults) that then fell on whichever model ran first (mlxdist TP) and made its
+    # prompt rate look 0.7-0.9x mlx-lm's. benchmarks/bench_prefill.py measures prefill properly.
+    for model in models.values():
+        generate_tokens(model, prompt, 2)
     for name, model in models.items():
         out = generate_tokens(model, prompt, args.tokens)
         tokens[name] = out.tokens
@@ -252,12 +259,14 @@ class _Collect:
         pass
 
 
-def run_job(argv: list[str], n: int, backend: str, timeout: float) -> tuple[dict, float]:
-    """Run the worker on ``n`` ranks; returns its result and the launcher's CPU share of one core."""
+def run_job(
+    argv: list[str], n: int, backend: str, timeout: float, script: str = __file__
+) -> tuple[dict, float]:
+    """Run ``script``'s worker on ``n`` ranks; returns its result and the launcher's CPU share of one core."""
     from mlxdist.launch import launch
 
     sink = _Collect()
-    command = [sys.executable, os.path.abspath(__file__), *argv]
+    command = [sys.executable, os.path.abspath(script), *argv]
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
     if n == 1:  # a plain process: a one-host ring hostfile does not initialise
@@ -273,7 +282,7 @@ def run_job(argv: list[str], n: int, backend: str, timeout: float) -> tuple[dict
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_SELF)
     if failed or not sink.results:
-        raise SystemExit(f"bench_lm: job {argv} on {n} {backend} ranks failed (exit {code})")
+        raise SystemExit(f"{Path(script).name}: job {argv} on {n} {backend} ranks failed (exit {code})")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return sink.results[0], cpu / wall
 

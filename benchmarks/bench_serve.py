@@ -1,0 +1,439 @@
+"""Benchmark: serving a TP-sharded model, ``mlxdist-serve`` beside ``mlx_lm.server``, same checkpoint, same run.
+
+Both serve one random-weight Llama checkpoint (``mlxdist.lm.testing``, the
+sizes of ``bench_lm.py``; 4-bit with float32 scales by default, where TP
+decode beats one process on a 2-core machine) with tensor parallelism over 2
+local ranks on one backend:
+
+- ``mlx_lm.server`` under ``mlx.launch`` (rank 0 serves HTTP);
+- ``python -m mlxdist.serve --model DIR -n 2 --backend B`` (it starts its ranks).
+
+Only one server is up at a time. Each round starts a server, sends one
+untimed warm-up request, then for each concurrency ``C`` runs ``C`` client
+streams that each send ``--per-stream`` streamed ``/v1/completions`` requests
+back to back (``--tokens`` greedy tokens each, ``temperature`` 0; every request
+of the run has its own prompt, so no prompt cache helps either side), and
+stops the server. Rounds alternate the order of the servers (A B B A ...), so
+load on a shared machine that drifts falls on both alike.
+
+Per request: time to first token (first streamed chunk), decode tokens/s after
+it ((tokens - 1) / (last chunk - first chunk)) and latency (request to
+``[DONE]``); per concurrency and round: aggregate tokens/s (completion tokens of
+all requests / wall time from the first request to the last answer), p50/p99
+latency. Reported: the median over rounds of each, and mlxdist's ratio to
+mlx-lm as the median of the round-by-round ratio. Token counts come from the
+``usage`` chunk (``stream_options.include_usage``) and both servers' texts
+are compared request by request (greedy decoding: they should be equal).
+
+Run ``python benchmarks/bench_serve.py --markdown`` (``--backends ring mpi``,
+``--concurrency 1 4 16``, ``--rounds 3``, ``--json FILE``; ``--quick`` is a tiny
+model and one short round, for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any, Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from bench_lm import FORMATS, SIZES  # noqa: E402
+
+OURS, THEIRS = "mlxdist-serve", "mlx_lm.server"
+TINY = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab_size=512)
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DECODE_CONCURRENCY = 32  # mlx_lm.server's default --decode-concurrency
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", choices=("ring", "mpi"), default=["ring"])
+    parser.add_argument("--format", choices=tuple(FORMATS), default="4-bit", help="checkpoint weights")
+    parser.add_argument("--servers", nargs="+", choices=(OURS, THEIRS), default=[OURS, THEIRS])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--per-stream", type=int, default=2, help="requests each client stream sends")
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per request")
+    parser.add_argument("--prompt-words", type=int, default=24, help="two-letter words per prompt")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny model, one round, concurrency 1 and 2")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to be ready")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one request")
+    parser.add_argument(
+        "--serve-deadline", type=float, default=300.0,
+        help="mlxdist-serve's per-operation deadline, seconds (a serve step under heavy load can take long)",
+    )
+    parser.add_argument("--checkpoint", help="serve this checkpoint instead of writing one")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.concurrency, args.per_stream, args.tokens = 1, [1, 2], 1, 8
+    return args
+
+
+# -- servers -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def server_command(
+    server: str, checkpoint: Path, backend: str, port: int, deadline: float
+) -> tuple[list[str], dict]:
+    """The command (and extra environment) that serves ``checkpoint`` on 2 ranks of ``backend``.
+
+    ``deadline`` is mlxdist-serve's per-operation deadline (mlx_lm.server has none).
+    """
+    if server == OURS:
+        # TP, and as many requests decoded together as mlx_lm.server's default (--decode-concurrency 32).
+        command = [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), "-n", "2", "--mode", "tp"]
+        command += ["--timeout", str(deadline)]
+        return [*command, "--max-concurrent", str(DECODE_CONCURRENCY), "--backend", backend, "--host", "127.0.0.1", "--port", str(port)], {}
+    launch = [_bin("mlx.launch"), "-n", "2", "--backend", backend]
+    env: dict[str, str] = {}
+    if backend == "mpi":
+        from mlxdist._mpi import LIBNAME_VARIABLE, environment_library
+
+        libmpi = environment_library()
+        launch += ["--env", f"{LIBNAME_VARIABLE}={libmpi}"] if os.path.exists(libmpi) else []
+        launch += ["--mpi-arg", "--allow-run-as-root --oversubscribe"]
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    serve = [_bin("mlx_lm.server"), "--model", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
+    return [*launch, "--", *serve, "--log-level", "WARNING"], env
+
+
+class Server:
+    """A server's process group, started in its own session and ended with it."""
+
+    def __init__(self, name: str, command: list[str], env: dict, port: int, log: Path) -> None:
+        self.name, self.port, self.log = name, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self._log_file = open(log, "wb")
+        self.process = subprocess.Popen(
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **env},
+        )
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll ``/health`` until it answers 200 (and, if it says, state ready)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self.tail()}")
+            try:
+                answer = httpx.get(self.url + "/health", timeout=2.0)
+                state = answer.json().get("state", "ready") if answer.status_code == 200 else None
+                if state == "ready":
+                    return
+                if state == "failed":
+                    raise RuntimeError(f"{self.name} failed: {answer.text}")
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready within {timeout} s: {self.tail()}")
+
+    def tail(self) -> str:
+        """The end of the server's output."""
+        if not self._log_file.closed:
+            self._log_file.flush()
+        return self.log.read_bytes()[-3000:].decode(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after 10 s."""
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait)
+                # ranks of the group may outlive the leader
+                os.killpg(self.process.pid, 0)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                if self.process.poll() is not None:
+                    try:
+                        os.killpg(self.process.pid, 0)
+                    except ProcessLookupError:
+                        break
+                continue
+        self._log_file.close()
+
+
+# -- the load generator --------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One streamed completion as the client saw it (seconds from the level's start)."""
+
+    prompt_index: int
+    start: float
+    first: float
+    end: float
+    tokens: int
+    text: str
+    error: Optional[str] = None
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.start
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+    @property
+    def decode_tps(self) -> float:
+        span = self.end - self.first
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
+
+
+def prompt_text(index: int, words: int) -> str:
+    """The ``index``-th prompt: ``words`` two-letter words; prompts differ from their first word."""
+    rng = np.random.default_rng(index)
+    first = LETTERS[index // 26 % 26] + LETTERS[index % 26]
+    rest = ["".join(rng.choice(list(LETTERS), 2)) for _ in range(words - 1)]
+    return " ".join([first, *rest])
+
+
+async def one_request(client: Any, url: str, body: dict, origin: float, index: int) -> Request:
+    """Send one streamed completion and time its chunks."""
+    start = time.perf_counter() - origin
+    first, tokens, text, chunks, error = None, None, [], 0, None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as answer:
+            if answer.status_code != 200:
+                error = f"HTTP {answer.status_code}: {(await answer.aread())[:300]!r}"
+            else:
+                async for line in answer.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        error = json.dumps(event["error"])[:300]
+                        break
+                    for choice in event.get("choices") or []:
+                        if choice.get("text"):
+                            first = first if first is not None else time.perf_counter() - origin
+                            text.append(choice["text"])
+                            chunks += 1
+                    if event.get("usage"):
+                        tokens = event["usage"].get("completion_tokens")
+    except Exception as exc:  # a refused or dropped connection is a result, not a crash
+        error = f"{type(exc).__name__}: {exc}"
+    end = time.perf_counter() - origin
+    return Request(index, start, first if first is not None else end, end,
+                   tokens if tokens is not None else chunks, "".join(text), error)
+
+
+async def run_level(url: str, concurrency: int, per_stream: int, prompts: list[str], base: dict,
+                    first_index: int, timeout: float) -> tuple[list[Request], float]:
+    """``concurrency`` client streams, each sending ``per_stream`` requests back to back."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
+        origin = time.perf_counter()
+
+        async def stream(slot: int) -> list[Request]:
+            done = []
+            for k in range(per_stream):
+                index = first_index + slot * per_stream + k
+                done.append(await one_request(client, url, {**base, "prompt": prompts[index]}, origin, index))
+            return done
+
+        results = await asyncio.gather(*(stream(slot) for slot in range(concurrency)))
+        wall = time.perf_counter() - origin
+    return [r for per in results for r in per], wall
+
+
+def summarise(requests: list[Request], wall: float) -> dict[str, Any]:
+    """One concurrency level of one round."""
+    good = [r for r in requests if r.error is None]
+    latencies = np.array([r.latency for r in good]) if good else np.array([float("nan")])
+    return {
+        "requests": len(requests),
+        "errors": [r.error for r in requests if r.error is not None],
+        "tokens": sum(r.tokens for r in good),
+        "ttft_s": median(r.ttft for r in good) if good else float("nan"),
+        "decode_tps": float(np.nanmedian([r.decode_tps for r in good])) if good else float("nan"),
+        "aggregate_tps": sum(r.tokens for r in good) / wall,
+        "latency_p50_s": float(np.percentile(latencies, 50)),
+        "latency_p99_s": float(np.percentile(latencies, 99)),
+        "wall_s": wall,
+    }
+
+
+def serve_round(server: Server, args: argparse.Namespace, prompts: list[str]) -> tuple[dict, dict]:
+    """Warm up, then every concurrency level; returns per level the summary and the texts by prompt."""
+    base = {"max_tokens": args.tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    warm, _ = asyncio.run(run_level(server.url, 1, 1, [prompt_text(10**6, args.prompt_words)], base, 0,
+                                    args.request_timeout))
+    if warm[0].error:
+        raise RuntimeError(f"{server.name}: the warm-up request failed: {warm[0].error}; {server.tail()}")
+    levels, texts, index = {}, {}, 0
+    for concurrency in args.concurrency:
+        requests, wall = asyncio.run(run_level(server.url, concurrency, args.per_stream, prompts, base, index,
+                                               args.request_timeout))
+        index += concurrency * args.per_stream
+        levels[concurrency] = summarise(requests, wall)
+        texts.update({r.prompt_index: r.text for r in requests if r.error is None})
+    return levels, texts
+
+
+# -- the driver ----------------------------------------------------------------------
+
+
+def _median_over_rounds(rounds: list[dict], key: str) -> float:
+    values = [r[key] for r in rounds if r[key] == r[key]]
+    return median(values) if values else float("nan")
+
+
+def compare(per_round: dict[str, list[dict]], concurrency: list[int]) -> list[dict]:
+    """Per concurrency: each server's medians over rounds, and mlxdist's round-by-round ratios."""
+    keys = ("ttft_s", "decode_tps", "aggregate_tps", "latency_p50_s", "latency_p99_s")
+    rows = []
+    for c in concurrency:
+        row: dict[str, Any] = {"concurrency": c}
+        for name, rounds in per_round.items():
+            levels = [r[c] for r in rounds]
+            row[name] = {key: _median_over_rounds(levels, key) for key in keys}
+            row[name]["errors"] = sum(len(level["errors"]) for level in levels)
+            row[name]["requests"] = sum(level["requests"] for level in levels)
+        if OURS in per_round and THEIRS in per_round:
+            pairs = list(zip(per_round[OURS], per_round[THEIRS]))
+            row["ratio"] = {
+                key: median(ours[c][key] / theirs[c][key] for ours, theirs in pairs) for key in keys
+            }
+        rows.append(row)
+    return rows
+
+
+def run_backend(args: argparse.Namespace, checkpoint: Path, backend: str, logs: Path) -> dict[str, Any]:
+    """All rounds of every server on one backend."""
+    total = sum(args.concurrency) * args.per_stream
+    prompts = [prompt_text(i, args.prompt_words) for i in range(args.rounds * total)]
+    per_round: dict[str, list[dict]] = {name: [] for name in args.servers}
+    texts: dict[str, dict[int, str]] = {name: {} for name in args.servers}
+    for round_index in range(args.rounds):
+        order = args.servers if round_index % 2 == 0 else args.servers[::-1]
+        for name in order:
+            # Round r's prompts, the same for every server (and new to each server in this round).
+            window = prompts[round_index * total : (round_index + 1) * total]
+            port = free_port()
+            command, env = server_command(name, checkpoint, backend, port, args.serve_deadline)
+            server = Server(name, command, env, port, logs / f"{name}-{backend}-{round_index}.log")
+            try:
+                server.wait_ready(args.start_timeout)
+                levels, seen = serve_round(server, args, window)
+            finally:
+                server.stop()
+            if "Address already in use" in server.tail():
+                # Two ranks that both think they are rank 0: a group of size 1 on each.
+                raise RuntimeError(f"{name} did not form a 2-rank group: {server.tail()}")
+            per_round[name].append(levels)
+            texts[name].update({round_index * total + k: v for k, v in seen.items()})
+            print(json.dumps({"backend": backend, "round": round_index, "server": name, "levels": levels}),
+                  flush=True)
+    same = None
+    if len(args.servers) == 2:
+        common = set(texts[OURS]) & set(texts[THEIRS])
+        same = {"compared": len(common), "equal": sum(texts[OURS][k] == texts[THEIRS][k] for k in common)}
+    return {
+        "backend": backend,
+        "rows": compare(per_round, args.concurrency),
+        "rounds": per_round,
+        "same_text": same,
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def markdown(results: list[dict], args: argparse.Namespace) -> str:
+    """The README table: per backend and concurrency, each server's medians and mlxdist's ratio."""
+    lines = [
+        "| backend | concurrency | server | TTFT (s) | decode tok/s per stream | aggregate tok/s "
+        "| latency p50 / p99 (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for row in result["rows"]:
+            for name in args.servers:
+                m = row[name]
+                lines.append(
+                    f"| {result['backend']} | {row['concurrency']} | {name} | {m['ttft_s']:.2f} | "
+                    f"{m['decode_tps']:.1f} | {m['aggregate_tps']:.1f} | "
+                    f"{m['latency_p50_s']:.2f} / {m['latency_p99_s']:.2f} |"
+                )
+            if "ratio" in row:
+                r = row["ratio"]
+                lines.append(
+                    f"| {result['backend']} | {row['concurrency']} | **mlxdist ÷ mlx-lm** | "
+                    f"{r['ttft_s']:.2f}× | {r['decode_tps']:.2f}× | {r['aggregate_tps']:.2f}× | "
+                    f"{r['latency_p50_s']:.2f}× / {r['latency_p99_s']:.2f}× |"
+                )
+    lines.append("")
+    lines.append(
+        f"2 ranks, TP; {args.rounds} rounds (server order alternating), each concurrency C: C streams x "
+        f"{args.per_stream} requests of {args.tokens} greedy tokens; medians over rounds, ratios the median "
+        "of the round-by-round ratio. Errors: "
+        + ", ".join(f"{r['backend']} {sum(row[n]['errors'] for row in r['rows'] for n in args.servers)}"
+                    for r in results)
+        + "; load average: " + ", ".join(f"{r['load_average']:.1f}" for r in results) + "."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from mlxdist.lm.testing import write_checkpoint
+
+    # SIGTERM ends the run through the finally blocks, which stop the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    dims = TINY if args.quick else SIZES["default"]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else write_checkpoint(
+            Path(tmp) / "model", "llama", seed=0, **FORMATS[args.format], **dims
+        )
+        for backend in args.backends:
+            results.append(run_backend(args, checkpoint, backend, Path(tmp)))
+    document = {"model": dims, "format": args.format, "tokens": args.tokens, "per_stream": args.per_stream,
+                "prompt_words": args.prompt_words, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(document, indent=2))
+    if args.markdown:
+        print(markdown(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
