@@ -22,6 +22,8 @@ from faultrun import Job, run_jobs
 WORKER = str(Path(__file__).parent / "workers" / "mismatch.py")
 CASES = ("op", "shape", "dtype", "gather", "recv_larger", "both_send", "collective_vs_send")
 LAZY_CASES = ("op", "shape", "dtype", "recv_larger")
+# broadcast with another root, scatter with another shape: (backend, case, kind).
+COMPOSED_CASES = (("ring", "root", "numpy"), ("mpi", "scatter_shape", "mlx"))
 BACKENDS = ("ring", "mpi")
 # Check off: the per-operation deadline is what ends a mismatch, so it is short.
 TIMEOUT = 3.0
@@ -44,6 +46,9 @@ def _checked_specs() -> dict[tuple, tuple[str, int, list[str]]]:
             for case in cases:
                 specs[("on", kind, backend, case, 2)] = (
                     backend, 2, [sys.executable, WORKER, case, str(CHECKED_TIMEOUT), "1", kind])
+    for backend, case, kind in COMPOSED_CASES:
+        specs[("on", kind, backend, case, 2)] = (
+            backend, 2, [sys.executable, WORKER, case, str(CHECKED_TIMEOUT), "1", kind])
     specs[("on", "numpy", "ring", "shape", 3)] = (
         "ring", 3, [sys.executable, WORKER, "shape", str(CHECKED_TIMEOUT), "1"])
     return specs
@@ -99,7 +104,7 @@ def test_check_on_lazy_builds(backend, case):
     assert_both_named(backend, case, "mlx")
 
 
-@pytest.mark.parametrize(("backend", "case", "kind"), [("ring", "root", "numpy"), ("mpi", "scatter_shape", "mlx")])
+@pytest.mark.parametrize(("backend", "case", "kind"), COMPOSED_CASES)
 def test_check_on_composed_collectives(backend, case, kind):
     """broadcast/gather/scatter are checked as one call with their root: another root or shape is named."""
     assert_both_named(backend, case, kind)
