@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -70,8 +71,10 @@ def load(
 
     path = _checkpoint_dir(path_or_dir)
     group = resolve_group(group)
+    began = time.perf_counter()
     model, config = load_model(path, lazy=True)
     full_bytes = parameter_bytes(model)
+    planning = time.perf_counter()
     plan = choose(model, config["model_type"], group.rank(), group.size(), mode, pp_weights)
     plan.full_bytes = full_bytes
     if plan.mode == "tp":
@@ -79,7 +82,9 @@ def load(
     elif plan.mode == "pp":
         start, stop = plan.layers[plan.rank]
         plan.sharded_full_bytes = apply_pipeline_parallel(model, start, stop, group)
+    loading = time.perf_counter()
     mx.eval(model.parameters())
     plan.weight_bytes = parameter_bytes(model)
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    plan.seconds = {"plan": loading - planning, "load": planning - began + time.perf_counter() - loading}
     return model, tokenizer, plan

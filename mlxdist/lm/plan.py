@@ -75,6 +75,9 @@ class Plan:
         full_bytes: Bytes of the whole checkpoint's parameters.
         sharded_full_bytes: Of ``full_bytes``, the parameters TP splits (or PP
             distributes: the decoder blocks).
+        seconds: How long :func:`mlxdist.lm.load` spent: ``"plan"`` (choosing
+            the plan and sharding the lazy model), ``"load"`` (reading the
+            checkpoint, evaluating this rank's weights, the tokenizer).
     """
 
     mode: str
@@ -86,6 +89,7 @@ class Plan:
     weight_bytes: int = 0
     full_bytes: int = 0
     sharded_full_bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def replicated_bytes(self) -> int:

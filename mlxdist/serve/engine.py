@@ -128,8 +128,8 @@ class Engine:
             except queue.Empty:
                 return work
             kind = message["type"]
-            if kind == "submit":
-                work["submit"].append({k: v for k, v in message.items() if k != "type"})
+            if kind in ("submit", "resume"):
+                work["submit"].append({"drawn": 0, **{k: v for k, v in message.items() if k != "type"}})
             elif kind == "cancel":
                 work["cancel"].append([message["id"], self.step])
             elif kind == "stats_request":
@@ -161,7 +161,7 @@ class Engine:
             self._send("rejected", id=rid, message=problem)
             return
         prompt = request["prompt"]
-        sampler = sampler_for(request["temperature"], request["top_p"], request["seed"])
+        sampler = sampler_for(request["temperature"], request["top_p"], request["seed"], request["drawn"])
         (uid,) = self.generator.insert([prompt], max_tokens=[request["max_tokens"]], samplers=[sampler])
         self.uid_of[rid], self.id_of[uid] = uid, rid
         self.generated[rid] = 0
