@@ -19,6 +19,7 @@ split into teardown, start, load, plan, engine and resume.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -27,6 +28,8 @@ from mlxdist.serve.broker import Broker, Pending, logger, lost_ranks
 from mlxdist.serve.requests import ApiError, Sampling
 
 __all__ = ["ResumingBroker", "Resumable"]
+
+_NOT_RESPONDING = re.compile(r"ranks not responding: \[([0-9, ]+)\]")
 
 
 @dataclass
@@ -39,6 +42,19 @@ class Resumable:
     top_p: float
     seed: int
     tokens: list[int] = field(default_factory=list)
+
+
+def _seen_through(reason: str, source: str) -> str:
+    """How a loss was seen, in a word or three."""
+    if "did not complete within" in reason or "DeadlineExceeded" in reason:
+        return "deadline"
+    if "killed by SIG" in reason:
+        return "killed"
+    if "was lost" in reason or "PeerLostError" in reason or "closed by the peer" in reason:
+        return "peer loss"
+    if "exited with" in reason:
+        return "exit"
+    return "link closed" if source == "link" else "failure"
 
 
 class ResumingBroker(Broker):
@@ -173,6 +189,9 @@ class ResumingBroker(Broker):
             return
         named = lost_ranks(reason, own_rank=0 if reason.startswith("rank 0:") else None)
         picked = named if source == "engine" else (ranks or named)
+        silent = _NOT_RESPONDING.search(reason)
+        if silent:  # the watchdog's own finding beats "not arrived" (the stalled rank's waiting neighbours)
+            picked = sorted({int(r) for r in re.findall(r"[0-9]+", silent.group(1))})
         # A closed link counts once its world was ready (before, the launcher reports the loss; after a
         # loss, the closing link is the lost world's). A re-forming world's loss comes from the launcher.
         ignored = source == "link" and self.state != "ready"
@@ -182,8 +201,9 @@ class ResumingBroker(Broker):
             elif picked and not self.loss.get("ranks"):
                 self.loss.update(ranks=sorted(picked))
             return
-        how = {"engine": "rank 0's engine reported it", "link": "rank 0's link closed",
-               "job": "the launcher saw a rank end"}.get(source, source)
+        how = f"{_seen_through(reason, source)}; " + {
+            "engine": "rank 0's engine reported it", "link": "rank 0's link closed",
+            "job": "the launcher saw a rank end"}.get(source, source)
         self.loss = {"ranks": sorted(picked), "named": bool(picked) and source == "engine", "how": f"{how}: {reason}",
                      "seen": time.time(), "from_ranks": self.plan.get("ranks"), "world": self.world}
         self.state = "re-forming"
