@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -149,7 +148,8 @@ def build_app(broker: Broker, config: ServeConfig) -> Starlette:
                 prompt = chat_prompt(config.tokenizer, parse_messages(body))
             else:
                 prompt = text_prompt(config.tokenizer, parse_prompt(body), config.vocab_size)
-            sampling = parse_sampling(body, len(prompt), context=config.context, cap=config.max_tokens)
+            sampling = parse_sampling(body, len(prompt), context=config.context, cap=config.max_tokens,
+                                      vocab_size=config.vocab_size)
             await broker.wait_admissible()
             pending = broker.admit(prompt, sampling)
         except ApiError as exc:
@@ -244,7 +244,3 @@ def build_app(broker: Broker, config: ServeConfig) -> Starlette:
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
 
-
-def new_token() -> str:
-    """A fresh job token for the engine link."""
-    return uuid.uuid4().hex

@@ -76,6 +76,10 @@ class Broker:
         max_inflight: Requests admitted at once (decoding plus waiting); more get 429.
         stall: Seconds without a word from the engine, while requests run,
             after which the world is declared failed.
+
+    Attributes:
+        state: ``"loading"``, ``"ready"`` or ``"failed"``.
+        stopping: Set once :meth:`shutdown` began (the job's end is then expected).
     """
 
     def __init__(self, token: str, *, max_inflight: int, stall: float) -> None:
@@ -96,7 +100,7 @@ class Broker:
         self._server: Optional[asyncio.base_events.Server] = None
         self._stats_wait: Optional[asyncio.Future] = None
         self._heard = time.monotonic()
-        self._stopping = False
+        self.stopping = False
         self._tasks: set[asyncio.Task] = set()
 
     # -- the link --------------------------------------------------------------
@@ -133,7 +137,7 @@ class Broker:
         finally:
             self._writer = None
             writer.close()
-        if not self._stopping and self.state != "failed":
+        if not self.stopping and self.state != "failed":
             # The launcher usually names the rank within a moment: let it speak first.
             asyncio.get_running_loop().call_later(_LINK_GRACE, functools.partial(
                 self.fail, "rank 0's engine closed its link to the front door", None, source="link"))
@@ -232,7 +236,8 @@ class Broker:
                            "retry later", "rate_limit_exceeded")
         pending = Pending(rid=uuid.uuid4().hex, prompt_tokens=len(prompt))
         self._send("submit", id=pending.rid, prompt=list(prompt), max_tokens=sampling.max_tokens,
-                   temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+                   temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                   logit_bias=sampling.logit_bias)
         self.pending[pending.rid] = pending
         return pending
 
@@ -265,7 +270,7 @@ class Broker:
 
     async def shutdown(self) -> None:
         """Ask the engine to end the job cleanly, and stop accepting."""
-        self._stopping = True
+        self.stopping = True
         if self._writer is not None:
             try:
                 self._send("shutdown")

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
     parser = argparse.ArgumentParser(
         prog="mlxdist-serve",
+        allow_abbrev=False,
         description="Serve an mlx-lm checkpoint sharded over mlxdist ranks through OpenAI's API.",
     )
     parser.add_argument("--model", required=True, help="mlx-lm checkpoint directory")
@@ -109,6 +112,16 @@ def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return supervise(args, argv)
 
 
+def _answer_before_ending(door: Any) -> None:
+    """When the launcher ends rank 0 (another rank failed), tell the clients before going."""
+
+    def ending(signum: int, frame: Any) -> None:
+        door.fail(f"the launcher ended rank 0 ({signal.Signals(signum).name}): the job is ending")
+        threading.Timer(_FAIL_GRACE / 2, os._exit, args=(128 + signum,)).start()
+
+    signal.signal(signal.SIGTERM, ending)
+
+
 def _serve_rank(args: argparse.Namespace) -> int:
     import mlxdist
     from mlxdist.errors import DistributedError
@@ -132,6 +145,7 @@ def _serve_rank(args: argparse.Namespace) -> int:
             door = _front_door(args)
             door.start_thread(_config(args))
             _announce(args, door)
+            _answer_before_ending(door)
             address, token = door.link_address, door.token
         link = LinkClient(address, token)
     try:

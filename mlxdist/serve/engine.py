@@ -28,7 +28,7 @@ from mlxdist.deadline import watched
 from mlxdist.errors import DistributedError
 from mlxdist.group import Group
 from mlxdist.serve.protocol import LinkClient, ProtocolError
-from mlxdist.serve.sampling import sampler_for
+from mlxdist.serve.sampling import bias_processor, sampler_for
 
 __all__ = ["Engine"]
 
@@ -153,7 +153,8 @@ class Engine:
         problem = None
         if rid in self.uid_of:
             problem = f"request id {rid!r} is already running"
-        elif any(t >= self.vocab_size for t in request["prompt"]):
+        elif any(t >= self.vocab_size for t in request["prompt"]) or any(
+                int(t) >= self.vocab_size for t in request["logit_bias"]):
             problem = f"token ids must be below the vocabulary size {self.vocab_size}"
         elif request["max_tokens"] < 1 or request["temperature"] < 0 or not 0 < request["top_p"] <= 1:
             problem = "max_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]"
@@ -162,7 +163,9 @@ class Engine:
             return
         prompt = request["prompt"]
         sampler = sampler_for(request["temperature"], request["top_p"], request["seed"], request["drawn"])
-        (uid,) = self.generator.insert([prompt], max_tokens=[request["max_tokens"]], samplers=[sampler])
+        processors = [bias_processor(request["logit_bias"], self.vocab_size)] if request["logit_bias"] else []
+        (uid,) = self.generator.insert([prompt], max_tokens=[request["max_tokens"]], samplers=[sampler],
+                                       logits_processors=[processors])
         self.uid_of[rid], self.id_of[uid] = uid, rid
         self.generated[rid] = 0
         self.counters["requests"] += 1

@@ -14,9 +14,10 @@ import logging
 import secrets
 import socket
 import threading
-from contextlib import asynccontextmanager
+import signal
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
 import uvicorn
 
@@ -61,6 +62,23 @@ def load_config(model_dir: str, *, max_tokens: int, api_key: Optional[str], max_
     )
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, except that after SIGINT/SIGTERM it returns instead of re-raising the
+    signal, so the supervisor can still end its ranks."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 class FrontDoor:
     """HTTP server plus engine link. Both sockets are bound at once; serving starts with :meth:`run`.
 
@@ -82,7 +100,7 @@ class FrontDoor:
         self.broker = Broker(self.token, max_inflight=max_inflight, stall=stall)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.started = threading.Event()
-        self.server: Optional[uvicorn.Server] = None
+        self.server: Optional[_Uvicorn] = None
         self._exit = False
         self._thread: Optional[threading.Thread] = None
 
@@ -104,7 +122,7 @@ class FrontDoor:
         """
         app = build_app(self.broker, config)
         app.router.lifespan_context = self._lifespan
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+        self.server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on",
                                                     timeout_graceful_shutdown=3))
         self.server.should_exit = self._exit
         self.server.run(sockets=[self.http_socket])

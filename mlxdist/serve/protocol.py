@@ -11,7 +11,7 @@ executes. Nothing is pickled.
 Front door -> engine:
 
 - ``submit``: ``id``, ``prompt`` (token ids), ``max_tokens``,
-  ``temperature``, ``top_p``, ``seed``.
+  ``temperature``, ``top_p``, ``seed``, ``logit_bias`` (token id string -> number).
 - ``resume``: a request of a lost world, on the new one: the ``submit``
   fields (``prompt`` followed by the tokens already generated,
   ``max_tokens`` the ones still to generate) and ``drawn`` (how many the
@@ -63,6 +63,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "temperature": _NUMBER,
         "top_p": _NUMBER,
         "seed": _INT,
+        "logit_bias": _DICT,
     },
     "resume": {
         "id": _STR,
@@ -122,6 +123,8 @@ def check(message: Any) -> dict[str, Any]:
         prompt = message["prompt"]
         if not prompt or not all(_is(t, _INT) and t >= 0 for t in prompt):
             raise ProtocolError("submit.prompt must be a non-empty list of non-negative ints")
+        if not all(k.isdigit() and _is(v, _NUMBER) for k, v in message["logit_bias"].items()):
+            raise ProtocolError("submit.logit_bias must map token id strings to numbers")
     if kind == "step":
         for event in message["events"]:
             if not (isinstance(event, list) and len(event) == 3 and _is(event[0], _STR)

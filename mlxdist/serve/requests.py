@@ -16,6 +16,7 @@ __all__ = ["ApiError", "Sampling", "ROLES", "parse_sampling", "parse_messages", 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _MAX_STOPS = 4
+_MAX_BIASES = 300
 
 
 class ApiError(Exception):
@@ -72,6 +73,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logit_bias: dict[str, float] = field(default_factory=dict)
 
 
 def check_model(body: dict[str, Any], served: tuple[str, ...]) -> None:
@@ -86,7 +88,24 @@ def check_model(body: dict[str, Any], served: tuple[str, ...]) -> None:
                        "model_not_found", "model")
 
 
-def parse_sampling(body: dict[str, Any], prompt_tokens: int, *, context: int, cap: int) -> Sampling:
+def _logit_bias(body: dict[str, Any], vocab_size: int) -> dict[str, float]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or len(bias) > _MAX_BIASES:
+        raise _bad(f"'logit_bias' must be an object of at most {_MAX_BIASES} token ids", "logit_bias", "invalid_type")
+    checked = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab_size):
+            raise _bad(f"'logit_bias' keys must be token ids below {vocab_size}, got {key!r}", "logit_bias")
+        if not _is_number(value) or not -100 <= value <= 100:
+            raise _bad(f"'logit_bias' values must be numbers in [-100, 100], got {value!r}", "logit_bias")
+        checked[str(int(key))] = float(value)
+    return checked
+
+
+def parse_sampling(body: dict[str, Any], prompt_tokens: int, *, context: int, cap: int,
+                   vocab_size: int) -> Sampling:
     """The generation parameters of a chat or text completion body.
 
     Args:
@@ -94,6 +113,7 @@ def parse_sampling(body: dict[str, Any], prompt_tokens: int, *, context: int, ca
         prompt_tokens: Length of the tokenized prompt.
         context: The model's context length (prompt plus generated tokens).
         cap: The server's ``--max-tokens``: larger requests are cut to it.
+        vocab_size: Token ids (``logit_bias`` keys) must be below it.
 
     Returns:
         The parameters; ``max_tokens`` defaults to what fits, at most ``cap``.
@@ -156,7 +176,8 @@ def parse_sampling(body: dict[str, Any], prompt_tokens: int, *, context: int, ca
                    "invalid_type")
     return Sampling(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
                     seed=int(seed) % (2**63), stop=stops, stream=stream,
-                    include_usage=bool(options.get("include_usage", False)))
+                    include_usage=bool(options.get("include_usage", False)),
+                    logit_bias=_logit_bias(body, vocab_size))
 
 
 def _content_text(content: Any, where: str) -> str:

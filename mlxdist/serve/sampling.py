@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
-__all__ = ["SeededSampler", "sampler_for"]
+__all__ = ["SeededSampler", "sampler_for", "bias_processor"]
 
 
 class SeededSampler:
@@ -62,3 +62,16 @@ def sampler_for(temperature: float, top_p: float, seed: int, drawn: int = 0) -> 
     if temperature == 0:
         return None
     return SeededSampler(temperature, top_p, seed, drawn)
+
+
+def bias_processor(logit_bias: dict[str, float], vocab_size: int) -> Callable[[mx.array, mx.array], mx.array]:
+    """An mlx-lm logits processor adding OpenAI's ``logit_bias`` (token id string -> bias) to the logits."""
+    bias = [0.0] * vocab_size
+    for token, value in logit_bias.items():
+        bias[int(token)] = float(value)
+    added = mx.array(bias)
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits + added.astype(logits.dtype)
+
+    return process

@@ -42,12 +42,26 @@ FAIL_GRACE = 2.0
 _TEARDOWN_GRACE = 0.5
 
 
+def _rank_argv(argv: Sequence[str]) -> list[str]:
+    """The command line for the ranks: ours without ``--api-key`` (only the front door checks it)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--api-key":
+            skip = True
+        elif not arg.startswith("--api-key="):
+            out.append(arg)
+    return out
+
+
 class _World:
     """One started job of ranks and the thread waiting for it to end."""
 
     def __init__(self, argv: Sequence[str], n: int, backend: str, env: dict[str, str], down: threading.Event) -> None:
         self.size = n
-        self.plan = plan_job([sys.executable, "-m", "mlxdist.serve", *argv], n=n, backend=backend, env=env)
+        command = [sys.executable, "-m", "mlxdist.serve", *_rank_argv(argv)]
+        self.plan = plan_job(command, n=n, backend=backend, env=env)
         if n == 1 and backend == "ring":
             # One process is a world of its own: no ring to join.
             for rank_env in self.plan.envs:
@@ -122,8 +136,8 @@ class Supervisor:
                 self.door.call(functools.partial(self.broker.note, started=time.time(), world=number))
                 self.world = world = _World(self.argv, size, self.args.backend, self.env, self.down)
             self.down.wait()
-            if self.stopping.is_set():
-                return
+            if self.stopping.is_set() or self.broker.stopping:
+                return  # the end we asked for
             seen = time.time()
             if world.result is not None and not world.result.ok:
                 # The launcher's account (the broker keeps the first one of this world's loss).
