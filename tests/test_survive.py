@@ -267,3 +267,24 @@ def test_mpi_world_re_forms_after_a_stall_then_fails_below_min_ranks(checkpoint,
     log = server.text()
     assert re.search(r"mlxdist-serve: failed \(rank 0\): .*lost rank 1 of 3, rank 0 of 2: 1 rank\(s\) left, "
                      r"below --min-ranks 2", log), log[-3000:]
+
+
+def test_a_resumed_sampler_makes_the_draws_an_undisturbed_one_makes_next():
+    import mlx.core as mx
+
+    from mlxdist.serve.protocol import ProtocolError, check
+    from mlxdist.serve.sampling import SeededSampler
+
+    logprobs = mx.log(mx.softmax(mx.random.normal((1, 64), key=mx.random.key(3)), axis=-1))
+    undisturbed = SeededSampler(0.9, 0.95, seed=11)
+    draws = [int(undisturbed(logprobs)[0]) for _ in range(40)]
+    resumed = SeededSampler(0.9, 0.95, seed=11, drawn=25)
+    assert [int(resumed(logprobs)[0]) for _ in range(15)] == draws[25:]
+    fresh = SeededSampler(0.9, 0.95, seed=11)
+    assert [int(fresh(logprobs)[0]) for _ in range(15)] != draws[25:]  # the skip is what makes them equal
+
+    resume = {"type": "resume", "id": "r", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0.0,
+              "top_p": 1.0, "seed": 0, "logit_bias": {}, "drawn": 2}
+    assert check(resume) == resume
+    with pytest.raises(ProtocolError, match="fields"):
+        check({k: v for k, v in resume.items() if k != "drawn"})

@@ -65,15 +65,6 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "seed": _INT,
         "logit_bias": _DICT,
     },
-    "resume": {
-        "id": _STR,
-        "prompt": _LIST,
-        "max_tokens": _INT,
-        "temperature": _NUMBER,
-        "top_p": _NUMBER,
-        "seed": _INT,
-        "drawn": _INT,
-    },
     "cancel": {"id": _STR},
     "stats": {"ranks": _LIST},
     "stats_request": {},
@@ -84,6 +75,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "rejected": {"id": _STR, "message": _STR},
     "failed": {"message": _STR},
 }
+SCHEMAS["resume"] = {**SCHEMAS["submit"], "drawn": _INT}
 
 
 class ProtocolError(CommunicationError, ValueError):

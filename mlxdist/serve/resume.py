@@ -41,6 +41,7 @@ class Resumable:
     temperature: float
     top_p: float
     seed: int
+    logit_bias: dict[str, float]
     tokens: list[int] = field(default_factory=list)
 
 
@@ -112,7 +113,7 @@ class ResumingBroker(Broker):
         """Send a request to the engine, remembering what it takes to resume it (see :meth:`Broker.admit`)."""
         pending = super().admit(prompt, sampling)
         self.records[pending.rid] = Resumable(list(prompt), sampling.max_tokens, sampling.temperature,
-                                              sampling.top_p, sampling.seed)
+                                              sampling.top_p, sampling.seed, dict(sampling.logit_bias))
         return pending
 
     def _finish(self, rid: str) -> None:
@@ -154,7 +155,8 @@ class ResumingBroker(Broker):
             record = self.records[rid]
             self._send("resume", id=rid, prompt=record.prompt + record.tokens,
                        max_tokens=record.max_tokens - len(record.tokens), temperature=record.temperature,
-                       top_p=record.top_p, seed=record.seed, drawn=len(record.tokens))
+                       top_p=record.top_p, seed=record.seed, logit_bias=record.logit_bias,
+                       drawn=len(record.tokens))
 
     def _first_token(self) -> None:
         self._awaiting_first_token = False
