@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from mlxdist.serve.broker import Broker, Pending, logger, lost_ranks
+from mlxdist.serve.broker import _LINK_GRACE, Broker, Pending, logger, lost_ranks
 from mlxdist.serve.requests import ApiError, Sampling
 
 __all__ = ["ResumingBroker", "Resumable"]
@@ -99,6 +99,11 @@ class ResumingBroker(Broker):
         Raises:
             ApiError: 503 with ``Retry-After`` when the world is still re-forming then.
         """
+        if self.state == "ready" and self._writer is None and not (self.final or self.stopping):
+            # Rank 0's link just closed: the loss is declared within the link's grace.
+            end = time.monotonic() + _LINK_GRACE + 0.5
+            while self.state == "ready" and self._writer is None and time.monotonic() < end:
+                await asyncio.sleep(0.05)
         if self.state != "re-forming":
             return
         try:
