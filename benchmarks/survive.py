@@ -50,7 +50,7 @@ PARTS = ("detection", "teardown", "start", "load", "plan", "engine", "resume")
 
 def large_dims(gigabytes: float) -> dict[str, int]:
     """A float16 llama of about ``gigabytes`` GB (8 heads, so 2 ranks run TP and 3 PP)."""
-    hidden, intermediate, vocab = 2048, 5632, 32000
+    hidden, intermediate, vocab = 2048, 5632, 512  # the test tokenizer has at most 935 ids
     per_layer = 2 * (2 * hidden * hidden + 2 * hidden * hidden // 2 + 3 * hidden * intermediate)
     layers = max(3, round((gigabytes * 1e9 - 2 * 2 * vocab * hidden) / per_layer))
     return dict(hidden_size=hidden, num_layers=layers, num_heads=16, num_kv_heads=8,
@@ -69,7 +69,7 @@ def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def trial(model: Path, backend: str, log: Path, timeout: float) -> dict[str, Any]:
+def trial(model: Path, backend: str, log: Path, timeout: float, max_tokens: int) -> dict[str, Any]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxdist.serve", "--model", str(model), "-n", "3", "--backend", backend,
          "--port", "0", "--timeout", str(timeout)],
@@ -93,7 +93,7 @@ def trial(model: Path, backend: str, log: Path, timeout: float) -> dict[str, Any
         else:
             raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
         killed = 0.0
-        body = {"model": model.name, "prompt": "mlx", "max_tokens": 256, "temperature": 0, "stream": True}
+        body = {"model": model.name, "prompt": "mlx", "max_tokens": max_tokens, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=900) as response:
             for line in response.iter_lines():
                 if not killed and line.startswith("data: {"):
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--large-gb", type=float, default=1.0)
     parser.add_argument("--trials", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=10.0, help="the ranks' per-operation deadline")
+    parser.add_argument("--max-tokens", type=int, default=64, help="the stream's length")
     parser.add_argument("--json")
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -139,7 +140,8 @@ def main() -> None:
             for backend in args.backends.split(","):
                 for index in range(args.trials):
                     row = {"model": kind, "gb": size / 1e9, "backend": backend,
-                           **trial(path, backend, root / f"{kind}-{backend}-{index}.log", args.timeout)}
+                           **trial(path, backend, root / f"{kind}-{backend}-{index}.log", args.timeout,
+                                   args.max_tokens)}
                     rows.append(row)
                     parts = row["parts"]
                     print(f"{kind:6} {backend:4} total {row['total']:6.2f} s | "

@@ -134,7 +134,11 @@ class Supervisor:
                     return
                 self.down.clear()  # a late word of the last world's loss
                 self.door.call(functools.partial(self.broker.note, started=time.time(), world=number))
-                self.world = world = _World(self.argv, size, self.args.backend, self.env, self.down)
+                try:
+                    self.world = world = _World(self.argv, size, self.args.backend, self.env, self.down)
+                except (OSError, ValueError) as exc:  # the launcher's typed errors subclass these
+                    self._give_up(None, f"could not start world {number} on {size} rank(s): {exc}", [])
+                    return
             self.down.wait()
             if self.stopping.is_set() or self.broker.stopping:
                 return  # the end we asked for
@@ -166,10 +170,11 @@ class Supervisor:
                            "%d rank(s)", number, time.time() - seen, number + 1, size - 1)
             size, number = size - 1, number + 1
 
-    def _give_up(self, world: _World, message: str, ranks: list[int]) -> None:
+    def _give_up(self, world: Optional[_World], message: str, ranks: list[int]) -> None:
         self.final = (message, ranks)
         self.door.call(functools.partial(self.broker.give_up, message, ranks))
-        self.last_result = world.end(_TEARDOWN_GRACE)
+        if world is not None:
+            self.last_result = world.end(_TEARDOWN_GRACE)
         time.sleep(FAIL_GRACE)
         self.door.stop()
 
