@@ -14,8 +14,9 @@ process's clock) to the moment the server saw the loss. Parts:
 - teardown: ending what was left of the old world
 - start: starting the new ranks until rank 0's group formed (process start,
   imports, mlxdist.init)
-- load: reading the checkpoint and evaluating the rank's weights, the tokenizer
-- plan: choosing the plan for the new size and sharding the lazy model
+- load: reading the checkpoint, sharding it and evaluating the rank's weights
+  (block by block), the tokenizer
+- plan: choosing the plan for the new size (mlxdist.lm's dispatcher)
 - engine: building the engine and gathering the ranks' pids, until ``ready``
 - resume: ``ready`` -> the first resumed token (prompt and generated tokens
   prefilled again)
@@ -146,7 +147,7 @@ def main() -> None:
                     parts = row["parts"]
                     print(f"{kind:6} {backend:4} total {row['total']:6.2f} s | "
                           + " ".join(f"{name} {parts[name]:.2f}" for name in PARTS)
-                          + f" | load/GB(2 ranks' shard of the whole) {parts['load'] / max(size / 1e9, 1e-9):.2f} s"
+                          + f" | load per GB of the checkpoint {(parts['load'] + parts['plan']) / (size / 1e9):.2f} s"
                           + f" | resumed after {row['resumed_after_tokens']} tokens", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

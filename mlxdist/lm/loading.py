@@ -76,15 +76,15 @@ def load(
     full_bytes = parameter_bytes(model)
     planning = time.perf_counter()
     plan = choose(model, config["model_type"], group.rank(), group.size(), mode, pp_weights)
+    planned = time.perf_counter()
     plan.full_bytes = full_bytes
     if plan.mode == "tp":
         plan.sharded_full_bytes = apply_tensor_parallel(model, layout_of(model), group)
     elif plan.mode == "pp":
         start, stop = plan.layers[plan.rank]
         plan.sharded_full_bytes = apply_pipeline_parallel(model, start, stop, group)
-    loading = time.perf_counter()
     mx.eval(model.parameters())
     plan.weight_bytes = parameter_bytes(model)
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
-    plan.seconds = {"plan": loading - planning, "load": planning - began + time.perf_counter() - loading}
+    plan.seconds = {"plan": planned - planning, "load": time.perf_counter() - began - (planned - planning)}
     return model, tokenizer, plan

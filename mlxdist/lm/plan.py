@@ -76,8 +76,8 @@ class Plan:
         sharded_full_bytes: Of ``full_bytes``, the parameters TP splits (or PP
             distributes: the decoder blocks).
         seconds: How long :func:`mlxdist.lm.load` spent: ``"plan"`` (choosing
-            the plan and sharding the lazy model), ``"load"`` (reading the
-            checkpoint, evaluating this rank's weights, the tokenizer).
+            the plan), ``"load"`` (the rest: reading the checkpoint, sharding
+            it and evaluating this rank's weights block by block, the tokenizer).
     """
 
     mode: str
