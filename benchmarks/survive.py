@@ -101,7 +101,13 @@ def trial(model: Path, backend: str, log: Path, timeout: float, max_tokens: int)
                     os.kill(pids[2], signal.SIGKILL)
                     killed = time.time()
                 assert not line.startswith("event: error"), line
-        formed = httpx.get(url + "/health", timeout=10).json()["plan"]["re_formed"]
+        formed: dict[str, Any] = {}
+        deadline = time.monotonic() + 120
+        while "parts" not in formed and time.monotonic() < deadline:
+            formed = httpx.get(url + "/health", timeout=10).json()["plan"].get("re_formed", {})
+            time.sleep(0.2)
+        if "parts" not in formed:
+            raise RuntimeError(f"the stream ended before the loss was seen (use a longer --max-tokens): {formed}")
         parts = {"detection": formed["seen_at"] - killed, **formed["parts"]}
         return {"parts": parts, "total": parts["detection"] + formed["first_token_seconds"],
                 "resumed_after_tokens": formed["resumed_after_tokens"], "how": formed["how"][:120]}
