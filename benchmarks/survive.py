@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=10.0, help="the ranks' per-operation deadline")
     parser.add_argument("--max-tokens", type=int, default=64, help="the stream's length")
+    parser.add_argument("--logs", help="keep the servers' logs in this directory")
     parser.add_argument("--json")
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -146,8 +147,9 @@ def main() -> None:
                   flush=True)
             for backend in args.backends.split(","):
                 for index in range(args.trials):
+                    logs = Path(args.logs) if args.logs else root
                     row = {"model": kind, "gb": size / 1e9, "backend": backend,
-                           **trial(path, backend, root / f"{kind}-{backend}-{index}.log", args.timeout,
+                           **trial(path, backend, logs / f"{kind}-{backend}-{index}.log", args.timeout,
                                    args.max_tokens)}
                     rows.append(row)
                     parts = row["parts"]

@@ -132,8 +132,6 @@ def _serve_rank(args: argparse.Namespace) -> int:
     group = mlxdist.init(timeout=max(60.0, args.timeout))
     initialized = time.time()
     rank, size = group.rank(), group.size()
-    if size > 1:
-        mlxdist.set_timeout(args.timeout, group)
     if args.nranks is not None and args.nranks != size and _LINK not in os.environ:
         raise mlxdist.errors.InvalidArgumentError(f"-n {args.nranks} given inside a launched job of {size} ranks")
     door = None
@@ -150,6 +148,10 @@ def _serve_rank(args: argparse.Namespace) -> int:
         link = LinkClient(address, token)
     try:
         model, tokenizer, plan = load(args.model, group, args.mode, pp_weights=args.pp_weights)
+        if size > 1:
+            # Ranks finish loading at different times: meet under the start's deadline, then serve under --timeout.
+            mlxdist.all_gather_object(None, group=group)
+            mlxdist.set_timeout(args.timeout, group)
         description = {"mode": plan.mode, "reason": plan.reason, "family": plan.family,
                        "timing": {"initialized": initialized, **plan.seconds}}
         engine = Engine(model, group, description, link=link, max_concurrent=args.max_concurrent,
