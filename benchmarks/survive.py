@@ -103,11 +103,17 @@ def trial(model: Path, backend: str, log: Path, timeout: float, max_tokens: int)
                 assert not line.startswith("event: error"), line
         formed: dict[str, Any] = {}
         deadline = time.monotonic() + 120
+        asked = False
         while "parts" not in formed and time.monotonic() < deadline:
-            formed = httpx.get(url + "/health", timeout=10).json()["plan"].get("re_formed", {})
+            health = httpx.get(url + "/health", timeout=10).json()
+            formed = health["plan"].get("re_formed", {})
+            if formed and "parts" not in formed and not asked and health["state"] == "ready":
+                # The stream ended before the loss was seen: time the next request's first token instead.
+                asked = True
+                httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 1}, timeout=300)
             time.sleep(0.2)
         if "parts" not in formed:
-            raise RuntimeError(f"the stream ended before the loss was seen (use a longer --max-tokens): {formed}")
+            raise RuntimeError(f"no first token after the loss: {formed}")
         parts = {"detection": formed["seen_at"] - killed, **formed["parts"]}
         return {"parts": parts, "total": parts["detection"] + formed["first_token_seconds"],
                 "resumed_after_tokens": formed["resumed_after_tokens"], "how": formed["how"][:120]}
