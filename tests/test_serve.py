@@ -385,9 +385,10 @@ def strike_during_a_stream(server: Server, sig: int) -> tuple[list[str], float]:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_lost_rank_ends_every_request_and_the_job_naming_it(checkpoint, tmp_path, backend):
-    # One short-deadline server per fault (each job ends with it), started together.
+    # One short-deadline server per fault (each job ends with it), started together; with
+    # --min-ranks 2 the server does not re-form on the one rank left (tests/test_survive.py does).
     servers = {fault: Server(checkpoint, backend, tmp_path / f"{sig.name}.log", "--timeout", str(FAULT_TIMEOUT),
-                             "--api-key", API_KEY, "--max-tokens", str(CAP)) for fault, sig in FAULTS.items()}
+                             "--api-key", API_KEY, "--max-tokens", str(CAP), "--min-ranks", "2") for fault, sig in FAULTS.items()}
     try:
         for fault, server in servers.items():
             began = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -79,8 +80,10 @@ def load(
 
     path = _checkpoint_dir(path_or_dir)
     group = resolve_group(group)
+    began = time.perf_counter()
     model, config = load_model(path, lazy=True)
     full_bytes = parameter_bytes(model)
+    planning = time.perf_counter()
     plan = choose(
         model,
         config["model_type"],
@@ -91,6 +94,7 @@ def load(
         tp_weights=tp_weights,
         vocab_parallel=vocab_parallel,
     )
+    planned = time.perf_counter()
     plan.full_bytes = full_bytes
     if plan.mode == "tp":
         plan.sharded_full_bytes = apply_tensor_parallel(model, layout_of(model), group, plan.split)
@@ -100,4 +104,5 @@ def load(
     mx.eval(model.parameters())
     plan.weight_bytes = parameter_bytes(model)
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    plan.seconds = {"plan": planned - planning, "load": time.perf_counter() - began - (planned - planning)}
     return model, tokenizer, plan

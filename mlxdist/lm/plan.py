@@ -96,6 +96,9 @@ class Plan:
             distributes: the decoder blocks).
         split: Under TP, each rank's query heads, key/value heads, MLP
             features and vocabulary rows.
+        seconds: How long :func:`mlxdist.lm.load` spent: ``"plan"`` (choosing
+            the plan), ``"load"`` (the rest: reading the checkpoint, sharding
+            it and evaluating this rank's weights block by block, the tokenizer).
     """
 
     mode: str
@@ -108,6 +111,7 @@ class Plan:
     full_bytes: int = 0
     sharded_full_bytes: int = 0
     split: Optional[TensorSplit] = None
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def replicated_bytes(self) -> int:

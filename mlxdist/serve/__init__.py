@@ -3,7 +3,10 @@
 The HTTP front door (:mod:`mlxdist.serve.app`, :mod:`mlxdist.serve.broker`)
 is separate from the rank-side engine (:mod:`mlxdist.serve.engine`): they
 talk over a local link with a fixed JSON-lines schema
-(:mod:`mlxdist.serve.protocol`). Run it with ``mlxdist-serve --model DIR -n 2``
+(:mod:`mlxdist.serve.protocol`). With ``-n`` the front door lives in the
+process that supervises the ranks (:mod:`mlxdist.serve.supervisor`), which
+re-forms the world after a rank's loss and resumes the requests in flight on
+it (:mod:`mlxdist.serve.resume`). Run it with ``mlxdist-serve --model DIR -n 2``
 (see :mod:`mlxdist.serve.cli`).
 
 Requires the ``serve`` extra (``pip install "mlxdist[serve]"``).

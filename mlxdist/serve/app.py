@@ -55,7 +55,8 @@ class ServeConfig:
 
 
 def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 async def _body(request: Request, config: ServeConfig) -> dict[str, Any]:
@@ -149,6 +150,7 @@ def build_app(broker: Broker, config: ServeConfig) -> Starlette:
                 prompt = text_prompt(config.tokenizer, parse_prompt(body), config.vocab_size)
             sampling = parse_sampling(body, len(prompt), context=config.context, cap=config.max_tokens,
                                       vocab_size=config.vocab_size)
+            await broker.wait_admissible()
             pending = broker.admit(prompt, sampling)
         except ApiError as exc:
             return _error(exc)

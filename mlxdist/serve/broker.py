@@ -215,6 +215,9 @@ class Broker:
 
     # -- what the HTTP side calls -------------------------------------------------
 
+    async def wait_admissible(self) -> None:
+        """Wait until a request can be admitted (at once here; a broker that re-forms worlds waits)."""
+
     def admit(self, prompt: list[int], sampling: Sampling) -> Pending:
         """Send a request to the engine.
 

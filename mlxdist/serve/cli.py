@@ -5,9 +5,11 @@ Three ways to run:
 - ``-n N`` (N > 1) outside a launched job: this process supervises. It
   serves HTTP itself and starts N local ranks running this command; rank 0's
   engine connects back over a local link (``MLXDIST_SERVE_LINK`` and
-  ``MLXDIST_SERVE_TOKEN`` in the ranks' environment). When the job fails it
-  answers every request in flight with the error, reports ``failed`` on
-  ``/health`` naming the rank, and exits non-zero.
+  ``MLXDIST_SERVE_TOKEN`` in the ranks' environment). When the world fails
+  it starts a new one with one rank fewer and resumes the requests in flight
+  on it (:mod:`mlxdist.serve.supervisor`); below ``--min-ranks`` it answers
+  every request in flight with the error, reports ``failed`` on ``/health``
+  naming the rank, and exits non-zero.
 - Inside a launched job (``mlxdist.launch -n 2 -- mlxdist-serve ...``): rank
   0 serves HTTP on a thread of its own over the same link.
 - Neither: one process, the front door on a thread.
@@ -24,10 +26,11 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
+from mlxdist.serve.protocol import LINK_VARIABLE as _LINK
+from mlxdist.serve.protocol import TOKEN_VARIABLE as _TOKEN
+
 __all__ = ["main", "build_parser"]
 
-_LINK = "MLXDIST_SERVE_LINK"
-_TOKEN = "MLXDIST_SERVE_TOKEN"
 # Seconds the front door keeps answering after a failure, so clients get their errors.
 _FAIL_GRACE = 2.0
 
@@ -76,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require 'Authorization: Bearer KEY' (default $MLXDIST_SERVE_API_KEY, else none)")
     parser.add_argument("--timeout", type=_positive(float), default=30.0,
                         help="per-operation deadline of the ranks, seconds (default 30)")
+    parser.add_argument("--min-ranks", type=_positive(int), default=1,
+                        help="for -n: after losing ranks, re-form the world while at least this many remain; "
+                             "below, fail and exit non-zero (default 1)")
+    parser.add_argument("--reform-wait", type=_positive(float), default=60.0,
+                        help="seconds a request arriving while the world re-forms waits before 503 with "
+                             "Retry-After (default 60)")
     return parser
 
 
@@ -97,78 +106,10 @@ def _announce(args: argparse.Namespace, door: Any) -> None:
     print(f"mlxdist-serve: serving on http://{args.host}:{door.port}/v1", file=sys.stderr, flush=True)
 
 
-def _start_ranks(command: list[str], n: int, backend: str, env: dict[str, str]) -> Any:
-    """Start ``command`` as ``n`` local ranks (their output prefixed on ours); the launch plan and the job."""
-    from mlxdist.launch import PrefixedWriter, plan_job
-
-    plan = plan_job(command, n=n, backend=backend, env=env)
-    try:
-        return plan, plan.start(PrefixedWriter(sys.stdout, sys.stderr, None))
-    except BaseException:
-        plan.close()
-        raise
-
-
-def _rank_argv(argv: Sequence[str]) -> list[str]:
-    """The command line for the ranks: ours without ``--api-key`` (only the front door checks it)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--api-key":
-            skip = True
-        elif not arg.startswith("--api-key="):
-            out.append(arg)
-    return out
-
-
 def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from mlxdist.errors import InvalidArgumentError
-    from mlxdist.launch.result import report_lines
+    from mlxdist.serve.supervisor import supervise
 
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise InvalidArgumentError(f"{args.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
-    door = _front_door(args)
-    env = {_LINK: door.link_address, _TOKEN: door.token}
-    command = [sys.executable, "-m", "mlxdist.serve", *_rank_argv(argv)]
-    plan, job = _start_ranks(command, args.nranks, args.backend, env)
-    outcome: dict[str, Any] = {}
-    stopping = threading.Event()
-
-    def watch_job() -> None:
-        # No job deadline: a failed world ends the job through the per-operation deadline.
-        result = outcome["result"] = job.wait(None)
-        lines = report_lines(result, None, args.backend)
-        for line in lines:
-            print(line, file=sys.stderr, flush=True)
-        if not (stopping.is_set() or door.broker.stopping):  # not the end we asked for
-            ranks = result.lost_ranks or sorted(result.rank_exits)
-            door.fail(f"the job ended: {'; '.join(lines) or 'the ranks exited'}", ranks or None)
-            time.sleep(_FAIL_GRACE)
-            door.stop()
-
-    watcher = threading.Thread(target=watch_job, name="mlxdist-serve-job", daemon=True)
-    watcher.start()
-    try:
-        config = _config(args)  # read while the ranks start
-        _announce(args, door)
-        door.run(config)
-        stopping.set()
-        # The front door asked the engine to stop; the ranks end by themselves, else they are ended.
-        watcher.join(timeout=args.timeout + 10)
-    finally:
-        stopping.set()
-        job.end()
-        watcher.join(timeout=10)
-        plan.close()
-    reason, ranks = door.failure()
-    result = outcome.get("result")
-    if reason is None and result is not None and result.ok:
-        return 0
-    named = f" (rank {', '.join(map(str, ranks))})" if ranks else ""
-    print(f"mlxdist-serve: failed{named}: {reason or 'the ranks did not end cleanly'}", file=sys.stderr, flush=True)
-    code = result.exit_code if result is not None else 1
-    return code or 1
+    return supervise(args, argv)
 
 
 def _answer_before_ending(door: Any) -> None:
@@ -189,9 +130,8 @@ def _serve_rank(args: argparse.Namespace) -> int:
     from mlxdist.serve.protocol import LinkClient
 
     group = mlxdist.init(timeout=max(60.0, args.timeout))
+    initialized = time.time()
     rank, size = group.rank(), group.size()
-    if size > 1:
-        mlxdist.set_timeout(args.timeout, group)
     if args.nranks is not None and args.nranks != size and _LINK not in os.environ:
         raise mlxdist.errors.InvalidArgumentError(f"-n {args.nranks} given inside a launched job of {size} ranks")
     door = None
@@ -208,7 +148,12 @@ def _serve_rank(args: argparse.Namespace) -> int:
         link = LinkClient(address, token)
     try:
         model, tokenizer, plan = load(args.model, group, args.mode, pp_weights=args.pp_weights)
-        description = {"mode": plan.mode, "reason": plan.reason, "family": plan.family}
+        if size > 1:
+            # Ranks finish loading at different times: meet under the start's deadline, then serve under --timeout.
+            mlxdist.all_gather_object(None, group=group)
+            mlxdist.set_timeout(args.timeout, group)
+        description = {"mode": plan.mode, "reason": plan.reason, "family": plan.family,
+                       "timing": {"initialized": initialized, **plan.seconds}}
         engine = Engine(model, group, description, link=link, max_concurrent=args.max_concurrent,
                         eos_ids=sorted(tokenizer.eos_token_ids), vocab_size=int(model.args.vocab_size),
                         timeout=args.timeout)
@@ -246,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
-        if (args.nranks or 1) > 1 and detect_backend() is None:
+        if (args.nranks or 1) > 1 and detect_backend() is None and _LINK not in os.environ:
             return _supervise(args, argv)
         return _serve_rank(args)
     except (ValueError, TypeError, NotImplementedError, OSError) as exc:

@@ -128,8 +128,8 @@ class Engine:
             except queue.Empty:
                 return work
             kind = message["type"]
-            if kind == "submit":
-                work["submit"].append({k: v for k, v in message.items() if k != "type"})
+            if kind in ("submit", "resume"):
+                work["submit"].append({"drawn": 0, **{k: v for k, v in message.items() if k != "type"}})
             elif kind == "cancel":
                 work["cancel"].append([message["id"], self.step])
             elif kind == "stats_request":
@@ -162,7 +162,7 @@ class Engine:
             self._send("rejected", id=rid, message=problem)
             return
         prompt = request["prompt"]
-        sampler = sampler_for(request["temperature"], request["top_p"], request["seed"])
+        sampler = sampler_for(request["temperature"], request["top_p"], request["seed"], request["drawn"])
         processors = [bias_processor(request["logit_bias"], self.vocab_size)] if request["logit_bias"] else []
         (uid,) = self.generator.insert([prompt], max_tokens=[request["max_tokens"]], samplers=[sampler],
                                        logits_processors=[processors])

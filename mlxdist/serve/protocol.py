@@ -12,6 +12,10 @@ Front door -> engine:
 
 - ``submit``: ``id``, ``prompt`` (token ids), ``max_tokens``,
   ``temperature``, ``top_p``, ``seed``, ``logit_bias`` (token id string -> number).
+- ``resume``: a request of a lost world, on the new one: the ``submit``
+  fields (``prompt`` followed by the tokens already generated,
+  ``max_tokens`` the ones still to generate) and ``drawn`` (how many the
+  request drew before; its sampler skips their draws).
 - ``cancel``: ``id``.
 - ``stats_request``: ask every rank for its counters.
 - ``shutdown``: end the job cleanly.
@@ -37,9 +41,12 @@ from typing import Any, Optional
 
 from mlxdist.errors import CommunicationError
 
-__all__ = ["MAX_LINE", "SCHEMAS", "ProtocolError", "check", "encode", "decode", "LinkClient"]
+__all__ = ["MAX_LINE", "LINK_VARIABLE", "TOKEN_VARIABLE", "SCHEMAS", "ProtocolError", "check", "encode", "decode", "LinkClient"]
 
 MAX_LINE = 4 * 1024 * 1024
+# The ranks' environment: where rank 0 finds the front door's link, and the token it presents.
+LINK_VARIABLE = "MLXDIST_SERVE_LINK"
+TOKEN_VARIABLE = "MLXDIST_SERVE_TOKEN"
 
 _INT = (int,)
 _NUMBER = (int, float)
@@ -68,6 +75,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "rejected": {"id": _STR, "message": _STR},
     "failed": {"message": _STR},
 }
+SCHEMAS["resume"] = {**SCHEMAS["submit"], "drawn": _INT}
 
 
 class ProtocolError(CommunicationError, ValueError):
@@ -103,7 +111,7 @@ def check(message: Any) -> dict[str, Any]:
     for name, types in schema.items():
         if not _is(message[name], types):
             raise ProtocolError(f"{kind}.{name} must be {'/'.join(t.__name__ for t in types)}")
-    if kind == "submit":
+    if kind in ("submit", "resume"):
         prompt = message["prompt"]
         if not prompt or not all(_is(t, _INT) and t >= 0 for t in prompt):
             raise ProtocolError("submit.prompt must be a non-empty list of non-negative ints")

@@ -28,14 +28,17 @@ class ApiError(Exception):
         code: A short machine-readable code.
         param: The request field at fault, if one is.
         kind: OpenAI's error type (by default from the status).
+        retry_after: Seconds the client should wait before retrying (sent as
+            ``Retry-After``), or None.
     """
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
              413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, code: str, param: Optional[str] = None,
-                 kind: Optional[str] = None) -> None:
+                 kind: Optional[str] = None, retry_after: Optional[int] = None) -> None:
         super().__init__(message)
+        self.retry_after = retry_after
         self.status = status
         self.message = message
         self.code = code

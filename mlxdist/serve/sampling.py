@@ -21,12 +21,17 @@ class SeededSampler:
         temperature: Positive; logits are divided by it.
         top_p: In (0, 1]; 1 keeps every token.
         seed: The request's seed.
+        drawn: Tokens the request already drew (a request resumed on a new
+            world): the key is advanced past their draws, so the next draw
+            is the one an undisturbed run would make next.
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
+    def __init__(self, temperature: float, top_p: float, seed: int, drawn: int = 0) -> None:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.key = mx.random.key(seed)
+        for _ in range(drawn):
+            self.key = mx.random.split(self.key)[0]
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         """Draw one token per row of ``logprobs`` (``(B, vocab)``); returns ``(B,)`` uint32."""
@@ -45,11 +50,18 @@ class SeededSampler:
         return mx.random.categorical(logits, key=draw).astype(mx.uint32)
 
 
-def sampler_for(temperature: float, top_p: float, seed: int) -> Optional[SeededSampler]:
-    """The sampler of a request: None (greedy, the batch's default) at temperature 0."""
+def sampler_for(temperature: float, top_p: float, seed: int, drawn: int = 0) -> Optional[SeededSampler]:
+    """The sampler of a request: None (greedy, the batch's default) at temperature 0.
+
+    Args:
+        temperature: 0 (greedy) or positive.
+        top_p: Nucleus mass in (0, 1].
+        seed: The request's seed.
+        drawn: Tokens already drawn before a resume (see :class:`SeededSampler`).
+    """
     if temperature == 0:
         return None
-    return SeededSampler(temperature, top_p, seed)
+    return SeededSampler(temperature, top_p, seed, drawn)
 
 
 def bias_processor(logit_bias: dict[str, float], vocab_size: int) -> Callable[[mx.array, mx.array], mx.array]:

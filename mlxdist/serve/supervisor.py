@@ -1,0 +1,232 @@
+"""The supervising process of ``mlxdist-serve -n N``: the front door, and a new world each time one is lost.
+
+The front door (HTTP and the engine link) runs on the main thread for the
+process's whole life. A thread of its own runs the worlds one after the
+other: it starts N local ranks through the launch plan API, waits until the
+world fails (the broker hears it from rank 0's engine or its link, or the
+launcher sees a rank end), ends what is left of it, and starts a new world
+with one rank fewer; the ranks load the model and plan again (``--mode``
+and ``--pp-weights`` as given, the plan dispatcher of :mod:`mlxdist.lm`
+picking for the new size), and the broker resumes every request in flight
+on it (:mod:`mlxdist.serve.resume`). Below ``--min-ranks`` the failure is
+final: every request gets the error, ``/health`` says ``failed`` naming the
+lost ranks, and the process exits non-zero. With MPI, a rank's loss ends the
+whole mpirun; the new world is a fresh mpirun with one rank fewer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Optional, Sequence
+
+from mlxdist.errors import InvalidArgumentError
+from mlxdist.launch import PrefixedWriter, plan_job
+from mlxdist.launch.result import LaunchResult, report_lines
+from mlxdist.serve.frontdoor import FrontDoor, load_config
+from mlxdist.serve.protocol import LINK_VARIABLE, TOKEN_VARIABLE
+from mlxdist.serve.resume import ResumingBroker
+
+__all__ = ["supervise", "Supervisor"]
+
+logger = logging.getLogger("mlxdist.serve")
+
+# Seconds the front door keeps answering after the final failure, so clients get their errors.
+FAIL_GRACE = 2.0
+# Seconds a lost world's leftover ranks get after SIGTERM before SIGKILL (nothing of theirs is kept).
+_TEARDOWN_GRACE = 0.5
+
+
+def _rank_argv(argv: Sequence[str]) -> list[str]:
+    """The command line for the ranks: ours without ``--api-key`` (only the front door checks it)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--api-key":
+            skip = True
+        elif not arg.startswith("--api-key="):
+            out.append(arg)
+    return out
+
+
+class _World:
+    """One started job of ranks and the thread waiting for it to end."""
+
+    def __init__(self, argv: Sequence[str], n: int, backend: str, env: dict[str, str], down: threading.Event) -> None:
+        self.size = n
+        command = [sys.executable, "-m", "mlxdist.serve", *_rank_argv(argv)]
+        self.plan = plan_job(command, n=n, backend=backend, env=env)
+        if n == 1 and backend == "ring":
+            # One process is a world of its own: no ring to join.
+            for rank_env in self.plan.envs:
+                rank_env.pop("MLX_HOSTFILE", None)
+                rank_env.pop("MLX_RANK", None)
+        try:
+            self.job = self.plan.start(PrefixedWriter(sys.stdout, sys.stderr, None))
+        except BaseException:
+            self.plan.close()
+            raise
+        self.result: Optional[LaunchResult] = None
+        self._waiter = threading.Thread(target=self._wait, args=(down,), name="mlxdist-serve-job", daemon=True)
+        self._waiter.start()
+
+    def _wait(self, down: threading.Event) -> None:
+        # No job deadline: a failed world ends the job through the per-operation deadline.
+        self.result = self.job.wait(None)
+        down.set()
+
+    def ended(self, timeout: Optional[float]) -> bool:
+        """Wait up to ``timeout`` s for the job to end by itself."""
+        self._waiter.join(timeout)
+        return not self._waiter.is_alive()
+
+    def end(self, grace: float) -> Optional[LaunchResult]:
+        """End every rank still running; the job's result."""
+        self.job.end(grace)
+        self._waiter.join(10)
+        self.plan.close()
+        return self.result
+
+
+class Supervisor:
+    """Runs the worlds of one server (see the module docstring).
+
+    Args:
+        args: The parsed command line.
+        argv: The command line, passed on to the ranks.
+    """
+
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str]) -> None:
+        self.args = args
+        self.argv = list(argv)
+        self.door = FrontDoor(host=args.host, port=args.port, max_inflight=args.max_concurrent + args.max_queue,
+                              stall=2 * args.timeout + 10)
+        self.broker = ResumingBroker(self.door.token, max_inflight=self.door.broker.max_inflight,
+                                     stall=self.door.broker.stall, admit_wait=args.reform_wait,
+                                     on_world_lost=self._world_lost)
+        self.door.broker = self.broker
+        self.env = {LINK_VARIABLE: self.door.link_address, TOKEN_VARIABLE: self.door.token}
+        self.down = threading.Event()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.world: Optional[_World] = None
+        self.final: Optional[tuple[str, list[str]]] = None
+        self.last_result: Optional[LaunchResult] = None
+        self.lost: list[str] = []  # "rank R of N" for every world lost
+        self._loss: tuple[str, list[int], str] = ("", [], "")
+
+    def _world_lost(self, reason: str, ranks: list[int], how: str) -> None:
+        # On the front door's loop: the broker saw the world fail first.
+        self._loss = (reason, ranks, how)
+        self.down.set()
+
+    def _run_worlds(self) -> None:
+        size, number = self.args.nranks, 1
+        while not self.stopping.is_set():
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.down.clear()  # a late word of the last world's loss
+                self.door.call(functools.partial(self.broker.note, started=time.time(), world=number))
+                try:
+                    self.world = world = _World(self.argv, size, self.args.backend, self.env, self.down)
+                except (OSError, ValueError) as exc:  # the launcher's typed errors subclass these
+                    self._give_up(None, f"could not start world {number} on {size} rank(s): {exc}", [])
+                    return
+            self.down.wait()
+            if self.stopping.is_set() or self.broker.stopping:
+                return  # the end we asked for
+            seen = time.time()
+            if world.result is not None and not world.result.ok:
+                # The launcher's account (the broker keeps the first one of this world's loss).
+                lines = report_lines(world.result, None, self.args.backend)
+                ranks = world.result.lost_ranks or sorted(world.result.rank_exits)
+                self.door.call(functools.partial(self.broker.fail, "; ".join(lines) or "the ranks exited",
+                                                 ranks, source="job"))
+            elif world.result is not None and world.result.ok:
+                return  # the ranks ended cleanly: the front door is shutting down
+            time.sleep(0.05)  # let the broker's note of the loss land first
+            reason, ranks = self.broker.reason or "", list(self.broker.loss.get("ranks") or self._loss[1])
+            named = [f"rank {r} of {size}" for r in ranks] or [f"a rank of {size}"]
+            self.lost.extend(named)
+            if not self.broker.ever_ready:
+                self._give_up(world, f"{reason}; the first world never became ready", ranks)
+                return
+            if size - 1 < self.args.min_ranks:
+                self._give_up(world, f"{reason}; lost {', '.join(self.lost)}: {size - 1} rank(s) left, below "
+                              f"--min-ranks {self.args.min_ranks}", ranks)
+                return
+            result = world.end(_TEARDOWN_GRACE)
+            for line in report_lines(result, None, self.args.backend) if result is not None else []:
+                logger.warning("%s", line)
+            self.door.call(functools.partial(self.broker.note, ended=time.time()))
+            logger.warning("mlxdist-serve: world %d ended %.2f s after the loss was seen; starting world %d on "
+                           "%d rank(s)", number, time.time() - seen, number + 1, size - 1)
+            size, number = size - 1, number + 1
+
+    def _give_up(self, world: Optional[_World], message: str, ranks: list[int]) -> None:
+        self.final = (message, ranks)
+        self.door.call(functools.partial(self.broker.give_up, message, ranks))
+        if world is not None:
+            self.last_result = world.end(_TEARDOWN_GRACE)
+        time.sleep(FAIL_GRACE)
+        self.door.stop()
+
+    def run(self) -> int:
+        """Serve until SIGINT/SIGTERM or a final failure; the exit status."""
+        runner = threading.Thread(target=self._run_worlds, name="mlxdist-serve-worlds", daemon=True)
+        runner.start()
+        try:
+            config = load_config(self.args.model, max_tokens=self.args.max_tokens, api_key=self.args.api_key,
+                                 max_body=self.args.max_body, timeout=self.args.timeout)
+            print(f"mlxdist-serve: serving on http://{self.args.host}:{self.door.port}/v1", file=sys.stderr,
+                  flush=True)
+            self.door.run(config)
+        finally:
+            with self.lock:
+                self.stopping.set()
+                world = self.world
+            self.down.set()
+            if world is not None and self.final is None:
+                # The front door asked the engine to stop; the ranks end by themselves, else they are ended.
+                world.ended(self.args.timeout + 10)
+                self.last_result = world.end(_TEARDOWN_GRACE)
+            runner.join(timeout=10)
+        if self.final is not None:
+            message, ranks = self.final
+            named = f" (rank {', '.join(map(str, ranks))})" if ranks else ""
+            print(f"mlxdist-serve: failed{named}: {message}", file=sys.stderr, flush=True)
+            return 1
+        result = self.last_result
+        if result is not None and result.ok:
+            return 0
+        print("mlxdist-serve: failed: the ranks did not end cleanly", file=sys.stderr, flush=True)
+        return (result.exit_code if result is not None else 1) or 1
+
+
+def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Serve HTTP here and run the ranks' worlds until stopped or below ``--min-ranks``.
+
+    Args:
+        args: The parsed command line (``nranks``, ``backend``, ``min_ranks``, ``reform_wait``, ...).
+        argv: The command line, passed on to the ranks.
+
+    Returns:
+        The exit status: 0 after a clean stop, non-zero after a final failure.
+
+    Raises:
+        InvalidArgumentError: ``--model`` is not a checkpoint directory, or
+            ``--min-ranks`` exceeds ``-n``.
+    """
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise InvalidArgumentError(f"{args.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
+    if args.min_ranks > args.nranks:
+        raise InvalidArgumentError(f"--min-ranks {args.min_ranks} exceeds -n {args.nranks}")
+    return Supervisor(args, argv).run()
+

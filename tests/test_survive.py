@@ -1,0 +1,300 @@
+"""mlxdist-serve survives the loss of ranks: the world re-forms on the ranks left and the requests go on.
+
+One server per backend, each walked through several losses:
+
+- ring, 3 ranks: kill -9 of rank 2 during a 64-token greedy stream (and a
+  seeded sampled one); both complete with the tokens of an undisturbed run
+  (mlxdist.lm's one-process generation; the same sampled request on the
+  undisturbed world); /health reports 2 ranks and their plan. Then kill -9 of
+  rank 0 of the new world, a request sent while the world re-forms: it is
+  served after it, by 1 rank.
+- MPI, 3 ranks, ``--min-ranks 2``: SIGSTOP of rank 1 once a 512-token greedy
+  stream (seen through the per-operation deadline): the stream completes with
+  the undisturbed tokens; a request sent while the world re-forms gets 503
+  with Retry-After past the bound. Then kill -9 of rank 0 of the 2-rank world:
+  1 rank is below --min-ranks, so the server reports failed and exits
+  non-zero naming the lost rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytest
+
+pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra (Python >= 3.11)")
+pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
+
+import httpx  # noqa: E402
+
+from mlxdist.lm.testing import write_checkpoint  # noqa: E402
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# Deep enough that a token takes a few collectives' time: a loss lands inside a 64-token stream.
+# 8 heads: TP at 2 ranks, PP (4 blocks each) at 3.
+DIMS = dict(hidden_size=128, num_layers=12, num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=512)
+START_DEADLINE = 120.0
+TIMEOUT = 10.0  # the ranks' per-operation deadline (a step may take seconds on a loaded machine)
+TEXT = "/v1/completions"
+PROMPT = "mlx"
+MAX_TOKENS = 64
+# The stalled stream's length. On MPI the engine runs far ahead of the client (hundreds of tokens while
+# the client reads a few): the stall strikes once the stream opened, so it finds the request running.
+LONG_TOKENS = 512
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("survive") / "tiny-deep", family="llama", dtype="float32",
+                            **DIMS)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> Any:
+    """``reference(max_tokens)``: the undisturbed greedy run of PROMPT in one process (mlxdist.lm), as text."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    from mlxdist.lm.generation import generate_tokens
+
+    model, config = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, eos_token_ids=config.get("eos_token_id"))
+    prompt = tokenizer.encode(PROMPT)
+    tokens = generate_tokens(model, prompt, LONG_TOKENS, stop_tokens=tokenizer.eos_token_ids).tokens
+    assert len(tokens) >= MAX_TOKENS and not set(tokens[:MAX_TOKENS]) & set(tokenizer.eos_token_ids), "pick another prompt"
+
+    def text(max_tokens: int) -> str:
+        # Detokenized as a stream is (mlx-lm's streaming detokenizer can differ from one decode of
+        # byte tokens); an end-of-sequence token adds no text.
+        from mlxdist.serve.text import TextAssembler
+
+        eos = set(tokenizer.eos_token_ids)
+        assembler, *body, last = TextAssembler(tokenizer, [], eos), *tokens[:max_tokens]
+        pieces = [assembler.add(t, None)[0] for t in body]
+        return "".join(pieces) + assembler.add(last, "stop" if last in eos else "length")[0]
+
+    return text
+
+
+class Server:
+    """A running ``mlxdist-serve -n 3`` (the supervising process and its ranks)."""
+
+    def __init__(self, checkpoint: Path, backend: str, log: Path, *extra: str) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), "-n", "3", "--backend", backend,
+             "--port", "0", "--timeout", str(TIMEOUT), *extra],
+            stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True,
+        )
+        self.url = ""
+        self.pids: set[int] = set()
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, ranks: int, deadline: float = START_DEADLINE) -> dict[str, Any]:
+        """Wait until the world of ``ranks`` ranks is ready; its /health."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end and self.proc.poll() is None:
+            match = re.search(r"serving on (http://\S+)/v1", self.text())
+            if match:
+                self.url = match.group(1)
+                try:
+                    health = httpx.get(self.url + "/health", timeout=5).json()
+                except httpx.HTTPError:
+                    health = {}
+                if health.get("state") == "ready" and health["plan"].get("ranks") == ranks:
+                    self.pids |= set(health["plan"]["pids"])
+                    return health
+            time.sleep(0.2)
+        raise AssertionError(f"no ready world of {ranks} ranks:\n{self.text()[-4000:]}")
+
+    def health(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def wait_state(self, state: str, deadline: float = 30.0) -> dict[str, Any]:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            health = self.health()
+            if health["state"] == state:
+                return health
+            time.sleep(0.05)
+        raise AssertionError(f"never {state}: {self.health()}\n{self.text()[-3000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        for pid in self.pids:  # ranks run in their own sessions
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def servers(checkpoint, tmp_path) -> Iterator[dict[str, Server]]:
+    started: dict[str, Server] = {}
+    yield started
+    for server in started.values():
+        server.close()
+
+
+STRIKE_AT = 1  # tokens streamed before the loss (the engine runs ahead of the client)
+
+
+def stream_text(server: Server, body: dict[str, Any], strike: Optional[Any] = None, strike_at: int = STRIKE_AT) -> str:
+    """Stream a completion; call ``strike()`` once ``strike_at`` tokens arrived (0: once it opened); the text."""
+    pieces: list[str] = []
+    with httpx.stream("POST", server.url + TEXT, json={"model": "tiny-deep", "prompt": PROMPT, "stream": True, **body},
+                      timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        if strike is not None and strike_at == 0:
+            strike()
+            strike = None
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                assert not line.startswith("event: error"), line
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            pieces.append(choice["text"])
+            if strike is not None and len(pieces) == strike_at:
+                strike()
+                strike = None
+    return "".join(pieces)
+
+
+def complete(server: Server, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(server.url + TEXT, json={"model": "tiny-deep", "prompt": PROMPT, **body}, timeout=120)
+
+
+def in_background(function: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = function(*args)
+        except BaseException as exc:  # handed to the test's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def joined(thread: threading.Thread, out: dict[str, Any], timeout: float = 120) -> Any:
+    thread.join(timeout)
+    assert not thread.is_alive(), "a request never ended"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.mark.timeout(300)
+def test_ring_world_re_forms_twice_and_streams_finish_with_undisturbed_tokens(checkpoint, reference, servers,
+                                                                             tmp_path):
+    server = servers["ring"] = Server(checkpoint, "ring", tmp_path / "ring.log")
+    health = server.wait_for(3)
+    assert health["plan"]["mode"] == "pp", health  # 3 does not divide 8 heads
+    sampled = {"max_tokens": MAX_TOKENS, "temperature": 0.9, "seed": 11}
+    undisturbed_sample = stream_text(server, sampled)
+    pids = health["plan"]["pids"]
+
+    sample_thread, sample_out = in_background(stream_text, server, sampled)
+    greedy = stream_text(server, {"max_tokens": MAX_TOKENS, "temperature": 0},
+                         strike=lambda: os.kill(pids[2], signal.SIGKILL))
+    assert greedy == reference(MAX_TOKENS)
+    assert joined(sample_thread, sample_out) == undisturbed_sample
+    health = server.wait_for(2)
+    assert health["plan"]["mode"] == "tp", health
+    formed = health["plan"]["re_formed"]
+    assert formed["from_ranks"] == 3 and formed["lost_ranks"] == [2], formed
+    # The streams were in flight when the world was lost, the greedy one part way.
+    assert formed["resumed"] == 2 and all(t < MAX_TOKENS for t in formed["resumed_after_tokens"]), formed
+    print("ring 3 -> 2:", formed)
+
+    pids = health["plan"]["pids"]
+    os.kill(pids[0], signal.SIGKILL)
+    server.wait_state("re-forming")
+    waiting_thread, waiting_out = in_background(complete, server, {"max_tokens": 16, "temperature": 0})
+    response = joined(waiting_thread, waiting_out)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == reference(16)
+    health = server.health()
+    assert health["state"] == "ready" and health["plan"]["ranks"] == 1 and health["plan"]["mode"] == "single", health
+    assert health["plan"]["re_formed"]["from_ranks"] == 2, health
+    log = server.text()
+    assert re.search(r"world 1 lost rank\(s\) \[2\]", log), log[-3000:]
+    assert re.search(r"first token after the loss: [0-9.]+ s", log), log[-3000:]
+
+
+
+@pytest.mark.timeout(300)
+def test_mpi_world_re_forms_after_a_stall_then_fails_below_min_ranks(checkpoint, reference, servers, tmp_path):
+    server = servers["mpi"] = Server(checkpoint, "mpi", tmp_path / "mpi.log", "--min-ranks", "2",
+                                     "--reform-wait", "1")
+    health = server.wait_for(3)
+    pids = health["plan"]["pids"]
+    stopped: dict[str, float] = {}
+
+    def stop_rank_1() -> None:
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped["at"] = time.monotonic()
+
+    greedy_thread, greedy_out = in_background(
+        stream_text, server, {"max_tokens": LONG_TOKENS, "temperature": 0}, stop_rank_1, 0)
+    health = server.wait_state("re-forming", deadline=TIMEOUT + 20)
+    seen = time.monotonic() - stopped["at"]
+    refused = complete(server, {"max_tokens": 4})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1", (refused, refused.headers)
+    assert refused.json()["error"]["code"] == "re_forming"
+    assert joined(greedy_thread, greedy_out) == reference(LONG_TOKENS)
+    health = server.wait_for(2)
+    formed = health["plan"]["re_formed"]
+    assert formed["lost_ranks"] == [1] and formed["resumed"] == 1, formed
+    assert formed["resumed_after_tokens"][0] < LONG_TOKENS, formed
+    assert formed["how"].startswith("deadline;"), formed  # seen through the per-operation deadline
+    print(f"mpi 3 -> 2: stall seen after {seen:.1f} s;", formed)
+
+    os.kill(health["plan"]["pids"][0], signal.SIGKILL)
+    health = server.wait_state("failed", deadline=TIMEOUT + 20)
+    assert health["failed_ranks"] == [0], health
+    assert server.proc.wait(30) != 0
+    log = server.text()
+    assert re.search(r"mlxdist-serve: failed \(rank 0\): .*lost rank 1 of 3, rank 0 of 2: 1 rank\(s\) left, "
+                     r"below --min-ranks 2", log), log[-3000:]
+
+
+def test_a_resumed_sampler_makes_the_draws_an_undisturbed_one_makes_next():
+    import mlx.core as mx
+
+    from mlxdist.serve.protocol import ProtocolError, check
+    from mlxdist.serve.sampling import SeededSampler
+
+    logprobs = mx.log(mx.softmax(mx.random.normal((1, 64), key=mx.random.key(3)), axis=-1))
+    undisturbed = SeededSampler(0.9, 0.95, seed=11)
+    draws = [int(undisturbed(logprobs)[0]) for _ in range(40)]
+    resumed = SeededSampler(0.9, 0.95, seed=11, drawn=25)
+    assert [int(resumed(logprobs)[0]) for _ in range(15)] == draws[25:]
+    fresh = SeededSampler(0.9, 0.95, seed=11)
+    assert [int(fresh(logprobs)[0]) for _ in range(15)] != draws[25:]  # the skip is what makes them equal
+
+    resume = {"type": "resume", "id": "r", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0.0,
+              "top_p": 1.0, "seed": 0, "logit_bias": {}, "drawn": 2}
+    assert check(resume) == resume
+    with pytest.raises(ProtocolError, match="fields"):
+        check({k: v for k, v in resume.items() if k != "drawn"})
