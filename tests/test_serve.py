@@ -12,8 +12,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
 import httpx  # noqa: E402
 import openai  # noqa: E402
 from conftest import BACKENDS  # noqa: E402
+from support.serving import ServeProcess  # noqa: E402
 
 from mlxdist.lm.testing import write_checkpoint  # noqa: E402
 
@@ -96,39 +95,20 @@ def text_of(tokenizer: Any, tokens: list[int]) -> str:
     return tokenizer.decode(tokens)
 
 
-class Server:
+class Server(ServeProcess):
     """A running ``mlxdist-serve -n 2`` (the supervising process and its ranks)."""
 
     def __init__(self, checkpoint: Path, backend: str, log: Path, *extra: str) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), "-n", "2", "--backend", backend,
-             "--port", "0", *extra],
-            stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True,
-        )
-        self.url = ""
-        self.pids: list[int] = []
+        super().__init__(checkpoint, backend, log, 2, *extra)
+        self.ranks: list[int] = []
 
     def wait_ready(self) -> "Server":
-        log = self.log
-        deadline = time.monotonic() + START_DEADLINE
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            match = re.search(r"serving on (http://\S+)/v1", log.read_text())
-            if match:
-                self.url = match.group(1)
-                try:
-                    health = httpx.get(self.url + "/health", timeout=5).json()
-                except httpx.HTTPError:
-                    health = {}
-                if health.get("state") == "ready":
-                    self.pids = health["plan"]["pids"]
-                    return self
-            time.sleep(0.2)
-        self.close()
-        raise AssertionError(f"the server did not become ready:\n{log.read_text()[-3000:]}")
-
-    def health(self) -> dict[str, Any]:
-        return httpx.get(self.url + "/health", timeout=10).json()
+        try:
+            self.ranks = self.wait_for(2, START_DEADLINE)["plan"]["pids"]
+        except AssertionError:
+            self.close()
+            raise
+        return self
 
     def stats(self) -> dict[str, Any]:
         response = httpx.get(self.url + "/stats", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
@@ -137,21 +117,6 @@ class Server:
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        for pid in self.pids:  # ranks run in their own sessions
-            try:
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -375,7 +340,7 @@ def strike_during_a_stream(server: Server, sig: int) -> tuple[list[str], float]:
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
-        os.kill(server.pids[1], sig)
+        os.kill(server.ranks[1], sig)
         struck = time.monotonic()
         for line in lines:
             events.append(line)
