@@ -364,8 +364,10 @@ def test_a_stopped_rank_ends_the_job_and_is_named(backend):
     """SIGSTOP of rank 1 of 3: the survivors get the typed error within the operation's
     deadline and exit 0; the launcher ends the stopped rank, exits non-zero and names it."""
     op_deadline = 4.0
+    # A job deadline far past the bound below, so a launcher that waits for the stopped
+    # rank fails this test (timed_out) instead of hanging it.
     result = launch([sys.executable, str(WORKERS / "stopped_rank.py"), str(op_deadline)], n=3, backend=backend,
-                    capture=True, stdout=io.StringIO(), stderr=io.StringIO())
+                    capture=True, stdout=io.StringIO(), stderr=io.StringIO(), timeout=op_deadline + 60)
     ended = time.time()
     text = "".join(result.output)
     stopped_at = [float(line.split()[-1]) for line in result.output if line.startswith("[1] STOP")]

@@ -16,12 +16,20 @@ def write_report(report: dict[str, Any]) -> None:
     path = os.environ.get("MLXDIST_REPORT")
     if not path:
         return
+    # Written whole under a name of its own, then linked into place: the launcher
+    # never reads half a report, and the first rank to link wins.
+    staging = f"{path}.{os.getpid()}"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(staging, "w") as f:
+            json.dump(report, f)
+        os.link(staging, path)
     except OSError:
-        return  # another rank was first
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f)
+        pass  # another rank was first (or the launcher's folder is gone)
+    finally:
+        try:
+            os.unlink(staging)
+        except OSError:
+            pass
 
 
 def shutdown_sockets(peers: set[tuple[str, int]]) -> int:

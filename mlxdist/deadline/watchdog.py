@@ -314,12 +314,13 @@ class Watchdog:
             self.failure_kind = kind
             self.failure = cls(message)
             self.changed.notify_all()
-        self.relayed.set()
-        self._interrupt()
-        # After the interruption is under way, so the report delays nothing.
+        # Before the interruption: the interrupted call raises, and a program that
+        # handles the error may exit at once, ending this thread before it wrote.
         about = about or {}
         write_report({"rank": self.rank, "op": about.get("op"), "seq": about.get("seq"), "kind": kind,
                       "message": message, "lost": list(lost or [])})
+        self.relayed.set()
+        self._interrupt()
 
     def _expire(self, entry: _Active, now: float) -> None:
         """``entry`` passed its deadline: tell every rank, wait for the relayed cause."""
