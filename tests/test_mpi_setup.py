@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,67 @@ def test_the_environments_mpirun_run_by_hand_needs_no_variable():
     for doc in docs:
         assert doc["size"] == 2 and doc["all_sum"] == [3.0, 3.0, 3.0]
         assert doc["libmpi"] == [os.path.realpath(ENV_LIBMPI)]
+
+
+def _leftover_session_directory(tmp: Path) -> Path:
+    """The session directory a SIGKILLed mpirun leaves under ``tmp`` (Open MPI names it ``ompi.<pid>``)."""
+    command = [str(ENV_MPIRUN), "-np", "1", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "sleep", "60"]
+    proc = subprocess.Popen(command, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    left = tmp / f"ompi.{proc.pid}"
+    try:
+        for _ in range(300):
+            if left.is_dir() and any(left.glob("pmix.*")):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"mpirun made no session directory at {left}")
+        time.sleep(0.5)
+    finally:
+        proc.kill()  # mpirun alone: its session directory stays
+        proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def _arm(left: Path, count: int = 400) -> list[Path]:
+    """Copies of ``left`` for the next ``count`` process ids, as if mpiruns with those pids had been killed."""
+    old = left.name.split(".")[1]
+    last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+    made = []
+    for pid in range(last + 1, last + 1 + count):
+        target = left.parent / f"ompi.{pid}"
+        if target.exists():
+            continue
+        target.mkdir()
+        made.append(target)
+        for f in left.glob("pmix.*"):
+            shutil.copy(f, target / f.name.replace(old, str(pid)))
+    return made
+
+
+@pytest.mark.skipif(not Path("/proc/sys/kernel/ns_last_pid").exists(), reason="needs Linux's pid counter")
+def test_a_killed_mpiruns_session_directory_does_not_stop_a_later_launch():
+    # With pids wrapping at 32768, a later mpirun can get a killed one's pid and find its
+    # session directory: Open MPI then fails to start (exit 213). Each launch keeps its own.
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    left = _leftover_session_directory(tmp)
+    made = _arm(left)
+    try:
+        # The trap is real: mpirun run by hand falls into it.
+        command = [str(ENV_MPIRUN), "-np", "1", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "true"]
+        raw = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert raw.returncode != 0 and "listener thread failed to start" in raw.stdout + raw.stderr, raw
+        made += _arm(left)
+        result = run_ranks("mpi_setup.py", 2, "mpi", args=["maps"], timeout=120)
+        assert result.ok, result.output[-20:]
+        assert sorted(results(result.output)) == [0, 1]
+    finally:
+        for directory in [left, *made]:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_mpi4py_imported_first_gives_a_typed_error_that_says_what_to_do():

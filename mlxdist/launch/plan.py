@@ -49,6 +49,8 @@ KILL_GRACE = 3.0
 FAILURE_GRACE = 4.0
 # Variables the side channel and the deadline read; mpirun must pass them on.
 _RANK_VARIABLES = ("MLXDIST_STORE", "MLXDIST_JOB_TOKEN", "MLXDIST_REPORT", "MLXDIST_TIMEOUT", "MLXDIST_CHECK")
+# Where Open MPI 5 (PRRTE) and Open MPI 4 (ORTE) put mpirun's session directory.
+_SESSION_DIR_VARIABLES = ("PRTE_MCA_prte_tmpdir_base", "OMPI_MCA_orte_tmpdir_base")
 _POLL = 0.1
 _IDLE_POLL = 1.0
 
@@ -205,6 +207,12 @@ def plan_job(
         base_env.setdefault("MLXDIST_JOB_TOKEN", secrets.token_hex(16))
         base_env.setdefault("MLXDIST_REPORT", report_path)
         if runner is not None:
+            # mpirun's session directory (its PMIx rendezvous files) in the plan's own directory:
+            # Open MPI names it after mpirun's pid under /tmp, and one left by a killed mpirun
+            # makes a later mpirun given the same pid fail to start ("The PMIx server's
+            # listener thread failed to start", exit 213).
+            for name in _SESSION_DIR_VARIABLES:
+                base_env.setdefault(name, directory.name)
             if runner.libmpi is not None and not base_env.get(LIBNAME_VARIABLE):
                 base_env[LIBNAME_VARIABLE] = runner.libmpi
             pass_env = [LIBNAME_VARIABLE] if base_env.get(LIBNAME_VARIABLE) else []
