@@ -11,7 +11,6 @@ request in flight with the error at once.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import logging
 import re
@@ -97,6 +96,8 @@ class Broker:
         self.failed = asyncio.Event()
         self._writer: Optional[asyncio.StreamWriter] = None
         self._link_task: Optional[asyncio.Task] = None
+        # Engine links accepted so far: a closed link's failure is only its own world's.
+        self._links = 0
         self._server: Optional[asyncio.base_events.Server] = None
         self._stats_wait: Optional[asyncio.Future] = None
         self._heard = time.monotonic()
@@ -123,6 +124,8 @@ class Broker:
             writer.close()
             return
         self._writer = writer
+        self._links += 1
+        link = self._links
         self._link_task = asyncio.current_task()
         self._heard = time.monotonic()
         try:
@@ -139,8 +142,12 @@ class Broker:
             writer.close()
         if not self.stopping and self.state != "failed":
             # The launcher usually names the rank within a moment: let it speak first.
-            asyncio.get_running_loop().call_later(_LINK_GRACE, functools.partial(
-                self.fail, "rank 0's engine closed its link to the front door", None, source="link"))
+            asyncio.get_running_loop().call_later(_LINK_GRACE, self._link_closed, link)
+
+    def _link_closed(self, link: int) -> None:
+        # A later world's engine may have connected during the grace: this loss is then old news.
+        if link == self._links:
+            self.fail("rank 0's engine closed its link to the front door", None, source="link")
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]

@@ -148,10 +148,6 @@ def _serve_rank(args: argparse.Namespace) -> int:
         link = LinkClient(address, token)
     try:
         model, tokenizer, plan = load(args.model, group, args.mode, pp_weights=args.pp_weights)
-        if size > 1:
-            # Ranks finish loading at different times: meet under the start's deadline, then serve under --timeout.
-            mlxdist.all_gather_object(None, group=group)
-            mlxdist.set_timeout(args.timeout, group)
         description = {"mode": plan.mode, "reason": plan.reason, "family": plan.family,
                        "timing": {"initialized": initialized, **plan.seconds}}
         engine = Engine(model, group, description, link=link, max_concurrent=args.max_concurrent,

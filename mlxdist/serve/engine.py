@@ -211,7 +211,11 @@ class Engine:
         """
         if self.link is not None:
             threading.Thread(target=self._read_link, name="mlxdist-serve-link", daemon=True).start()
+        # Ranks finish loading and building their engines at different times: they meet
+        # under the start's deadline, and only then serve under the per-step one.
         pids = mlxdist.all_gather_object(os.getpid(), group=self.group)
+        if self.size > 1:
+            mlxdist.set_timeout(self.timeout, self.group)
         self._send("ready", plan={**self.plan, "ranks": self.size, "pids": pids})
         try:
             while True:
