@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("MLXDIST_SERVE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default $MLXDIST_SERVE_API_KEY, else none)")
     parser.add_argument("--timeout", type=_positive(float), default=30.0,
-                        help="per-operation deadline of the ranks, seconds (default 30)")
+                        help="per-operation deadline of the ranks while requests run, seconds (default 30; "
+                             "an idle server's ranks wait for work up to max(60, 4x this))")
     parser.add_argument("--min-ranks", type=_positive(int), default=1,
                         help="for -n: after losing ranks, re-form the world while at least this many remain; "
                              "below, fail and exit non-zero (default 1)")

@@ -30,7 +30,10 @@ from mlxdist.group import Group
 from mlxdist.serve.protocol import LinkClient, ProtocolError
 from mlxdist.serve.sampling import bias_processor, sampler_for
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "IDLE_DEADLINE"]
+
+# Seconds (at least) the ranks of an idle server wait for work.
+IDLE_DEADLINE = 60.0
 
 logger = logging.getLogger("mlxdist.serve")
 
@@ -86,6 +89,10 @@ class Engine:
         self.timeout = timeout
         # Rank 0 offers work at least this often, so idle ranks never wait out the deadline.
         self.idle_tick = 0.5 if timeout is None else min(0.5, timeout / 4)
+        # While no request runs, the ranks wait for work under a longer deadline: a rank slowed
+        # down (a busy machine) fails no one then, and a stalled one is still found by the first
+        # step that has work (under ``timeout``) or by the front door's stall bound.
+        self.idle_timeout = None if timeout is None else max(IDLE_DEADLINE, 4 * timeout)
         self.model = _CountingModel(model)
         self.generator = BatchGenerator(
             self.model,
@@ -214,11 +221,15 @@ class Engine:
         # Ranks finish loading and building their engines at different times: they meet
         # under the start's deadline, and only then serve under the per-step one.
         pids = mlxdist.all_gather_object(os.getpid(), group=self.group)
-        if self.size > 1:
-            mlxdist.set_timeout(self.timeout, self.group)
         self._send("ready", plan={**self.plan, "ranks": self.size, "pids": pids})
+        deadline: Any = "start"
         try:
             while True:
+                # Every rank holds the same requests, so all switch deadlines at the same step.
+                wanted = self.timeout if self.uid_of else self.idle_timeout
+                if self.size > 1 and wanted != deadline:
+                    mlxdist.set_timeout(wanted, self.group)
+                    deadline = wanted
                 work = self._collect() if self.rank == 0 else None
                 work = mlxdist.broadcast_object(work, 0, group=self.group)
                 self.step = work["step"] + 1
