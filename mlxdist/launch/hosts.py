@@ -119,6 +119,12 @@ def read_hostfile(path: str) -> list[Host]:
 def split_shell(text: str | Sequence[str]) -> list[str]:
     """The remote shell's command, split as a shell would (``"ssh -o BatchMode=yes"``).
 
+    Args:
+        text: The command as one string, or its words.
+
+    Returns:
+        Its words.
+
     Raises:
         InvalidArgumentError: empty, or unbalanced quotes.
     """
@@ -133,6 +139,13 @@ def split_shell(text: str | Sequence[str]) -> list[str]:
 
 def ring_addresses(hosts: Sequence[Host], starting_port: int) -> list[str]:
     """Each rank's ring address: its host's first ip, port ``starting_port + rank``.
+
+    Args:
+        hosts: One rank on each, in order.
+        starting_port: Rank 0's port.
+
+    Returns:
+        ``"ip:port"`` per rank.
 
     Raises:
         InvalidArgumentError: the ports do not fit in [1, 65535].
@@ -173,7 +186,16 @@ def remote_command(command: Sequence[str], env: Mapping[str, str], hostfile: str
 
 
 def remote_env(env: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
-    """A remote rank's variables: :data:`FORWARDED` ones of ``environ``, then ``env``."""
+    """A remote rank's variables.
+
+    Args:
+        env: The rank's own variables.
+        environ: This process's environment.
+
+    Returns:
+        The :data:`FORWARDED` variables of ``environ``, then ``env``, and
+        ``PYTHONUNBUFFERED=1`` unless ``env`` sets it.
+    """
     out = {k: environ[k] for k in FORWARDED if k in environ}
     out.update(env)
     out.setdefault("PYTHONUNBUFFERED", "1")
@@ -211,6 +233,12 @@ def remote_commands(command: Sequence[str], hosts: Sequence[Host], shell: Sequen
 
 def local_address_towards(ip: str) -> str:
     """This machine's address on the route to ``ip`` (a UDP ``connect``: no packet is sent).
+
+    Args:
+        ip: An IPv4 address.
+
+    Returns:
+        The local IPv4 address a connection to ``ip`` would leave from.
 
     Raises:
         ConfigurationError: no route to ``ip``.

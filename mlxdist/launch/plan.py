@@ -105,9 +105,10 @@ class LaunchPlan:
         envs: The environment of each process.
         ranks: The rank of each process (None: mpirun, whose output is tagged by rank).
         hostfile: The ring hostfile (``MLX_HOSTFILE``), None for MPI.
-        store: The side channel's ``host:port`` (``MLXDIST_STORE``).
+        store: The side channel's ``host:port`` (``MLXDIST_STORE``); empty for
+            ranks on hosts (agreed over the ring).
         report_path: Where the first rank to see the world fail writes its report
-            (``MLXDIST_REPORT``).
+            (``MLXDIST_REPORT``; ranks on hosts write none here).
         runner: The mpirun used, for MPI.
         hosts: The host of each rank (its hostfile entry's ``ssh``), None for local ranks.
         addresses: The ring's ``ip:port`` of each rank (ring only).

@@ -9,7 +9,7 @@ It writes the ring hostfile's content to a file of its own (MLX reads
 ``MLX_HOSTFILE`` naming it, and waits. When its standard input reaches its
 end (the launcher closed the pipe, or the local shell that carried it
 ended: a remote shell does not end remote processes by itself), or on
-SIGTERM, SIGHUP or SIGINT, it ends the child: SIGTERM, then SIGKILL after
+SIGTERM, SIGHUP or SIGINT, it ends the child: SIGTERM (and SIGCONT), then SIGKILL after
 :data:`GRACE` seconds. It exits as the child did (killed by a signal: by
 the same signal), and removes the file.
 """
@@ -50,6 +50,7 @@ class _Child:
         self._ending = False
 
     def end(self) -> None:
+        """End the child, once: SIGTERM (and SIGCONT), SIGKILL after :data:`GRACE` s, on a thread of its own."""
         with self._lock:
             if self._ending:
                 return
@@ -60,6 +61,10 @@ class _Child:
         if self.proc.poll() is not None:
             return
         self.proc.terminate()
+        try:
+            os.kill(self.proc.pid, signal.SIGCONT)  # a stopped rank takes the SIGTERM
+        except ProcessLookupError:
+            pass
         try:
             self.proc.wait(GRACE)
         except subprocess.TimeoutExpired:
@@ -82,10 +87,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: ``[--hostfile JSON] -- COMMAND...`` (default: ``sys.argv[1:]``).
 
     Returns:
-        The child's exit status (after a signal, this process ends by it instead).
+        The child's exit status (after a signal, this process ends by it instead);
+        127 when the command could not be started.
 
     Raises:
-        SystemExit: a bad command line, or the command could not be started (status 127).
+        SystemExit: a bad command line.
     """
     hostfile, command = _parse(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
@@ -96,17 +102,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with open(path, "w") as f:
                 f.write(hostfile)
             env["MLX_HOSTFILE"] = path
+        asked: list[int] = []  # a signal that arrives before the child exists ends it at once
+
+        def ending(signum: int, frame: Any) -> None:
+            asked.append(signum)
+            if started:
+                started[0].end()
+
+        started: list[_Child] = []
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, ending)
         try:
-            child = _Child(command, env)
+            started.append(_Child(command, env))
         except OSError as exc:
             print(f"mlxdist.launch.remote: cannot start {command[0]!r}: {exc}", file=sys.stderr, flush=True)
             return 127
-
-        def ending(signum: int, frame: Any) -> None:
+        child = started[0]
+        if asked:
             child.end()
-
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(sig, ending)
         threading.Thread(target=_watch_stdin, args=(child,), daemon=True).start()
         code = child.proc.wait()
     finally:

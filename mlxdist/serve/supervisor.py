@@ -134,6 +134,11 @@ class Supervisor:
     Args:
         args: The parsed command line.
         argv: The command line, passed on to the ranks.
+        hosts: The hostfile's hosts (one rank each), None for local ranks.
+
+    Raises:
+        ConfigurationError: no route to the first host (``--link-host`` not given).
+        OSError: the HTTP or link address cannot be bound.
     """
 
     def __init__(self, args: argparse.Namespace, argv: Sequence[str], hosts: Optional[list[Host]] = None) -> None:
