@@ -143,7 +143,8 @@ def network() -> Iterator[Any]:
 
 @pytest.fixture
 def cluster(network, tmp_path) -> tuple[Path, Path, list[str]]:
-    """The hostfile (hosts ``host0``..``host2``) and the fake remote shell over the namespaces."""
+    """The hostfile (hosts ``host0``..``host2``) and the fake remote shell over the namespaces
+    (a script run by ``sh``: ``--ssh`` is split like a shell would)."""
     names = [f"host{i}" for i in range(3)]
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": name, "ips": [address]}
@@ -152,7 +153,6 @@ def cluster(network, tmp_path) -> tuple[Path, Path, list[str]]:
     shell = tmp_path / "fake-ssh"
     shell.write_text(f'#!/bin/sh\ncase "$1" in\n{cases}\n  *) echo "fake-ssh: unknown host $1" >&2; exit 255 ;;\n'
                      'esac\nexec ip netns exec "$ns" sh -c "$2"\n')
-    shell.chmod(0o755)
     return hostfile, shell, names
 
 
@@ -172,7 +172,7 @@ def test_the_world_re_forms_without_the_lost_host(network, cluster, tmp_path):
     ips = network.addresses
     assert read_hostfile(str(hostfile))[2].ips == (ips[2],)
     server = ServeProcess(checkpoint, "ring", tmp_path / "serve.log", None, "--hostfile", str(hostfile), "--ssh",
-                          str(shell), "--starting-port", str(STARTING_PORT), "--timeout", "10")
+                          f"sh {shlex.quote(str(shell))}", "--starting-port", str(STARTING_PORT), "--timeout", "10")
     try:
         health = server.wait_for(3, 90)
         assert health["plan"]["hosts"] == names, health
