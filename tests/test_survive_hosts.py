@@ -104,6 +104,19 @@ def test_the_server_names_a_bad_hostfile_and_exits_2(tmp_path):
     assert done.returncode == 2 and "-n 2 but the hostfile" in done.stderr, done.stderr
 
 
+def test_the_next_world_leaves_out_every_named_rank_or_host(tmp_path):
+    pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
+    from mlxdist.serve.supervisor import next_world
+
+    assert next_world(4, None, [0, 2]) == (2, [], [])
+    assert next_world(4, None, []) == (3, [], [])
+    assert next_world(4, None, [7]) == (3, [], [])  # not a rank of that world: one fewer
+    a, b, c = hostfile_of(tmp_path, [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")])
+    assert next_world(3, [a, b, c], [1]) == (2, [a, c], [b])
+    assert next_world(3, [a, b, c], [0, 2]) == (1, [b], [a, c])
+    assert next_world(3, [a, b, c], []) == (2, [a, b], [c])
+
+
 def test_a_remote_rank_command_carries_everything_and_its_rank_ends_on_eof(tmp_path):
     hosts = hostfile_of(tmp_path, [("a b", "10.0.0.1"), ("c", "10.0.0.2")])
     command = [sys.executable, "-c", "import os, time; print(os.environ['X'], open(os.environ['MLX_HOSTFILE']).read(), "

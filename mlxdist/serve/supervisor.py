@@ -45,7 +45,7 @@ from mlxdist.serve.frontdoor import FrontDoor, load_config
 from mlxdist.serve.protocol import LINK_VARIABLE, TOKEN_VARIABLE
 from mlxdist.serve.resume import ResumingBroker
 
-__all__ = ["supervise", "Supervisor"]
+__all__ = ["supervise", "Supervisor", "next_world"]
 
 logger = logging.getLogger("mlxdist.serve")
 
@@ -70,6 +70,28 @@ def _rank_argv(argv: Sequence[str]) -> list[str]:
         elif not arg.startswith(tuple(f"{option}=" for option in _SUPERVISOR_OPTIONS)):
             out.append(arg)
     return out
+
+
+def next_world(size: int, hosts: Optional[list[Host]], lost: list[int]) -> tuple[int, list[Host], list[Host]]:
+    """The world that follows one of ``size`` ranks that lost the ranks ``lost``.
+
+    Args:
+        size: The lost world's number of ranks.
+        hosts: Its hosts (rank r on ``hosts[r]``), None for local ranks.
+        lost: The ranks to leave out (out of range ones are ignored); empty: unknown.
+
+    Returns:
+        ``(size, hosts, lost_hosts)`` of the next world: locally ``size`` minus
+        the ranks lost (at least one); with hosts, those of the ranks not lost
+        (unknown: all but the last), and the hosts left out.
+    """
+    ranks = {r for r in lost if 0 <= r < size}
+    if hosts is None:
+        return size - max(1, len(ranks)), [], []
+    if not ranks:
+        return size - 1, hosts[:-1], hosts[-1:]
+    return (size - len(ranks), [h for r, h in enumerate(hosts) if r not in ranks],
+            [h for r, h in enumerate(hosts) if r in ranks])
 
 
 class _World:
@@ -180,16 +202,13 @@ class Supervisor:
                            ", ".join(placement["addresses"]))
         return world
 
-    def _lost(self, world: _World) -> tuple[list[int], list[Host]]:
-        """The ranks of ``world`` to leave out of the next one, and (hostfile) their hosts."""
-        named = self.broker.loss.get("ranks") or self._loss[1]
-        ranks = sorted({int(r) for r in named if 0 <= int(r) < world.size})
-        result = world.result  # the launcher's account, if it saw a rank end by itself
+    def _lost(self, world: _World) -> list[int]:
+        """The ranks of ``world`` the failure names, else the one the launcher saw end by itself."""
+        ranks = sorted({int(r) for r in self.broker.loss.get("ranks") or self._loss[1] if 0 <= int(r) < world.size})
+        result = world.result
         if not ranks and result is not None and result.failed_rank is not None and 0 <= result.failed_rank < world.size:
             ranks = [result.failed_rank]
-        if world.hosts is None:
-            return ranks, []
-        return ranks, [world.hosts[r] for r in ranks] or world.hosts[-1:]
+        return ranks
 
     def _run_worlds(self) -> None:
         hosts = self.hosts
@@ -218,15 +237,13 @@ class Supervisor:
                 return  # the ranks ended cleanly: the front door is shutting down
             time.sleep(0.05)  # let the broker's note of the loss land first
             reason = self.broker.reason or ""
-            ranks, lost_hosts = self._lost(world)
-            on = {r: f" ({h.ssh})" for r, h in zip(ranks, lost_hosts)}
+            ranks = self._lost(world)
+            left, next_hosts, lost_hosts = next_world(size, hosts, ranks)
+            on = {r: f" ({hosts[r].ssh})" for r in ranks} if hosts is not None else {}
             self.lost.extend([f"rank {r} of {size}{on.get(r, '')}" for r in ranks] or [f"a rank of {size}"])
             if hosts is not None:
-                hosts = [h for i, h in enumerate(hosts) if i not in ranks] if ranks else hosts[:-1]
-                left = len(hosts)
+                hosts = next_hosts
                 self.door.call(functools.partial(self.broker.note, lost_hosts=[h.ssh for h in lost_hosts]))
-            else:
-                left = size - max(1, len(ranks))
             if not self.broker.ever_ready:
                 self._give_up(world, f"{reason}; the first world never became ready", ranks)
                 return
@@ -309,6 +326,9 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise InvalidArgumentError(f"-n {args.nranks} but the hostfile {args.hostfile} lists {len(hosts)} "
                                        "hosts (one rank each)")
         args.nranks = len(hosts)
+        if args.starting_port + len(hosts) ** 2 > 65536:
+            raise InvalidArgumentError(f"--starting-port {args.starting_port} leaves no room for the ring ports of "
+                                       f"{len(hosts)} worlds of up to {len(hosts)} hosts below 65536")
     if args.min_ranks > args.nranks:
         raise InvalidArgumentError(f"--min-ranks {args.min_ranks} exceeds the {args.nranks} rank(s) to start")
     return Supervisor(args, argv, hosts).run()
