@@ -9,7 +9,9 @@ written on the host, a rank ended when its standard input closes). Scenario:
 3 hosts serving; kill -9 of host 2's rank during a 64-token greedy stream:
 the stream completes with the undisturbed tokens, the new world runs on
 host 0 and host 1 with fresh ring ports on their addresses; SIGTERM to the
-supervisor then ends every rank and every remote bootstrap.
+supervisor then ends every rank and every remote bootstrap. And with two
+hosts: both ranks stopped (SIGSTOP), then kill -9 of the supervisor: the
+bootstraps see their standard input close and end the ranks.
 
 Needs root (network namespaces); skipped otherwise, with the reason. Without
 root, the hostfile's checks, the remote command's words and the bootstrap's
@@ -169,23 +171,48 @@ def cluster(network, tmp_path) -> tuple[Path, Path, list[str]]:
     return hostfile, shell, names
 
 
-@needs_root
-@pytest.mark.timeout(180)
-def test_the_world_re_forms_without_the_lost_host(network, cluster, tmp_path):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
     pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra (Python >= 3.11)")
     pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
-    from support.serving import ServeProcess, greedy_reference, stream_text
-
     from mlxdist.lm.testing import write_checkpoint
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    checkpoint = write_checkpoint(tmp_path / "tiny-deep", family="llama", dtype="float32", **DIMS)
+    return write_checkpoint(tmp_path_factory.mktemp("hosts") / "tiny-deep", family="llama", dtype="float32", **DIMS)
+
+
+def serve(checkpoint: Path, hostfile: Path, shell: Path, log: Path) -> Any:
+    """``mlxdist-serve --hostfile HOSTFILE`` through the fake remote shell."""
+    from support.serving import ServeProcess
+
+    return ServeProcess(checkpoint, "ring", log, None, "--hostfile", str(hostfile), "--ssh",
+                        f"sh {shlex.quote(str(shell))}", "--starting-port", str(STARTING_PORT), "--timeout", "10")
+
+
+def assert_nothing_left(server: Any) -> None:
+    """Within 10 s, no rank the server ever ran and no remote bootstrap of this test is alive."""
+    end = time.monotonic() + 10
+    while time.monotonic() < end and (any(_alive(p) for p in server.pids) or _bootstraps(SUBNET)):
+        time.sleep(0.1)
+    assert not [p for p in server.pids if _alive(p)] and not _bootstraps(SUBNET), server.text()[-3000:]
+
+
+def end_everything(server: Any) -> None:
+    server.close()
+    for pid in _bootstraps(SUBNET):
+        os.kill(pid, signal.SIGKILL)
+
+
+@needs_root
+@pytest.mark.timeout(180)
+def test_the_world_re_forms_without_the_lost_host(network, cluster, checkpoint, tmp_path):
+    from support.serving import greedy_reference, stream_text
+
     reference = greedy_reference(checkpoint, PROMPT, MAX_TOKENS, MAX_TOKENS)
     hostfile, shell, names = cluster
     ips = network.addresses
     assert read_hostfile(str(hostfile))[2].ips == (ips[2],)
-    server = ServeProcess(checkpoint, "ring", tmp_path / "serve.log", None, "--hostfile", str(hostfile), "--ssh",
-                          f"sh {shlex.quote(str(shell))}", "--starting-port", str(STARTING_PORT), "--timeout", "10")
+    server = serve(checkpoint, hostfile, shell, tmp_path / "serve.log")
     try:
         health = server.wait_for(3, 90)
         assert health["plan"]["hosts"] == names, health
@@ -212,11 +239,27 @@ def test_the_world_re_forms_without_the_lost_host(network, cluster, tmp_path):
 
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(40) == 0, server.text()[-3000:]
-        end = time.monotonic() + 10
-        while time.monotonic() < end and (any(_alive(p) for p in server.pids) or _bootstraps(SUBNET)):
-            time.sleep(0.1)
-        assert not [p for p in server.pids if _alive(p)] and not _bootstraps(SUBNET), server.text()[-3000:]
+        assert_nothing_left(server)
     finally:
-        server.close()
-        for pid in _bootstraps(SUBNET):
-            os.kill(pid, signal.SIGKILL)
+        end_everything(server)
+
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_a_killed_supervisor_leaves_no_remote_rank_behind(network, cluster, checkpoint, tmp_path):
+    _, shell, names = cluster
+    hostfile = tmp_path / "two.json"
+    hostfile.write_text(json.dumps([{"ssh": n, "ips": [ip]} for n, ip in zip(names[:2], network.addresses)]))
+    server = serve(checkpoint, hostfile, shell, tmp_path / "serve.log")
+    try:
+        pids = server.wait_for(2, 90)["plan"]["pids"]
+        assert _bootstraps(SUBNET), "no remote bootstrap seen"
+        # Stopped ranks cannot notice the link or the ring going away: only their bootstraps end them,
+        # once the supervisor's end of their standard input closes with it.
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        server.proc.kill()
+        server.proc.wait(10)
+        assert_nothing_left(server)
+    finally:
+        end_everything(server)
