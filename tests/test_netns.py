@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,50 +20,18 @@ import time
 from pathlib import Path
 
 import pytest
+from support.netns import bridged_hosts, ip, needs_root
 
 WORKER = str(Path(__file__).parent / "workers" / "fault.py")
 TIMEOUT = 3.0
 MARGIN = 2.0
 SUBNET = "10.213.77"
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None,
-    reason="network namespaces need root and iproute2 (CI runs as root)",
-)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def hosts():
     """Three namespaces (and a switch namespace holding the bridge); yields their names and addresses."""
-    tag = f"md{os.getpid() % 100000}"
-    switch = f"{tag}sw"
-    names = [f"{tag}h{i}" for i in range(3)]
-    created: list[str] = []
-    try:
-        for ns in [switch, *names]:
-            _ip("netns", "add", ns)
-            created.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", switch, "link", "set", "br0", "up")
-        addresses = []
-        for i, ns in enumerate(names):
-            inside, outside = f"{tag}e{i}", f"{tag}s{i}"
-            _ip("link", "add", inside, "netns", ns, "type", "veth", "peer", "name", outside, "netns", switch)
-            _ip("-n", switch, "link", "set", outside, "master", "br0")
-            _ip("-n", switch, "link", "set", outside, "up")
-            address = f"{SUBNET}.{i + 1}"
-            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", inside)
-            _ip("-n", ns, "link", "set", inside, "up")
-            addresses.append(address)
-        yield names, addresses, switch, [f"{tag}s{i}" for i in range(3)]
-    finally:
-        for ns in reversed(created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with bridged_hosts(3, SUBNET) as made:
+        yield made.names, made.addresses, made.switch, made.switch_ports
 
 
 @needs_root
@@ -93,7 +60,7 @@ def test_link_down_mid_collective_gives_typed_errors(hosts, op):
                 time.sleep(0.05)
             time.sleep(0.3)
             down_at = time.time()
-            _ip("-n", switch, "link", "set", switch_ports[2], "down")  # host 2 is cut off
+            ip("-n", switch, "link", "set", switch_ports[2], "down")  # host 2 is cut off
             limit = time.monotonic() + TIMEOUT + 20
             while any(p.poll() is None for p in procs[:2]):
                 assert time.monotonic() < limit, "hang: " + "".join(log.read_text() for log in logs)

@@ -18,7 +18,6 @@ One server per backend, each walked through several losses:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -33,7 +32,8 @@ pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra (Python >
 pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
 
 import httpx  # noqa: E402
-from support.serving import ServeProcess  # noqa: E402
+from support.serving import ServeProcess, greedy_reference  # noqa: E402
+from support.serving import stream_text as stream_completion  # noqa: E402
 
 from mlxdist.lm.testing import write_checkpoint  # noqa: E402
 
@@ -61,27 +61,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(checkpoint) -> Any:
     """``reference(max_tokens)``: the undisturbed greedy run of PROMPT in one process (mlxdist.lm), as text."""
-    from mlx_lm.utils import load_model, load_tokenizer
-
-    from mlxdist.lm.generation import generate_tokens
-
-    model, config = load_model(checkpoint)
-    tokenizer = load_tokenizer(checkpoint, eos_token_ids=config.get("eos_token_id"))
-    prompt = tokenizer.encode(PROMPT)
-    tokens = generate_tokens(model, prompt, LONG_TOKENS, stop_tokens=tokenizer.eos_token_ids).tokens
-    assert len(tokens) >= MAX_TOKENS and not set(tokens[:MAX_TOKENS]) & set(tokenizer.eos_token_ids), "pick another prompt"
-
-    def text(max_tokens: int) -> str:
-        # Detokenized as a stream is (mlx-lm's streaming detokenizer can differ from one decode of
-        # byte tokens); an end-of-sequence token adds no text.
-        from mlxdist.serve.text import TextAssembler
-
-        eos = set(tokenizer.eos_token_ids)
-        assembler, *body, last = TextAssembler(tokenizer, [], eos), *tokens[:max_tokens]
-        pieces = [assembler.add(t, None)[0] for t in body]
-        return "".join(pieces) + assembler.add(last, "stop" if last in eos else "length")[0]
-
-    return text
+    return greedy_reference(checkpoint, PROMPT, LONG_TOKENS, MAX_TOKENS)
 
 
 class Server(ServeProcess):
@@ -106,24 +86,8 @@ STRIKE_AT = 1  # tokens streamed before the loss (the engine runs ahead of the c
 
 
 def stream_text(server: Server, body: dict[str, Any], strike: Optional[Any] = None, strike_at: int = STRIKE_AT) -> str:
-    """Stream a completion; call ``strike()`` once ``strike_at`` tokens arrived (0: once it opened); the text."""
-    pieces: list[str] = []
-    with httpx.stream("POST", server.url + TEXT, json={"model": "tiny-deep", "prompt": PROMPT, "stream": True, **body},
-                      timeout=120) as response:
-        assert response.status_code == 200, response.read()
-        if strike is not None and strike_at == 0:
-            strike()
-            strike = None
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                assert not line.startswith("event: error"), line
-                continue
-            choice = json.loads(line[6:])["choices"][0]
-            pieces.append(choice["text"])
-            if strike is not None and len(pieces) == strike_at:
-                strike()
-                strike = None
-    return "".join(pieces)
+    """Stream a completion of PROMPT; call ``strike()`` once ``strike_at`` tokens arrived (0: once it opened)."""
+    return stream_completion(server, {"model": "tiny-deep", "prompt": PROMPT, **body}, strike, strike_at)
 
 
 def complete(server: Server, body: dict[str, Any]) -> httpx.Response:

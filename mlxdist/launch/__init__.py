@@ -14,11 +14,14 @@ one. (``mlx.launch`` exits 0 when a rank fails.) For several machines use
 Modules: :mod:`~mlxdist.launch.plan` (the launch plan: build once, start,
 watch, end; the API for any supervisor), :mod:`~mlxdist.launch.run`
 (``launch()``), :mod:`~mlxdist.launch.ports`, :mod:`~mlxdist.launch.mpi`,
-:mod:`~mlxdist.launch.output`, :mod:`~mlxdist.launch.result` and
+:mod:`~mlxdist.launch.output`, :mod:`~mlxdist.launch.result`,
+:mod:`~mlxdist.launch.hosts` (hostfiles, remote commands),
+:mod:`~mlxdist.launch.remote` (a remote rank's bootstrap) and
 :mod:`~mlxdist.launch.cli`.
 """
 
 from mlxdist.launch.cli import main
+from mlxdist.launch.hosts import Host, read_hostfile
 from mlxdist.launch.mpi import MpiRunner, find_mpirun
 from mlxdist.launch.output import LineSink, PrefixedWriter
 from mlxdist.launch.plan import FAILURE_GRACE, KILL_GRACE, LaunchPlan, RunningJob, plan_job
@@ -28,6 +31,7 @@ from mlxdist.launch.run import launch
 
 __all__ = [
     "FAILURE_GRACE",
+    "Host",
     "KILL_GRACE",
     "TIMEOUT_EXIT",
     "LaunchPlan",
@@ -42,4 +46,5 @@ __all__ = [
     "main",
     "max_local_ranks",
     "plan_job",
+    "read_hostfile",
 ]

@@ -14,6 +14,15 @@ Usage (the launcher, ``mlxdist-generate``, the tests and a server's supervisor a
 channel), finds mpirun (the environment's first) and fixes every rank's
 environment; ``plan.start`` runs it (each process in its own session) and
 hands every output line, with its rank, to ``sink``.
+
+With ``hosts`` (a hostfile's entries, :mod:`mlxdist.launch.hosts`) each
+rank runs on its host through a remote shell (``ssh``): the plan's command
+per rank is ``SHELL... HOST 'cd DIR && exec env VARS... python -m
+mlxdist.launch.remote --hostfile JSON -- COMMAND...'``, the ring's ports
+are ``starting_port + rank`` on each host's first ip, and the side channel
+is agreed over the ring (no ``MLXDIST_STORE``, no report file: the ranks'
+failure report stays on their hosts). The launcher keeps each such rank's
+standard input open; ending the job closes it, which ends the remote rank.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any, Mapping, Sequence
 
 from mlxdist._mpi import LIBNAME_VARIABLE
 from mlxdist.errors import InvalidArgumentError, LauncherNotFoundError
+from mlxdist.launch.hosts import DEFAULT_STARTING_PORT, Host, remote_commands, split_shell
 from mlxdist.launch.mpi import MpiRunner, executable, find_mpirun, mpi_failures, mpirun_command
 from mlxdist.launch.output import LineSink, pump
 from mlxdist.launch.ports import FILES_PER_RANK, free_ports, max_local_ranks, open_file_limit
@@ -95,10 +105,13 @@ class LaunchPlan:
         envs: The environment of each process.
         ranks: The rank of each process (None: mpirun, whose output is tagged by rank).
         hostfile: The ring hostfile (``MLX_HOSTFILE``), None for MPI.
-        store: The side channel's ``host:port`` (``MLXDIST_STORE``).
+        store: The side channel's ``host:port`` (``MLXDIST_STORE``); empty for
+            ranks on hosts (agreed over the ring).
         report_path: Where the first rank to see the world fail writes its report
-            (``MLXDIST_REPORT``).
+            (``MLXDIST_REPORT``; ranks on hosts write none here).
         runner: The mpirun used, for MPI.
+        hosts: The host of each rank (its hostfile entry's ``ssh``), None for local ranks.
+        addresses: The ring's ``ip:port`` of each rank (ring only).
     """
 
     backend: str
@@ -110,6 +123,8 @@ class LaunchPlan:
     store: str
     report_path: str
     runner: MpiRunner | None = None
+    hosts: list[str] | None = None
+    addresses: list[str] = field(default_factory=list)
     _directory: Any = field(default=None, repr=False)
 
     def start(self, sink: LineSink | None = None) -> RunningJob:
@@ -148,8 +163,11 @@ def plan_job(
     env: Mapping[str, str] | None = None,
     mpirun: str | None = None,
     hostfile: Sequence[str] | None = None,
+    hosts: Sequence[Host] | None = None,
+    remote_shell: str | Sequence[str] = "ssh",
+    starting_port: int = DEFAULT_STARTING_PORT,
 ) -> LaunchPlan:
-    """Build the plan for ``n`` local ranks of ``command``.
+    """Build the plan for ``n`` ranks of ``command``: local ones, or one on each of ``hosts``.
 
     The command is run as given (its program looked up on PATH first), never
     read as options of the launcher or of mpirun. For MPI the mpirun is found
@@ -167,16 +185,40 @@ def plan_job(
         mpirun: The MPI launcher to use (default: see :func:`find_mpirun`).
         hostfile: For ring, the ranks' ``host:port`` addresses (local ones; one
             per rank, ``n`` is then their number); default: fresh loopback ports.
+        hosts: For ring, one rank on each of these hosts, in order, started
+            through ``remote_shell`` (``n`` is then their number; see the
+            module docstring). The command's paths must be valid there.
+        remote_shell: The remote shell's command (a string is split as a shell
+            would), run as ``SHELL... HOST COMMAND``.
+        starting_port: With ``hosts``, rank r's ring port is ``starting_port + r``.
 
     Returns:
         The plan (a context manager that removes its files).
 
     Raises:
         InvalidArgumentError: bad ``n``, empty command, unknown backend, a hostfile
-            that does not match ``n`` (a ``ValueError``).
-        LauncherNotFoundError: the command's program, or for MPI an ``mpirun``,
-            was not found (a ``FileNotFoundError``).
+            or hosts that do not match ``n``, both of them, a bad remote shell or
+            starting port (a ``ValueError``).
+        LauncherNotFoundError: the command's program, the remote shell, or for
+            MPI an ``mpirun``, was not found (a ``FileNotFoundError``).
     """
+    if hosts is not None:
+        if hostfile is not None:
+            raise InvalidArgumentError("give either ring addresses (hostfile) or hosts, not both")
+        if backend != "ring":
+            raise InvalidArgumentError("ranks on hosts are for the ring backend; mpirun places MPI ranks")
+        if not hosts or not all(isinstance(h, Host) for h in hosts):
+            raise InvalidArgumentError(f"hosts must be a non-empty list of Host (read_hostfile), got {hosts!r}")
+        if n is not None and n != len(hosts):
+            raise InvalidArgumentError(f"{n} ranks but {len(hosts)} hosts")
+        if not command:
+            raise InvalidArgumentError("empty command")
+        shell = _resolve_command(split_shell(remote_shell), os.environ)
+        commands, addresses, ring = remote_commands(command, hosts, shell, starting_port, env or {})
+        directory = tempfile.TemporaryDirectory(prefix="mlxdist-launch-")
+        return LaunchPlan("ring", len(hosts), commands, [dict(os.environ)] * len(hosts), list(range(len(hosts))),
+                          ring, "", os.path.join(directory.name, "failure.json"), None, [h.ssh for h in hosts],
+                          addresses, directory)
     if hostfile is not None:
         if backend != "ring":
             raise InvalidArgumentError("a hostfile is for the ring backend; mpirun places MPI ranks")
@@ -256,7 +298,9 @@ class RunningJob:
         tagged = plan.backend == "mpi"
         try:
             for cmd, proc_env, rank in zip(plan.commands, plan.envs, plan.ranks):
-                proc = subprocess.Popen(cmd, env=proc_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                # A remote rank lives while its standard input is open (mlxdist.launch.remote).
+                stdin = subprocess.DEVNULL if plan.hosts is None else subprocess.PIPE
+                proc = subprocess.Popen(cmd, env=proc_env, stdin=stdin, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, start_new_session=True)
                 self.procs.append(proc)
                 for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
@@ -370,7 +414,14 @@ class RunningJob:
 
     def end(self, grace: float = KILL_GRACE) -> None:
         """End every process still running: SIGTERM (and SIGCONT, so a stopped
-        rank takes it), one shared grace period, then SIGKILL; join the readers."""
+        rank takes it), one shared grace period, then SIGKILL; join the readers.
+        A remote rank's standard input is closed first (which ends it on its host)."""
+        for p in self.procs:
+            if p.stdin is not None:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
         live = [p for p in self.procs if p.poll() is None]
         _signal_running(live, signal.SIGTERM)
         _signal_running(live, signal.SIGCONT)

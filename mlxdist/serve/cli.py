@@ -2,14 +2,18 @@
 
 Three ways to run:
 
-- ``-n N`` (N > 1) outside a launched job: this process supervises. It
-  serves HTTP itself and starts N local ranks running this command; rank 0's
-  engine connects back over a local link (``MLXDIST_SERVE_LINK`` and
-  ``MLXDIST_SERVE_TOKEN`` in the ranks' environment). When the world fails
-  it starts a new one with one rank fewer and resumes the requests in flight
-  on it (:mod:`mlxdist.serve.supervisor`); below ``--min-ranks`` it answers
-  every request in flight with the error, reports ``failed`` on ``/health``
-  naming the rank, and exits non-zero.
+- ``-n N`` (N > 1) or ``--hostfile hosts.json`` outside a launched job: this
+  process supervises. It serves HTTP itself and starts N local ranks running
+  this command, or (ring) one rank on each host of the hostfile (mlx.launch's
+  format) through the ``--ssh`` remote shell, the ring on ``--starting-port``
+  and up; rank 0's engine connects back over a link (``MLXDIST_SERVE_LINK``
+  and ``MLXDIST_SERVE_TOKEN`` in the ranks' environment: loopback, or with a
+  hostfile ``--link-host``, by default the address that routes to the first
+  host). When the world fails it starts a new one without the lost ranks
+  (locally: as many fewer; with a hostfile: without their hosts) and resumes
+  the requests in flight on it (:mod:`mlxdist.serve.supervisor`); below
+  ``--min-ranks`` it answers every request in flight with the error, reports
+  ``failed`` on ``/health`` naming the rank, and exits non-zero.
 - Inside a launched job (``mlxdist.launch -n 2 -- mlxdist-serve ...``): rank
   0 serves HTTP on a thread of its own over the same link.
 - Neither: one process, the front door on a thread.
@@ -26,6 +30,7 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
+from mlxdist.launch.hosts import DEFAULT_STARTING_PORT
 from mlxdist.serve.protocol import LINK_VARIABLE as _LINK
 from mlxdist.serve.protocol import TOKEN_VARIABLE as _TOKEN
 
@@ -68,7 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("auto", "tp", "pp"), default="auto")
     parser.add_argument("--pp-weights", type=_positive_floats, help="per-rank pipeline shares, e.g. 1,2")
     parser.add_argument("-n", "--nranks", type=_positive(int), help="local ranks to start when not inside a launched job")
-    parser.add_argument("--backend", choices=("ring", "mpi"), default="ring", help="for -n (default ring)")
+    parser.add_argument("--backend", choices=("ring", "mpi"), default="ring", help="for -n (default ring; --hostfile: ring only)")
+    parser.add_argument("--hostfile", help="ring: one rank on each host of this mlx.launch hostfile (JSON list of "
+                                           '{"ssh": HOST, "ips": [ADDRESS, ...]}), started through --ssh')
+    parser.add_argument("--ssh", default="ssh",
+                        help="for --hostfile: the remote shell, run as 'SSH HOST COMMAND' (split like a shell "
+                             "would, e.g. \"ssh -o BatchMode=yes\"; default ssh)")
+    parser.add_argument("--starting-port", type=int, default=DEFAULT_STARTING_PORT,
+                        help="for --hostfile: the first ring port on the hosts; each new world takes the next "
+                             f"ones (default {DEFAULT_STARTING_PORT})")
+    parser.add_argument("--link-host",
+                        help="for --hostfile: the address the hosts reach this process on (default: the local "
+                             "address on the route to the first host)")
     parser.add_argument("--max-concurrent", type=_positive(int), default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-queue", type=int, default=32,
                         help="requests waiting beyond --max-concurrent before 429 (default 32)")
@@ -81,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-operation deadline of the ranks while requests run, seconds (default 30; "
                              "an idle server's ranks wait for work up to max(60, 4x this))")
     parser.add_argument("--min-ranks", type=_positive(int), default=1,
-                        help="for -n: after losing ranks, re-form the world while at least this many remain; "
+                        help="for -n/--hostfile: after losing ranks, re-form the world while at least this many remain; "
                              "below, fail and exit non-zero (default 1)")
     parser.add_argument("--reform-wait", type=_positive(float), default=60.0,
                         help="seconds a request arriving while the world re-forms waits before 503 with "
@@ -185,10 +201,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--max-queue must be >= 0")
     if not 0 <= args.port < 65536:
         parser.error("--port must be in [0, 65535]")
+    if not 0 < args.starting_port < 65536:
+        parser.error("--starting-port must be in [1, 65535]")
+    if args.hostfile is not None and args.backend != "ring":
+        parser.error("--hostfile is for --backend ring (mpirun places MPI ranks itself)")
+    if args.hostfile is not None and (detect_backend() is not None or _LINK in os.environ):
+        parser.error("--hostfile is for the supervising process, not for a rank inside a launched job")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
-        if (args.nranks or 1) > 1 and detect_backend() is None and _LINK not in os.environ:
+        supervising = (args.nranks or 1) > 1 or args.hostfile is not None
+        if supervising and detect_backend() is None and _LINK not in os.environ:
             return _supervise(args, argv)
         return _serve_rank(args)
     except (ValueError, TypeError, NotImplementedError, OSError) as exc:

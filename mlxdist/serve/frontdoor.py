@@ -2,7 +2,8 @@
 
 It runs either on the main thread of the process that supervises the ranks
 (that process handles SIGINT/SIGTERM) or on a thread of rank 0 inside a
-launched job. Either way the engine reaches it over the same local link.
+launched job. Either way the engine reaches it over the same link: on
+loopback, or (ranks on other hosts) on an address those hosts reach.
 """
 
 from __future__ import annotations
@@ -87,12 +88,19 @@ class FrontDoor:
         port: HTTP port (0: any free one; see :attr:`port` once started).
         max_inflight: Requests admitted at once (more get 429).
         stall: Seconds of engine silence with requests running before failing.
+        link_host: Address the engine link listens on (any free port); the
+            engine presents the job token, so another address than loopback is
+            for rank 0 on another host.
+
+    Raises:
+        OSError: an address cannot be bound.
     """
 
-    def __init__(self, *, host: str, port: int, max_inflight: int, stall: float) -> None:
+    def __init__(self, *, host: str, port: int, max_inflight: int, stall: float,
+                 link_host: str = "127.0.0.1") -> None:
         self.token = secrets.token_hex(16)
-        self.link_socket = socket.create_server(("127.0.0.1", 0))
-        self.link_address = f"127.0.0.1:{self.link_socket.getsockname()[1]}"
+        self.link_socket = socket.create_server((link_host, 0))
+        self.link_address = f"{link_host}:{self.link_socket.getsockname()[1]}"
         self.http_socket = socket.create_server((host, port))
         self.port = self.http_socket.getsockname()[1]
         self.host = host

@@ -81,6 +81,8 @@ class ResumingBroker(Broker):
         self.ever_ready = False
         # The loss being recovered from (or the last one): ranks, how, and its timeline.
         self.loss: dict[str, Any] = {}
+        # Where the current world's ranks run (hosts, ring addresses), added to its plan.
+        self.placement: dict[str, Any] = {}
         self._ready: Optional[asyncio.Event] = None
         self._awaiting_first_token = False
 
@@ -136,11 +138,12 @@ class ResumingBroker(Broker):
                 record = self.records.get(rid)
                 if record is not None:
                     record.tokens.append(token)
-        if kind == "ready" and self.state == "re-forming":
-            super()._dispatch(message)
+        resuming = kind == "ready" and self.state == "re-forming"
+        super()._dispatch(message)
+        if kind == "ready":
+            self.plan.update(self.placement)
+        if resuming:
             self._resume_all()
-        else:
-            super()._dispatch(message)
         if self.state == "ready":
             self.ever_ready = True
             self._ready_event().set()
@@ -152,8 +155,11 @@ class ResumingBroker(Broker):
         self.plan["re_formed"] = {"from_ranks": loss["from_ranks"], "lost_ranks": loss["ranks"], "how": loss["how"],
                                   "seconds": round(now - loss["seen"], 3), "seen_at": loss["seen"], "resumed": len(self.pending),
                                   "resumed_after_tokens": [len(self.records[rid].tokens) for rid in self.pending]}
-        logger.warning("mlxdist-serve: world %d ready on %d rank(s): %s (%s); re-forming took %.2f s; "
-                       "resuming %d request(s)", self.world, self.plan.get("ranks"), self.plan.get("mode"),
+        if "lost_hosts" in loss:
+            self.plan["re_formed"]["lost_hosts"] = loss["lost_hosts"]
+        where = f" on {', '.join(self.plan['hosts'])}" if self.plan.get("hosts") else ""
+        logger.warning("mlxdist-serve: world %d ready on %d rank(s)%s: %s (%s); re-forming took %.2f s; "
+                       "resuming %d request(s)", self.world, self.plan.get("ranks"), where, self.plan.get("mode"),
                        self.plan.get("reason"), now - loss["seen"], len(self.pending))
         self._awaiting_first_token = True
         for rid in list(self.pending):
@@ -230,10 +236,14 @@ class ResumingBroker(Broker):
             self._ready.set()  # the requests waiting for a world get the failure now
 
     def note(self, **fields: Any) -> None:
-        """Record supervisor times of the current loss (``ended``, ``started``) or the new world's number."""
+        """Record what the supervisor knows of the current loss (``ended``, ``started``, ``lost_hosts``),
+        the new world's number (``world``) and where its ranks run (``placement``: added to its plan)."""
         world = fields.pop("world", None)
         if world is not None:
             self.world = world
+        placement = fields.pop("placement", None)
+        if placement is not None:
+            self.placement = dict(placement)
         self.loss.update(fields)
 
     def health(self) -> dict[str, Any]:

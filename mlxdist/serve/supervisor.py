@@ -1,17 +1,29 @@
-"""The supervising process of ``mlxdist-serve -n N``: the front door, and a new world each time one is lost.
+"""The supervising process of ``mlxdist-serve -n N`` or ``--hostfile``: the front door, and a new world
+each time one is lost.
 
 The front door (HTTP and the engine link) runs on the main thread for the
 process's whole life. A thread of its own runs the worlds one after the
-other: it starts N local ranks through the launch plan API, waits until the
-world fails (the broker hears it from rank 0's engine or its link, or the
-launcher sees a rank end), ends what is left of it, and starts a new world
-with one rank fewer; the ranks load the model and plan again (``--mode``
-and ``--pp-weights`` as given, the plan dispatcher of :mod:`mlxdist.lm`
-picking for the new size), and the broker resumes every request in flight
-on it (:mod:`mlxdist.serve.resume`). Below ``--min-ranks`` the failure is
-final: every request gets the error, ``/health`` says ``failed`` naming the
-lost ranks, and the process exits non-zero. With MPI, a rank's loss ends the
-whole mpirun; the new world is a fresh mpirun with one rank fewer.
+other: it starts the ranks through the launch plan API (N local ones, or
+one on each host of ``--hostfile`` through the ``--ssh`` remote shell),
+waits until the world fails (the broker hears it from rank 0's engine or
+its link, or the launcher sees a rank end), ends what is left of it, and
+starts a new world without the lost ranks: locally as many fewer as the
+failure names (at least one); with a hostfile, on the hosts of the last
+world but those of the ranks the failure names (else the rank the launcher
+saw end; else the last host). The ranks load the model and plan again
+(``--mode`` and ``--pp-weights`` as given, the plan dispatcher of
+:mod:`mlxdist.lm` picking for the new size), and the broker resumes every
+request in flight on it (:mod:`mlxdist.serve.resume`). Below
+``--min-ranks`` the failure is final: every request gets the error,
+``/health`` says ``failed`` naming the lost ranks, and the process exits
+non-zero. With MPI, a rank's loss ends the whole mpirun; the new world is a
+fresh mpirun.
+
+With a hostfile, world k's ring ports are ``--starting-port + (k - 1) *
+hosts`` plus the rank (a new world never binds a port the last one may still
+hold), the side channel is agreed over the ring, and the engine link
+listens on ``--link-host`` (default: this machine's address on the route to
+the first host).
 """
 
 from __future__ import annotations
@@ -27,12 +39,13 @@ from typing import Optional, Sequence
 
 from mlxdist.errors import InvalidArgumentError
 from mlxdist.launch import PrefixedWriter, plan_job
+from mlxdist.launch.hosts import Host, local_address_towards, read_hostfile
 from mlxdist.launch.result import LaunchResult, report_lines
 from mlxdist.serve.frontdoor import FrontDoor, load_config
 from mlxdist.serve.protocol import LINK_VARIABLE, TOKEN_VARIABLE
 from mlxdist.serve.resume import ResumingBroker
 
-__all__ = ["supervise", "Supervisor"]
+__all__ = ["supervise", "Supervisor", "next_world"]
 
 logger = logging.getLogger("mlxdist.serve")
 
@@ -42,27 +55,70 @@ FAIL_GRACE = 2.0
 _TEARDOWN_GRACE = 0.5
 
 
+# Options only the supervising process reads (the API key: only the front door checks it).
+_SUPERVISOR_OPTIONS = ("--api-key", "--hostfile", "--ssh", "--starting-port", "--link-host")
+
+
 def _rank_argv(argv: Sequence[str]) -> list[str]:
-    """The command line for the ranks: ours without ``--api-key`` (only the front door checks it)."""
+    """The command line for the ranks: ours without the supervisor's own options."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--api-key":
+        elif arg in _SUPERVISOR_OPTIONS:
             skip = True
-        elif not arg.startswith("--api-key="):
+        elif not arg.startswith(tuple(f"{option}=" for option in _SUPERVISOR_OPTIONS)):
             out.append(arg)
     return out
 
 
-class _World:
-    """One started job of ranks and the thread waiting for it to end."""
+def next_world(size: int, hosts: Optional[list[Host]], lost: list[int]) -> tuple[int, list[Host], list[Host]]:
+    """The world that follows one of ``size`` ranks that lost the ranks ``lost``.
 
-    def __init__(self, argv: Sequence[str], n: int, backend: str, env: dict[str, str], down: threading.Event) -> None:
+    Args:
+        size: The lost world's number of ranks.
+        hosts: Its hosts (rank r on ``hosts[r]``), None for local ranks.
+        lost: The ranks to leave out (out of range ones are ignored); empty: unknown.
+
+    Returns:
+        ``(size, hosts, lost_hosts)`` of the next world: locally ``size`` minus
+        the ranks lost (at least one); with hosts, those of the ranks not lost
+        (unknown: all but the last), and the hosts left out.
+    """
+    ranks = {r for r in lost if 0 <= r < size}
+    if hosts is None:
+        return size - max(1, len(ranks)), [], []
+    if not ranks:
+        return size - 1, hosts[:-1], hosts[-1:]
+    return (size - len(ranks), [h for r, h in enumerate(hosts) if r not in ranks],
+            [h for r, h in enumerate(hosts) if r in ranks])
+
+
+class _World:
+    """One started job of ranks and the thread waiting for it to end.
+
+    Args:
+        argv: The supervisor's command line.
+        n: Number of ranks.
+        args: The parsed command line (``backend``, ``ssh``, ``starting_port``).
+        env: The ranks' variables (the link's address and token).
+        down: Set once the job ended.
+        hosts: The hosts to run on (one rank each), None for local ranks.
+        port_offset: Added to ``--starting-port`` (a new world's ports are fresh).
+    """
+
+    def __init__(self, argv: Sequence[str], n: int, args: argparse.Namespace, env: dict[str, str],
+                 down: threading.Event, hosts: Optional[list[Host]] = None, port_offset: int = 0) -> None:
         self.size = n
+        self.hosts = hosts
+        backend = args.backend
         command = [sys.executable, "-m", "mlxdist.serve", *_rank_argv(argv)]
-        self.plan = plan_job(command, n=n, backend=backend, env=env)
-        if n == 1 and backend == "ring":
+        if hosts is not None:
+            self.plan = plan_job(command, backend=backend, env=env, hosts=hosts, remote_shell=args.ssh,
+                                 starting_port=args.starting_port + port_offset)
+        else:
+            self.plan = plan_job(command, n=n, backend=backend, env=env)
+        if n == 1 and backend == "ring" and hosts is None:
             # One process is a world of its own: no ring to join.
             for rank_env in self.plan.envs:
                 rank_env.pop("MLX_HOSTFILE", None)
@@ -100,13 +156,22 @@ class Supervisor:
     Args:
         args: The parsed command line.
         argv: The command line, passed on to the ranks.
+        hosts: The hostfile's hosts (one rank each), None for local ranks.
+
+    Raises:
+        ConfigurationError: no route to the first host (``--link-host`` not given).
+        OSError: the HTTP or link address cannot be bound.
     """
 
-    def __init__(self, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str], hosts: Optional[list[Host]] = None) -> None:
         self.args = args
         self.argv = list(argv)
+        self.hosts = hosts
+        link_host = "127.0.0.1"
+        if hosts is not None:
+            link_host = args.link_host or local_address_towards(hosts[0].ips[0])
         self.door = FrontDoor(host=args.host, port=args.port, max_inflight=args.max_concurrent + args.max_queue,
-                              stall=2 * args.timeout + 10)
+                              stall=2 * args.timeout + 10, link_host=link_host)
         self.broker = ResumingBroker(self.door.token, max_inflight=self.door.broker.max_inflight,
                                      stall=self.door.broker.stall, admit_wait=args.reform_wait,
                                      on_world_lost=self._world_lost)
@@ -126,16 +191,35 @@ class Supervisor:
         self._loss = (reason, ranks, how)
         self.down.set()
 
+    def _start(self, number: int, size: int, hosts: Optional[list[Host]]) -> _World:
+        offset = (number - 1) * len(self.hosts) if self.hosts is not None else 0
+        world = _World(self.argv, size, self.args, self.env, self.down, hosts, offset)
+        placement = {} if hosts is None else {"hosts": list(world.plan.hosts or []),
+                                              "addresses": list(world.plan.addresses)}
+        self.door.call(functools.partial(self.broker.note, started=time.time(), world=number, placement=placement))
+        if hosts is not None:
+            logger.warning("mlxdist-serve: world %d on host(s) %s (ring %s)", number, ", ".join(placement["hosts"]),
+                           ", ".join(placement["addresses"]))
+        return world
+
+    def _lost(self, world: _World) -> list[int]:
+        """The ranks of ``world`` the failure names, else the one the launcher saw end by itself."""
+        ranks = sorted({int(r) for r in self.broker.loss.get("ranks") or self._loss[1] if 0 <= int(r) < world.size})
+        result = world.result
+        if not ranks and result is not None and result.failed_rank is not None and 0 <= result.failed_rank < world.size:
+            ranks = [result.failed_rank]
+        return ranks
+
     def _run_worlds(self) -> None:
-        size, number = self.args.nranks, 1
+        hosts = self.hosts
+        size, number = (len(hosts) if hosts is not None else self.args.nranks), 1
         while not self.stopping.is_set():
             with self.lock:
                 if self.stopping.is_set():
                     return
                 self.down.clear()  # a late word of the last world's loss
-                self.door.call(functools.partial(self.broker.note, started=time.time(), world=number))
                 try:
-                    self.world = world = _World(self.argv, size, self.args.backend, self.env, self.down)
+                    self.world = world = self._start(number, size, hosts)
                 except (OSError, ValueError) as exc:  # the launcher's typed errors subclass these
                     self._give_up(None, f"could not start world {number} on {size} rank(s): {exc}", [])
                     return
@@ -152,23 +236,29 @@ class Supervisor:
             elif world.result is not None and world.result.ok:
                 return  # the ranks ended cleanly: the front door is shutting down
             time.sleep(0.05)  # let the broker's note of the loss land first
-            reason, ranks = self.broker.reason or "", list(self.broker.loss.get("ranks") or self._loss[1])
-            named = [f"rank {r} of {size}" for r in ranks] or [f"a rank of {size}"]
-            self.lost.extend(named)
+            reason = self.broker.reason or ""
+            ranks = self._lost(world)
+            left, next_hosts, lost_hosts = next_world(size, hosts, ranks)
+            on = {r: f" ({hosts[r].ssh})" for r in ranks} if hosts is not None else {}
+            self.lost.extend([f"rank {r} of {size}{on.get(r, '')}" for r in ranks] or [f"a rank of {size}"])
+            if hosts is not None:
+                hosts = next_hosts
+                self.door.call(functools.partial(self.broker.note, lost_hosts=[h.ssh for h in lost_hosts]))
             if not self.broker.ever_ready:
                 self._give_up(world, f"{reason}; the first world never became ready", ranks)
                 return
-            if size - 1 < self.args.min_ranks:
-                self._give_up(world, f"{reason}; lost {', '.join(self.lost)}: {size - 1} rank(s) left, below "
+            if left < self.args.min_ranks:
+                self._give_up(world, f"{reason}; lost {', '.join(self.lost)}: {left} rank(s) left, below "
                               f"--min-ranks {self.args.min_ranks}", ranks)
                 return
             result = world.end(_TEARDOWN_GRACE)
             for line in report_lines(result, None, self.args.backend) if result is not None else []:
                 logger.warning("%s", line)
             self.door.call(functools.partial(self.broker.note, ended=time.time()))
+            without = f" without {', '.join(h.ssh for h in lost_hosts)}" if lost_hosts else ""
             logger.warning("mlxdist-serve: world %d ended %.2f s after the loss was seen; starting world %d on "
-                           "%d rank(s)", number, time.time() - seen, number + 1, size - 1)
-            size, number = size - 1, number + 1
+                           "%d rank(s)%s", number, time.time() - seen, number + 1, left, without)
+            size, number = left, number + 1
 
     def _give_up(self, world: Optional[_World], message: str, ranks: list[int]) -> None:
         self.final = (message, ranks)
@@ -214,19 +304,32 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Serve HTTP here and run the ranks' worlds until stopped or below ``--min-ranks``.
 
     Args:
-        args: The parsed command line (``nranks``, ``backend``, ``min_ranks``, ``reform_wait``, ...).
+        args: The parsed command line (``nranks``, ``backend``, ``min_ranks``, ``reform_wait``,
+            ``hostfile``, ``ssh``, ``starting_port``, ``link_host``, ...).
         argv: The command line, passed on to the ranks.
 
     Returns:
         The exit status: 0 after a clean stop, non-zero after a final failure.
 
     Raises:
-        InvalidArgumentError: ``--model`` is not a checkpoint directory, or
-            ``--min-ranks`` exceeds ``-n``.
+        InvalidArgumentError: ``--model`` is not a checkpoint directory, ``--min-ranks``
+            exceeds the number of ranks, or ``-n`` differs from the hostfile's hosts.
+        ConfigurationError: the hostfile cannot be read or has a bad entry (named),
+            or no route leads to its first host.
     """
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise InvalidArgumentError(f"{args.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
+    hosts = None
+    if args.hostfile is not None:
+        hosts = read_hostfile(args.hostfile)
+        if args.nranks is not None and args.nranks != len(hosts):
+            raise InvalidArgumentError(f"-n {args.nranks} but the hostfile {args.hostfile} lists {len(hosts)} "
+                                       "hosts (one rank each)")
+        args.nranks = len(hosts)
+        if args.starting_port + len(hosts) ** 2 > 65536:
+            raise InvalidArgumentError(f"--starting-port {args.starting_port} leaves no room for the ring ports of "
+                                       f"{len(hosts)} worlds of up to {len(hosts)} hosts below 65536")
     if args.min_ranks > args.nranks:
-        raise InvalidArgumentError(f"--min-ranks {args.min_ranks} exceeds -n {args.nranks}")
-    return Supervisor(args, argv).run()
+        raise InvalidArgumentError(f"--min-ranks {args.min_ranks} exceeds the {args.nranks} rank(s) to start")
+    return Supervisor(args, argv, hosts).run()
 

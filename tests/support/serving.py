@@ -1,9 +1,12 @@
-"""A running ``mlxdist-serve -n N`` for the serving tests: the supervising process
-started in its own session, its ranks found through ``/health``, and everything
-ended at close (ranks run in their own sessions, stopped ones included)."""
+"""A running ``mlxdist-serve -n N`` (or ``--hostfile``) for the serving tests: the
+supervising process started in its own session, its ranks found through
+``/health``, and everything ended at close (ranks run in their own sessions,
+stopped ones included); a stream read token by token with a fault struck
+part way, and the undisturbed run's text to compare it with."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,20 +14,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import httpx
 
-__all__ = ["ServeProcess"]
+__all__ = ["ServeProcess", "greedy_reference", "stream_text"]
 
 
 class ServeProcess:
-    """``python -m mlxdist.serve --model CHECKPOINT -n N --backend B --port 0 EXTRA...``."""
+    """``python -m mlxdist.serve --model CHECKPOINT -n N --backend B --port 0 EXTRA...``
+    (``n`` None: no ``-n``, e.g. with ``--hostfile`` in ``extra``)."""
 
-    def __init__(self, checkpoint: Path, backend: str, log: Path, n: int, *extra: str) -> None:
+    def __init__(self, checkpoint: Path, backend: str, log: Path, n: Optional[int], *extra: str) -> None:
         self.log = log
+        count = [] if n is None else ["-n", str(n)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), "-n", str(n), "--backend", backend,
+            [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), *count, "--backend", backend,
              "--port", "0", *extra],
             stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True,
         )
@@ -89,3 +94,49 @@ class ServeProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def greedy_reference(checkpoint: Path, prompt: str, longest: int, at_least: int) -> Callable[[int], str]:
+    """``reference(max_tokens)``: the undisturbed greedy run of ``prompt`` in one process (mlxdist.lm),
+    as text, for up to ``longest`` tokens; the first ``at_least`` must not end the sequence."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    from mlxdist.lm.generation import generate_tokens
+    from mlxdist.serve.text import TextAssembler
+
+    model, config = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, eos_token_ids=config.get("eos_token_id"))
+    tokens = generate_tokens(model, tokenizer.encode(prompt), longest, stop_tokens=tokenizer.eos_token_ids).tokens
+    eos = set(tokenizer.eos_token_ids)
+    assert len(tokens) >= at_least and not set(tokens[:at_least]) & eos, "pick another prompt"
+
+    def text(max_tokens: int) -> str:
+        # Detokenized as a stream is (mlx-lm's streaming detokenizer can differ from one decode of
+        # byte tokens); an end-of-sequence token adds no text.
+        assembler, *body, last = TextAssembler(tokenizer, [], eos), *tokens[:max_tokens]
+        pieces = [assembler.add(t, None)[0] for t in body]
+        return "".join(pieces) + assembler.add(last, "stop" if last in eos else "length")[0]
+
+    return text
+
+
+def stream_text(server: ServeProcess, body: dict[str, Any], strike: Optional[Callable[[], None]] = None,
+                strike_at: int = 1) -> str:
+    """Stream ``/v1/completions`` with ``body``; call ``strike()`` once ``strike_at`` tokens arrived
+    (0: once it opened); the text."""
+    pieces: list[str] = []
+    with httpx.stream("POST", server.url + "/v1/completions", json={"stream": True, **body}, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        if strike is not None and strike_at == 0:
+            strike()
+            strike = None
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                assert not line.startswith("event: error"), line
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            pieces.append(choice["text"])
+            if strike is not None and len(pieces) == strike_at:
+                strike()
+                strike = None
+    return "".join(pieces)
