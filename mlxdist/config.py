@@ -115,10 +115,16 @@ def parse_hostfile(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
 
 
 def _check_bindable(host: str, port: int, rank: int) -> None:
-    """Refuse a listening address this process cannot bind (in use, not local)."""
+    """Refuse a listening address this process cannot bind (in use, not local).
+
+    The probe binds as MLX's ring does (``SO_REUSEADDR`` and ``SO_REUSEPORT``),
+    so a port the launcher holds for this rank (launch.ports) counts as free.
+    """
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         probe.bind((host, port))
     except OSError as exc:
         reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 import mlxdist
 from conftest import WORKERS, run_ranks
 from mlxdist.errors import LauncherNotFoundError
-from mlxdist.launch import KILL_GRACE, find_mpirun, free_ports, launch
+from mlxdist.launch import KILL_GRACE, find_mpirun, free_ports, launch, plan_job
 
 
 def probe(mode: str, n: int, backend: str, timeout: float = 60.0):
@@ -99,6 +100,42 @@ def test_free_ports_are_distinct_and_never_ephemeral():
     for p in ports:  # free: each binds
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", p))
+
+
+def _bind(port: int, *options: int, listen: bool = False) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    for option in options:
+        s.setsockopt(socket.SOL_SOCKET, option, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        if listen:
+            s.listen()
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def test_a_plan_holds_its_ports_for_its_ranks_only():
+    """Two launches must never draw the same port (one rank then fails to bind: errno 98, seen with
+    two fault trials at a time). A plan holds its ports until it closes: other binds are refused,
+    while a rank binding as MLX's ring does (SO_REUSEADDR and SO_REUSEPORT) listens on them."""
+    with plan_job([sys.executable, "-c", "pass"], n=3, backend="ring") as plan:
+        ports = [int(rank[0].rsplit(":", 1)[1]) for rank in json.loads(Path(plan.hostfile).read_text())]
+        ports.append(int(plan.store.split(":")[1]))
+        for port in ports:
+            for options in ((), (socket.SO_REUSEADDR,)):
+                with pytest.raises(OSError) as refused:
+                    _bind(port, *options)
+                assert refused.value.errno == errno.EADDRINUSE
+            with _bind(port, socket.SO_REUSEADDR, socket.SO_REUSEPORT, listen=True) as ring:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as peer:
+                    accepted, _ = ring.accept()
+                    peer.sendall(b"x")
+                    assert accepted.recv(1) == b"x"
+                    accepted.close()
+    for port in ports:  # released with the plan (SO_REUSEADDR: the closed test connection is in TIME_WAIT)
+        _bind(port, socket.SO_REUSEADDR).close()
 
 
 def test_lost_peer_raises_communication_error():

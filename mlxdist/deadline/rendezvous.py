@@ -27,6 +27,9 @@ __all__ = ["rendezvous", "agree_over_backend", "launch_environment", "rank_and_s
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        # The launcher holds the store's port this way until the job ends (launch.ports).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(64)
     return sock

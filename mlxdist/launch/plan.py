@@ -45,7 +45,7 @@ from mlxdist.errors import InvalidArgumentError, LauncherNotFoundError
 from mlxdist.launch.hosts import DEFAULT_STARTING_PORT, Host, remote_commands, split_shell
 from mlxdist.launch.mpi import MpiRunner, executable, find_mpirun, mpi_failures, mpirun_command
 from mlxdist.launch.output import LineSink, pump
-from mlxdist.launch.ports import FILES_PER_RANK, free_ports, max_local_ranks, open_file_limit
+from mlxdist.launch.ports import FILES_PER_RANK, PortReservation, max_local_ranks, open_file_limit
 from mlxdist.launch.result import LaunchResult
 
 __all__ = ["LaunchPlan", "RunningJob", "plan_job", "KILL_GRACE", "FAILURE_GRACE", "BACKENDS"]
@@ -126,6 +126,7 @@ class LaunchPlan:
     hosts: list[str] | None = None
     addresses: list[str] = field(default_factory=list)
     _directory: Any = field(default=None, repr=False)
+    _ports: PortReservation | None = field(default=None, repr=False)
 
     def start(self, sink: LineSink | None = None) -> RunningJob:
         """Start every process of the plan.
@@ -144,10 +145,13 @@ class LaunchPlan:
         return RunningJob(self, sink or (lambda rank, stream, text: None))
 
     def close(self) -> None:
-        """Remove the plan's files (hostfile, report); the plan cannot start again."""
+        """Remove the plan's files (hostfile, report) and release its ports; the plan cannot start again."""
         if self._directory is not None:
             self._directory.cleanup()
             self._directory = None
+        if self._ports is not None:
+            self._ports.close()
+            self._ports = None
 
     def __enter__(self) -> LaunchPlan:
         return self
@@ -241,10 +245,12 @@ def plan_job(
     runner = find_mpirun(mpirun, base_env) if backend == "mpi" else None
 
     directory = tempfile.TemporaryDirectory(prefix="mlxdist-launch-")
+    reservation = None
     try:
         report_path = os.path.join(directory.name, "failure.json")
-        # One call for every port of the job (the store's last): distinct ports.
-        ports = free_ports(1 if backend == "mpi" or hostfile is not None else n + 1)
+        # Every port of the job in one draw (the store's last), held until the plan closes.
+        reservation = PortReservation(1 if backend == "mpi" or hostfile is not None else n + 1)
+        ports = reservation.ports
         base_env.setdefault("MLXDIST_STORE", f"127.0.0.1:{ports[-1]}")
         base_env.setdefault("MLXDIST_JOB_TOKEN", secrets.token_hex(16))
         base_env.setdefault("MLXDIST_REPORT", report_path)
@@ -260,16 +266,20 @@ def plan_job(
             pass_env = [LIBNAME_VARIABLE] if base_env.get(LIBNAME_VARIABLE) else []
             pass_env += [k for k in _RANK_VARIABLES if k in base_env]
             return LaunchPlan("mpi", n, [mpirun_command(runner, n, resolved, pass_env)], [base_env], [None],
-                              None, base_env["MLXDIST_STORE"], base_env["MLXDIST_REPORT"], runner, directory)
+                              None, base_env["MLXDIST_STORE"], base_env["MLXDIST_REPORT"], runner,
+                              _directory=directory, _ports=reservation)
         path = os.path.join(directory.name, "hosts.json")
         addresses = list(hostfile) if hostfile is not None else [f"127.0.0.1:{p}" for p in ports[:n]]
         with open(path, "w") as f:
             json.dump([[a] for a in addresses], f)
         envs = [dict(base_env, MLX_RANK=str(r), MLX_HOSTFILE=path) for r in range(n)]
         return LaunchPlan("ring", n, [resolved] * n, envs, list(range(n)), path,
-                          base_env["MLXDIST_STORE"], base_env["MLXDIST_REPORT"], None, directory)
+                          base_env["MLXDIST_STORE"], base_env["MLXDIST_REPORT"], None,
+                          _directory=directory, _ports=reservation)
     except BaseException:
         directory.cleanup()
+        if reservation is not None:
+            reservation.close()
         raise
 
 
