@@ -225,12 +225,16 @@ class Engine:
         deadline: Any = "start"
         try:
             while True:
-                # Every rank holds the same requests, so all switch deadlines at the same step.
-                wanted = self.timeout if self.uid_of else self.idle_timeout
+                work = self._collect() if self.rank == 0 else None
+                # Each rank bounds its own wait: the short deadline while requests run, and on
+                # rank 0 also for a hand-off that carries work (a rank stalled as a request
+                # arrives is found within it); the others wait for work under the idle one.
+                busy = bool(self.uid_of) or (work is not None and any(
+                    work[key] for key in ("submit", "cancel", "stats", "stop")))
+                wanted = self.timeout if busy else self.idle_timeout
                 if self.size > 1 and wanted != deadline:
                     mlxdist.set_timeout(wanted, self.group)
                     deadline = wanted
-                work = self._collect() if self.rank == 0 else None
                 work = mlxdist.broadcast_object(work, 0, group=self.group)
                 self.step = work["step"] + 1
                 self.counters["steps"] += 1
