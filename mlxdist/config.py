@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from mlxdist.errors import ConfigurationError
 
-__all__ = ["RingConfig", "parse_rank", "parse_address", "parse_hostfile", "ring_config"]
+__all__ = ["RingConfig", "parse_rank", "parse_address", "parse_hostfile", "ring_config", "reuse_as_ring"]
 
 
 @dataclass(frozen=True)
@@ -114,17 +114,29 @@ def parse_hostfile(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
     return tuple(hosts)
 
 
+def reuse_as_ring(sock: socket.socket) -> None:
+    """Give ``sock`` the options MLX's ring binds its listeners with.
+
+    ``SO_REUSEADDR``, and ``SO_REUSEPORT`` where it exists: a port the
+    launcher holds for the job (``launch.ports.PortReservation``) then binds.
+
+    Args:
+        sock: A TCP socket, not yet bound.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
 def _check_bindable(host: str, port: int, rank: int) -> None:
     """Refuse a listening address this process cannot bind (in use, not local).
 
-    The probe binds as MLX's ring does (``SO_REUSEADDR`` and ``SO_REUSEPORT``),
-    so a port the launcher holds for this rank (launch.ports) counts as free.
+    The probe binds as MLX's ring does, so a port the launcher holds for this
+    rank counts as free.
     """
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reuse_as_ring(probe)
         probe.bind((host, port))
     except OSError as exc:
         reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"

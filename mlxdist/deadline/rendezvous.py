@@ -16,7 +16,7 @@ import socket
 from typing import Callable, Mapping
 
 from mlxdist._sidechannel import Link, Store
-from mlxdist.config import RingConfig
+from mlxdist.config import RingConfig, reuse_as_ring
 from mlxdist.deadline.settings import Settings
 from mlxdist.deadline.watchdog import Watchdog
 from mlxdist.errors import InitializationError
@@ -26,10 +26,7 @@ __all__ = ["rendezvous", "agree_over_backend", "launch_environment", "rank_and_s
 
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        # The launcher holds the store's port this way until the job ends (launch.ports).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reuse_as_ring(sock)  # the launcher holds the store's port until the job ends
     sock.bind((host, port))
     sock.listen(64)
     return sock

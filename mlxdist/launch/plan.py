@@ -220,7 +220,7 @@ def plan_job(
         shell = _resolve_command(split_shell(remote_shell), os.environ)
         commands, addresses, ring = remote_commands(command, hosts, shell, starting_port, env or {})
         directory = tempfile.TemporaryDirectory(prefix="mlxdist-launch-")
-        return LaunchPlan("ring", len(hosts), commands, [dict(os.environ)] * len(hosts), list(range(len(hosts))),
+        return LaunchPlan("ring", len(hosts), commands, [dict(os.environ) for _ in hosts], list(range(len(hosts))),
                           ring, "", os.path.join(directory.name, "failure.json"), None, [h.ssh for h in hosts],
                           addresses, directory)
     if hostfile is not None:
