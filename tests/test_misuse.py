@@ -37,31 +37,3 @@ def test_misuse_on_two_ranks(backend):
     assert [r for r, _ in cases] == [0, 1], cases
     assert all(n >= 440 for _, n in cases), cases
     assert all(r.checks > 1500 and r.failures == 0 for r in mine)
-
-
-def test_the_readme_errors_table_states_the_hierarchy():
-    # README "Errors": each row's classes derive from DistributedError and
-    # from the builtin the row names; every exported error class has a row.
-    import builtins
-    from pathlib import Path
-
-    section = (Path(__file__).resolve().parent.parent / "README.md").read_text().split("## Errors\n", 1)[1]
-    rows = [line.strip("|").split("|") for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("| `")]
-    named = set()
-    for cells in rows:
-        classes = re.findall(r"`(\w+)`", cells[0])
-        builtin = re.findall(r"`(\w+)`", cells[1])
-        for name in classes:
-            cls = getattr(mlxdist, name)
-            named.add(name)
-            assert issubclass(cls, mlxdist.DistributedError), name
-            for b in builtin:
-                assert issubclass(cls, getattr(builtins, b)), f"{name} is not a {b}"
-    exported = {
-        n
-        for n in mlxdist.__all__
-        if isinstance(getattr(mlxdist, n), type)
-        and issubclass(getattr(mlxdist, n), mlxdist.DistributedError)
-        and n != "DistributedError"
-    }
-    assert named == exported

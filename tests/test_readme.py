@@ -1,71 +1,101 @@
-"""The README's "Backends and operations" table states mlxdist.backends.CAPABILITIES.
+"""The README is the front page: short, its two commands real, its examples runnable, its links live.
 
-The fact lives in the capability table; this test keeps the README's copy of
-it honest: every backend column, every operation and every qualifier.
+What it used to hold (the capability and error tables) is generated on the
+documentation site now and checked by tests/test_docs.py.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
+import shlex
+import subprocess
+import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
 
-from mlxdist.backends import CAPABILITIES, FILL_INS, OPERATIONS, Backend
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-# Operations the README names beside the table's: recv_like is a receive.
-ALIASES = {"recv_like": "recv"}
-STATUS = re.compile(r"^(native|mlxdist|unavailable)\b(.*)$")
-
-
-def readme_table() -> tuple[list[str], list[tuple[list[str], list[str]]]]:
-    """The table under "## Backends and operations": its backend columns and
-    its rows as (operation names, cells)."""
-    text = README.read_text()
-    section = text.split("## Backends and operations", 1)[1].split("\n## ", 1)[0]
-    lines = [line.strip() for line in section.splitlines() if line.strip().startswith("|")]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    header, rows = cells[0], [row for row in cells[2:]]
-    assert header[0] == "operation" and set(cells[1]) <= {"---", ":---", "---:", ":---:"}
-    return header[1:], [([o.strip() for o in re.split(r"[,/]", row[0])], row[1:]) for row in rows]
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+TEXT = README.read_text()
+BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+LINK = re.compile(r"\[[^\]]+\]\(([^)\s]+)\)")
+COMMANDS = [
+    'pip install -e ".[bench]" && mlxdist-bench',
+    'pip install -e ".[test]" && python -m pytest',
+]
+# A Python block that says how to launch it runs as written on the size-1 world.
+RUNNABLE = re.compile(r"^# \S+\.py -- run with: python -m mlxdist\.launch -n \d+ -- python \S+\.py$", re.MULTILINE)
 
 
-def test_columns_are_the_backends_of_the_table():
-    backends, _ = readme_table()
-    assert backends == [b.value for b in CAPABILITIES]
+def blocks(language: str) -> list[str]:
+    return [body for lang, body in BLOCK.findall(TEXT) if lang == language]
 
 
-def test_every_operation_appears_once():
-    _, rows = readme_table()
-    named = [ALIASES.get(op, op) for ops, _ in rows for op in ops]
-    for op in named:
-        assert op in OPERATIONS, f"the README names {op!r}, which backends.OPERATIONS lacks"
-    assert sorted(set(named)) == sorted(OPERATIONS)
-    assert len([op for ops, _ in rows for op in ops if op not in ALIASES]) == len(OPERATIONS)
+def test_the_readme_is_short():
+    assert len(TEXT.splitlines()) <= 150
 
 
-@pytest.mark.parametrize("backend", list(CAPABILITIES), ids=lambda b: b.value)
-def test_cells_state_the_capabilities(backend: Backend):
-    backends, rows = readme_table()
-    caps = CAPABILITIES[backend]
-    for ops, cells in rows:
-        cell = cells[backends.index(backend.value)]
-        match = STATUS.match(cell)
-        assert match, f"{ops} on {backend.value}: {cell!r} names no status"
-        status, rest = match.group(1), match.group(2).strip()
-        for op in ops:
-            assert status == caps.status(ALIASES.get(op, op)), f"{op} on {backend.value}: README {status!r}"
-        # Every qualifier is a fact of the table too; an unknown one fails.
-        if rest == ", neighbours only":
-            assert caps.neighbours_only and {ALIASES.get(op, op) for op in ops} <= {"send", "recv"}
-        elif rest.startswith("(bool: mlxdist"):
-            assert not caps.bool_reductions and set(ops) <= {"all_sum", "all_max", "all_min"}
-        elif rest.startswith("(from "):
-            assert all(", ".join(FILL_INS.get(op, ())) == rest[len("(from ") : -1] for op in ops), rest
-        else:
-            assert rest == "", f"{ops} on {backend.value}: unchecked qualifier {rest!r}"
-        if status == "native" and {ALIASES.get(op, op) for op in ops} <= {"send", "recv"}:
-            assert (rest == ", neighbours only") == caps.neighbours_only
-        if status == "native" and set(ops) & {"all_sum", "all_max", "all_min"}:
-            assert rest.startswith("(bool: mlxdist") == (not caps.bool_reductions)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_two_commands(command: str):
+    assert any(command in line for body in blocks("sh") for line in body.splitlines()), command
+    extra = re.search(r'"\.\[(\w+)\]"', command).group(1)
+    assert extra in importlib.metadata.metadata("mlxdist").get_all("Provides-Extra"), extra
+
+
+def test_mlxdist_bench_is_an_installed_command():
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("mlxdist-bench") == "mlxdist.bench.__main__:main"
+
+
+def _slug(heading: str) -> str:
+    # Python-Markdown's toc slugify, which MkDocs uses for anchors.
+    text = unicodedata.normalize("NFKD", heading).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_every_relative_link_resolves():
+    links = [link for link in LINK.findall(TEXT) if not re.match(r"^[a-z]+://", link)]
+    assert len(links) >= 10
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.is_file(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.MULTILINE)
+            assert anchor in {_slug(h) for h in headings}, link
+
+
+def test_the_python_examples_compile():
+    assert len(blocks("python")) == 4
+    for body in blocks("python"):
+        compile(body, "README.md", "exec")
+
+
+def test_the_launchable_examples_run(tmp_path: Path):
+    runnable = [body for body in blocks("python") if RUNNABLE.search(body)]
+    assert len(runnable) == 2  # collectives, TP layers
+    for i, body in enumerate(runnable):
+        script = tmp_path / f"example{i}.py"
+        script.write_text(body + "\nprint('EXAMPLE DONE')\n")
+        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0 and "EXAMPLE DONE" in run.stdout, run.stderr[-2000:]
+
+
+def _command_lines(program: str) -> list[list[str]]:
+    return [shlex.split(line.split("#", 1)[0]) for body in blocks("sh") for line in body.splitlines() if line.startswith(program + " ")]
+
+
+@pytest.mark.parametrize(
+    ("program", "parser"),
+    [("mlxdist-serve", "mlxdist.serve.cli:build_parser"), ("mlxdist-generate", "mlxdist.lm.cli:build_parser")],
+)
+def test_the_command_lines_parse(program: str, parser: str):
+    module, _, function = parser.partition(":")
+    build = getattr(__import__(module, fromlist=[function]), function)
+    lines = _command_lines(program)
+    assert lines, program
+    for words in lines:
+        build().parse_args(words[1:])  # exits (SystemExit) on an unknown option or a bad value

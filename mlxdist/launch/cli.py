@@ -11,7 +11,7 @@ from mlxdist.errors import LauncherNotFoundError
 from mlxdist.launch.ports import max_local_ranks, open_file_limit
 from mlxdist.launch.run import launch
 
-__all__ = ["main", "timeout_seconds"]
+__all__ = ["main", "build_parser", "timeout_seconds"]
 
 
 def timeout_seconds(text: str) -> float:
@@ -39,17 +39,11 @@ def _rank_count(text: str) -> int:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status.
-
-    Everything after the first ``--`` is the command, never an option.
-
-    Args:
-        argv: The arguments (``sys.argv[1:]`` by default).
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's options (the command after ``--`` is not one of them).
 
     Returns:
-        The job's exit status (see :attr:`LaunchResult.exit_code`), 127 when a
-        program was not found.
+        The parser of ``python -m mlxdist.launch``.
     """
     parser = argparse.ArgumentParser(
         prog="python -m mlxdist.launch",
@@ -68,6 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PATH",
         help="the MPI launcher (default: this Python environment's bin/mpirun, then PATH's)",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status.
+
+    Everything after the first ``--`` is the command, never an option.
+
+    Args:
+        argv: The arguments (``sys.argv[1:]`` by default).
+
+    Returns:
+        The job's exit status (see :attr:`LaunchResult.exit_code`), 127 when a
+        program was not found.
+    """
+    parser = build_parser()
     args_in = list(sys.argv[1:] if argv is None else argv)
     if "--" in args_in:
         split = args_in.index("--")
