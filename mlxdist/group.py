@@ -205,8 +205,12 @@ class Group(ComposedCollectives):
             The sum, of ``x``'s kind, shape and dtype.
 
         Raises:
-            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError, GroupClosedError,
-            CommunicationError: see :mod:`mlxdist.errors`.
+            ArgumentTypeError: an argument of the wrong type.
+            DtypeError: a dtype the operation cannot move.
+            ShapeError: a shape the operation cannot take.
+            InvalidArgumentError: an argument value out of range.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
         """
         if type(x) is mx.array and self._fast and stream is None and out is None:
             result = _bridge_collective(_LAZY_ALL_SUM, x, self._address, None, self._bool_ok)
@@ -246,7 +250,11 @@ class Group(ComposedCollectives):
             The gathered array, of ``x``'s kind.
 
         Raises:
-            ArgumentTypeError, DtypeError, ShapeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError: an argument of the wrong type.
+            DtypeError: a dtype the operation cannot move.
+            ShapeError: a shape the operation cannot take.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
         """
         return self._collective("all_gather", x, stream, out)
 
@@ -268,7 +276,10 @@ class Group(ComposedCollectives):
 
         Raises:
             ShapeError: scalar input or axis 0 not divisible by the size.
-            ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError: an argument of the wrong type.
+            DtypeError: a dtype the operation cannot move.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
         """
         return self._collective("sum_scatter", x, stream, out)
 
@@ -285,7 +296,8 @@ class Group(ComposedCollectives):
         """Block until every rank of the group has reached the barrier (eager).
 
         Raises:
-            GroupClosedError, CommunicationError.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
         """
         eager.collective(self, "all_sum", np.zeros(1, np.int32), None)
 
@@ -315,7 +327,10 @@ class Group(ComposedCollectives):
         Raises:
             InvalidRankError: dst not an integer rank, this rank, or a size-1 group.
             UnsupportedOperationError: ring and dst not a neighbour.
-            ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError.
+            ArgumentTypeError: an argument of the wrong type.
+            DtypeError: a dtype the operation cannot move.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
         """
         dst = self._peer(dst, "send to", "dst")
         if type(x) is mx.array:
@@ -350,7 +365,8 @@ class Group(ComposedCollectives):
             InvalidRankError: src not an integer rank, this rank, or a size-1 group.
             ShapeError, DtypeError: invalid shape or dtype (None included).
             UnsupportedOperationError: ring and src not a neighbour.
-            GroupClosedError, CommunicationError.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
         """
         src = self._peer(src, "receive from", "src")
         dims = checked_shape(shape)

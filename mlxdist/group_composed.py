@@ -87,9 +87,13 @@ class ComposedCollectives:
 
         Raises:
             InvalidRankError: root not a rank of the group.
-            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError,
-            GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`;
-            MismatchError with the check on: another root, dtype or shape on another rank.
+            ArgumentTypeError: an argument of the wrong type.
+            DtypeError: a dtype the operation cannot move.
+            ShapeError: a shape the operation cannot take.
+            InvalidArgumentError: an argument value out of range.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
+            MismatchError: with the check on, another root, dtype or shape on another rank.
         """
         return self._rooted("broadcast", x, root, stream, out)
 
@@ -112,8 +116,14 @@ class ComposedCollectives:
             gradient (lazy path) scatters the root's cotangent back.
 
         Raises:
-            InvalidRankError, ArgumentTypeError, DtypeError, ShapeError,
-            InvalidArgumentError, GroupClosedError, CommunicationError, MismatchError.
+            InvalidRankError: a rank the group does not have.
+            ArgumentTypeError: an argument of the wrong type.
+            DtypeError: a dtype the operation cannot move.
+            ShapeError: a shape the operation cannot take.
+            InvalidArgumentError: an argument value out of range.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
+            MismatchError: with the agreement check on: another rank called something else.
         """
         return self._rooted("gather", x, root, stream, out)
 
@@ -133,8 +143,13 @@ class ComposedCollectives:
 
         Raises:
             ShapeError: a scalar, or axis 0 not divisible by the size.
-            InvalidRankError, ArgumentTypeError, DtypeError,
-            InvalidArgumentError, GroupClosedError, CommunicationError, MismatchError.
+            InvalidRankError: a rank the group does not have.
+            ArgumentTypeError: an argument of the wrong type.
+            DtypeError: a dtype the operation cannot move.
+            InvalidArgumentError: an argument value out of range.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
+            MismatchError: with the agreement check on: another rank called something else.
         """
         return self._rooted("scatter", x, root, stream, out)
 
@@ -158,8 +173,12 @@ class ComposedCollectives:
 
         Raises:
             ShapeError: a scalar, or axis 0 not divisible by the size.
-            ArgumentTypeError, DtypeError, InvalidArgumentError,
-            GroupClosedError, CommunicationError, MismatchError.
+            ArgumentTypeError: an argument of the wrong type.
+            DtypeError: a dtype the operation cannot move.
+            InvalidArgumentError: an argument value out of range.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
+            MismatchError: with the agreement check on: another rank called something else.
         """
         _available(self, "all_to_all")
         if type(x) is mx.array:
@@ -182,8 +201,11 @@ class ComposedCollectives:
         Raises:
             ArgumentTypeError: the root's object is not a JSON value or bytes
                 (raised on every rank), or pickle is not a bool.
-            InvalidRankError, GroupClosedError, CommunicationError,
-            DeadlineExceeded, MismatchError.
+            InvalidRankError: a rank the group does not have.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
+            DeadlineExceeded: the operation outlived its deadline.
+            MismatchError: with the agreement check on: another rank called something else.
         """
         return objects.broadcast_object(self, obj, root, pickle)
 
@@ -200,6 +222,9 @@ class ComposedCollectives:
         Raises:
             ArgumentTypeError: some rank's object is not a JSON value or bytes
                 (raised on every rank, naming the ranks), or pickle is not a bool.
-            GroupClosedError, CommunicationError, DeadlineExceeded, MismatchError.
+            GroupClosedError: the group was closed.
+            CommunicationError: the transport failed (the world has failed).
+            DeadlineExceeded: the operation outlived its deadline.
+            MismatchError: with the agreement check on: another rank called something else.
         """
         return objects.all_gather_object(self, obj, pickle)
