@@ -145,7 +145,7 @@ def options_table(parser: argparse.ArgumentParser) -> str:
 
     Returns:
         The usage line in a code block, then a Markdown table of every option
-        (but ``--help``): how it is written, its description and, where the
+        (but ``--help`` and the hidden ones): how it is written, its description and, where the
         description does not state it, its default.
     """
     lines = [
@@ -157,7 +157,7 @@ def options_table(parser: argparse.ArgumentParser) -> str:
         "|---|---|---|",
     ]
     for action in parser._actions:  # argparse has no public iterator over its actions
-        if isinstance(action, argparse._HelpAction):
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue
         text = (action.help or "") % {**vars(action), "prog": parser.prog}
         if action.required:
