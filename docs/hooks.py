@@ -89,8 +89,9 @@ def error_table() -> str:
 
     Returns:
         A Markdown table: each class, the mlxdist classes it derives from
-        directly, the builtin exceptions it also is, and its docstring's
-        first paragraph.
+        directly, the builtin exceptions it also is (RuntimeError only on
+        DistributedError's row, which every other class derives from), and
+        its docstring's first paragraph.
     """
     import mlxdist
     from mlxdist import errors
@@ -106,6 +107,8 @@ def error_table() -> str:
             b.__name__
             for b in cls.__mro__[1:]
             if getattr(builtins, b.__name__, None) is b and b not in (BaseException, Exception, object)
+            # Every class is a RuntimeError through DistributedError: said once, on its row.
+            and (b is not RuntimeError or cls is errors.DistributedError)
         ]
         where = f"`mlxdist.{name}`" if name in mlxdist.__all__ else f"`mlxdist.errors.{name}`"
         lines.append(
@@ -145,28 +148,26 @@ def options_table(parser: argparse.ArgumentParser) -> str:
 
     Returns:
         The usage line in a code block, then a Markdown table of every option
-        (but ``--help`` and the hidden ones): how it is written, its description and, where the
-        description does not state it, its default.
+        (but ``--help`` and the hidden ones): how it is written and its
+        description, with its default where the description does not state it.
     """
     lines = [
         "```text",
         parser.format_usage().strip(),
         "```",
         "",
-        "| option | description | default |",
-        "|---|---|---|",
+        "| option | description |",
+        "|---|---|",
     ]
     for action in parser._actions:  # argparse has no public iterator over its actions
         if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue
         text = (action.help or "") % {**vars(action), "prog": parser.prog}
         if action.required:
-            default = "required"
-        elif "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            default = ""
-        else:
-            default = f"`{action.default}`"
-        lines.append(f"| {_invocation(action)} | {_escape(text)} | {default} |")
+            text = f"{text} (required)".strip()
+        elif "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text = f"{text} (default `{action.default}`)".strip()
+        lines.append(f"| {_invocation(action)} | {_escape(text)} |")
     return "\n".join(lines)
 
 
