@@ -205,12 +205,8 @@ class Group(ComposedCollectives):
             The sum, of ``x``'s kind, shape and dtype.
 
         Raises:
-            ArgumentTypeError: an argument of the wrong type.
-            DtypeError: a dtype the operation cannot move.
-            ShapeError: a shape the operation cannot take.
-            InvalidArgumentError: an argument value out of range.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
+            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError: see :mod:`mlxdist.errors`.
+            GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
         """
         if type(x) is mx.array and self._fast and stream is None and out is None:
             result = _bridge_collective(_LAZY_ALL_SUM, x, self._address, None, self._bool_ok)
@@ -250,11 +246,8 @@ class Group(ComposedCollectives):
             The gathered array, of ``x``'s kind.
 
         Raises:
-            ArgumentTypeError: an argument of the wrong type.
-            DtypeError: a dtype the operation cannot move.
-            ShapeError: a shape the operation cannot take.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
+            ArgumentTypeError, DtypeError, ShapeError, GroupClosedError: see :mod:`mlxdist.errors`.
+            CommunicationError: see :mod:`mlxdist.errors`.
         """
         return self._collective("all_gather", x, stream, out)
 
@@ -276,10 +269,7 @@ class Group(ComposedCollectives):
 
         Raises:
             ShapeError: scalar input or axis 0 not divisible by the size.
-            ArgumentTypeError: an argument of the wrong type.
-            DtypeError: a dtype the operation cannot move.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
+            ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
         """
         return self._collective("sum_scatter", x, stream, out)
 
@@ -296,8 +286,7 @@ class Group(ComposedCollectives):
         """Block until every rank of the group has reached the barrier (eager).
 
         Raises:
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
+            GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
         """
         eager.collective(self, "all_sum", np.zeros(1, np.int32), None)
 
@@ -327,10 +316,7 @@ class Group(ComposedCollectives):
         Raises:
             InvalidRankError: dst not an integer rank, this rank, or a size-1 group.
             UnsupportedOperationError: ring and dst not a neighbour.
-            ArgumentTypeError: an argument of the wrong type.
-            DtypeError: a dtype the operation cannot move.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
+            ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
         """
         dst = self._peer(dst, "send to", "dst")
         if type(x) is mx.array:
@@ -365,8 +351,7 @@ class Group(ComposedCollectives):
             InvalidRankError: src not an integer rank, this rank, or a size-1 group.
             ShapeError, DtypeError: invalid shape or dtype (None included).
             UnsupportedOperationError: ring and src not a neighbour.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
+            GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
         """
         src = self._peer(src, "receive from", "src")
         dims = checked_shape(shape)
@@ -392,7 +377,8 @@ class Group(ComposedCollectives):
             The received array, of ``x``'s kind (lazy for mx.arrays).
 
         Raises:
-            As :meth:`recv`.
+            InvalidRankError: src not an integer rank, this rank, or a size-1 group.
+            ShapeError, DtypeError, UnsupportedOperationError, GroupClosedError, CommunicationError: as :meth:`recv`.
         """
         src = self._peer(src, "receive from", "src")
         if type(x) is mx.array:

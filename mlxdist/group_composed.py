@@ -87,12 +87,8 @@ class ComposedCollectives:
 
         Raises:
             InvalidRankError: root not a rank of the group.
-            ArgumentTypeError: an argument of the wrong type.
-            DtypeError: a dtype the operation cannot move.
-            ShapeError: a shape the operation cannot take.
-            InvalidArgumentError: an argument value out of range.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
+            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError: see :mod:`mlxdist.errors`.
+            GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
             MismatchError: with the check on, another root, dtype or shape on another rank.
         """
         return self._rooted("broadcast", x, root, stream, out)
@@ -116,14 +112,8 @@ class ComposedCollectives:
             gradient (lazy path) scatters the root's cotangent back.
 
         Raises:
-            InvalidRankError: a rank the group does not have.
-            ArgumentTypeError: an argument of the wrong type.
-            DtypeError: a dtype the operation cannot move.
-            ShapeError: a shape the operation cannot take.
-            InvalidArgumentError: an argument value out of range.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
-            MismatchError: with the agreement check on: another rank called something else.
+            InvalidRankError, ArgumentTypeError, DtypeError, ShapeError: see :mod:`mlxdist.errors`.
+            InvalidArgumentError, GroupClosedError, CommunicationError, MismatchError: see :mod:`mlxdist.errors`.
         """
         return self._rooted("gather", x, root, stream, out)
 
@@ -143,13 +133,8 @@ class ComposedCollectives:
 
         Raises:
             ShapeError: a scalar, or axis 0 not divisible by the size.
-            InvalidRankError: a rank the group does not have.
-            ArgumentTypeError: an argument of the wrong type.
-            DtypeError: a dtype the operation cannot move.
-            InvalidArgumentError: an argument value out of range.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
-            MismatchError: with the agreement check on: another rank called something else.
+            InvalidRankError, ArgumentTypeError, DtypeError, InvalidArgumentError: see :mod:`mlxdist.errors`.
+            GroupClosedError, CommunicationError, MismatchError: see :mod:`mlxdist.errors`.
         """
         return self._rooted("scatter", x, root, stream, out)
 
@@ -173,12 +158,8 @@ class ComposedCollectives:
 
         Raises:
             ShapeError: a scalar, or axis 0 not divisible by the size.
-            ArgumentTypeError: an argument of the wrong type.
-            DtypeError: a dtype the operation cannot move.
-            InvalidArgumentError: an argument value out of range.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
-            MismatchError: with the agreement check on: another rank called something else.
+            ArgumentTypeError, DtypeError, InvalidArgumentError, GroupClosedError: see :mod:`mlxdist.errors`.
+            CommunicationError, MismatchError: see :mod:`mlxdist.errors`.
         """
         _available(self, "all_to_all")
         if type(x) is mx.array:
@@ -201,11 +182,8 @@ class ComposedCollectives:
         Raises:
             ArgumentTypeError: the root's object is not a JSON value or bytes
                 (raised on every rank), or pickle is not a bool.
-            InvalidRankError: a rank the group does not have.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
-            DeadlineExceeded: the operation outlived its deadline.
-            MismatchError: with the agreement check on: another rank called something else.
+            InvalidRankError, GroupClosedError, CommunicationError, DeadlineExceeded: see :mod:`mlxdist.errors`.
+            MismatchError: see :mod:`mlxdist.errors`.
         """
         return objects.broadcast_object(self, obj, root, pickle)
 
@@ -222,9 +200,6 @@ class ComposedCollectives:
         Raises:
             ArgumentTypeError: some rank's object is not a JSON value or bytes
                 (raised on every rank, naming the ranks), or pickle is not a bool.
-            GroupClosedError: the group was closed.
-            CommunicationError: the transport failed (the world has failed).
-            DeadlineExceeded: the operation outlived its deadline.
-            MismatchError: with the agreement check on: another rank called something else.
+            GroupClosedError, CommunicationError, DeadlineExceeded, MismatchError: see :mod:`mlxdist.errors`.
         """
         return objects.all_gather_object(self, obj, pickle)

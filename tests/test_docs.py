@@ -132,13 +132,17 @@ def test_error_table_states_the_hierarchy():
         assert cells[3], f"{name} has no description"
     classes = {n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.DistributedError)}
     assert named == classes
-    exported = {n for n in mlxdist.__all__ if isinstance(getattr(mlxdist, n), type) and issubclass(getattr(mlxdist, n), errors.DistributedError)}
+    exported = {
+        n for n in mlxdist.__all__ if isinstance(getattr(mlxdist, n), type) and issubclass(getattr(mlxdist, n), errors.DistributedError)
+    }
     assert exported <= named
 
 
 # -- the command-line options ---------------------------------------------------------------
 
-OPTION_MARKERS = sorted({m.group("arg") for text in _pages().values() for m in hooks.MARKER.finditer(text) if m.group("kind") == "options"})
+OPTION_MARKERS = sorted(
+    {m.group("arg") for text in _pages().values() for m in hooks.MARKER.finditer(text) if m.group("kind") == "options"}
+)
 
 
 def test_the_server_and_the_launcher_have_their_options_listed():
@@ -207,7 +211,10 @@ def test_the_internals_page_includes_the_architecture():
     assert '--8<-- "CHANGELOG.md"' in _pages()["changelog.md"]
 
 
-@pytest.mark.parametrize("name", sorted(p for p in _pages() if p.startswith("performance/") and p != "performance/index.md"))
+PERFORMANCE_PAGES = sorted(p for p in _pages() if p.startswith("performance/") and p != "performance/index.md")
+
+
+@pytest.mark.parametrize("name", PERFORMANCE_PAGES)
 def test_measured_tables_say_when_where_and_how(name: str):
     text = _pages()[name]
     sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]

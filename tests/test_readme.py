@@ -85,7 +85,8 @@ def test_the_launchable_examples_run(tmp_path: Path):
 
 
 def _command_lines(program: str) -> list[list[str]]:
-    return [shlex.split(line.split("#", 1)[0]) for body in blocks("sh") for line in body.splitlines() if line.startswith(program + " ")]
+    lines = [line for body in blocks("sh") for line in body.splitlines() if line.startswith(program + " ")]
+    return [shlex.split(line.split("#", 1)[0]) for line in lines]
 
 
 @pytest.mark.parametrize(
