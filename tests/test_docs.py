@@ -15,6 +15,8 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,24 @@ def test_measured_tables_say_when_where_and_how(name: str):
             continue
         for field in ("**Recorded:** 20", "**Machine:**", "**Load:**", "**Command:**"):
             assert field in section, f"{name}, section {section.splitlines()[0]!r} lacks {field}"
+
+
+# -- examples -------------------------------------------------------------------------------
+
+LAUNCHABLE = re.compile(r"^# run with: python -m mlxdist\.launch -n \d+ -- python \S+\.py\n", re.MULTILINE)
+EXAMPLES = [
+    (name, body)
+    for name, text in _pages().items()
+    for body in re.findall(r"^```python\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+    if LAUNCHABLE.match(body)
+]
+
+
+def test_the_launchable_examples_run_on_one_rank(tmp_path: Path):
+    # Every example a page says how to launch runs as written (here on the size-1 world).
+    assert {name for name, _ in EXAMPLES} >= {"guides/collectives.md", "guides/nn.md"}
+    for i, (name, body) in enumerate(EXAMPLES):
+        script = tmp_path / f"example{i}.py"
+        script.write_text(body + "\nprint('EXAMPLE DONE')\n")
+        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0 and "EXAMPLE DONE" in run.stdout, (name, run.stderr[-2000:])
