@@ -44,11 +44,11 @@ class InitializationError(DistributedError):
 
 
 class ConfigurationError(InitializationError, ValueError):
-    """The launch configuration (rank, hostfile, addresses) is invalid."""
+    """The launch configuration (``MLX_RANK``, hostfile, addresses, ports) is invalid; raised before MLX reads it."""
 
 
 class UnsupportedOperationError(DistributedError, NotImplementedError):
-    """The backend does not provide this operation (e.g. ``split`` on ring)."""
+    """The backend does not provide this operation (``split`` on ring, send/recv on NCCL)."""
 
 
 class InvalidArgumentError(DistributedError, ValueError):
@@ -64,7 +64,7 @@ class ShapeError(InvalidArgumentError):
 
 
 class ArgumentTypeError(DistributedError, TypeError):
-    """An argument has a type the operation cannot take (a list for an array...)."""
+    """An argument has a type the operation cannot take (a list for an array, a string for a stream or a group)."""
 
 
 class DtypeError(ArgumentTypeError):
@@ -76,7 +76,7 @@ class AllocationError(DistributedError, MemoryError):
 
 
 class CommunicationError(DistributedError):
-    """A peer was lost or the transport failed during an operation."""
+    """A peer was lost or the transport failed during an operation; this ends the group's world."""
 
 
 class GroupClosedError(InvalidArgumentError):
@@ -88,12 +88,18 @@ class LauncherNotFoundError(BackendUnavailableError, FileNotFoundError):
 
 
 class PeerLostError(CommunicationError):
-    """A rank of the world died, exited or stopped responding; the world has failed."""
+    """A rank of the world died, exited or stopped responding; names the rank. The world has failed."""
 
 
 class DeadlineExceeded(DistributedError, TimeoutError):
-    """An operation (or init) did not complete within its deadline; the world has failed."""
+    """An operation (or init) outlived its deadline; the world has failed.
+
+    The message names the op, the group, the elapsed time and the ranks that had not reached it.
+    """
 
 
 class MismatchError(DistributedError, ValueError):
-    """Ranks called different operations (op, dtype, shape or peer) at the same point."""
+    """With the agreement check on: ranks called different operations (op, dtype, shape or peer) at one point.
+
+    The message names each rank's call.
+    """
