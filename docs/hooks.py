@@ -28,6 +28,7 @@ __all__ = [
     "capability_table",
     "error_table",
     "options_table",
+    "parser_factory",
     "expand",
     "on_page_markdown",
 ]
@@ -118,7 +119,18 @@ def error_table() -> str:
     return "\n".join(lines)
 
 
-def _load(target: str) -> Callable[[], argparse.ArgumentParser]:
+def parser_factory(target: str) -> Callable[[], argparse.ArgumentParser]:
+    """The function that ``MODULE:FUNCTION`` names.
+
+    Args:
+        target: An options marker's argument.
+
+    Returns:
+        The function, which builds a command's parser.
+
+    Raises:
+        ValueError: ``target`` names no function.
+    """
     module, _, function = target.partition(":")
     if not function:
         raise ValueError(f"options needs MODULE:FUNCTION, got {target!r}")
@@ -191,7 +203,7 @@ def expand(markdown: str) -> str:
         if kind == "errors" and arg is None:
             return error_table()
         if kind == "options" and arg is not None:
-            return options_table(_load(arg)())
+            return options_table(parser_factory(arg)())
         raise ValueError(f"unknown generate marker: {match.group(0)}")
 
     return MARKER.sub(render, markdown)

@@ -154,7 +154,7 @@ def test_the_server_and_the_launcher_have_their_options_listed():
 
 @pytest.mark.parametrize("target", OPTION_MARKERS)
 def test_options_table_lists_every_option_of_the_help(target: str):
-    parser = hooks._load(target)()
+    parser = hooks.parser_factory(target)()
     table = hooks.options_table(parser)
     _, rows = _rows(table)
     # argparse's usage line names each option by its first spelling, as a user reads it.
