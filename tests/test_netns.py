@@ -2,8 +2,8 @@
 across their addresses through a hostfile; one host's link goes down in the middle
 of the collectives: the other ranks raise a typed error within the deadline.
 
-Needs root (network namespaces); skipped otherwise, with the reason. Addresses
-exist only inside the namespaces created here. The side channel's address is
+Needs root and iproute2 (network namespaces); fails, saying which is missing,
+without them. Addresses exist only inside the namespaces created here. The side channel's address is
 agreed over the ring itself (no MLXDIST_STORE): rank 0 listens on its hostfile
 address only.
 """
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.netns import bridged_hosts, ip, needs_root
+from support.netns import bridged_hosts, ip
 
 WORKER = str(Path(__file__).parent / "workers" / "fault.py")
 TIMEOUT = 3.0
@@ -34,7 +34,6 @@ def hosts():
         yield made.names, made.addresses, made.switch, made.switch_ports
 
 
-@needs_root
 @pytest.mark.parametrize("op", ("all_sum", "all_gather"))
 def test_link_down_mid_collective_gives_typed_errors(hosts, op):
     names, addresses, switch, switch_ports = hosts

@@ -13,9 +13,9 @@ supervisor then ends every rank and every remote bootstrap. And with two
 hosts: both ranks stopped (SIGSTOP), then kill -9 of the supervisor: the
 bootstraps see their standard input close and end the ranks.
 
-Needs root (network namespaces); skipped otherwise, with the reason. Without
-root, the hostfile's checks, the remote command's words and the bootstrap's
-end on EOF are still tested.
+The namespace tests need root and iproute2, and fail, saying which is missing,
+without them; the hostfile's checks, the remote command's words and the
+bootstrap's end on EOF need neither.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from support.netns import bridged_hosts, needs_root
+from support.netns import bridged_hosts
 
 from mlxdist.errors import ConfigurationError
 from mlxdist.launch import plan_job, read_hostfile
@@ -92,7 +92,6 @@ def test_a_bad_hostfile_is_a_typed_error_naming_the_entry(tmp_path, content, wor
 
 
 def test_the_server_names_a_bad_hostfile_and_exits_2(tmp_path):
-    pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra")
     (tmp_path / "config.json").write_text("{}")
     path = tmp_path / "hosts.json"
     path.write_text('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b"}]')
@@ -107,7 +106,6 @@ def test_the_server_names_a_bad_hostfile_and_exits_2(tmp_path):
 
 
 def test_the_next_world_leaves_out_every_named_rank_or_host(tmp_path):
-    pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
     from mlxdist.serve.supervisor import next_world
 
     assert next_world(4, None, [0, 2]) == (2, [], [])
@@ -173,8 +171,6 @@ def cluster(network, tmp_path) -> tuple[Path, Path, list[str]]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra (Python >= 3.11)")
-    pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
     from mlxdist.lm.testing import write_checkpoint
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -203,7 +199,6 @@ def end_everything(server: Any) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-@needs_root
 @pytest.mark.timeout(180)
 def test_the_world_re_forms_without_the_lost_host(network, cluster, checkpoint, tmp_path):
     from support.serving import greedy_reference, stream_text
@@ -244,7 +239,6 @@ def test_the_world_re_forms_without_the_lost_host(network, cluster, checkpoint, 
         end_everything(server)
 
 
-@needs_root
 @pytest.mark.timeout(120)
 def test_a_killed_supervisor_leaves_no_remote_rank_behind(network, cluster, checkpoint, tmp_path):
     _, shell, names = cluster
