@@ -391,6 +391,7 @@ class RunningJob:
                 try:
                     index = self._exited.get(timeout=step)
                 except queue.Empty:
+                    result.wakeups += 1
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         result.timed_out = True
