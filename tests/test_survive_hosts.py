@@ -35,7 +35,8 @@ import pytest
 from support.netns import bridged_hosts
 
 from mlxdist.errors import ConfigurationError
-from mlxdist.launch import plan_job, read_hostfile
+from mlxdist.hostfiles import read_launch_hostfile
+from mlxdist.launch import plan_job
 
 SUBNET = f"10.{214 + os.getpid() % 40}.{os.getpid() // 40 % 250}"
 STARTING_PORT = 34500
@@ -47,7 +48,7 @@ def hostfile_of(tmp_path: Path, entries: list[tuple[str, str]]) -> Any:
     """Write a hostfile of ``(ssh, ip)`` entries; read it back."""
     path = tmp_path / "hosts.json"
     path.write_text(json.dumps([{"ssh": name, "ips": [address]} for name, address in entries]))
-    return read_hostfile(str(path))
+    return read_launch_hostfile(str(path))
 
 
 def _alive(pid: int) -> bool:
@@ -73,22 +74,22 @@ def _bootstraps(marker: str) -> list[int]:
 
 
 @pytest.mark.parametrize("content, words", [
-    ("{not json", "not JSON"),
+    ("{not json", "not valid JSON"),
     ('{"ssh": "a", "ips": ["10.0.0.1"]}', "non-empty JSON list"),
     ("[]", "non-empty JSON list"),
     ('[{"ssh": "a", "ips": ["10.0.0.1"]}, "b"]', "entry 1 must be an object"),
     ('[{"ips": ["10.0.0.1"]}]', "entry 0: 'ssh'"),
     ('[{"ssh": "-oProxyCommand=x", "ips": ["10.0.0.1"]}]', "option of the remote shell"),
     ('[{"ssh": "a", "ips": []}]', "entry 0 (a): 'ips'"),
-    ('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.300"]}]', "entry 1 (b): '10.0.0.300'"),
+    ('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.300"]}]', "entry 1 (b): ip is '10.0.0.300'"),
 ])
 def test_a_bad_hostfile_is_a_typed_error_naming_the_entry(tmp_path, content, words):
     path = tmp_path / "hosts.json"
     path.write_text(content)
     with pytest.raises(ConfigurationError, match=re.escape(words)):
-        read_hostfile(str(path))
+        read_launch_hostfile(str(path))
     with pytest.raises(ConfigurationError, match="cannot read"):
-        read_hostfile(str(tmp_path / "missing.json"))
+        read_launch_hostfile(str(tmp_path / "missing.json"))
 
 
 def test_the_server_names_a_bad_hostfile_and_exits_2(tmp_path):
@@ -206,7 +207,7 @@ def test_the_world_re_forms_without_the_lost_host(network, cluster, checkpoint, 
     reference = greedy_reference(checkpoint, PROMPT, MAX_TOKENS, MAX_TOKENS)
     hostfile, shell, names = cluster
     ips = network.addresses
-    assert read_hostfile(str(hostfile))[2].ips == (ips[2],)
+    assert read_launch_hostfile(str(hostfile))[2].ips == (ips[2],)
     server = serve(checkpoint, hostfile, shell, tmp_path / "serve.log")
     try:
         health = server.wait_for(3, 90)

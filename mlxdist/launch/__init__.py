@@ -15,16 +15,26 @@ Modules: :mod:`~mlxdist.launch.plan` (the launch plan: build once, start,
 watch, end; the API for any supervisor), :mod:`~mlxdist.launch.run`
 (``launch()``), :mod:`~mlxdist.launch.ports`, :mod:`~mlxdist.launch.mpi`,
 :mod:`~mlxdist.launch.output`, :mod:`~mlxdist.launch.result`,
-:mod:`~mlxdist.launch.hosts` (hostfiles, remote commands),
+:mod:`~mlxdist.launch.hosts` (remote commands; the hostfiles themselves are
+read by :mod:`mlxdist.hostfiles`),
 :mod:`~mlxdist.launch.remote` (a remote rank's bootstrap) and
 :mod:`~mlxdist.launch.cli`.
 """
 
+from mlxdist.hostfiles import Host, read_launch_hostfile
 from mlxdist.launch.cli import main
-from mlxdist.launch.hosts import Host, read_hostfile
 from mlxdist.launch.mpi import MpiRunner, find_mpirun
 from mlxdist.launch.output import LineSink, PrefixedWriter
-from mlxdist.launch.plan import FAILURE_GRACE, KILL_GRACE, LaunchPlan, RunningJob, plan_job
+from mlxdist.launch.plan import (
+    FAILURE_GRACE,
+    KILL_GRACE,
+    LaunchPlan,
+    RunningJob,
+    plan_job,
+    plan_local_ring,
+    plan_mpi,
+    plan_on_hosts,
+)
 from mlxdist.launch.ports import free_ports, max_local_ranks
 from mlxdist.launch.result import TIMEOUT_EXIT, LaunchResult
 from mlxdist.launch.run import launch
@@ -46,5 +56,8 @@ __all__ = [
     "main",
     "max_local_ranks",
     "plan_job",
-    "read_hostfile",
+    "plan_local_ring",
+    "plan_mpi",
+    "plan_on_hosts",
+    "read_launch_hostfile",
 ]

@@ -42,13 +42,15 @@ from typing import Any, Mapping, Sequence
 
 from mlxdist._mpi import LIBNAME_VARIABLE
 from mlxdist.errors import InvalidArgumentError, LauncherNotFoundError
-from mlxdist.launch.hosts import DEFAULT_STARTING_PORT, Host, remote_commands, split_shell
+from mlxdist.hostfiles import Host, ring_hostfile_text
+from mlxdist.launch.hosts import DEFAULT_STARTING_PORT, remote_commands, split_shell
 from mlxdist.launch.mpi import MpiRunner, executable, find_mpirun, mpi_failures, mpirun_command
 from mlxdist.launch.output import LineSink, pump
 from mlxdist.launch.ports import FILES_PER_RANK, PortReservation, max_local_ranks, open_file_limit
 from mlxdist.launch.result import LaunchResult
 
-__all__ = ["LaunchPlan", "RunningJob", "plan_job", "KILL_GRACE", "FAILURE_GRACE", "BACKENDS"]
+__all__ = ["LaunchPlan", "RunningJob", "plan_job", "plan_local_ring", "plan_mpi", "plan_on_hosts", "KILL_GRACE",
+           "FAILURE_GRACE", "BACKENDS"]
 
 BACKENDS = ("ring", "mpi")
 # SIGTERM to every rank, then this long for all of them together, then SIGKILL.
@@ -104,14 +106,16 @@ class LaunchPlan:
         commands: One command line per process (one per rank for ring; mpirun's for MPI).
         envs: The environment of each process.
         ranks: The rank of each process (None: mpirun, whose output is tagged by rank).
-        hostfile: The ring hostfile (``MLX_HOSTFILE``), None for MPI.
+        hostfile: For local ring ranks, the path of MLX's ring hostfile
+            (``MLX_HOSTFILE``); for ranks on hosts, its JSON text (written on
+            each host); None for MPI.
         store: The side channel's ``host:port`` (``MLXDIST_STORE``); empty for
             ranks on hosts (agreed over the ring).
         report_path: Where the first rank to see the world fail writes its report
             (``MLXDIST_REPORT``; ranks on hosts write none here).
         runner: The mpirun used, for MPI.
         hosts: The host of each rank (its hostfile entry's ``ssh``), None for local ranks.
-        addresses: The ring's ``ip:port`` of each rank (ring only).
+        addresses: The ring's ``host:port`` of each rank (ring only).
     """
 
     backend: str
@@ -164,123 +168,250 @@ def plan_job(
     command: Sequence[str],
     n: int | None = None,
     backend: str = "ring",
+    *,
     env: Mapping[str, str] | None = None,
     mpirun: str | None = None,
-    hostfile: Sequence[str] | None = None,
+    addresses: Sequence[str] | None = None,
     hosts: Sequence[Host] | None = None,
     remote_shell: str | Sequence[str] = "ssh",
     starting_port: int = DEFAULT_STARTING_PORT,
 ) -> LaunchPlan:
-    """Build the plan for ``n`` ranks of ``command``: local ones, or one on each of ``hosts``.
+    """Build the plan for ``n`` ranks of ``command``: local ones (ring or MPI), or one on each of ``hosts``.
 
+    One of three modes, each built by its own function: :func:`plan_local_ring`
+    (ring ranks on this machine, on fresh loopback ports or the ``addresses``
+    given), :func:`plan_mpi` (``mpirun`` places the ranks) and
+    :func:`plan_on_hosts` (one ring rank on each host, through a remote shell).
     The command is run as given (its program looked up on PATH first), never
-    read as options of the launcher or of mpirun. For MPI the mpirun is found
-    by :func:`find_mpirun` (this Python environment's first), and when it has a
-    libmpi beside it and ``MLX_MPI_LIBNAME`` is not set, the ranks get
-    ``MLX_MPI_LIBNAME`` naming it. Every rank gets the side channel's address,
-    a fresh job token and the report path, unless ``env`` sets them.
+    read as options of the launcher or of mpirun.
 
     Args:
         command: The program and its arguments.
         n: Number of ranks (>= 1, within the open-file limit; default 2, or the
-            hostfile's length).
+            number of ``addresses`` or ``hosts``).
         backend: ``"ring"`` or ``"mpi"``.
         env: Extra environment variables for every rank.
-        mpirun: The MPI launcher to use (default: see :func:`find_mpirun`).
-        hostfile: For ring, the ranks' ``host:port`` addresses (local ones; one
-            per rank, ``n`` is then their number); default: fresh loopback ports.
-        hosts: For ring, one rank on each of these hosts, in order, started
-            through ``remote_shell`` (``n`` is then their number; see the
-            module docstring). The command's paths must be valid there.
-        remote_shell: The remote shell's command (a string is split as a shell
-            would), run as ``SHELL... HOST COMMAND``.
+        mpirun: For MPI, the launcher to use (default: see :func:`find_mpirun`).
+        addresses: For local ring ranks, each rank's ``host:port`` (one per rank);
+            default: fresh loopback ports.
+        hosts: For ring, one rank on each of these hosts (an mlx.launch hostfile's
+            entries, :func:`mlxdist.hostfiles.read_launch_hostfile`), in order. The
+            command's paths must be valid there.
+        remote_shell: With ``hosts``, the remote shell's command (a string is split
+            as a shell would), run as ``SHELL... HOST COMMAND``.
         starting_port: With ``hosts``, rank r's ring port is ``starting_port + r``.
 
     Returns:
         The plan (a context manager that removes its files).
 
     Raises:
-        InvalidArgumentError: bad ``n``, empty command, unknown backend, a hostfile
-            or hosts that do not match ``n``, both of them, a bad remote shell or
-            starting port (a ``ValueError``).
+        InvalidArgumentError: bad ``n``, empty command, unknown backend, addresses
+            or hosts that do not match ``n`` or the backend, both of them, a bad
+            remote shell or starting port (a ``ValueError``).
         LauncherNotFoundError: the command's program, the remote shell, or for
             MPI an ``mpirun``, was not found (a ``FileNotFoundError``).
     """
-    if hosts is not None:
-        if hostfile is not None:
-            raise InvalidArgumentError("give either ring addresses (hostfile) or hosts, not both")
-        if backend != "ring":
-            raise InvalidArgumentError("ranks on hosts are for the ring backend; mpirun places MPI ranks")
-        if not hosts or not all(isinstance(h, Host) for h in hosts):
-            raise InvalidArgumentError(f"hosts must be a non-empty list of Host (read_hostfile), got {hosts!r}")
-        if n is not None and n != len(hosts):
-            raise InvalidArgumentError(f"{n} ranks but {len(hosts)} hosts")
-        if not command:
-            raise InvalidArgumentError("empty command")
-        shell = _resolve_command(split_shell(remote_shell), os.environ)
-        commands, addresses, ring = remote_commands(command, hosts, shell, starting_port, env or {})
-        directory = tempfile.TemporaryDirectory(prefix="mlxdist-launch-")
-        return LaunchPlan("ring", len(hosts), commands, [dict(os.environ) for _ in hosts], list(range(len(hosts))),
-                          ring, "", os.path.join(directory.name, "failure.json"), None, [h.ssh for h in hosts],
-                          addresses, directory)
-    if hostfile is not None:
-        if backend != "ring":
-            raise InvalidArgumentError("a hostfile is for the ring backend; mpirun places MPI ranks")
-        if n is not None and n != len(hostfile):
-            raise InvalidArgumentError(f"{n} ranks but the hostfile lists {len(hostfile)} addresses")
-        n = len(hostfile)
-    elif n is None:
-        n = 2
-    check_rank_count(n)
-    if not command:
-        raise InvalidArgumentError("empty command")
     if backend not in BACKENDS:
         raise InvalidArgumentError(f"backend must be 'ring' or 'mpi', got {backend!r}")
-    base_env = dict(os.environ)
-    for key in ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLXDIST_REPORT"):
-        base_env.pop(key, None)
-    base_env.update(env or {})
-    base_env.setdefault("PYTHONUNBUFFERED", "1")
-    resolved = _resolve_command(command, base_env)
-    runner = find_mpirun(mpirun, base_env) if backend == "mpi" else None
+    given = [name for name, value in (("addresses", addresses), ("hosts", hosts)) if value is not None]
+    if len(given) > 1:
+        raise InvalidArgumentError("give either ring addresses or hosts, not both")
+    if given and backend != "ring":
+        raise InvalidArgumentError(f"{given[0]} are for the ring backend; mpirun places MPI ranks")
+    placed = addresses if addresses is not None else hosts
+    if placed is not None and n is not None and n != len(placed):
+        raise InvalidArgumentError(f"{n} ranks but {len(placed)} {given[0]}")
+    if hosts is not None:
+        return plan_on_hosts(command, hosts, env=env, remote_shell=remote_shell, starting_port=starting_port)
+    if backend == "mpi":
+        return plan_mpi(command, 2 if n is None else n, env=env, mpirun=mpirun)
+    if addresses is not None:
+        return plan_local_ring(command, len(addresses), env=env, addresses=addresses)
+    return plan_local_ring(command, 2 if n is None else n, env=env)
 
+
+def plan_on_hosts(
+    command: Sequence[str],
+    hosts: Sequence[Host],
+    *,
+    env: Mapping[str, str] | None = None,
+    remote_shell: str | Sequence[str] = "ssh",
+    starting_port: int = DEFAULT_STARTING_PORT,
+) -> LaunchPlan:
+    """One ring rank on each of ``hosts``, started through a remote shell (see the module docstring).
+
+    Args:
+        command: The program and its arguments (paths as they are on the hosts).
+        hosts: Where the ranks run, one each, in rank order.
+        env: The ranks' own variables.
+        remote_shell: The remote shell's command, run as ``SHELL... HOST COMMAND``.
+        starting_port: Rank r's ring port is ``starting_port + r`` on its host's first ip.
+
+    Returns:
+        The plan: no side channel address or report file here (both are agreed
+        and kept on the hosts).
+
+    Raises:
+        InvalidArgumentError: empty command or hosts, a bad remote shell or starting port.
+        LauncherNotFoundError: the remote shell was not found.
+    """
+    if not hosts or not all(isinstance(h, Host) for h in hosts):
+        raise InvalidArgumentError(f"hosts must be a non-empty list of Host (read_launch_hostfile), got {hosts!r}")
+    _check_command(command)
+    shell = _resolve_command(split_shell(remote_shell), os.environ)
+    commands, addresses, ring = remote_commands(command, hosts, shell, starting_port, env or {})
     directory = tempfile.TemporaryDirectory(prefix="mlxdist-launch-")
-    reservation = None
-    try:
-        report_path = os.path.join(directory.name, "failure.json")
-        # Every port of the job in one draw (the store's last), held until the plan closes.
-        reservation = PortReservation(1 if backend == "mpi" or hostfile is not None else n + 1)
-        ports = reservation.ports
-        base_env.setdefault("MLXDIST_STORE", f"127.0.0.1:{ports[-1]}")
-        base_env.setdefault("MLXDIST_JOB_TOKEN", secrets.token_hex(16))
-        base_env.setdefault("MLXDIST_REPORT", report_path)
-        if runner is not None:
-            # mpirun's session directory (its PMIx rendezvous files) in the plan's own directory:
-            # Open MPI names it after mpirun's pid under /tmp, and one left by a killed mpirun
-            # makes a later mpirun given the same pid fail to start ("The PMIx server's
-            # listener thread failed to start", exit 213).
-            for name in _SESSION_DIR_VARIABLES:
-                base_env.setdefault(name, directory.name)
-            if runner.libmpi is not None and not base_env.get(LIBNAME_VARIABLE):
-                base_env[LIBNAME_VARIABLE] = runner.libmpi
-            pass_env = [LIBNAME_VARIABLE] if base_env.get(LIBNAME_VARIABLE) else []
-            pass_env += [k for k in _RANK_VARIABLES if k in base_env]
-            return LaunchPlan("mpi", n, [mpirun_command(runner, n, resolved, pass_env)], [base_env], [None],
-                              None, base_env["MLXDIST_STORE"], base_env["MLXDIST_REPORT"], runner,
-                              _directory=directory, _ports=reservation)
-        path = os.path.join(directory.name, "hosts.json")
-        addresses = list(hostfile) if hostfile is not None else [f"127.0.0.1:{p}" for p in ports[:n]]
+    return LaunchPlan(backend="ring", n=len(hosts), commands=commands, envs=[dict(os.environ) for _ in hosts],
+                      ranks=list(range(len(hosts))), hostfile=ring, store="",
+                      report_path=os.path.join(directory.name, "failure.json"), hosts=[h.ssh for h in hosts],
+                      addresses=addresses, _directory=directory)
+
+
+def plan_mpi(
+    command: Sequence[str], n: int = 2, *, env: Mapping[str, str] | None = None, mpirun: str | None = None
+) -> LaunchPlan:
+    """``n`` MPI ranks of ``command`` through ``mpirun``.
+
+    The mpirun is found by :func:`find_mpirun` (this Python environment's
+    first); when it has a libmpi beside it and ``MLX_MPI_LIBNAME`` is not set,
+    the ranks get ``MLX_MPI_LIBNAME`` naming it. The ranks get the side
+    channel's address, a fresh job token and the report path unless ``env``
+    sets them, and mpirun passes them on.
+
+    Args:
+        command: The program and its arguments.
+        n: Number of ranks.
+        env: Extra environment variables for every rank.
+        mpirun: The MPI launcher to use.
+
+    Returns:
+        The plan: one process, mpirun.
+
+    Raises:
+        InvalidArgumentError: bad ``n`` or empty command.
+        LauncherNotFoundError: the command's program or an mpirun was not found.
+    """
+    _check_command(command)
+    with _JobFiles(n, ports=1) as files:
+        base_env = files.environment(env)
+        resolved = _resolve_command(command, base_env)
+        runner = find_mpirun(mpirun, base_env)
+        # mpirun's session directory (its PMIx rendezvous files) in the plan's own directory:
+        # Open MPI names it after mpirun's pid under /tmp, and one left by a killed mpirun
+        # makes a later mpirun given the same pid fail to start ("The PMIx server's
+        # listener thread failed to start", exit 213).
+        for name in _SESSION_DIR_VARIABLES:
+            base_env.setdefault(name, files.directory.name)
+        if runner.libmpi is not None and not base_env.get(LIBNAME_VARIABLE):
+            base_env[LIBNAME_VARIABLE] = runner.libmpi
+        pass_env = [LIBNAME_VARIABLE] if base_env.get(LIBNAME_VARIABLE) else []
+        pass_env += [k for k in _RANK_VARIABLES if k in base_env]
+        return files.plan(backend="mpi", commands=[mpirun_command(runner, n, resolved, pass_env)],
+                          envs=[base_env], ranks=[None], hostfile=None, runner=runner)
+
+
+def plan_local_ring(
+    command: Sequence[str], n: int = 2, *, env: Mapping[str, str] | None = None,
+    addresses: Sequence[str] | None = None,
+) -> LaunchPlan:
+    """``n`` ring ranks of ``command`` on this machine.
+
+    The plan writes MLX's ring hostfile (``MLX_HOSTFILE``) and gives each rank
+    its ``MLX_RANK``, the side channel's address, a fresh job token and the
+    report path (unless ``env`` sets them).
+
+    Args:
+        command: The program and its arguments.
+        n: Number of ranks.
+        env: Extra environment variables for every rank.
+        addresses: Each rank's ``host:port`` (``n`` of them); default: fresh
+            loopback ports, held until the plan closes.
+
+    Returns:
+        The plan: one process per rank.
+
+    Raises:
+        InvalidArgumentError: bad ``n``, empty command, or not ``n`` addresses.
+        LauncherNotFoundError: the command's program was not found.
+    """
+    _check_command(command)
+    if addresses is not None and len(addresses) != n:
+        raise InvalidArgumentError(f"{n} ranks but {len(addresses)} addresses")
+    with _JobFiles(n, ports=1 if addresses is not None else n + 1) as files:
+        base_env = files.environment(env)
+        resolved = _resolve_command(command, base_env)
+        ring = list(addresses) if addresses is not None else [f"127.0.0.1:{p}" for p in files.ports[:n]]
+        path = os.path.join(files.directory.name, "hosts.json")
         with open(path, "w") as f:
-            json.dump([[a] for a in addresses], f)
+            f.write(ring_hostfile_text(ring))
         envs = [dict(base_env, MLX_RANK=str(r), MLX_HOSTFILE=path) for r in range(n)]
-        return LaunchPlan("ring", n, [resolved] * n, envs, list(range(n)), path,
-                          base_env["MLXDIST_STORE"], base_env["MLXDIST_REPORT"], None,
-                          _directory=directory, _ports=reservation)
-    except BaseException:
-        directory.cleanup()
-        if reservation is not None:
-            reservation.close()
-        raise
+        return files.plan(backend="ring", commands=[resolved] * n, envs=envs, ranks=list(range(n)),
+                          hostfile=path, addresses=ring)
+
+
+def _check_command(command: Sequence[str]) -> None:
+    if not command:
+        raise InvalidArgumentError("empty command")
+
+
+class _JobFiles:
+    """A local job's directory (hostfile, report, mpirun's session) and ports (every
+    one in one draw, the side channel's last), held by the plan built inside the
+    ``with``; released if building it fails."""
+
+    def __init__(self, n: int, ports: int) -> None:
+        check_rank_count(n)
+        self.n = n
+        self._count = ports
+        self.directory: Any = None
+        self._reservation: PortReservation | None = None
+
+    def __enter__(self) -> _JobFiles:
+        self.directory = tempfile.TemporaryDirectory(prefix="mlxdist-launch-")
+        try:
+            self._reservation = PortReservation(self._count)
+        except BaseException:
+            self.directory.cleanup()
+            raise
+        return self
+
+    def __exit__(self, kind: Any, *exc: object) -> None:
+        if kind is not None:
+            self.directory.cleanup()
+            if self._reservation is not None:
+                self._reservation.close()
+
+    @property
+    def ports(self) -> list[int]:
+        """The reserved ports (the side channel's last)."""
+        assert self._reservation is not None
+        return self._reservation.ports
+
+    @property
+    def report_path(self) -> str:
+        """Where the first rank to see the world fail writes its report."""
+        return os.path.join(self.directory.name, "failure.json")
+
+    def environment(self, env: Mapping[str, str] | None) -> dict[str, str]:
+        """Every rank's environment: this process's (less another launcher's rank
+        variables), then ``env``, then the side channel, job token and report path
+        unless ``env`` set them."""
+        base_env = dict(os.environ)
+        for key in ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLXDIST_REPORT"):
+            base_env.pop(key, None)
+        base_env.update(env or {})
+        base_env.setdefault("PYTHONUNBUFFERED", "1")
+        base_env.setdefault("MLXDIST_STORE", f"127.0.0.1:{self.ports[-1]}")
+        base_env.setdefault("MLXDIST_JOB_TOKEN", secrets.token_hex(16))
+        base_env.setdefault("MLXDIST_REPORT", self.report_path)
+        return base_env
+
+    def plan(self, **fields: Any) -> LaunchPlan:
+        """The plan holding these files and ports, built from ``fields`` and the job's."""
+        store = fields["envs"][0]["MLXDIST_STORE"]
+        report = fields["envs"][0]["MLXDIST_REPORT"]
+        return LaunchPlan(n=self.n, store=store, report_path=report, _directory=self.directory,
+                          _ports=self._reservation, **fields)
 
 
 def _signal_running(procs: Sequence[subprocess.Popen], sig: int) -> None:

@@ -200,7 +200,7 @@ class Lazy:
                     mx.eval(after)
                 else:
                     mx.eval(got)
-            self.c.expect_equal(f"p2p/{dtype} mx.depends on send", after, to_numpy(mine) * 2)
+            self.c.expect_equal(f"p2p/{dtype} mx.depends on send", after, to_numpy(mine) * 2, dtype=mine.dtype)
             c.expect_equal(f"p2p/{dtype} recv_like", got, from_left, kind="mlx", dtype=DTYPES[dtype][1])
             for first in (0, 1):
                 if self.rank % 2 == first:
