@@ -92,18 +92,28 @@ def test_a_bad_hostfile_is_a_typed_error_naming_the_entry(tmp_path, content, wor
         read_launch_hostfile(str(tmp_path / "missing.json"))
 
 
-def test_the_server_names_a_bad_hostfile_and_exits_2(tmp_path):
+def test_the_server_names_a_bad_hostfile_and_exits_2(tmp_path, capsys, monkeypatch):
+    # The server's command line in process (python -m mlxdist.serve runs this main): the
+    # hostfile is refused before anything starts.
+    from mlxdist.serve.cli import main
+
+    def exit_status(*words: str) -> tuple[int, str]:
+        try:
+            code = main(["--model", str(tmp_path), "--hostfile", str(path), *words])
+        except SystemExit as exc:
+            code = exc.code
+        return code, capsys.readouterr().err
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "config.json").write_text("{}")
     path = tmp_path / "hosts.json"
     path.write_text('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b"}]')
     for extra, words in (([], "entry 1 (b): 'ips'"), (["--backend", "mpi"], "--hostfile is for --backend ring")):
-        done = subprocess.run([sys.executable, "-m", "mlxdist.serve", "--model", str(tmp_path), "--hostfile",
-                               str(path), *extra], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+        code, err = exit_status(*extra)
+        assert code == 2 and words in err and "Traceback" not in err, err
     path.write_text('[{"ssh": "a", "ips": ["10.0.0.1"]}]')
-    done = subprocess.run([sys.executable, "-m", "mlxdist.serve", "--model", str(tmp_path), "--hostfile",
-                           str(path), "-n", "2"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "-n 2 but the hostfile" in done.stderr, done.stderr
+    code, err = exit_status("-n", "2")
+    assert code == 2 and "-n 2 but the hostfile" in err, err
 
 
 def test_the_next_world_leaves_out_every_named_rank_or_host(tmp_path):
