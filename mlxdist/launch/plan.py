@@ -1,4 +1,5 @@
-"""A launch plan: how a job's ranks are started, built once, then started and watched.
+"""A launch plan: how a job's ranks are started, built once (then started and watched
+by :mod:`mlxdist.launch.job`).
 
 Usage (the launcher, ``mlxdist-generate``, the tests and a server's supervisor all do this)::
 
@@ -10,12 +11,13 @@ Usage (the launcher, ``mlxdist-generate``, the tests and a server's supervisor a
         # or: job.poll(), job.world_failure(), job.end() (terminate every rank)
     result.failed_rank, result.lost_ranks, result.rank_exits, result.exit_code
 
-``plan_job`` resolves the command, picks ports (ring hostfile and the side
-channel), finds mpirun (the environment's first) and fixes every rank's
-environment; ``plan.start`` runs it (each process in its own session) and
-hands every output line, with its rank, to ``sink``.
+``plan_job`` picks the mode's builder: :func:`plan_local_ring`, :func:`plan_mpi`
+or :func:`plan_on_hosts`. Each resolves the command, picks ports (ring hostfile
+and the side channel), finds mpirun (the environment's first) and fixes every
+rank's environment; ``plan.start`` runs it (each process in its own session)
+and hands every output line, with its rank, to ``sink``.
 
-With ``hosts`` (a hostfile's entries, :mod:`mlxdist.launch.hosts`) each
+With ``hosts`` (an mlx.launch hostfile's entries, :mod:`mlxdist.hostfiles`) each
 rank runs on its host through a remote shell (``ssh``): the plan's command
 per rank is ``SHELL... HOST 'cd DIR && exec env VARS... python -m
 mlxdist.launch.remote --hostfile JSON -- COMMAND...'``, the ring's ports
