@@ -38,8 +38,8 @@ import time
 from typing import Optional, Sequence
 
 from mlxdist.errors import InvalidArgumentError
-from mlxdist.launch import PrefixedWriter, plan_job
 from mlxdist.hostfiles import Host, read_launch_hostfile
+from mlxdist.launch import PrefixedWriter, plan_job
 from mlxdist.launch.hosts import local_address_towards
 from mlxdist.launch.result import LaunchResult, report_lines
 from mlxdist.serve.frontdoor import FrontDoor, load_config
