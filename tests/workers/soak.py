@@ -55,7 +55,7 @@ if mode in ("numpy", "mlx"):
     group.barrier()
     print(f"RSS {rank} {before} {rss_kb()}", flush=True)
 else:
-    threads_n, width = 8, 4096  # 32 KiB: without the lock the ring mixes these up (8 KiB ones it did not)
+    threads_n, width = 8, 4096  # 32 KiB messages
     start = threading.Barrier(threads_n)
     tally = threading.Lock()
     state = {"ops": 0, "wrong": 0, "inside": 0, "peak": 0}
