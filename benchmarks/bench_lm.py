@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,22 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-
-RESULT_TAG = "BENCH_LM_RESULT "
-FORMATS = {"float16": dict(dtype="float16"), "4-bit": dict(dtype="float32", bits=4, group_size=64)}
-SIZES = {
-    "default": dict(
-        hidden_size=768, num_layers=6, num_heads=12, num_kv_heads=4, intermediate_size=2048, vocab_size=512
-    ),
-    "quick": dict(
-        hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=512
-    ),
-    # 3 key/value heads: 2 ranks get 8 and 4 query heads (whole groups), the MLP evenly.
-    "uneven": dict(
-        hidden_size=768, num_layers=6, num_heads=12, num_kv_heads=3, intermediate_size=2048, vocab_size=512
-    ),
-}
-
+from common import FORMATS, SIZES, Results, emit, run_job  # noqa: E402
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -239,52 +223,10 @@ def worker(args: argparse.Namespace) -> None:
             for kind in ("tp", "pp")
         }
     if rank == 0:
-        print(RESULT_TAG + json.dumps(result), flush=True)
+        emit(result)
 
 
 # -- the driver ------------------------------------------------------------------
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.results: list[dict] = []
-
-    def write(self, line: str) -> int:
-        at = line.find(RESULT_TAG)
-        if at >= 0:
-            self.results.append(json.loads(line[at + len(RESULT_TAG) :]))
-        return len(line)
-
-    def flush(self) -> None:
-        pass
-
-
-def run_job(
-    argv: list[str], n: int, backend: str, timeout: float, script: str = __file__
-) -> tuple[dict, float]:
-    """Run ``script``'s worker on ``n`` ranks; returns its result and the launcher's CPU share of one core."""
-    from mlxdist.launch import launch
-
-    sink = _Collect()
-    command = [sys.executable, os.path.abspath(script), *argv]
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    wall = time.perf_counter()
-    if n == 1:  # a plain process: a one-host ring hostfile does not initialise
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        for line in done.stdout.splitlines():
-            sink.write(line)
-        failed, code = done.returncode != 0, done.returncode
-        if failed:
-            sys.stderr.write(done.stderr[-4000:])
-    else:
-        result = launch(command, n=n, backend=backend, timeout=timeout, stdout=sink)
-        failed, code = not result.ok, result.exit_code
-    wall = time.perf_counter() - wall
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    if failed or not sink.results:
-        raise SystemExit(f"{Path(script).name}: job {argv} on {n} {backend} ranks failed (exit {code})")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return sink.results[0], cpu / wall
 
 
 def run_netns_job(argv: list[str], one_way_us: float, timeout: float) -> dict:
@@ -328,7 +270,7 @@ def run_netns_job(argv: list[str], one_way_us: float, timeout: float) -> dict:
                     if p.poll() is None:
                         os.killpg(p.pid, 9)
                     p.wait()
-            sink = _Collect()
+            sink = Results()
             for line in logs[0].read_text(errors="replace").splitlines():
                 sink.write(line)
             if not sink.results or any(p.returncode != 0 for p in procs):
@@ -409,11 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = write_checkpoint(Path(tmp) / fmt.replace(" ", ""), "llama", seed=0, **FORMATS[fmt], **dims)
             worker_argv = ["--worker", str(path), fmt, *common]
             if not args.uneven:  # there the anchor runs in each 2-rank job
-                single, _ = run_job(worker_argv, 1, "ring", args.timeout)
+                single, _ = run_job(worker_argv, 1, "ring", args.timeout, __file__)
                 results.append(single)
                 print(json.dumps(single), flush=True)
             for backend in args.backends:
-                result, share = run_job(worker_argv, 2, backend, args.timeout)
+                result, share = run_job(worker_argv, 2, backend, args.timeout, __file__)
                 shares.append(share)
                 results.append(result)
                 print(json.dumps(result), flush=True)

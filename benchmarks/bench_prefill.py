@@ -35,11 +35,10 @@ from statistics import median
 from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from bench_lm import FORMATS, RESULT_TAG, SIZES, run_job  # noqa: E402
+from common import FORMATS, SIZES, emit, run_job  # noqa: E402
 
 OURS, THEIRS = "mlxdist TP", "mlx-lm shard()"
 
@@ -142,7 +141,7 @@ def worker(args: argparse.Namespace) -> None:
         "load_average": os.getloadavg()[0],
     }
     if group.rank() == 0:
-        print(RESULT_TAG + json.dumps(result), flush=True)
+        emit(result)
 
 
 def markdown(results: list[dict]) -> str:

@@ -42,21 +42,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import median
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
+from common import FORMATS, SIZES  # noqa: E402
 
-from bench_lm import FORMATS, SIZES  # noqa: E402
+from mlxdist.bench.serving import OURS, THEIRS, Request, compare, prompt_text, summarise  # noqa: E402
 
-OURS, THEIRS = "mlxdist-serve", "mlx_lm.server"
 TINY = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vocab_size=512)
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DECODE_CONCURRENCY = 32  # mlx_lm.server's default --decode-concurrency
 
 
@@ -187,40 +182,6 @@ class Server:
 # -- the load generator --------------------------------------------------------------
 
 
-@dataclass
-class Request:
-    """One streamed completion as the client saw it (seconds from the level's start)."""
-
-    prompt_index: int
-    start: float
-    first: float
-    end: float
-    tokens: int
-    text: str
-    error: Optional[str] = None
-
-    @property
-    def ttft(self) -> float:
-        return self.first - self.start
-
-    @property
-    def latency(self) -> float:
-        return self.end - self.start
-
-    @property
-    def decode_tps(self) -> float:
-        span = self.end - self.first
-        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
-
-
-def prompt_text(index: int, words: int) -> str:
-    """The ``index``-th prompt: ``words`` two-letter words; prompts differ from their first word."""
-    rng = np.random.default_rng(index)
-    first = LETTERS[index // 26 % 26] + LETTERS[index % 26]
-    rest = ["".join(rng.choice(list(LETTERS), 2)) for _ in range(words - 1)]
-    return " ".join([first, *rest])
-
-
 async def one_request(client: Any, url: str, body: dict, origin: float, index: int) -> Request:
     """Send one streamed completion and time its chunks."""
     start = time.perf_counter() - origin
@@ -275,23 +236,6 @@ async def run_level(url: str, concurrency: int, per_stream: int, prompts: list[s
     return [r for per in results for r in per], wall
 
 
-def summarise(requests: list[Request], wall: float) -> dict[str, Any]:
-    """One concurrency level of one round."""
-    good = [r for r in requests if r.error is None]
-    latencies = np.array([r.latency for r in good]) if good else np.array([float("nan")])
-    return {
-        "requests": len(requests),
-        "errors": [r.error for r in requests if r.error is not None],
-        "tokens": sum(r.tokens for r in good),
-        "ttft_s": median(r.ttft for r in good) if good else float("nan"),
-        "decode_tps": float(np.nanmedian([r.decode_tps for r in good])) if good else float("nan"),
-        "aggregate_tps": sum(r.tokens for r in good) / wall,
-        "latency_p50_s": float(np.percentile(latencies, 50)),
-        "latency_p99_s": float(np.percentile(latencies, 99)),
-        "wall_s": wall,
-    }
-
-
 def serve_round(server: Server, args: argparse.Namespace, prompts: list[str]) -> tuple[dict, dict]:
     """Warm up, then every concurrency level; returns per level the summary and the texts by prompt."""
     base = {"max_tokens": args.tokens, "temperature": 0.0, "stream": True,
@@ -311,31 +255,6 @@ def serve_round(server: Server, args: argparse.Namespace, prompts: list[str]) ->
 
 
 # -- the driver ----------------------------------------------------------------------
-
-
-def _median_over_rounds(rounds: list[dict], key: str) -> float:
-    values = [r[key] for r in rounds if r[key] == r[key]]
-    return median(values) if values else float("nan")
-
-
-def compare(per_round: dict[str, list[dict]], concurrency: list[int]) -> list[dict]:
-    """Per concurrency: each server's medians over rounds, and mlxdist's round-by-round ratios."""
-    keys = ("ttft_s", "decode_tps", "aggregate_tps", "latency_p50_s", "latency_p99_s")
-    rows = []
-    for c in concurrency:
-        row: dict[str, Any] = {"concurrency": c}
-        for name, rounds in per_round.items():
-            levels = [r[c] for r in rounds]
-            row[name] = {key: _median_over_rounds(levels, key) for key in keys}
-            row[name]["errors"] = sum(len(level["errors"]) for level in levels)
-            row[name]["requests"] = sum(level["requests"] for level in levels)
-        if OURS in per_round and THEIRS in per_round:
-            pairs = list(zip(per_round[OURS], per_round[THEIRS]))
-            row["ratio"] = {
-                key: median(ours[c][key] / theirs[c][key] for ours, theirs in pairs) for key in keys
-            }
-        rows.append(row)
-    return rows
 
 
 def run_backend(args: argparse.Namespace, checkpoint: Path, backend: str, logs: Path) -> dict[str, Any]:

@@ -19,9 +19,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import faultrun  # noqa: E402
+from mlxdist.launch import trials as fault_trials
 
 PROBE = textwrap.dedent('''
     import sys, time
@@ -65,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             samples: dict[str, list[tuple[float, float, float]]] = {"0": [], "1": []}
             for _ in range(args.rounds):
                 for check in ("0", "1"):
-                    job = faultrun.run_job(backend, 2, [sys.executable, str(probe), check, str(args.iters)], 600)
+                    job = fault_trials.run_job(backend, 2, [sys.executable, str(probe), check, str(args.iters)], 600)
                     m = re.search(r"COST ([\d.]+) ([\d.]+) ([\d.]+)", job.output)
                     if m:
                         samples[check].append(tuple(map(float, m.groups())))  # type: ignore[arg-type]

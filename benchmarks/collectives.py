@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from common import size_text
+
 RUNS = {
     "chain": ["--workload", "chain", "-w", "3", "-n", "120", "--rounds", "120"],
     "latency": ["-b", "1K", "-e", "64K", "-f", "64", "-o", "all_sum,sendrecv", "-w", "50", "-n", "1000",
@@ -106,10 +108,6 @@ def _median(values: list[float], digits: int = 1) -> str:
     return f"{statistics.median(values):.{digits}f}" if values else "n/a"
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
-
-
 def chain_table(docs: Docs) -> list[str]:
     """Markdown rows: the decode chain per backend, ms per chain and mlxdist's ratio."""
     lines = [
@@ -158,7 +156,7 @@ def latency_table(docs: Docs) -> list[str]:
             for nbytes in (1 << 10, 64 << 10):
                 cells = _paths_cells(repeats, op, nbytes, "median_us", 1)
                 if any(c != "n/a" for c in cells[: len(IMPLS)]):
-                    lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells) + " |")
+                    lines.append(f"| {backend} | {op} | {size_text(nbytes)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -173,7 +171,7 @@ def bandwidth_table(docs: Docs) -> list[str]:
         for op in repeats[0]["header"]["ops"]:
             for nbytes in sizes:
                 cells = _paths_cells(repeats, op, nbytes, "busbw_GBps", 2)
-                lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {backend} | {op} | {size_text(nbytes)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -192,7 +190,7 @@ def tensor_parallel_table(docs: Docs) -> list[str]:
             key = (row["op"], row["dtype"], row["bytes"], row["tokens"])
             times = [_median(_values(repeats, key, impl, "median_us")) for impl in impls]
             lines.append(
-                f"| {backend} | {row['dtype']} | {row['tokens']} | {_size(row['bytes'])} | " + " | ".join(times)
+                f"| {backend} | {row['dtype']} | {row['tokens']} | {size_text(row['bytes'])} | " + " | ".join(times)
                 + f" | {_spread(_ratios(repeats, key, 'mlxdist-mlx', 'median_us'))} |"
             )
     return lines

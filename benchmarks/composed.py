@@ -19,16 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import size_text
+
 OPS = ("broadcast", "gather", "scatter", "all_to_all")
 IMPLS = ("mlxdist-reg", "mlxdist-numpy", "mlxdist-mlx", "mx.distributed", "mpi4py")
 ARGS = ["-b", "1K", "-e", "32M", "-f", "8", "-n", "10", "-w", "2", "-o", ",".join(OPS)]
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= scale:
-            return f"{nbytes // scale} {unit}"
-    return f"{nbytes} B"
 
 
 def table(docs: list[dict]) -> str:
@@ -48,7 +43,7 @@ def table(docs: list[dict]) -> str:
                 hand, mpi = t["mx.distributed"], t["mpi4py"]
                 ratios = [f"{t[i] / hand:.2f}" if t[i] and hand else "n/a" for i in IMPLS[:3]]
                 ratios.append(f"{t['mlxdist-reg'] / mpi:.1f}" if mpi else "n/a")
-                lines.append(f"| {backend} | {op} | {_size(nbytes)} | " + " | ".join(cells + ratios) + " |")
+                lines.append(f"| {backend} | {op} | {size_text(nbytes)} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 

@@ -20,14 +20,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from mlxdist.launch import trials as fault_trials
 
-import faultrun  # noqa: E402
-
-MXD_WORKER = Path(__file__).resolve().parent / "mxd_fault.py"
+MXD_WORKER = (sys.executable, str(Path(__file__).resolve().parent / "mxd_fault.py"))
 
 
-def summarize(trials: list[faultrun.Trial]) -> dict:
+def summarize(trials: list[fault_trials.Trial]) -> dict:
     outcomes: Counter[str] = Counter()
     delays: list[float] = []
     for t in trials:
@@ -36,7 +34,7 @@ def summarize(trials: list[faultrun.Trial]) -> dict:
             continue
         if t.backend == "mpi":
             d = t.job_delay()
-            outcomes["job ended, failure named" if faultrun.names_failure(t) else "job ended, not named"] += 1
+            outcomes["job ended, failure named" if fault_trials.names_failure(t) else "job ended, not named"] += 1
             if d is not None:
                 delays.append(d)
             continue
@@ -59,23 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", default="kill,stop")
     p.add_argument("--ops", default="all_sum,all_gather,sendrecv")
     p.add_argument("--engines", default="mlxdist,mx")
-    p.add_argument("--elements", type=int, default=faultrun.LARGE)
+    p.add_argument("--elements", type=int, default=fault_trials.LARGE)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--hang-limit", type=float, default=20.0)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    faultrun.HANG_LIMIT = args.hang_limit
     rows = []
     for engine in args.engines.split(","):
         for backend in args.backends.split(","):
             for fault in args.faults.split(","):
                 for op in args.ops.split(","):
                     for n in map(int, args.ranks.split(",")):
-                        if engine == "mx":
-                            faultrun.WORKER = MXD_WORKER
-                        else:
-                            faultrun.WORKER = Path(faultrun.__file__).parent / "workers" / "fault.py"
-                        trials = [faultrun.run_trial(backend, n, fault, op, args.elements, args.timeout, seed=s)
+                        worker = MXD_WORKER if engine == "mx" else fault_trials.FAULT_WORKER
+                        trials = [fault_trials.run_trial(backend, n, fault, op, args.elements, args.timeout, seed=s,
+                                                     worker=worker, hang_limit=args.hang_limit)
                                   for s in range(args.trials)]
                         row = {"engine": engine, "backend": backend, "fault": fault, "op": op, "ranks": n,
                                "trials": len(trials), **summarize(trials)}

@@ -4,22 +4,22 @@ MLX reads ``MLX_RANK`` with ``atoi`` (so "abc" is rank 0), does not check a
 negative rank (a crash), divides by the host count (an empty hostfile is a
 SIGFPE), and meets a malformed hostfile, a one-host ring or a port in use
 with a generic error, some only after half a minute of retries. Here each is
-a :class:`~mlxdist.errors.ConfigurationError` naming the entry at fault.
+a :class:`~mlxdist.errors.ConfigurationError` naming the entry at fault (the
+hostfile is read by :mod:`mlxdist.hostfiles`).
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
-import json
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 from mlxdist.errors import ConfigurationError
+from mlxdist.hostfiles import RingHosts, read_ring_hostfile
 
-__all__ = ["RingConfig", "parse_rank", "parse_address", "parse_hostfile", "ring_config", "reuse_as_ring"]
+__all__ = ["RingConfig", "parse_rank", "ring_config", "reuse_as_ring"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class RingConfig:
     """
 
     rank: int
-    hosts: tuple[tuple[tuple[str, int], ...], ...]
+    hosts: RingHosts
 
 
 def parse_rank(text: str, variable: str = "MLX_RANK") -> int:
@@ -45,73 +45,6 @@ def parse_rank(text: str, variable: str = "MLX_RANK") -> int:
     if not stripped.isdigit() or not stripped.isascii():
         raise ConfigurationError(f"{variable}={text!r} is not a rank: expected a non-negative integer")
     return int(stripped)
-
-
-def parse_address(entry: Any, where: str) -> tuple[str, int]:
-    """An ``"ip:port"`` hostfile entry (an IPv4 address or a host name that
-    resolves to one; port 1-65535).
-
-    Raises:
-        ConfigurationError: not a string of that form, naming ``where``.
-    """
-    if not isinstance(entry, str):
-        raise ConfigurationError(f"{where} is {entry!r}: expected an \"ip:port\" string")
-    host, sep, port_text = entry.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ConfigurationError(f"{where} is {entry!r}: expected \"ip:port\"")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise ConfigurationError(f"{where} is {entry!r}: port {port} is outside 1-65535")
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        try:
-            socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-        except OSError:
-            raise ConfigurationError(f"{where} is {entry!r}: {host!r} is neither an IPv4 address nor a host name "
-                                     "that resolves to one") from None
-    return host, port
-
-
-def parse_hostfile(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
-    """Read a ring hostfile: a JSON list with one list of ``"ip:port"`` per rank.
-
-    Raises:
-        ConfigurationError: unreadable, not JSON, or not of that shape; fewer
-            than two ranks; ranks with different numbers of addresses (each
-            rank connects as many sockets to each side).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            document = json.load(f)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read the hostfile MLX_HOSTFILE={path!r}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigurationError(f"the hostfile {path!r} is not valid JSON: {exc}") from None
-    if not isinstance(document, list):
-        raise ConfigurationError(
-            f"the hostfile {path!r} holds a {type(document).__name__}: expected a list with one list of "
-            "\"ip:port\" strings per rank"
-        )
-    if len(document) < 2:
-        raise ConfigurationError(
-            f"the hostfile {path!r} lists {len(document)} rank(s): a ring needs at least 2 "
-            "(a single process needs no hostfile)"
-        )
-    hosts = []
-    for r, entry in enumerate(document):
-        if not isinstance(entry, list) or not entry:
-            raise ConfigurationError(
-                f"the hostfile {path!r}: rank {r}'s entry is {entry!r}: expected a non-empty list of \"ip:port\""
-            )
-        hosts.append(tuple(parse_address(a, f"the hostfile {path!r}: rank {r}'s address {i}") for i, a in enumerate(entry)))
-    counts = {len(h) for h in hosts}
-    if len(counts) > 1:
-        raise ConfigurationError(
-            f"the hostfile {path!r} gives ranks different numbers of addresses ({[len(h) for h in hosts]}): "
-            "every rank needs as many"
-        )
-    return tuple(hosts)
 
 
 def reuse_as_ring(sock: socket.socket) -> None:
@@ -164,7 +97,7 @@ def ring_config(environ: Mapping[str, str] | None = None, check_ports: bool = Tr
     if missing:
         raise ConfigurationError(f"ring needs MLX_RANK and MLX_HOSTFILE; missing or empty: {', '.join(missing)}")
     rank = parse_rank(env["MLX_RANK"])
-    hosts = parse_hostfile(env["MLX_HOSTFILE"])
+    hosts = read_ring_hostfile(env["MLX_HOSTFILE"])
     if rank >= len(hosts):
         raise ConfigurationError(f"MLX_RANK={rank} is not a rank of the hostfile's {len(hosts)}")
     if check_ports:

@@ -1,4 +1,6 @@
-"""benchmarks/bench_serve.py: the summary arithmetic, and a tiny run against both servers."""
+"""The serving benchmark: its summary arithmetic (mlxdist.bench.serving), and a tiny run of
+benchmarks/bench_serve.py against both servers (as a command: the tests import nothing
+from benchmarks/)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+from mlxdist.bench import serving as bench_serve
 
-import bench_serve  # noqa: E402
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def test_summary_of_one_level() -> None:

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mlx_lm", reason="mlxdist.lm needs the lm extra (Python >= 3.11)")
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from conftest import BACKENDS, run_ranks
 
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import numpy as np  # noqa: E402
-from conftest import BACKENDS, run_ranks  # noqa: E402
-
-import mlxdist  # noqa: E402
-from mlxdist.lm import choose, generate_tokens, layer_ranges, load  # noqa: E402
-from mlxdist.lm.testing import write_checkpoint  # noqa: E402
+import mlxdist
+from mlxdist.lm import choose, generate_tokens, layer_ranges, load
+from mlxdist.lm.testing import write_checkpoint
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -19,15 +19,12 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra (Python >= 3.11)")
-pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
+import httpx
+import openai
+from conftest import BACKENDS
+from support.serving import ServeProcess
 
-import httpx  # noqa: E402
-import openai  # noqa: E402
-from conftest import BACKENDS  # noqa: E402
-from support.serving import ServeProcess  # noqa: E402
-
-from mlxdist.lm.testing import write_checkpoint  # noqa: E402
+from mlxdist.lm.testing import write_checkpoint
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -1,6 +1,7 @@
 """Soak: 100k small collectives with the watchdog running (numpy path and lazy mlx
-path evaluated with mlxdist.eval), RSS growth < 5 %; 8 threads x 1000 ops on one
-group, every result right, with the agreement check on and off."""
+path evaluated with mlxdist.eval), RSS growth < 5 %; 8 threads at once x 1000 ops on one
+group (the group's lock serializes them), every message whole and delivered once,
+with the agreement check on and off."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from faultrun import run_job
+from mlxdist.launch.trials import run_job
 
 WORKER = str(Path(__file__).parent / "workers" / "soak.py")
 
@@ -38,5 +39,8 @@ def test_eight_threads_share_one_group(backend, check, count):
     lines = job.lines("THREADS")
     assert sorted(lines) == [0, 1], job.output[-3000:]
     for text in lines.values():
-        ops, wrong = map(int, text.split())
-        assert (ops, wrong) == (8 * count, 0), text
+        ops, wrong, peak = map(int, text.split())
+        # peak: the threads really contended for the group (several inside a collective at once).
+        # Without the group's lock the MPI run with the agreement check fails (every row wrong
+        # after ~250 ops); MLX's ring and Open MPI without the check happened to cope.
+        assert (ops, wrong) == (8 * count, 0) and peak >= 2, text

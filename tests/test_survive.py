@@ -28,14 +28,11 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra (Python >= 3.11)")
-pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
+import httpx
+from support.serving import ServeProcess, greedy_reference
+from support.serving import stream_text as stream_completion
 
-import httpx  # noqa: E402
-from support.serving import ServeProcess, greedy_reference  # noqa: E402
-from support.serving import stream_text as stream_completion  # noqa: E402
-
-from mlxdist.lm.testing import write_checkpoint  # noqa: E402
+from mlxdist.lm.testing import write_checkpoint
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -13,9 +13,9 @@ supervisor then ends every rank and every remote bootstrap. And with two
 hosts: both ranks stopped (SIGSTOP), then kill -9 of the supervisor: the
 bootstraps see their standard input close and end the ranks.
 
-Needs root (network namespaces); skipped otherwise, with the reason. Without
-root, the hostfile's checks, the remote command's words and the bootstrap's
-end on EOF are still tested.
+The namespace tests need root and iproute2, and fail, saying which is missing,
+without them; the hostfile's checks, the remote command's words and the
+bootstrap's end on EOF need neither.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from support.netns import bridged_hosts, needs_root
+from support.netns import bridged_hosts
 
 from mlxdist.errors import ConfigurationError
-from mlxdist.launch import plan_job, read_hostfile
+from mlxdist.hostfiles import read_launch_hostfile
+from mlxdist.launch import plan_job
 
 SUBNET = f"10.{214 + os.getpid() % 40}.{os.getpid() // 40 % 250}"
 STARTING_PORT = 34500
@@ -47,7 +48,7 @@ def hostfile_of(tmp_path: Path, entries: list[tuple[str, str]]) -> Any:
     """Write a hostfile of ``(ssh, ip)`` entries; read it back."""
     path = tmp_path / "hosts.json"
     path.write_text(json.dumps([{"ssh": name, "ips": [address]} for name, address in entries]))
-    return read_hostfile(str(path))
+    return read_launch_hostfile(str(path))
 
 
 def _alive(pid: int) -> bool:
@@ -73,41 +74,49 @@ def _bootstraps(marker: str) -> list[int]:
 
 
 @pytest.mark.parametrize("content, words", [
-    ("{not json", "not JSON"),
+    ("{not json", "not valid JSON"),
     ('{"ssh": "a", "ips": ["10.0.0.1"]}', "non-empty JSON list"),
     ("[]", "non-empty JSON list"),
     ('[{"ssh": "a", "ips": ["10.0.0.1"]}, "b"]', "entry 1 must be an object"),
     ('[{"ips": ["10.0.0.1"]}]', "entry 0: 'ssh'"),
     ('[{"ssh": "-oProxyCommand=x", "ips": ["10.0.0.1"]}]', "option of the remote shell"),
     ('[{"ssh": "a", "ips": []}]', "entry 0 (a): 'ips'"),
-    ('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.300"]}]', "entry 1 (b): '10.0.0.300'"),
+    ('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.300"]}]', "entry 1 (b): ip is '10.0.0.300'"),
 ])
 def test_a_bad_hostfile_is_a_typed_error_naming_the_entry(tmp_path, content, words):
     path = tmp_path / "hosts.json"
     path.write_text(content)
     with pytest.raises(ConfigurationError, match=re.escape(words)):
-        read_hostfile(str(path))
+        read_launch_hostfile(str(path))
     with pytest.raises(ConfigurationError, match="cannot read"):
-        read_hostfile(str(tmp_path / "missing.json"))
+        read_launch_hostfile(str(tmp_path / "missing.json"))
 
 
-def test_the_server_names_a_bad_hostfile_and_exits_2(tmp_path):
-    pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra")
+def test_the_server_names_a_bad_hostfile_and_exits_2(tmp_path, capsys, monkeypatch):
+    # The server's command line in process (python -m mlxdist.serve runs this main): the
+    # hostfile is refused before anything starts.
+    from mlxdist.serve.cli import main
+
+    def exit_status(*words: str) -> tuple[int, str]:
+        try:
+            code = main(["--model", str(tmp_path), "--hostfile", str(path), *words])
+        except SystemExit as exc:
+            code = exc.code
+        return code, capsys.readouterr().err
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "config.json").write_text("{}")
     path = tmp_path / "hosts.json"
     path.write_text('[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b"}]')
     for extra, words in (([], "entry 1 (b): 'ips'"), (["--backend", "mpi"], "--hostfile is for --backend ring")):
-        done = subprocess.run([sys.executable, "-m", "mlxdist.serve", "--model", str(tmp_path), "--hostfile",
-                               str(path), *extra], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+        code, err = exit_status(*extra)
+        assert code == 2 and words in err and "Traceback" not in err, err
     path.write_text('[{"ssh": "a", "ips": ["10.0.0.1"]}]')
-    done = subprocess.run([sys.executable, "-m", "mlxdist.serve", "--model", str(tmp_path), "--hostfile",
-                           str(path), "-n", "2"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "-n 2 but the hostfile" in done.stderr, done.stderr
+    code, err = exit_status("-n", "2")
+    assert code == 2 and "-n 2 but the hostfile" in err, err
 
 
 def test_the_next_world_leaves_out_every_named_rank_or_host(tmp_path):
-    pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
     from mlxdist.serve.supervisor import next_world
 
     assert next_world(4, None, [0, 2]) == (2, [], [])
@@ -173,8 +182,6 @@ def cluster(network, tmp_path) -> tuple[Path, Path, list[str]]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra (Python >= 3.11)")
-    pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
     from mlxdist.lm.testing import write_checkpoint
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -203,7 +210,6 @@ def end_everything(server: Any) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-@needs_root
 @pytest.mark.timeout(180)
 def test_the_world_re_forms_without_the_lost_host(network, cluster, checkpoint, tmp_path):
     from support.serving import greedy_reference, stream_text
@@ -211,7 +217,7 @@ def test_the_world_re_forms_without_the_lost_host(network, cluster, checkpoint, 
     reference = greedy_reference(checkpoint, PROMPT, MAX_TOKENS, MAX_TOKENS)
     hostfile, shell, names = cluster
     ips = network.addresses
-    assert read_hostfile(str(hostfile))[2].ips == (ips[2],)
+    assert read_launch_hostfile(str(hostfile))[2].ips == (ips[2],)
     server = serve(checkpoint, hostfile, shell, tmp_path / "serve.log")
     try:
         health = server.wait_for(3, 90)
@@ -244,7 +250,6 @@ def test_the_world_re_forms_without_the_lost_host(network, cluster, checkpoint, 
         end_everything(server)
 
 
-@needs_root
 @pytest.mark.timeout(120)
 def test_a_killed_supervisor_leaves_no_remote_rank_behind(network, cluster, checkpoint, tmp_path):
     _, shell, names = cluster

@@ -11,20 +11,29 @@ later are ended and named. There is no job deadline unless ``--timeout`` gives
 one. (``mlx.launch`` exits 0 when a rank fails.) For several machines use
 ``mlx.launch`` with a hostfile, or ``mpirun``.
 
-Modules: :mod:`~mlxdist.launch.plan` (the launch plan: build once, start,
-watch, end; the API for any supervisor), :mod:`~mlxdist.launch.run`
-(``launch()``), :mod:`~mlxdist.launch.ports`, :mod:`~mlxdist.launch.mpi`,
+Modules: :mod:`~mlxdist.launch.plan` (the launch plan, built once: the API
+for any supervisor), :mod:`~mlxdist.launch.job` (a started plan: watch,
+end), :mod:`~mlxdist.launch.run` (``launch()``), :mod:`~mlxdist.launch.ports`, :mod:`~mlxdist.launch.mpi`,
 :mod:`~mlxdist.launch.output`, :mod:`~mlxdist.launch.result`,
-:mod:`~mlxdist.launch.hosts` (hostfiles, remote commands),
-:mod:`~mlxdist.launch.remote` (a remote rank's bootstrap) and
+:mod:`~mlxdist.launch.hosts` (remote commands; the hostfiles themselves are
+read by :mod:`mlxdist.hostfiles`),
+:mod:`~mlxdist.launch.remote` (a remote rank's bootstrap),
+:mod:`~mlxdist.launch.trials` (jobs watched from outside, with a fault injected) and
 :mod:`~mlxdist.launch.cli`.
 """
 
+from mlxdist.hostfiles import Host, read_launch_hostfile
 from mlxdist.launch.cli import main
-from mlxdist.launch.hosts import Host, read_hostfile
+from mlxdist.launch.job import FAILURE_GRACE, KILL_GRACE, RunningJob
 from mlxdist.launch.mpi import MpiRunner, find_mpirun
 from mlxdist.launch.output import LineSink, PrefixedWriter
-from mlxdist.launch.plan import FAILURE_GRACE, KILL_GRACE, LaunchPlan, RunningJob, plan_job
+from mlxdist.launch.plan import (
+    LaunchPlan,
+    plan_job,
+    plan_local_ring,
+    plan_mpi,
+    plan_on_hosts,
+)
 from mlxdist.launch.ports import free_ports, max_local_ranks
 from mlxdist.launch.result import TIMEOUT_EXIT, LaunchResult
 from mlxdist.launch.run import launch
@@ -46,5 +55,8 @@ __all__ = [
     "main",
     "max_local_ranks",
     "plan_job",
-    "read_hostfile",
+    "plan_local_ring",
+    "plan_mpi",
+    "plan_on_hosts",
+    "read_launch_hostfile",
 ]

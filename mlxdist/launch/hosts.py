@@ -1,8 +1,8 @@
-"""Ranks on other machines: the hostfile, and each rank's command through a remote shell.
+"""Ranks on other machines: each rank's command through a remote shell.
 
-A hostfile is ``mlx.launch``'s: a JSON list of ``{"ssh": "<hostname>", "ips":
-["<address>", ...]}``, one entry per rank in the file's order; the ring uses
-each entry's first ip. A rank on a host is started as ``SHELL... <host>
+The hosts come from ``mlx.launch``'s hostfile (:func:`mlxdist.hostfiles.read_launch_hostfile`),
+one rank per entry in the file's order; the ring uses each entry's first ip.
+A rank on a host is started as ``SHELL... <host>
 '<command>'`` (``ssh`` by default). Nothing of this machine is there but the
 command line, so the command carries everything: it changes into this
 process's working directory, sets the rank's variables with ``env`` (and
@@ -15,19 +15,17 @@ come from a starting port, and the side channel is agreed over the ring.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
 import shlex
 import socket
 import sys
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from mlxdist.errors import ConfigurationError, InvalidArgumentError
+from mlxdist.hostfiles import Host, ring_hostfile_text
 
-__all__ = ["Host", "DEFAULT_STARTING_PORT", "read_hostfile", "parse_hosts", "split_shell", "ring_addresses",
-           "remote_command", "remote_commands", "remote_env", "local_address_towards"]
+__all__ = ["DEFAULT_STARTING_PORT", "split_shell", "ring_addresses", "remote_command", "remote_commands",
+           "remote_env", "local_address_towards"]
 
 # mlx.launch's default.
 DEFAULT_STARTING_PORT = 32323
@@ -36,84 +34,6 @@ LOCAL_ONLY = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLXDIST_STORE", "ML
               "MLXDIST_REPORT")
 # This process's variables a remote rank gets too (its shell has its own environment).
 FORWARDED = ("MLXDIST_TIMEOUT", "MLXDIST_CHECK", "HF_HUB_OFFLINE")
-
-
-@dataclass(frozen=True)
-class Host:
-    """One entry of a hostfile.
-
-    Attributes:
-        ssh: The name the remote shell reaches it by.
-        ips: Its addresses; the ring uses the first.
-    """
-
-    ssh: str
-    ips: tuple[str, ...]
-
-
-def _entry(index: int, entry: Any, source: str) -> Host:
-    where = f"{source}: entry {index}"
-    if not isinstance(entry, dict):
-        raise ConfigurationError(f"{where} must be an object with 'ssh' and 'ips', got {entry!r}")
-    name = entry.get("ssh")
-    if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise ConfigurationError(f"{where}: 'ssh' must be a non-empty host name, got {name!r}")
-    if name.startswith("-"):
-        raise ConfigurationError(f"{where}: 'ssh' {name!r} would be read as an option of the remote shell")
-    ips = entry.get("ips")
-    if not isinstance(ips, list) or not ips:
-        raise ConfigurationError(f"{where} ({name}): 'ips' must be a non-empty list of addresses (the ring "
-                                 f"uses the first), got {ips!r}")
-    for ip in ips:
-        try:
-            ipaddress.IPv4Address(ip)
-        except (ipaddress.AddressValueError, TypeError, ValueError):
-            raise ConfigurationError(f"{where} ({name}): {ip!r} is not an IPv4 address") from None
-    return Host(name, tuple(ips))
-
-
-def parse_hosts(value: Any, source: str = "hostfile") -> list[Host]:
-    """Check a decoded hostfile.
-
-    Args:
-        value: The decoded JSON.
-        source: What to call it in errors (its path).
-
-    Returns:
-        One :class:`Host` per entry, in order.
-
-    Raises:
-        ConfigurationError: not a non-empty list, or an entry without a host
-            name or an IPv4 address (named by its index).
-    """
-    if not isinstance(value, list) or not value:
-        raise ConfigurationError(f"{source}: a hostfile is a non-empty JSON list of "
-                                 f'{{"ssh": HOST, "ips": [ADDRESS, ...]}}, got {type(value).__name__}')
-    return [_entry(i, entry, source) for i, entry in enumerate(value)]
-
-
-def read_hostfile(path: str) -> list[Host]:
-    """Read and check a hostfile (see the module docstring).
-
-    Args:
-        path: The file.
-
-    Returns:
-        One :class:`Host` per entry, in order.
-
-    Raises:
-        ConfigurationError: the file cannot be read, is not JSON, or an entry is bad.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"cannot read the hostfile {path!r}: {exc}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    return parse_hosts(value, path)
 
 
 def split_shell(text: str | Sequence[str]) -> list[str]:
@@ -222,7 +142,7 @@ def remote_commands(command: Sequence[str], hosts: Sequence[Host], shell: Sequen
         InvalidArgumentError: the ports do not fit.
     """
     addresses = ring_addresses(hosts, starting_port)
-    ring = json.dumps([[a] for a in addresses]) if len(hosts) > 1 else None
+    ring = ring_hostfile_text(addresses) if len(hosts) > 1 else None
     variables = remote_env(env, os.environ)
     commands = []
     for rank, host in enumerate(hosts):

@@ -30,6 +30,9 @@ class LaunchResult:
             ranks still running when the job was ended after the world failed.
         ended_after_failure: The job was ended because its world failed while
             some rank still ran.
+        wakeups: How often the launcher's wait woke with no process exited (to
+            look for the world's failure report): about once a second while
+            every rank runs, ten times a second once one has ended.
     """
 
     returncodes: list[int | None]
@@ -40,6 +43,7 @@ class LaunchResult:
     report: dict[str, Any] | None = None
     lost_ranks: list[int] = field(default_factory=list)
     ended_after_failure: bool = False
+    wakeups: int = 0
 
     @property
     def ok(self) -> bool:

@@ -38,8 +38,9 @@ import time
 from typing import Optional, Sequence
 
 from mlxdist.errors import InvalidArgumentError
+from mlxdist.hostfiles import Host, read_launch_hostfile
 from mlxdist.launch import PrefixedWriter, plan_job
-from mlxdist.launch.hosts import Host, local_address_towards, read_hostfile
+from mlxdist.launch.hosts import local_address_towards
 from mlxdist.launch.result import LaunchResult, report_lines
 from mlxdist.serve.frontdoor import FrontDoor, load_config
 from mlxdist.serve.protocol import LINK_VARIABLE, TOKEN_VARIABLE
@@ -321,7 +322,7 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise InvalidArgumentError(f"{args.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
     hosts = None
     if args.hostfile is not None:
-        hosts = read_hostfile(args.hostfile)
+        hosts = read_launch_hostfile(args.hostfile)
         if args.nranks is not None and args.nranks != len(hosts):
             raise InvalidArgumentError(f"-n {args.nranks} but the hostfile {args.hostfile} lists {len(hosts)} "
                                        "hosts (one rank each)")

@@ -24,11 +24,6 @@ from mlxdist.objects import FRAME
 from suites.battery import DTYPES, rank_data
 from support.checks import Checks
 
-try:
-    import torch
-except ImportError:  # the test extra installs it; without it the DLPack checks use numpy's own
-    torch = None
-
 
 def reference(op: str, inputs: list[np.ndarray], rank: int, root: int) -> np.ndarray:
     """numpy's answer for ``op`` with ``inputs[r]`` the input of rank ``r``."""
@@ -150,10 +145,8 @@ class Composed:
             "bytearray": lambda: bytearray(mine.tobytes()),
             "memoryview": lambda: memoryview(mine),
             "array.array": lambda: array.array("f", mine.tolist()),
-            "numpy __dlpack__": lambda: _DLPackOnly(mine),
+            "DLPack": lambda: _DLPackOnly(mine.copy()),
         }
-        if torch is not None:
-            kinds["torch"] = lambda: torch.from_numpy(mine.copy())
         for kind, make in kinds.items():
             as_float = kind in ("bytes", "bytearray")
             decode = (lambda a: np.asarray(a).view(np.float32)) if as_float else np.asarray
@@ -165,20 +158,21 @@ class Composed:
                 ok = self.c.expect(f"{op}({kind}) gives numpy", type(got) is np.ndarray, type(got).__name__)
                 if ok:
                     self.c.expect_equal(f"{op}({kind}) values", decode(got), want)
-        # Results sharing memory: the root's broadcast is its input; a torch out= is written in place.
+        # Results sharing memory: the root's broadcast is its input; a DLPack out= is written in place.
         root = self.roots[-1]
-        if torch is not None:
-            tensor = torch.from_numpy(data[self.rank].copy())
-            got = self.g.broadcast(tensor, root)
-            if self.rank == root:
-                self.c.expect("the root's broadcast of a tensor is its memory", np.shares_memory(got, tensor.numpy()))
-            out = torch.zeros(rows, dtype=torch.float32)
-            got = self.g.broadcast(tensor, root, out=out)
-            self.c.expect("broadcast out=tensor shares its memory", np.shares_memory(got, out.numpy()))
-            self.c.expect_equal("broadcast out=tensor values", out.numpy(), data[root])
-            out = torch.zeros(rows, dtype=torch.float32)
-            self.g.all_to_all(tensor, out=out)
-            self.c.expect_equal("all_to_all out=tensor values", out.numpy(), reference("all_to_all", data, self.rank, 0))
+        tensor = _DLPackOnly(data[self.rank].copy())
+        got = self.g.broadcast(tensor, root)
+        if self.rank == root:
+            self.c.expect("the root's broadcast of a tensor is its memory", np.shares_memory(got, tensor.memory))
+        out = _DLPackOnly(np.zeros(rows, np.float32))
+        got = self.g.broadcast(tensor, root, out=out)
+        self.c.expect("broadcast out=tensor shares its memory", np.shares_memory(got, out.memory))
+        self.c.expect_equal("broadcast out=tensor values", out.memory, data[root])
+        out = _DLPackOnly(np.zeros(rows, np.float32))
+        self.g.all_to_all(tensor, out=out)
+        self.c.expect_equal("all_to_all out=tensor values", out.memory, reference("all_to_all", data, self.rank, 0))
+        self.c.expect("DLPack was asked for every tensor", tensor.exports >= 2 and out.exports == 1,
+                      f"{tensor.exports} and {out.exports} exports")
         view = memoryview(bytearray(data[self.rank].tobytes())).cast("f")
         got = self.g.broadcast(view, root)
         if self.rank == root:
@@ -303,13 +297,21 @@ def _pattern(n: int, seed: int) -> bytes:
 
 
 class _DLPackOnly:
-    """An object with only the DLPack protocol (numpy's own underneath)."""
+    """A tensor that only speaks DLPack. The producer is numpy's own
+    (``ndarray.__dlpack__``: the capsules, their versions and deleters are numpy's);
+    this class hides the ndarray's type so the eager path must take the DLPack route.
+
+    Attributes:
+        memory: The numpy array whose memory the tensor exports (to check sharing and results).
+        exports: How many times a consumer asked for a capsule.
+    """
 
     def __init__(self, data: np.ndarray, device: tuple[int, int] = (1, 0)) -> None:
-        self._data, self._device = data, device
+        self.memory, self._device, self.exports = data, device, 0
 
     def __dlpack__(self, **kwargs: Any) -> Any:
-        return self._data.__dlpack__(**kwargs)
+        self.exports += 1
+        return self.memory.__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> tuple[int, int]:
         return self._device

@@ -133,7 +133,7 @@ class Lazy:
                 else:
                     want = self.mx_op(op, x)
                     self.equal(name, ours, want)
-                    self.c.expect_equal(f"{name} vs numpy", ours, reference(op, inputs, self.rank))
+                    self.c.expect_equal(f"{name} vs numpy", ours, reference(op, inputs, self.rank), dtype=mx_dtype)
         # The Group methods are the same operations.
         x = mx.arange(2 * n, dtype=mx.int32) + self.rank
         self.equal("values/Group.all_sum", self.g.all_sum(x), self.mx_op("all_sum", x))
@@ -200,7 +200,7 @@ class Lazy:
                     mx.eval(after)
                 else:
                     mx.eval(got)
-            self.c.expect_equal(f"p2p/{dtype} mx.depends on send", after, to_numpy(mine) * 2)
+            self.c.expect_equal(f"p2p/{dtype} mx.depends on send", after, to_numpy(mine) * 2, dtype=mine.dtype)
             c.expect_equal(f"p2p/{dtype} recv_like", got, from_left, kind="mlx", dtype=DTYPES[dtype][1])
             for first in (0, 1):
                 if self.rank % 2 == first:

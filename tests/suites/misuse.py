@@ -605,7 +605,7 @@ class Misuse:
             self.refused(f"asarray({type(bad).__name__})", cls, lambda: mlxdist.asarray(bad), "")
         self.right("asarray(list)", lambda: mlxdist.asarray([1, 2, 3]), np.array([1, 2, 3]))
         self.right("asarray(strided)", lambda: mlxdist.asarray(np.arange(10.0)[::3]), np.arange(10.0)[::3])
-        self.right("asarray(mx.array)", lambda: mlxdist.asarray(mx.arange(3)), np.arange(3))
+        self.right("asarray(mx.array)", lambda: mlxdist.asarray(mx.arange(3)), np.arange(3, dtype=np.int32))
         self.checks.expect("is_registered(list) is False", mlxdist.is_registered([1]) is False)
         for bad, cls in (
             (-1, InvalidArgumentError),

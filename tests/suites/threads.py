@@ -25,6 +25,7 @@ def split_threads(checks: Checks, rounds: int = 40) -> None:
     first, second = g.split(0), g.split(0)
     checks.expect("each split group has its own lock", first._lock is not second._lock)
     errors: list[str] = []
+    summed: list[int] = []  # one entry per right sum (list.append is atomic)
     ready = threading.Barrier(2)
 
     def work(group: mlxdist.Group, offset: int) -> None:
@@ -34,7 +35,9 @@ def split_threads(checks: Checks, rounds: int = 40) -> None:
                 x = np.full(1024, rank + offset + i, np.int64)
                 got = group.all_sum(x)
                 expected = sum(r + offset + i for r in range(n))
-                if not np.all(got == expected):
+                if np.all(got == expected):
+                    summed.append(offset)
+                else:
                     errors.append(f"group {offset}: round {i}: {got[:2]} != {expected}")
         except Exception as e:  # noqa: BLE001 - reported as a failure
             errors.append(f"group {offset}: {type(e).__name__}: {e}")
@@ -52,6 +55,7 @@ def split_threads(checks: Checks, rounds: int = 40) -> None:
     ):
         raise RuntimeError("deadlocked: the blocked threads hold the group locks")  # the worker exits at once
     checks.expect("two groups on two threads: right sums", not errors, "; ".join(errors[:3]))
+    checks.expect("two groups on two threads: every round ran", len(summed) == 2 * rounds, f"{len(summed)} sums")
     first.close()
     second.close()
     checks.expect_equal("the world group afterwards", g.all_sum(np.array([rank], np.int32)), [n * (n - 1) // 2])
@@ -78,12 +82,10 @@ def close_while_blocked(checks: Checks, frozen: float = 2.0) -> None:
         t.start()
         time.sleep(0.3)
         checks.expect("the all_sum waits on the frozen peer", t.is_alive())
-        start = time.monotonic()
         handle.close()
-        took = time.monotonic() - start
-        checks.expect("close() from another thread returns within a second", took < 1.0, f"took {took:.2f} s")
         checks.expect("the group is closed at once", handle.closed)
-        checks.expect("the peer was still frozen", t.is_alive())
+        # close() did not wait for the blocked call: that call is still waiting for the frozen peer.
+        checks.expect("close() returned while the all_sum still waits", t.is_alive())
         t.join(frozen + 20)
         checks.expect("the blocked all_sum ended", not t.is_alive())
         checks.expect_equal(

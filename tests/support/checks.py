@@ -39,6 +39,20 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _dtype_name(x: Any) -> str:
+    """The name of an mx.array's or numpy array's dtype ("float32", "bfloat16", "bool")."""
+    dtype = x.dtype
+    return dtype.name if isinstance(dtype, np.dtype) else str(dtype).rsplit(".", 1)[-1].rstrip("_")
+
+
+def _holds(dtype: np.dtype, reference: np.ndarray) -> bool:
+    """A reference without a dtype of its own (a list, a Python number) fits ``dtype``:
+    the same kind (bool, integer, float, complex) and every value exactly."""
+    kinds = {"b": "b", "i": "iu", "u": "iu", "f": "f", "c": "c"}
+    return dtype.kind in kinds.get(reference.dtype.kind, reference.dtype.kind) and bool(
+        np.array_equal(reference.astype(dtype), reference))
+
+
 @dataclass
 class Checks:
     """The checks of one suite on one rank, and their failures.
@@ -88,14 +102,17 @@ class Checks:
         dtype: Any = None,
         tolerance: float = 0.0,
     ) -> bool:
-        """``got`` equals ``expected`` in shape and values (NaN-free data).
+        """``got`` equals ``expected`` in dtype, shape and values (NaN-free data).
 
         Args:
             name: The check's name.
             got: An mx.array or numpy array (evaluated here).
-            expected: The reference, anything numpy takes.
+            expected: The reference, anything numpy takes. An array's dtype is the
+                dtype ``got`` must have (mx and numpy dtypes compare by name); a
+                list or Python number carries none, so ``got`` must then be of the
+                same kind (bool, integer, float, complex) and hold it exactly.
             kind: "mlx" or "numpy": the kind ``got`` must be.
-            dtype: The dtype ``got`` must have (an mx.Dtype or numpy dtype).
+            dtype: The dtype ``got`` must have (an mx.Dtype or numpy dtype), whatever ``expected``'s.
             tolerance: Absolute tolerance; 0 means exact.
         """
         problems = []
@@ -103,8 +120,12 @@ class Checks:
             problems.append(f"kind {type(got).__name__}, expected {kind}")
         if dtype is not None and got.dtype != dtype:
             problems.append(f"dtype {got.dtype}, expected {dtype}")
+        elif dtype is None and hasattr(expected, "dtype") and _dtype_name(got) != _dtype_name(expected):
+            problems.append(f"dtype {_dtype_name(got)}, expected {_dtype_name(expected)}")
         values = to_numpy(got)
         reference = to_numpy(expected)
+        if dtype is None and not hasattr(expected, "dtype") and not _holds(values.dtype, reference):
+            problems.append(f"dtype {values.dtype} cannot be the result {reference!r:.100}")
         if values.shape != reference.shape:
             problems.append(f"shape {values.shape}, expected {reference.shape}")
         elif tolerance:

@@ -5,6 +5,11 @@ address ``SUBNET.<i+1>/24``, and a switch namespace holding the bridge they
 hang on; with ``root_address`` this process's own namespace gets a port on
 the same bridge too (``SUBNET.254``), so a process here reaches the hosts and
 they reach it. Everything made is deleted at the end.
+
+These are the only multi-host and link-down tests, so a machine that cannot make
+namespaces fails them (never skips them): they need root and ``ip`` from iproute2,
+a system package (``apt-get install iproute2``; ``.ci/run`` installs it where it
+is missing).
 """
 
 from __future__ import annotations
@@ -18,17 +23,22 @@ from typing import Iterator, Optional
 
 import pytest
 
-__all__ = ["Hosts", "bridged_hosts", "needs_root", "ip"]
+__all__ = ["Hosts", "bridged_hosts", "require_namespaces", "ip"]
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None,
-    reason="network namespaces need root and iproute2 (CI runs as root)",
-)
+
+def require_namespaces() -> None:
+    """Fail the calling test, saying what is missing, unless this process can make network namespaces."""
+    if shutil.which("ip") is None:
+        pytest.fail("network namespaces need `ip` from iproute2, a system package: apt-get install iproute2")
+    if os.geteuid() != 0:
+        pytest.fail("network namespaces need root: run the namespace tests as root (CI does)")
 
 
 def ip(*args: str) -> None:
-    """Run ``ip ARGS...``; raise if it fails."""
-    subprocess.run(["ip", *args], check=True, capture_output=True)
+    """Run ``ip ARGS...``; fail the calling test with ip's own message if it fails."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"ip {' '.join(args)} exited with {done.returncode}: {done.stderr.strip()}")
 
 
 @dataclass
@@ -62,6 +72,7 @@ def bridged_hosts(count: int, subnet: str, root_address: bool = False) -> Iterat
     Yields:
         The :class:`Hosts`.
     """
+    require_namespaces()
     tag = f"md{os.getpid() % 100000}"
     switch = f"{tag}sw"
     names = [f"{tag}h{i}" for i in range(count)]

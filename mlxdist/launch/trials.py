@@ -1,6 +1,8 @@
-"""Fault trials: start ranks through the launch plan (as the launcher does, but
-watched here: nothing ends the survivors early), inject a fault, and measure
-what the survivors see. Used by test_faults.py and benchmarks/faults.py."""
+"""Jobs watched from outside: ranks started through the launch plan (as the launcher
+does, but nothing ends the survivors early), a fault injected, and what the
+survivors saw, when. The tests of failure handling and the fault benchmark both
+run their trials through this module; the trial's rank is
+:mod:`mlxdist.launch.fault_worker` unless another worker is given."""
 
 from __future__ import annotations
 
@@ -9,11 +11,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Sequence
 
-from mlxdist.launch import plan_job
+from mlxdist.launch.plan import plan_job
 
-WORKER = Path(__file__).parent / "workers" / "fault.py"
+__all__ = ["Trial", "Job", "run_trial", "run_trials", "names_failure", "run_job", "run_jobs", "FAULT_WORKER",
+           "HANG_LIMIT", "LARGE", "SMALL"]
+
+# The rank of a fault trial, by default: see mlxdist.launch.fault_worker.
+FAULT_WORKER = (sys.executable, "-m", "mlxdist.launch.fault_worker")
 # A trial that has not ended by then is a hang: everything is killed.
 HANG_LIMIT = 40.0
 LARGE = 2 * 1024 * 1024  # float32 elements: 8 MiB
@@ -83,18 +89,40 @@ _RESULT = re.compile(r"RESULT (\d+) (\w+) ([\d.]+) (.*)")
 _FAULT = re.compile(r"FAULT ([\d.]+)")
 
 
-def run_trial(backend: str, n: int, fault: str, op: str, elements: int, timeout: float, seed: int = 0) -> Trial:
+def run_trial(backend: str, n: int, fault: str, op: str, elements: int, timeout: float, seed: int = 0, *,
+              worker: Sequence[str] = FAULT_WORKER, hang_limit: float = HANG_LIMIT) -> Trial:
     """One trial: every rank loops ``op``; the last rank suffers ``fault``.
 
     The trial ends when every survivor exited (ring: the victim is then
-    killed) or after :data:`HANG_LIMIT` seconds (``hung``).
+    killed) or after ``hang_limit`` seconds (``hung``).
+
+    Args:
+        backend: ``"ring"`` or ``"mpi"``.
+        n: Number of ranks.
+        fault: What the victim does (see :mod:`mlxdist.launch.fault_worker`).
+        op: The operation every rank loops.
+        elements: float32 elements per operation.
+        timeout: The ranks' deadline, seconds.
+        seed: Picks when the fault strikes.
+        worker: The rank's command, given the fault worker's arguments.
+        hang_limit: Seconds before everything is killed.
+
+    Returns:
+        What the trial showed.
     """
-    return run_trials([(backend, n, fault, op, elements, timeout, seed)])[0]
+    return run_trials([(backend, n, fault, op, elements, timeout, seed)], worker=worker, hang_limit=hang_limit)[0]
 
 
-def run_trials(specs: list[tuple[str, int, str, str, int, float, int]], at_once: int = 1) -> list[Trial]:
+def run_trials(specs: list[tuple[str, int, str, str, int, float, int]], at_once: int = 1, *,
+               worker: Sequence[str] = FAULT_WORKER, hang_limit: float = HANG_LIMIT) -> list[Trial]:
     """Trials ``(backend, n, fault, op, elements, timeout, seed)`` (see :func:`run_trial`),
     ``at_once`` of them side by side, each under its own hang limit.
+
+    Args:
+        specs: The trials.
+        at_once: How many run side by side.
+        worker: The rank's command (see :func:`run_trial`).
+        hang_limit: Seconds before a trial is killed.
 
     Returns:
         The trials, in the order of ``specs``.
@@ -108,8 +136,8 @@ def run_trials(specs: list[tuple[str, int, str, str, int, float, int]], at_once:
                 index = pending.pop(0)
                 backend, n, fault, op, elements, timeout, seed = specs[index]
                 trial = Trial(backend, n, fault, op, elements, timeout)
-                argv = [sys.executable, str(WORKER), fault, op, str(elements), str(timeout), str(n - 1), str(seed)]
-                running[index] = (trial, _Started(backend, n, argv, None), time.monotonic() + HANG_LIMIT)
+                argv = [*worker, fault, op, str(elements), str(timeout), str(n - 1), str(seed)]
+                running[index] = (trial, _Started(backend, n, argv, None), time.monotonic() + hang_limit)
             for index, (trial, started, limit) in list(running.items()):
                 procs = started.job.procs
                 survivors = procs if trial.backend == "mpi" else procs[:-1]
@@ -171,7 +199,18 @@ class Job:
 
 def run_job(backend: str, n: int, argv: list[str], limit: float = HANG_LIMIT,
             extra_env: dict[str, str] | None = None) -> Job:
-    """Run ``argv`` as n ranks until all exit, or kill them all after ``limit`` s (``hung``)."""
+    """Run ``argv`` as n ranks until all exit, or kill them all after ``limit`` s (``hung``).
+
+    Args:
+        backend: ``"ring"`` or ``"mpi"``.
+        n: Number of ranks.
+        argv: The ranks' command.
+        limit: Seconds before the job is killed.
+        extra_env: Extra variables for every rank.
+
+    Returns:
+        How the job ended.
+    """
     return run_jobs([(backend, n, argv)], limit, extra_env)[0]
 
 
@@ -182,6 +221,12 @@ def run_jobs(specs: list[tuple[str, int, list[str]]], limit: float = HANG_LIMIT,
 
     Jobs that mostly wait (for a deadline, or a typed error raised before anything is
     sent) can run side by side; each job has its own ranks, ports, side channel and limit.
+
+    Args:
+        specs: The jobs.
+        limit: Seconds before a job is killed.
+        extra_env: Extra variables for every rank.
+        at_once: How many run side by side.
 
     Returns:
         The jobs' outcomes, in the order of ``specs``.
