@@ -401,8 +401,10 @@ def test_a_lost_rank_ends_every_request_and_the_job_naming_it(checkpoint, tmp_pa
 def test_link_messages_follow_the_schema():
     from mlxdist.serve.protocol import ProtocolError, decode, encode
 
-    line = encode("submit", id="a", prompt=[1, 2], max_tokens=3, temperature=0.0, top_p=1.0, seed=5,
-                  logit_bias={"2": -100})
+    from mlxdist.serve.validation import Sampling
+
+    line = encode("submit", id="a", prompt=[1, 2], **{**Sampling(max_tokens=3, seed=5, logit_bias={"2": -100},
+                                                                 temperature=0.0).link_fields()})
     assert decode(line)["prompt"] == [1, 2]
     bad = [
         b"not json\n",
@@ -466,7 +468,7 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(reference):
 
 
 def test_failure_messages_name_the_lost_ranks():
-    from mlxdist.serve.broker import lost_ranks
+    from mlxdist.serve.failures import lost_ranks
 
     assert lost_ranks("rank 0: DeadlineExceeded: step #3 did not complete within 3 s; ranks not responding: [1]",
                       own_rank=0) == [1]

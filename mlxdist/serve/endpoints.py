@@ -1,0 +1,414 @@
+"""The HTTP endpoints: OpenAI's chat and text completions, models, health, counters and metrics.
+
+Each endpoint is a function of the request that reads the app's state
+(``request.app.state``: the :class:`~mlxdist.serve.broker.Broker`, the
+:class:`ServeConfig` and the tokenizer's worker thread). The front door
+tokenizes (with the chat template, on that worker thread, off the event
+loop) and detokenizes itself, so the ranks only ever see token ids.
+:func:`build_app` puts the endpoints together with the access log, request
+ids, CORS and the answer to unexpected errors (:mod:`mlxdist.serve.access`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mlxdist.serve.access import AccessLog, request_id
+from mlxdist.serve.api_error import ApiError
+from mlxdist.serve.broker import SHUTTING_DOWN, Broker, Pending
+from mlxdist.serve.metrics import CONTENT_TYPE
+from mlxdist.serve.options import ServeOptions
+from mlxdist.serve.text import ChatSplitter, TextAssembler, chat_prompt, starts_in_reasoning, text_prompt
+from mlxdist.serve.validation import CompletionRequest, Sampling, fit_max_tokens, parse_request
+
+__all__ = ["ServeConfig", "build_app"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What the endpoints need to know.
+
+    Attributes:
+        model_names: Names the ``model`` field may give (the first is reported).
+        tokenizer: mlx-lm's tokenizer wrapper of the checkpoint.
+        context: The model's context length in tokens.
+        vocab_size: Token ids must be below it.
+        eos_ids: End-of-sequence ids.
+        options: The server's options (``max_tokens``, ``api_key``, ``max_body``, ``timeout``, ``cors_origins``).
+    """
+
+    model_names: tuple[str, ...]
+    tokenizer: Any
+    context: int
+    vocab_size: int
+    eos_ids: frozenset[int]
+    options: ServeOptions
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _state(request: Request) -> tuple[Broker, ServeConfig]:
+    return request.app.state.broker, request.app.state.config
+
+
+async def _body(request: Request, limit: int) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"the request body exceeds {limit} bytes", "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes", "request_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_type")
+    return body
+
+
+def _authorize(request: Request, api_key: Optional[str]) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", "invalid_api_key")
+
+
+class _Answer:
+    """One request's answer as it is generated: text (cut at stop strings), its split into content,
+    reasoning and tool calls (chat), and the tokens' logprobs."""
+
+    def __init__(self, config: ServeConfig, request: CompletionRequest, sampling: Sampling,
+                 prompt: list[int]) -> None:
+        self.tokenizer = config.tokenizer
+        self.chat = request.chat
+        self.eos_ids = config.eos_ids
+        self.assembler = TextAssembler(config.tokenizer, sampling.stop, set(config.eos_ids))
+        self.splitter = ChatSplitter(config.tokenizer, request.tools,
+                                     starts_in_reasoning(config.tokenizer, prompt)) if request.chat else None
+        self.logprobs = sampling.logprobs
+        self.tool_calls = 0
+
+    def add(self, event: Any) -> tuple[list[tuple[str, Any]], Optional[dict[str, Any]], Optional[str]]:
+        """One token event -> ``(pieces, logprobs entry or None, finish reason or None)``."""
+        piece, finish = self.assembler.add(event.token, event.finish)
+        if self.splitter is not None:
+            pieces = self.splitter.add(piece, final=finish is not None)
+        else:
+            pieces = [("content", piece)] if piece else []
+        self.tool_calls += sum(1 for kind, _ in pieces if kind == "tool_call")
+        if finish == "stop" and self.tool_calls:
+            finish = "tool_calls"
+        entry = None
+        if self.logprobs >= 0 and event.logprob is not None and event.token not in self.eos_ids:
+            entry = self._entry(event.token, event.logprob, event.top or [])
+        return pieces, entry, finish
+
+    def _entry(self, token: int, logprob: float, top: list[list[float]]) -> dict[str, Any]:
+        def text(t: int) -> str:
+            return self.tokenizer.decode([int(t)])
+
+        if self.chat:
+            return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode()),
+                    "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+                                     for t, lp in top]}
+        return {"token": text(token), "logprob": logprob, "top": {text(t): lp for t, lp in top}}
+
+
+def _logprobs_field(chat: bool, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object of a choice from per-token entries (chat or completions shape)."""
+    if chat:
+        return {"content": entries}
+    offsets, at = [], 0
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [e["top"] for e in entries], "text_offset": offsets}
+
+
+def _usage(pending: Pending, answer: _Answer) -> dict[str, int]:
+    tokens = answer.assembler.tokens
+    return {"prompt_tokens": pending.prompt_tokens, "completion_tokens": tokens,
+            "total_tokens": pending.prompt_tokens + tokens}
+
+
+def _prompt_tokens(config: ServeConfig, request: CompletionRequest) -> list[int]:
+    if request.chat:
+        return chat_prompt(config.tokenizer, request)
+    return text_prompt(config.tokenizer, request.prompt)
+
+
+async def _admit(request: Request, chat: bool) -> tuple[CompletionRequest, Sampling, list[int], Pending]:
+    """Check, tokenize (off the event loop) and admit a completion request."""
+    broker, config = _state(request)
+    options = config.options
+    _authorize(request, options.api_key)
+    parsed = parse_request(await _body(request, options.max_body), chat=chat, served=config.model_names,
+                           vocab_size=config.vocab_size)
+    loop = asyncio.get_running_loop()
+    prompt = await loop.run_in_executor(request.app.state.tokenizing, _prompt_tokens, config, parsed)
+    sampling = fit_max_tokens(parsed, len(prompt), context=config.context, cap=options.max_tokens)
+    await broker.wait_admissible()
+    return parsed, sampling, prompt, broker.admit(prompt, sampling, rid=request_id(request))
+
+
+async def _events(broker: Broker, pending: Pending, answer: _Answer) -> AsyncIterator[tuple[
+        list[tuple[str, Any]], Optional[dict[str, Any]], Optional[str]]]:
+    while True:
+        event = await pending.events.get()
+        if event.error is not None:
+            raise event.error
+        pieces, entry, finish = answer.add(event)
+        if finish is not None and event.finish is None:
+            broker.cancel(pending)  # a stop string ended it before the engine did
+        yield pieces, entry, finish
+        if finish is not None:
+            return
+
+
+async def _until_done(request: Request, broker: Broker, pending: Pending, answer: _Answer) -> Optional[
+        tuple[list[tuple[str, Any]], list[dict[str, Any]], str]]:
+    """Every piece of a non-streamed request; None when the client went away first (it is then cancelled)."""
+    async def collect() -> tuple[list[tuple[str, Any]], list[dict[str, Any]], str]:
+        pieces, entries, finish = [], [], "length"
+        async for new, entry, reason in _events(broker, pending, answer):
+            pieces.extend(new)
+            if entry is not None:
+                entries.append(entry)
+            finish = reason or finish
+        return pieces, entries, finish
+
+    async def disconnected() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    work = asyncio.ensure_future(collect())
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            broker.cancel(pending)
+    if work.cancelled():
+        return None
+    return work.result()
+
+
+def _message(pieces: list[tuple[str, Any]]) -> dict[str, Any]:
+    content = "".join(v for k, v in pieces if k == "content")
+    message: dict[str, Any] = {"role": "assistant", "content": content or None}
+    reasoning = "".join(v for k, v in pieces if k == "reasoning")
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    calls = [{key: v[key] for key in ("id", "type", "function")} for k, v in pieces if k == "tool_call"]
+    if calls:
+        message["tool_calls"] = calls
+    elif message["content"] is None:
+        message["content"] = ""
+    return message
+
+
+async def _completion(request: Request, chat: bool) -> Response:
+    broker, config = _state(request)
+    try:
+        parsed, sampling, prompt, pending = await _admit(request, chat)
+    except ApiError as exc:
+        return _error(exc)
+    answer = _Answer(config, parsed, sampling, prompt)
+    head = {"id": ("chatcmpl-" if chat else "cmpl-") + pending.rid, "created": int(time.time()),
+            "model": config.model_names[0]}
+    echo = config.tokenizer.decode(prompt) if parsed.echo and not isinstance(parsed.prompt, str) else (
+        parsed.prompt if parsed.echo else "")
+    if sampling.stream:
+        return EventSourceResponse(_stream(broker, pending, answer, sampling, head, echo), ping=15)
+    try:
+        done = await _until_done(request, broker, pending, answer)
+    except ApiError as exc:
+        return _error(exc)
+    if done is None:
+        return Response(status_code=499)  # nobody reads it
+    pieces, entries, finish = done
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
+                              "logprobs": _logprobs_field(chat, entries) if sampling.logprobs >= 0 else None}
+    if chat:
+        choice["message"] = _message(pieces)
+    else:
+        choice["text"] = echo + "".join(v for _, v in pieces)
+    kind = "chat.completion" if chat else "text_completion"
+    return JSONResponse({**head, "object": kind, "choices": [choice], "usage": _usage(pending, answer)})
+
+
+def _delta(kind: str, value: Any) -> dict[str, Any]:
+    if kind == "tool_call":
+        return {"tool_calls": [value]}
+    return {"reasoning_content" if kind == "reasoning" else "content": value}
+
+
+async def _stream(broker: Broker, pending: Pending, answer: _Answer, sampling: Sampling, head: dict[str, Any],
+                  echo: str) -> AsyncIterator[dict[str, str]]:
+    chat = answer.chat
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: Any, finish: Optional[str] = None, entries: Optional[list[dict[str, Any]]] = None) -> dict:
+        logprobs = None if entries is None else _logprobs_field(chat, entries)
+        if chat:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        else:
+            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": logprobs}
+        return {"data": json.dumps({**head, "object": kind, "choices": [choice]})}
+
+    try:
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        elif echo:
+            yield chunk(echo)
+        async for pieces, entry, finish in _events(broker, pending, answer):
+            entries = None if entry is None else [entry]
+            if chat:
+                for i, (piece_kind, value) in enumerate(pieces):
+                    yield chunk(_delta(piece_kind, value), entries=entries if i == 0 else None)
+                if entries is not None and not pieces:
+                    yield chunk({}, entries=entries)
+            elif pieces or entries is not None:
+                yield chunk("".join(v for _, v in pieces), entries=entries)
+            if finish is not None:
+                yield chunk({} if chat else "", finish)
+        if sampling.include_usage:
+            yield {"data": json.dumps({**head, "object": kind, "choices": [], "usage": _usage(pending, answer)})}
+        yield {"data": "[DONE]"}
+    except ApiError as exc:
+        yield {"event": "error", "data": json.dumps(exc.body())}
+        if exc.code == SHUTTING_DOWN:
+            yield {"data": "[DONE]"}
+    finally:
+        broker.cancel(pending)  # the client went away (or it already ended: no-op)
+
+
+async def chat_completions(request: Request) -> Response:
+    """``POST /v1/chat/completions``."""
+    return await _completion(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    """``POST /v1/completions``."""
+    return await _completion(request, chat=False)
+
+
+def _not_ready(broker: Broker) -> Optional[ApiError]:
+    """The 503 every readiness-reporting endpoint gives while the model cannot answer, else None."""
+    if broker.state == "ready" and not broker.draining:
+        return None
+    why = "draining" if broker.draining else broker.state
+    retry = None if broker.state == "failed" or broker.draining else 5
+    return ApiError(503, f"the model is not ready ({why})", f"engine_{why.replace('-', '_')}", retry_after=retry)
+
+
+async def models(request: Request) -> Response:
+    """``GET /v1/models``: the served model; 503 (as ``/health``) until it can answer."""
+    broker, config = _state(request)
+    try:
+        _authorize(request, config.options.api_key)
+    except ApiError as exc:
+        return _error(exc)
+    problem = _not_ready(broker)
+    if problem is not None:
+        return _error(problem)
+    return JSONResponse({"object": "list", "data": [
+        {"id": config.model_names[0], "object": "model", "created": request.app.state.created,
+         "owned_by": "mlxdist"}]})
+
+
+async def health(request: Request) -> Response:
+    """``GET /health``: the state, the plan and counters; 200 only while the model can answer."""
+    broker, config = _state(request)
+    body = {**broker.health(), "model": config.model_names[0], "draining": broker.draining}
+    problem = _not_ready(broker)
+    headers = None if problem is None or problem.retry_after is None else {"Retry-After": str(problem.retry_after)}
+    return JSONResponse(body, status_code=200 if problem is None else 503, headers=headers)
+
+
+async def stats(request: Request) -> Response:
+    """``GET /stats``: every rank's counters."""
+    broker, config = _state(request)
+    try:
+        _authorize(request, config.options.api_key)
+        ranks = await broker.rank_stats(timeout=config.options.timeout + 5)
+    except ApiError as exc:
+        return _error(exc)
+    return JSONResponse({"ranks": ranks, "cancelled_at": broker.cancelled_at})
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus' text format (see :mod:`mlxdist.serve.metrics`)."""
+    broker, _ = _state(request)
+    return Response(broker.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return _error(ApiError(404, f"no route {request.method} {request.url.path}", "not_found"))
+
+
+async def _bad_method(request: Request, exc: Exception) -> Response:
+    return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                           "method_not_allowed", kind="invalid_request_error"))
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/stats", stats, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]
+
+
+def build_app(broker: Broker, config: ServeConfig) -> Starlette:
+    """The ASGI app: :data:`ROUTES` over ``broker``, with the access log and (``--cors-origins``) CORS.
+
+    Args:
+        broker: The link to the engine (started by the caller's lifespan).
+        config: See :class:`ServeConfig`.
+
+    Returns:
+        A Starlette application; its state holds ``broker``, ``config``, ``created`` and
+        ``tokenizing`` (the worker thread that tokenizes).
+    """
+    middleware = [Middleware(AccessLog, metrics=broker.metrics)]
+    if config.options.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.options.cors_origins),
+                                     allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                     expose_headers=["x-request-id"]))
+    app = Starlette(routes=ROUTES, middleware=middleware,
+                    exception_handlers={404: _not_found, 405: _bad_method})
+    app.state.broker = broker
+    app.state.config = config
+    app.state.created = int(time.time())
+    # One thread: the tokenizer is not used from two threads at once.
+    app.state.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxdist-serve-tokenize")
+    return app
