@@ -25,7 +25,7 @@ pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
 import httpx  # noqa: E402
 import openai  # noqa: E402
 from conftest import BACKENDS  # noqa: E402
-from support.serving import ServeProcess  # noqa: E402
+from support.serving import ServeProcess, greedy_reference  # noqa: E402
 
 from mlxdist.lm.testing import write_checkpoint  # noqa: E402
 
@@ -253,6 +253,115 @@ def test_a_disconnected_stream_stops_on_every_rank_within_a_step(server):
     assert stats["ranks"][0]["steps"] == stats["ranks"][1]["steps"]
 
 
+@pytest.fixture(scope="module")
+def one_process(checkpoint):
+    """``log_softmax(forward(tokens))`` rows and mlx-lm's own ``generate_step``, in this process."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(checkpoint)
+
+    def logprobs(tokens: list[int], bias: dict[int, float]) -> Any:
+        logits = model(mx.array([tokens]))[0].astype(mx.float32)
+        for token, value in bias.items():
+            logits[:, token] += value
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def generate(prompt: list[int], max_tokens: int, sampler: Any, processors: list) -> list[int]:
+        steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
+                              logits_processors=processors)
+        return [int(token) for token, _ in steps]
+
+    return logprobs, generate
+
+
+# Sampling and logprobs are the ranks' own arithmetic, the same on every backend: one server checks them.
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server", ["ring"], indirect=True)
+def test_logprobs_equal_log_softmax_of_a_one_process_forward(server, reference, one_process):
+    import numpy as np
+
+    logprobs, _ = one_process
+    tokenizer = reference.tokenizer
+    client = server.client()
+    bias = {"2": -100}  # no end of sequence: six tokens each (logprobs are reported after the bias)
+    prompt = tokenizer.encode(PROMPTS[3])
+    text = client.completions.create(model="tiny-llama", prompt=PROMPTS[3], max_tokens=6, temperature=0,
+                                     logprobs=3, logit_bias=bias)
+    messages = [{"role": "user", "content": "what is mlx"}]
+    chat_prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    chat = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3, logit_bias=bias)
+    answers = [(prompt, text.choices[0].logprobs.tokens, text.choices[0].logprobs.token_logprobs,
+                text.choices[0].logprobs.top_logprobs),
+               (chat_prompt, [c.token for c in chat.choices[0].logprobs.content],
+                [c.logprob for c in chat.choices[0].logprobs.content],
+                [{t.token: t.logprob for t in c.top_logprobs} for c in chat.choices[0].logprobs.content])]
+    for ids, pieces, got, tops in answers:
+        tokens: list[int] = []
+        for _ in range(6):  # greedy, one token at a time, from the one-process rows
+            tokens.append(int(np.array(logprobs(ids + tokens, {2: -100.0}))[-1].argmax()))
+        assert pieces == [tokenizer.decode([t]) for t in tokens]
+        rows = np.array(logprobs(ids + tokens, {2: -100.0}))[len(ids) - 1: -1]
+        np.testing.assert_allclose(got, [float(rows[i, token]) for i, token in enumerate(tokens)], atol=2e-4)
+        for row, top in zip(rows, tops):
+            best = np.argsort(-row)[:3]
+            # (two alternatives may decode to the same text: one entry then)
+            assert sorted(top.values(), reverse=True) == pytest.approx(
+                sorted({tokenizer.decode([int(b)]): float(row[b]) for b in best}.values(), reverse=True), abs=2e-4)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server", ["ring"], indirect=True)
+def test_top_k_min_p_and_penalties_equal_mlx_lm_samplers_on_the_same_logits(server, reference, one_process):
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    _, generate = one_process
+    tokenizer = reference.tokenizer
+    client = server.client()
+    prompt = tokenizer.encode(PROMPTS[5])
+    cases = {  # request parameters -> mlx-lm's sampler and processors
+        "top_k 1 at temperature 1": ({"temperature": 1.0, "extra_body": {"top_k": 1}},
+                                     make_sampler(temp=1.0, top_k=1), []),
+        "min_p 1 at temperature 1": ({"temperature": 1.0, "extra_body": {"min_p": 1.0}},
+                                     make_sampler(temp=1.0, min_p=1.0), []),
+        "three penalties, greedy": ({"temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 0.7,
+                                     "extra_body": {"repetition_penalty": 1.3}}, make_sampler(temp=0.0),
+                                    make_logits_processors(repetition_penalty=1.3, presence_penalty=1.5,
+                                                           frequency_penalty=0.7)),
+    }
+    plain = generate(prompt, 10, make_sampler(temp=0.0), [])
+    for name, (params, sampler, processors) in cases.items():
+        expected = generate(prompt, 10, sampler, processors)
+        answer = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=10, seed=3, **params)
+        assert answer.choices[0].text == text_of(tokenizer, _until_eos(expected, tokenizer)), name
+    # The penalties change the greedy answer (else the check above proves nothing about them).
+    assert _until_eos(generate(prompt, 10, make_sampler(temp=0.0), cases["three penalties, greedy"][2]),
+                      tokenizer) != _until_eos(plain, tokenizer)
+
+
+def _until_eos(tokens: list[int], tokenizer: Any) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in tokenizer.eos_token_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("server", ["ring"], indirect=True)
+def test_a_client_gone_from_a_non_streamed_request_is_dropped_without_an_error(server):
+    body = {k: v for k, v in LONG.items() if k != "stream"}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + TEXT, json=body, timeout=1.5, headers={"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 20
+    while server.health()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.health()["in_flight"] == 0
+    log = server.text()
+    assert "InvalidStateError" not in log and "Traceback" not in log, log[-3000:]
+
+
 # -- bad input ------------------------------------------------------------------
 
 CHAT = "/v1/chat/completions"
@@ -282,6 +391,10 @@ BAD_INPUT = {
     "body over the size limit": (TEXT, {"prompt": "a" * (MAX_BODY + 10)}, None, API_KEY, 413),
     "missing API key": (CHAT, GOOD_CHAT, None, None, 401),
     "wrong API key": (CHAT, GOOD_CHAT, None, "not-the-key", 401),
+    "a name OpenAI does not define": (CHAT, {**GOOD_CHAT, "temprature": 0}, None, API_KEY, 400),
+    "a lone surrogate in the prompt": (TEXT, None, b'{"prompt": "hi \\ud800", "max_tokens": 2}', API_KEY, 400),
+    "a lone surrogate in a message": (CHAT, None, b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+                                      API_KEY, 400),
 }
 
 
@@ -295,6 +408,9 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(server, row):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) >= {"message", "type", "code"} and error["message"], error
+    if status == 400 and isinstance(body, dict) and set(body) - set(GOOD_CHAT) - {"prompt"}:
+        # A parameter refused is named.
+        assert error["param"] in set(body) - set(GOOD_CHAT), error
     good = post(server, CHAT, GOOD_CHAT)
     assert good.status_code == 200, good.text
     assert good.json()["usage"]["completion_tokens"] >= 1
@@ -393,6 +509,168 @@ def test_a_lost_rank_ends_every_request_and_the_job_naming_it(checkpoint, tmp_pa
     finally:
         for server in servers.values():
             server.close()
+
+
+# -- tool calls and operations: a second server, on a checkpoint that calls a tool --------
+
+ORIGIN = "https://app.example"
+DRAIN = 2.0  # the tool server's --drain-timeout
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory) -> Iterator[Server]:
+    """A ring ``-n 2`` server of :func:`write_tool_checkpoint`'s model, with CORS and a short drain; and
+    what a request sent as soon as its front door answered, before the model loaded, got (``early``)."""
+    from support.serving import write_tool_checkpoint
+
+    path = write_tool_checkpoint(tmp_path_factory.mktemp("tools") / "tool-llama", **DIMS)
+    server = Server(path, "ring", tmp_path_factory.mktemp("tool-serve") / "server.log", "--cors-origins", ORIGIN,
+                    "--drain-timeout", str(DRAIN), "--max-tokens", str(CAP), "--api-key", API_KEY)
+    early: dict[str, Any] = {}
+    try:
+        end = time.monotonic() + START_DEADLINE
+        while not (match := re.search(r"serving on (http://\S+)/v1", server.text())):
+            assert time.monotonic() < end and server.proc.poll() is None, server.text()[-3000:]
+            time.sleep(0.02)
+        server.url = match.group(1)
+        early["health"] = httpx.get(server.url + "/health", timeout=10)
+        early["models"] = httpx.get(server.url + "/v1/models", timeout=10,
+                                    headers={"Authorization": f"Bearer {API_KEY}"})
+
+        def ask() -> None:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
+                                   timeout=START_DEADLINE)
+            early["answer"] = client.completions.create(model="tool-llama", prompt=PROMPTS[1], max_tokens=8,
+                                                        temperature=0)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        server.wait_ready()
+        asking.join(START_DEADLINE)
+    except BaseException:
+        server.close()
+        raise
+    server.early = early  # type: ignore[attr-defined]
+    server.checkpoint = path  # type: ignore[attr-defined]
+    yield server
+    server.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_request_sent_before_the_model_loaded_gets_its_tokens(tool_server):
+    early = tool_server.early
+    # /health and /v1/models agreed: not ready, retry later.
+    assert (early["health"].status_code, early["health"].json()["state"]) == (503, "loading"), early["health"].text
+    assert early["models"].status_code == 503 and "Retry-After" in early["models"].headers
+    expected = greedy_reference(tool_server.checkpoint, PROMPTS[1], 8, 0)(8)
+    assert early["answer"].choices[0].text == expected
+
+
+@pytest.mark.timeout(120)
+def test_a_tool_call_round_trip_through_the_chat_template_and_mlx_lm_s_parser(tool_server):
+    from mlx_lm.utils import load_tokenizer
+    from support.serving import THOUGHT, TOOL_CALL
+
+    client = tool_server.client()
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "today's weather",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "what is the weather in Paris?"}]
+    answer = client.chat.completions.create(model="tool-llama", messages=messages, tools=tools, temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function", TOOL_CALL["name"], TOOL_CALL["arguments"])
+    assert choice.message.model_extra["reasoning_content"] == THOUGHT and not choice.message.content
+
+    streamed: dict[int, dict[str, str]] = {}
+    reasoning, finish = [], None
+    for chunk in client.chat.completions.create(model="tool-llama", messages=messages, tools=tools,
+                                                temperature=0, stream=True):
+        delta = chunk.choices[0].delta
+        reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
+        for part in delta.tool_calls or []:
+            entry = streamed.setdefault(part.index, {"name": "", "arguments": "", "id": ""})
+            entry["id"] += part.id or ""
+            entry["name"] += part.function.name or ""
+            entry["arguments"] += part.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and "".join(reasoning) == THOUGHT
+    assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == [
+        (TOOL_CALL["name"], TOOL_CALL["arguments"])] and streamed[0]["id"]
+
+    # The assistant's call and the tool's answer stay in the history (the template renders them).
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    follow = client.chat.completions.create(model="tool-llama", messages=messages, tools=tools, temperature=0,
+                                            max_tokens=3)
+    tokenizer = load_tokenizer(tool_server.checkpoint)
+    # (as the server renders them: null content is empty text, arguments an object)
+    rendered = [{**m, "content": "", "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(
+        c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+    expected = tokenizer.apply_chat_template(rendered, tools=tools, add_generation_prompt=True, tokenize=True)
+    assert "sunny, 21 C" in tokenizer.decode(expected) and "get_weather" in tokenizer.decode(expected)
+    assert follow.usage.prompt_tokens == len(expected)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.timeout(180)
+def test_metrics_cors_and_a_sigterm_that_drains(tool_server):
+    client = tool_server.client()
+    before = _samples(httpx.get(tool_server.url + "/metrics", timeout=10).text)
+    answers = [client.completions.create(model="tool-llama", prompt=p, max_tokens=5, temperature=0)
+               for p in PROMPTS[:2]]
+    after = _samples(httpx.get(tool_server.url + "/metrics", timeout=10).text)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("mlxdist_requests_total", endpoint="/v1/completions", status="200") == 2
+    assert grew("mlxdist_generated_tokens_total") == sum(a.usage.completion_tokens for a in answers)
+    assert grew("mlxdist_prompt_tokens_total") == sum(a.usage.prompt_tokens for a in answers)
+    assert grew("mlxdist_time_to_first_token_seconds_count") == 2
+    assert grew("mlxdist_inter_token_seconds_count") == sum(a.usage.completion_tokens - 1 for a in answers)
+    assert after[("mlxdist_ranks_up", ())] == 2 and after[("mlxdist_in_flight", ())] == 0
+    assert ("mlxdist_prompt_cache_hits_total", ()) in after and ("mlxdist_re_formings_total", ()) in after
+
+    preflight = httpx.options(tool_server.url + "/v1/chat/completions", timeout=10, headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert httpx.options(tool_server.url + "/v1/models", timeout=10, headers={
+        "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "GET"}).status_code == 400
+
+    # SIGTERM during a stream that would outlast the drain: new requests get 503 at once, the
+    # stream ends with an error event and [DONE] after --drain-timeout, and the server exits 0.
+    body = {**LONG, "model": "tool-llama"}
+    with httpx.stream("POST", tool_server.url + TEXT, json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        tool_server.proc.send_signal(signal.SIGTERM)
+        struck = time.monotonic()
+        refused = None
+        while refused is None or refused.status_code != 503:
+            assert time.monotonic() - struck < DRAIN, refused and refused.text
+            refused = post(tool_server, TEXT, {"prompt": "hi", "max_tokens": 2})
+        assert refused.json()["error"]["code"] == "server_shutting_down"
+        rest = list(lines)
+    ended = time.monotonic() - struck
+    data = [line for line in rest if line.startswith("data:")]
+    assert "event: error" in rest and data[-1] == "data: [DONE]", rest[-6:]
+    assert json.loads(data[-2][5:])["error"]["code"] == "server_shutting_down"
+    assert DRAIN - 0.5 < ended < DRAIN + 10, ended
+    assert tool_server.proc.wait(60) == 0, tool_server.text()[-3000:]
 
 
 # -- the parts, in this process ---------------------------------------------------

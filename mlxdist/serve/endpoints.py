@@ -211,12 +211,11 @@ async def _until_done(request: Request, broker: Broker, pending: Pending, answer
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not work.done():
+        gone = not work.done()
+        if gone:  # (a cancelled task is done only once it ran again: never ask it for a result here)
             work.cancel()
             broker.cancel(pending)
-    if work.cancelled():
-        return None
-    return work.result()
+    return None if gone else work.result()
 
 
 def _message(pieces: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -120,7 +120,7 @@ class ResumingBroker(Broker):
         if kind == "step":
             if self._awaiting_first_token and message["events"]:
                 self._first_token()
-            for rid, token, _ in message["events"]:
+            for rid, token, *_ in message["events"]:
                 record = self.records.get(rid)
                 if record is not None:
                     record.tokens.append(token)
