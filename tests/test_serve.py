@@ -754,3 +754,94 @@ def test_failure_messages_name_the_lost_ranks():
                       "reported by rank 0: all_sum #9: ranks not arrived: [2]; ranks not responding: [2, 3]") == [2, 3]
     assert lost_ranks("mlxdist.launch: rank 1 was killed by SIGKILL; killed the others") == [1]
     assert lost_ranks("rank 0's engine closed its link to the front door") == []
+
+
+# Every parameter OpenAI's client defines (read from the openai package itself), with a value a
+# client may send that is not the default: honoured (the request parses) or refused with a 400 naming it.
+PARAMETER_VALUES = {
+    "audio": {"voice": "alloy", "format": "wav"}, "best_of": 2, "echo": True, "frequency_penalty": 0.5,
+    "function_call": "auto", "functions": [{"name": "f"}], "logit_bias": {"5": 1}, "logprobs": 2,
+    "max_completion_tokens": 5, "max_tokens": 5, "metadata": {"k": "v"}, "modalities": ["text", "audio"],
+    "model": "tiny-llama", "moderation": {"model": "omni-moderation-latest"}, "n": 2, "parallel_tool_calls": False,
+    "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5, "prompt_cache_key": "k",
+    "prompt_cache_options": {"mode": "x"}, "prompt_cache_retention": "24h", "reasoning_effort": "low",
+    "response_format": {"type": "json_object"}, "safety_identifier": "u1", "seed": 3,
+    "service_tier": "flex", "stop": ["\n"], "store": True, "stream": True, "stream_options": {"include_usage": True},
+    "suffix": "end", "temperature": 0.5, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f"}}], "top_logprobs": 2, "top_p": 0.5, "user": "u1", "verbosity": "low",
+    "web_search_options": {}, "messages": [{"role": "user", "content": "hi"}], "prompt": "hi",
+}
+HONOURED = {"chat": {"frequency_penalty", "logit_bias", "max_completion_tokens", "max_tokens", "metadata", "model",
+                     "presence_penalty", "prompt_cache_key", "safety_identifier", "seed", "stop", "stream",
+                     "stream_options", "temperature", "tools", "top_p", "user", "messages", "logprobs",
+                     "top_logprobs"},
+            "text": {"echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model", "presence_penalty",
+                     "seed", "stop", "stream", "stream_options", "temperature", "top_p", "user", "prompt"}}
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "text"])
+def test_every_openai_parameter_is_honoured_or_refused_by_name(endpoint):
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+
+    from mlxdist.serve.api_error import ApiError
+    from mlxdist.serve.validation import parse_request
+
+    chat = endpoint == "chat"
+    module = chat_create_params if chat else completion_create_params
+    names = set(module.CompletionCreateParamsBase.__annotations__) | {"stream"}
+    base = {"messages": PARAMETER_VALUES["messages"]} if chat else {"prompt": "hi"}
+    docs = Path(__file__).parents[1] / "docs" / "reference" / "openai-parameters.md"
+    rows = docs.read_text()
+    for name in sorted(names):
+        body = {**base, name: True if chat and name == "logprobs" else PARAMETER_VALUES[name]}
+        if chat and name == "top_logprobs":
+            body["logprobs"] = True
+        try:
+            parse_request(body, chat=chat, served=("tiny-llama",), vocab_size=512)
+            honoured = True
+        except ApiError as exc:
+            assert (exc.status, exc.param) == (400, name), (name, exc.body())
+            honoured = False
+        assert honoured == (name in HONOURED[endpoint]), name
+        assert f"`{name}`" in rows, f"docs/reference/openai-parameters.md has no row for {name}"
+    with pytest.raises(ApiError) as refused:
+        parse_request({**base, "temprature": 0.5}, chat=chat, served=("tiny-llama",), vocab_size=512)
+    assert (refused.value.status, refused.value.param) == (400, "temprature")
+
+
+def test_a_chat_answer_splits_the_same_however_its_text_arrives():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from mlx_lm.tool_parsers import json_tools
+
+    from mlxdist.serve.text import ChatSplitter
+
+    class Markers:  # what mlx-lm's tokenizer wrapper says of a thinking, tool-calling checkpoint
+        has_thinking, think_start, think_end = True, "<think>", "</think>"
+        has_tool_calling, tool_call_start, tool_call_end = True, json_tools.tool_call_start, json_tools.tool_call_end
+        tool_parser = staticmethod(json_tools.parse_tool_call)
+
+    call = '{"name": "f", "arguments": {"x": 1}}'
+    text = f"<think>hmm <b></think>Sure <tool_call>{call}</tool_call> and <tool_call>{call}</tool_call>< done"
+    tools = [{"type": "function", "function": {"name": "f"}}]
+
+    def split(pieces: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
+        splitter = ChatSplitter(Markers(), tools)
+        out = [part for i, piece in enumerate(pieces) for part in splitter.add(piece, final=i == len(pieces) - 1)]
+        return ("".join(v for k, v in out if k == "content"), "".join(v for k, v in out if k == "reasoning"),
+                [(v["function"]["name"], v["function"]["arguments"]) for k, v in out if k == "tool_call"])
+
+    whole = split([text])
+    assert whole == ("Sure  and < done", "hmm <b>", [("f", '{"x": 1}')] * 2)
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, len(text)), max_size=12))
+    def any_cuts(cuts: list[int]) -> None:
+        bounds = [0, *sorted(cuts), len(text)]
+        assert split([text[a:b] for a, b in zip(bounds, bounds[1:])]) == whole
+
+    any_cuts()
+    # Without tools, tool-call markers are text.
+    assert ChatSplitter(Markers(), None).add(f"<tool_call>{call}</tool_call>", final=True) == [
+        ("content", f"<tool_call>{call}</tool_call>")]

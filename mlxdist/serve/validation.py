@@ -31,20 +31,20 @@ _SHARED = {"model", "frequency_penalty", "presence_penalty", "logit_bias", "max_
            "stream", "stream_options", "temperature", "top_p", "user", "top_k", "min_p", "repetition_penalty"}
 _CHAT = _SHARED | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "tools", "tool_choice",
                    "parallel_tool_calls", "response_format", "chat_template_kwargs", "metadata", "store",
-                   "service_tier", "safety_identifier", "modalities"}
+                   "service_tier", "safety_identifier", "modalities", "prompt_cache_key", "prompt_cache_retention"}
 _TEXT = _SHARED | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 # OpenAI parameters refused unless they hold their default (which changes nothing): name -> allowed values.
 _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "n": (None, 1), "best_of": (None, 1), "store": (None, False), "suffix": (None, ""),
     "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]), "parallel_tool_calls": (None, True),
+    "prompt_cache_retention": (None, "in_memory"),
 }
 # OpenAI parameters this server does not implement: any value but null is refused.
 _REFUSED = {
     "audio": "audio output", "prediction": "predicted outputs", "web_search_options": "web search",
     "functions": "the deprecated 'functions' (send 'tools')", "function_call": "the deprecated 'function_call' "
     "(send 'tool_choice')", "reasoning_effort": "reasoning effort", "verbosity": "verbosity",
-    "prompt_cache_key": "prompt cache keys (the cache matches prefixes by itself)",
-    "prompt_cache_retention": "prompt cache retention",
+    "prompt_cache_options": "prompt cache options", "moderation": "moderation",
 }
 
 
@@ -365,7 +365,7 @@ def _known(body: dict[str, Any], chat: bool) -> None:
                        "unsupported_parameter")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise _bad("'metadata' must be an object", "metadata", "invalid_type")
-    for name in ("user", "safety_identifier"):
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise _bad(f"'{name}' must be a string", name, "invalid_type")
     if not chat and body.get("echo") is not None and not isinstance(body["echo"], bool):
