@@ -845,3 +845,36 @@ def test_a_chat_answer_splits_the_same_however_its_text_arrives():
     # Without tools, tool-call markers are text.
     assert ChatSplitter(Markers(), None).add(f"<tool_call>{call}</tool_call>", final=True) == [
         ("content", f"<tool_call>{call}</tool_call>")]
+
+
+def test_an_unexpected_error_is_an_openai_shaped_500_naming_the_request_id(caplog):
+    import asyncio
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mlxdist.serve.access import AccessLog
+    from mlxdist.serve.metrics import ServeMetrics
+
+    async def broken(scope: dict, receive: Any, send: Any) -> None:
+        raise KeyError("a bug")
+
+    metrics = ServeMetrics(in_flight=lambda: 0, queued=lambda: 0, ranks_up=lambda: 0)
+    app = AccessLog(broken, metrics=metrics)
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                     base_url="http://test") as client:
+            return await client.post("/v1/completions", json={})
+
+    with caplog.at_level("INFO", logger="mlxdist.serve.access"):
+        response = asyncio.run(call())
+    assert response.status_code == 500
+    rid = response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "internal_error") and rid in error["message"]
+    assert any(rid in record.getMessage() and record.exc_info for record in caplog.records)
+    assert any(rid in record.getMessage() and " 500 " in record.getMessage() for record in caplog.records)
+    (family,) = [f for f in text_string_to_metric_families(metrics.exposition().decode())
+                 if f.name == "mlxdist_requests"]
+    assert [(s.labels, s.value) for s in family.samples if s.name == "mlxdist_requests_total"] == [
+        ({"endpoint": "/v1/completions", "status": "500"}, 1.0)]
