@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from mlxdist.serve.text import ChatSplitter, TextAssembler, chat_prompt, starts_
 from mlxdist.serve.validation import CompletionRequest, Sampling, fit_max_tokens, parse_request
 
 __all__ = ["ServeConfig", "build_app"]
+
+logger = logging.getLogger("mlxdist.serve.access")
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,11 @@ async def _stream(broker: Broker, pending: Pending, answer: _Answer, sampling: S
         yield {"event": "error", "data": json.dumps(exc.body())}
         if exc.code == SHUTTING_DOWN:
             yield {"data": "[DONE]"}
+    except Exception:  # the headers went out: the error is the stream's last event
+        rid = head["id"].partition("-")[2]
+        logger.exception("req-%s: unexpected error in a stream", rid)
+        yield {"event": "error", "data": json.dumps(ApiError(
+            500, f"internal error (request id req-{rid}; the server's log has the details)", "internal_error").body())}
     finally:
         broker.cancel(pending)  # the client went away (or it already ended: no-op)
 
