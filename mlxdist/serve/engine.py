@@ -222,7 +222,7 @@ class Engine:
             self.generated[rid] += 1
             self.counters["generated_tokens"] += 1
             event = [rid, int(response.token), response.finish_reason]
-            if rid in self.top_logprobs:
+            if rid in self.top_logprobs and self.link is not None:  # only rank 0 reports them
                 event += _logprobs(response.logprobs, int(response.token), self.top_logprobs[rid])
             if response.finish_reason is not None:
                 del self.uid_of[rid], self.id_of[response.uid], self.generated[rid]
