@@ -878,3 +878,23 @@ def test_an_unexpected_error_is_an_openai_shaped_500_naming_the_request_id(caplo
                  if f.name == "mlxdist_requests"]
     assert [(s.labels, s.value) for s in family.samples if s.name == "mlxdist_requests_total"] == [
         ({"endpoint": "/v1/completions", "status": "500"}, 1.0)]
+
+
+def test_the_options_are_parsed_once_into_a_frozen_object_and_the_ranks_get_theirs():
+    import dataclasses
+
+    from mlxdist.serve.options import parse_options
+
+    argv = ["--model", "m", "-n", "2", "--api-key", "k", "--cors-origins=https://a.example, https://b.example",
+            "--drain-timeout", "5", "--log-level", "info", "--max-concurrent", "4"]
+    options = parse_options(argv)
+    assert (options.nranks, options.drain_timeout, options.log_level, options.max_inflight) == (2, 5.0, "info", 36)
+    assert options.cors_origins == ("https://a.example", "https://b.example")
+    assert options.rank_argv() == ["--model", "m", "-n", "2", "--drain-timeout", "5", "--log-level", "info",
+                                   "--max-concurrent", "4"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.nranks = 3  # type: ignore[misc]
+    for bad in (["--model", "m", "--drain-timeout", "0"], ["--model", "m", "--log-level", "loud"],
+                ["--model", "m", "--max-queue", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_options(bad)
