@@ -61,14 +61,19 @@ def _supervise(options: ServeOptions) -> int:
     return supervise(options)
 
 
-def _answer_before_ending(door: Any) -> None:
-    """When the launcher ends rank 0 (another rank failed), tell the clients before going."""
+def _answer_before_ending(door: Any, alone: bool) -> None:
+    """When the launcher ends rank 0 (another rank failed), tell the clients before going; a process
+    serving alone drains instead (see :mod:`mlxdist.serve.frontdoor`)."""
 
     def ending(signum: int, frame: Any) -> None:
         door.fail(f"the launcher ended rank 0 ({signal.Signals(signum).name}): the job is ending")
         threading.Timer(_FAIL_GRACE / 2, os._exit, args=(128 + signum,)).start()
 
-    signal.signal(signal.SIGTERM, ending)
+    def draining(signum: int, frame: Any) -> None:
+        if door.server is not None:
+            door.server.handle_exit(signum, frame)
+
+    signal.signal(signal.SIGTERM, draining if alone else ending)
 
 
 def _serve_rank(options: ServeOptions) -> int:
@@ -93,7 +98,7 @@ def _serve_rank(options: ServeOptions) -> int:
             door = _front_door(options)
             door.start_thread(_config(options))
             _announce(options, door)
-            _answer_before_ending(door)
+            _answer_before_ending(door, alone=size == 1)
             address, token = door.link_address, door.token
         link = LinkClient(address, token)
     try:
