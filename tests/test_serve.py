@@ -341,6 +341,27 @@ def test_top_k_min_p_and_penalties_equal_mlx_lm_samplers_on_the_same_logits(serv
                       tokenizer) != _until_eos(plain, tokenizer)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server", ["ring"], indirect=True)
+def test_n_choices_are_the_answers_of_seeds_seed_to_seed_plus_n(server):
+    client = server.client()
+    ask = dict(model="tiny-llama", prompt=PROMPTS[0], max_tokens=8, temperature=1.0)
+    answers = [client.completions.create(seed=seed, **ask) for seed in (5, 6)]
+    alone = [a.choices[0].text for a in answers]
+    together = client.completions.create(seed=5, n=2, **ask)
+    assert [c.index for c in together.choices] == [0, 1]
+    assert [c.text for c in together.choices] == alone and alone[0] != alone[1]
+    streamed = ["", ""]
+    usage = None
+    for chunk in client.completions.create(seed=5, n=2, stream=True, stream_options={"include_usage": True}, **ask):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == alone
+    assert usage.completion_tokens == together.usage.completion_tokens == sum(
+        a.usage.completion_tokens for a in answers)
+
+
 def _until_eos(tokens: list[int], tokenizer: Any) -> list[int]:
     for i, token in enumerate(tokens):
         if token in tokenizer.eos_token_ids:
@@ -774,9 +795,9 @@ PARAMETER_VALUES = {
 HONOURED = {"chat": {"frequency_penalty", "logit_bias", "max_completion_tokens", "max_tokens", "metadata", "model",
                      "presence_penalty", "prompt_cache_key", "safety_identifier", "seed", "stop", "stream",
                      "stream_options", "temperature", "tools", "top_p", "user", "messages", "logprobs",
-                     "top_logprobs"},
+                     "top_logprobs", "n"},
             "text": {"echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model", "presence_penalty",
-                     "seed", "stop", "stream", "stream_options", "temperature", "top_p", "user", "prompt"}}
+                     "seed", "stop", "stream", "stream_options", "temperature", "top_p", "user", "prompt", "n"}}
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "text"])

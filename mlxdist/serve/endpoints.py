@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Optional
 
 from sse_starlette.sse import EventSourceResponse
@@ -152,10 +152,9 @@ def _logprobs_field(chat: bool, entries: list[dict[str, Any]]) -> dict[str, Any]
             "top_logprobs": [e["top"] for e in entries], "text_offset": offsets}
 
 
-def _usage(pending: Pending, answer: _Answer) -> dict[str, int]:
-    tokens = answer.assembler.tokens
-    return {"prompt_tokens": pending.prompt_tokens, "completion_tokens": tokens,
-            "total_tokens": pending.prompt_tokens + tokens}
+def _usage(pendings: list[Pending], answers: list[_Answer]) -> dict[str, int]:
+    prompt, tokens = pendings[0].prompt_tokens, sum(answer.assembler.tokens for answer in answers)
+    return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
 
 
 def _prompt_tokens(config: ServeConfig, request: CompletionRequest) -> list[int]:
@@ -164,8 +163,9 @@ def _prompt_tokens(config: ServeConfig, request: CompletionRequest) -> list[int]
     return text_prompt(config.tokenizer, request.prompt)
 
 
-async def _admit(request: Request, chat: bool) -> tuple[CompletionRequest, Sampling, list[int], Pending]:
-    """Check, tokenize (off the event loop) and admit a completion request."""
+async def _admit(request: Request, chat: bool) -> tuple[CompletionRequest, Sampling, list[int], list[Pending]]:
+    """Check, tokenize (off the event loop) and admit a completion request: one engine request per choice
+    (choice ``i`` draws with seed ``seed + i``)."""
     broker, config = _state(request)
     options = config.options
     _authorize(request, options.api_key)
@@ -175,7 +175,16 @@ async def _admit(request: Request, chat: bool) -> tuple[CompletionRequest, Sampl
     prompt = await loop.run_in_executor(request.app.state.tokenizing, _prompt_tokens, config, parsed)
     sampling = fit_max_tokens(parsed, len(prompt), context=config.context, cap=options.max_tokens)
     await broker.wait_admissible()
-    return parsed, sampling, prompt, broker.admit(prompt, sampling, rid=request_id(request))
+    rid, pendings = request_id(request), []
+    try:
+        for i in range(parsed.choices):
+            choice = sampling if i == 0 else replace(sampling, seed=(sampling.seed + i) % (2**63))
+            pendings.append(broker.admit(prompt, choice, rid=rid if i == 0 else f"{rid}-{i}"))
+    except ApiError:
+        for pending in pendings:
+            broker.cancel(pending)
+        raise
+    return parsed, sampling, prompt, pendings
 
 
 async def _events(broker: Broker, pending: Pending, answer: _Answer) -> AsyncIterator[tuple[
@@ -238,31 +247,38 @@ def _message(pieces: list[tuple[str, Any]]) -> dict[str, Any]:
 async def _completion(request: Request, chat: bool) -> Response:
     broker, config = _state(request)
     try:
-        parsed, sampling, prompt, pending = await _admit(request, chat)
+        parsed, sampling, prompt, pendings = await _admit(request, chat)
     except ApiError as exc:
         return _error(exc)
-    answer = _Answer(config, parsed, sampling, prompt)
-    head = {"id": ("chatcmpl-" if chat else "cmpl-") + pending.rid, "created": int(time.time()),
+    answers = [_Answer(config, parsed, sampling, prompt) for _ in pendings]
+    head = {"id": ("chatcmpl-" if chat else "cmpl-") + pendings[0].rid, "created": int(time.time()),
             "model": config.model_names[0]}
     echo = config.tokenizer.decode(prompt) if parsed.echo and not isinstance(parsed.prompt, str) else (
         parsed.prompt if parsed.echo else "")
     if sampling.stream:
-        return EventSourceResponse(_stream(broker, pending, answer, sampling, head, echo), ping=15)
+        return EventSourceResponse(_stream(broker, pendings, answers, sampling, head, echo), ping=15)
+    waits = [asyncio.ensure_future(_until_done(request, broker, pending, answer))
+             for pending, answer in zip(pendings, answers)]
     try:
-        done = await _until_done(request, broker, pending, answer)
+        done = await asyncio.gather(*waits)
     except ApiError as exc:
         return _error(exc)
-    if done is None:
+    finally:
+        for wait in waits:
+            wait.cancel()  # (no-op for those that ended; the others drop their engine requests)
+    if any(d is None for d in done):
         return Response(status_code=499)  # nobody reads it
-    pieces, entries, finish = done
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
-                              "logprobs": _logprobs_field(chat, entries) if sampling.logprobs >= 0 else None}
-    if chat:
-        choice["message"] = _message(pieces)
-    else:
-        choice["text"] = echo + "".join(v for _, v in pieces)
+    choices = []
+    for index, (pieces, entries, finish) in enumerate(done):  # type: ignore[misc]
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish,
+                                  "logprobs": _logprobs_field(chat, entries) if sampling.logprobs >= 0 else None}
+        if chat:
+            choice["message"] = _message(pieces)
+        else:
+            choice["text"] = echo + "".join(v for _, v in pieces)
+        choices.append(choice)
     kind = "chat.completion" if chat else "text_completion"
-    return JSONResponse({**head, "object": kind, "choices": [choice], "usage": _usage(pending, answer)})
+    return JSONResponse({**head, "object": kind, "choices": choices, "usage": _usage(pendings, answers)})
 
 
 def _delta(kind: str, value: Any) -> dict[str, Any]:
@@ -271,37 +287,60 @@ def _delta(kind: str, value: Any) -> dict[str, Any]:
     return {"reasoning_content" if kind == "reasoning" else "content": value}
 
 
-async def _stream(broker: Broker, pending: Pending, answer: _Answer, sampling: Sampling, head: dict[str, Any],
-                  echo: str) -> AsyncIterator[dict[str, str]]:
-    chat = answer.chat
+async def _stream(broker: Broker, pendings: list[Pending], answers: list[_Answer], sampling: Sampling,
+                  head: dict[str, Any], echo: str) -> AsyncIterator[dict[str, str]]:
+    chat = answers[0].chat
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta: Any, finish: Optional[str] = None, entries: Optional[list[dict[str, Any]]] = None) -> dict:
+    def chunk(index: int, delta: Any, finish: Optional[str] = None,
+              entries: Optional[list[dict[str, Any]]] = None) -> dict:
         logprobs = None if entries is None else _logprobs_field(chat, entries)
         if chat:
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": index, "text": delta, "finish_reason": finish, "logprobs": logprobs}
         return {"data": json.dumps({**head, "object": kind, "choices": [choice]})}
 
+    # Each choice's events, as they come, on one queue: (index, item) with item None once it ended.
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            async for item in _events(broker, pendings[index], answers[index]):
+                merged.put_nowait((index, item))
+        except ApiError as exc:
+            merged.put_nowait((index, exc))
+            return
+        merged.put_nowait((index, None))
+
+    pumps = [asyncio.ensure_future(pump(i)) for i in range(len(pendings))]
     try:
-        if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        elif echo:
-            yield chunk(echo)
-        async for pieces, entry, finish in _events(broker, pending, answer):
+        for index in range(len(pendings)):
+            if chat:
+                yield chunk(index, {"role": "assistant", "content": ""})
+            elif echo:
+                yield chunk(index, echo)
+        running = len(pendings)
+        while running:
+            index, item = await merged.get()
+            if isinstance(item, ApiError):
+                raise item
+            if item is None:
+                running -= 1
+                continue
+            pieces, entry, finish = item
             entries = None if entry is None else [entry]
             if chat:
                 for i, (piece_kind, value) in enumerate(pieces):
-                    yield chunk(_delta(piece_kind, value), entries=entries if i == 0 else None)
+                    yield chunk(index, _delta(piece_kind, value), entries=entries if i == 0 else None)
                 if entries is not None and not pieces:
-                    yield chunk({}, entries=entries)
+                    yield chunk(index, {}, entries=entries)
             elif pieces or entries is not None:
-                yield chunk("".join(v for _, v in pieces), entries=entries)
+                yield chunk(index, "".join(v for _, v in pieces), entries=entries)
             if finish is not None:
-                yield chunk({} if chat else "", finish)
+                yield chunk(index, {} if chat else "", finish)
         if sampling.include_usage:
-            yield {"data": json.dumps({**head, "object": kind, "choices": [], "usage": _usage(pending, answer)})}
+            yield {"data": json.dumps({**head, "object": kind, "choices": [], "usage": _usage(pendings, answers)})}
         yield {"data": "[DONE]"}
     except ApiError as exc:
         yield {"event": "error", "data": json.dumps(exc.body())}
@@ -313,7 +352,10 @@ async def _stream(broker: Broker, pending: Pending, answer: _Answer, sampling: S
         yield {"event": "error", "data": json.dumps(ApiError(
             500, f"internal error (request id req-{rid}; the server's log has the details)", "internal_error").body())}
     finally:
-        broker.cancel(pending)  # the client went away (or it already ended: no-op)
+        for task in pumps:
+            task.cancel()
+        for pending in pendings:
+            broker.cancel(pending)  # the client went away (or it already ended: no-op)
 
 
 async def chat_completions(request: Request) -> Response:

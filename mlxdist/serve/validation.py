@@ -25,6 +25,7 @@ _MAX_STOPS = 4
 _MAX_BIASES = 300
 _MAX_TOP_LOGPROBS = 20
 _MAX_COMPLETION_LOGPROBS = 5
+_MAX_CHOICES = 8
 
 # Parameters that are honoured (checked below), per endpoint, beside the extensions every endpoint takes.
 _SHARED = {"model", "frequency_penalty", "presence_penalty", "logit_bias", "max_tokens", "n", "seed", "stop",
@@ -35,7 +36,7 @@ _CHAT = _SHARED | {"messages", "logprobs", "top_logprobs", "max_completion_token
 _TEXT = _SHARED | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 # OpenAI parameters refused unless they hold their default (which changes nothing): name -> allowed values.
 _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "store": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "store": (None, False), "suffix": (None, ""),
     "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]), "parallel_tool_calls": (None, True),
     "prompt_cache_retention": (None, "in_memory"),
 }
@@ -105,6 +106,7 @@ class CompletionRequest:
         template_kwargs: Extra variables for the chat template (``chat_template_kwargs``).
         echo: Prepend the prompt to the text (text completion).
         user: The client's end-user id (written to the access log).
+        choices: How many answers to generate (``n``); choice ``i`` draws with seed ``seed + i``.
     """
 
     chat: bool
@@ -115,6 +117,7 @@ class CompletionRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     echo: bool = False
     user: Optional[str] = None
+    choices: int = 1
 
 
 def check_model(body: dict[str, Any], served: tuple[str, ...]) -> None:
@@ -396,15 +399,20 @@ def parse_request(body: dict[str, Any], *, chat: bool, served: tuple[str, ...], 
     check_model(body, served)
     sampling = _sampling(body, chat, vocab_size)
     user = body.get("user") or body.get("safety_identifier")
+    choices = body.get("n")
+    if choices is None:
+        choices = 1
+    elif not _is_int(choices) or not 1 <= choices <= _MAX_CHOICES:
+        raise _bad(f"'n' must be an integer in [1, {_MAX_CHOICES}]", "n")
     if not chat:
         prompt = _prompt(body)
         if isinstance(prompt, list) and any(t >= vocab_size for t in prompt):
             raise _bad(f"'prompt' token ids must be below the vocabulary size {vocab_size}", "prompt")
         return CompletionRequest(chat=False, sampling=sampling, prompt=prompt, echo=bool(body.get("echo")),
-                                 user=user)
+                                 user=user, choices=choices)
     _response_format(body)
     return CompletionRequest(chat=True, sampling=sampling, messages=_messages(body), tools=_tools(body),
-                             template_kwargs=_template_kwargs(body), user=user)
+                             template_kwargs=_template_kwargs(body), user=user, choices=choices)
 
 
 def fit_max_tokens(request: CompletionRequest, prompt_tokens: int, *, context: int, cap: int) -> Sampling:
