@@ -6,7 +6,8 @@ Each endpoint is a function of the request that reads the app's state
 tokenizes (with the chat template, on that worker thread, off the event
 loop) and detokenizes itself, so the ranks only ever see token ids.
 :func:`build_app` puts the endpoints together with the access log, request
-ids, CORS and the answer to unexpected errors (:mod:`mlxdist.serve.access`).
+ids, CORS and the answer to unexpected errors (:mod:`mlxdist.serve.access`); each
+choice's answer is put in OpenAI's shapes by :mod:`mlxdist.serve.answers`.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlxdist.serve.access import AccessLog, request_id
+from mlxdist.serve.answers import Answer, delta, logprobs_field, message, usage
 from mlxdist.serve.api_error import ApiError
 from mlxdist.serve.broker import SHUTTING_DOWN, Broker, Pending
 from mlxdist.serve.metrics import CONTENT_TYPE
 from mlxdist.serve.options import ServeOptions
-from mlxdist.serve.text import ChatSplitter, TextAssembler, chat_prompt, starts_in_reasoning, text_prompt
+from mlxdist.serve.text import chat_prompt, text_prompt
 from mlxdist.serve.validation import CompletionRequest, Sampling, fit_max_tokens, parse_request
 
 __all__ = ["ServeConfig", "build_app"]
@@ -99,64 +101,6 @@ def _authorize(request: Request, api_key: Optional[str]) -> None:
         raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", "invalid_api_key")
 
 
-class _Answer:
-    """One request's answer as it is generated: text (cut at stop strings), its split into content,
-    reasoning and tool calls (chat), and the tokens' logprobs."""
-
-    def __init__(self, config: ServeConfig, request: CompletionRequest, sampling: Sampling,
-                 prompt: list[int]) -> None:
-        self.tokenizer = config.tokenizer
-        self.chat = request.chat
-        self.eos_ids = config.eos_ids
-        self.assembler = TextAssembler(config.tokenizer, sampling.stop, set(config.eos_ids))
-        self.splitter = ChatSplitter(config.tokenizer, request.tools,
-                                     starts_in_reasoning(config.tokenizer, prompt)) if request.chat else None
-        self.logprobs = sampling.logprobs
-        self.tool_calls = 0
-
-    def add(self, event: Any) -> tuple[list[tuple[str, Any]], Optional[dict[str, Any]], Optional[str]]:
-        """One token event -> ``(pieces, logprobs entry or None, finish reason or None)``."""
-        piece, finish = self.assembler.add(event.token, event.finish)
-        if self.splitter is not None:
-            pieces = self.splitter.add(piece, final=finish is not None)
-        else:
-            pieces = [("content", piece)] if piece else []
-        self.tool_calls += sum(1 for kind, _ in pieces if kind == "tool_call")
-        if finish == "stop" and self.tool_calls:
-            finish = "tool_calls"
-        entry = None
-        if self.logprobs >= 0 and event.logprob is not None and event.token not in self.eos_ids:
-            entry = self._entry(event.token, event.logprob, event.top or [])
-        return pieces, entry, finish
-
-    def _entry(self, token: int, logprob: float, top: list[list[float]]) -> dict[str, Any]:
-        def text(t: int) -> str:
-            return self.tokenizer.decode([int(t)])
-
-        if self.chat:
-            return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode()),
-                    "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
-                                     for t, lp in top]}
-        return {"token": text(token), "logprob": logprob, "top": {text(t): lp for t, lp in top}}
-
-
-def _logprobs_field(chat: bool, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """OpenAI's ``logprobs`` object of a choice from per-token entries (chat or completions shape)."""
-    if chat:
-        return {"content": entries}
-    offsets, at = [], 0
-    for entry in entries:
-        offsets.append(at)
-        at += len(entry["token"])
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [e["top"] for e in entries], "text_offset": offsets}
-
-
-def _usage(pendings: list[Pending], answers: list[_Answer]) -> dict[str, int]:
-    prompt, tokens = pendings[0].prompt_tokens, sum(answer.assembler.tokens for answer in answers)
-    return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
-
-
 def _prompt_tokens(config: ServeConfig, request: CompletionRequest) -> list[int]:
     if request.chat:
         return chat_prompt(config.tokenizer, request)
@@ -187,7 +131,7 @@ async def _admit(request: Request, chat: bool) -> tuple[CompletionRequest, Sampl
     return parsed, sampling, prompt, pendings
 
 
-async def _events(broker: Broker, pending: Pending, answer: _Answer) -> AsyncIterator[tuple[
+async def _events(broker: Broker, pending: Pending, answer: Answer) -> AsyncIterator[tuple[
         list[tuple[str, Any]], Optional[dict[str, Any]], Optional[str]]]:
     while True:
         event = await pending.events.get()
@@ -201,7 +145,7 @@ async def _events(broker: Broker, pending: Pending, answer: _Answer) -> AsyncIte
             return
 
 
-async def _until_done(request: Request, broker: Broker, pending: Pending, answer: _Answer) -> Optional[
+async def _until_done(request: Request, broker: Broker, pending: Pending, answer: Answer) -> Optional[
         tuple[list[tuple[str, Any]], list[dict[str, Any]], str]]:
     """Every piece of a non-streamed request; None when the client went away first (it is then cancelled)."""
     async def collect() -> tuple[list[tuple[str, Any]], list[dict[str, Any]], str]:
@@ -230,27 +174,13 @@ async def _until_done(request: Request, broker: Broker, pending: Pending, answer
     return None if gone else work.result()
 
 
-def _message(pieces: list[tuple[str, Any]]) -> dict[str, Any]:
-    content = "".join(v for k, v in pieces if k == "content")
-    message: dict[str, Any] = {"role": "assistant", "content": content or None}
-    reasoning = "".join(v for k, v in pieces if k == "reasoning")
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    calls = [{key: v[key] for key in ("id", "type", "function")} for k, v in pieces if k == "tool_call"]
-    if calls:
-        message["tool_calls"] = calls
-    elif message["content"] is None:
-        message["content"] = ""
-    return message
-
-
 async def _completion(request: Request, chat: bool) -> Response:
     broker, config = _state(request)
     try:
         parsed, sampling, prompt, pendings = await _admit(request, chat)
     except ApiError as exc:
         return _error(exc)
-    answers = [_Answer(config, parsed, sampling, prompt) for _ in pendings]
+    answers = [Answer(config.tokenizer, config.eos_ids, parsed, sampling, prompt) for _ in pendings]
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + pendings[0].rid, "created": int(time.time()),
             "model": config.model_names[0]}
     echo = config.tokenizer.decode(prompt) if parsed.echo and not isinstance(parsed.prompt, str) else (
@@ -271,30 +201,24 @@ async def _completion(request: Request, chat: bool) -> Response:
     choices = []
     for index, (pieces, entries, finish) in enumerate(done):  # type: ignore[misc]
         choice: dict[str, Any] = {"index": index, "finish_reason": finish,
-                                  "logprobs": _logprobs_field(chat, entries) if sampling.logprobs >= 0 else None}
+                                  "logprobs": logprobs_field(chat, entries) if sampling.logprobs >= 0 else None}
         if chat:
-            choice["message"] = _message(pieces)
+            choice["message"] = message(pieces)
         else:
             choice["text"] = echo + "".join(v for _, v in pieces)
         choices.append(choice)
     kind = "chat.completion" if chat else "text_completion"
-    return JSONResponse({**head, "object": kind, "choices": choices, "usage": _usage(pendings, answers)})
+    return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage(pendings, answers)})
 
 
-def _delta(kind: str, value: Any) -> dict[str, Any]:
-    if kind == "tool_call":
-        return {"tool_calls": [value]}
-    return {"reasoning_content" if kind == "reasoning" else "content": value}
-
-
-async def _stream(broker: Broker, pendings: list[Pending], answers: list[_Answer], sampling: Sampling,
+async def _stream(broker: Broker, pendings: list[Pending], answers: list[Answer], sampling: Sampling,
                   head: dict[str, Any], echo: str) -> AsyncIterator[dict[str, str]]:
     chat = answers[0].chat
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(index: int, delta: Any, finish: Optional[str] = None,
               entries: Optional[list[dict[str, Any]]] = None) -> dict:
-        logprobs = None if entries is None else _logprobs_field(chat, entries)
+        logprobs = None if entries is None else logprobs_field(chat, entries)
         if chat:
             choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
@@ -332,7 +256,7 @@ async def _stream(broker: Broker, pendings: list[Pending], answers: list[_Answer
             entries = None if entry is None else [entry]
             if chat:
                 for i, (piece_kind, value) in enumerate(pieces):
-                    yield chunk(index, _delta(piece_kind, value), entries=entries if i == 0 else None)
+                    yield chunk(index, delta(piece_kind, value), entries=entries if i == 0 else None)
                 if entries is not None and not pieces:
                     yield chunk(index, {}, entries=entries)
             elif pieces or entries is not None:
@@ -340,7 +264,7 @@ async def _stream(broker: Broker, pendings: list[Pending], answers: list[_Answer
             if finish is not None:
                 yield chunk(index, {} if chat else "", finish)
         if sampling.include_usage:
-            yield {"data": json.dumps({**head, "object": kind, "choices": [], "usage": _usage(pendings, answers)})}
+            yield {"data": json.dumps({**head, "object": kind, "choices": [], "usage": usage(pendings, answers)})}
         yield {"data": "[DONE]"}
     except ApiError as exc:
         yield {"event": "error", "data": json.dumps(exc.body())}

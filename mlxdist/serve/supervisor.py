@@ -35,7 +35,7 @@ import os
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 from mlxdist.errors import InvalidArgumentError
 from mlxdist.launch import PrefixedWriter, plan_job
