@@ -856,7 +856,7 @@ def test_a_chat_answer_splits_the_same_however_its_text_arrives():
     whole = split([text])
     assert whole == ("Sure  and < done", "hmm <b>", [("f", '{"x": 1}')] * 2)
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=30, deadline=None)
     @given(st.lists(st.integers(0, len(text)), max_size=12))
     def any_cuts(cuts: list[int]) -> None:
         bounds = [0, *sorted(cuts), len(text)]
