@@ -22,7 +22,7 @@ import pytest
 import httpx
 import openai
 from conftest import BACKENDS
-from support.serving import ServeProcess
+from support.serving import ServeProcess, greedy_reference
 
 from mlxdist.lm.testing import write_checkpoint
 
@@ -250,6 +250,136 @@ def test_a_disconnected_stream_stops_on_every_rank_within_a_step(server):
     assert stats["ranks"][0]["steps"] == stats["ranks"][1]["steps"]
 
 
+@pytest.fixture(scope="module")
+def one_process(checkpoint):
+    """``log_softmax(forward(tokens))`` rows and mlx-lm's own ``generate_step``, in this process."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(checkpoint)
+
+    def logprobs(tokens: list[int], bias: dict[int, float]) -> Any:
+        logits = model(mx.array([tokens]))[0].astype(mx.float32)
+        for token, value in bias.items():
+            logits[:, token] += value
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def generate(prompt: list[int], max_tokens: int, sampler: Any, processors: list) -> list[int]:
+        steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
+                              logits_processors=processors)
+        return [int(token) for token, _ in steps]
+
+    return logprobs, generate
+
+
+# Sampling and logprobs are the ranks' own arithmetic, the same on every backend: one server checks them.
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server", ["ring"], indirect=True)
+def test_logprobs_equal_log_softmax_of_a_one_process_forward(server, reference, one_process):
+    import numpy as np
+
+    logprobs, _ = one_process
+    tokenizer = reference.tokenizer
+    client = server.client()
+    bias = {"2": -100}  # no end of sequence: six tokens each (logprobs are reported after the bias)
+    prompt = tokenizer.encode(PROMPTS[3])
+    text = client.completions.create(model="tiny-llama", prompt=PROMPTS[3], max_tokens=6, temperature=0,
+                                     logprobs=3, logit_bias=bias)
+    messages = [{"role": "user", "content": "what is mlx"}]
+    chat_prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    chat = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3, logit_bias=bias)
+    answers = [(prompt, text.choices[0].logprobs.tokens, text.choices[0].logprobs.token_logprobs,
+                text.choices[0].logprobs.top_logprobs),
+               (chat_prompt, [c.token for c in chat.choices[0].logprobs.content],
+                [c.logprob for c in chat.choices[0].logprobs.content],
+                [{t.token: t.logprob for t in c.top_logprobs} for c in chat.choices[0].logprobs.content])]
+    for ids, pieces, got, tops in answers:
+        tokens: list[int] = []
+        for _ in range(6):  # greedy, one token at a time, from the one-process rows
+            tokens.append(int(np.array(logprobs(ids + tokens, {2: -100.0}))[-1].argmax()))
+        assert pieces == [tokenizer.decode([t]) for t in tokens]
+        rows = np.array(logprobs(ids + tokens, {2: -100.0}))[len(ids) - 1: -1]
+        np.testing.assert_allclose(got, [float(rows[i, token]) for i, token in enumerate(tokens)], atol=2e-4)
+        for row, top in zip(rows, tops):
+            best = np.argsort(-row)[:3]
+            # (two alternatives may decode to the same text: one entry then)
+            assert sorted(top.values(), reverse=True) == pytest.approx(
+                sorted({tokenizer.decode([int(b)]): float(row[b]) for b in best}.values(), reverse=True), abs=2e-4)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server", ["ring"], indirect=True)
+def test_top_k_min_p_and_penalties_equal_mlx_lm_samplers_on_the_same_logits(server, reference, one_process):
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    _, generate = one_process
+    tokenizer = reference.tokenizer
+    client = server.client()
+    prompt = tokenizer.encode(PROMPTS[5])
+    cases = {  # request parameters -> mlx-lm's sampler and processors
+        "top_k 1 at temperature 1": ({"temperature": 1.0, "extra_body": {"top_k": 1}},
+                                     make_sampler(temp=1.0, top_k=1), []),
+        "min_p 1 at temperature 1": ({"temperature": 1.0, "extra_body": {"min_p": 1.0}},
+                                     make_sampler(temp=1.0, min_p=1.0), []),
+        "three penalties, greedy": ({"temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 0.7,
+                                     "extra_body": {"repetition_penalty": 1.3}}, make_sampler(temp=0.0),
+                                    make_logits_processors(repetition_penalty=1.3, presence_penalty=1.5,
+                                                           frequency_penalty=0.7)),
+    }
+    plain = generate(prompt, 10, make_sampler(temp=0.0), [])
+    for name, (params, sampler, processors) in cases.items():
+        expected = generate(prompt, 10, sampler, processors)
+        answer = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=10, seed=3, **params)
+        assert answer.choices[0].text == text_of(tokenizer, _until_eos(expected, tokenizer)), name
+    # The penalties change the greedy answer (else the check above proves nothing about them).
+    assert _until_eos(generate(prompt, 10, make_sampler(temp=0.0), cases["three penalties, greedy"][2]),
+                      tokenizer) != _until_eos(plain, tokenizer)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server", ["ring"], indirect=True)
+def test_n_choices_are_the_answers_of_seeds_seed_to_seed_plus_n(server):
+    client = server.client()
+    ask = dict(model="tiny-llama", prompt=PROMPTS[0], max_tokens=8, temperature=1.0)
+    answers = [client.completions.create(seed=seed, **ask) for seed in (5, 6)]
+    alone = [a.choices[0].text for a in answers]
+    together = client.completions.create(seed=5, n=2, **ask)
+    assert [c.index for c in together.choices] == [0, 1]
+    assert [c.text for c in together.choices] == alone and alone[0] != alone[1]
+    streamed = ["", ""]
+    usage = None
+    for chunk in client.completions.create(seed=5, n=2, stream=True, stream_options={"include_usage": True}, **ask):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == alone
+    assert usage.completion_tokens == together.usage.completion_tokens == sum(
+        a.usage.completion_tokens for a in answers)
+
+
+def _until_eos(tokens: list[int], tokenizer: Any) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in tokenizer.eos_token_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("server", ["ring"], indirect=True)
+def test_a_client_gone_from_a_non_streamed_request_is_dropped_without_an_error(server):
+    body = {k: v for k, v in LONG.items() if k != "stream"}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + TEXT, json=body, timeout=1.5, headers={"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 20
+    while server.health()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.health()["in_flight"] == 0
+    log = server.text()
+    assert "InvalidStateError" not in log and "Traceback" not in log, log[-3000:]
+
+
 # -- bad input ------------------------------------------------------------------
 
 CHAT = "/v1/chat/completions"
@@ -279,6 +409,10 @@ BAD_INPUT = {
     "body over the size limit": (TEXT, {"prompt": "a" * (MAX_BODY + 10)}, None, API_KEY, 413),
     "missing API key": (CHAT, GOOD_CHAT, None, None, 401),
     "wrong API key": (CHAT, GOOD_CHAT, None, "not-the-key", 401),
+    "a name OpenAI does not define": (CHAT, {**GOOD_CHAT, "temprature": 0}, None, API_KEY, 400),
+    "a lone surrogate in the prompt": (TEXT, None, b'{"prompt": "hi \\ud800", "max_tokens": 2}', API_KEY, 400),
+    "a lone surrogate in a message": (CHAT, None, b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+                                      API_KEY, 400),
 }
 
 
@@ -292,6 +426,9 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(server, row):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) >= {"message", "type", "code"} and error["message"], error
+    if status == 400 and isinstance(body, dict) and set(body) - set(GOOD_CHAT) - {"prompt"}:
+        # A parameter refused is named.
+        assert error["param"] in set(body) - set(GOOD_CHAT), error
     good = post(server, CHAT, GOOD_CHAT)
     assert good.status_code == 200, good.text
     assert good.json()["usage"]["completion_tokens"] >= 1
@@ -392,14 +529,178 @@ def test_a_lost_rank_ends_every_request_and_the_job_naming_it(checkpoint, tmp_pa
             server.close()
 
 
+# -- tool calls and operations: a second server, on a checkpoint that calls a tool --------
+
+ORIGIN = "https://app.example"
+DRAIN = 2.0  # the tool server's --drain-timeout
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory) -> Iterator[Server]:
+    """A ring ``-n 2`` server of :func:`write_tool_checkpoint`'s model, with CORS and a short drain; and
+    what a request sent as soon as its front door answered, before the model loaded, got (``early``)."""
+    from support.serving import write_tool_checkpoint
+
+    path = write_tool_checkpoint(tmp_path_factory.mktemp("tools") / "tool-llama", **DIMS)
+    server = Server(path, "ring", tmp_path_factory.mktemp("tool-serve") / "server.log", "--cors-origins", ORIGIN,
+                    "--drain-timeout", str(DRAIN), "--max-tokens", str(CAP), "--api-key", API_KEY)
+    early: dict[str, Any] = {}
+    try:
+        end = time.monotonic() + START_DEADLINE
+        while not (match := re.search(r"serving on (http://\S+)/v1", server.text())):
+            assert time.monotonic() < end and server.proc.poll() is None, server.text()[-3000:]
+            time.sleep(0.02)
+        server.url = match.group(1)
+        early["health"] = httpx.get(server.url + "/health", timeout=10)
+        early["models"] = httpx.get(server.url + "/v1/models", timeout=10,
+                                    headers={"Authorization": f"Bearer {API_KEY}"})
+
+        def ask() -> None:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
+                                   timeout=START_DEADLINE)
+            early["answer"] = client.completions.create(model="tool-llama", prompt=PROMPTS[1], max_tokens=8,
+                                                        temperature=0)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        server.wait_ready()
+        asking.join(START_DEADLINE)
+    except BaseException:
+        server.close()
+        raise
+    server.early = early  # type: ignore[attr-defined]
+    server.checkpoint = path  # type: ignore[attr-defined]
+    yield server
+    server.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_request_sent_before_the_model_loaded_gets_its_tokens(tool_server):
+    early = tool_server.early
+    # /health and /v1/models agreed: not ready, retry later.
+    assert (early["health"].status_code, early["health"].json()["state"]) == (503, "loading"), early["health"].text
+    assert early["models"].status_code == 503 and "Retry-After" in early["models"].headers
+    expected = greedy_reference(tool_server.checkpoint, PROMPTS[1], 8, 0)(8)
+    assert early["answer"].choices[0].text == expected
+
+
+@pytest.mark.timeout(120)
+def test_a_tool_call_round_trip_through_the_chat_template_and_mlx_lm_s_parser(tool_server):
+    from mlx_lm.utils import load_tokenizer
+    from support.serving import THOUGHT, TOOL_CALL
+
+    client = tool_server.client()
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "today's weather",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "what is the weather in Paris?"}]
+    answer = client.chat.completions.create(model="tool-llama", messages=messages, tools=tools, temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function", TOOL_CALL["name"], TOOL_CALL["arguments"])
+    assert choice.message.model_extra["reasoning_content"] == THOUGHT and not choice.message.content
+
+    streamed: dict[int, dict[str, str]] = {}
+    reasoning, finish = [], None
+    for chunk in client.chat.completions.create(model="tool-llama", messages=messages, tools=tools,
+                                                temperature=0, stream=True):
+        delta = chunk.choices[0].delta
+        reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
+        for part in delta.tool_calls or []:
+            entry = streamed.setdefault(part.index, {"name": "", "arguments": "", "id": ""})
+            entry["id"] += part.id or ""
+            entry["name"] += part.function.name or ""
+            entry["arguments"] += part.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and "".join(reasoning) == THOUGHT
+    assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == [
+        (TOOL_CALL["name"], TOOL_CALL["arguments"])] and streamed[0]["id"]
+
+    # The assistant's call and the tool's answer stay in the history (the template renders them).
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    follow = client.chat.completions.create(model="tool-llama", messages=messages, tools=tools, temperature=0,
+                                            max_tokens=3)
+    tokenizer = load_tokenizer(tool_server.checkpoint)
+    # (as the server renders them: null content is empty text, arguments an object)
+    rendered = [{**m, "content": "", "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(
+        c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+    expected = tokenizer.apply_chat_template(rendered, tools=tools, add_generation_prompt=True, tokenize=True)
+    assert "sunny, 21 C" in tokenizer.decode(expected) and "get_weather" in tokenizer.decode(expected)
+    assert follow.usage.prompt_tokens == len(expected)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.timeout(180)
+def test_metrics_cors_and_a_sigterm_that_drains(tool_server):
+    client = tool_server.client()
+    before = _samples(httpx.get(tool_server.url + "/metrics", timeout=10).text)
+    answers = [client.completions.create(model="tool-llama", prompt=p, max_tokens=5, temperature=0)
+               for p in PROMPTS[:2]]
+    after = _samples(httpx.get(tool_server.url + "/metrics", timeout=10).text)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("mlxdist_requests_total", endpoint="/v1/completions", status="200") == 2
+    assert grew("mlxdist_generated_tokens_total") == sum(a.usage.completion_tokens for a in answers)
+    assert grew("mlxdist_prompt_tokens_total") == sum(a.usage.prompt_tokens for a in answers)
+    assert grew("mlxdist_time_to_first_token_seconds_count") == 2
+    assert grew("mlxdist_inter_token_seconds_count") == sum(a.usage.completion_tokens - 1 for a in answers)
+    assert after[("mlxdist_ranks_up", ())] == 2 and after[("mlxdist_in_flight", ())] == 0
+    assert ("mlxdist_prompt_cache_hits_total", ()) in after and ("mlxdist_re_formings_total", ()) in after
+
+    preflight = httpx.options(tool_server.url + "/v1/chat/completions", timeout=10, headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert httpx.options(tool_server.url + "/v1/models", timeout=10, headers={
+        "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "GET"}).status_code == 400
+
+    # SIGTERM during a stream that would outlast the drain: new requests get 503 at once, the
+    # stream ends with an error event and [DONE] after --drain-timeout, and the server exits 0.
+    body = {**LONG, "model": "tool-llama"}
+    with httpx.stream("POST", tool_server.url + TEXT, json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        tool_server.proc.send_signal(signal.SIGTERM)
+        struck = time.monotonic()
+        refused = None
+        while refused is None or refused.status_code != 503:
+            assert time.monotonic() - struck < DRAIN, refused and refused.text
+            refused = post(tool_server, TEXT, {"prompt": "hi", "max_tokens": 2})
+        assert refused.json()["error"]["code"] == "server_shutting_down"
+        rest = list(lines)
+    ended = time.monotonic() - struck
+    data = [line for line in rest if line.startswith("data:")]
+    assert "event: error" in rest and data[-1] == "data: [DONE]", rest[-6:]
+    assert json.loads(data[-2][5:])["error"]["code"] == "server_shutting_down"
+    assert DRAIN - 0.5 < ended < DRAIN + 10, ended
+    assert tool_server.proc.wait(60) == 0, tool_server.text()[-3000:]
+
+
 # -- the parts, in this process ---------------------------------------------------
 
 
 def test_link_messages_follow_the_schema():
     from mlxdist.serve.protocol import ProtocolError, decode, encode
 
-    line = encode("submit", id="a", prompt=[1, 2], max_tokens=3, temperature=0.0, top_p=1.0, seed=5,
-                  logit_bias={"2": -100})
+    from mlxdist.serve.validation import Sampling
+
+    line = encode("submit", id="a", prompt=[1, 2], **{**Sampling(max_tokens=3, seed=5, logit_bias={"2": -100},
+                                                                 temperature=0.0).link_fields()})
     assert decode(line)["prompt"] == [1, 2]
     bad = [
         b"not json\n",
@@ -463,7 +764,7 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(reference):
 
 
 def test_failure_messages_name_the_lost_ranks():
-    from mlxdist.serve.broker import lost_ranks
+    from mlxdist.serve.failures import lost_ranks
 
     assert lost_ranks("rank 0: DeadlineExceeded: step #3 did not complete within 3 s; ranks not responding: [1]",
                       own_rank=0) == [1]
@@ -471,3 +772,147 @@ def test_failure_messages_name_the_lost_ranks():
                       "reported by rank 0: all_sum #9: ranks not arrived: [2]; ranks not responding: [2, 3]") == [2, 3]
     assert lost_ranks("mlxdist.launch: rank 1 was killed by SIGKILL; killed the others") == [1]
     assert lost_ranks("rank 0's engine closed its link to the front door") == []
+
+
+# Every parameter OpenAI's client defines (read from the openai package itself), with a value a
+# client may send that is not the default: honoured (the request parses) or refused with a 400 naming it.
+PARAMETER_VALUES = {
+    "audio": {"voice": "alloy", "format": "wav"}, "best_of": 2, "echo": True, "frequency_penalty": 0.5,
+    "function_call": "auto", "functions": [{"name": "f"}], "logit_bias": {"5": 1}, "logprobs": 2,
+    "max_completion_tokens": 5, "max_tokens": 5, "metadata": {"k": "v"}, "modalities": ["text", "audio"],
+    "model": "tiny-llama", "moderation": {"model": "omni-moderation-latest"}, "n": 2, "parallel_tool_calls": False,
+    "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5, "prompt_cache_key": "k",
+    "prompt_cache_options": {"mode": "x"}, "prompt_cache_retention": "24h", "reasoning_effort": "low",
+    "response_format": {"type": "json_object"}, "safety_identifier": "u1", "seed": 3,
+    "service_tier": "flex", "stop": ["\n"], "store": True, "stream": True, "stream_options": {"include_usage": True},
+    "suffix": "end", "temperature": 0.5, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f"}}], "top_logprobs": 2, "top_p": 0.5, "user": "u1", "verbosity": "low",
+    "web_search_options": {}, "messages": [{"role": "user", "content": "hi"}], "prompt": "hi",
+}
+HONOURED = {"chat": {"frequency_penalty", "logit_bias", "max_completion_tokens", "max_tokens", "metadata", "model",
+                     "presence_penalty", "prompt_cache_key", "safety_identifier", "seed", "stop", "stream",
+                     "stream_options", "temperature", "tools", "top_p", "user", "messages", "logprobs",
+                     "top_logprobs", "n"},
+            "text": {"echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model", "presence_penalty",
+                     "seed", "stop", "stream", "stream_options", "temperature", "top_p", "user", "prompt", "n"}}
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "text"])
+def test_every_openai_parameter_is_honoured_or_refused_by_name(endpoint):
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+
+    from mlxdist.serve.api_error import ApiError
+    from mlxdist.serve.validation import parse_request
+
+    chat = endpoint == "chat"
+    module = chat_create_params if chat else completion_create_params
+    names = set(module.CompletionCreateParamsBase.__annotations__) | {"stream"}
+    base = {"messages": PARAMETER_VALUES["messages"]} if chat else {"prompt": "hi"}
+    docs = Path(__file__).parents[1] / "docs" / "reference" / "openai-parameters.md"
+    rows = docs.read_text()
+    for name in sorted(names):
+        body = {**base, name: True if chat and name == "logprobs" else PARAMETER_VALUES[name]}
+        if chat and name == "top_logprobs":
+            body["logprobs"] = True
+        try:
+            parse_request(body, chat=chat, served=("tiny-llama",), vocab_size=512)
+            honoured = True
+        except ApiError as exc:
+            assert (exc.status, exc.param) == (400, name), (name, exc.body())
+            honoured = False
+        assert honoured == (name in HONOURED[endpoint]), name
+        assert f"`{name}`" in rows, f"docs/reference/openai-parameters.md has no row for {name}"
+    with pytest.raises(ApiError) as refused:
+        parse_request({**base, "temprature": 0.5}, chat=chat, served=("tiny-llama",), vocab_size=512)
+    assert (refused.value.status, refused.value.param) == (400, "temprature")
+
+
+def test_a_chat_answer_splits_the_same_however_its_text_arrives():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from mlx_lm.tool_parsers import json_tools
+
+    from mlxdist.serve.text import ChatSplitter
+
+    class Markers:  # what mlx-lm's tokenizer wrapper says of a thinking, tool-calling checkpoint
+        has_thinking, think_start, think_end = True, "<think>", "</think>"
+        has_tool_calling, tool_call_start, tool_call_end = True, json_tools.tool_call_start, json_tools.tool_call_end
+        tool_parser = staticmethod(json_tools.parse_tool_call)
+
+    call = '{"name": "f", "arguments": {"x": 1}}'
+    text = f"<think>hmm <b></think>Sure <tool_call>{call}</tool_call> and <tool_call>{call}</tool_call>< done"
+    tools = [{"type": "function", "function": {"name": "f"}}]
+
+    def split(pieces: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
+        splitter = ChatSplitter(Markers(), tools)
+        out = [part for i, piece in enumerate(pieces) for part in splitter.add(piece, final=i == len(pieces) - 1)]
+        return ("".join(v for k, v in out if k == "content"), "".join(v for k, v in out if k == "reasoning"),
+                [(v["function"]["name"], v["function"]["arguments"]) for k, v in out if k == "tool_call"])
+
+    whole = split([text])
+    assert whole == ("Sure  and < done", "hmm <b>", [("f", '{"x": 1}')] * 2)
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.lists(st.integers(0, len(text)), max_size=12))
+    def any_cuts(cuts: list[int]) -> None:
+        bounds = [0, *sorted(cuts), len(text)]
+        assert split([text[a:b] for a, b in zip(bounds, bounds[1:])]) == whole
+
+    any_cuts()
+    # Without tools, tool-call markers are text.
+    assert ChatSplitter(Markers(), None).add(f"<tool_call>{call}</tool_call>", final=True) == [
+        ("content", f"<tool_call>{call}</tool_call>")]
+
+
+def test_an_unexpected_error_is_an_openai_shaped_500_naming_the_request_id(caplog):
+    import asyncio
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mlxdist.serve.access import AccessLog
+    from mlxdist.serve.metrics import ServeMetrics
+
+    async def broken(scope: dict, receive: Any, send: Any) -> None:
+        raise KeyError("a bug")
+
+    metrics = ServeMetrics(in_flight=lambda: 0, queued=lambda: 0, ranks_up=lambda: 0)
+    app = AccessLog(broken, metrics=metrics)
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                     base_url="http://test") as client:
+            return await client.post("/v1/completions", json={})
+
+    with caplog.at_level("INFO", logger="mlxdist.serve.access"):
+        response = asyncio.run(call())
+    assert response.status_code == 500
+    rid = response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "internal_error") and rid in error["message"]
+    assert any(rid in record.getMessage() and record.exc_info for record in caplog.records)
+    assert any(rid in record.getMessage() and " 500 " in record.getMessage() for record in caplog.records)
+    (family,) = [f for f in text_string_to_metric_families(metrics.exposition().decode())
+                 if f.name == "mlxdist_requests"]
+    assert [(s.labels, s.value) for s in family.samples if s.name == "mlxdist_requests_total"] == [
+        ({"endpoint": "/v1/completions", "status": "500"}, 1.0)]
+
+
+def test_the_options_are_parsed_once_into_a_frozen_object_and_the_ranks_get_theirs():
+    import dataclasses
+
+    from mlxdist.serve.options import parse_options
+
+    argv = ["--model", "m", "-n", "2", "--api-key", "k", "--cors-origins=https://a.example, https://b.example",
+            "--drain-timeout", "5", "--log-level", "info", "--max-concurrent", "4"]
+    options = parse_options(argv)
+    assert (options.nranks, options.drain_timeout, options.log_level, options.max_inflight) == (2, 5.0, "info", 36)
+    assert options.cors_origins == ("https://a.example", "https://b.example")
+    assert options.rank_argv() == ["--model", "m", "-n", "2", "--drain-timeout", "5", "--log-level", "info",
+                                   "--max-concurrent", "4"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.nranks = 3  # type: ignore[misc]
+    for bad in (["--model", "m", "--drain-timeout", "0"], ["--model", "m", "--log-level", "loud"],
+                ["--model", "m", "--max-queue", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_options(bad)

@@ -203,8 +203,10 @@ def test_a_resumed_sampler_makes_the_draws_an_undisturbed_one_makes_next():
     fresh = SeededSampler(0.9, 0.95, seed=11)
     assert [int(fresh(logprobs)[0]) for _ in range(15)] != draws[25:]  # the skip is what makes them equal
 
-    resume = {"type": "resume", "id": "r", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0.0,
-              "top_p": 1.0, "seed": 0, "logit_bias": {}, "drawn": 2}
+    from mlxdist.serve.validation import Sampling
+
+    resume = {"type": "resume", "id": "r", "prompt": [1, 2, 3], "drawn": 2,
+              **Sampling(max_tokens=4, temperature=0.0, seed=0).link_fields()}
     assert check(resume) == resume
     with pytest.raises(ProtocolError, match="fields"):
         check({k: v for k, v in resume.items() if k != "drawn"})

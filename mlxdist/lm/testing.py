@@ -14,7 +14,7 @@ import importlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -110,7 +110,7 @@ def _random_parameters(model: nn.Module, key: mx.array) -> dict[str, Any]:
     return tree_map_with_path(lambda path, value: drawn[path], model.parameters())
 
 
-def write_tokenizer(path: Union[str, Path], vocab_size: int) -> None:
+def write_tokenizer(path: Union[str, Path], vocab_size: int, added_tokens: Sequence[str] = ()) -> None:
     """Write a byte-level BPE tokenizer with ``vocab_size`` tokens.
 
     Ids 0, 1, 2 are ``<unk>``, ``<s>`` (bos) and ``</s>`` (eos), then the 256
@@ -122,26 +122,29 @@ def write_tokenizer(path: Union[str, Path], vocab_size: int) -> None:
     Args:
         path: The checkpoint directory (created if missing).
         vocab_size: The number of tokens (at most 3 + 256 + 26 * 26).
+        added_tokens: Whole-string tokens (e.g. a tool-call format's markers) that take
+            the last ids, in order, in place of as many merges; they decode to their text.
 
     Raises:
         InvalidArgumentError: vocab_size out of range.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     pairs = [(a, b) for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"]
     base = len(SPECIAL_TOKENS) + len(alphabet)
-    if not base <= vocab_size <= base + len(pairs):
+    if not base + len(added_tokens) <= vocab_size <= base + len(pairs):
         raise InvalidArgumentError(f"vocab_size must be in [{base}, {base + len(pairs)}], got {vocab_size}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *alphabet])}
-    merges = pairs[: vocab_size - base]
+    merges = pairs[: vocab_size - base - len(added_tokens)]
     vocab.update({a + b: base + i for i, (a, b) in enumerate(merges)})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in added_tokens])
     tokenizer.save(str(path / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

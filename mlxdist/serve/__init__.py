@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over a model sharded on mlxdist ranks.
 
-The HTTP front door (:mod:`mlxdist.serve.app`, :mod:`mlxdist.serve.broker`)
+The HTTP front door (:mod:`mlxdist.serve.endpoints`, :mod:`mlxdist.serve.broker`)
 is separate from the rank-side engine (:mod:`mlxdist.serve.engine`): they
 talk over a local link with a fixed JSON-lines schema
 (:mod:`mlxdist.serve.protocol`). With ``-n`` the front door lives in the
@@ -13,6 +13,7 @@ Requires the ``serve`` extra (``pip install "mlxdist[serve]"``).
 """
 
 try:
+    import prometheus_client  # noqa: F401
     import sse_starlette  # noqa: F401
     import starlette  # noqa: F401
     import uvicorn  # noqa: F401

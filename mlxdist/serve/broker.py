@@ -5,7 +5,9 @@ connection (rank 0, presenting the job token), turns each HTTP request into
 a ``submit`` with a fresh id, routes the engine's token events to that
 request's queue, and when the world fails (the engine says so, its link
 closes, the job ends, or it stops answering while requests run) ends every
-request in flight with the error at once.
+request in flight with the error at once. A request that arrives while the
+model loads waits for it (up to ``--start-deadline`` from the start); one that
+arrives while the server drains (SIGTERM) gets 503.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from mlxdist.serve.api_error import ApiError
+from mlxdist.serve.metrics import ServeMetrics
+from mlxdist.serve.options import ServeOptions
 from mlxdist.serve.protocol import MAX_LINE, ProtocolError, decode, encode
-from mlxdist.serve.requests import ApiError, Sampling
+from mlxdist.serve.validation import Sampling
 
 __all__ = ["Broker", "Pending", "Event"]
 
@@ -29,12 +33,8 @@ logger = logging.getLogger("mlxdist.serve")
 
 # Seconds a closed engine link waits for the job's own report before failing the requests.
 _LINK_GRACE = 1.0
-# How mlxdist's errors and the launcher's reports name the ranks at fault.
-_RANKS = (
-    re.compile(r"ranks not (?:responding|arrived): \[([0-9, ]+)\]"),
-    re.compile(r"rank\(s\) \[([0-9, ]+)\]"),
-    re.compile(r"rank ([0-9]+) (?:was lost|was killed|exited|died|left|stopped)"),
-)
+# The error that ends the streams still open when a drain's time is up (they then send [DONE]).
+SHUTTING_DOWN = "server_shutting_down"
 
 
 @dataclass
@@ -44,6 +44,8 @@ class Event:
     token: Optional[int] = None
     finish: Optional[str] = None
     error: Optional[ApiError] = None
+    logprob: Optional[float] = None
+    top: Optional[list[list[float]]] = None
 
 
 @dataclass
@@ -55,16 +57,8 @@ class Pending:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     received: int = 0
     done: bool = False
-
-
-def lost_ranks(message: str, own_rank: Optional[int] = None) -> list[int]:
-    """The ranks a failure message names (best effort), without the reporting rank itself."""
-    for pattern in _RANKS:  # the most specific naming first
-        ranks = {int(r) for match in pattern.finditer(message) for r in re.findall(r"[0-9]+", match.group(1))}
-        ranks.discard(-1 if own_rank is None else own_rank)
-        if ranks:
-            return sorted(ranks)
-    return []
+    admitted: float = field(default_factory=time.monotonic)
+    last_token: float = 0.0
 
 
 class Broker:
@@ -72,19 +66,29 @@ class Broker:
 
     Args:
         token: The job token the engine must present.
-        max_inflight: Requests admitted at once (decoding plus waiting); more get 429.
-        stall: Seconds without a word from the engine, while requests run,
-            after which the world is declared failed.
+        options: The server's options (``max_inflight``: requests admitted at
+            once, more get 429; ``stall``: seconds without a word from the
+            engine, while requests run, after which the world is declared
+            failed; ``start_deadline``: how long requests wait for the model to load).
 
     Attributes:
         state: ``"loading"``, ``"ready"`` or ``"failed"``.
         stopping: Set once :meth:`shutdown` began (the job's end is then expected).
+        draining: Set once :meth:`drain` began (new requests get 503).
+        metrics: The front door's Prometheus metrics.
     """
 
-    def __init__(self, token: str, *, max_inflight: int, stall: float) -> None:
+    def __init__(self, token: str, options: ServeOptions) -> None:
         self.token = token
-        self.max_inflight = max_inflight
-        self.stall = stall
+        self.max_inflight = options.max_inflight
+        self.stall = options.stall
+        self.start_deadline = options.start_deadline
+        self.born = time.monotonic()
+        self.draining = False
+        self.metrics = ServeMetrics(in_flight=lambda: len(self.pending),
+                                    queued=lambda: sum(1 for p in self.pending.values() if not p.received),
+                                    ranks_up=lambda: int(self.plan.get("ranks", 0)) if self.state == "ready" else 0)
+        self._ready: Optional[asyncio.Event] = None
         self.state = "loading"
         self.plan: dict[str, Any] = {}
         self.reason: Optional[str] = None
@@ -154,13 +158,24 @@ class Broker:
         if kind == "ready":
             self.plan = message["plan"]
             self.state = "ready"
+            self._ready_event().set()
         elif kind == "step":
             self.stats = message["stats"]
-            for rid, token, finish in message["events"]:
+            now = time.monotonic()
+            for rid, token, finish, *logprobs in message["events"]:
                 pending = self.pending.get(rid)
                 if pending is not None:
+                    if pending.received:
+                        self.metrics.inter_token.observe(now - pending.last_token)
+                    else:
+                        self.metrics.ttft.observe(now - pending.admitted)
                     pending.received += 1
-                    pending.events.put_nowait(Event(token=token, finish=finish))
+                    pending.last_token = now
+                    self.metrics.generated_tokens.inc()
+                    event = Event(token=token, finish=finish)
+                    if logprobs:
+                        event.logprob, event.top = logprobs
+                    pending.events.put_nowait(event)
                     if finish is not None:
                         self._finish(rid)
         elif kind == "stats":
@@ -172,7 +187,7 @@ class Broker:
                 pending.events.put_nowait(Event(error=ApiError(400, message["message"], "invalid_value", "prompt")))
                 self._finish(message["id"])
         elif kind == "failed":
-            self.fail(message["message"])
+            self.fail(message["message"], message["ranks"])
 
     async def _watch(self) -> None:
         while not self.failed.is_set():
@@ -197,16 +212,15 @@ class Broker:
 
         Args:
             reason: What failed (naming the rank when known).
-            ranks: The ranks lost, as the launcher knows them; else read from ``reason``.
+            ranks: The ranks lost: as rank 0's engine names them (its ``failed``
+                message), or as the launcher knows them.
             source: ``"engine"`` (rank 0 said why), ``"link"`` (its link closed)
                 or ``"job"`` (the launcher's report, added to the reason).
         """
-        named = lost_ranks(reason, own_rank=0 if reason.startswith("rank 0:") else None)
         # The peer a rank's error names beats the launcher's account (whose first exit is
-        # often the rank that noticed); the launcher's own list beats reading its lines.
-        picked = named if source == "engine" else (ranks or named)
-        if picked and (source == "engine" or not self._named):
-            self.failed_ranks, self._named = sorted(picked), True
+        # often the rank that noticed).
+        if ranks and (source == "engine" or not self._named):
+            self.failed_ranks, self._named = sorted(ranks), True
         if self.state == "failed":
             if source == "job":
                 self.reason = f"{self.reason}; {reason}"
@@ -214,44 +228,95 @@ class Broker:
         self.state = "failed"
         self.reason = reason
         logger.error("mlxdist-serve: failed: %s", reason)
-        error = ApiError(503, f"the model's ranks failed: {reason}", "engine_failed")
+        self._end_all(ApiError(503, f"the model's ranks failed: {reason}", "engine_failed"))
+        self.failed.set()
+        self._ready_event().set()  # the requests waiting for the model get the failure now
+
+    def _end_all(self, error: ApiError) -> None:
         for rid in list(self.pending):
             self.pending[rid].events.put_nowait(Event(error=error))
             self._finish(rid)
-        self.failed.set()
 
     # -- what the HTTP side calls -------------------------------------------------
 
-    async def wait_admissible(self) -> None:
-        """Wait until a request can be admitted (at once here; a broker that re-forms worlds waits)."""
+    def _ready_event(self) -> asyncio.Event:
+        if self._ready is None:
+            self._ready = asyncio.Event()
+            if self.state != "loading":
+                self._ready.set()
+        return self._ready
 
-    def admit(self, prompt: list[int], sampling: Sampling) -> Pending:
+    async def wait_admissible(self) -> None:
+        """Wait while the model loads, up to ``start_deadline`` seconds after the front door started.
+
+        Raises:
+            ApiError: 503 with ``Retry-After`` when the model has still not loaded then.
+        """
+        if self.state != "loading":
+            return
+        left = self.born + self.start_deadline - time.monotonic()
+        try:
+            await asyncio.wait_for(self._ready_event().wait(), max(0.0, left))
+        except asyncio.TimeoutError:
+            raise ApiError(503, "the model is still loading; retry shortly", "engine_loading",
+                           retry_after=10) from None
+
+    def admit(self, prompt: list[int], sampling: Sampling, rid: Optional[str] = None) -> Pending:
         """Send a request to the engine.
+
+        Args:
+            prompt: Its token ids.
+            sampling: Its checked parameters (``max_tokens`` fitted).
+            rid: Its id (hex; the access log's), or None for a fresh one.
 
         Returns:
             Its :class:`Pending` (await its events).
 
         Raises:
-            ApiError: 503 while loading or after a failure, 429 beyond the queue bound.
+            ApiError: 503 while loading, draining or after a failure, 429 beyond the queue bound.
         """
+        if self.draining or self.stopping:
+            raise ApiError(503, "the server is shutting down", SHUTTING_DOWN)
         if self.state == "loading":
-            raise ApiError(503, "the model is still loading", "engine_loading")
+            raise ApiError(503, "the model is still loading", "engine_loading", retry_after=10)
         if self.state == "failed":
             raise ApiError(503, f"the model's ranks failed: {self.reason}", "engine_failed")
         if len(self.pending) >= self.max_inflight:
             raise ApiError(429, f"the server is at its bound of {self.max_inflight} requests in flight; "
                            "retry later", "rate_limit_exceeded")
-        pending = Pending(rid=uuid.uuid4().hex, prompt_tokens=len(prompt))
-        self._send("submit", id=pending.rid, prompt=list(prompt), max_tokens=sampling.max_tokens,
-                   temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                   logit_bias=sampling.logit_bias)
+        pending = Pending(rid=rid or uuid.uuid4().hex, prompt_tokens=len(prompt))
+        self._send("submit", id=pending.rid, prompt=list(prompt), **sampling.link_fields())
         self.pending[pending.rid] = pending
+        self.metrics.prompt_tokens.inc(len(prompt))
         return pending
 
-    def cancel(self, pending: Pending) -> None:
-        """Drop a request on every rank (at the engine's next step); no-op once it ended."""
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; let the requests in flight finish for up to ``timeout`` s, then end them.
+
+        The ones still running then get a 503 ``server_shutting_down`` (their
+        streams end with an error event and ``[DONE]``).
+        """
+        self.draining = True
+        end = time.monotonic() + timeout
+        while self.pending and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if self.pending:
+            logger.warning("mlxdist-serve: drain time is up: ending %d request(s)", len(self.pending))
+            for pending in list(self.pending.values()):
+                self.cancel(pending, error=ApiError(503, f"the server is shutting down (it drained for "
+                                                         f"{timeout:g} s)", SHUTTING_DOWN))
+
+    def cancel(self, pending: Pending, error: Optional[ApiError] = None) -> None:
+        """Drop a request on every rank (at the engine's next step); no-op once it ended.
+
+        Args:
+            pending: The request.
+            error: Also end its events with this error (else its reader has gone).
+        """
         if pending.done:
             return
+        if error is not None:
+            pending.events.put_nowait(Event(error=error))
         self._finish(pending.rid)
         self.cancelled_at[pending.rid] = pending.received
         try:

@@ -27,8 +27,9 @@ import mlxdist
 from mlxdist.deadline import watched
 from mlxdist.errors import DistributedError
 from mlxdist.group import Group
+from mlxdist.serve.failures import lost_ranks
 from mlxdist.serve.protocol import LinkClient, ProtocolError
-from mlxdist.serve.sampling import bias_processor, sampler_for
+from mlxdist.serve.sampling import LOWEST_LOGPROB, processors_for, sampler_for
 
 __all__ = ["Engine", "IDLE_DEADLINE"]
 
@@ -36,6 +37,17 @@ __all__ = ["Engine", "IDLE_DEADLINE"]
 IDLE_DEADLINE = 60.0
 
 logger = logging.getLogger("mlxdist.serve")
+
+
+def _logprobs(logprobs: mx.array, token: int, top: int) -> list[Any]:
+    """``[logprob of token, [[token, logprob], ...] of the top most likely]`` from a step's logprobs."""
+    values = logprobs.astype(mx.float32)
+    chosen = max(float(values[token].item()), LOWEST_LOGPROB)
+    if top == 0:
+        return [chosen, []]
+    order = mx.argsort(-values)[:top].tolist()
+    picked = values[mx.array(order)].tolist()
+    return [chosen, [[int(t), max(float(v), LOWEST_LOGPROB)] for t, v in zip(order, picked)]]
 
 
 class _CountingModel:
@@ -105,6 +117,8 @@ class Engine:
         self.uid_of: dict[str, int] = {}
         self.id_of: dict[int, str] = {}
         self.generated: dict[str, int] = {}
+        # Requests that asked for logprobs: how many alternatives each reports.
+        self.top_logprobs: dict[str, int] = {}
         self.counters = {"steps": 0, "forwards": 0, "generated_tokens": 0, "requests": 0, "cancelled": 0}
         # What the last cancellation looked like on this rank (for /stats).
         self.last_cancel: dict[str, Any] = {}
@@ -163,16 +177,18 @@ class Engine:
         elif any(t >= self.vocab_size for t in request["prompt"]) or any(
                 int(t) >= self.vocab_size for t in request["logit_bias"]):
             problem = f"token ids must be below the vocabulary size {self.vocab_size}"
-        elif request["max_tokens"] < 1 or request["temperature"] < 0 or not 0 < request["top_p"] <= 1:
-            problem = "max_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]"
+        elif (request["max_tokens"] < 1 or request["temperature"] < 0 or not 0 < request["top_p"] <= 1
+              or request["top_k"] < 0 or not 0 <= request["min_p"] <= 1 or request["repetition_penalty"] < 0):
+            problem = ("max_tokens must be >= 1, temperature >= 0, top_p in (0, 1], top_k >= 0, min_p in [0, 1] "
+                       "and repetition_penalty >= 0")
         if problem is not None:  # every rank skips it alike; rank 0 says why
             self._send("rejected", id=rid, message=problem)
             return
-        prompt = request["prompt"]
-        sampler = sampler_for(request["temperature"], request["top_p"], request["seed"], request["drawn"])
-        processors = [bias_processor(request["logit_bias"], self.vocab_size)] if request["logit_bias"] else []
-        (uid,) = self.generator.insert([prompt], max_tokens=[request["max_tokens"]], samplers=[sampler],
-                                       logits_processors=[processors])
+        (uid,) = self.generator.insert([request["prompt"]], max_tokens=[request["max_tokens"]],
+                                       samplers=[sampler_for(request)],
+                                       logits_processors=[processors_for(request, self.vocab_size)])
+        if request["logprobs"] >= 0:
+            self.top_logprobs[rid] = request["logprobs"]
         self.uid_of[rid], self.id_of[uid] = uid, rid
         self.generated[rid] = 0
         self.counters["requests"] += 1
@@ -183,6 +199,7 @@ class Engine:
             return  # already finished
         self.generator.remove([uid])
         del self.id_of[uid]
+        self.top_logprobs.pop(rid, None)
         self.counters["cancelled"] += 1
         self.last_cancel = {"id": rid, "tokens": self.generated.pop(rid), "received_step": received_at,
                             "removed_step": self.step}
@@ -204,9 +221,13 @@ class Engine:
                 continue
             self.generated[rid] += 1
             self.counters["generated_tokens"] += 1
+            event = [rid, int(response.token), response.finish_reason]
+            if rid in self.top_logprobs and self.link is not None:  # only rank 0 reports them
+                event += _logprobs(response.logprobs, int(response.token), self.top_logprobs[rid])
             if response.finish_reason is not None:
                 del self.uid_of[rid], self.id_of[response.uid], self.generated[rid]
-            events.append([rid, int(response.token), response.finish_reason])
+                self.top_logprobs.pop(rid, None)
+            events.append(event)
         return events
 
     def run(self) -> None:
@@ -251,7 +272,8 @@ class Engine:
                     if events:
                         self._send("step", events=events, stats=self._stats())
         except DistributedError as exc:
-            self._send("failed", message=f"rank {self.rank}: {type(exc).__name__}: {exc}")
+            self._send("failed", message=f"rank {self.rank}: {type(exc).__name__}: {exc}",
+                       ranks=lost_ranks(exc, self.rank))
             raise
         finally:
             self.generator.close()

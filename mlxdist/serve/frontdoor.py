@@ -4,6 +4,11 @@ It runs either on the main thread of the process that supervises the ranks
 (that process handles SIGINT/SIGTERM) or on a thread of rank 0 inside a
 launched job. Either way the engine reaches it over the same link: on
 loopback, or (ranks on other hosts) on an address those hosts reach.
+
+On the main thread, SIGTERM (or SIGINT) drains: new requests get 503, the
+running ones may finish for up to ``--drain-timeout`` seconds, then the
+streams still open end with an error event and ``[DONE]``, and the server
+stops (a second signal stops it at once).
 """
 
 from __future__ import annotations
@@ -22,17 +27,24 @@ from typing import Any, AsyncIterator, Iterator, Optional
 
 import uvicorn
 
-from mlxdist.serve.app import ServeConfig, build_app
 from mlxdist.serve.broker import Broker
+from mlxdist.serve.endpoints import ServeConfig, build_app
+from mlxdist.serve.options import ServeOptions
 
 __all__ = ["FrontDoor", "load_config"]
 
 logger = logging.getLogger("mlxdist.serve")
 
 
-def load_config(model_dir: str, *, max_tokens: int, api_key: Optional[str], max_body: int,
-                timeout: float) -> ServeConfig:
-    """Read what the front door needs from a checkpoint directory (tokenizer and config.json only).
+def load_config(options: ServeOptions) -> ServeConfig:
+    """Read what the front door needs from the checkpoint directory ``options.model`` (tokenizer and
+    config.json only).
+
+    Args:
+        options: The server's options.
+
+    Returns:
+        The endpoints' configuration.
 
     Raises:
         InvalidArgumentError: not a checkpoint directory.
@@ -41,6 +53,7 @@ def load_config(model_dir: str, *, max_tokens: int, api_key: Optional[str], max_
 
     from mlxdist.errors import InvalidArgumentError
 
+    model_dir = options.model
     path = Path(model_dir)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -55,17 +68,40 @@ def load_config(model_dir: str, *, max_tokens: int, api_key: Optional[str], max_
         tokenizer=tokenizer,
         context=context,
         vocab_size=int(text_config["vocab_size"]),
-        eos_ids={int(e) for e in tokenizer.eos_token_ids},
-        max_tokens=max_tokens,
-        api_key=api_key,
-        max_body=max_body,
-        timeout=timeout,
+        eos_ids=frozenset(int(e) for e in tokenizer.eos_token_ids),
+        options=options,
     )
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn's server, except that after SIGINT/SIGTERM it returns instead of re-raising the
-    signal, so the supervisor can still end its ranks."""
+    """uvicorn's server, except that SIGINT/SIGTERM first drains (see the module docstring) and then it
+    returns instead of re-raising the signal, so the supervisor can still end its ranks."""
+
+    def __init__(self, config: uvicorn.Config, broker: Broker, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.broker = broker
+        self.drain_timeout = drain_timeout
+        self.draining: Optional[asyncio.Task] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+
+    async def serve(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.draining is not None or self.loop is None or self.loop.is_closed():
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        logger.warning("mlxdist-serve: %s: draining (up to %g s)", signal.Signals(sig).name, self.drain_timeout)
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        async def drain() -> None:
+            await self.broker.drain(self.drain_timeout)
+            await asyncio.sleep(0.2)  # the streams just ended write their last events
+            self.should_exit = True
+
+        self.draining = asyncio.ensure_future(drain())
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -84,10 +120,8 @@ class FrontDoor:
     """HTTP server plus engine link. Both sockets are bound at once; serving starts with :meth:`run`.
 
     Args:
-        host: Address to serve HTTP on.
-        port: HTTP port (0: any free one; see :attr:`port` once started).
-        max_inflight: Requests admitted at once (more get 429).
-        stall: Seconds of engine silence with requests running before failing.
+        options: The server's options (``host``, ``port`` (0: any free one; see
+            :attr:`port` once started), ``max_inflight``, ``stall``, ``drain_timeout``, ``log_level``).
         link_host: Address the engine link listens on (any free port); the
             engine presents the job token, so another address than loopback is
             for rank 0 on another host.
@@ -96,16 +130,16 @@ class FrontDoor:
         OSError: an address cannot be bound.
     """
 
-    def __init__(self, *, host: str, port: int, max_inflight: int, stall: float,
-                 link_host: str = "127.0.0.1") -> None:
+    def __init__(self, options: ServeOptions, *, link_host: str = "127.0.0.1") -> None:
+        self.options = options
         self.token = secrets.token_hex(16)
         self.link_socket = socket.create_server((link_host, 0))
         self.link_address = f"{link_host}:{self.link_socket.getsockname()[1]}"
-        self.http_socket = socket.create_server((host, port))
+        self.http_socket = socket.create_server((options.host, options.port))
         self.port = self.http_socket.getsockname()[1]
-        self.host = host
+        self.host = options.host
         # asyncio objects bind to the loop that first uses them (Python >= 3.10): uvicorn's.
-        self.broker = Broker(self.token, max_inflight=max_inflight, stall=stall)
+        self.broker = Broker(self.token, options)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.started = threading.Event()
         self.server: Optional[_Uvicorn] = None
@@ -121,6 +155,7 @@ class FrontDoor:
             yield
         finally:
             await self.broker.shutdown()
+            app.state.tokenizing.shutdown(wait=False)
 
     def run(self, config: ServeConfig) -> None:
         """Serve on this thread until :meth:`stop` (or SIGINT/SIGTERM on the main thread).
@@ -130,8 +165,9 @@ class FrontDoor:
         """
         app = build_app(self.broker, config)
         app.router.lifespan_context = self._lifespan
-        self.server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=3))
+        self.server = _Uvicorn(uvicorn.Config(app, log_level=self.options.log_level, lifespan="on",
+                                              access_log=False, timeout_graceful_shutdown=3),
+                               self.broker, self.options.drain_timeout)
         self.server.should_exit = self._exit
         self.server.run(sockets=[self.http_socket])
 

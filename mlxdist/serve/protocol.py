@@ -11,7 +11,10 @@ executes. Nothing is pickled.
 Front door -> engine:
 
 - ``submit``: ``id``, ``prompt`` (token ids), ``max_tokens``,
-  ``temperature``, ``top_p``, ``seed``, ``logit_bias`` (token id string -> number).
+  ``temperature``, ``top_p``, ``top_k`` (0: off), ``min_p`` (0: off),
+  ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty`` (0: off),
+  ``seed``, ``logit_bias`` (token id string -> number), ``logprobs`` (-1: none;
+  else how many most likely alternatives to report with each token).
 - ``resume``: a request of a lost world, on the new one: the ``submit``
   fields (``prompt`` followed by the tokens already generated,
   ``max_tokens`` the ones still to generate) and ``drawn`` (how many the
@@ -25,11 +28,13 @@ Engine -> front door:
 - ``hello``: ``token`` (the job token), first.
 - ``ready``: ``plan`` (mode, reason, ranks, family, pids).
 - ``step``: ``events`` (one per request that produced a token:
-  ``[id, token, finish]``, finish None, ``"stop"`` or ``"length"``) and
-  ``stats`` (rank 0's counters).
+  ``[id, token, finish]``, finish None, ``"stop"`` or ``"length"``; a request
+  that asked for logprobs gets ``[id, token, finish, logprob, top]``, ``top``
+  a list of ``[token, logprob]``, most likely first) and ``stats`` (rank 0's counters).
 - ``stats``: ``ranks`` (each rank's counters).
 - ``rejected``: ``id``, ``message`` (the engine refused a request).
-- ``failed``: ``message`` (the world failed; the job ends).
+- ``failed``: ``message`` (the world failed; the job ends) and ``ranks`` (the
+  ranks the failure names as lost, empty when it names none).
 """
 
 from __future__ import annotations
@@ -62,8 +67,14 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "max_tokens": _INT,
         "temperature": _NUMBER,
         "top_p": _NUMBER,
+        "top_k": _INT,
+        "min_p": _NUMBER,
+        "repetition_penalty": _NUMBER,
+        "presence_penalty": _NUMBER,
+        "frequency_penalty": _NUMBER,
         "seed": _INT,
         "logit_bias": _DICT,
+        "logprobs": _INT,
     },
     "cancel": {"id": _STR},
     "stats": {"ranks": _LIST},
@@ -73,7 +84,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "ready": {"plan": _DICT},
     "step": {"events": _LIST, "stats": _DICT},
     "rejected": {"id": _STR, "message": _STR},
-    "failed": {"message": _STR},
+    "failed": {"message": _STR, "ranks": _LIST},
 }
 SCHEMAS["resume"] = {**SCHEMAS["submit"], "drawn": _INT}
 
@@ -119,9 +130,15 @@ def check(message: Any) -> dict[str, Any]:
             raise ProtocolError("submit.logit_bias must map token id strings to numbers")
     if kind == "step":
         for event in message["events"]:
-            if not (isinstance(event, list) and len(event) == 3 and _is(event[0], _STR)
+            if not (isinstance(event, list) and len(event) in (3, 5) and _is(event[0], _STR)
                     and _is(event[1], _INT) and (event[2] is None or _is(event[2], _STR))):
-                raise ProtocolError(f"step event must be [id, token, finish], got {event!r}")
+                raise ProtocolError(f"step event must be [id, token, finish(, logprob, top)], got {event!r}")
+            if len(event) == 5 and not (_is(event[3], _NUMBER) and isinstance(event[4], list) and all(
+                    isinstance(pair, list) and len(pair) == 2 and _is(pair[0], _INT) and _is(pair[1], _NUMBER)
+                    for pair in event[4])):
+                raise ProtocolError(f"step event logprobs must be a number and [[token, logprob], ...], got {event!r}")
+    if kind == "failed" and not all(_is(r, _INT) and r >= 0 for r in message["ranks"]):
+        raise ProtocolError("failed.ranks must be a list of non-negative ints")
     return message
 
 

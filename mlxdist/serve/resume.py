@@ -19,29 +19,23 @@ split into teardown, start, load, plan, engine and resume.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from mlxdist.serve.broker import _LINK_GRACE, Broker, Pending, logger, lost_ranks
-from mlxdist.serve.requests import ApiError, Sampling
+from mlxdist.serve.api_error import ApiError
+from mlxdist.serve.broker import _LINK_GRACE, Broker, Pending, logger
+from mlxdist.serve.options import ServeOptions
+from mlxdist.serve.validation import Sampling
 
 __all__ = ["ResumingBroker", "Resumable"]
 
-_NOT_RESPONDING = re.compile(r"ranks not responding: \[([0-9, ]+)\]")
-
-
 @dataclass
 class Resumable:
-    """What it takes to send a request again: its prompt, its sampling, the tokens it streamed so far."""
+    """What it takes to send a request again: its prompt, its ``submit`` fields, the tokens it streamed so far."""
 
     prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    logit_bias: dict[str, float]
+    fields: dict[str, Any]
     tokens: list[int] = field(default_factory=list)
 
 
@@ -63,17 +57,16 @@ class ResumingBroker(Broker):
 
     Args:
         token: The job token every world's engine presents.
-        max_inflight: Requests admitted at once.
-        stall: Seconds of engine silence, with requests running, that fail the world.
-        admit_wait: Seconds a new request waits for a re-forming world before 503.
+        options: The server's options (see :class:`Broker`; ``reform_wait``: seconds a
+            new request waits for a re-forming world before 503).
         on_world_lost: Called (on the event loop) with ``(reason, ranks, how)``
             the first time a world is seen failing; the supervisor ends it.
     """
 
-    def __init__(self, token: str, *, max_inflight: int, stall: float, admit_wait: float,
+    def __init__(self, token: str, options: ServeOptions,
                  on_world_lost: Callable[[str, list[int], str], None]) -> None:
-        super().__init__(token, max_inflight=max_inflight, stall=stall)
-        self.admit_wait = admit_wait
+        super().__init__(token, options)
+        self.admit_wait = options.reform_wait
         self.on_world_lost = on_world_lost
         self.records: dict[str, Resumable] = {}
         self.world = 1
@@ -83,24 +76,18 @@ class ResumingBroker(Broker):
         self.loss: dict[str, Any] = {}
         # Where the current world's ranks run (hosts, ring addresses), added to its plan.
         self.placement: dict[str, Any] = {}
-        self._ready: Optional[asyncio.Event] = None
         self._awaiting_first_token = False
 
     # -- admission ---------------------------------------------------------------
 
-    def _ready_event(self) -> asyncio.Event:
-        if self._ready is None:
-            self._ready = asyncio.Event()
-            if self.state == "ready":
-                self._ready.set()
-        return self._ready
-
     async def wait_admissible(self) -> None:
-        """Wait up to ``admit_wait`` s while the world re-forms.
+        """Wait while the model loads (see :meth:`Broker.wait_admissible`), or up to ``admit_wait`` s
+        while the world re-forms.
 
         Raises:
-            ApiError: 503 with ``Retry-After`` when the world is still re-forming then.
+            ApiError: 503 with ``Retry-After`` when the model is still loading or the world re-forming then.
         """
+        await super().wait_admissible()
         if self.state == "ready" and self._writer is None and not (self.final or self.stopping):
             # Rank 0's link just closed: the loss is declared within the link's grace.
             end = time.monotonic() + _LINK_GRACE + 0.5
@@ -116,11 +103,10 @@ class ResumingBroker(Broker):
                                f"{self.loss.get('ranks', [])}; retry shortly", "re_forming",
                                retry_after=max(1, round(self.admit_wait))) from None
 
-    def admit(self, prompt: list[int], sampling: Sampling) -> Pending:
+    def admit(self, prompt: list[int], sampling: Sampling, rid: Optional[str] = None) -> Pending:
         """Send a request to the engine, remembering what it takes to resume it (see :meth:`Broker.admit`)."""
-        pending = super().admit(prompt, sampling)
-        self.records[pending.rid] = Resumable(list(prompt), sampling.max_tokens, sampling.temperature,
-                                              sampling.top_p, sampling.seed, dict(sampling.logit_bias))
+        pending = super().admit(prompt, sampling, rid)
+        self.records[pending.rid] = Resumable(list(prompt), sampling.link_fields())
         return pending
 
     def _finish(self, rid: str) -> None:
@@ -134,7 +120,7 @@ class ResumingBroker(Broker):
         if kind == "step":
             if self._awaiting_first_token and message["events"]:
                 self._first_token()
-            for rid, token, _ in message["events"]:
+            for rid, token, *_ in message["events"]:
                 record = self.records.get(rid)
                 if record is not None:
                     record.tokens.append(token)
@@ -143,6 +129,7 @@ class ResumingBroker(Broker):
         if kind == "ready":
             self.plan.update(self.placement)
         if resuming:
+            self.metrics.re_formings.inc()
             self._resume_all()
         if self.state == "ready":
             self.ever_ready = True
@@ -164,10 +151,9 @@ class ResumingBroker(Broker):
         self._awaiting_first_token = True
         for rid in list(self.pending):
             record = self.records[rid]
-            self._send("resume", id=rid, prompt=record.prompt + record.tokens,
-                       max_tokens=record.max_tokens - len(record.tokens), temperature=record.temperature,
-                       top_p=record.top_p, seed=record.seed, logit_bias=record.logit_bias,
-                       drawn=len(record.tokens))
+            self._send("resume", id=rid, **{**record.fields, "prompt": record.prompt + record.tokens,
+                                            "max_tokens": record.fields["max_tokens"] - len(record.tokens),
+                                            "drawn": len(record.tokens)})
 
     def _first_token(self) -> None:
         self._awaiting_first_token = False
@@ -200,11 +186,7 @@ class ResumingBroker(Broker):
         if self.final:
             super().fail(reason, ranks, source=source)
             return
-        named = lost_ranks(reason, own_rank=0 if reason.startswith("rank 0:") else None)
-        picked = named if source == "engine" else (ranks or named)
-        silent = _NOT_RESPONDING.search(reason)
-        if silent:  # the watchdog's own finding beats "not arrived" (the stalled rank's waiting neighbours)
-            picked = sorted({int(r) for r in re.findall(r"[0-9]+", silent.group(1))})
+        picked = list(ranks or [])
         # A closed link counts once its world was ready (before, the launcher reports the loss; after a
         # loss, the closing link is the lost world's). A re-forming world's loss comes from the launcher.
         ignored = source == "link" and self.state != "ready"

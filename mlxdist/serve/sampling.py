@@ -1,16 +1,24 @@
-"""Per-request sampling that every rank reproduces: each request carries its own PRNG key."""
+"""Per-request sampling that every rank reproduces: each request carries its own PRNG key.
+
+The filters (top-p, min-p, top-k) and the penalties are mlx-lm's own
+(:mod:`mlx_lm.sample_utils`), applied in mlx-lm's order; only the draw
+differs: it uses the request's key instead of MLX's global random state.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
-__all__ = ["SeededSampler", "sampler_for", "bias_processor"]
+__all__ = ["SeededSampler", "sampler_for", "processors_for"]
+
+# A logprob reported for a token the filters removed (JSON has no -inf).
+LOWEST_LOGPROB = -9999.0
 
 
 class SeededSampler:
-    """Temperature and nucleus sampling from a request's own key.
+    """Temperature, nucleus, min-p and top-k sampling from a request's own key.
 
     The key is split once per call, so a request's draws depend only on its
     seed and on how many tokens it has drawn: not on the other requests in
@@ -18,17 +26,28 @@ class SeededSampler:
     draws the same token).
 
     Args:
-        temperature: Positive; logits are divided by it.
+        temperature: Positive; logits are divided by it after the filters.
         top_p: In (0, 1]; 1 keeps every token.
         seed: The request's seed.
         drawn: Tokens the request already drew (a request resumed on a new
             world): the key is advanced past their draws, so the next draw
             is the one an undisturbed run would make next.
+        top_k: Keep the ``top_k`` most likely tokens (0: all).
+        min_p: Keep tokens at least ``min_p`` times as likely as the most likely one (0: all).
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int, drawn: int = 0) -> None:
+    def __init__(self, temperature: float, top_p: float, seed: int, drawn: int = 0, *, top_k: int = 0,
+                 min_p: float = 0.0) -> None:
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
         self.temperature = float(temperature)
-        self.top_p = float(top_p)
+        self.filters: list[Callable[[mx.array], mx.array]] = []
+        if top_p < 1.0:
+            self.filters.append(lambda x: apply_top_p(x, float(top_p)))
+        if min_p > 0.0:
+            self.filters.append(lambda x: apply_min_p(x, float(min_p)))
+        if top_k > 0:
+            self.filters.append(lambda x: apply_top_k(x, int(top_k)))
         self.key = mx.random.key(seed)
         for _ in range(drawn):
             self.key = mx.random.split(self.key)[0]
@@ -37,41 +56,44 @@ class SeededSampler:
         """Draw one token per row of ``logprobs`` (``(B, vocab)``); returns ``(B,)`` uint32."""
         keys = mx.random.split(self.key)
         self.key, draw = keys[0], keys[1]
-        logits = logprobs / self.temperature
-        if self.top_p < 1.0:
-            probs = mx.softmax(logits, axis=-1)
-            order = mx.argsort(-probs, axis=-1)
-            sorted_probs = mx.take_along_axis(probs, order, axis=-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always).
-            before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-            keep_sorted = before < self.top_p
-            keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
-            logits = mx.where(keep, logits, -mx.inf)
-        return mx.random.categorical(logits, key=draw).astype(mx.uint32)
+        for keep in self.filters:
+            logprobs = keep(logprobs)
+        return mx.random.categorical(logprobs / self.temperature, key=draw).astype(mx.uint32)
 
 
-def sampler_for(temperature: float, top_p: float, seed: int, drawn: int = 0) -> Optional[SeededSampler]:
-    """The sampler of a request: None (greedy, the batch's default) at temperature 0.
+def sampler_for(request: dict[str, Any]) -> Optional[SeededSampler]:
+    """The sampler of a ``submit``/``resume`` request: None (greedy, the batch's default) at temperature 0.
 
     Args:
-        temperature: 0 (greedy) or positive.
-        top_p: Nucleus mass in (0, 1].
-        seed: The request's seed.
-        drawn: Tokens already drawn before a resume (see :class:`SeededSampler`).
+        request: The link message (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, and
+            ``drawn``: tokens already drawn before a resume, see :class:`SeededSampler`).
+
+    Returns:
+        The sampler, or None for greedy decoding.
     """
-    if temperature == 0:
+    if request["temperature"] == 0:
         return None
-    return SeededSampler(temperature, top_p, seed, drawn)
+    return SeededSampler(request["temperature"], request["top_p"], request["seed"], request.get("drawn", 0),
+                         top_k=request["top_k"], min_p=request["min_p"])
 
 
-def bias_processor(logit_bias: dict[str, float], vocab_size: int) -> Callable[[mx.array, mx.array], mx.array]:
-    """An mlx-lm logits processor adding OpenAI's ``logit_bias`` (token id string -> bias) to the logits."""
-    bias = [0.0] * vocab_size
-    for token, value in logit_bias.items():
-        bias[int(token)] = float(value)
-    added = mx.array(bias)
+def processors_for(request: dict[str, Any], vocab_size: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
+    """mlx-lm logits processors for a request's ``logit_bias`` and penalties.
 
-    def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        return logits + added.astype(logits.dtype)
+    Args:
+        request: The link message (``logit_bias``, ``repetition_penalty`` (0 or 1: off),
+            ``presence_penalty``, ``frequency_penalty`` (0: off)).
+        vocab_size: The model's vocabulary size.
 
-    return process
+    Returns:
+        The processors, in mlx-lm's order (bias, repetition, presence, frequency).
+    """
+    from mlx_lm.sample_utils import make_logits_processors
+
+    repetition = request["repetition_penalty"]
+    return make_logits_processors(
+        logit_bias={int(token): float(value) for token, value in request["logit_bias"].items()} or None,
+        repetition_penalty=repetition if repetition not in (0, 1) else None,
+        presence_penalty=request["presence_penalty"] or None,
+        frequency_penalty=request["frequency_penalty"] or None,
+    )

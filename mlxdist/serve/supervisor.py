@@ -28,14 +28,14 @@ the first host).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import logging
 import os
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 from mlxdist.errors import InvalidArgumentError
 from mlxdist.hostfiles import Host, read_launch_hostfile
@@ -43,6 +43,7 @@ from mlxdist.launch import PrefixedWriter, plan_job
 from mlxdist.launch.hosts import local_address_towards
 from mlxdist.launch.result import LaunchResult, report_lines
 from mlxdist.serve.frontdoor import FrontDoor, load_config
+from mlxdist.serve.options import ServeOptions
 from mlxdist.serve.protocol import LINK_VARIABLE, TOKEN_VARIABLE
 from mlxdist.serve.resume import ResumingBroker
 
@@ -54,23 +55,6 @@ logger = logging.getLogger("mlxdist.serve")
 FAIL_GRACE = 2.0
 # Seconds a lost world's leftover ranks get after SIGTERM before SIGKILL (nothing of theirs is kept).
 _TEARDOWN_GRACE = 0.5
-
-
-# Options only the supervising process reads (the API key: only the front door checks it).
-_SUPERVISOR_OPTIONS = ("--api-key", "--hostfile", "--ssh", "--starting-port", "--link-host")
-
-
-def _rank_argv(argv: Sequence[str]) -> list[str]:
-    """The command line for the ranks: ours without the supervisor's own options."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in _SUPERVISOR_OPTIONS:
-            skip = True
-        elif not arg.startswith(tuple(f"{option}=" for option in _SUPERVISOR_OPTIONS)):
-            out.append(arg)
-    return out
 
 
 def next_world(size: int, hosts: Optional[list[Host]], lost: list[int]) -> tuple[int, list[Host], list[Host]]:
@@ -99,24 +83,23 @@ class _World:
     """One started job of ranks and the thread waiting for it to end.
 
     Args:
-        argv: The supervisor's command line.
         n: Number of ranks.
-        args: The parsed command line (``backend``, ``ssh``, ``starting_port``).
+        options: The server's options (``backend``, ``ssh``, ``starting_port``, the ranks' command line).
         env: The ranks' variables (the link's address and token).
         down: Set once the job ended.
         hosts: The hosts to run on (one rank each), None for local ranks.
         port_offset: Added to ``--starting-port`` (a new world's ports are fresh).
     """
 
-    def __init__(self, argv: Sequence[str], n: int, args: argparse.Namespace, env: dict[str, str],
+    def __init__(self, n: int, options: ServeOptions, env: dict[str, str],
                  down: threading.Event, hosts: Optional[list[Host]] = None, port_offset: int = 0) -> None:
         self.size = n
         self.hosts = hosts
-        backend = args.backend
-        command = [sys.executable, "-m", "mlxdist.serve", *_rank_argv(argv)]
+        backend = options.backend
+        command = [sys.executable, "-m", "mlxdist.serve", *options.rank_argv()]
         if hosts is not None:
-            self.plan = plan_job(command, backend=backend, env=env, hosts=hosts, remote_shell=args.ssh,
-                                 starting_port=args.starting_port + port_offset)
+            self.plan = plan_job(command, backend=backend, env=env, hosts=hosts, remote_shell=options.ssh,
+                                 starting_port=options.starting_port + port_offset)
         else:
             self.plan = plan_job(command, n=n, backend=backend, env=env)
         if n == 1 and backend == "ring" and hosts is None:
@@ -155,8 +138,7 @@ class Supervisor:
     """Runs the worlds of one server (see the module docstring).
 
     Args:
-        args: The parsed command line.
-        argv: The command line, passed on to the ranks.
+        options: The server's options.
         hosts: The hostfile's hosts (one rank each), None for local ranks.
 
     Raises:
@@ -164,18 +146,14 @@ class Supervisor:
         OSError: the HTTP or link address cannot be bound.
     """
 
-    def __init__(self, args: argparse.Namespace, argv: Sequence[str], hosts: Optional[list[Host]] = None) -> None:
-        self.args = args
-        self.argv = list(argv)
+    def __init__(self, options: ServeOptions, hosts: Optional[list[Host]] = None) -> None:
+        self.options = options
         self.hosts = hosts
         link_host = "127.0.0.1"
         if hosts is not None:
-            link_host = args.link_host or local_address_towards(hosts[0].ips[0])
-        self.door = FrontDoor(host=args.host, port=args.port, max_inflight=args.max_concurrent + args.max_queue,
-                              stall=2 * args.timeout + 10, link_host=link_host)
-        self.broker = ResumingBroker(self.door.token, max_inflight=self.door.broker.max_inflight,
-                                     stall=self.door.broker.stall, admit_wait=args.reform_wait,
-                                     on_world_lost=self._world_lost)
+            link_host = options.link_host or local_address_towards(hosts[0].ips[0])
+        self.door = FrontDoor(options, link_host=link_host)
+        self.broker = ResumingBroker(self.door.token, options, on_world_lost=self._world_lost)
         self.door.broker = self.broker
         self.env = {LINK_VARIABLE: self.door.link_address, TOKEN_VARIABLE: self.door.token}
         self.down = threading.Event()
@@ -194,7 +172,7 @@ class Supervisor:
 
     def _start(self, number: int, size: int, hosts: Optional[list[Host]]) -> _World:
         offset = (number - 1) * len(self.hosts) if self.hosts is not None else 0
-        world = _World(self.argv, size, self.args, self.env, self.down, hosts, offset)
+        world = _World(size, self.options, self.env, self.down, hosts, offset)
         placement = {} if hosts is None else {"hosts": list(world.plan.hosts or []),
                                               "addresses": list(world.plan.addresses)}
         self.door.call(functools.partial(self.broker.note, started=time.time(), world=number, placement=placement))
@@ -213,7 +191,7 @@ class Supervisor:
 
     def _run_worlds(self) -> None:
         hosts = self.hosts
-        size, number = (len(hosts) if hosts is not None else self.args.nranks), 1
+        size, number = (len(hosts) if hosts is not None else self.options.nranks), 1
         while not self.stopping.is_set():
             with self.lock:
                 if self.stopping.is_set():
@@ -230,7 +208,7 @@ class Supervisor:
             seen = time.time()
             if world.result is not None and not world.result.ok:
                 # The launcher's account (the broker keeps the first one of this world's loss).
-                lines = report_lines(world.result, None, self.args.backend)
+                lines = report_lines(world.result, None, self.options.backend)
                 ranks = world.result.lost_ranks or sorted(world.result.rank_exits)
                 self.door.call(functools.partial(self.broker.fail, "; ".join(lines) or "the ranks exited",
                                                  ranks, source="job"))
@@ -248,12 +226,12 @@ class Supervisor:
             if not self.broker.ever_ready:
                 self._give_up(world, f"{reason}; the first world never became ready", ranks)
                 return
-            if left < self.args.min_ranks:
+            if left < self.options.min_ranks:
                 self._give_up(world, f"{reason}; lost {', '.join(self.lost)}: {left} rank(s) left, below "
-                              f"--min-ranks {self.args.min_ranks}", ranks)
+                              f"--min-ranks {self.options.min_ranks}", ranks)
                 return
             result = world.end(_TEARDOWN_GRACE)
-            for line in report_lines(result, None, self.args.backend) if result is not None else []:
+            for line in report_lines(result, None, self.options.backend) if result is not None else []:
                 logger.warning("%s", line)
             self.door.call(functools.partial(self.broker.note, ended=time.time()))
             without = f" without {', '.join(h.ssh for h in lost_hosts)}" if lost_hosts else ""
@@ -274,9 +252,8 @@ class Supervisor:
         runner = threading.Thread(target=self._run_worlds, name="mlxdist-serve-worlds", daemon=True)
         runner.start()
         try:
-            config = load_config(self.args.model, max_tokens=self.args.max_tokens, api_key=self.args.api_key,
-                                 max_body=self.args.max_body, timeout=self.args.timeout)
-            print(f"mlxdist-serve: serving on http://{self.args.host}:{self.door.port}/v1", file=sys.stderr,
+            config = load_config(self.options)
+            print(f"mlxdist-serve: serving on http://{self.options.host}:{self.door.port}/v1", file=sys.stderr,
                   flush=True)
             self.door.run(config)
         finally:
@@ -286,7 +263,7 @@ class Supervisor:
             self.down.set()
             if world is not None and self.final is None:
                 # The front door asked the engine to stop; the ranks end by themselves, else they are ended.
-                world.ended(self.args.timeout + 10)
+                world.ended(self.options.timeout + 10)
                 self.last_result = world.end(_TEARDOWN_GRACE)
             runner.join(timeout=10)
         if self.final is not None:
@@ -301,13 +278,12 @@ class Supervisor:
         return (result.exit_code if result is not None else 1) or 1
 
 
-def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def supervise(options: ServeOptions) -> int:
     """Serve HTTP here and run the ranks' worlds until stopped or below ``--min-ranks``.
 
     Args:
-        args: The parsed command line (``nranks``, ``backend``, ``min_ranks``, ``reform_wait``,
+        options: The server's options (``nranks``, ``backend``, ``min_ranks``, ``reform_wait``,
             ``hostfile``, ``ssh``, ``starting_port``, ``link_host``, ...).
-        argv: The command line, passed on to the ranks.
 
     Returns:
         The exit status: 0 after a clean stop, non-zero after a final failure.
@@ -318,19 +294,19 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ConfigurationError: the hostfile cannot be read or has a bad entry (named),
             or no route leads to its first host.
     """
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise InvalidArgumentError(f"{args.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
+    if not os.path.isfile(os.path.join(options.model, "config.json")):
+        raise InvalidArgumentError(f"{options.model!r} is not an mlx-lm checkpoint directory (no config.json in it)")
     hosts = None
-    if args.hostfile is not None:
-        hosts = read_launch_hostfile(args.hostfile)
-        if args.nranks is not None and args.nranks != len(hosts):
-            raise InvalidArgumentError(f"-n {args.nranks} but the hostfile {args.hostfile} lists {len(hosts)} "
+    if options.hostfile is not None:
+        hosts = read_launch_hostfile(options.hostfile)
+        if options.nranks is not None and options.nranks != len(hosts):
+            raise InvalidArgumentError(f"-n {options.nranks} but the hostfile {options.hostfile} lists {len(hosts)} "
                                        "hosts (one rank each)")
-        args.nranks = len(hosts)
-        if args.starting_port + len(hosts) ** 2 > 65536:
-            raise InvalidArgumentError(f"--starting-port {args.starting_port} leaves no room for the ring ports of "
+        options = dataclasses.replace(options, nranks=len(hosts))
+        if options.starting_port + len(hosts) ** 2 > 65536:
+            raise InvalidArgumentError(f"--starting-port {options.starting_port} leaves no room for the ring ports of "
                                        f"{len(hosts)} worlds of up to {len(hosts)} hosts below 65536")
-    if args.min_ranks > args.nranks:
-        raise InvalidArgumentError(f"--min-ranks {args.min_ranks} exceeds the {args.nranks} rank(s) to start")
-    return Supervisor(args, argv, hosts).run()
+    if options.min_ranks > options.nranks:
+        raise InvalidArgumentError(f"--min-ranks {options.min_ranks} exceeds the {options.nranks} rank(s) to start")
+    return Supervisor(options, hosts).run()
 

@@ -140,3 +140,62 @@ def stream_text(server: ServeProcess, body: dict[str, Any], strike: Optional[Cal
                 strike()
                 strike = None
     return "".join(pieces)
+
+
+# A checkpoint whose answer to any chat is a thought and a tool call, in mlx-lm's json_tools format.
+TOOL_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+THOUGHT = "ab"
+TOOL_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", json.dumps(TOOL_CALL, separators=(",", ":")))
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% for call in m.get('tool_calls') or [] %}{% set tool_call = call.function %}"
+    "<tool_call>{\"name\":\"{{ tool_call.name }}\",\"arguments\":{{ tool_call.arguments | tojson }}}</tool_call>"
+    "{% endfor %}</s>\n{% endfor %}"
+    "{% if tools %}<s>tools\n{% for t in tools %}{{ t.function.name }}\n{% endfor %}</s>\n{% endif %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def write_tool_checkpoint(path: Path, **dims: int) -> Path:
+    """A float32 llama checkpoint that answers every chat with ``<think>ab</think><tool_call>{TOOL_CALL}
+    </tool_call></s>``, greedily, on any number of ranks.
+
+    How: every layer's output projections (attention's ``o_proj``, the MLP's
+    ``down_proj``) are zero, so the residual stream is the last token's
+    embedding and the model is a bigram table; then ``lm_head``'s row of each
+    next token of that chain is its predecessor's embedding direction (scale
+    2), a logit of ``2 * sqrt(hidden)`` (~23 at 128) against the random rows'
+    few units. The chat template's generation prompt ends with a newline,
+    the chain's first token. The template renders tools and assistant tool
+    calls (``tool_call.name``, so mlx-lm picks its json_tools parser).
+    """
+    import mlx.core as mx
+
+    from mlxdist.lm.testing import write_checkpoint, write_tokenizer
+
+    path = write_checkpoint(path, family="llama", dtype="float32", **dims)
+    vocab = dims["vocab_size"]
+    write_tokenizer(path, vocab, added_tokens=TOOL_TOKENS)
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = TOOL_TEMPLATE
+    config_file.write_text(json.dumps(config))
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    (newline,) = tokenizer.encode("\n", add_special_tokens=False).ids
+    (thought,) = tokenizer.encode(THOUGHT, add_special_tokens=False).ids
+    ids = {token: tokenizer.token_to_id(token) for token in TOOL_TOKENS}
+    chain = [newline, ids["<think>"], thought, ids["</think>"], ids["<tool_call>"], ids[TOOL_TOKENS[-1]],
+             ids["</tool_call>"], 2]
+    weights = mx.load(str(path / "model.safetensors"))
+    for name in list(weights):
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = mx.zeros_like(weights[name])
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    for before, after in zip(chain, chain[1:]):
+        direction = embed[before] / mx.linalg.norm(embed[before])
+        head[after] = 2.0 * direction
+    weights["lm_head.weight"] = head
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return path
