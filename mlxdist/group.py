@@ -51,6 +51,11 @@ _bridge_collective = bridge.collective
 _LAZY_ALL_SUM = lazy.FUNCTIONS["all_sum"]
 _LAZY_ALL_MAX = lazy.FUNCTIONS["all_max"]
 _LAZY_ALL_MIN = lazy.FUNCTIONS["all_min"]
+# The lazy send and recv_like's hot path: a peer this group can reach (an int
+# from _peers), then one bridge call; anything else takes the checked path.
+_bridge_peer = bridge.peer
+_LAZY_SEND = lazy.FUNCTIONS["send"]
+_LAZY_RECV_LIKE = lazy.FUNCTIONS["recv_like"]
 
 
 def _no_out_for_mlx(out: Any) -> None:
@@ -84,6 +89,7 @@ class Group(ComposedCollectives):
         "_composed",
         "_fast",
         "_bool_ok",
+        "_peers",
         "__weakref__",
     )
 
@@ -106,6 +112,17 @@ class Group(ComposedCollectives):
             raise_last("group")
         self._composed = fillins.composed(self._caps, self._size)
         self._bool_ok = "all_sum" not in self._composed[1]
+        # The ranks send and recv accept as they are (ints), checked once here.
+        self._peers = frozenset(self._reachable())
+
+    def _reachable(self) -> list[int]:
+        if "send" not in self._caps.native or self._size == 1:
+            return []
+        return [
+            peer for peer in range(self._size)
+            if peer != self._rank
+            and (not self._caps.neighbours_only or (peer - self._rank) % self._size in (1, self._size - 1))
+        ]
 
     def rank(self) -> int:
         """This process's rank in the group."""
@@ -212,6 +229,8 @@ class Group(ComposedCollectives):
             result = _bridge_collective(_LAZY_ALL_SUM, x, self._address, None, self._bool_ok)
             if result is not None and result is not NotImplemented:
                 return result
+        elif type(x) is np.ndarray and stream is None:
+            return eager.collective(self, "all_sum", x, out)
         return self._collective("all_sum", x, stream, out)
 
     def all_max(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
@@ -220,6 +239,8 @@ class Group(ComposedCollectives):
             result = _bridge_collective(_LAZY_ALL_MAX, x, self._address, None, self._bool_ok)
             if result is not None and result is not NotImplemented:
                 return result
+        elif type(x) is np.ndarray and stream is None:
+            return eager.collective(self, "all_max", x, out)
         return self._collective("all_max", x, stream, out)
 
     def all_min(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
@@ -228,6 +249,8 @@ class Group(ComposedCollectives):
             result = _bridge_collective(_LAZY_ALL_MIN, x, self._address, None, self._bool_ok)
             if result is not None and result is not NotImplemented:
                 return result
+        elif type(x) is np.ndarray and stream is None:
+            return eager.collective(self, "all_min", x, out)
         return self._collective("all_min", x, stream, out)
 
     def all_gather(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
@@ -317,7 +340,12 @@ class Group(ComposedCollectives):
             UnsupportedOperationError: ring and dst not a neighbour.
             ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError.
         """
-        dst = self._peer(dst, "send to", "dst")
+        if type(x) is mx.array and self._fast and stream is None and type(dst) is int and dst in self._peers:
+            result = _bridge_peer(_LAZY_SEND, x, dst, self._address, None)
+            if result is not None:
+                return result
+        if type(dst) is not int or dst not in self._peers:
+            dst = self._peer(dst, "send to", "dst")
         if type(x) is mx.array:
             return lazy.send(self, x, dst, stream)
         _numpy_only_stream(stream)
@@ -378,12 +406,16 @@ class Group(ComposedCollectives):
         Raises:
             As :meth:`recv`.
         """
-        src = self._peer(src, "receive from", "src")
+        if type(x) is mx.array and self._fast and stream is None and out is None and type(src) is int and src in self._peers:
+            result = _bridge_peer(_LAZY_RECV_LIKE, x, src, self._address, None)
+            if result is not None:
+                return result
+        if type(src) is not int or src not in self._peers:
+            src = self._peer(src, "receive from", "src")
         if type(x) is mx.array:
             if out is not None:
                 _no_out_for_mlx(out)
             code_of_mlx(x.dtype)
             return lazy.recv_like(self, x, src, stream)
         _numpy_only_stream(stream)
-        x = eager.as_numpy(x)
-        return eager.recv(self, x.shape, parse_dtype(x.dtype)[0], src, out)
+        return eager.recv_like(self, x, src, out)

@@ -171,36 +171,36 @@ def resolve_group(group: Group | None) -> Group:
 
 def all_sum(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_sum` on ``group`` (the world group when None)."""
-    return resolve_group(group).all_sum(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).all_sum(x, stream=stream, out=out)
 
 
 def all_max(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_max` on ``group`` (the world group when None)."""
-    return resolve_group(group).all_max(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).all_max(x, stream=stream, out=out)
 
 
 def all_min(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_min` on ``group`` (the world group when None)."""
-    return resolve_group(group).all_min(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).all_min(x, stream=stream, out=out)
 
 
 def all_gather(
     x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
 ) -> ArrayLike:
     """:meth:`Group.all_gather` on ``group`` (the world group when None)."""
-    return resolve_group(group).all_gather(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).all_gather(x, stream=stream, out=out)
 
 
 def sum_scatter(
     x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
 ) -> ArrayLike:
     """:meth:`Group.sum_scatter` on ``group`` (the world group when None)."""
-    return resolve_group(group).sum_scatter(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).sum_scatter(x, stream=stream, out=out)
 
 
 def send(x: ArrayLike, dst: int, *, group: Group | None = None, stream: StreamLike = None) -> mx.array | None:
     """:meth:`Group.send` on ``group`` (the world group when None)."""
-    return resolve_group(group).send(x, dst, stream=stream)
+    return (group if type(group) is Group else resolve_group(group)).send(x, dst, stream=stream)
 
 
 def recv(
@@ -213,14 +213,14 @@ def recv(
     out: np.ndarray | None = None,
 ) -> ArrayLike:
     """:meth:`Group.recv` on ``group`` (the world group when None)."""
-    return resolve_group(group).recv(shape, dtype, src, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).recv(shape, dtype, src, stream=stream, out=out)
 
 
 def recv_like(
     x: ArrayLike, src: int, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
 ) -> ArrayLike:
     """:meth:`Group.recv_like` on ``group`` (the world group when None)."""
-    return resolve_group(group).recv_like(x, src, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).recv_like(x, src, stream=stream, out=out)
 
 
 def barrier(*, group: Group | None = None) -> None:
