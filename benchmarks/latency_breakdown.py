@@ -49,6 +49,7 @@ from mlxdist.bench.implementations import ring_shift
 from mlxdist.bench.timing import slowest_rank
 from mlxdist.buffers import MlxBuffer, registered_buffer, reusable
 from mlxdist.dtypes import code_of_numpy
+from mlxdist.group_record import record_of
 from mlxdist.launch import launch
 
 Call = Callable[[], object]
@@ -65,8 +66,9 @@ class Setup:
         self.out = mlxdist.empty(count, np.float32)
         self.xb, self.ob = registered_buffer(self.x), registered_buffer(self.out)
         self.stream = thread_stream()
-        self.handle = group._handle.value
-        self.address = group._address
+        self.record = record_of(group)
+        self.handle = self.record.handle.value
+        self.address = self.record.address
         self.mx_group = mx.distributed.init(backend=group.backend.value)
         self.xm = mx.ones(count)
         mx.eval(self.xm)
@@ -139,11 +141,12 @@ def cases(s: Setup, op: str) -> dict[str, Call]:
 def pieces(s: Setup) -> dict[str, Call]:
     """Per-call parts of the paths, each run alone with no communication."""
     g, xm, mg, code = s.group, s.xm, s.mx_group, code_of_numpy(s.plain.dtype)
-    dog = g._world.watchdog
+    record = s.record
+    dog = record.world.watchdog
     shape = s.plain.shape
 
     def locked() -> None:
-        with g._lock:
+        with record.lock:
             pass
 
     def staged() -> None:

@@ -13,14 +13,17 @@ from typing import Any
 import numpy as np
 
 from mlxdist._c import gate, lib
-from mlxdist._paths import fillins
-from mlxdist._paths.host import host_array, host_out
+from mlxdist._c.gate import raise_last
+from mlxdist._c.handles import GroupHandle
+from mlxdist._paths import fallbacks
+from mlxdist._paths.foreign import host_array, host_out
 from mlxdist.buffers import MIN_BYTES, MlxBuffer, operand, registered_buffer, reusable
 from mlxdist.dtypes import code_of_numpy, numpy_code, parse_dtype, storage_dtype
-from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError
+from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError, UnsupportedOperationError
 from mlxdist.rules import SAME_SHAPE, result_shape
+from mlxdist.group_record import GroupRecord
 
-__all__ = ["as_numpy", "as_out", "check_out", "collective", "send", "recv", "recv_like"]
+__all__ = ["as_numpy", "as_out", "check_out", "collective", "split", "send", "recv", "recv_like"]
 
 _OPS = {
     "all_sum": lib.MLXDIST_ALL_SUM,
@@ -31,7 +34,7 @@ _OPS = {
 }
 
 
-NUMPY_ARRAYS = fillins.ArrayKind(
+NUMPY_ARRAYS = fallbacks.ArrayKind(
     is_bool=lambda a: a.dtype == np.bool_,
     to_bytes=lambda a: a.view(np.uint8),
     to_bool=lambda a: a.view(np.bool_),
@@ -40,7 +43,7 @@ NUMPY_ARRAYS = fillins.ArrayKind(
 
 def as_numpy(x: Any) -> np.ndarray:
     """``x`` as a numpy array: arrays as they are, numpy scalars as 0-d arrays,
-    buffers and CPU DLPack tensors viewed without a copy (:mod:`mlxdist._paths.host`).
+    buffers and CPU DLPack tensors viewed without a copy (:mod:`mlxdist._paths.foreign`).
 
     Raises:
         ArgumentTypeError: anything else (a list, a Python number, None):
@@ -56,7 +59,7 @@ def as_out(out: Any) -> np.ndarray | None:
     """``out=`` as a numpy array sharing its memory (None stays None).
 
     Raises:
-        ArgumentTypeError, InvalidArgumentError: see :func:`mlxdist._paths.host.host_out`.
+        ArgumentTypeError, InvalidArgumentError: see :func:`mlxdist._paths.foreign.host_out`.
     """
     if out is None or type(out) is np.ndarray:
         return out
@@ -88,7 +91,7 @@ def _writable(out: np.ndarray, code: int) -> MlxBuffer | None:
     return buffer
 
 
-def _hot(group: Any, op: str, x: np.ndarray, out: np.ndarray) -> bool:
+def _hot(group: GroupRecord, op: str, x: np.ndarray, out: np.ndarray) -> bool:
     """A reduction from one whole registered buffer into another (or itself).
 
     Every microsecond here shows up about threefold in small collectives: the
@@ -107,8 +110,8 @@ def _hot(group: Any, op: str, x: np.ndarray, out: np.ndarray) -> bool:
         and x.dtype is storage
         and out.dtype is storage
         and ob.storage is storage
-        and group._size > 1
-        and (xb.code != lib.MLX_BOOL or group._caps.bool_reductions)
+        and group.size > 1
+        and (xb.code != lib.MLX_BOOL or group.caps.bool_reductions)
         and (ob is xb or not _overlap(ob, xb))
         and out.flags.writeable
     ):
@@ -136,15 +139,15 @@ def _staged(x: np.ndarray, code: int) -> tuple[MlxBuffer, np.ndarray | None]:
     return staged.base, staged
 
 
-def _pooled(group: Any, op: str, x: np.ndarray) -> np.ndarray | None:
+def _pooled(group: GroupRecord, op: str, x: np.ndarray) -> np.ndarray | None:
     """A reduction of a plain numpy array into a reused registered result, or
     None where the general path must run (size 1, composed, large, unusual dtype)."""
     code = numpy_code(x.dtype)
     if (
         code is None
-        or group._size == 1
+        or group.size == 1
         or x.nbytes >= MIN_BYTES
-        or (code == lib.MLX_BOOL and not group._caps.bool_reductions)
+        or (code == lib.MLX_BOOL and not group.caps.bool_reductions)
     ):
         return None
     src, staged = _staged(x, code)
@@ -154,7 +157,7 @@ def _pooled(group: Any, op: str, x: np.ndarray) -> np.ndarray | None:
     return result
 
 
-def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarray:
+def collective(group: GroupRecord, op: str, x: Any, out: np.ndarray | None) -> np.ndarray:
     """An eager collective of a numpy array.
 
     Args:
@@ -180,17 +183,17 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
     x = as_numpy(x)
     out = as_out(out)
     code = code_of_numpy(x.dtype)
-    shape = result_shape(op, x.shape, group._size)
+    shape = result_shape(op, x.shape, group.size)
     if out is not None:
         check_out(out, shape, code)
-    if group._size == 1:
-        group._live_handle()
+    if group.size == 1:
+        group.live_handle()
         if out is None:
             return x
         np.copyto(out, x)
         return out
-    if fillins.needed(group, op, x, NUMPY_ARRAYS):
-        result = fillins.compose(group, op, x, NUMPY_ARRAYS, lambda o, a: collective(group, o, a, None))
+    if fallbacks.needed(group, op, x, NUMPY_ARRAYS):
+        result = fallbacks.compose(group, op, x, NUMPY_ARRAYS, lambda o, a: collective(group, o, a, None))
         if out is None:
             return result
         np.copyto(out, result)
@@ -210,7 +213,27 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
     return out
 
 
-def send(group: Any, x: Any, dst: int) -> None:
+def split(group: GroupRecord, color: int, key: int) -> GroupHandle:
+    """The handle of this rank's subgroup of ``group`` (color and key checked by the caller).
+
+    Raises:
+        UnsupportedOperationError: the backend cannot split.
+        GroupClosedError: the group is closed.
+        DistributedError: the kind the C layer reported.
+    """
+    group.live_handle()
+    if "split" not in group.caps.native:
+        name = group.backend.value if group.backend else "the single-process group"
+        raise UnsupportedOperationError(f"split: {name} cannot split groups")
+    handle = GroupHandle()
+    with group.lock:
+        rc = lib.mlx_distributed_group_split(handle.out, group.live_handle(), int(color), int(key))
+    if rc:
+        raise_last("split")
+    return handle
+
+
+def send(group: GroupRecord, x: Any, dst: int) -> None:
     """Send a numpy array to ``dst`` (validated by the caller); returns when sent."""
     x = as_numpy(x)
     code = numpy_code(x.dtype)
@@ -221,7 +244,7 @@ def send(group: Any, x: Any, dst: int) -> None:
     del staged
 
 
-def recv_like(group: Any, x: Any, src: int, out: Any) -> np.ndarray:
+def recv_like(group: GroupRecord, x: Any, src: int, out: Any) -> np.ndarray:
     """Receive an array like ``x`` from ``src`` (validated by the caller) into
     ``out`` or a reused registered array; returns when received.
 
@@ -244,7 +267,7 @@ def recv_like(group: Any, x: Any, src: int, out: Any) -> np.ndarray:
     return recv(group, x.shape, parse_dtype(x.dtype)[0], src, out)
 
 
-def recv(group: Any, shape: tuple[int, ...], code: int, src: int, out: np.ndarray | None) -> np.ndarray:
+def recv(group: GroupRecord, shape: tuple[int, ...], code: int, src: int, out: np.ndarray | None) -> np.ndarray:
     """Receive into ``out`` (or a new buffer) from ``src``; returns when received."""
     dest = None
     out = as_out(out)
