@@ -34,6 +34,8 @@ _OPS = {
 }
 
 
+_BOOL = lib.MLX_BOOL
+
 NUMPY_ARRAYS = fallbacks.ArrayKind(
     is_bool=lambda a: a.dtype == np.bool_,
     to_bytes=lambda a: a.view(np.uint8),
@@ -111,8 +113,8 @@ def _hot(group: GroupRecord, op: str, x: np.ndarray, out: np.ndarray) -> bool:
         and out.dtype is storage
         and ob.storage is storage
         and group.size > 1
-        and (xb.code != lib.MLX_BOOL or group.caps.bool_reductions)
-        and (ob is xb or not _overlap(ob, xb))
+        and (xb.code != _BOOL or group.caps.bool_reductions)
+        and (ob is xb or ob.ptr >= xb.ptr + xb.nbytes or xb.ptr >= ob.ptr + ob.nbytes)
         and out.flags.writeable
     ):
         gate.call(group, op, lib.mlxdist_collective, ob.value, xb.value, _OPS[op])
@@ -123,7 +125,7 @@ def _hot(group: GroupRecord, op: str, x: np.ndarray, out: np.ndarray) -> bool:
 # Up to this size a plain numpy input is copied into a reused registered
 # array (a memcpy) rather than viewed in place (a C handle made and freed per
 # call, which costs more below this size).
-STAGE_BYTES = 16 << 10
+STAGE_BYTES = 64 << 10
 
 
 def _staged(x: np.ndarray, code: int) -> tuple[MlxBuffer, np.ndarray | None]:
@@ -147,7 +149,7 @@ def _pooled(group: GroupRecord, op: str, x: np.ndarray) -> np.ndarray | None:
         code is None
         or group.size == 1
         or x.nbytes >= MIN_BYTES
-        or (code == lib.MLX_BOOL and not group.caps.bool_reductions)
+        or (code == _BOOL and not group.caps.bool_reductions)
     ):
         return None
     src, staged = _staged(x, code)
