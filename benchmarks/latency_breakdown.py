@@ -155,7 +155,7 @@ def pieces(s: Setup) -> dict[str, Call]:
 
     timed: dict[str, Call] = {
         "gate: lock": locked,
-        "gate: watchdog enter+leave": lambda: dog.leave(dog.enter("all_sum", g, g, None)),
+        "gate: watchdog enter+leave": lambda: dog.leave(dog.enter("all_sum", record, record, None)),
         "eager: view input in place (C handle)": lambda: MlxBuffer.wrap(s.plain, code),
         "eager: stage input (reused array + copy)": staged,
         "eager: new result buffer + numpy view": lambda: MlxBuffer.allocate(shape, code).numpy(),

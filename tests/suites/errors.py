@@ -29,7 +29,7 @@ def run(checks: Checks) -> None:
     low, high = MlxBuffer.wrap(memory[0:4], lib.MLX_FLOAT32), MlxBuffer.wrap(memory[2:6], lib.MLX_FLOAT32)
 
     def gated(what: str, func, *args):  # type: ignore[no-untyped-def]
-        return lambda: gate.call(g, what, func, *args)
+        return lambda: gate.call(record_of(g), what, func, *args)
 
     cases = [
         ("null input", mlxdist.InvalidArgumentError, "null array",
