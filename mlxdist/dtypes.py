@@ -73,7 +73,14 @@ def code_of_numpy(dtype: np.dtype) -> int:
 
 
 def numpy_code(dtype: np.dtype) -> int | None:
-    """The ``mlx_dtype`` of a numpy dtype, or None where :func:`code_of_numpy` would raise."""
+    """The ``mlx_dtype`` of a numpy dtype, or None where :func:`code_of_numpy` would raise.
+
+    Args:
+        dtype: A numpy dtype.
+
+    Returns:
+        Its code, or None (a dtype MLX cannot move, or non-native byte order).
+    """
     return _BY_NUMPY.get(dtype)
 
 

@@ -126,12 +126,23 @@ _records: "weakref.WeakKeyDictionary[Any, GroupRecord]" = weakref.WeakKeyDiction
 
 
 def register(group: Any, record: GroupRecord) -> None:
-    """Make ``record`` what :func:`record_of` returns for ``group`` (its Group, once)."""
+    """Make ``record`` what :func:`record_of` returns for ``group`` (its Group, once).
+
+    Args:
+        group: The Group.
+        record: Its record.
+    """
     _records[group] = record
 
 
 def record_of(group: Any) -> GroupRecord:
     """The record of a :class:`mlxdist.Group`.
+
+    Args:
+        group: The Group.
+
+    Returns:
+        Its :class:`GroupRecord`.
 
     Raises:
         ArgumentTypeError: ``group`` is not an mlxdist Group (for instance an

@@ -120,6 +120,10 @@ def check_root(root: Any, size: int) -> int:
 def check_split(color: Any, key: Any) -> None:
     """Validate ``Group.split``'s color (>= 0) and key (>= -1).
 
+    Args:
+        color: The color given.
+        key: The key given.
+
     Raises:
         InvalidArgumentError: either not an integer in range (bools refused).
     """
