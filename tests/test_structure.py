@@ -11,7 +11,9 @@ inside functions included: a circle closed at call time is still a circle):
 from __future__ import annotations
 
 import ast
+import functools
 import re
+from collections.abc import Mapping, Set
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,9 +103,15 @@ def test_the_import_parser_sees_function_level_and_relative_imports(tmp_path):
     assert imports_of("mlxdist.x.m", path, modules) == {"mlxdist.errors", "mlxdist.world"}
 
 
-def test_mlxdist_has_no_import_circle():
+@functools.lru_cache(maxsize=1)
+def package_graph() -> dict[str, frozenset[str]]:
+    """The package's import graph, parsed once for the checks that read it."""
     files = module_names()
-    graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
+    return {name: frozenset(imports_of(name, path, set(files))) for name, path in files.items()}
+
+
+def test_mlxdist_has_no_import_circle():
+    graph = package_graph()
     assert graph["mlxdist.world"] >= {"mlxdist.deadline", "mlxdist._c.gate"}
     assert circles(graph) == []
 
@@ -145,7 +153,7 @@ def floor_of(module: str, table: dict[str, int]) -> int | None:
     return None if best is None else best[1]
 
 
-def upward_imports(graph: dict[str, set[str]], table: dict[str, int]) -> list[tuple[str, int, str, int]]:
+def upward_imports(graph: Mapping[str, Set[str]], table: dict[str, int]) -> list[tuple[str, int, str, int]]:
     """Every import of a module on a higher floor: (importer, its floor, imported, its floor)."""
     found = []
     for name, imported in sorted(graph.items()):
@@ -169,7 +177,7 @@ def test_the_floor_checker_finds_an_upward_import():
 
 def test_every_import_stays_on_its_floor_or_goes_down():
     files = module_names()
-    graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
+    graph = package_graph()
     table = floor_table(ARCHITECTURE.read_text())
     assert {"mlxdist._c", "mlxdist.group", "mlxdist._paths", "mlxdist.world"} <= set(table)
     unplaced = sorted(name for name in files if floor_of(name, table) is None)
@@ -196,12 +204,12 @@ def group_privates() -> set[str]:
 
 def private_reads(path: Path, privates: set[str]) -> list[str]:
     """Reads of ``privates`` on anything but ``self``, and any ``group._x``, in one file."""
-    source = path.read_text()
-    found = [f"{path.name}:{n.lineno}: .{n.attr}" for n in ast.walk(ast.parse(source))
-             if isinstance(n, ast.Attribute) and n.attr in privates
-             and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
-    found += [f"{path.name}:{i}: {m.group(0)}" for i, line in enumerate(source.splitlines(), 1)
-              for m in re.finditer(r"\bgroup\._[a-z]\w*", line)]
+    names = "|".join(sorted(privates))
+    patterns = [re.compile(rf"(?<!\bself)\.({names})\b"), re.compile(r"\bgroup\._[a-z]\w*")]
+    found = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        for pattern in patterns:
+            found += [f"{path.name}:{i}: {m.group(0)}" for m in pattern.finditer(line)]
     return found
 
 
@@ -210,8 +218,8 @@ def test_the_private_read_finder_finds_one(tmp_path):
     assert {"_record", "_peer", "_collective"} <= privates
     path = tmp_path / "m.py"
     path.write_text("def f(g, group):\n    return g._record.size + group._size\n\nclass A:\n    "
-                    "def m(self):\n        return self._record\n")
-    assert private_reads(path, privates) == ["m.py:2: ._record", "m.py:2: group._size"]
+                    "def m(self):\n        return self._record, self.other._peer is myself._collective\n")
+    assert private_reads(path, privates) == ["m.py:2: ._record", "m.py:2: group._size", "m.py:6: ._peer", "m.py:6: ._collective"]
 
 
 def test_no_module_outside_group_reads_a_groups_private_attributes():
