@@ -25,6 +25,7 @@ PROBE = textwrap.dedent('''
     import sys, time
     import numpy as np, mlx.core as mx, mlxdist
     from mlxdist import deadline
+    from mlxdist.group_record import record_of
     iters = int(sys.argv[2])
     g = mlxdist.init(strict=True, check=sys.argv[1] == "1")
     x = np.ones(256, np.float32)
@@ -40,7 +41,7 @@ PROBE = textwrap.dedent('''
         return (time.perf_counter() - t0) / iters * 1e6
     ours = timed(lambda: g.all_sum(x))
     anchor = timed(lambda: mx.eval(mx.distributed.all_sum(xm, group=mxg)))
-    dog = g._world.watchdog  # what the eager gate does around each call
+    dog = record_of(g).world.watchdog  # what the eager gate does around each call
     t0 = time.perf_counter()
     for _ in range(100000):
         dog.leave(dog.enter("probe", g, g, None))

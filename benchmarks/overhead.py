@@ -28,6 +28,7 @@ from mlxdist._c import bridge
 from mlxdist._paths.lazy import FUNCTIONS
 from mlxdist.buffers import MlxBuffer, operand
 from mlxdist.dtypes import code_of_numpy
+from mlxdist.group_record import record_of
 
 
 def cases(group: mlxdist.Group) -> dict[str, Callable[[], object]]:
@@ -37,7 +38,7 @@ def cases(group: mlxdist.Group) -> dict[str, Callable[[], object]]:
     mx.eval(x)
     plain = np.ones(256, np.float32)
     code = code_of_numpy(plain.dtype)
-    all_sum, address = FUNCTIONS["all_sum"], group._address
+    all_sum, address = FUNCTIONS["all_sum"], record_of(group).address
     return {
         "mx.distributed.all_sum(x, group=g)": lambda: mx.distributed.all_sum(x, group=mx_group),
         "bridge call only": lambda: bridge.collective(all_sum, x, address, None),

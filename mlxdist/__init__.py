@@ -13,7 +13,6 @@ Quick start (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 
 from mlxdist.backends import Backend, detect_backend, is_available
 from mlxdist.buffers import asarray, empty, is_registered, set_cache_limit, zeros
-from mlxdist.deadline import set_timeout as _set_timeout
 from mlxdist.errors import (
     AllocationError,
     ArgumentTypeError,
@@ -33,44 +32,29 @@ from mlxdist.errors import (
     UnsupportedOperationError,
 )
 from mlxdist.group import Group
-from mlxdist.composed import (
-    all_gather_object,
-    all_to_all,
-    broadcast,
-    broadcast_object,
-    gather,
-    scatter,
-)
 from mlxdist.world import (
     all_gather,
+    all_gather_object,
     all_max,
     all_min,
     all_sum,
+    all_to_all,
     barrier,
+    broadcast,
+    broadcast_object,
     evaluate as eval,  # noqa: A001  (mx.eval under the deadline)
+    gather,
     init,
     recv,
     recv_like,
+    scatter,
     send,
+    set_timeout,
     sum_scatter,
     world,
 )
 
 __version__ = "0.1.0"
-
-
-def set_timeout(seconds: float | None, group: Group | None = None) -> None:
-    """Give ``group``'s operations their own deadline (see :mod:`mlxdist.deadline`).
-
-    Args:
-        seconds: Seconds per operation, or None for no deadline.
-        group: The group (the world group when None).
-
-    Raises:
-        ValueError: seconds not positive.
-        InitializationError: a single-process group (it has no deadlines).
-    """
-    _set_timeout(world() if group is None else group, seconds)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from typing import Mapping, Union
 from mlxdist._c import lib
 from mlxdist._mpi import select_library
 from mlxdist.errors import ArgumentTypeError, InvalidArgumentError
+from mlxdist.rules import SAME_SHAPE
 
 __all__ = [
     "Backend",
@@ -27,6 +28,10 @@ __all__ = [
     "capabilities",
     "is_available",
     "detect_backend",
+    "applies",
+    "composed",
+    "scatter_missing",
+    "bool_as_bytes",
 ]
 
 
@@ -183,3 +188,34 @@ def detect_backend(environ: Mapping[str, str] | None = None) -> Backend | None:
     if any(v in env for v in _MPI_VARIABLES):
         return Backend.MPI
     return None
+
+
+def scatter_missing(op: str, caps: Capabilities) -> bool:
+    """Whether ``op`` is sum_scatter and the backend lacks it (it is composed from all_sum)."""
+    return op == "sum_scatter" and "sum_scatter" not in caps.native
+
+
+def bool_as_bytes(op: str, caps: Capabilities, is_bool: bool) -> bool:
+    """Whether a reduction of bool arrays runs on their bytes (the backend cannot reduce bools)."""
+    return is_bool and not caps.bool_reductions and op in SAME_SHAPE
+
+
+def applies(op: str, caps: Capabilities, is_bool: bool) -> bool:
+    """Whether ``op`` on this backend (for this dtype) must be composed."""
+    return scatter_missing(op, caps) or bool_as_bytes(op, caps, is_bool)
+
+
+def composed(caps: Capabilities, size: int) -> tuple[frozenset[str], frozenset[str]]:
+    """The operations a group of ``size`` ranks composes, decided once per group.
+
+    Returns:
+        (those composed whatever the dtype, those composed for bool arrays);
+        both empty on a single-process group, where collectives return their
+        input.
+    """
+    if size == 1:
+        return frozenset(), frozenset()
+    return (
+        frozenset(op for op in OPERATIONS if applies(op, caps, False)),
+        frozenset(op for op in OPERATIONS if applies(op, caps, True)),
+    )

@@ -9,7 +9,8 @@ copy in and can write into them. The eager collectives also view any other
 C-contiguous, aligned numpy memory in place (``mlxdist_array_wrap``), since
 they hand it only to the backend for the length of the call; memory that
 cannot be viewed costs one copy in. Results are MLX buffers that numpy views
-without a copy; released large ones are kept for reuse (:func:`set_cache_limit`).
+without a copy; released large ones are kept for reuse (:func:`set_cache_limit`),
+and small ones are handed out again once no one holds them (:class:`ReusePool`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 import threading
 import weakref
 from collections import defaultdict
@@ -41,6 +43,7 @@ __all__ = [
     "registered_buffer",
     "operand",
     "set_cache_limit",
+    "reusable",
 ]
 
 MIN_BYTES = 1 << 20
@@ -94,6 +97,72 @@ class BufferPool:
 
 
 pool = BufferPool(512 << 20)
+
+# How many references an array of a ReusePool's list has while the pool's own
+# loop looks at it and no one else holds it (the list, the loop variable and
+# getrefcount's argument), measured with the same loop.
+for _probe in [np.empty(0)]:
+    _IDLE = sys.getrefcount(_probe)
+del _probe
+
+
+class ReusePool:
+    """Small registered arrays reused once no one else holds them.
+
+    The eager path's results and staged inputs come from here: an array is
+    handed out again only when nothing but the pool references it (no result
+    the caller kept, no view, slice or buffer export of one), so a reused
+    array never aliases memory the caller can still see.
+
+    Args:
+        per_key: The most arrays kept per (shape, dtype).
+        max_bytes: The most bytes kept in all (also bounded by the cache
+            limit, :func:`set_cache_limit`).
+    """
+
+    def __init__(self, per_key: int = 4, max_bytes: int = 16 << 20) -> None:
+        self.per_key = per_key
+        self.max_bytes = max_bytes
+        self.held = 0
+        self._arrays: dict[tuple[tuple[int, ...], int], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], code: int) -> np.ndarray:
+        """A registered array of ``shape`` and ``code`` that no one else holds.
+
+        Args:
+            shape: The array's shape (each dimension within MLX's limit).
+            code: Its ``mlx_dtype``.
+
+        Returns:
+            A kept array no one holds, or a new one (kept if there is room).
+
+        Raises:
+            AllocationError: MLX cannot allocate it.
+        """
+        key = (shape, code)
+        with self._lock:
+            arrays = self._arrays.get(key)
+            if arrays is not None:
+                for array in arrays:
+                    if sys.getrefcount(array) <= _IDLE:
+                        return array
+        array = MlxBuffer.allocate(shape, code).numpy()
+        with self._lock:
+            arrays = self._arrays.setdefault(key, [])
+            if len(arrays) < self.per_key and self.held + array.nbytes <= min(self.max_bytes, pool.limit):
+                arrays.append(array)
+                self.held += array.nbytes
+        return array
+
+    def clear(self) -> None:
+        """Forget every kept array (those still held stay valid)."""
+        with self._lock:
+            self._arrays.clear()
+            self.held = 0
+
+
+reusable = ReusePool()
 
 
 class MlxBuffer:
@@ -349,4 +418,6 @@ def set_cache_limit(limit: int) -> int:
     previous, pool.limit = pool.limit, int(limit)
     if pool.held > pool.limit:
         pool.clear()
+    if reusable.held > pool.limit:
+        reusable.clear()
     return previous

@@ -72,6 +72,18 @@ def code_of_numpy(dtype: np.dtype) -> int:
     raise DtypeError(f"dtype {dtype} cannot be communicated; supported: {supported} (bfloat16 through mlx arrays)")
 
 
+def numpy_code(dtype: np.dtype) -> int | None:
+    """The ``mlx_dtype`` of a numpy dtype, or None where :func:`code_of_numpy` would raise.
+
+    Args:
+        dtype: A numpy dtype.
+
+    Returns:
+        Its code, or None (a dtype MLX cannot move, or non-native byte order).
+    """
+    return _BY_NUMPY.get(dtype)
+
+
 def code_of_mlx(dtype: mx.Dtype) -> int:
     """The ``mlx_dtype`` of an MLX dtype."""
     return _BY_MLX[dtype]

@@ -18,30 +18,27 @@ order, as with MPI and NCCL.
 
 from __future__ import annotations
 
-import numbers
-import threading
 from typing import Any, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from mlxdist._c import bridge, ffi, lib
-from mlxdist._c.gate import WorldState, raise_last
+from mlxdist import objects
+from mlxdist._c import bridge
+from mlxdist._c.gate import WorldState
 from mlxdist._c.handles import GroupHandle
-from mlxdist._paths import eager, fillins, lazy
-from mlxdist.backends import Backend, capabilities
+from mlxdist._paths import eager, lazy, p2p
+from mlxdist.backends import Backend
 from mlxdist.dtypes import DTypeLike, code_of_mlx, parse_dtype
-from mlxdist.group_composed import ComposedCollectives
-from mlxdist.errors import (
-    GroupClosedError,
-    InvalidArgumentError,
-    UnsupportedOperationError,
-)
-from mlxdist.rules import INT32_MAX, check_peer, checked_shape
+from mlxdist.errors import InvalidArgumentError, UnsupportedOperationError
+from mlxdist.group_record import GroupRecord, register
+from mlxdist.rules import check_peer, check_split, checked_shape
 
 __all__ = ["Group", "ArrayLike"]
 
 ArrayLike = Union[np.ndarray, mx.array]
+# The composed collectives also take buffers and CPU DLPack tensors eagerly.
+AnyArray = Union[np.ndarray, mx.array, Any]
 StreamLike = Union[mx.Stream, mx.Device, None]
 
 # The hot path of the lazy reductions: one bridge call. A failure, a bool
@@ -51,6 +48,11 @@ _bridge_collective = bridge.collective
 _LAZY_ALL_SUM = lazy.FUNCTIONS["all_sum"]
 _LAZY_ALL_MAX = lazy.FUNCTIONS["all_max"]
 _LAZY_ALL_MIN = lazy.FUNCTIONS["all_min"]
+# The lazy send and recv_like's hot path: a peer this group can reach (an int
+# from the record's peers), then one bridge call; anything else takes the checked path.
+_bridge_peer = bridge.peer
+_LAZY_SEND = lazy.FUNCTIONS["send"]
+_LAZY_RECV_LIKE = lazy.FUNCTIONS["recv_like"]
 
 
 def _no_out_for_mlx(out: Any) -> None:
@@ -63,7 +65,7 @@ def _numpy_only_stream(stream: Any) -> None:
         raise InvalidArgumentError("stream= applies to mx.array inputs; numpy inputs run eagerly")
 
 
-class Group(ComposedCollectives):
+class Group:
     """A group of processes that communicate; obtain one from :func:`mlxdist.init`.
 
     Attributes:
@@ -71,61 +73,31 @@ class Group(ComposedCollectives):
             process that no launcher started.
     """
 
-    __slots__ = (
-        "_handle",
-        "_address",
-        "_rank",
-        "_size",
-        "backend",
-        "_caps",
-        "_world",
-        "_lock",
-        "_closed",
-        "_composed",
-        "_fast",
-        "_bool_ok",
-        "__weakref__",
-    )
+    # Everything the layers beneath need is in the record, made once here.
+    __slots__ = ("_record", "backend", "__weakref__")
 
     def __init__(self, handle: GroupHandle, backend: Backend | None, world: WorldState) -> None:
-        self._handle = handle
+        self._record = GroupRecord(handle, backend, world)
         self.backend = backend
-        self._caps = capabilities(backend)
-        self._world = world
-        self._lock = threading.Lock() if world.concurrent_groups else world.lock
-        self._closed = False
-        # Whether mx.array reductions may go straight to the bridge: the
-        # group is open, its world has not failed and is not checked.
-        self._fast = world.lost is None and not world.checked
-        world.groups.add(self)
-        # The mlx_distributed_group ctx: the bridge's view of this handle.
-        self._address = int(ffi.cast("uintptr_t", handle.value.ctx))
-        self._rank = lib.mlx_distributed_group_rank(handle.value)
-        self._size = lib.mlx_distributed_group_size(handle.value)
-        if self._rank < 0 or self._size < 1:
-            raise_last("group")
-        self._composed = fillins.composed(self._caps, self._size)
-        self._bool_ok = "all_sum" not in self._composed[1]
+        register(self, self._record)
 
     def rank(self) -> int:
         """This process's rank in the group."""
-        return self._rank
+        return self._record.rank
 
     def size(self) -> int:
         """The number of processes in the group."""
-        return self._size
+        return self._record.size
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"rank={self._rank}, size={self._size}"
-        name = self.backend.value if self.backend else "none"
-        return f"Group(backend={name}, {state})"
+        return repr(self._record)
 
     # -- lifetime -----------------------------------------------------------
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed
+        return self._record.closed
 
     def close(self) -> None:
         """Release this group's handle. Idempotent; the group is unusable afterwards.
@@ -136,24 +108,13 @@ class Group(ComposedCollectives):
         the group. MLX keeps each backend's world alive for the process, so
         other groups (and mx.distributed) are unaffected.
         """
-        self._closed = True
-        self._fast = False
-        if self._lock.acquire(blocking=False):
-            try:
-                self._handle.close()
-            finally:
-                self._lock.release()
+        self._record.close()
 
     def __enter__(self) -> "Group":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _live_handle(self) -> Any:
-        if self._closed:
-            raise GroupClosedError("the group is closed")
-        return self._handle.value
 
     # -- structure ----------------------------------------------------------
 
@@ -174,19 +135,8 @@ class Group(ComposedCollectives):
                 the single-process group).
             GroupClosedError: the group is closed.
         """
-        for name, value, low in (("color", color, 0), ("key", key, -1)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= INT32_MAX:
-                raise InvalidArgumentError(f"split {name} must be an integer in [{low}, {INT32_MAX}], got {value!r}")
-        self._live_handle()
-        if "split" not in self._caps.native:
-            name = self.backend.value if self.backend else "the single-process group"
-            raise UnsupportedOperationError(f"split: {name} cannot split groups")
-        handle = GroupHandle()
-        with self._lock:
-            rc = lib.mlx_distributed_group_split(handle.out, self._live_handle(), int(color), int(key))
-        if rc:
-            raise_last("split")
-        return Group(handle, self.backend, self._world)
+        check_split(color, key)
+        return Group(eager.split(self._record, color, key), self.backend, self._record.world)
 
     # -- collectives --------------------------------------------------------
 
@@ -208,26 +158,35 @@ class Group(ComposedCollectives):
             ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError: see :mod:`mlxdist.errors`.
             GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
         """
-        if type(x) is mx.array and self._fast and stream is None and out is None:
-            result = _bridge_collective(_LAZY_ALL_SUM, x, self._address, None, self._bool_ok)
+        record = self._record
+        if type(x) is mx.array and record.fast and stream is None and out is None:
+            result = _bridge_collective(_LAZY_ALL_SUM, x, record.address, None, record.bool_ok)
             if result is not None and result is not NotImplemented:
                 return result
+        elif type(x) is np.ndarray and stream is None:
+            return eager.collective(record, "all_sum", x, out)
         return self._collective("all_sum", x, stream, out)
 
     def all_max(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Element-wise maximum over all ranks; arguments as :meth:`all_sum`."""
-        if type(x) is mx.array and self._fast and stream is None and out is None:
-            result = _bridge_collective(_LAZY_ALL_MAX, x, self._address, None, self._bool_ok)
+        record = self._record
+        if type(x) is mx.array and record.fast and stream is None and out is None:
+            result = _bridge_collective(_LAZY_ALL_MAX, x, record.address, None, record.bool_ok)
             if result is not None and result is not NotImplemented:
                 return result
+        elif type(x) is np.ndarray and stream is None:
+            return eager.collective(record, "all_max", x, out)
         return self._collective("all_max", x, stream, out)
 
     def all_min(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
         """Element-wise minimum over all ranks; arguments as :meth:`all_sum`."""
-        if type(x) is mx.array and self._fast and stream is None and out is None:
-            result = _bridge_collective(_LAZY_ALL_MIN, x, self._address, None, self._bool_ok)
+        record = self._record
+        if type(x) is mx.array and record.fast and stream is None and out is None:
+            result = _bridge_collective(_LAZY_ALL_MIN, x, record.address, None, record.bool_ok)
             if result is not None and result is not NotImplemented:
                 return result
+        elif type(x) is np.ndarray and stream is None:
+            return eager.collective(record, "all_min", x, out)
         return self._collective("all_min", x, stream, out)
 
     def all_gather(self, x: ArrayLike, *, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
@@ -277,10 +236,10 @@ class Group(ComposedCollectives):
         if type(x) is mx.array:
             if out is not None:
                 _no_out_for_mlx(out)
-            return lazy.collective(self, op, x, stream)
+            return lazy.collective(self._record, op, x, stream)
         if stream is not None:
             _numpy_only_stream(stream)
-        return eager.collective(self, op, x, out)
+        return eager.collective(self._record, op, x, out)
 
     def barrier(self) -> None:
         """Block until every rank of the group has reached the barrier (eager).
@@ -288,15 +247,16 @@ class Group(ComposedCollectives):
         Raises:
             GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
         """
-        eager.collective(self, "all_sum", np.zeros(1, np.int32), None)
+        eager.collective(self._record, "all_sum", np.zeros(1, np.int32), None)
 
     # -- point to point -----------------------------------------------------
 
     def _peer(self, peer: Any, verb: str, name: str) -> int:
-        self._live_handle()
-        if "send" not in self._caps.native and self._size > 1:
+        record = self._record
+        record.live_handle()
+        if "send" not in record.caps.native and record.size > 1:
             raise UnsupportedOperationError(f"{self.backend.value} has no send/recv")  # type: ignore[union-attr]
-        return check_peer(peer, self._rank, self._size, self._caps.neighbours_only, verb, name)
+        return check_peer(peer, record.rank, record.size, record.caps.neighbours_only, verb, name)
 
     def send(self, x: ArrayLike, dst: int, *, stream: StreamLike = None) -> mx.array | None:
         """Send ``x`` to rank ``dst``, which must post a matching receive.
@@ -318,11 +278,17 @@ class Group(ComposedCollectives):
             UnsupportedOperationError: ring and dst not a neighbour.
             ArgumentTypeError, DtypeError, GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
         """
-        dst = self._peer(dst, "send to", "dst")
+        record = self._record
+        if type(x) is mx.array and record.fast and stream is None and type(dst) is int and dst in record.peers:
+            result = _bridge_peer(_LAZY_SEND, x, dst, record.address, None)
+            if result is not None:
+                return result
+        if type(dst) is not int or dst not in record.peers:
+            dst = self._peer(dst, "send to", "dst")
         if type(x) is mx.array:
-            return lazy.send(self, x, dst, stream)
+            return lazy.send(record, x, dst, stream)
         _numpy_only_stream(stream)
-        eager.send(self, x, dst)
+        eager.send(record, x, dst)
         return None
 
     def recv(
@@ -358,9 +324,9 @@ class Group(ComposedCollectives):
         code, as_mlx = parse_dtype(dtype)
         if as_mlx:
             _no_out_for_mlx(out)
-            return lazy.recv(self, dims, code, src, stream)
+            return lazy.recv(self._record, dims, code, src, stream)
         _numpy_only_stream(stream)
-        return eager.recv(self, dims, code, src, out)
+        return eager.recv(self._record, dims, code, src, out)
 
     def recv_like(
         self, x: ArrayLike, src: int, *, stream: StreamLike = None, out: np.ndarray | None = None
@@ -380,12 +346,154 @@ class Group(ComposedCollectives):
             InvalidRankError: src not an integer rank, this rank, or a size-1 group.
             ShapeError, DtypeError, UnsupportedOperationError, GroupClosedError, CommunicationError: as :meth:`recv`.
         """
-        src = self._peer(src, "receive from", "src")
+        record = self._record
+        if type(x) is mx.array and record.fast and stream is None and out is None and type(src) is int and src in record.peers:
+            result = _bridge_peer(_LAZY_RECV_LIKE, x, src, record.address, None)
+            if result is not None:
+                return result
+        if type(src) is not int or src not in record.peers:
+            src = self._peer(src, "receive from", "src")
         if type(x) is mx.array:
             if out is not None:
                 _no_out_for_mlx(out)
             code_of_mlx(x.dtype)
-            return lazy.recv_like(self, x, src, stream)
+            return lazy.recv_like(record, x, src, stream)
         _numpy_only_stream(stream)
-        x = eager.as_numpy(x)
-        return eager.recv(self, x.shape, parse_dtype(x.dtype)[0], src, out)
+        return eager.recv_like(record, x, src, out)
+
+    # -- composed from send/recv (MLX has none of these) --------------------
+
+    def broadcast(self, x: AnyArray, root: int = 0, *, stream: StreamLike = None, out: Any = None) -> AnyArray:
+        """The root's ``x`` on every rank.
+
+        Composed from send/recv along a tree (MLX has no broadcast): a
+        binomial tree on MPI, the two ring directions on ring.
+
+        Args:
+            x: On the root, the data; on the other ranks an array of the same
+                shape and dtype (a template: its values are not read). An
+                mx.array gives a lazy result (its gradient sums every rank's
+                cotangent onto the root); numpy arrays, buffers (bytes,
+                memoryview, array.array) and CPU DLPack tensors run eagerly.
+            root: The rank whose data every rank receives.
+            stream: For mx.arrays, as :meth:`all_sum`.
+            out: For eager inputs: a numpy array, writable buffer or CPU DLPack
+                tensor of ``x``'s shape and dtype to receive into.
+
+        Returns:
+            The root's data, of ``x``'s kind (numpy for eager inputs). On the
+            eager path the root returns ``x`` itself (or ``out``).
+
+        Raises:
+            InvalidRankError: root not a rank of the group.
+            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError,
+            GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`;
+            MismatchError with the check on: another root, dtype or shape on another rank.
+        """
+        return p2p.rooted(self._record, "broadcast", x, root, stream, out)
+
+    def gather(self, x: AnyArray, root: int = 0, *, stream: StreamLike = None, out: Any = None) -> AnyArray:
+        """Every rank's ``x`` concatenated along axis 0 in rank order, on the root.
+
+        The other ranks get an array of no rows, ``(0,) + x.shape[1:]`` (as
+        MPI_Gather's receive buffer, only the root's result holds data; a
+        lazy result still has one shape per rank). A scalar part is one row,
+        as in :meth:`all_gather`; a size-1 group returns ``x`` as it is.
+
+        Args:
+            x: This rank's part, the same shape and dtype on every rank.
+            root: The rank that receives.
+            stream: For mx.arrays, as :meth:`all_sum`.
+            out: For eager inputs: an array of this rank's result shape.
+
+        Returns:
+            The gathered array on the root; an empty one elsewhere. Its
+            gradient (lazy path) scatters the root's cotangent back.
+
+        Raises:
+            InvalidRankError, ArgumentTypeError, DtypeError, ShapeError,
+            InvalidArgumentError, GroupClosedError, CommunicationError, MismatchError.
+        """
+        return p2p.rooted(self._record, "gather", x, root, stream, out)
+
+    def scatter(self, x: AnyArray, root: int = 0, *, stream: StreamLike = None, out: Any = None) -> AnyArray:
+        """Rank ``r`` receives rows ``[r * m, (r + 1) * m)`` of the root's ``x``, ``m = x.shape[0] // size``.
+
+        Args:
+            x: On the root, the data; on the other ranks an array of the same
+                shape and dtype (a template: its values are not read).
+            root: The rank that sends.
+            stream: For mx.arrays, as :meth:`all_sum`.
+            out: For eager inputs: an array of the scattered shape.
+
+        Returns:
+            This rank's rows. Its gradient (lazy path) gathers the cotangents
+            onto the root (zeros on the other ranks).
+
+        Raises:
+            ShapeError: a scalar, or axis 0 not divisible by the size.
+            InvalidRankError, ArgumentTypeError, DtypeError,
+            InvalidArgumentError, GroupClosedError, CommunicationError, MismatchError.
+        """
+        return p2p.rooted(self._record, "scatter", x, root, stream, out)
+
+    def all_to_all(self, x: AnyArray, *, stream: StreamLike = None, out: Any = None) -> AnyArray:
+        """Split ``x`` along axis 0 into ``size`` blocks, send block ``j`` to rank ``j``,
+        and concatenate the blocks received in rank order.
+
+        Eagerly a pairwise exchange where any rank reaches any other (MPI,
+        and two ranks of ring) for inputs over 64 KiB; otherwise (and
+        lazily) an all_gather of which each rank keeps its blocks.
+
+        Args:
+            x: An array whose axis 0 is divisible by the size, the same shape
+                and dtype on every rank.
+            stream: For mx.arrays, as :meth:`all_sum`.
+            out: For eager inputs: an array of ``x``'s shape (``x`` itself
+                allowed: it is read before it is overwritten).
+
+        Returns:
+            The received blocks, of ``x``'s shape. Its gradient is all_to_all.
+
+        Raises:
+            ShapeError: a scalar, or axis 0 not divisible by the size.
+            ArgumentTypeError, DtypeError, InvalidArgumentError,
+            GroupClosedError, CommunicationError, MismatchError.
+        """
+        return p2p.all_to_all(self._record, x, stream, out)
+
+    def broadcast_object(self, obj: Any, root: int = 0, *, pickle: bool = False) -> Any:
+        """The root's ``obj`` on every rank: a JSON value or bytes (see :mod:`mlxdist.objects`).
+
+        Args:
+            obj: On the root, the object; ignored elsewhere.
+            root: The rank whose object every rank receives.
+            pickle: Pickle what JSON cannot carry (every rank passes the same).
+
+        Returns:
+            The root's object (the root gets ``obj`` itself).
+
+        Raises:
+            ArgumentTypeError: the root's object is not a JSON value or bytes
+                (raised on every rank), or pickle is not a bool.
+            InvalidRankError, GroupClosedError, CommunicationError,
+            DeadlineExceeded, MismatchError.
+        """
+        return objects.broadcast_object(self, self._record, obj, root, pickle)
+
+    def all_gather_object(self, obj: Any, *, pickle: bool = False) -> list[Any]:
+        """Every rank's ``obj``, in rank order: JSON values or bytes (see :mod:`mlxdist.objects`).
+
+        Args:
+            obj: This rank's object.
+            pickle: Pickle what JSON cannot carry (every rank passes the same).
+
+        Returns:
+            A list of ``size`` objects (this rank's is ``obj`` itself).
+
+        Raises:
+            ArgumentTypeError: some rank's object is not a JSON value or bytes
+                (raised on every rank, naming the ranks), or pickle is not a bool.
+            GroupClosedError, CommunicationError, DeadlineExceeded, MismatchError.
+        """
+        return objects.all_gather_object(self, self._record, obj, pickle)

@@ -280,12 +280,13 @@ def check_bridge(bridge: Any) -> list[Check]:
     def lazy_all_sum() -> tuple[bool, str, None]:
         import mlxdist
         from mlxdist._paths.lazy import FUNCTIONS
+        from mlxdist.group_record import record_of
 
         group = mlxdist.init()
         if group.size() != 1:
             return True, f"not run: a launched world of {group.size()} ranks", None
         x = mx.arange(4, dtype=mx.float32) + 1
-        y = bridge.collective(FUNCTIONS["all_sum"], x, group._address, None)
+        y = bridge.collective(FUNCTIONS["all_sum"], x, record_of(group).address, None)
         node, source = bridge.node(y), bridge.node(x)
         lazy = node == source and node[1] == 0
         values = [float(v) for v in y.tolist()]

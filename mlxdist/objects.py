@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from mlxdist._paths.composed_eager import agree
+from mlxdist import deadline
 from mlxdist.errors import ArgumentTypeError
+from mlxdist.group_record import GroupRecord
 from mlxdist.rules import check_root
 
 __all__ = ["FRAME", "broadcast_object", "all_gather_object", "encode", "decode"]
@@ -118,19 +119,27 @@ def _kind(frame: np.ndarray) -> int:
     return _HEADER.unpack_from(frame)[1]
 
 
-def broadcast_object(group: Any, obj: Any, root: Any, use_pickle: Any) -> Any:
-    """The root's ``obj`` on every rank (see :meth:`mlxdist.Group.broadcast_object`)."""
+def _agree(record: GroupRecord, op: str) -> None:
+    if record.world.checked:
+        deadline.agree(op, record, record.world, np.uint8, (FRAME,), None)
+
+
+def broadcast_object(group: Any, record: GroupRecord, obj: Any, root: Any, use_pickle: Any) -> Any:
+    """The root's ``obj`` on every rank (see :meth:`mlxdist.Group.broadcast_object`).
+
+    ``group`` is the Group (its broadcast), ``record`` its record.
+    """
     use_pickle = _checked_pickle(use_pickle)
-    root = check_root(root, group._size)
-    group._live_handle()
-    if group._size == 1:
+    root = check_root(root, record.size)
+    record.live_handle()
+    if record.size == 1:
         try:
             encode(obj, use_pickle)  # the same errors as on several ranks
         except ArgumentTypeError as exc:
             raise ArgumentTypeError(f"broadcast_object: rank {root}'s object: {exc}") from None
         return obj
-    agree(group, f"broadcast_object[root={root}, pickle={use_pickle}]", np.uint8, (FRAME,))
-    is_root = group._rank == root
+    _agree(record, f"broadcast_object[root={root}, pickle={use_pickle}]")
+    is_root = record.rank == root
     frame, rest = _frame(obj, use_pickle) if is_root else (np.zeros(FRAME, np.uint8), None)
     frame = group.broadcast(frame, root)
     length, kind = _HEADER.unpack_from(frame)
@@ -143,18 +152,21 @@ def broadcast_object(group: Any, obj: Any, root: Any, use_pickle: Any) -> Any:
     return decode(kind, _assemble(frame, rest))
 
 
-def all_gather_object(group: Any, obj: Any, use_pickle: Any) -> list[Any]:
-    """Every rank's ``obj`` in rank order (see :meth:`mlxdist.Group.all_gather_object`)."""
+def all_gather_object(group: Any, record: GroupRecord, obj: Any, use_pickle: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (see :meth:`mlxdist.Group.all_gather_object`).
+
+    ``group`` is the Group (its all_gather), ``record`` its record.
+    """
     use_pickle = _checked_pickle(use_pickle)
-    group._live_handle()
-    if group._size == 1:
+    record.live_handle()
+    if record.size == 1:
         try:
             encode(obj, use_pickle)
         except ArgumentTypeError as exc:
             raise ArgumentTypeError(f"all_gather_object: rank 0: {exc}") from None
         return [obj]
-    agree(group, f"all_gather_object[pickle={use_pickle}]", np.uint8, (FRAME,))
-    size, rank = group._size, group._rank
+    _agree(record, f"all_gather_object[pickle={use_pickle}]")
+    size, rank = record.size, record.rank
     frame, rest = _frame(obj, use_pickle)
     frames = group.all_gather(frame).reshape(size, FRAME)
     lengths = [_HEADER.unpack_from(f)[0] for f in frames]

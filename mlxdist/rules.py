@@ -7,7 +7,7 @@ import math
 import numbers
 from typing import Any, Sequence
 
-from mlxdist.errors import InvalidRankError, ShapeError, UnsupportedOperationError
+from mlxdist.errors import InvalidArgumentError, InvalidRankError, ShapeError, UnsupportedOperationError
 
 __all__ = ["SAME_SHAPE", "INT32_MAX", "checked_shape", "result_shape", "composed_shape", "check_root", "check_peer"]
 
@@ -115,6 +115,21 @@ def check_root(root: Any, size: int) -> int:
     if isinstance(root, bool) or not isinstance(root, numbers.Integral) or not 0 <= root < size:
         raise InvalidRankError(f"root={root!r} is not a rank of a group of size {size}")
     return int(root)
+
+
+def check_split(color: Any, key: Any) -> None:
+    """Validate ``Group.split``'s color (>= 0) and key (>= -1).
+
+    Args:
+        color: The color given.
+        key: The key given.
+
+    Raises:
+        InvalidArgumentError: either not an integer in range (bools refused).
+    """
+    for name, value, low in (("color", color, 0), ("key", key, -1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= INT32_MAX:
+            raise InvalidArgumentError(f"split {name} must be an integer in [{low}, {INT32_MAX}], got {value!r}")
 
 
 def check_peer(peer: Any, rank: int, size: int, neighbours_only: bool, verb: str, name: str) -> int:

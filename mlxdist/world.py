@@ -1,7 +1,8 @@
-"""Initialisation, the world group, and the module-level operations.
+"""Initialisation, the world group, and every module-level operation.
 
 The module-level functions mirror mx.distributed's: ``group`` and ``stream``
-are keyword-only with None defaults, ``group=None`` meaning the world group.
+are keyword-only with None defaults, ``group=None`` meaning the world group;
+each is its :class:`mlxdist.Group` method on that group.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -28,19 +29,26 @@ from mlxdist.errors import ArgumentTypeError, BackendUnavailableError, Initializ
 from mlxdist.group import ArrayLike, Group, StreamLike
 
 __all__ = [
-    "init",
-    "world",
-    "resolve_group",
-    "all_sum",
+    "all_gather",
+    "all_gather_object",
     "all_max",
     "all_min",
-    "all_gather",
-    "sum_scatter",
-    "send",
+    "all_sum",
+    "all_to_all",
+    "barrier",
+    "broadcast",
+    "broadcast_object",
+    "evaluate",
+    "gather",
+    "init",
     "recv",
     "recv_like",
-    "barrier",
-    "evaluate",
+    "resolve_group",
+    "scatter",
+    "send",
+    "set_timeout",
+    "sum_scatter",
+    "world",
 ]
 
 _state_lock = threading.Lock()
@@ -163,7 +171,7 @@ def resolve_group(group: Group | None) -> Group:
     """
     if group is None:
         group = _world
-        return group if group is not None and not group._closed else world()
+        return group if group is not None and not group.closed else world()
     if not isinstance(group, Group):
         raise ArgumentTypeError(f"group must be an mlxdist.Group or None, got {type(group).__name__}")
     return group
@@ -171,36 +179,36 @@ def resolve_group(group: Group | None) -> Group:
 
 def all_sum(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_sum` on ``group`` (the world group when None)."""
-    return resolve_group(group).all_sum(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).all_sum(x, stream=stream, out=out)
 
 
 def all_max(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_max` on ``group`` (the world group when None)."""
-    return resolve_group(group).all_max(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).all_max(x, stream=stream, out=out)
 
 
 def all_min(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None) -> ArrayLike:
     """:meth:`Group.all_min` on ``group`` (the world group when None)."""
-    return resolve_group(group).all_min(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).all_min(x, stream=stream, out=out)
 
 
 def all_gather(
     x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
 ) -> ArrayLike:
     """:meth:`Group.all_gather` on ``group`` (the world group when None)."""
-    return resolve_group(group).all_gather(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).all_gather(x, stream=stream, out=out)
 
 
 def sum_scatter(
     x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
 ) -> ArrayLike:
     """:meth:`Group.sum_scatter` on ``group`` (the world group when None)."""
-    return resolve_group(group).sum_scatter(x, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).sum_scatter(x, stream=stream, out=out)
 
 
 def send(x: ArrayLike, dst: int, *, group: Group | None = None, stream: StreamLike = None) -> mx.array | None:
     """:meth:`Group.send` on ``group`` (the world group when None)."""
-    return resolve_group(group).send(x, dst, stream=stream)
+    return (group if type(group) is Group else resolve_group(group)).send(x, dst, stream=stream)
 
 
 def recv(
@@ -213,19 +221,69 @@ def recv(
     out: np.ndarray | None = None,
 ) -> ArrayLike:
     """:meth:`Group.recv` on ``group`` (the world group when None)."""
-    return resolve_group(group).recv(shape, dtype, src, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).recv(shape, dtype, src, stream=stream, out=out)
 
 
 def recv_like(
     x: ArrayLike, src: int, *, group: Group | None = None, stream: StreamLike = None, out: np.ndarray | None = None
 ) -> ArrayLike:
     """:meth:`Group.recv_like` on ``group`` (the world group when None)."""
-    return resolve_group(group).recv_like(x, src, stream=stream, out=out)
+    return (group if type(group) is Group else resolve_group(group)).recv_like(x, src, stream=stream, out=out)
 
 
 def barrier(*, group: Group | None = None) -> None:
     """:meth:`Group.barrier` on ``group`` (the world group when None)."""
     resolve_group(group).barrier()
+
+
+def broadcast(
+    x: ArrayLike, root: int = 0, *, group: Group | None = None, stream: StreamLike = None, out: Any = None
+) -> ArrayLike:
+    """:meth:`Group.broadcast` on ``group`` (the world group when None)."""
+    return resolve_group(group).broadcast(x, root, stream=stream, out=out)
+
+
+def gather(
+    x: ArrayLike, root: int = 0, *, group: Group | None = None, stream: StreamLike = None, out: Any = None
+) -> ArrayLike:
+    """:meth:`Group.gather` on ``group`` (the world group when None)."""
+    return resolve_group(group).gather(x, root, stream=stream, out=out)
+
+
+def scatter(
+    x: ArrayLike, root: int = 0, *, group: Group | None = None, stream: StreamLike = None, out: Any = None
+) -> ArrayLike:
+    """:meth:`Group.scatter` on ``group`` (the world group when None)."""
+    return resolve_group(group).scatter(x, root, stream=stream, out=out)
+
+
+def all_to_all(x: ArrayLike, *, group: Group | None = None, stream: StreamLike = None, out: Any = None) -> ArrayLike:
+    """:meth:`Group.all_to_all` on ``group`` (the world group when None)."""
+    return resolve_group(group).all_to_all(x, stream=stream, out=out)
+
+
+def broadcast_object(obj: Any, root: int = 0, *, group: Group | None = None, pickle: bool = False) -> Any:
+    """:meth:`Group.broadcast_object` on ``group`` (the world group when None)."""
+    return resolve_group(group).broadcast_object(obj, root, pickle=pickle)
+
+
+def all_gather_object(obj: Any, *, group: Group | None = None, pickle: bool = False) -> list[Any]:
+    """:meth:`Group.all_gather_object` on ``group`` (the world group when None)."""
+    return resolve_group(group).all_gather_object(obj, pickle=pickle)
+
+
+def set_timeout(seconds: float | None, group: Group | None = None) -> None:
+    """Give ``group``'s operations their own deadline (see :mod:`mlxdist.deadline`).
+
+    Args:
+        seconds: Seconds per operation, or None for no deadline.
+        group: The group (the world group when None).
+
+    Raises:
+        ValueError: seconds not positive.
+        InitializationError: a single-process group (it has no deadlines).
+    """
+    deadline.set_timeout(resolve_group(group), seconds)
 
 
 def evaluate(*arrays: object, group: Group | None = None, timeout: float | None = deadline.UNSET) -> None:

@@ -6,9 +6,12 @@ import gc
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mlxdist
-from mlxdist.buffers import MIN_BYTES, pool
+from mlxdist.buffers import MIN_BYTES, ReusePool, pool
+from mlxdist.dtypes import code_of_numpy
 
 
 def big(value: float) -> np.ndarray:
@@ -67,3 +70,31 @@ def test_an_impossible_allocation_raises_allocation_error():
         mlxdist.zeros((2**21, 2**20), np.int64)
     # Nothing was lost: a small buffer still comes.
     assert mlxdist.zeros(4, np.float32).sum() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["take", "view", "export", "drop"]), st.integers(0, 7)), max_size=40))
+def test_reused_arrays_never_alias_an_array_still_held(steps):
+    # The eager path's results come from a ReusePool: whatever the caller keeps
+    # (the array, a view of it, a buffer export), a later take never hands out
+    # its memory; dropped arrays do come back.
+    arrays = ReusePool(per_key=3)
+    code = code_of_numpy(np.dtype(np.float32))
+    held: list[object] = []
+    for action, index in steps:
+        if action == "take":
+            array = arrays.take((4,), code)
+            assert mlxdist.is_registered(array)
+            assert not any(np.shares_memory(array, np.asarray(h)) for h in held)
+            array.fill(len(held))
+            held.append(array)
+        elif held and action == "view":
+            held[index % len(held)] = np.asarray(held[index % len(held)])[1:3]
+        elif held and action == "export":
+            held[index % len(held)] = memoryview(np.asarray(held[index % len(held)]))
+        elif held:
+            del held[index % len(held)]
+    first = arrays.take((2,), code)
+    address = first.ctypes.data
+    del first
+    assert arrays.take((2,), code).ctypes.data == address

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from mlxdist._c import last_error, lib
 from mlxdist._c.failures import check, raise_last
-from mlxdist._c.handles import thread_stream
+from mlxdist._c.handles import GroupHandle, thread_stream
 from mlxdist._c.signature import signature_of
 from mlxdist.errors import CommunicationError, GroupClosedError
 
-__all__ = ["WorldState", "raise_last", "check", "call"]
+__all__ = ["WorldState", "Gated", "raise_last", "check", "call"]
 
 
 class WorldState:
@@ -33,7 +33,7 @@ class WorldState:
             communicate at the same time from different threads (MPI
             initialised with MPI_THREAD_MULTIPLE).
         lost: Once the transport failed, the failure that ended the world.
-        groups: The world's live groups.
+        groups: The world's live groups' records (each with a ``fast`` flag).
         checked: The agreement check is on (see :mod:`mlxdist.deadline`).
         watchdog: The world's deadline watchdog (None: no deadline, e.g. size 1),
             set by the world that owns it; anything with ``enter``, ``leave``,
@@ -54,14 +54,24 @@ class WorldState:
         """End the world: every later operation of its groups raises at once."""
         self.lost = reason
         for group in list(self.groups):
-            group._fast = False
+            group.fast = False
 
 
-def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
+class Gated(Protocol):
+    """What the gate reads of a group (its record, :class:`mlxdist.group_record.GroupRecord`)."""
+
+    handle: GroupHandle
+    lock: threading.Lock
+    world: WorldState
+    closed: bool
+    size: int
+
+
+def call(group: Gated, what: str, func: Callable[..., int], *args: Any) -> None:
     """Run ``func(*args, group, stream)``, a blocking backend call, under the group's lock.
 
     Args:
-        group: The :class:`mlxdist.Group` (its lock, handle and world).
+        group: The group's record (its lock, handle and world).
         what: The operation, for messages.
         func: A cmlx function returning 0 or 1; cffi releases the GIL around it.
         *args: Its leading arguments.
@@ -71,9 +81,9 @@ def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
         CommunicationError: the world already failed, or the transport failed now.
         DistributedError: the subclass the C layer reported.
     """
-    world = group._world
+    world = group.world
     dog = world.watchdog
-    with group._lock:
+    with group.lock:
         if dog is None:
             _run(group, world, what, func, args)
             return
@@ -91,15 +101,15 @@ def call(group: Any, what: str, func: Callable[..., int], *args: Any) -> None:
         dog.leave(entry)
 
 
-def _run(group: Any, world: WorldState, what: str, func: Callable[..., int], args: tuple[Any, ...]) -> None:
-    group_ptr = group._handle._ptr  # read under the lock: close() frees it under it
-    if group_ptr is None or group._closed:
+def _run(group: Gated, world: WorldState, what: str, func: Callable[..., int], args: tuple[Any, ...]) -> None:
+    group_ptr = group.handle.current  # read under the lock: close() frees it under it
+    if group_ptr is None or group.closed:
         raise GroupClosedError(f"{what}: the group is closed")
     if world.lost is not None:
         raise CommunicationError(f"{what}: this group's world already failed ({world.lost}); start the job again")
     rc = func(*args, group_ptr[0], thread_stream())
-    if group._closed:
-        group._handle.close()  # closed by another thread while this call ran
+    if group.closed:
+        group.handle.close()  # closed by another thread while this call ran
     if rc == 0:
         return
     if lib.mlxdist_last_error_kind() == lib.MLXDIST_ERROR_COMMUNICATION:

@@ -46,6 +46,11 @@ class Handle:
         return self._ptr[0]
 
     @property
+    def current(self) -> Any:
+        """The pointer to the handle, or None once closed."""
+        return self._ptr
+
+    @property
     def closed(self) -> bool:
         return self._ptr is None
 

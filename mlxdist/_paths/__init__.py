@@ -6,8 +6,12 @@
 - :mod:`.eager`: numpy arrays and registered buffers go straight to the
   backend and the call returns when the result is there.
 
-:mod:`.fillins` composes what a backend lacks, once for both;
-:mod:`.composed_lazy` and :mod:`.composed_eager` build broadcast, gather,
-scatter and all_to_all (which MLX lacks everywhere) on the schedules of
-:mod:`.trees`; :mod:`.host` views buffers and DLPack tensors for the eager path.
+:mod:`.fallbacks` composes what a backend lacks, once for both;
+:mod:`.p2p` checks broadcast, gather, scatter and all_to_all (which MLX
+lacks everywhere) and picks the path; :mod:`.p2p_lazy` and :mod:`.p2p_eager`
+build them from send/recv on the schedules of :mod:`.trees`; :mod:`.foreign`
+views buffers and DLPack tensors for the eager path.
+
+Every function here receives the group's record
+(:class:`mlxdist.group_record.GroupRecord`), never the Group itself.
 """

@@ -7,19 +7,23 @@ when it returns, the result is complete.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from mlxdist._c import gate, lib
-from mlxdist._paths import fillins
-from mlxdist._paths.host import host_array, host_out
-from mlxdist.buffers import MlxBuffer, operand, registered_buffer
-from mlxdist.dtypes import code_of_numpy, storage_dtype
-from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError
+from mlxdist._c.gate import raise_last
+from mlxdist._c.handles import GroupHandle
+from mlxdist._paths import fallbacks
+from mlxdist._paths.foreign import host_array, host_out
+from mlxdist.buffers import MIN_BYTES, MlxBuffer, operand, registered_buffer, reusable
+from mlxdist.dtypes import code_of_numpy, numpy_code, parse_dtype, storage_dtype
+from mlxdist.errors import ArgumentTypeError, DtypeError, InvalidArgumentError, ShapeError, UnsupportedOperationError
 from mlxdist.rules import SAME_SHAPE, result_shape
+from mlxdist.group_record import GroupRecord
 
-__all__ = ["as_numpy", "as_out", "check_out", "collective", "send", "recv"]
+__all__ = ["as_numpy", "as_out", "check_out", "collective", "split", "send", "recv", "recv_like"]
 
 _OPS = {
     "all_sum": lib.MLXDIST_ALL_SUM,
@@ -30,7 +34,9 @@ _OPS = {
 }
 
 
-NUMPY_ARRAYS = fillins.ArrayKind(
+_BOOL = lib.MLX_BOOL
+
+NUMPY_ARRAYS = fallbacks.ArrayKind(
     is_bool=lambda a: a.dtype == np.bool_,
     to_bytes=lambda a: a.view(np.uint8),
     to_bool=lambda a: a.view(np.bool_),
@@ -39,7 +45,7 @@ NUMPY_ARRAYS = fillins.ArrayKind(
 
 def as_numpy(x: Any) -> np.ndarray:
     """``x`` as a numpy array: arrays as they are, numpy scalars as 0-d arrays,
-    buffers and CPU DLPack tensors viewed without a copy (:mod:`mlxdist._paths.host`).
+    buffers and CPU DLPack tensors viewed without a copy (:mod:`mlxdist._paths.foreign`).
 
     Raises:
         ArgumentTypeError: anything else (a list, a Python number, None):
@@ -55,7 +61,7 @@ def as_out(out: Any) -> np.ndarray | None:
     """``out=`` as a numpy array sharing its memory (None stays None).
 
     Raises:
-        ArgumentTypeError, InvalidArgumentError: see :func:`mlxdist._paths.host.host_out`.
+        ArgumentTypeError, InvalidArgumentError: see :func:`mlxdist._paths.foreign.host_out`.
     """
     if out is None or type(out) is np.ndarray:
         return out
@@ -87,23 +93,28 @@ def _writable(out: np.ndarray, code: int) -> MlxBuffer | None:
     return buffer
 
 
-def _hot(group: Any, op: str, x: np.ndarray, out: np.ndarray) -> bool:
+def _hot(group: GroupRecord, op: str, x: np.ndarray, out: np.ndarray) -> bool:
     """A reduction from one whole registered buffer into another (or itself).
 
     Every microsecond here shows up about threefold in small collectives: the
-    ranks wait on each other's Python.
+    ranks wait on each other's Python. The dtypes are compared by identity
+    (numpy's builtin dtypes are singletons); anything unusual takes the
+    general path, which checks it fully.
     """
     xb, ob = x.base, out.base
+    if type(xb) is not MlxBuffer or type(ob) is not MlxBuffer or xb.owner is not None or ob.owner is not None:
+        return False
+    shape, storage = xb.shape, xb.storage
     if (
-        type(xb) is MlxBuffer
-        and type(ob) is MlxBuffer
-        and xb.owner is None
-        and ob.owner is None
-        and x.shape == xb.shape == ob.shape == out.shape
-        and x.dtype == xb.storage == ob.storage == out.dtype
-        and group._size > 1
-        and (xb.code != lib.MLX_BOOL or group._caps.bool_reductions)
-        and (ob is xb or not _overlap(ob, xb))
+        x.shape == shape
+        and out.shape == shape
+        and ob.shape == shape
+        and x.dtype is storage
+        and out.dtype is storage
+        and ob.storage is storage
+        and group.size > 1
+        and (xb.code != _BOOL or group.caps.bool_reductions)
+        and (ob is xb or ob.ptr >= xb.ptr + xb.nbytes or xb.ptr >= ob.ptr + ob.nbytes)
         and out.flags.writeable
     ):
         gate.call(group, op, lib.mlxdist_collective, ob.value, xb.value, _OPS[op])
@@ -111,7 +122,44 @@ def _hot(group: Any, op: str, x: np.ndarray, out: np.ndarray) -> bool:
     return False
 
 
-def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarray:
+# Up to this size a plain numpy input is copied into a reused registered
+# array (a memcpy) rather than viewed in place (a C handle made and freed per
+# call, which costs more below this size).
+STAGE_BYTES = 64 << 10
+
+
+def _staged(x: np.ndarray, code: int) -> tuple[MlxBuffer, np.ndarray | None]:
+    """The buffer the backend reads for ``x``, and the reused array holding a
+    copy of it (kept referenced for the call), if one was used."""
+    buffer = registered_buffer(x)
+    if buffer is not None:
+        return buffer, None
+    if x.nbytes > STAGE_BYTES:
+        return operand(x), None
+    staged = reusable.take(x.shape, code)
+    np.copyto(staged, x)
+    return staged.base, staged
+
+
+def _pooled(group: GroupRecord, op: str, x: np.ndarray) -> np.ndarray | None:
+    """A reduction of a plain numpy array into a reused registered result, or
+    None where the general path must run (size 1, composed, large, unusual dtype)."""
+    code = numpy_code(x.dtype)
+    if (
+        code is None
+        or group.size == 1
+        or x.nbytes >= MIN_BYTES
+        or (code == _BOOL and not group.caps.bool_reductions)
+    ):
+        return None
+    src, staged = _staged(x, code)
+    result = reusable.take(x.shape, code)
+    gate.call(group, op, lib.mlxdist_collective, result.base.value, src.value, _OPS[op])
+    del staged
+    return result
+
+
+def collective(group: GroupRecord, op: str, x: Any, out: np.ndarray | None) -> np.ndarray:
     """An eager collective of a numpy array.
 
     Args:
@@ -130,20 +178,24 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
     if out is not None and type(x) is np.ndarray and op in SAME_SHAPE and type(out) is np.ndarray:
         if _hot(group, op, x, out):
             return out
+    elif out is None and type(x) is np.ndarray and op in SAME_SHAPE:
+        result = _pooled(group, op, x)
+        if result is not None:
+            return result
     x = as_numpy(x)
     out = as_out(out)
     code = code_of_numpy(x.dtype)
-    shape = result_shape(op, x.shape, group._size)
+    shape = result_shape(op, x.shape, group.size)
     if out is not None:
         check_out(out, shape, code)
-    if group._size == 1:
-        group._live_handle()
+    if group.size == 1:
+        group.live_handle()
         if out is None:
             return x
         np.copyto(out, x)
         return out
-    if fillins.needed(group, op, x, NUMPY_ARRAYS):
-        result = fillins.compose(group, op, x, NUMPY_ARRAYS, lambda o, a: collective(group, o, a, None))
+    if fallbacks.needed(group, op, x, NUMPY_ARRAYS):
+        result = fallbacks.compose(group, op, x, NUMPY_ARRAYS, lambda o, a: collective(group, o, a, None))
         if out is None:
             return result
         np.copyto(out, result)
@@ -163,19 +215,71 @@ def collective(group: Any, op: str, x: Any, out: np.ndarray | None) -> np.ndarra
     return out
 
 
-def send(group: Any, x: Any, dst: int) -> None:
+def split(group: GroupRecord, color: int, key: int) -> GroupHandle:
+    """The handle of this rank's subgroup of ``group`` (color and key checked by the caller).
+
+    Raises:
+        UnsupportedOperationError: the backend cannot split.
+        GroupClosedError: the group is closed.
+        DistributedError: the kind the C layer reported.
+    """
+    group.live_handle()
+    if "split" not in group.caps.native:
+        name = group.backend.value if group.backend else "the single-process group"
+        raise UnsupportedOperationError(f"split: {name} cannot split groups")
+    handle = GroupHandle()
+    with group.lock:
+        rc = lib.mlx_distributed_group_split(handle.out, group.live_handle(), int(color), int(key))
+    if rc:
+        raise_last("split")
+    return handle
+
+
+def send(group: GroupRecord, x: Any, dst: int) -> None:
     """Send a numpy array to ``dst`` (validated by the caller); returns when sent."""
-    src = operand(as_numpy(x))
+    x = as_numpy(x)
+    code = numpy_code(x.dtype)
+    if code is None:
+        code_of_numpy(x.dtype)  # raises the DtypeError
+    src, staged = _staged(x, code)
     gate.call(group, "send", lib.mlxdist_send, src.value, dst)
+    del staged
 
 
-def recv(group: Any, shape: tuple[int, ...], code: int, src: int, out: np.ndarray | None) -> np.ndarray:
+def recv_like(group: GroupRecord, x: Any, src: int, out: Any) -> np.ndarray:
+    """Receive an array like ``x`` from ``src`` (validated by the caller) into
+    ``out`` or a reused registered array; returns when received.
+
+    Raises:
+        ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError: ``x`` or ``out``.
+        GroupClosedError, CommunicationError.
+    """
+    if type(out) is np.ndarray and type(x) is np.ndarray:
+        ob = out.base
+        if (
+            type(ob) is MlxBuffer
+            and ob.owner is None
+            and out.shape == ob.shape == x.shape
+            and out.dtype == ob.storage == x.dtype
+            and out.flags.writeable
+        ):
+            gate.call(group, "recv", lib.mlxdist_recv, ob.value, src)
+            return out
+    x = as_numpy(x)
+    return recv(group, x.shape, parse_dtype(x.dtype)[0], src, out)
+
+
+def recv(group: GroupRecord, shape: tuple[int, ...], code: int, src: int, out: np.ndarray | None) -> np.ndarray:
     """Receive into ``out`` (or a new buffer) from ``src``; returns when received."""
     dest = None
     out = as_out(out)
     if out is not None:
         check_out(out, shape, code)
         dest = _writable(out, code)
+    elif storage_dtype(code).itemsize * math.prod(shape) < MIN_BYTES:
+        array = reusable.take(shape, code)
+        gate.call(group, "recv", lib.mlxdist_recv, array.base.value, src)
+        return array
     result = dest or MlxBuffer.allocate(shape, code)
     gate.call(group, "recv", lib.mlxdist_recv, result.value, src)
     if out is None:

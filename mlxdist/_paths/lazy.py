@@ -17,15 +17,16 @@ import mlx.core as mx
 
 from mlxdist._c import bridge, ffi, lib
 from mlxdist._c.gate import raise_last
-from mlxdist._paths import fillins
+from mlxdist._paths import fallbacks
 from mlxdist.dtypes import code_of_mlx, mlx_dtype
 from mlxdist.errors import ArgumentTypeError, CommunicationError, InvalidArgumentError
 from mlxdist.rules import SAME_SHAPE, result_shape
+from mlxdist.group_record import GroupRecord
 
 __all__ = ["FUNCTIONS", "check_stream", "collective", "send", "recv", "recv_like"]
 
 
-MLX_ARRAYS = fillins.ArrayKind(
+MLX_ARRAYS = fallbacks.ArrayKind(
     is_bool=lambda a: a.dtype == mx.bool_,
     to_bytes=lambda a: a.astype(mx.uint8),
     to_bool=lambda a: a.astype(mx.bool_),
@@ -63,19 +64,19 @@ def check_stream(stream: Any) -> None:
         raise InvalidArgumentError(f"stream={stream}: this MLX build has no backend for that device")
 
 
-def _checked_group(group: Any) -> int:
-    if group._closed:
-        group._live_handle()
-    lost = group._world.lost
+def _checked_group(group: GroupRecord) -> int:
+    if group.closed:
+        group.live_handle()
+    lost = group.world.lost
     if lost is not None:
         raise CommunicationError(f"this group's world already failed ({lost}); start the job again")
-    return group._address
+    return group.address
 
 
-def _agree(group: Any, op: str, dtype: Any, shape: Any, peer: int | None = None) -> None:
-    if group._world.checked:
+def _agree(group: GroupRecord, op: str, dtype: Any, shape: Any, peer: int | None = None) -> None:
+    if group.world.checked:
         # The group's own world's watchdog (set once the check is on).
-        group._world.watchdog.check_build(op, group, code_of_mlx(dtype), shape, peer)
+        group.world.watchdog.check_build(op, group, code_of_mlx(dtype), shape, peer)
 
 
 def _built(what: str, result: mx.array | None) -> mx.array:
@@ -84,11 +85,11 @@ def _built(what: str, result: mx.array | None) -> mx.array:
     return result
 
 
-def _native(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
+def _native(group: GroupRecord, op: str, x: mx.array, stream: Any) -> mx.array:
     return _built(op, bridge.collective(FUNCTIONS[op], x, _checked_group(group), stream, True))
 
 
-def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
+def collective(group: GroupRecord, op: str, x: mx.array, stream: Any) -> mx.array:
     """A lazy collective of an mx.array.
 
     Args:
@@ -108,14 +109,14 @@ def collective(group: Any, op: str, x: mx.array, stream: Any) -> mx.array:
     if stream is not None:
         check_stream(stream)
     if op not in SAME_SHAPE:
-        result_shape(op, tuple(x.shape), group._size)
+        result_shape(op, tuple(x.shape), group.size)
     _agree(group, op, x.dtype, x.shape)
-    if fillins.needed(group, op, x, MLX_ARRAYS):
-        return fillins.compose(group, op, x, MLX_ARRAYS, lambda o, a: _native(group, o, a, stream))
+    if fallbacks.needed(group, op, x, MLX_ARRAYS):
+        return fallbacks.compose(group, op, x, MLX_ARRAYS, lambda o, a: _native(group, o, a, stream))
     return _native(group, op, x, stream)
 
 
-def send(group: Any, x: mx.array, dst: int, stream: Any) -> mx.array:
+def send(group: GroupRecord, x: mx.array, dst: int, stream: Any) -> mx.array:
     """A lazy send of ``x`` to ``dst`` (validated by the caller); evaluating the
     returned array (or anything depending on it) sends."""
     check_stream(stream)
@@ -123,14 +124,14 @@ def send(group: Any, x: mx.array, dst: int, stream: Any) -> mx.array:
     return _built("send", bridge.peer(FUNCTIONS["send"], x, dst, _checked_group(group), stream))
 
 
-def recv(group: Any, shape: tuple[int, ...], code: int, src: int, stream: Any) -> mx.array:
+def recv(group: GroupRecord, shape: tuple[int, ...], code: int, src: int, stream: Any) -> mx.array:
     """A lazy receive of ``shape`` and ``code`` from ``src`` (validated by the caller)."""
     check_stream(stream)
     _agree(group, "recv", mlx_dtype(code), shape, src)
     return _built("recv", bridge.recv(FUNCTIONS["recv"], list(shape), code, src, _checked_group(group), stream))
 
 
-def recv_like(group: Any, x: mx.array, src: int, stream: Any) -> mx.array:
+def recv_like(group: GroupRecord, x: mx.array, src: int, stream: Any) -> mx.array:
     """A lazy receive of an array like ``x`` from ``src`` (validated by the caller)."""
     check_stream(stream)
     _agree(group, "recv", x.dtype, x.shape, src)

@@ -36,10 +36,10 @@ results of collectives with ``mlxdist.eval``, which runs
 world fails) but raises MLX's ``RuntimeError``.
 
 Modules, bottom to top: :mod:`~mlxdist.deadline.settings` (timeout and
-check), :mod:`~mlxdist.deadline.ending` (closing the backend's sockets, the
+check), :mod:`~mlxdist.deadline.teardown` (closing the backend's sockets, the
 launcher's report), :mod:`~mlxdist.deadline.watchdog` (the watchdog and the
 agreement check), :mod:`~mlxdist.deadline.rendezvous` (joining the side
-channel) and :mod:`~mlxdist.deadline.wiring` (init's hooks, per-group
+channel) and :mod:`~mlxdist.deadline.world_hooks` (init's hooks, per-group
 timeouts, ``mx.eval`` under the deadline).
 
 Settings: ``init(timeout=...)`` or ``MLXDIST_TIMEOUT`` (seconds; ``none`` for
@@ -52,7 +52,7 @@ for ring, on ``MLXDIST_STORE_HOST`` or loopback for MPI).
 """
 
 from mlxdist._c.signature import signature_of
-from mlxdist.deadline.ending import shutdown_sockets, write_report
+from mlxdist.deadline.teardown import shutdown_sockets, write_report
 from mlxdist.deadline.rendezvous import (
     agree_over_backend,
     launch_environment,
@@ -62,7 +62,7 @@ from mlxdist.deadline.rendezvous import (
 )
 from mlxdist.deadline.settings import DEFAULT_TIMEOUT, UNSET, Settings, parse_timeout, settings_from
 from mlxdist.deadline.watchdog import JOB_ABORT_EXIT, Watchdog
-from mlxdist.deadline.wiring import after_init, agree, attach, before_init, evaluate, set_timeout, watched
+from mlxdist.deadline.world_hooks import after_init, agree, attach, before_init, evaluate, set_timeout, watched
 
 __all__ = [
     "DEFAULT_TIMEOUT",

@@ -55,7 +55,7 @@ def rendezvous(
     rank; every rank connects with the token and waits until all joined.
 
     Returns:
-        The world's watchdog (attach it with :func:`mlxdist.deadline.wiring.attach` once the world exists).
+        The world's watchdog (attach it with :func:`mlxdist.deadline.world_hooks.attach` once the world exists).
 
     Raises:
         InitializationError: a rank missing, joined twice, with another world

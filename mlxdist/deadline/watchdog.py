@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from mlxdist._sidechannel import Link, Store
-from mlxdist.deadline.ending import shutdown_sockets, write_report
+from mlxdist.deadline.teardown import shutdown_sockets, write_report
 from mlxdist.deadline.settings import UNSET, Settings
 from mlxdist.dtypes import name_of_code
 from mlxdist.errors import (

@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlxdist
+from mlxdist.backends import CAPABILITIES
 from support.checks import Checks, to_numpy
 
 # name -> (numpy dtype or None when only mlx has it, mlx dtype)
@@ -219,6 +220,45 @@ class Battery:
         self.expect_equal("registered/lifetime", view, reference("all_sum", inputs, g.rank())[1:])
         del junk
 
+    def reused(self) -> None:
+        """The numpy path's results come from reused registered arrays: none
+        ever aliases a result (or a view, or a buffer export of one) the
+        caller still holds, and a dropped one comes back."""
+        g = self.group
+        shape = (16,)
+        inputs = [[rank_data("float32", shape, r, seed=40 + i) for r in range(g.size())] for i in range(6)]
+        expected = [reference("all_sum", i, g.rank()) for i in inputs]
+        held = [g.all_sum(i[g.rank()]) for i in inputs[:2]]
+        view = g.all_sum(inputs[2][g.rank()])[2:9]
+        exported = memoryview(g.all_sum(inputs[3][g.rank()]))
+        later = [g.all_sum(i[g.rank()]) for i in inputs[4:]] + [g.all_sum(np.zeros(shape, np.float32)) for _ in range(6)]
+        kept = [*held, view, np.asarray(exported)]
+        self.expect("reused/no result aliases a held one",
+                    not any(np.shares_memory(a, b) for a in kept for b in later))
+        for i, got in enumerate(held):
+            self.expect_equal(f"reused/held result {i}", got, expected[i])
+        self.expect_equal("reused/held view", view, expected[2][2:9])
+        self.expect_equal("reused/held buffer export", np.asarray(exported), expected[3])
+        for i, got in enumerate(later[:2]):
+            self.expect_equal(f"reused/later result {i}", got, expected[4 + i])
+        if g.size() == 1:
+            return  # a size-1 group returns its input
+        if "send" in CAPABILITIES[g.backend].native:
+            # Received arrays come from the same reused arrays.
+            template = np.zeros(shape, np.float32)
+            received = [exchange(g, lambda i=i: g.send(inputs[i][g.rank()], (g.rank() + 1) % g.size()),
+                                 lambda: g.recv_like(template, (g.rank() - 1) % g.size()))[0] for i in range(3)]
+            self.expect("reused/received arrays are distinct",
+                        not any(np.shares_memory(a, b) for a in received + kept for b in received if a is not b))
+            for i, got in enumerate(received):
+                self.expect_equal(f"reused/received {i}", got, inputs[i][(g.rank() - 1) % g.size()])
+        # A shape of its own, registered input (nothing staged): the one array comes back once dropped.
+        x = mlxdist.asarray(np.ones(5, np.float32))
+        first = g.all_sum(x)
+        address = first.ctypes.data
+        del first
+        self.expect("reused/a dropped result comes back", g.all_sum(x).ctypes.data == address)
+
     def in_place_gather(self) -> None:
         """all_gather into an out= holding this rank's input as its slice (the
         MPI_IN_PLACE idiom): the input is read before it is overwritten."""
@@ -401,6 +441,7 @@ def run(checks: Checks) -> None:
     battery.large(int(checks.option("large", str(8 * 1024 * 1024))))
     battery.large(1 << 20)
     battery.registered()
+    battery.reused()
     battery.point_to_point(every)
     battery.threads()
     battery.split()

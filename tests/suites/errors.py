@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import mlxdist
+from mlxdist.group_record import record_of
 from mlxdist._c import ffi, gate, lib
 from mlxdist.buffers import MlxBuffer
 from support.checks import Checks
@@ -28,7 +29,7 @@ def run(checks: Checks) -> None:
     low, high = MlxBuffer.wrap(memory[0:4], lib.MLX_FLOAT32), MlxBuffer.wrap(memory[2:6], lib.MLX_FLOAT32)
 
     def gated(what: str, func, *args):  # type: ignore[no-untyped-def]
-        return lambda: gate.call(g, what, func, *args)
+        return lambda: gate.call(record_of(g), what, func, *args)
 
     cases = [
         ("null input", mlxdist.InvalidArgumentError, "null array",
@@ -47,7 +48,7 @@ def run(checks: Checks) -> None:
     for name, cls, match, call in cases:
         error = checks.expect_raises(f"kind/{name} is {cls.__name__}", cls, call, match)
         checks.expect(f"kind/{name} is not a CommunicationError", not isinstance(error, mlxdist.CommunicationError))
-        checks.expect(f"kind/{name} leaves the world usable", g._world.lost is None, str(g._world.lost))
+        checks.expect(f"kind/{name} leaves the world usable", record_of(g).world.lost is None, str(record_of(g).world.lost))
     checks.expect_equal("usable after the errors", g.all_sum(np.ones(3, np.float32)), np.full(3, n, np.float32))
     # The in-place all_gather idiom (MPI_IN_PLACE): out holds this rank's
     # input as its slice; the input is read before it is overwritten.

@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlxdist
+from mlxdist.group_record import record_of
 import mlxdist.nn
 from mlxdist.errors import (
     AllocationError,
@@ -78,7 +79,7 @@ class Misuse:
         n, g = self.size, self.group
         x = np.array([self.rank + 1, self.follow_ups], np.int64)
         self.checks.expect_equal(f"{after}: then all_sum works", g.all_sum(x), [n * (n + 1) // 2, n * self.follow_ups])
-        self.checks.expect(f"{after}: world not failed", g._world.lost is None, str(g._world.lost))
+        self.checks.expect(f"{after}: world not failed", record_of(g).world.lost is None, str(record_of(g).world.lost))
 
     def refused(self, name: str, cls: type, call: Callable[[], Any], match: str = "", follow: bool = True) -> None:
         """``call()`` raises ``cls`` (a DistributedError and its builtin), then the group works."""
@@ -484,7 +485,7 @@ class Misuse:
     def split_args(self) -> None:
         """split's color and key; split where the backend has none."""
         g = self.group
-        can_split = g.backend is not None and "split" in g._caps.native
+        can_split = g.backend is not None and "split" in record_of(g).caps.native
         for color in (-1, 2**40, "a", True, 1.5, None):
             self.refused(f"split(color={color!r})", InvalidArgumentError, lambda: g.split(color), "color")
         for key in (-2, 2**40, "k", 0.5):
@@ -520,7 +521,7 @@ class Misuse:
                 "closed",
             )
         self.refused("barrier on a closed group", GroupClosedError, other.barrier, "closed")
-        if other.backend is not None and "split" in other._caps.native:
+        if other.backend is not None and "split" in record_of(other).caps.native:
             self.refused("split of a closed group", GroupClosedError, lambda: other.split(0), "closed")
         if self.size > 1:
             self.refused("send on a closed group", GroupClosedError, lambda: other.send(np.ones(1), peer), "closed")

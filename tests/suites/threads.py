@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 import mlxdist
+from mlxdist.group_record import record_of
 from support.checks import Checks
 
 
@@ -21,9 +22,9 @@ def split_threads(checks: Checks, rounds: int = 40) -> None:
     thread held the lock waiting for a peer whose other thread held it."""
     g = checks.group
     rank, n = g.rank(), g.size()
-    checks.expect("MPI gave MPI_THREAD_MULTIPLE", g._world.concurrent_groups)
+    checks.expect("MPI gave MPI_THREAD_MULTIPLE", record_of(g).world.concurrent_groups)
     first, second = g.split(0), g.split(0)
-    checks.expect("each split group has its own lock", first._lock is not second._lock)
+    checks.expect("each split group has its own lock", record_of(first).lock is not record_of(second).lock)
     errors: list[str] = []
     summed: list[int] = []  # one entry per right sum (list.append is atomic)
     ready = threading.Barrier(2)

@@ -21,6 +21,7 @@ from mlxdist._paths.trees import exchange_rounds, tree
 from mlxdist.buffers import MlxBuffer
 from mlxdist.dtypes import code_of_numpy
 from mlxdist.rules import composed_shape
+from mlxdist.group_record import GroupRecord
 
 __all__ = ["agree", "broadcast", "gather", "scatter", "all_to_all", "prepare", "SMALL_ALL_TO_ALL"]
 
@@ -30,20 +31,20 @@ __all__ = ["agree", "broadcast", "gather", "scatter", "all_to_all", "prepare", "
 SMALL_ALL_TO_ALL = 64 << 10
 
 
-def agree(group: Any, op: str, dtype: Any, shape: tuple[int, ...]) -> None:
+def agree(group: GroupRecord, op: str, dtype: Any, shape: tuple[int, ...]) -> None:
     """The agreement check of a composed collective (with the check on): every
     rank must call the same operation, root, dtype and shape."""
-    if group._world.checked:
-        deadline.agree(op, group, group._world, dtype, shape, None)
+    if group.world.checked:
+        deadline.agree(op, group, group.world, dtype, shape, None)
 
 
-def prepare(group: Any, op: str, x: Any, out: Any, root: int) -> tuple[np.ndarray, np.ndarray | None, int, tuple[int, ...]]:
+def prepare(group: GroupRecord, op: str, x: Any, out: Any, root: int) -> tuple[np.ndarray, np.ndarray | None, int, tuple[int, ...]]:
     """Validate an eager composed call; returns (x, out, dtype code, result shape) as numpy."""
-    group._live_handle()
+    group.live_handle()
     x = eager.as_numpy(x)
     out = eager.as_out(out)
     code = code_of_numpy(x.dtype)
-    shape = composed_shape(op, x.shape, group._size, group._rank == root)
+    shape = composed_shape(op, x.shape, group.size, group.rank == root)
     if out is not None:
         eager.check_out(out, shape, code)
     name = op if op == "all_to_all" else f"{op}[root={root}]"
@@ -67,7 +68,7 @@ def _contiguous(ranks: tuple[int, ...]) -> bool:
     return list(ranks) == list(range(ranks[0], ranks[0] + len(ranks)))
 
 
-def broadcast(group: Any, x: Any, root: int, out: Any) -> np.ndarray:
+def broadcast(group: GroupRecord, x: Any, root: int, out: Any) -> np.ndarray:
     """The root's ``x`` on every rank (the root returns ``x`` itself, or ``out``).
 
     Args:
@@ -78,10 +79,10 @@ def broadcast(group: Any, x: Any, root: int, out: Any) -> np.ndarray:
         out: Optional array (or writable buffer) to receive into.
     """
     x, out, code, shape = prepare(group, "broadcast", x, out, root)
-    rank, size = group._rank, group._size
+    rank, size = group.rank, group.size
     if size == 1:
         return _returned(x, out)
-    place = tree(size, root, rank, group._caps.neighbours_only)
+    place = tree(size, root, rank, group.caps.neighbours_only)
     if rank == root:
         data = _returned(x, out)
     else:
@@ -98,7 +99,7 @@ def _blocks(x: np.ndarray, ranks: tuple[int, ...], rows: int) -> np.ndarray:
     return np.concatenate([x[r * rows : (r + 1) * rows] for r in ranks])
 
 
-def scatter(group: Any, x: Any, root: int, out: Any) -> np.ndarray:
+def scatter(group: GroupRecord, x: Any, root: int, out: Any) -> np.ndarray:
     """Rank ``r`` receives rows ``[r * m, (r + 1) * m)`` of the root's ``x``, ``m = x.shape[0] // size``.
 
     Args:
@@ -109,11 +110,11 @@ def scatter(group: Any, x: Any, root: int, out: Any) -> np.ndarray:
         out: Optional array of the scattered shape.
     """
     x, out, code, shape = prepare(group, "scatter", x, out, root)
-    rank, size = group._rank, group._size
+    rank, size = group.rank, group.size
     rows = shape[0]
     if size == 1:
         return _returned(x, out)
-    place = tree(size, root, rank, group._caps.neighbours_only)
+    place = tree(size, root, rank, group.caps.neighbours_only)
     mine = place.members[rank]
     if rank == root:
         for child in place.children:
@@ -128,7 +129,7 @@ def scatter(group: Any, x: Any, root: int, out: Any) -> np.ndarray:
     return _returned(payload[:rows], out)
 
 
-def gather(group: Any, x: Any, root: int, out: Any) -> np.ndarray:
+def gather(group: GroupRecord, x: Any, root: int, out: Any) -> np.ndarray:
     """Every rank's ``x`` concatenated along axis 0 in rank order, on the root.
 
     The other ranks return an array of no rows, ``(0,) + x.shape[1:]``. A
@@ -141,12 +142,12 @@ def gather(group: Any, x: Any, root: int, out: Any) -> np.ndarray:
         out: Optional array of this rank's result shape.
     """
     x, out, code, shape = prepare(group, "gather", x, out, root)
-    rank, size = group._rank, group._size
+    rank, size = group.rank, group.size
     if size == 1:
         return _returned(x, out)
     part = x.reshape(1) if x.ndim == 0 else x
     rows = part.shape[0]
-    place = tree(size, root, rank, group._caps.neighbours_only)
+    place = tree(size, root, rank, group.caps.neighbours_only)
     mine = place.members[rank]
     children = place.children[::-1]  # the smallest subtree (done first) first
     if rank == root:
@@ -173,7 +174,7 @@ def gather(group: Any, x: Any, root: int, out: Any) -> np.ndarray:
     return _new(shape, code, out)
 
 
-def all_to_all(group: Any, x: Any, out: Any) -> np.ndarray:
+def all_to_all(group: GroupRecord, x: Any, out: Any) -> np.ndarray:
     """Block ``j`` of axis 0 to rank ``j``; the blocks received, in rank order.
 
     Any-to-any backends (MPI) and two ranks exchange pairwise
@@ -188,14 +189,14 @@ def all_to_all(group: Any, x: Any, out: Any) -> np.ndarray:
         out: Optional array of ``x``'s shape (it may be ``x``: read first).
     """
     x, out, code, shape = prepare(group, "all_to_all", x, out, 0)
-    rank, size = group._rank, group._size
+    rank, size = group.rank, group.size
     if size == 1:
         return _returned(x, out)
     rows = shape[0] // size
     if out is not None and np.shares_memory(out, x):
         x = x.copy()  # written over as it is read: read a copy, as MPI_IN_PLACE
     result = _new(shape, code, out)
-    if (group._caps.neighbours_only and size > 2) or x.nbytes <= SMALL_ALL_TO_ALL:
+    if (group.caps.neighbours_only and size > 2) or x.nbytes <= SMALL_ALL_TO_ALL:
         gathered = eager.collective(group, "all_gather", x, None)
         # (sender, block, rows, ...): block ``rank`` of every sender, in one copy
         # (block by block into an ``out`` that no reshape can view).

@@ -31,6 +31,7 @@ from mlxdist._paths import lazy
 from mlxdist._paths.trees import tree
 from mlxdist.dtypes import code_of_mlx
 from mlxdist.rules import composed_shape
+from mlxdist.group_record import GroupRecord
 
 __all__ = ["broadcast", "gather", "scatter", "all_to_all"]
 
@@ -62,13 +63,10 @@ def _linear(forward: Builder, transpose: Callable[[mx.array, mx.array], mx.array
     return function
 
 
-def _cached(group: Any, key: tuple[Any, ...], make: Callable[[], Builder]) -> Builder:
+def _cached(group: GroupRecord, key: tuple[Any, ...], make: Callable[[], Builder]) -> Builder:
     """The function of ``key`` (op, root, stream) for ``group``, made once: they
     depend on nothing else (shapes come from their arguments)."""
-    try:
-        functions = group._lazy_functions
-    except AttributeError:
-        functions = group._lazy_functions = {}
+    functions = group.lazy_functions
     function = functions.get(key)
     if function is None:
         function = functions[key] = make()
@@ -80,24 +78,24 @@ def _after(value: mx.array, sends: list[mx.array]) -> mx.array:
     return mx.depends(value, sends) if sends else value
 
 
-def _recv(group: Any, shape: tuple[int, ...], dtype: mx.Dtype, src: int, stream: Any) -> mx.array:
+def _recv(group: GroupRecord, shape: tuple[int, ...], dtype: mx.Dtype, src: int, stream: Any) -> mx.array:
     return lazy.recv(group, shape, code_of_mlx(dtype), src, stream)
 
 
 # -- the compositions, without gradients -------------------------------------
 
 
-def _broadcast(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
-    place = tree(group._size, root, group._rank, group._caps.neighbours_only)
+def _broadcast(group: GroupRecord, x: mx.array, root: int, stream: Any) -> mx.array:
+    place = tree(group.size, root, group.rank, group.caps.neighbours_only)
     data = x if place.parent is None else _recv(group, tuple(x.shape), x.dtype, place.parent, stream)
     for child in place.children:
         data = lazy.send(group, data, child, stream)  # returns data, sending when evaluated
     return data
 
 
-def _reduce_to_root(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+def _reduce_to_root(group: GroupRecord, x: mx.array, root: int, stream: Any) -> mx.array:
     total = lazy.collective(group, "all_sum", x, stream)
-    return total if group._rank == root else _after(mx.zeros_like(x), [total])
+    return total if group.rank == root else _after(mx.zeros_like(x), [total])
 
 
 def _blocks(x: mx.array, ranks: tuple[int, ...], rows: int) -> mx.array:
@@ -106,11 +104,11 @@ def _blocks(x: mx.array, ranks: tuple[int, ...], rows: int) -> mx.array:
     return mx.concatenate([x[r * rows : (r + 1) * rows] for r in ranks])
 
 
-def _scatter(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+def _scatter(group: GroupRecord, x: mx.array, root: int, stream: Any) -> mx.array:
     """``x`` has the root's shape on every rank (only the root's values are read)."""
-    rank, size = group._rank, group._size
+    rank, size = group.rank, group.size
     rows = x.shape[0] // size
-    place = tree(size, root, rank, group._caps.neighbours_only)
+    place = tree(size, root, rank, group.caps.neighbours_only)
     mine = place.members[rank]
     if rank == root:
         sends = [lazy.send(group, _blocks(x, place.members[c], rows), c, stream) for c in place.children]
@@ -124,11 +122,11 @@ def _scatter(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
     return _after(payload[:rows], sends)
 
 
-def _gather(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
-    rank, size = group._rank, group._size
+def _gather(group: GroupRecord, x: mx.array, root: int, stream: Any) -> mx.array:
+    rank, size = group.rank, group.size
     part = x.reshape(1) if x.ndim == 0 else x
     rows, rest = part.shape[0], tuple(part.shape[1:])
-    place = tree(size, root, rank, group._caps.neighbours_only)
+    place = tree(size, root, rank, group.caps.neighbours_only)
     mine = place.members[rank]
     received = {}
     for child in place.children[::-1]:
@@ -146,8 +144,8 @@ def _gather(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
     return sent[:0]
 
 
-def _all_to_all(group: Any, x: mx.array, stream: Any) -> mx.array:
-    size, rank = group._size, group._rank
+def _all_to_all(group: GroupRecord, x: mx.array, stream: Any) -> mx.array:
+    size, rank = group.size, group.rank
     rows = x.shape[0] // size
     gathered = lazy.collective(group, "all_gather", x, stream)
     # (sender, block, rows, ...): keep block ``rank`` of every sender.
@@ -158,59 +156,53 @@ def _all_to_all(group: Any, x: mx.array, stream: Any) -> mx.array:
 # -- the differentiable operations -------------------------------------------
 
 
-def broadcast(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+def _differentiable(
+    group: GroupRecord, key: tuple[Any, ...], x: mx.array, forward: Builder,
+    transpose: Callable[[mx.array, mx.array], mx.array],
+) -> mx.array:
+    """``forward(x)``, through a cached custom function with ``transpose`` as its VJP
+    when ``x`` is traced (a size-1 group returns ``x``)."""
+    if group.size == 1:
+        return x
+    if not _is_tracer(x):
+        return forward(x)
+    return _cached(group, key, lambda: _linear(forward, transpose))(x)
+
+
+def broadcast(group: GroupRecord, x: mx.array, root: int, stream: Any) -> mx.array:
     """The root's ``x`` on every rank, lazily (arguments validated by the caller)."""
-    if group._size == 1:
-        return x
-    if not _is_tracer(x):
-        return _broadcast(group, x, root, stream)
-    return _cached(group, ("broadcast", root, stream), lambda: _linear(
-        lambda a: _broadcast(group, a, root, stream),
+    return _differentiable(
+        group, ("broadcast", root, stream), x, lambda a: _broadcast(group, a, root, stream),
         lambda primal, cotangent: _reduce_to_root(group, cotangent, root, stream),
-    ))(x)
+    )
 
 
-def scatter(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+def scatter(group: GroupRecord, x: mx.array, root: int, stream: Any) -> mx.array:
     """This rank's rows of the root's ``x``, lazily."""
-    if group._size == 1:
-        return x
-    if not _is_tracer(x):
-        return _scatter(group, x, root, stream)
 
     def transpose(primal: mx.array, cotangent: mx.array) -> mx.array:
         got = _gather(group, cotangent, root, stream)
-        return got if group._rank == root else _after(mx.zeros(primal.shape, primal.dtype), [got])
+        return got if group.rank == root else _after(mx.zeros(primal.shape, primal.dtype), [got])
 
-    return _cached(group, ("scatter", root, stream), lambda: _linear(
-        lambda a: _scatter(group, a, root, stream), transpose))(x)
+    return _differentiable(group, ("scatter", root, stream), x, lambda a: _scatter(group, a, root, stream), transpose)
 
 
-def gather(group: Any, x: mx.array, root: int, stream: Any) -> mx.array:
+def gather(group: GroupRecord, x: mx.array, root: int, stream: Any) -> mx.array:
     """Every rank's ``x`` along axis 0 on the root, no rows elsewhere, lazily."""
-    if group._size == 1:
-        return x
-    if not _is_tracer(x):
-        return _gather(group, x, root, stream)
 
     def transpose(primal: mx.array, cotangent: mx.array) -> mx.array:
         shape = tuple(primal.shape)
-        if group._rank != root:
-            full = composed_shape("gather", shape, group._size, True)
+        if group.rank != root:
+            full = composed_shape("gather", shape, group.size, True)
             cotangent = mx.broadcast_to(mx.zeros((), cotangent.dtype), full)  # a template: never read
         return _scatter(group, cotangent, root, stream).reshape(shape)
 
-    return _cached(group, ("gather", root, stream), lambda: _linear(
-        lambda a: _gather(group, a, root, stream), transpose))(x)
+    return _differentiable(group, ("gather", root, stream), x, lambda a: _gather(group, a, root, stream), transpose)
 
 
-def all_to_all(group: Any, x: mx.array, stream: Any) -> mx.array:
+def all_to_all(group: GroupRecord, x: mx.array, stream: Any) -> mx.array:
     """Block ``j`` to rank ``j``, the blocks received in rank order, lazily."""
-    if group._size == 1:
-        return x
-    if not _is_tracer(x):
-        return _all_to_all(group, x, stream)
-
-    def make() -> Builder:
-        return _linear(lambda a: _all_to_all(group, a, stream), lambda primal, c: _all_to_all(group, c, stream))
-
-    return _cached(group, ("all_to_all", stream), make)(x)
+    return _differentiable(
+        group, ("all_to_all", stream), x, lambda a: _all_to_all(group, a, stream),
+        lambda primal, c: _all_to_all(group, c, stream),
+    )

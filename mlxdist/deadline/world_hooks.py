@@ -27,6 +27,7 @@ from mlxdist.deadline.settings import UNSET, Settings, parse_timeout
 from mlxdist.deadline.watchdog import Watchdog, group_size
 from mlxdist.dtypes import code_of_mlx, code_of_numpy
 from mlxdist.errors import CommunicationError, DistributedError, InitializationError
+from mlxdist.group_record import GroupRecord, record_of
 
 __all__ = ["attach", "before_init", "after_init", "set_timeout", "evaluate", "agree", "watched"]
 
@@ -48,8 +49,8 @@ def attach(world: Any, dog: Watchdog, abandon_waits: Callable[[], Any] | None = 
     if dog.settings.check:
         # Every lazy build then takes the slow path, where it is checked.
         world.checked = True
-        for group in list(world.groups):
-            group._fast = False
+        for record in list(world.groups):
+            record.fast = False
     dog.run()
 
 
@@ -65,13 +66,14 @@ def set_timeout(group: Any, seconds: float | None) -> None:
         ArgumentTypeError: seconds not a number (a TypeError).
         InitializationError: the group's world has no watchdog (size 1).
     """
-    dog = group._world.watchdog
+    record = record_of(group)
+    dog = record.world.watchdog
     if dog is None:
         raise InitializationError(f"{group!r} has no deadlines (a single-process group)")
-    dog.overrides[id(group)] = parse_timeout(seconds, "seconds")
+    dog.overrides[id(record)] = parse_timeout(seconds, "seconds")
 
 
-def agree(op: str, group: Any, world: Any, dtype: Any, shape: tuple[int, ...], peer: int | None) -> None:
+def agree(op: str, group: GroupRecord, world: Any, dtype: Any, shape: tuple[int, ...], peer: int | None) -> None:
     """The agreement check of an operation built without the eager gate (lazy or composed).
 
     Does nothing unless ``world``'s watchdog runs the check (see
@@ -80,7 +82,7 @@ def agree(op: str, group: Any, world: Any, dtype: Any, shape: tuple[int, ...], p
     Args:
         op: The operation's name.
         group: The group it runs on.
-        world: The group's world (``group._world``).
+        world: The group's world (its record's ``world``).
         dtype: An MLX dtype, a numpy dtype or an ``mlx_dtype`` code.
         shape: The operand's shape.
         peer: The peer of a send or receive, else None.
@@ -130,11 +132,12 @@ def watched(op: str, *, group: Any, timeout: float | None = UNSET) -> Iterator[N
             the block, or had failed before it.
         CommunicationError: another communication failure inside the block.
     """
-    dog = group._world.watchdog
+    record = record_of(group)
+    dog = record.world.watchdog
     if dog is None:
         yield
         return
-    entry = dog.enter(op, group, group)
+    entry = dog.enter(op, record, group)
     if timeout is not UNSET:
         seconds = parse_timeout(timeout, "timeout")
         entry.deadline = None if seconds is None else entry.start + seconds
