@@ -19,7 +19,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from mlxdist.launch import trials as fault_trials
+from mlxdist.bench import trials as fault_trials
 
 PROBE = textwrap.dedent('''
     import sys, time

@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from mlxdist.launch import trials as fault_trials
+from mlxdist.bench import trials as fault_trials
 
 MXD_WORKER = (sys.executable, str(Path(__file__).resolve().parent / "mxd_fault.py"))
 

@@ -1,4 +1,4 @@
-"""The same fault trial as mlxdist.launch.fault_worker, on mx.distributed alone (no mlxdist):
+"""The same fault trial as mlxdist.bench.fault_rank, on mx.distributed alone (no mlxdist):
 what MLX itself does when a peer dies or stops. Same argv and output lines."""
 
 import os

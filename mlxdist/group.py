@@ -386,9 +386,9 @@ class Group:
 
         Raises:
             InvalidRankError: root not a rank of the group.
-            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError,
-            GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`;
-            MismatchError with the check on: another root, dtype or shape on another rank.
+            ArgumentTypeError, DtypeError, ShapeError, InvalidArgumentError: see :mod:`mlxdist.errors`.
+            GroupClosedError, CommunicationError: see :mod:`mlxdist.errors`.
+            MismatchError: with the check on, another root, dtype or shape on another rank.
         """
         return p2p.rooted(self._record, "broadcast", x, root, stream, out)
 
@@ -411,8 +411,8 @@ class Group:
             gradient (lazy path) scatters the root's cotangent back.
 
         Raises:
-            InvalidRankError, ArgumentTypeError, DtypeError, ShapeError,
-            InvalidArgumentError, GroupClosedError, CommunicationError, MismatchError.
+            InvalidRankError, ArgumentTypeError, DtypeError, ShapeError: see :mod:`mlxdist.errors`.
+            InvalidArgumentError, GroupClosedError, CommunicationError, MismatchError: see :mod:`mlxdist.errors`.
         """
         return p2p.rooted(self._record, "gather", x, root, stream, out)
 
@@ -432,8 +432,8 @@ class Group:
 
         Raises:
             ShapeError: a scalar, or axis 0 not divisible by the size.
-            InvalidRankError, ArgumentTypeError, DtypeError,
-            InvalidArgumentError, GroupClosedError, CommunicationError, MismatchError.
+            InvalidRankError, ArgumentTypeError, DtypeError, InvalidArgumentError: see :mod:`mlxdist.errors`.
+            GroupClosedError, CommunicationError, MismatchError: see :mod:`mlxdist.errors`.
         """
         return p2p.rooted(self._record, "scatter", x, root, stream, out)
 
@@ -457,8 +457,8 @@ class Group:
 
         Raises:
             ShapeError: a scalar, or axis 0 not divisible by the size.
-            ArgumentTypeError, DtypeError, InvalidArgumentError,
-            GroupClosedError, CommunicationError, MismatchError.
+            ArgumentTypeError, DtypeError, InvalidArgumentError, GroupClosedError: see :mod:`mlxdist.errors`.
+            CommunicationError, MismatchError: see :mod:`mlxdist.errors`.
         """
         return p2p.all_to_all(self._record, x, stream, out)
 
@@ -476,8 +476,8 @@ class Group:
         Raises:
             ArgumentTypeError: the root's object is not a JSON value or bytes
                 (raised on every rank), or pickle is not a bool.
-            InvalidRankError, GroupClosedError, CommunicationError,
-            DeadlineExceeded, MismatchError.
+            InvalidRankError, GroupClosedError, CommunicationError, DeadlineExceeded: see :mod:`mlxdist.errors`.
+            MismatchError: see :mod:`mlxdist.errors`.
         """
         return objects.broadcast_object(self, self._record, obj, root, pickle)
 
@@ -494,6 +494,6 @@ class Group:
         Raises:
             ArgumentTypeError: some rank's object is not a JSON value or bytes
                 (raised on every rank, naming the ranks), or pickle is not a bool.
-            GroupClosedError, CommunicationError, DeadlineExceeded, MismatchError.
+            GroupClosedError, CommunicationError, DeadlineExceeded, MismatchError: see :mod:`mlxdist.errors`.
         """
         return objects.all_gather_object(self, self._record, obj, pickle)

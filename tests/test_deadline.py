@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import mlxdist
-from mlxdist.launch.trials import run_job
+from mlxdist.bench.trials import run_job
 from mlxdist import deadline
 
 WORKER = str(Path(__file__).parent / "workers" / "slow_peer.py")

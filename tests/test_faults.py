@@ -6,7 +6,7 @@ Ring: each survivor raises PeerLostError (dead peer) or DeadlineExceeded/PeerLos
 (stopped peer). MPI cannot interrupt a blocked call: the job must end within the
 same bound, non-zero, with a line naming the failed rank and the op.
 
-Each trial runs under its own hang limit (mlxdist.launch.trials); the ring kill trials
+Each trial runs under its own hang limit (mlxdist.bench.trials); the ring kill trials
 run two at a time. benchmarks/faults.py runs more trials of the same matrix.
 """
 
@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-from mlxdist.launch.trials import LARGE, SMALL, Trial, names_failure, run_trial, run_trials
+from mlxdist.bench.trials import LARGE, SMALL, Trial, names_failure, run_trial, run_trials
 
 MARGIN = 1.5  # seconds past the deadline
 KILL_TIMEOUT = 3.0

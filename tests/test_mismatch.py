@@ -7,7 +7,7 @@ finishes, raises a typed error, or (MPI) the job ends non-zero with the
 watchdog's report, within the deadline plus a margin.
 
 Each case is its own job (a mismatch ends its world); the jobs of one kind (check
-on, check off) run side by side, a few at a time (mlxdist.launch.trials.run_jobs).
+on, check off) run side by side, a few at a time (mlxdist.bench.trials.run_jobs).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxdist.launch.trials import Job, run_jobs
+from mlxdist.bench.trials import Job, run_jobs
 
 WORKER = str(Path(__file__).parent / "workers" / "mismatch.py")
 CASES = ("op", "shape", "dtype", "gather", "recv_larger", "both_send", "collective_vs_send")

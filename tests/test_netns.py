@@ -47,7 +47,7 @@ def test_link_down_mid_collective_gives_typed_errors(hosts, op):
             log = Path(tmp, f"rank{rank}.log")
             logs.append(log)
             procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "mlxdist.launch.fault_worker", "none", op, "65536", str(TIMEOUT), "2", "0"],
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "mlxdist.bench.fault_rank", "none", op, "65536", str(TIMEOUT), "2", "0"],
                 env=dict(env, MLX_RANK=str(rank)), stdout=log.open("w"), stderr=subprocess.STDOUT,
                 start_new_session=True))
         try:

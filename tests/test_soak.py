@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxdist.launch.trials import run_job
+from mlxdist.bench.trials import run_job
 
 WORKER = str(Path(__file__).parent / "workers" / "soak.py")
 

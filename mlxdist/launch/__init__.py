@@ -17,9 +17,9 @@ end), :mod:`~mlxdist.launch.run` (``launch()``), :mod:`~mlxdist.launch.ports`, :
 :mod:`~mlxdist.launch.output`, :mod:`~mlxdist.launch.result`,
 :mod:`~mlxdist.launch.hosts` (remote commands; the hostfiles themselves are
 read by :mod:`mlxdist.hostfiles`),
-:mod:`~mlxdist.launch.remote` (a remote rank's bootstrap),
-:mod:`~mlxdist.launch.trials` (jobs watched from outside, with a fault injected) and
-:mod:`~mlxdist.launch.cli`.
+:mod:`~mlxdist.launch.remote` (a remote rank's bootstrap) and
+:mod:`~mlxdist.launch.cli`. Fault trials (jobs watched from outside, with a fault
+injected) are :mod:`mlxdist.bench.trials`.
 """
 
 from mlxdist.hostfiles import Host, read_launch_hostfile

@@ -2,7 +2,7 @@
 does, but nothing ends the survivors early), a fault injected, and what the
 survivors saw, when. The tests of failure handling and the fault benchmark both
 run their trials through this module; the trial's rank is
-:mod:`mlxdist.launch.fault_worker` unless another worker is given."""
+:mod:`mlxdist.bench.fault_rank` unless another worker is given."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from mlxdist.launch.plan import plan_job
 __all__ = ["Trial", "Job", "run_trial", "run_trials", "names_failure", "run_job", "run_jobs", "FAULT_WORKER",
            "HANG_LIMIT", "LARGE", "SMALL"]
 
-# The rank of a fault trial, by default: see mlxdist.launch.fault_worker.
-FAULT_WORKER = (sys.executable, "-m", "mlxdist.launch.fault_worker")
+# The rank of a fault trial, by default: see mlxdist.bench.fault_rank.
+FAULT_WORKER = (sys.executable, "-m", "mlxdist.bench.fault_rank")
 # A trial that has not ended by then is a hang: everything is killed.
 HANG_LIMIT = 40.0
 LARGE = 2 * 1024 * 1024  # float32 elements: 8 MiB
@@ -99,7 +99,7 @@ def run_trial(backend: str, n: int, fault: str, op: str, elements: int, timeout:
     Args:
         backend: ``"ring"`` or ``"mpi"``.
         n: Number of ranks.
-        fault: What the victim does (see :mod:`mlxdist.launch.fault_worker`).
+        fault: What the victim does (see :mod:`mlxdist.bench.fault_rank`).
         op: The operation every rank loops.
         elements: float32 elements per operation.
         timeout: The ranks' deadline, seconds.

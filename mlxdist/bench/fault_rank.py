@@ -1,5 +1,5 @@
-"""One rank of a fault trial (:mod:`mlxdist.launch.trials`): the victim rank kills or stops
-itself while every rank loops an operation. ``python -m mlxdist.launch.fault_worker ARGS``.
+"""One rank of a fault trial (:mod:`mlxdist.bench.trials`): the victim rank kills or stops
+itself while every rank loops an operation. ``python -m mlxdist.bench.fault_rank ARGS``.
 
 argv: fault (kill | stop | raise | exit | none: injected from outside) op (all_sum | all_gather | sendrecv | lazy)
       elements timeout victim seed
