@@ -1,0 +1,598 @@
+"""Mixture-of-experts layers over ranks: experts split (TP) or placed whole (EP).
+
+mlx-lm builds its MoE blocks from switch layers: ``SwitchGLU`` (``gate_proj``,
+``up_proj``, ``down_proj``) and ``SwitchMLP`` (``fc1``, ``fc2``), whose
+projections hold one weight per expert (``[experts, out, in]``, float or
+quantized, optionally a per-expert ``bias``) and are called with the router's
+top-k ``indices``. This module recognises them by that shape (it does not
+import mlx-lm) and shards them two ways:
+
+- :func:`shard_switch` (tensor parallelism): every expert's intermediate
+  features split across the ranks, evenly or by per-rank ``sizes`` (whole
+  quantization groups where the down projection is quantized).
+- :func:`place_experts` (expert parallelism): each rank keeps whole experts,
+  a contiguous range from :func:`expert_placement` (proportional to the
+  ranks' weights), and computes only the router's slots that fall on them.
+
+Either way the switch's output becomes a partial sum over the ranks, and
+:class:`MoEAllSum` wraps the MoE block to sum it once per block, with an
+``all_sum`` or (``dispatch="all_to_all"``) an ``all_to_all`` of token blocks
+followed by an ``all_gather``. The router stays replicated, so every rank
+routes every token identically and no dispatch of activations is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxdist.composed import all_to_all
+from mlxdist.errors import ArgumentTypeError, InvalidArgumentError, ShapeError
+from mlxdist.group import Group
+from mlxdist.world import all_gather, all_sum, resolve_group
+from mlxdist.nn.quantized import QUANTIZED_PARAMETERS, quantized_input_dims, unpacked_length
+from mlxdist.nn.shares import split_sizes
+from mlxdist.nn.slicing import ShardingRule, shard_parameters, take_ranges
+
+__all__ = [
+    "DISPATCHES",
+    "ExpertLinear",
+    "MoEAllSum",
+    "combine_bytes",
+    "expert_placement",
+    "choose_dispatch",
+    "place_experts",
+    "place_experts_at",
+    "shard_switch",
+    "shard_switch_at",
+    "switch_projections",
+]
+
+DISPATCHES = ("auto", "all_sum", "all_to_all")
+
+# (projections fed by the block's input, the projection whose output is the switch's)
+_LAYOUTS = ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"))
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def switch_projections(switch: nn.Module) -> tuple[tuple[str, ...], str]:
+    """The projections of an mlx-lm switch layer: those fed by its input, and the output one.
+
+    Args:
+        switch: A ``SwitchGLU`` or ``SwitchMLP`` (or a module laid out like
+            one: projections holding a 3-D ``weight`` of one matrix per expert).
+
+    Returns:
+        ``(("gate_proj", "up_proj"), "down_proj")`` or ``(("fc1",), "fc2")``.
+
+    Raises:
+        ArgumentTypeError: ``switch`` is not laid out as a switch layer.
+    """
+    if isinstance(switch, nn.Module):
+        for feeds, out in _LAYOUTS:
+            names = (*feeds, out)
+            if all(
+                isinstance(switch.get(name), nn.Module)
+                and isinstance(switch[name].get("weight"), mx.array)
+                and switch[name]["weight"].ndim == 3
+                for name in names
+            ):
+                return feeds, out
+    raise ArgumentTypeError(
+        f"expected an mlx-lm switch layer (SwitchGLU with gate_proj/up_proj/down_proj or SwitchMLP with "
+        f"fc1/fc2, each holding a [experts, out, in] weight), got {type(switch).__name__}"
+    )
+
+
+def _num_experts(switch: nn.Module, names: Sequence[str]) -> int:
+    counts = {int(switch[name]["weight"].shape[0]) for name in names}
+    if len(counts) != 1:
+        raise ShapeError(f"the switch's projections hold different numbers of experts: {sorted(counts)}")
+    return counts.pop()
+
+
+def _input_dims(module: nn.Module) -> int:
+    quantized = quantized_input_dims(module)
+    return int(module["weight"].shape[-1]) if quantized is None else quantized
+
+
+def expert_placement(num_experts: int, weights: int | Sequence[float]) -> list[tuple[int, int]]:
+    """Contiguous expert ranges per rank, in rank order, in proportion to the ranks' weights.
+
+    Counts go by largest remainder of the weighted shares (equal weights: as
+    even as possible, the larger counts on the lower ranks), every rank at
+    least one expert.
+
+    Args:
+        num_experts: The number of routed experts.
+        weights: The number of ranks (equal weights) or one positive number
+            per rank (e.g. its memory).
+
+    Returns:
+        One ``(start, stop)`` per rank, covering ``[0, num_experts)`` in order.
+
+    Raises:
+        InvalidArgumentError: ``num_experts`` not a positive int, or bad
+            weights (not a rank count or positive numbers).
+        ShapeError: more ranks than experts (a rank would hold none).
+    """
+    if not _is_count(num_experts) or num_experts < 1:
+        raise InvalidArgumentError(f"num_experts must be a positive int, got {num_experts!r}")
+    ranks = int(weights) if _is_count(weights) else len(weights) if isinstance(weights, Sequence) else 0
+    if _is_count(weights) and weights < 1:
+        raise InvalidArgumentError(f"weights must be a rank count >= 1 or positive numbers, got {weights!r}")
+    if ranks > num_experts:
+        raise ShapeError(
+            f"cannot place {num_experts} experts on {ranks} ranks: expert parallelism needs at least one "
+            "expert per rank (use fewer ranks, or split the experts with tensor parallelism)"
+        )
+    counts = split_sizes(int(num_experts), weights)
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    return list(zip(bounds, bounds[1:]))
+
+
+def _check_placement(placement: object, size: int, num_experts: int) -> list[tuple[int, int]]:
+    if isinstance(placement, (str, bytes)) or not isinstance(placement, Sequence) or len(placement) != size:
+        raise InvalidArgumentError(
+            f"placement must hold one (start, stop) expert range per rank ({size}), got {placement!r}"
+        )
+    ranges = []
+    for pair in placement:
+        if not isinstance(pair, Sequence) or len(pair) != 2 or not all(_is_count(v) for v in pair):
+            raise InvalidArgumentError(f"placement entries must be (start, stop) ints, got {pair!r}")
+        ranges.append((int(pair[0]), int(pair[1])))
+    stops = [0] + [stop for _, stop in ranges]
+    if [start for start, _ in ranges] != stops[:-1] or stops[-1] != num_experts:
+        raise ShapeError(
+            f"placement {ranges} must cover the {num_experts} experts in order, contiguously and once"
+        )
+    if any(stop <= start for start, stop in ranges):
+        raise ShapeError(f"placement {ranges} leaves a rank without an expert: every rank needs at least one")
+    return ranges
+
+
+# -- tensor parallelism -------------------------------------------------------
+
+
+def _column_rule(path: str, array: mx.array) -> ShardingRule:
+    name = path.rsplit(".", 1)[-1]
+    if name in QUANTIZED_PARAMETERS or name == "bias":
+        return 1  # [experts, out, ...]: the output features
+    return None
+
+
+def _row_rule(path: str, array: mx.array) -> ShardingRule:
+    name = path.rsplit(".", 1)[-1]
+    return array.ndim - 1 if name in QUANTIZED_PARAMETERS else None
+
+
+def shard_switch_at(
+    switch: nn.Module, *, rank: int, size: int, sizes: Optional[Sequence[int]] = None
+) -> nn.Module:
+    """:func:`shard_switch` for an explicit ``rank`` of ``size`` ranks (no group needed).
+
+    What :func:`shard_switch` does with its group's rank and size; a planner
+    or a one-process check of every rank's shard calls it directly.
+
+    Args:
+        switch: An mlx-lm ``SwitchGLU`` or ``SwitchMLP``, float or quantized.
+        rank: The rank whose shard to keep.
+        size: The number of ranks.
+        sizes: Each rank's count of intermediate features, or None for equal shares.
+
+    Returns:
+        ``switch``, updated in place.
+
+    Raises:
+        ArgumentTypeError: not a switch layer.
+        InvalidArgumentError: bad rank, size or sizes.
+        ShapeError: features not divisible by ``size`` (without ``sizes``),
+            sizes not adding up to the features, or a down projection that is
+            quantized and a rank's features not whole quantization groups.
+    """
+    feeds, out = switch_projections(switch)
+    if not _is_count(size) or size < 1 or not _is_count(rank) or not 0 <= rank < size:
+        raise InvalidArgumentError(f"rank={rank!r} and size={size!r} must satisfy 0 <= rank < size")
+    hidden = _input_dims(switch[out])
+    for name in feeds:
+        if switch[name]["weight"].shape[1] != hidden:
+            raise ShapeError(
+                f"{name} has {switch[name]['weight'].shape[1]} output features but {out} takes {hidden}"
+            )
+    if sizes is None:
+        if hidden % size:
+            raise ShapeError(
+                f"cannot split the experts' {hidden} intermediate features evenly across {size} ranks: "
+                "give per-rank sizes (mlxdist.nn.split_sizes)"
+            )
+        sizes = [hidden // size] * size
+    group_size = getattr(switch[out], "group_size", None) if quantized_input_dims(switch[out]) else None
+    if group_size and any(_is_count(v) and v % group_size for v in sizes):
+        raise ShapeError(
+            f"cannot split the experts' quantized {out} by sizes {list(sizes)}: every rank's slice of its "
+            f"{hidden} input features must be whole quantization groups (group_size={group_size})"
+        )
+    updates = {}
+    for name, rule in [(name, _column_rule) for name in feeds] + [(out, _row_rule)]:
+        module = switch[name]
+        dims = quantized_input_dims(module)
+        updates[name] = dict(
+            shard_parameters(
+                tree_flatten(module.parameters()),
+                rule,
+                size,
+                rank,
+                lambda path, array, axis, dims=dims: unpacked_length(path, array, axis, dims),
+                sizes=list(sizes),
+            )
+        )
+    for name, parameters in updates.items():
+        switch[name].update(parameters)
+    if "bias" in switch[out] and rank != 0:
+        # Added once to the ranks' sum: rank 0 keeps it, so the sum is exact.
+        switch[out].update({"bias": mx.zeros_like(switch[out]["bias"])})
+    return switch
+
+
+def shard_switch(switch: nn.Module, *, group: Optional[Group] = None, sizes: Optional[Sequence[int]] = None) -> nn.Module:
+    """Split every expert's intermediate features across the ranks (tensor parallelism), in place.
+
+    ``gate_proj``/``up_proj`` (``fc1``) keep this rank's output features,
+    ``down_proj`` (``fc2``) the matching input features, for every expert;
+    a down-projection ``bias`` (gpt-oss) stays on rank 0 and is zero
+    elsewhere. The switch is then called as before, with the router's
+    indices, and returns this rank's PARTIAL sum: summing it over the ranks
+    (:class:`MoEAllSum`, once per block) gives the unsharded output.
+
+    Args:
+        switch: An mlx-lm ``SwitchGLU`` or ``SwitchMLP``, float or quantized
+            (the same weights on every rank).
+        group: The :class:`mlxdist.Group` (the world group when None).
+        sizes: Each rank's count of intermediate features (e.g.
+            ``split_sizes(features, weights, unit=group_size)``), or None for
+            equal shares.
+
+    Returns:
+        ``switch``, updated in place. No communication.
+
+    Raises:
+        ArgumentTypeError: not a switch layer, or group not an mlxdist group.
+        InvalidArgumentError: malformed sizes.
+        ShapeError: features not divisible by the group size (without
+            ``sizes``), sizes not adding up, or a quantized down projection
+            cut inside a quantization group.
+    """
+    group = resolve_group(group)
+    return shard_switch_at(switch, rank=group.rank(), size=group.size(), sizes=sizes)
+
+
+# -- expert parallelism -------------------------------------------------------
+
+
+class ExpertLinear(nn.Module):
+    """A switch projection holding a contiguous range of experts, called with global expert ids.
+
+    It replaces mlx-lm's ``SwitchLinear``/``QuantizedSwitchLinear`` under
+    expert parallelism with the same parameter names (``weight``, ``scales``,
+    ``biases``, ``bias``). Indices outside ``[first, first + count)`` are
+    computed on a local expert (the shape is fixed), and where ``masks`` is
+    set (the switch's output projection) their outputs are replaced by exact
+    zeros, so those slots add nothing to this rank's partial sum.
+
+    Args:
+        parameters: The local experts' arrays, sliced along the expert axis.
+        first: The global id of the first local expert.
+        masks: Whether to zero the slots of other ranks' experts.
+        quantization: ``(group_size, bits, mode)`` for a quantized weight, or None.
+    """
+
+    def __init__(
+        self,
+        parameters: dict[str, mx.array],
+        first: int,
+        masks: bool,
+        quantization: Optional[tuple[int, int, str]] = None,
+    ) -> None:
+        super().__init__()
+        self.first = int(first)
+        self.count = int(parameters["weight"].shape[0])
+        self.masks = bool(masks)
+        self.quantized = quantization is not None
+        if quantization is not None:
+            self.group_size, self.bits, self.mode = int(quantization[0]), int(quantization[1]), str(quantization[2])
+        for name, value in parameters.items():
+            self[name] = value
+        if quantization is not None:
+            self.freeze()
+
+    @property
+    def num_experts(self) -> int:
+        """The number of local experts."""
+        return self.count
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        """Apply each slot's expert (global ``indices``) to ``x``, as a switch projection does.
+
+        Args:
+            x: Inputs broadcastable against ``indices`` as mlx-lm's switch layers pass them.
+            indices: Global expert ids (any integer dtype).
+            sorted_indices: Whether ``indices`` are sorted (kept sorted after the remap).
+
+        Returns:
+            The projected slots; zero for other ranks' experts where ``masks`` is set.
+        """
+        local = indices.astype(mx.int32) - self.first
+        ids = mx.clip(local, 0, self.count - 1)
+        if not self.quantized:
+            y = mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=ids, sorted_indices=sorted_indices)
+        else:
+            extra = {"global_scale": self["global_scale"]} if "global_scale" in self else {}
+            y = mx.gather_qmm(
+                x,
+                self["weight"],
+                self["scales"],
+                self.get("biases"),
+                rhs_indices=ids,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+                sorted_indices=sorted_indices,
+                **extra,
+            )
+        if "bias" in self:
+            y = y + mx.expand_dims(self["bias"][ids], -2)
+        if self.masks:
+            inside = (local >= 0) & (local < self.count)
+            y = mx.where(mx.expand_dims(inside, (-1, -2)), y, mx.zeros((), dtype=y.dtype))
+        return y
+
+
+def place_experts_at(
+    switch: nn.Module, *, rank: int, size: int, placement: Sequence[tuple[int, int]]
+) -> nn.Module:
+    """:func:`place_experts` for an explicit ``rank`` of ``size`` ranks (no group needed).
+
+    Args:
+        switch: An mlx-lm ``SwitchGLU`` or ``SwitchMLP``, float or quantized.
+        rank: The rank whose experts to keep.
+        size: The number of ranks.
+        placement: One ``(start, stop)`` per rank (:func:`expert_placement`).
+
+    Returns:
+        ``switch``, its projections replaced by :class:`ExpertLinear`.
+
+    Raises:
+        ArgumentTypeError: not a switch layer.
+        InvalidArgumentError: bad rank, size or placement entries.
+        ShapeError: a placement that does not cover the experts in order,
+            or leaves a rank none.
+    """
+    feeds, out = switch_projections(switch)
+    if not _is_count(size) or size < 1 or not _is_count(rank) or not 0 <= rank < size:
+        raise InvalidArgumentError(f"rank={rank!r} and size={size!r} must satisfy 0 <= rank < size")
+    ranges = _check_placement(placement, size, _num_experts(switch, (*feeds, out)))
+    start, stop = ranges[rank]
+    replaced = {}
+    for name in (*feeds, out):
+        module = switch[name]
+        parameters = {
+            key: take_ranges(value, 0, [(start, stop)])
+            for key, value in tree_flatten(module.parameters())
+            if isinstance(value, mx.array)
+        }
+        quantization = None
+        if quantized_input_dims(module) is not None:
+            quantization = (int(module.group_size), int(module.bits), str(getattr(module, "mode", "affine")))
+        replaced[name] = ExpertLinear(parameters, start, masks=name == out, quantization=quantization)
+    for name, layer in replaced.items():
+        switch[name] = layer
+    return switch
+
+
+def place_experts(
+    switch: nn.Module, *, group: Optional[Group] = None, placement: Sequence[tuple[int, int]]
+) -> nn.Module:
+    """Keep only this rank's experts, whole (expert parallelism), in place.
+
+    Every projection of the switch is replaced by an :class:`ExpertLinear`
+    holding this rank's range of experts (float or quantized, any feature
+    count). Called as before with the router's GLOBAL top-k indices, the
+    switch computes the slots of its own experts and gives exact zeros for
+    the others': its output is a PARTIAL sum whose sum over the ranks
+    (:class:`MoEAllSum`) equals the unsharded switch's output.
+
+    Args:
+        switch: An mlx-lm ``SwitchGLU`` or ``SwitchMLP``.
+        group: The :class:`mlxdist.Group` (the world group when None).
+        placement: One ``(start, stop)`` expert range per rank, e.g. from
+            :func:`expert_placement`.
+
+    Returns:
+        ``switch``, updated in place. No communication.
+
+    Raises:
+        ArgumentTypeError: not a switch layer, or group not an mlxdist group.
+        InvalidArgumentError, ShapeError: a placement that is not one
+            non-empty contiguous range per rank covering every expert.
+    """
+    group = resolve_group(group)
+    return place_experts_at(switch, rank=group.rank(), size=group.size(), placement=placement)
+
+
+# -- summing a block's partial output ------------------------------------------
+
+
+def combine_bytes(tokens: int, hidden: int, ranks: int, itemsize: int) -> dict[str, int]:
+    """Bytes each rank receives to sum a block's partial ``[tokens, hidden]`` output, per path.
+
+    With the activations replicated (as under tensor parallelism) every rank
+    already holds every token, so dispatching tokens to their experts moves
+    nothing; what remains is combining the partial outputs into the full
+    output on every rank. With ``S = tokens * hidden * itemsize``:
+
+    - ``all_sum``: a reduce-scatter and an all-gather, ``2 (N-1)/N S``
+      (ring; MPI's allreduce moves at least as much).
+    - ``all_to_all``: the token blocks to their owner ranks, summed there,
+      then an ``all_gather``: ``(N-1)/N S`` each with a direct all_to_all,
+      but mlxdist's lazy all_to_all keeps its blocks of an all_gather,
+      ``(N-1) S``, so ``(N-1)(1 + 1/N) S`` in all (tokens padded to a multiple of N).
+
+    Args:
+        tokens: Tokens in the block's input (batch times sequence).
+        hidden: The hidden size.
+        ranks: The group size N.
+        itemsize: Bytes per element.
+
+    Returns:
+        ``{"all_sum": bytes, "all_to_all": bytes}``.
+    """
+    if ranks == 1:
+        return {"all_sum": 0, "all_to_all": 0}
+    rows = -(-tokens // ranks)
+    size = tokens * hidden * itemsize
+    block = rows * hidden * itemsize
+    return {
+        "all_sum": 2 * (ranks - 1) * size // ranks,
+        "all_to_all": (ranks - 1) * ranks * block + (ranks - 1) * block,
+    }
+
+
+def choose_dispatch(tokens: int, hidden: int, ranks: int, itemsize: int) -> str:
+    """What ``dispatch="auto"`` uses: the path whose combine receives fewer bytes (ties: ``all_sum``).
+
+    Args:
+        tokens: Tokens in the block's input.
+        hidden: The hidden size.
+        ranks: The group size.
+        itemsize: Bytes per element.
+
+    Returns:
+        ``"all_sum"`` or ``"all_to_all"``.
+    """
+    cost = combine_bytes(tokens, hidden, ranks, itemsize)
+    return "all_to_all" if cost["all_to_all"] < cost["all_sum"] else "all_sum"
+
+
+class MoEAllSum(nn.Module):
+    """Runs an MoE block whose experts yield partial sums, and sums its output over the ranks once.
+
+    The block's switch was sharded with :func:`shard_switch` or
+    :func:`place_experts` (and its shared experts split as dense MLPs), so
+    its output is this rank's partial sum; the wrapper adds one lazy,
+    differentiable collective per block. The wrapper presents the block's
+    children under the same names (parameter paths do not change), and
+    attributes it lacks are read from the block (``.sharding_group`` and the
+    like; leave mlx-lm's own ``sharding_group`` None).
+
+    Dispatch rule: with the router and activations replicated, no tokens need
+    dispatching, and summing ``S = tokens * hidden * itemsize`` bytes costs
+    each rank ``2 (N-1)/N S`` with ``all_sum`` against ``(N-1)(1 + 1/N) S``
+    with mlxdist's ``all_to_all`` (blocks of an all_gather) plus the
+    ``all_gather`` of the summed blocks (:func:`combine_bytes`): the
+    all_to_all path never receives fewer bytes, and measured at 2 ranks on
+    ring and MPI it was never faster, so ``"auto"`` takes ``all_sum`` unless
+    :func:`choose_dispatch` finds otherwise.
+
+    Args:
+        block: The MoE block (e.g. mlx-lm's ``Qwen3MoeSparseMoeBlock``).
+        group: The :class:`mlxdist.Group` (the world group when None).
+        dispatch: ``"auto"``, ``"all_sum"`` or ``"all_to_all"``.
+
+    Raises:
+        InvalidArgumentError: unknown dispatch.
+        ArgumentTypeError: block not an nn.Module, or group not an mlxdist group.
+    """
+
+    def __init__(self, block: nn.Module, *, group: Optional[Group] = None, dispatch: str = "auto") -> None:
+        if not isinstance(block, nn.Module):
+            raise ArgumentTypeError(f"MoEAllSum wraps an mlx.nn.Module, got {type(block).__name__}")
+        if dispatch not in DISPATCHES:
+            raise InvalidArgumentError(f"dispatch must be one of {', '.join(map(repr, DISPATCHES))}, got {dispatch!r}")
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        object.__setattr__(self, "_group", resolve_group(group))
+        object.__setattr__(self, "dispatch", dispatch)
+        dict.update(self, block)
+
+    @property
+    def block(self) -> nn.Module:
+        """The wrapped MoE block."""
+        return object.__getattribute__(self, "_block")
+
+    @property
+    def group(self) -> Group:
+        """The group the output is summed over."""
+        return object.__getattribute__(self, "_group")
+
+    def __getattr__(self, key: str) -> Any:
+        if key in self:
+            return self[key]
+        try:
+            block = object.__getattribute__(self, "_block")
+        except AttributeError:
+            raise AttributeError(key) from None
+        return getattr(block, key)
+
+    def path_for(self, tokens: int, hidden: int, itemsize: int) -> str:
+        """The collective this wrapper uses for a block output of ``tokens`` x ``hidden``.
+
+        Args:
+            tokens: Tokens in the output.
+            hidden: Its last dimension.
+            itemsize: Bytes per element.
+
+        Returns:
+            ``"all_sum"`` or ``"all_to_all"``.
+        """
+        if self.dispatch != "auto":
+            return self.dispatch
+        return choose_dispatch(tokens, hidden, self.group.size(), itemsize)
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        """The block's output, summed over the ranks.
+
+        Args:
+            x: The block's input (the same on every rank).
+            *args: Passed to the block.
+            **kwargs: Passed to the block.
+
+        Returns:
+            The unsharded block's output, on every rank.
+        """
+        block = self.block
+        for key, value in self.items():
+            if isinstance(value, mx.array) and block.get(key) is not value:
+                block[key] = value  # an array loaded into the wrapper reaches the block
+        y = block(x, *args, **kwargs)
+        group = self.group
+        if group.size() == 1:
+            return y
+        tokens = math.prod(y.shape[:-1]) if y.ndim > 1 else 1
+        if self.path_for(tokens, y.shape[-1], y.dtype.size) == "all_sum":
+            return all_sum(y, group=group)
+        return _sum_by_all_to_all(y, group)
+
+
+def _sum_by_all_to_all(y: mx.array, group: Group) -> mx.array:
+    """Each rank sums its block of tokens from every rank's partial (all_to_all), then all_gather."""
+    size = group.size()
+    shape = y.shape
+    flat = y.reshape(-1, shape[-1]) if y.ndim > 1 else y.reshape(1, -1)
+    tokens = flat.shape[0]
+    rows = -(-tokens // size)
+    if rows * size != tokens:
+        flat = mx.concatenate([flat, mx.zeros((rows * size - tokens, flat.shape[1]), dtype=flat.dtype)])
+    received = all_to_all(flat, group=group)
+    mine = received.reshape(size, rows, flat.shape[1]).sum(axis=0).astype(y.dtype)
+    return all_gather(mine, group=group)[:tokens].reshape(shape)
