@@ -58,6 +58,9 @@ CHECKPOINTS = {
     "g3": dict(family="llama", dtype="float32", seed=6, **ODD_HEADS, num_heads=3, num_kv_heads=1),
     "g3q4": dict(family="qwen3", dtype="float32", bits=4, group_size=32, seed=7, **ODD_HEADS, num_heads=3,
                  num_kv_heads=1),
+    # MHA with 6 heads: on 4 ranks query heads 2, 2, 1, 1 and MLP features 213, 213, 299, 299.
+    "mha6": dict(family="llama", dtype="float32", seed=9, hidden_size=384, num_layers=2, num_heads=6,
+                 num_kv_heads=6, head_dim=64, intermediate_size=1024, vocab_size=512),
     "odd_q4": dict(family="llama", dtype="float32", bits=4, group_size=32, seed=8, **ODD_HEADS, num_heads=6,
                    num_kv_heads=3),
 }
@@ -183,7 +186,7 @@ def check_weight_bytes(path: Path, result: dict, n: int) -> float:
 def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: str) -> None:
     """Float32 dense, 4-bit (8-bit at 2 ranks): TP and PP tokens equal 1 process.
 
-    Heads that do not divide (6 / 3 at 2 and 4 ranks, 3 / 1 at 2 ranks): auto picks uneven TP, tokens
+    Heads that do not divide (6 / 3 at 2 and 4 ranks, 6 / 6 at 4 ranks, 3 / 1 at 2 ranks): auto picks uneven TP, tokens
     equal 1 process (4-bit 6 / 3 at 4 ranks on MPI); 3 query heads on 4 ranks: mode="tp" raises
     ShapeError. On ring at 2 ranks also: --tp-weights 2,1 and the vocabulary-parallel head (the split is
     backend-independent).
@@ -195,6 +198,7 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
         checks += [generate_check(checkpoints[name], "auto") for name in ("g3", "g3q4")]
     else:
         checks.append(generate_check(checkpoints["g3"], "tp"))
+        checks.append(generate_check(checkpoints["mha6"], "auto"))
         if backend == "mpi":  # 4 ring ranks on a 2-core machine take ~10 s per TP check
             checks.append(generate_check(checkpoints["odd_q4"], "auto"))
     if n == 2 and backend == "ring":
@@ -214,7 +218,7 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
         want = "pp" if check["mode"] == "pp" else "tp"
         assert plan["mode"] == want, plan
         assert result["tokens"] == references[name]["tokens"], (name, check)
-        uneven = name in ("odd", "odd_q4", "g3", "g3q4")
+        uneven = name in ("odd", "odd_q4", "g3", "g3q4", "mha6")
         if uneven:
             assert "uneven tensor parallel" in plan["reason"]
         key = (name, want, str(check.get("tp_weights", "")), check.get("vocab_parallel", False))
@@ -226,6 +230,8 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
     else:
         assert shares[("odd", "tp", "", False)]["query_heads"] == [2, 2, 1, 1]
         assert shares[("odd", "tp", "", False)]["kv_heads"] == [[0], [1], [2], [2]]
+        assert shares[("mha6", "tp", "", False)]["query_heads"] == [2, 2, 1, 1]
+        assert shares[("mha6", "tp", "", False)]["intermediate"] == [213, 213, 299, 299]
     if n == 2 and backend == "ring":
         weighted = shares[("odd", "tp", "[2, 1]", False)]
         assert weighted["query_heads"] == [4, 2] and weighted["intermediate"] == [128, 64]

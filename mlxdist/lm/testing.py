@@ -30,6 +30,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {"tie_word_embeddings": False},
     "qwen2": {"tie_word_embeddings": True},
     "qwen3": {"tie_word_embeddings": True},
+    # Mixture of experts: the routed experts' count comes from model_config's num_experts.
+    "qwen3_moe": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True},
+    "mixtral": {"tie_word_embeddings": False, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_experts_per_tok": 2, "sliding_window": 128},
+}
+
+# model_type -> the config key of its routed experts' count (and of their width, when not
+# intermediate_size).
+EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
+    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+    "mixtral": ("num_local_experts", None),
+    "gpt_oss": ("num_local_experts", None),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -47,11 +60,12 @@ def model_config(
     intermediate_size: int = 128,
     vocab_size: int = 512,
     head_dim: Optional[int] = None,
+    num_experts: int = 4,
 ) -> dict[str, Any]:
     """The ``config.json`` of a small model of one family.
 
     Args:
-        family: ``"llama"``, ``"mistral"``, ``"qwen2"`` or ``"qwen3"``.
+        family: A key of :data:`FAMILIES`.
         hidden_size: Model width.
         num_layers: Transformer blocks.
         num_heads: Attention heads.
@@ -59,6 +73,8 @@ def model_config(
         intermediate_size: MLP width.
         vocab_size: Tokens (see :func:`write_tokenizer` for the range).
         head_dim: Per-head width (default ``hidden_size // num_heads``).
+        num_experts: Routed experts of a mixture-of-experts family (each
+            ``intermediate_size`` features wide).
 
     Returns:
         The config dict (no quantization entry).
@@ -68,7 +84,18 @@ def model_config(
     """
     if family not in FAMILIES:
         raise InvalidArgumentError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    extra: dict[str, Any] = {}
+    if family in EXPERT_KEYS:
+        count, width = EXPERT_KEYS[family]
+        extra[count] = num_experts
+        if width:
+            extra[width] = intermediate_size
+    if family == "gpt_oss":
+        extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(max(2, num_layers))][
+            :num_layers
+        ]
     return {
+        **extra,
         "model_type": family,
         "hidden_size": hidden_size,
         "num_hidden_layers": num_layers,
