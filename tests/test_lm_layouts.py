@@ -117,3 +117,77 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
     assert split.intermediate == [213, 213, 299, 299]
     for out in outputs:
         assert float(mx.abs(out - reference).max()) <= 2e-5 * (float(mx.abs(reference).max()) + 1.0)
+
+
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
+
+
+@st.composite
+def moe_layouts(draw):
+    family = draw(st.sampled_from(MOE_FAMILIES))
+    n_kv = draw(st.integers(1, 4))
+    n_heads = n_kv * draw(st.integers(2 if n_kv == 1 else 1, 3))
+    quant = draw(st.sampled_from([None, (4, 32), (8, 32)]))
+    bits, group_size = quant if quant else (None, 32)
+    head_dim = draw(st.sampled_from([d for d in (16, 32) if not bits or n_heads * d % group_size == 0] or [32]))
+    hidden = n_heads * head_dim if family == "mixtral" else 64  # mixtral: head_dim = hidden // heads
+    if bits and hidden % group_size:
+        hidden = 64
+        head_dim = hidden // n_heads if family == "mixtral" else head_dim
+    unit = group_size if bits else 1
+    features = unit * draw(st.integers(2, 6)) if bits else draw(st.integers(4, 48))
+    num_experts = draw(st.integers(2, 8))
+    size = draw(st.integers(2, max(2, min(6, n_heads))))
+    experts = draw(st.sampled_from(["tp", "ep"]))
+    weights = draw(st.none() | st.lists(st.integers(1, 3), min_size=size, max_size=size))
+    seed = draw(st.integers(0, 2**16))
+    return family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts, weights, seed
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(moe_layouts())
+def test_sharded_moe_model_equals_unsharded(layout) -> None:
+    """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) under expert TP or EP: logits of every rank
+    equal the unsharded model's; a refused layout names its constraint."""
+    from mlxdist.lm.plan import choose
+    from mlxdist.lm.tensor import apply_tensor_parallel
+
+    (family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts,
+     weights, seed) = layout
+    config = model_config(family, hidden_size=hidden, num_layers=2, num_heads=n_heads, num_kv_heads=n_kv,
+                          intermediate_size=features, head_dim=head_dim, vocab_size=300, num_experts=num_experts)
+    model_class, args_class = _model_classes(family)
+    model = model_class(args_class.from_dict(config))
+    model.update(_random_parameters(model, mx.random.key(seed)))
+    if bits is not None:
+        nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    tokens = mx.array([[1, 7, 42, 99, 250, 3]])
+    reference = model(tokens)
+    world = StandInWorld(size)
+    models = []
+    try:
+        for group in world.groups:
+            copied = copy.deepcopy(model)
+            plan = choose(copied, family, group.rank(), size, "tp", tp_weights=weights, experts=experts)
+            apply_tensor_parallel(copied, None, group, plan.split)
+            models.append(copied)
+    except ShapeError as exc:
+        text = str(exc)
+        assert (experts == "ep" and size > num_experts and "at least one expert per rank" in text) or (
+            bits is not None and "group" in text
+        ) or "whole quantization groups" in text, text
+        event("refused")
+        return
+    event(f"{family} {experts}")
+    assert plan.experts == experts
+    if experts == "ep":
+        assert [stop - start for start, stop in plan.split.experts] and plan.split.experts[-1][1] == num_experts
+    else:
+        assert sum(plan.split.expert_features) == features
+    outputs = world.run([lambda m=m: m(tokens) for m in models])
+    assert world.all_sums == 4  # per block: one after attention, one per MoE block
+    scale = float(mx.abs(reference).max()) + 1.0
+    for rank, out in enumerate(outputs):
+        error = float(mx.abs(out - reference).max())
+        assert error <= 3e-5 * scale, (rank, error, plan.reason)
