@@ -187,6 +187,8 @@ def expected_moe_bytes(path: Path, shares: dict, rank: int) -> int:
                 held, whole = shares["expert_features"][rank], sum(shares["expert_features"])
             assert value.nbytes * held % whole == 0, key
             total += value.nbytes * held // whole
+        elif key.endswith("o_proj.bias"):  # row-parallel: added once after the sum, held whole
+            total += value.nbytes
         elif PROJECTION.search(key):
             role = ROLE[PROJECTION.search(key).group(1)]
             held = {"query_heads": shares["query_heads"][rank], "kv_heads": len(shares["kv_heads"][rank])}[role]

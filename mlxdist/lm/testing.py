@@ -35,6 +35,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
                   "mlp_only_layers": [], "norm_topk_prob": True},
     "mixtral": {"tie_word_embeddings": False, "num_experts_per_tok": 2},
     "gpt_oss": {"num_experts_per_tok": 2, "sliding_window": 128},
+    # Shared experts, a router with e_score_correction_bias and grouped top-k, q/k norms, q/k/v
+    # biases, partial rotary; the first block dense.
+    "glm4_moe": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                 "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                 "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5, "rope_scaling": None},
 }
 
 # model_type -> the config key of its routed experts' count (and of their width, when not
@@ -43,6 +48,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "qwen3_moe": ("num_experts", "moe_intermediate_size"),
     "mixtral": ("num_local_experts", None),
     "gpt_oss": ("num_local_experts", None),
+    "glm4_moe": ("n_routed_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
