@@ -126,8 +126,9 @@ def shard_block(
         kv_count = len(split.kv_heads[group.rank()])
     setattr(attention, queries, stop - first)
     setattr(attention, kv, kv_count)
-    if hasattr(attention, "num_key_value_groups"):  # gpt-oss keeps the ratio too
-        attention.num_key_value_groups = (stop - first) // kv_count
+    for ratio in ("num_key_value_groups", "repeats"):  # query heads per key/value head, where kept
+        if isinstance(getattr(attention, ratio, None), int):
+            setattr(attention, ratio, (stop - first) // kv_count)
     if getattr(layout, "sinks", False):  # one per query head: this rank's heads'
         attention.sinks = mx.contiguous(attention.sinks[first:stop])
         mx.eval(attention.sinks)

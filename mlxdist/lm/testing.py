@@ -37,6 +37,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_oss": {"num_experts_per_tok": 2, "sliding_window": 128},
     # Shared experts, a router with e_score_correction_bias and grouped top-k, q/k norms, q/k/v
     # biases, partial rotary; the first block dense.
+    # Local and global attention layers, q/k norms, a scaled embedding.
+    "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
+    # Fused qkv_proj and gate_up_proj: pipeline parallel only.
+    "phi3": {"tie_word_embeddings": False},
     "glm4_moe": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
                  "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1, "norm_topk_prob": True,
                  "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5, "rope_scaling": None},
