@@ -64,8 +64,9 @@ CHECKPOINTS = {
                  num_kv_heads=6, head_dim=64, intermediate_size=1024, vocab_size=512),
     # Mixture of experts (4 or 6 experts of 96/128 features, 2 chosen per token).
     "moe": dict(family="qwen3_moe", dtype="float32", seed=10, **MOE_DIMS, num_experts=6, intermediate_size=96),
-    "moe_q4": dict(family="mixtral", dtype="float32", bits=4, group_size=32, seed=11, **MOE_DIMS,
-                   num_experts=4, intermediate_size=128),
+    "moe_q4": dict(family="mixtral", dtype="float32", bits=4, group_size=32, seed=11,
+                   **{**MOE_DIMS, "hidden_size": 128}, num_experts=4, intermediate_size=128),
+    "ds": dict(family="deepseek_v3", dtype="float32", seed=15, **MOE_DIMS, num_experts=4, intermediate_size=64),
     "oss": dict(family="gpt_oss", dtype="float32", seed=12, **MOE_DIMS, num_experts=4, intermediate_size=64),
     "gemma": dict(family="gemma3_text", dtype="float32", seed=13, **MOE_DIMS, head_dim=16, intermediate_size=128),
     "phi3": dict(family="phi3", dtype="float32", seed=14, **MOE_DIMS, intermediate_size=128),
@@ -78,6 +79,7 @@ CHECKPOINTS = {
 # summation order of the row-parallel products, and the partial sums are
 # rounded to the model dtype before the all-sum.
 LOGIT_TOLERANCE = {"f16": 0.35, "bf16": 0.35}
+LATENT = re.compile(r"\.(q_b_proj|embed_q|unembed_out)\.")  # multi-head latent attention's per-head parts
 SWITCH = re.compile(r"\.(switch_mlp|experts)\.")
 PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.")
 VOCAB = re.compile(r"^(model\.embed_tokens|lm_head)\.")
@@ -191,8 +193,16 @@ def expected_moe_bytes(path: Path, shares: dict, rank: int) -> int:
             total += value.nbytes * held // whole
         elif key.endswith("o_proj.bias"):  # row-parallel: added once after the sum, held whole
             total += value.nbytes
-        elif PROJECTION.search(key):
-            role = ROLE[PROJECTION.search(key).group(1)]
+        elif PROJECTION.search(key) and ROLE[PROJECTION.search(key).group(1)] == "intermediate":
+            # A dense block's MLP or the shared experts: that width's share.
+            shared = "shared_experts" in key
+            width = config["moe_intermediate_size"] * config["n_shared_experts"] if shared else config[
+                "intermediate_size"]
+            sizes = shares["widths"].get(str(width), shares["intermediate"])
+            assert sum(sizes) == width, (key, sizes, width)
+            total += value.nbytes * sizes[rank] // width
+        elif PROJECTION.search(key) or LATENT.search(key):
+            role = "query_heads" if LATENT.search(key) else ROLE[PROJECTION.search(key).group(1)]
             held = {"query_heads": shares["query_heads"][rank], "kv_heads": len(shares["kv_heads"][rank])}[role]
             whole = config["num_attention_heads"] if role == "query_heads" else config["num_key_value_heads"]
             total += value.nbytes * held // whole
@@ -247,9 +257,9 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
     # Mixture of experts: experts split by features (tp) or placed whole (ep), weighted on 2 ring ranks.
     moe = {
         (2, "ring"): [("moe", "tp", [2, 1]), ("moe", "ep", [2, 1]), ("oss", "tp", None), ("moe_q4", "ep", None)],
-        (2, "mpi"): [("oss", "ep", None), ("moe_q4", "tp", None)],
+        (2, "mpi"): [("oss", "ep", None), ("moe_q4", "tp", None), ("ds", "ep", [1, 2])],
         (4, "ring"): [("moe_q4", "tp", None), ("oss", "ep", None)],
-        (4, "mpi"): [("moe", "ep", None), ("oss", "tp", None)],
+        (4, "mpi"): [("moe", "ep", None), ("oss", "tp", None), ("ds", "tp", None)],
     }[(n, backend)]
     checks += [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
                for name, experts, weights in moe]
@@ -276,7 +286,7 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
         if uneven:
             assert "uneven tensor parallel" in plan["reason"]
         key = (name, want, str(check.get("tp_weights", "")), check.get("vocab_parallel", False))
-        if name in ("moe", "moe_q4", "oss"):
+        if name in ("moe", "moe_q4", "oss", "ds"):
             key += (check["experts"],)
             assert plan["experts"] == check["experts"] and "mixture of experts" in " ".join(plan["kinds"])
             # Every rank's bytes (gathered by load) are its share of the checkpoint file.
@@ -316,11 +326,12 @@ def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: st
     """8 query / 4 KV heads on 3 ranks: auto picks uneven TP (4, 2, 2 heads); float32 dense and 4-bit
     tokens equal 1 process, also with a vocabulary-parallel tied head; float16 logits within tolerance.
     Mixture of experts on the same 3 ranks: mixtral 4-bit experts split 64, 32, 32 features, qwen3_moe's
-    6 experts placed 2, 2, 2, gpt_oss weighted 1, 2, 1: tokens equal 1 process."""
+    6 experts placed 2, 2, 2, gpt_oss weighted 1, 2, 1, deepseek_v3 (latent attention): tokens equal 1
+    process."""
     checks = [generate_check(checkpoints[name], "auto") for name in ("f32", "q4")]
     checks.append(generate_check(checkpoints["q4"], "auto", vocab_parallel=True))
     checks.append(generate_check(checkpoints["f16"], "auto", logits_of=PROMPT + references["f16"]["tokens"]))
-    moe = [("moe_q4", "tp", None), ("moe", "ep", None), ("oss", "tp", [1, 2, 1])]
+    moe = [("moe_q4", "tp", None), ("moe", "ep", None), ("oss", "tp", [1, 2, 1]), ("ds", "tp", None)]
     moe_checks = [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
                   for name, experts, weights in moe]
     results = job(tmp_path, 3, backend, checks + moe_checks)

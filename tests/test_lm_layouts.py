@@ -119,7 +119,7 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
         assert float(mx.abs(out - reference).max()) <= 2e-5 * (float(mx.abs(reference).max()) + 1.0)
 
 
-MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3"]
 
 
 @st.composite
@@ -139,8 +139,9 @@ def moe_layouts(draw):
     # Mostly enough whole quantization groups for every rank; sometimes not (refused).
     features = unit * draw(st.integers(2, 6) if draw(st.integers(0, 4)) == 0 else st.integers(size, 7)) if bits \
         else draw(st.integers(size, 48))
-    # glm4_moe routes top-2 within 1 of 2 expert groups: an even count of at least 4.
-    num_experts = draw(st.sampled_from([4, 6, 8]) if family == "glm4_moe" else st.integers(2, 8))
+    # glm4_moe and deepseek_v3 route top-2 within 1 of 2 expert groups: an even count of at least 4.
+    grouped = family in ("glm4_moe", "deepseek_v3")
+    num_experts = draw(st.sampled_from([4, 6, 8]) if grouped else st.integers(2, 8))
     experts = draw(st.sampled_from(["tp", "ep"]))
     weights = draw(st.none() | st.lists(st.integers(1, 3), min_size=size, max_size=size))
     seed = draw(st.integers(0, 2**16))
@@ -151,7 +152,8 @@ def moe_layouts(draw):
 @given(moe_layouts())
 def test_sharded_moe_model_equals_unsharded(layout) -> None:
     """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) / glm4_moe (shared experts, grouped top-k with
-    e_score_correction_bias, a dense first block) under expert TP or EP: logits of every rank equal the
+    e_score_correction_bias, a dense first block) / deepseek_v3 (also multi-head latent attention) under
+    expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     from mlxdist.lm.plan import choose
     from mlxdist.lm.tensor import apply_tensor_parallel
@@ -167,7 +169,11 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
         nn.quantize(model, group_size=group_size, bits=bits)
     mx.eval(model.parameters())
     tokens = mx.array([[1, 7, 42, 99, 250, 3]])
-    reference = model(tokens)
+
+    def forward(m: nn.Module) -> mx.array:  # a prompt, and one token (latent attention's decode path)
+        return mx.concatenate([m(tokens), m(tokens[:, :1])], axis=1)
+
+    reference = forward(model)
     world = StandInWorld(size)
     models = []
     try:
@@ -189,8 +195,8 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
         assert [stop - start for start, stop in plan.split.experts] and plan.split.experts[-1][1] == num_experts
     else:
         assert sum(plan.split.expert_features) == features
-    outputs = world.run([lambda m=m: m(tokens) for m in models])
-    assert world.all_sums == 4  # per block: one after attention, one per MoE block
+    outputs = world.run([lambda m=m: forward(m) for m in models])
+    assert world.all_sums == 8  # per block and forward: one after attention, one after the MLP or MoE block
     scale = float(mx.abs(reference).max()) + 1.0
     for rank, out in enumerate(outputs):
         error = float(mx.abs(out - reference).max())

@@ -9,6 +9,11 @@ A decoder block is sharded by what it contains, not by its family's name:
   (per head) stay whole, q/k/v biases follow their features, an o bias is
   added once after the sum, attention ``sinks`` (one per query head) follow
   their heads;
+- multi-head latent attention (deepseek_v2/v3 and kin): ``q_proj`` or
+  ``q_a_proj``/``q_b_proj``, ``kv_a_proj_with_mqa``, per-head ``embed_q`` and
+  ``unembed_out`` and ``o_proj``, heads counted by ``num_heads``; the query
+  projection, the per-head modules and ``o_proj`` split by query heads, the
+  shared latent (``q_a``, ``kv_a`` and their norms) whole;
 - dense MLP: ``gate_proj``/``up_proj``/``down_proj`` linear layers;
 - mixture of experts: a module holding a switch layer (mlx-lm's
   ``SwitchGLU``/``SwitchMLP``, float or quantized, see
@@ -46,6 +51,8 @@ QUERY_COUNTS = ("n_heads", "num_attention_heads", "num_heads")
 KV_COUNTS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DENSE = ("gate_proj", "up_proj", "down_proj")
+_LATENT = ("kv_a_proj_with_mqa", "o_proj")
+_PER_HEAD = ("embed_q", "unembed_out")
 _SWITCHES = ("switch_mlp", "experts")
 _ROUTERS = ("gate", "router")
 _SHARED = ("shared_experts", "shared_expert")
@@ -77,6 +84,8 @@ class BlockLayout:
         router: Its router's attribute name.
         shared: Its shared experts' projections (split like a dense MLP,
             their output a partial sum added to the switch's).
+        latent: Multi-head latent attention's per-head modules (weights
+            ``[heads, ...]``, sliced by query heads); empty for q/k/v/o attention.
     """
 
     column: tuple[str, ...]
@@ -91,10 +100,11 @@ class BlockLayout:
     switch: Optional[str] = None
     router: Optional[str] = None
     shared: tuple[str, ...] = ()
+    latent: tuple[str, ...] = ()
 
     def kinds(self) -> list[str]:
         """The kinds of this block's modules, for plans and messages."""
-        found = ["attention" + (" with sinks" if self.sinks else "")]
+        found = ["latent attention" if self.latent else "attention" + (" with sinks" if self.sinks else "")]
         if self.mlp:
             found.append("dense mlp")
         if self.moe:
@@ -130,6 +140,12 @@ def _switch_name(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _is_latent(module: nn.Module) -> bool:
+    has_query = is_linear(module.get("q_proj")) or is_linear(module.get("q_b_proj"))
+    per_head = all(isinstance(module.get(name), nn.Module) for name in _PER_HEAD)
+    return has_query and per_head and _has_linears(module, _LATENT) and _count_name(module, ("num_heads",)) is not None
+
+
 def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
     """The layout of one decoder block, from the kinds of its modules.
 
@@ -149,7 +165,7 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
     for name, child in _children(block).items():
         if isinstance(child, (nn.RMSNorm, nn.LayerNorm)) or "norm" in name:
             continue
-        if _has_linears(child, _ATTENTION) and attention is None:
+        if (_has_linears(child, _ATTENTION) or _is_latent(child)) and attention is None:
             attention = name
         elif _has_linears(child, _DENSE) or _switch_name(child):
             feedforward.append((name, child))
@@ -165,22 +181,31 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             f"feed-forward={[name for name, _ in feedforward]}"
         )
     attn = block[attention]
-    counts = (_count_name(attn, QUERY_COUNTS), _count_name(attn, KV_COUNTS))
+    if _is_latent(attn):
+        query = f"{attention}.{'q_proj' if is_linear(attn.get('q_proj')) else 'q_b_proj'}"
+        o = f"{attention}.o_proj"
+        heads = ("num_heads", "num_heads")  # one latent shared by every head: only query heads split
+        base = dict(column=(query,), row=(o,), attention=attention, head_counts=heads, query=(query, o),
+                    key_value=(), latent=tuple(f"{attention}.{name}" for name in _PER_HEAD))
+    else:
+        base = None
+    counts = (_count_name(attn, QUERY_COUNTS), _count_name(attn, KV_COUNTS)) if base is None else ("", "")
     if None in counts:
         raise UnsupportedOperationError(
             f"{where}.{attention} ({type(attn).__name__}) keeps no head counts under "
             f"{'/'.join(QUERY_COUNTS)} and {'/'.join(KV_COUNTS)}"
         )
     sinks = isinstance(attn.get("sinks"), mx.array)
-    q, k, v, o = (f"{attention}.{name}" for name in _ATTENTION)
-    column, row = [q, k, v], [o]
+    if base is None:
+        q, k, v, o = (f"{attention}.{name}" for name in _ATTENTION)
+        base = dict(column=(q, k, v), row=(o,), attention=attention, head_counts=counts, query=(q, o),
+                    key_value=(k, v), sinks=sinks)
     name, ff = feedforward[0]
     switch = _switch_name(ff)
     if switch is None:
         mlp = tuple(f"{name}.{part}" for part in _DENSE)
-        return BlockLayout(
-            (*column, *mlp[:2]), (*row, mlp[2]), attention, counts, (q, o), (k, v), mlp, sinks
-        )
+        return BlockLayout(**{**base, "column": (*base["column"], *mlp[:2]), "row": (*base["row"], mlp[2]),
+                              "mlp": mlp})
     router = next((r for r in _ROUTERS if isinstance(ff.get(r), nn.Module)), None)
     if router is None:
         raise UnsupportedOperationError(f"{where}.{name}: a switch layer but no router (gate/router)")
@@ -195,6 +220,4 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             f"tensor parallelism does not know the module {where}.{name}.{child_name} "
             f"({type(child).__name__}) of a mixture-of-experts block"
         )
-    return BlockLayout(
-        tuple(column), tuple(row), attention, counts, (q, o), (k, v), (), sinks, name, switch, router, shared
-    )
+    return BlockLayout(**base, moe=name, switch=switch, router=router, shared=shared)

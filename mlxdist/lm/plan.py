@@ -353,8 +353,9 @@ def model_split(
         attention = _module(block, kinds.attention)
         n_heads, n_kv = (int(getattr(attention, name)) for name in kinds.head_counts)
         query_out, hidden, _ = _linear_dims(_module(block, kinds.query[0]))
-        _, _, o_group = _linear_dims(_module(block, kinds.query[-1]))
-        shapes.add((n_heads, n_kv, query_out // n_heads, o_group or 1, hidden))
+        hidden = _linear_dims(_module(block, kinds.query[-1]))[0]  # the model width (o's output)
+        _, o_in, o_group = _linear_dims(_module(block, kinds.query[-1]))
+        shapes.add((n_heads, n_kv, query_out // n_heads, o_in // n_heads, o_group or 1, hidden))
         for mlp in (kinds.mlp, kinds.shared):
             if mlp:
                 width, _, _ = _linear_dims(_module(block, mlp[0]))
@@ -364,7 +365,7 @@ def model_split(
             switches.add(_switch_dims(_module(block, f"{kinds.moe}.{kinds.switch}")))
     if len(shapes) != 1:
         raise ShapeError(f"tensor parallelism needs attention of one shape in every block, found {sorted(shapes)}")
-    ((n_heads, n_kv, head_dim, o_unit, hidden),) = shapes
+    ((n_heads, n_kv, head_dim, o_head, o_unit, hidden),) = shapes
     if experts == "ep" and not switches:
         raise InvalidArgumentError(
             "experts='ep' (expert parallelism) needs a mixture-of-experts model; this one has no experts"
@@ -406,11 +407,11 @@ def model_split(
         split.head_dim, split.query_heads, split.kv_heads, split.intermediate, split.vocab, others,
         expert_features, placement,
     )
-    misaligned = [q for q in split.query_sizes if q % o_unit]
-    if misaligned:
+    o_sizes = [(stop - start) * o_head for start, stop in split.query_heads]
+    if any(q % o_unit for q in o_sizes):
         raise ShapeError(
-            f"quantized o_proj: query features per rank {split.query_sizes} "
-            f"({head_dim} per head) are not multiples of group_size={o_unit}"
+            f"quantized o_proj: its input features per rank {o_sizes} "
+            f"({o_head} per head) are not multiples of group_size={o_unit}"
         )
     return split
 

@@ -54,8 +54,10 @@ def _shares(path: str, layout: FamilyLayout, split: TensorSplit, module: nn.Modu
     """The ``shard_linear`` arguments that give a projection its shares under ``split``."""
     if path in layout.key_value:
         return {"ranges": split.kv_ranges()}
-    if path in layout.query:
-        return {"sizes": split.query_sizes}
+    if path in layout.query:  # whole heads; a head's width is the projection's own (q and o may differ)
+        heads = split.query_heads[-1][1]
+        per_head = _width(module, path == layout.query[-1]) // heads
+        return {"sizes": [(stop - start) * per_head for start, stop in split.query_heads]}
     if path in layout.mlp:
         return {"sizes": split.features(_width(module, path == layout.mlp[-1]))}
     raise ValueError(f"{path} has no role in the family layout")  # a layout bug, not user input
@@ -124,6 +126,13 @@ def shard_block(
     else:
         first, stop = split.query_heads[group.rank()]
         kv_count = len(split.kv_heads[group.rank()])
+    if getattr(layout, "latent", ()):  # one latent for every head: only the query heads split
+        for path in layout.latent:
+            module = _get(block, path)
+            module.update({k: mx.contiguous(v[first:stop]) for k, v in module.items() if isinstance(v, mx.array)})
+            mx.eval(module.parameters())
+        setattr(attention, queries, stop - first)
+        return
     setattr(attention, queries, stop - first)
     setattr(attention, kv, kv_count)
     for ratio in ("num_key_value_groups", "repeats"):  # query heads per key/value head, where kept
@@ -158,6 +167,7 @@ def apply_tensor_parallel(
         if layout.moe:
             paths.append(f"{layout.moe}.{layout.switch}")
             paths += layout.shared
+        paths += list(layout.latent)
         for path in paths:
             sharded_full += sum(v.nbytes for _, v in tree_flatten(_get(block, path).parameters()))
         if layout.sinks:

@@ -37,6 +37,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_oss": {"num_experts_per_tok": 2, "sliding_window": 128},
     # Shared experts, a router with e_score_correction_bias and grouped top-k, q/k norms, q/k/v
     # biases, partial rotary; the first block dense.
+    # Multi-head latent attention (q_a/q_b, kv_a, embed_q/unembed_out), a dense first block, MoE with
+    # shared experts and a grouped top-k router with e_score_correction_bias.
+    "deepseek_v3": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                    "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
+                    "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                    "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -53,6 +59,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "mixtral": ("num_local_experts", None),
     "gpt_oss": ("num_local_experts", None),
     "glm4_moe": ("n_routed_experts", "moe_intermediate_size"),
+    "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
