@@ -30,20 +30,14 @@ from support.standin import StandInWorld  # noqa: E402
 from mlxdist.errors import ShapeError  # noqa: E402
 from mlxdist.lm.plan import layout_of, model_split  # noqa: E402
 from mlxdist.lm.tensor import shard_block  # noqa: E402
-from mlxdist.lm.testing import _model_classes, _random_parameters, model_config  # noqa: E402
+from mlxdist.lm.testing import random_model  # noqa: E402
 
 
 def one_block_model(family: str, n_heads: int, n_kv: int, head_dim: int, hidden: int, inter: int,
                     bits: int | None, group_size: int, seed: int) -> nn.Module:
-    config = model_config(family, hidden_size=hidden, num_layers=1, num_heads=n_heads, num_kv_heads=n_kv,
-                          intermediate_size=inter, head_dim=head_dim, vocab_size=300)
-    model_class, args_class = _model_classes(family)
-    model = model_class(args_class.from_dict(config))
-    model.update(_random_parameters(model, mx.random.key(seed)))
-    if bits is not None:
-        nn.quantize(model, group_size=group_size, bits=bits)
-    mx.eval(model.parameters())
-    return model
+    return random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=hidden, num_layers=1,
+                        num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=inter, head_dim=head_dim,
+                        vocab_size=300)[0]
 
 
 def sharded_outputs(model: nn.Module, size: int, weights, x: mx.array) -> tuple[list[mx.array], object]:
@@ -81,7 +75,7 @@ def layouts(draw):
     return family, n_heads, n_kv, head_dim, hidden, inter, bits, group_size, size, weights, seed
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts())
 def test_sharded_block_equals_unsharded(layout) -> None:
     family, n_heads, n_kv, head_dim, hidden, inter, bits, group_size, size, weights, seed = layout
@@ -148,7 +142,7 @@ def moe_layouts(draw):
     return family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts, weights, seed
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(moe_layouts())
 def test_sharded_moe_model_equals_unsharded(layout) -> None:
     """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) / glm4_moe (shared experts, grouped top-k with
@@ -160,14 +154,9 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
 
     (family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts,
      weights, seed) = layout
-    config = model_config(family, hidden_size=hidden, num_layers=2, num_heads=n_heads, num_kv_heads=n_kv,
-                          intermediate_size=features, head_dim=head_dim, vocab_size=300, num_experts=num_experts)
-    model_class, args_class = _model_classes(family)
-    model = model_class(args_class.from_dict(config))
-    model.update(_random_parameters(model, mx.random.key(seed)))
-    if bits is not None:
-        nn.quantize(model, group_size=group_size, bits=bits)
-    mx.eval(model.parameters())
+    model, _ = random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=hidden, num_layers=2,
+                            num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=features, head_dim=head_dim,
+                            vocab_size=300, num_experts=num_experts)
     tokens = mx.array([[1, 7, 42, 99, 250, 3]])
 
     def forward(m: nn.Module) -> mx.array:  # a prompt, and one token (latent attention's decode path)

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxdist.errors import InvalidArgumentError
 
-__all__ = ["FAMILIES", "DTYPES", "model_config", "write_checkpoint", "write_tokenizer"]
+__all__ = ["FAMILIES", "DTYPES", "model_config", "random_model", "write_checkpoint", "write_tokenizer"]
 
 # model_type -> extra config keys the family needs.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -198,6 +198,51 @@ def write_tokenizer(path: Union[str, Path], vocab_size: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
+def random_model(
+    family: str = "llama",
+    *,
+    dtype: str = "float32",
+    bits: Optional[int] = None,
+    group_size: int = 32,
+    seed: int = 0,
+    **dims: int,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A random-weight mlx-lm model of one family, built with mlx-lm's own classes (nothing written).
+
+    Args:
+        family: A key of :data:`FAMILIES`.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        bits: Quantize linear and embedding layers to this many bits (affine), or None.
+        group_size: Quantization group size.
+        seed: PRNG seed: the same arguments give the same weights.
+        **dims: Passed to :func:`model_config`.
+
+    Returns:
+        ``(model, config)``: the evaluated model and its ``config.json`` dict
+        (with the quantization entries when ``bits`` is set).
+
+    Raises:
+        InvalidArgumentError: unknown family or dtype, or a quantization MLX
+            rejects for these shapes.
+    """
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config = model_config(family, **dims)
+    model_class, args_class = _model_classes(family)
+    model = model_class(args_class.from_dict(config))
+    model.update(_random_parameters(model, mx.random.key(seed)))
+    model.set_dtype(DTYPES[dtype])
+    if bits is not None:
+        try:
+            nn.quantize(model, group_size=group_size, bits=bits)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"cannot quantize this model: {exc}") from None
+        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+        config["quantization_config"] = dict(config["quantization"])
+    mx.eval(model.parameters())
+    return model, config
+
+
 def write_checkpoint(
     path: Union[str, Path],
     family: str = "llama",
@@ -230,20 +275,7 @@ def write_checkpoint(
         InvalidArgumentError: unknown family or dtype, or a quantization MLX
             rejects for these shapes.
     """
-    if dtype not in DTYPES:
-        raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    config = model_config(family, **dims)
-    model_class, args_class = _model_classes(family)
-    model = model_class(args_class.from_dict(config))
-    model.update(_random_parameters(model, mx.random.key(seed)))
-    model.set_dtype(DTYPES[dtype])
-    if bits is not None:
-        try:
-            nn.quantize(model, group_size=group_size, bits=bits)
-        except ValueError as exc:
-            raise InvalidArgumentError(f"cannot quantize this model: {exc}") from None
-        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-        config["quantization_config"] = dict(config["quantization"])
+    model, config = random_model(family, dtype=dtype, bits=bits, group_size=group_size, seed=seed, **dims)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
