@@ -570,6 +570,8 @@ def test_generate_command_errors(checkpoints) -> None:
     assert bad_ids.returncode == 2 and "expected comma-separated token ids" in bad_ids.stderr
     too_big = subprocess.run(base[:-1] + ["1,512"], capture_output=True, text=True, timeout=60)
     assert too_big.returncode == 2 and "below the vocabulary size 512" in too_big.stderr
+    dense_ep = subprocess.run(base + ["--experts", "ep"], capture_output=True, text=True, timeout=60)
+    assert dense_ep.returncode == 2 and "needs a mixture-of-experts model" in dense_ep.stderr
 
 
 def test_experts_refused_before_loading(checkpoints) -> None:
@@ -577,7 +579,7 @@ def test_experts_refused_before_loading(checkpoints) -> None:
     plan, on the lazy model (no weight read)."""
     from mlx_lm.utils import load_model
 
-    from mlxdist.lm.testing import _model_classes, model_config
+    from mlxdist.lm.testing import random_model
 
     dense, _ = load_model(checkpoints["f32"], lazy=True)
     for size in (1, 2):
@@ -587,9 +589,8 @@ def test_experts_refused_before_loading(checkpoints) -> None:
         choose(dense, "llama", 0, 2, "auto", experts="dp")
     with pytest.raises(mlxdist.InvalidArgumentError, match="needs a mixture-of-experts model"):
         load(checkpoints["f32"], experts="ep")
-    model_class, args_class = _model_classes("qwen3_moe")
-    eight_heads = model_class(args_class.from_dict(model_config(
-        "qwen3_moe", hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, intermediate_size=64, num_experts=3)))
+    eight_heads, _ = random_model("qwen3_moe", hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+                                  intermediate_size=64, num_experts=3)
     with pytest.raises(mlxdist.ShapeError, match="cannot place 3 experts on 4 ranks"):
         choose(eight_heads, "qwen3_moe", 0, 4, "auto", experts="ep")
     with pytest.raises(mlxdist.InvalidArgumentError, match="mode='pp' has none"):
