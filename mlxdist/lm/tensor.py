@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 
 from mlxdist.group import Group
 from mlxdist.lm.kinds import BlockLayout
-from mlxdist.lm.plan import FamilyLayout, block_layouts
+from mlxdist.lm.plan import FamilyLayout
+from mlxdist.lm.sizing import block_layouts
 from mlxdist.lm.split import TensorSplit
 from mlxdist.lm.vocab import apply_vocab_parallel
 from mlxdist.nn import shard_inplace, shard_linear

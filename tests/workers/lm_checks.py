@@ -42,6 +42,7 @@ def run_generate(group: mlxdist.Group, check: dict) -> dict:
             group,
             check["mode"],
             tp_weights=check.get("tp_weights"),
+            pp_weights=check.get("pp_weights"),
             vocab_parallel=check.get("vocab_parallel", False),
             experts=check.get("experts", "tp"),
         )
