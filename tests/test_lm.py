@@ -67,7 +67,6 @@ CHECKPOINTS = {
     "moe_q4": dict(family="mixtral", dtype="float32", bits=4, group_size=32, seed=11,
                    **{**MOE_DIMS, "hidden_size": 128}, num_experts=4, intermediate_size=128),
     "ds": dict(family="deepseek_v3", dtype="float32", seed=15, **MOE_DIMS, num_experts=4, intermediate_size=64),
-    "moe_bf16": dict(family="qwen3_moe", dtype="bfloat16", seed=16, **MOE_DIMS, num_experts=4, intermediate_size=96),
     "oss": dict(family="gpt_oss", dtype="float32", seed=12, **MOE_DIMS, num_experts=4, intermediate_size=64),
     "gemma": dict(family="gemma3_text", dtype="float32", seed=13, **MOE_DIMS, head_dim=16, intermediate_size=128),
     "phi3": dict(family="phi3", dtype="float32", seed=14, **MOE_DIMS, intermediate_size=128),
@@ -79,7 +78,7 @@ CHECKPOINTS = {
 # order 10 on these models; measured 0.17 and 0.18 here): TP changes the
 # summation order of the row-parallel products, and the partial sums are
 # rounded to the model dtype before the all-sum.
-LOGIT_TOLERANCE = {"f16": 0.35, "bf16": 0.35, "moe_bf16": 0.35}
+LOGIT_TOLERANCE = {"f16": 0.35, "bf16": 0.35}
 LATENT = re.compile(r"\.(q_b_proj|embed_q|unembed_out)\.")  # multi-head latent attention's per-head parts
 SWITCH = re.compile(r"\.(switch_mlp|experts)\.")
 PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.")
@@ -332,10 +331,8 @@ def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: st
     checks = [generate_check(checkpoints[name], "auto") for name in ("f32", "q4")]
     checks.append(generate_check(checkpoints["q4"], "auto", vocab_parallel=True))
     checks.append(generate_check(checkpoints["f16"], "auto", logits_of=PROMPT + references["f16"]["tokens"]))
-    moe = [("moe_q4", "tp", None), ("moe", "ep", None), ("oss", "tp", [1, 2, 1]), ("ds", "tp", None),
-           ("moe_bf16", "ep", None)]
-    moe_checks = [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights,
-                                 logits_of=PROMPT + references[name]["tokens"])
+    moe = [("moe_q4", "tp", None), ("moe", "ep", None), ("oss", "tp", [1, 2, 1]), ("ds", "tp", None)]
+    moe_checks = [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
                   for name, experts, weights in moe]
     # Pipeline parallel over MoE and latent-attention blocks, and a family TP does not know (phi3).
     pp_checks = [generate_check(checkpoints[name], "pp", pp_weights=weights)
@@ -350,13 +347,7 @@ def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: st
     for check, result in zip(moe_checks, results[len(checks):]):
         name = Path(check["path"]).name
         assert "error" not in result, result
-        if name in LOGIT_TOLERANCE:  # bfloat16: logits near 1 process (the sums' order differs)
-            drift = np.abs(np.array(result["logits"]) - references[name]["logits"]).max()
-            print(f"\n{name} at 3 {backend} ranks, experts {check['experts']}: max |logit - 1 process| = {drift:.4f}")
-            assert drift <= LOGIT_TOLERANCE[name], drift
-            assert np.abs(references[name]["logits"]).max() > 4 * LOGIT_TOLERANCE[name]
-        else:
-            assert result["tokens"] == references[name]["tokens"], check
+        assert result["tokens"] == references[name]["tokens"], check
         plan = result["plan"]
         assert plan["experts"] == check["experts"]
         assert plan["rank_bytes"] == [expected_moe_bytes(checkpoints[name], plan["shares"], r) for r in range(3)]
