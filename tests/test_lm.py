@@ -164,7 +164,12 @@ def expected_tp_bytes(path: Path, shares: dict, rank: int) -> int:
     total = 0
     for key, value in weights.items():
         projection = PROJECTION.search(key)
-        if projection:
+        if ".qkv_proj." in key:  # phi3's fused projection: q heads, then k and v heads
+            held_heads = held["query_heads"] + 2 * held["kv_heads"]
+            total += value.nbytes * held_heads // (whole["query_heads"] + 2 * whole["kv_heads"])
+        elif ".gate_up_proj." in key:
+            total += value.nbytes * held["intermediate"] // whole["intermediate"]
+        elif projection:
             role = ROLE[projection.group(1)]
             share = value.nbytes * held[role]
             assert share % whole[role] == 0, (key, held[role], whole[role])
@@ -263,9 +268,9 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
     }[(n, backend)]
     checks += [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
                for name, experts, weights in moe]
-    if n == 2 and backend == "mpi":  # gemma3's blocks are known kinds; phi3's fused qkv_proj is not: PP
+    if n == 2 and backend == "mpi":  # gemma3's blocks; phi3's fused qkv_proj and gate_up_proj
         checks += [generate_check(checkpoints["gemma"], "auto", tp_weights=[1, 3]),
-                   generate_check(checkpoints["phi3"], "auto")]
+                   generate_check(checkpoints["phi3"], "auto", tp_weights=[2, 1])]
     results = job(tmp_path, n, backend, checks)
     ratios, shares = {}, {}
     for check, result in zip(checks, results):
@@ -277,9 +282,7 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
             continue
         assert "error" not in result, result
         plan = result["plan"]
-        want = "pp" if check["mode"] == "pp" or name == "phi3" else "tp"
-        if name == "phi3":
-            assert "does not know the module model.layers.0.self_attn" in plan["reason"], plan
+        want = "pp" if check["mode"] == "pp" else "tp"
         assert plan["mode"] == want, plan
         assert result["tokens"] == references[name]["tokens"], (name, check)
         uneven = name in ("odd", "odd_q4", "g3", "g3q4", "mha6")
@@ -334,7 +337,7 @@ def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: st
     moe = [("moe_q4", "tp", None), ("moe", "ep", None), ("oss", "tp", [1, 2, 1]), ("ds", "tp", None)]
     moe_checks = [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
                   for name, experts, weights in moe]
-    # Pipeline parallel over MoE and latent-attention blocks, and a family TP does not know (phi3).
+    # Pipeline parallel over MoE, latent-attention and fused (phi3) blocks.
     pp_checks = [generate_check(checkpoints[name], "pp", pp_weights=weights)
                  for name, weights in (("moe", None), ("ds", [1, 2, 1]), ("oss", None), ("phi3", None))]
     results = job(tmp_path, 3, backend, checks + moe_checks + pp_checks)

@@ -1,7 +1,7 @@
 """Sharded decoder blocks against the unsharded block, over many head layouts, in one process.
 
 Each example builds a one-block mlx-lm model (llama, qwen2 with q/k/v biases,
-qwen3 with q/k norms) with a drawn layout: query heads, key/value heads (MHA,
+qwen3 with q/k norms, phi3 with fused qkv and gate_up projections, gemma3_text) with a drawn layout: query heads, key/value heads (MHA,
 GQA, MQA), head_dim, MLP width, float or 4-/8-bit weights with a drawn
 quantization group, 2-6 ranks, equal or drawn TP weights. The plan
 (:func:`mlxdist.lm.plan.model_split`) and the sharding
@@ -56,7 +56,7 @@ def sharded_outputs(model: nn.Module, size: int, weights, x: mx.array) -> tuple[
 
 @st.composite
 def layouts(draw):
-    family = draw(st.sampled_from(["llama", "qwen2", "qwen3"]))
+    family = draw(st.sampled_from(["llama", "qwen2", "qwen3", "phi3", "gemma3_text"]))
     n_kv = draw(st.integers(1, 6))
     n_heads = n_kv * draw(st.integers(1, 4))  # 1: MHA; n_kv == 1: MQA; else GQA
     quant = draw(st.sampled_from([None, (4, 32), (8, 32), (4, 64), (8, 64)]))
@@ -64,7 +64,7 @@ def layouts(draw):
     # A quantized o_proj needs its whole input (every query head) in whole groups.
     head_dim = draw(st.sampled_from([d for d in (8, 16, 32, 64) if not bits or n_heads * d % group_size == 0]))
     hidden = draw(st.sampled_from([64, 128]))
-    if family == "qwen2":  # qwen2's attention takes head_dim = hidden_size // heads
+    if family in ("qwen2", "phi3"):  # their attention takes head_dim = hidden_size // heads
         hidden = n_heads * head_dim
     unit = group_size if bits else 1
     inter = unit * draw(st.integers(6, 24)) if bits else draw(st.integers(6, 200))

@@ -14,7 +14,11 @@ A decoder block is sharded by what it contains, not by its family's name:
   ``unembed_out`` and ``o_proj``, heads counted by ``num_heads``; the query
   projection, the per-head modules and ``o_proj`` split by query heads, the
   shared latent (``q_a``, ``kv_a`` and their norms) whole;
-- dense MLP: ``gate_proj``/``up_proj``/``down_proj`` linear layers;
+- fused attention (phi3): ``qkv_proj`` and ``o_proj`` with the same head
+  counts; each rank keeps its query, key and value features of the fused
+  projection;
+- dense MLP: ``gate_proj``/``up_proj``/``down_proj`` linear layers, or a
+  fused ``gate_up_proj`` and ``down_proj``;
 - mixture of experts: a module holding a switch layer (mlx-lm's
   ``SwitchGLU``/``SwitchMLP``, float or quantized, see
   :func:`mlxdist.nn.experts.switch_projections`) beside its router (``gate``
@@ -52,6 +56,8 @@ KV_COUNTS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DENSE = ("gate_proj", "up_proj", "down_proj")
 _LATENT = ("kv_a_proj_with_mqa", "o_proj")
+_FUSED_ATTENTION = ("qkv_proj", "o_proj")
+_FUSED_DENSE = ("gate_up_proj", "down_proj")
 _PER_HEAD = ("embed_q", "unembed_out")
 _SWITCHES = ("switch_mlp", "experts")
 _ROUTERS = ("gate", "router")
@@ -86,6 +92,8 @@ class BlockLayout:
             their output a partial sum added to the switch's).
         latent: Multi-head latent attention's per-head modules (weights
             ``[heads, ...]``, sliced by query heads); empty for q/k/v/o attention.
+        fused: Fused projections (``qkv_proj``: query, key and value parts;
+            ``gate_up_proj``: gate and up parts), cut by per-rank ranges.
     """
 
     column: tuple[str, ...]
@@ -101,6 +109,7 @@ class BlockLayout:
     router: Optional[str] = None
     shared: tuple[str, ...] = ()
     latent: tuple[str, ...] = ()
+    fused: tuple[str, ...] = ()
 
     def kinds(self) -> list[str]:
         """The kinds of this block's modules, for plans and messages."""
@@ -165,9 +174,11 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
     for name, child in _children(block).items():
         if isinstance(child, (nn.RMSNorm, nn.LayerNorm)) or "norm" in name:
             continue
-        if (_has_linears(child, _ATTENTION) or _is_latent(child)) and attention is None:
+        if (_has_linears(child, _ATTENTION) or _has_linears(child, _FUSED_ATTENTION) or _is_latent(child)) and (
+            attention is None
+        ):
             attention = name
-        elif _has_linears(child, _DENSE) or _switch_name(child):
+        elif _has_linears(child, _DENSE) or _has_linears(child, _FUSED_DENSE) or _switch_name(child):
             feedforward.append((name, child))
         else:
             raise UnsupportedOperationError(
@@ -196,16 +207,22 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             f"{'/'.join(QUERY_COUNTS)} and {'/'.join(KV_COUNTS)}"
         )
     sinks = isinstance(attn.get("sinks"), mx.array)
-    if base is None:
+    if base is None and _has_linears(attn, _FUSED_ATTENTION) and not _has_linears(attn, _ATTENTION):
+        qkv, o = (f"{attention}.{name}" for name in _FUSED_ATTENTION)
+        base = dict(column=(qkv,), row=(o,), attention=attention, head_counts=counts, query=(o,), key_value=(),
+                    sinks=sinks, fused=(qkv,))
+    elif base is None:
         q, k, v, o = (f"{attention}.{name}" for name in _ATTENTION)
         base = dict(column=(q, k, v), row=(o,), attention=attention, head_counts=counts, query=(q, o),
                     key_value=(k, v), sinks=sinks)
     name, ff = feedforward[0]
     switch = _switch_name(ff)
     if switch is None:
-        mlp = tuple(f"{name}.{part}" for part in _DENSE)
-        return BlockLayout(**{**base, "column": (*base["column"], *mlp[:2]), "row": (*base["row"], mlp[2]),
-                              "mlp": mlp})
+        parts = _DENSE if _has_linears(ff, _DENSE) else _FUSED_DENSE
+        mlp = tuple(f"{name}.{part}" for part in parts)
+        fused = base.get("fused", ()) + ((mlp[0],) if parts == _FUSED_DENSE else ())
+        return BlockLayout(**{**base, "column": (*base["column"], *mlp[:-1]), "row": (*base["row"], mlp[-1]),
+                              "mlp": mlp, "fused": fused})
     router = next((r for r in _ROUTERS if isinstance(ff.get(r), nn.Module)), None)
     if router is None:
         raise UnsupportedOperationError(f"{where}.{name}: a switch layer but no router (gate/router)")

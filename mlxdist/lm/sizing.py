@@ -184,14 +184,12 @@ def model_split(
     for block, kinds in zip(model.model.layers, block_layouts(model)):
         attention = _module(block, kinds.attention)
         n_heads, n_kv = (int(getattr(attention, name)) for name in kinds.head_counts)
-        query_out, hidden, _ = _linear_dims(_module(block, kinds.query[0]))
-        hidden = _linear_dims(_module(block, kinds.query[-1]))[0]  # the model width (o's output)
-        _, o_in, o_group = _linear_dims(_module(block, kinds.query[-1]))
+        hidden, o_in, o_group = _linear_dims(_module(block, kinds.query[-1]))  # o: the model width out
+        query_out = _linear_dims(_module(block, kinds.query[0]))[0] if len(kinds.query) > 1 else o_in
         shapes.add((n_heads, n_kv, query_out // n_heads, o_in // n_heads, o_group or 1, hidden))
         for mlp in (kinds.mlp, kinds.shared):
             if mlp:
-                width, _, _ = _linear_dims(_module(block, mlp[0]))
-                _, _, down_group = _linear_dims(_module(block, mlp[-1]))
+                _, width, down_group = _linear_dims(_module(block, mlp[-1]))  # the down projection's input
                 widths.setdefault(width, down_group or 1)
         if kinds.moe:
             switches.add(_switch_dims(_module(block, f"{kinds.moe}.{kinds.switch}")))

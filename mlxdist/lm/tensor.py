@@ -51,8 +51,29 @@ def _width(module: nn.Module, row: bool) -> int:
     return int(module["weight"].shape[0])
 
 
+def _fused_ranges(path: str, layout: FamilyLayout, split: TensorSplit, module: nn.Module) -> list:
+    """Each rank's ranges of a fused projection: its part of every fused segment, in segment order."""
+    if path in layout.mlp:  # gate_up_proj: [gate | up], each split like the MLP
+        width = _width(module, False) // 2
+        sizes = split.features(width)
+        starts = [sum(sizes[:rank]) for rank in range(len(sizes))]
+        return [[(a, a + n), (width + a, width + a + n)] for a, n in zip(starts, sizes)]
+    # qkv_proj: [queries | keys | values]
+    heads = split.query_heads[-1][1]
+    queries = heads * split.head_dim
+    keys = (_width(module, False) - queries) // 2
+    ranges = []
+    for (first, stop), kv in zip(split.query_heads, split.kv_ranges()):
+        mine = [(first * split.head_dim, stop * split.head_dim)]
+        mine += [(queries + a, queries + b) for a, b in kv] + [(queries + keys + a, queries + keys + b) for a, b in kv]
+        ranges.append(mine)
+    return ranges
+
+
 def _shares(path: str, layout: FamilyLayout, split: TensorSplit, module: nn.Module) -> dict[str, Any]:
     """The ``shard_linear`` arguments that give a projection its shares under ``split``."""
+    if path in getattr(layout, "fused", ()):
+        return {"ranges": _fused_ranges(path, layout, split, module)}
     if path in layout.key_value:
         return {"ranges": split.kv_ranges()}
     if path in layout.query:  # whole heads; a head's width is the projection's own (q and o may differ)
