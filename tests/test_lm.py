@@ -36,7 +36,7 @@ PROMPT = [17, 260, 301, 42, 99, 400, 5, 311]
 MAX_TOKENS = 12
 DIMS = dict(hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=512)
 ODD_HEADS = dict(hidden_size=96, num_layers=4, head_dim=32, intermediate_size=192, vocab_size=512)
-MOE_DIMS = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512)
+MOE_DIMS = dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, vocab_size=512)
 # name -> write_checkpoint arguments. Every family appears; "odd" has 6 heads and 3 kv heads.
 CHECKPOINTS = {
     "f32": dict(family="llama", dtype="float32", **DIMS),
