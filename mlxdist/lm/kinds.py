@@ -48,6 +48,7 @@ __all__ = [
     "KV_COUNTS",
     "BlockLayout",
     "block_layout",
+    "has_latent_attention",
     "is_linear",
 ]
 
@@ -153,6 +154,11 @@ def _is_latent(module: nn.Module) -> bool:
     has_query = is_linear(module.get("q_proj")) or is_linear(module.get("q_b_proj"))
     per_head = all(isinstance(module.get(name), nn.Module) for name in _PER_HEAD)
     return has_query and per_head and _has_linears(module, _LATENT) and _count_name(module, ("num_heads",)) is not None
+
+
+def has_latent_attention(block: nn.Module) -> bool:
+    """Whether a decoder block's attention is multi-head latent attention (it needs an array mask)."""
+    return any(_is_latent(child) for child in _children(block).values())
 
 
 def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:

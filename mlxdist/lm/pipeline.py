@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from mlxdist.group import Group
+from mlxdist.lm.kinds import has_latent_attention
 from mlxdist.world import all_gather, recv_like, send
 
 __all__ = ["PipelineStage", "apply_pipeline_parallel"]
@@ -40,9 +41,18 @@ class PipelineStage(nn.Module):
         self.embed_tokens = inner.embed_tokens
         self.layers = inner.layers[start:stop]
         self.norm = inner.norm
-        self.sliding_window = getattr(inner, "sliding_window", None)
+        # The window of local-attention blocks, and which of this rank's blocks use it: a block's own
+        # use_sliding, or the inner model's layer_types (gpt-oss).
+        self.sliding_window = getattr(inner, "sliding_window", None) or getattr(inner, "window_size", None)
+        types = getattr(inner, "layer_types", None) or [None] * len(inner.layers)
+        self.sliding = [
+            bool(getattr(layer, "use_sliding", False)) or types[index] == "sliding_attention"
+            for index, layer in zip(range(start, stop), inner.layers[start:stop])
+        ]
         self.group = group
         self.start, self.stop = start, stop
+        # Latent attention masks its scores with mx.where: it needs the mask as an array.
+        self.array_mask = any(has_latent_attention(layer) for layer in self.layers)
 
     @property
     def pipeline_layers(self) -> list:
@@ -50,9 +60,11 @@ class PipelineStage(nn.Module):
         return self.layers
 
     def _mask(self, h: mx.array, cache: list, sliding: bool) -> Any:
-        for layer, c in zip(self.layers, cache):
-            if bool(getattr(layer, "use_sliding", False)) == sliding:
-                return create_attention_mask(h, c, window_size=self.sliding_window if sliding else None)
+        for local, c in zip(self.sliding, cache):
+            if local == sliding:
+                return create_attention_mask(
+                    h, c, window_size=self.sliding_window if sliding else None, return_array=self.array_mask
+                )
         return None
 
     def __call__(
@@ -76,8 +88,8 @@ class PipelineStage(nn.Module):
         rank, size = self.group.rank(), self.group.size()
         if rank > 0:
             h = recv_like(h, rank - 1, group=self.group)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, masks[bool(getattr(layer, "use_sliding", False))], cache=c)
+        for layer, local, c in zip(self.layers, self.sliding, cache):
+            h = layer(h, masks[local], cache=c)
         if rank < size - 1:
             h = send(h, rank + 1, group=self.group)
             # Whoever evaluates only the caches (prefill chunks) still sends.
