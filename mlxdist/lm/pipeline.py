@@ -42,11 +42,13 @@ class PipelineStage(nn.Module):
         self.layers = inner.layers[start:stop]
         self.norm = inner.norm
         # The window of local-attention blocks, and which of this rank's blocks use it: a block's own
-        # use_sliding, or the inner model's layer_types (gpt-oss).
+        # use_sliding, its attention's is_sliding (gemma3), or the inner model's layer_types (gpt-oss).
         self.sliding_window = getattr(inner, "sliding_window", None) or getattr(inner, "window_size", None)
         types = getattr(inner, "layer_types", None) or [None] * len(inner.layers)
         self.sliding = [
-            bool(getattr(layer, "use_sliding", False)) or types[index] == "sliding_attention"
+            bool(getattr(layer, "use_sliding", False))
+            or bool(getattr(getattr(layer, "self_attn", None), "is_sliding", False))
+            or types[index] == "sliding_attention"
             for index, layer in zip(range(start, stop), inner.layers[start:stop])
         ]
         self.group = group
