@@ -337,9 +337,11 @@ def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: st
     moe = [("moe_q4", "tp", None), ("moe", "ep", None), ("oss", "tp", [1, 2, 1]), ("ds", "tp", None)]
     moe_checks = [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
                   for name, experts, weights in moe]
-    # Pipeline parallel over MoE, latent-attention and fused (phi3) blocks.
+    # Pipeline parallel over MoE, latent-attention and fused (phi3) blocks, and gemma3's local attention
+    # (window 16, crossed by the 20 tokens).
     pp_checks = [generate_check(checkpoints[name], "pp", pp_weights=weights)
-                 for name, weights in (("moe", None), ("ds", [1, 2, 1]), ("oss", None), ("phi3", None))]
+                 for name, weights in (("moe", None), ("ds", [1, 2, 1]), ("oss", None), ("phi3", None),
+                                       ("gemma", None))]
     results = job(tmp_path, 3, backend, checks + moe_checks + pp_checks)
     pp_results = results[len(checks) + len(moe_checks):]
     for check, result in zip(pp_checks, pp_results):
