@@ -45,6 +45,8 @@ class PipelineStage(nn.Module):
         # use_sliding, its attention's is_sliding (gemma3), or the inner model's layer_types (gpt-oss).
         self.sliding_window = getattr(inner, "sliding_window", None) or getattr(inner, "window_size", None)
         types = getattr(inner, "layer_types", None) or [None] * len(inner.layers)
+        if getattr(inner, "layer_types", None):
+            self.layer_types = list(types)  # every block's (the family's make_cache reads them)
         self.sliding = [
             bool(getattr(layer, "use_sliding", False))
             or bool(getattr(getattr(layer, "self_attn", None), "is_sliding", False))
@@ -118,7 +120,17 @@ def apply_pipeline_parallel(model: nn.Module, start: int, stop: int, group: Grou
         Bytes of all decoder blocks of the whole model.
     """
     blocks_bytes = sum(v.nbytes for block in model.model.layers for _, v in tree_flatten(block.parameters()))
+    total = len(model.model.layers)
     model.model = PipelineStage(model.model, start, stop, group)
+    family_caches = getattr(type(model), "make_cache", None)
+    if family_caches is not None:
+        # A family's make_cache may build one cache per block of the whole model (gemma3 from its
+        # config, gpt-oss from layer_types): this rank keeps those of its own blocks.
+        def make_cache() -> list:
+            caches = family_caches(model)
+            return caches[start:stop] if len(caches) == total else caches
+
+        object.__setattr__(model, "make_cache", make_cache)
     for block in model.model.layers:
         mx.eval(block.parameters())
     return blocks_bytes
