@@ -190,3 +190,21 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
     for rank, out in enumerate(outputs):
         error = float(mx.abs(out - reference).max())
         assert error <= 3e-5 * scale, (rank, error, plan.reason)
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3"]
+)
+def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
+    """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)
+    it must compute what the family's own inner model does (embedding scale, masks, local windows: 24
+    tokens cross gemma3's window of 16), or PP would be silently wrong for that family."""
+    import mlxdist
+    from mlxdist.lm.pipeline import apply_pipeline_parallel
+
+    model, _ = random_model(family, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
+                            intermediate_size=64, vocab_size=300, seed=3)
+    tokens = mx.array([[1, 5, 7, 9, 11, 13] * 4])
+    reference = model(tokens)
+    apply_pipeline_parallel(model, 0, 3, mlxdist.world())
+    assert float(mx.abs(model(tokens) - reference).max()) == 0.0

@@ -22,6 +22,9 @@ from mlxdist.world import all_gather, recv_like, send
 
 __all__ = ["PipelineStage", "apply_pipeline_parallel"]
 
+# The inner models that multiply the embeddings by sqrt(hidden_size) before the first block.
+_SCALED_EMBEDDINGS = frozenset({"mlx_lm.models.gemma3_text"})
+
 
 class PipelineStage(nn.Module):
     """The inner model (``model.model``) of an mlx-lm decoder, reduced to this rank's blocks.
@@ -55,6 +58,9 @@ class PipelineStage(nn.Module):
         ]
         self.group = group
         self.start, self.stop = start, stop
+        # gemma's inner models scale the embeddings by sqrt(hidden_size) (rounded to bfloat16) first.
+        scaled = type(inner).__module__ in _SCALED_EMBEDDINGS
+        self.embed_scale = float(inner.args.hidden_size) ** 0.5 if scaled else None
         # Latent attention masks its scores with mx.where: it needs the mask as an array.
         self.array_mask = any(has_latent_attention(layer) for layer in self.layers)
 
@@ -86,6 +92,8 @@ class PipelineStage(nn.Module):
             same on every rank.
         """
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if self.embed_scale is not None:
+            h = h * mx.array(self.embed_scale, mx.bfloat16).astype(h.dtype)
         if cache is None:
             cache = [None] * len(self.layers)
         masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
