@@ -20,7 +20,16 @@ from mlxdist.group import Group
 from mlxdist.lm.kinds import has_latent_attention
 from mlxdist.world import all_gather, recv_like, send
 
-__all__ = ["PipelineStage", "apply_pipeline_parallel"]
+__all__ = ["PIPELINED", "PipelineStage", "apply_pipeline_parallel"]
+
+# The mlx-lm model modules whose inner model the stage reproduces (checked by the tests: a stage over
+# every block computes what the family's inner model does). A stage replaces the family's own forward,
+# so any other family could be silently wrong under PP; mistral loads through llama.
+PIPELINED = frozenset(
+    f"mlx_lm.models.{name}"
+    for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss",
+                 "glm4_moe", "deepseek_v3")
+)
 
 # The inner models that multiply the embeddings by sqrt(hidden_size) before the first block.
 _SCALED_EMBEDDINGS = frozenset({"mlx_lm.models.gemma3_text"})

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import mlx.nn as nn
 
 from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperationError
+from mlxdist.lm.pipeline import PIPELINED
 from mlxdist.lm.sizing import EXPERTS, block_layouts, layout_of, model_split, tp_violations
 from mlxdist.lm.split import TensorSplit, check_weights
 
@@ -229,8 +230,9 @@ def choose(
     Raises:
         InvalidArgumentError: unknown mode, bad weights, or PP impossible
             (fewer blocks than ranks).
-        UnsupportedOperationError: no layout for the family (any mode on more
-            than one rank).
+        UnsupportedOperationError: a module of an unknown kind under
+            ``mode="tp"``, or pipeline parallelism (chosen or requested) for a
+            family whose inner model the pipeline stage is not checked against.
         ShapeError: ``mode="tp"`` and TP impossible: a rank would get no query
             head, or a quantized slice would cut a quantization group (the
             message names it).
@@ -306,6 +308,12 @@ def choose(
         why = "pipeline parallel as requested"
     if experts == "ep":
         raise InvalidArgumentError(f"experts='ep' needs tensor parallelism, and {why}")
+    if type(model).__module__ not in PIPELINED:
+        raise UnsupportedOperationError(
+            f"{why}, but mlxdist.lm's pipeline stage is not checked against {family}'s inner model "
+            f"({type(model).__module__}); pipeline parallel covers "
+            f"{', '.join(sorted(m.rsplit('.', 1)[1] for m in PIPELINED))}"
+        )
     ranges = layer_ranges(num_layers, size, pp_weights)
     spans = ", ".join(f"rank {r}: blocks [{a}, {b})" for r, (a, b) in enumerate(ranges))
     plan = Plan("pp", f"{why} over {size} ranks ({spans})", family, rank, size, ranges, kinds=kinds)
