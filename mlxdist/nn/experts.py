@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxdist.composed import all_to_all
@@ -42,6 +43,8 @@ from mlxdist.nn.slicing import ShardingRule, shard_parameters, take_ranges
 __all__ = [
     "DISPATCHES",
     "ExpertLinear",
+    "LocalSlots",
+    "SELECT_MIN_SLOTS",
     "MoEAllSum",
     "combine_bytes",
     "expert_placement",
@@ -201,6 +204,8 @@ def shard_switch_at(
             quantized and a rank's features not whole quantization groups.
     """
     feeds, out = switch_projections(switch)
+    if isinstance(switch, LocalSlots):
+        raise InvalidArgumentError("this switch's experts are placed whole (expert parallelism): not split too")
     if not _is_count(size) or size < 1 or not _is_count(rank) or not 0 <= rank < size:
         raise InvalidArgumentError(f"rank={rank!r} and size={size!r} must satisfy 0 <= rank < size")
     hidden = _input_dims(switch[out])
@@ -358,8 +363,66 @@ class ExpertLinear(nn.Module):
         return y
 
 
+class LocalSlots:
+    """What :func:`place_experts` adds to a switch layer's class: only local slots computed.
+
+    With at least ``select_min_slots`` routed slots (prefill, batches), the
+    switch reads which slots fall on its experts (one host synchronisation),
+    runs its own computation on those slots only and scatters them into exact
+    zeros; below it (decode), every slot runs on a local expert and the
+    output projection zeroes the others' (fixed shapes). Set
+    ``select_min_slots = None`` to keep fixed shapes always (``mx.compile``).
+    """
+
+    select_min_slots: Optional[int] = None
+    expert_first: int = 0
+    expert_count: int = 0
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """The switch's output for global ``indices``: zero for other ranks' experts.
+
+        Args:
+            x: The block's input, ``[..., hidden]``.
+            indices: The router's global top-k expert ids, ``[..., k]``.
+
+        Returns:
+            ``[..., k, hidden]``, this rank's part.
+        """
+        minimum = self.select_min_slots
+        if minimum is None or indices.size < minimum:
+            return super().__call__(x, indices)  # type: ignore[misc]
+        ids = indices.reshape(-1).astype(mx.int32)
+        inside = (ids >= self.expert_first) & (ids < self.expert_first + self.expert_count)
+        slots = np.flatnonzero(np.array(inside))
+        top_k = indices.shape[-1]
+        if slots.size == 0:
+            shape = (*indices.shape, x.shape[-1])
+            return mx.zeros(shape, dtype=x.dtype)
+        chosen = mx.array(slots.astype(np.int32))
+        picked = super().__call__(x.reshape(-1, x.shape[-1])[chosen // top_k], ids[chosen][:, None])  # type: ignore[misc]
+        out = mx.zeros((ids.size, picked.shape[-1]), dtype=picked.dtype).at[chosen].add(picked[:, 0])
+        return out.reshape(*indices.shape, picked.shape[-1])
+
+
+# Measured (benchmarks/bench_experts.py): selecting pays from this many slots on.
+SELECT_MIN_SLOTS = 64
+
+_LOCAL_CLASSES: dict[type, type] = {}
+
+
+def _local_class(cls: type) -> type:
+    if cls not in _LOCAL_CLASSES:
+        _LOCAL_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (LocalSlots, cls), {})
+    return _LOCAL_CLASSES[cls]
+
+
 def place_experts_at(
-    switch: nn.Module, *, rank: int, size: int, placement: Sequence[tuple[int, int]]
+    switch: nn.Module,
+    *,
+    rank: int,
+    size: int,
+    placement: Sequence[tuple[int, int]],
+    select_min_slots: Optional[int] = SELECT_MIN_SLOTS,
 ) -> nn.Module:
     """:func:`place_experts` for an explicit ``rank`` of ``size`` ranks (no group needed).
 
@@ -368,17 +431,25 @@ def place_experts_at(
         rank: The rank whose experts to keep.
         size: The number of ranks.
         placement: One ``(start, stop)`` per rank (:func:`expert_placement`).
+        select_min_slots: From this many routed slots on, compute only the
+            local ones (see :class:`LocalSlots`); None: fixed shapes always.
 
     Returns:
-        ``switch``, its projections replaced by :class:`ExpertLinear`.
+        ``switch``, its projections replaced by :class:`ExpertLinear` and its
+        class by a subclass adding :class:`LocalSlots`.
 
     Raises:
         ArgumentTypeError: not a switch layer.
-        InvalidArgumentError: bad rank, size or placement entries.
+        InvalidArgumentError: bad rank, size, placement entries or
+            select_min_slots, or a switch already placed.
         ShapeError: a placement that does not cover the experts in order,
             or leaves a rank none.
     """
     feeds, out = switch_projections(switch)
+    if isinstance(switch, LocalSlots):
+        raise InvalidArgumentError("this switch's experts are already placed")
+    if select_min_slots is not None and (not _is_count(select_min_slots) or select_min_slots < 1):
+        raise InvalidArgumentError(f"select_min_slots must be a positive int or None, got {select_min_slots!r}")
     if not _is_count(size) or size < 1 or not _is_count(rank) or not 0 <= rank < size:
         raise InvalidArgumentError(f"rank={rank!r} and size={size!r} must satisfy 0 <= rank < size")
     ranges = _check_placement(placement, size, _num_experts(switch, (*feeds, out)))
@@ -397,11 +468,18 @@ def place_experts_at(
         replaced[name] = ExpertLinear(parameters, start, masks=name == out, quantization=quantization)
     for name, layer in replaced.items():
         switch[name] = layer
+    switch.__class__ = _local_class(type(switch))
+    switch.expert_first, switch.expert_count = start, stop - start
+    switch.select_min_slots = select_min_slots
     return switch
 
 
 def place_experts(
-    switch: nn.Module, *, group: Optional[Group] = None, placement: Sequence[tuple[int, int]]
+    switch: nn.Module,
+    *,
+    group: Optional[Group] = None,
+    placement: Sequence[tuple[int, int]],
+    select_min_slots: Optional[int] = SELECT_MIN_SLOTS,
 ) -> nn.Module:
     """Keep only this rank's experts, whole (expert parallelism), in place.
 
@@ -417,9 +495,14 @@ def place_experts(
         group: The :class:`mlxdist.Group` (the world group when None).
         placement: One ``(start, stop)`` expert range per rank, e.g. from
             :func:`expert_placement`.
+        select_min_slots: From this many routed slots on (prefill, batches),
+            compute only the slots of local experts, after one host
+            synchronisation; below it, or when None (for ``mx.compile``),
+            every slot runs on a local expert and the others' are zeroed.
 
     Returns:
-        ``switch``, updated in place. No communication.
+        ``switch``, updated in place (its class gains :class:`LocalSlots`).
+        No communication.
 
     Raises:
         ArgumentTypeError: not a switch layer, or group not an mlxdist group.
@@ -427,7 +510,9 @@ def place_experts(
             non-empty contiguous range per rank covering every expert.
     """
     group = resolve_group(group)
-    return place_experts_at(switch, rank=group.rank(), size=group.size(), placement=placement)
+    return place_experts_at(
+        switch, rank=group.rank(), size=group.size(), placement=placement, select_min_slots=select_min_slots
+    )
 
 
 # -- summing a block's partial output ------------------------------------------
