@@ -135,29 +135,34 @@ def collect(args: argparse.Namespace, argv: Sequence[str], backend: str) -> dict
     return json.loads(lines[0])
 
 
+def report(args: argparse.Namespace, backend: str, results: dict[str, Any]) -> None:
+    """Print one backend's results as Markdown tables."""
+    hidden, features, experts, top_k = args.switch
+    print(f"\ncombine, {backend}, {args.ranks} ranks, hidden {args.hidden}, float32 "
+          f"(median of {args.rounds} rounds, slowest rank)\n")
+    print("| tokens | all_sum ms | all_to_all ms | all_to_all / all_sum | bytes in, all_sum | bytes in, all_to_all |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in results["combine"]:
+        print(f"| {row['tokens']} | {row['all_sum'] * 1e3:.3f} | {row['all_to_all'] * 1e3:.3f} | "
+              f"{row['all_to_all'] / row['all_sum']:.2f} | {row['all_sum_bytes']} | {row['all_to_all_bytes']} |")
+    print(f"\nexpert compute per rank, {backend}, {args.ranks} ranks, SwitchGLU hidden {hidden}, features "
+          f"{features}, {experts} experts, top-{top_k}, float32 (no collective)\n")
+    print("| tokens | one process ms | TP ms | EP fixed shapes ms | EP local slots ms |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in results["compute"]:
+        print(f"| {row['tokens']} | {row['one process'] * 1e3:.2f} | {row['tp'] * 1e3:.2f} | "
+              f"{row['ep fixed'] * 1e3:.2f} | {row['ep select'] * 1e3:.2f} |")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Start the ranks per backend and print their tables (or, launched, measure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
         run_rank(args)
-        return 0
-    hidden, features, experts, top_k = args.switch
-    for backend in args.backends:
-        results = collect(args, argv, backend)
-        print(f"\ncombine, {backend}, {args.ranks} ranks, hidden {args.hidden}, float32 "
-              f"(median of {args.rounds} rounds, slowest rank)\n")
-        print("| tokens | all_sum ms | all_to_all ms | all_to_all / all_sum | bytes in, all_sum | bytes in, all_to_all |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for row in results["combine"]:
-            print(f"| {row['tokens']} | {row['all_sum'] * 1e3:.3f} | {row['all_to_all'] * 1e3:.3f} | "
-                  f"{row['all_to_all'] / row['all_sum']:.2f} | {row['all_sum_bytes']} | {row['all_to_all_bytes']} |")
-        print(f"\nexpert compute per rank, {backend}, {args.ranks} ranks, SwitchGLU hidden {hidden}, features "
-              f"{features}, {experts} experts, top-{top_k}, float32 (no collective)\n")
-        print("| tokens | one process ms | TP ms | EP fixed shapes ms | EP local slots ms |")
-        print("|---:|---:|---:|---:|---:|")
-        for row in results["compute"]:
-            print(f"| {row['tokens']} | {row['one process'] * 1e3:.2f} | {row['tp'] * 1e3:.2f} | "
-                  f"{row['ep fixed'] * 1e3:.2f} | {row['ep select'] * 1e3:.2f} |")
+    else:
+        for backend in args.backends:
+            report(args, backend, collect(args, argv, backend))
     return 0
 
 
