@@ -22,6 +22,7 @@ from mlxdist.composed import all_to_all
 from mlxdist.errors import ArgumentTypeError, InvalidArgumentError
 from mlxdist.group import Group
 from mlxdist.world import all_gather, all_sum, resolve_group
+from mlxdist.nn.base import sum_gradients
 
 __all__ = ["DISPATCHES", "MoEAllSum", "choose_dispatch", "combine_bytes"]
 
@@ -167,12 +168,13 @@ class MoEAllSum(nn.Module):
         """
         block = self.block
         for key, value in self.items():
-            if isinstance(value, mx.array) and block.get(key) is not value:
-                block[key] = value  # an array loaded into the wrapper reaches the block
-        y = block(x, *args, **kwargs)
+            if block.get(key) is not value:
+                block[key] = value  # what was loaded or swapped into the wrapper reaches the block
         group = self.group
         if group.size() == 1:
-            return y
+            return block(x, *args, **kwargs)
+        # Each rank's part of the input's gradient is summed, as for column-parallel layers.
+        y = block(sum_gradients(group)(x), *args, **kwargs)
         tokens = math.prod(y.shape[:-1]) if y.ndim > 1 else 1
         if self.path_for(tokens, y.shape[-1], y.dtype.size) == "all_sum":
             return all_sum(y, group=group)
