@@ -96,9 +96,11 @@ class MoEAllSum(nn.Module):
     each rank ``2 (N-1)/N S`` with ``all_sum`` against ``(N-1)(1 + 1/N) S``
     with mlxdist's ``all_to_all`` (blocks of an all_gather) plus the
     ``all_gather`` of the summed blocks (:func:`combine_bytes`): the
-    all_to_all path never receives fewer bytes, and measured at 2 ranks on
-    ring and MPI it was never faster, so ``"auto"`` takes ``all_sum`` unless
-    :func:`choose_dispatch` finds otherwise.
+    all_to_all path never receives fewer bytes, so ``"auto"`` takes
+    ``all_sum`` (:func:`choose_dispatch`). Measured at 2 ranks (ring, MPI;
+    docs/guides/experts.md) the all_to_all path was 2-6x slower at 1-16
+    tokens and 2.5-4.5x at 2048, level or faster only around 1-2 MiB on ring
+    on a heavily loaded machine.
 
     Args:
         block: The MoE block (e.g. mlx-lm's ``Qwen3MoeSparseMoeBlock``).
