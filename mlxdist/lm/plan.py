@@ -19,12 +19,17 @@ from typing import Optional, Sequence
 import mlx.nn as nn
 
 from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperationError
+from mlxdist.lm.kinds import BlockLayout, block_layout
 from mlxdist.lm.split import TensorSplit, check_weights, tensor_split
+from mlxdist.nn.experts import expert_placement, switch_projections
 from mlxdist.nn.quantized import quantized_input_dims
+from mlxdist.nn.shares import split_sizes
 
 __all__ = [
     "MODES",
+    "EXPERTS",
     "FamilyLayout",
+    "block_layouts",
     "LAYOUTS",
     "Plan",
     "layout_of",
@@ -37,6 +42,7 @@ __all__ = [
 logger = logging.getLogger("mlxdist.lm")
 
 MODES = ("auto", "tp", "pp")
+EXPERTS = ("tp", "ep")
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,8 @@ class FamilyLayout:
     mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-# mlx-lm model module -> layout. Every listed family has model.model.{embed_tokens,
-# layers, norm}, and mistral checkpoints load through mlx_lm.models.llama.
+# The families TP was first written for; any other family whose blocks are made of
+# known module kinds (mlxdist.lm.kinds) is planned the same way.
 LAYOUTS: dict[str, FamilyLayout] = {
     "mlx_lm.models.llama": FamilyLayout(),
     "mlx_lm.models.qwen2": FamilyLayout(),
@@ -84,6 +90,10 @@ class Plan:
 
     Attributes:
         mode: ``"tp"``, ``"pp"`` or ``"single"`` (a group of one process).
+        experts: For a mixture-of-experts model under TP, ``"tp"`` (every
+            expert's features split) or ``"ep"`` (whole experts placed on
+            ranks); None for a dense model or another mode.
+        kinds: The kinds of module the decoder blocks are made of.
         reason: Why this mode, in one sentence.
         family: The checkpoint's ``model_type``.
         rank: This process's rank.
@@ -112,6 +122,9 @@ class Plan:
     sharded_full_bytes: int = 0
     split: Optional[TensorSplit] = None
     seconds: dict[str, float] = field(default_factory=dict)
+    experts: Optional[str] = None
+    kinds: list[str] = field(default_factory=list)
+    rank_bytes: list[int] = field(default_factory=list)
 
     @property
     def replicated_bytes(self) -> int:
@@ -122,6 +135,8 @@ class Plan:
         """The plan as JSON-ready data."""
         return {
             "mode": self.mode,
+            "experts": self.experts,
+            "kinds": list(self.kinds),
             "reason": self.reason,
             "family": self.family,
             "rank": self.rank,
@@ -131,12 +146,43 @@ class Plan:
             "full_bytes": self.full_bytes,
             "sharded_full_bytes": self.sharded_full_bytes,
             "shares": None if self.split is None else self.split.as_dict(),
+            "rank_bytes": list(self.rank_bytes),
         }
 
 
-def layout_of(model: nn.Module) -> Optional[FamilyLayout]:
-    """The layout of a loaded mlx-lm model, or None if its family has none."""
-    return LAYOUTS.get(type(model).__module__)
+def _blocks(model: nn.Module) -> list:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if isinstance(layers, (list, tuple)) else []
+
+
+def block_layouts(model: nn.Module) -> list[BlockLayout]:
+    """Each decoder block's layout, from the kinds of its modules (:mod:`mlxdist.lm.kinds`).
+
+    Args:
+        model: A loaded mlx-lm model (weights may be lazy).
+
+    Returns:
+        One :class:`~mlxdist.lm.kinds.BlockLayout` per block of ``model.model.layers``.
+
+    Raises:
+        UnsupportedOperationError: no ``model.model.layers``, or a block holds
+            a module of an unknown kind (named in the message).
+    """
+    blocks = _blocks(model)
+    if not blocks:
+        raise UnsupportedOperationError(
+            f"{type(model).__module__}: no decoder blocks at model.model.layers to shard"
+        )
+    return [block_layout(block, f"model.layers.{index}") for index, block in enumerate(blocks)]
+
+
+def layout_of(model: nn.Module) -> Optional[BlockLayout]:
+    """The first decoder block's layout, or None if a block holds a module of an unknown kind."""
+    try:
+        return block_layouts(model)[0]
+    except UnsupportedOperationError:
+        return None
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -178,7 +224,7 @@ def tp_violations(model: nn.Module, layout: FamilyLayout, size: int) -> list[str
             ``nn.QuantizedLinear``.
     """
     found: dict[str, str] = {}
-    for index, block in enumerate(model.model.layers):
+    for index, (block, layout) in enumerate(zip(model.model.layers, block_layouts(model))):
         where = f"layers.{index}"
         attention = _module(block, layout.attention)
         for name in layout.head_counts:
@@ -187,13 +233,21 @@ def tp_violations(model: nn.Module, layout: FamilyLayout, size: int) -> list[str
                 found.setdefault(
                     name, f"{name}={count} is not divisible by {size} ranks ({where}.{layout.attention})"
                 )
-        for path in layout.column:
+        for path in (*layout.column, *layout.shared[:2]):
             out_dims, _, _ = _linear_dims(_module(block, path))
             if out_dims % size:
                 found.setdefault(
                     path, f"{path} output features {out_dims} are not divisible by {size} ranks ({where})"
                 )
-        for path in layout.row:
+        if layout.moe:
+            features, _, unit, _ = _switch_dims(_module(block, f"{layout.moe}.{layout.switch}"))
+            if features % size or (features // size) % unit:
+                found.setdefault(
+                    "experts",
+                    f"the experts' {features} features do not split into {size} equal shares of whole "
+                    f"groups of {unit} ({where})",
+                )
+        for path in (*layout.row, *layout.mlp[2:], *layout.shared[2:]):
             _, in_dims, group_size = _linear_dims(_module(block, path))
             if in_dims % size:
                 found.setdefault(
@@ -251,53 +305,113 @@ def layer_ranges(
     return [(start, start + count) for start, count in zip(starts, counts)]
 
 
+def _switch_dims(switch: nn.Module) -> tuple[int, int, int, int]:
+    """(intermediate features of every expert, experts, quantization unit of the output projection, hidden)."""
+    feeds, out = switch_projections(switch)
+    down = switch[out]
+    features = quantized_input_dims(down) or int(down["weight"].shape[-1])
+    unit = int(down.group_size) if quantized_input_dims(down) else 1
+    return int(features), int(down["weight"].shape[0]), unit, int(down["weight"].shape[1])
+
+
 def model_split(
     model: nn.Module,
-    layout: FamilyLayout,
+    layout: Optional[FamilyLayout],
     size: int,
     weights: Optional[Sequence[float]] = None,
     vocab_parallel: bool = False,
+    *,
+    experts: str = "tp",
 ) -> TensorSplit:
     """Each rank's share of a model under tensor parallelism (see :func:`mlxdist.lm.split.tensor_split`).
 
     Args:
-        model: A loaded mlx-lm model of the layout's family (weights may be lazy).
-        layout: Its family layout.
+        model: A loaded mlx-lm model (weights may be lazy).
+        layout: Unused (each block's layout comes from its modules); kept
+            for callers of the earlier signature.
         size: The group size.
         weights: Per-rank TP weights (None: equal shares).
         vocab_parallel: Also split the vocabulary (embedding and head).
+        experts: For mixture-of-experts blocks: ``"tp"`` (every expert's
+            features split by the weights, in whole quantization groups) or
+            ``"ep"`` (whole experts placed in proportion to the weights).
 
     Returns:
         The split, the same for every block.
 
     Raises:
-        ShapeError: a rank would get no query head, the blocks differ in
-            shape, or a quantized row-parallel slice (attention output or MLP)
-            is not a whole number of quantization groups.
-        UnsupportedOperationError: a projection is neither ``nn.Linear`` nor
-            ``nn.QuantizedLinear``.
+        ShapeError: a rank would get no query head (or, under EP, no
+            expert), the blocks' attention differs in shape, or a quantized
+            row-parallel slice is not a whole number of quantization groups.
+        InvalidArgumentError: ``experts="ep"`` on a model without experts.
+        UnsupportedOperationError: a block holds a module of an unknown kind.
     """
-    shapes = set()
-    for block in model.model.layers:
-        attention = _module(block, layout.attention)
-        n_heads, n_kv = (int(getattr(attention, name)) for name in layout.head_counts)
-        query_out, hidden, _ = _linear_dims(_module(block, layout.query[0]))
-        intermediate, _, _ = _linear_dims(_module(block, layout.mlp[0]))
-        _, _, o_group = _linear_dims(_module(block, layout.query[-1]))
-        _, _, down_group = _linear_dims(_module(block, layout.mlp[-1]))
-        shapes.add((n_heads, n_kv, query_out // n_heads, intermediate, o_group or 1, down_group or 1, hidden))
+    if experts not in EXPERTS:
+        raise InvalidArgumentError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
+    shapes, widths, switches = set(), {}, set()
+    for block, kinds in zip(model.model.layers, block_layouts(model)):
+        attention = _module(block, kinds.attention)
+        n_heads, n_kv = (int(getattr(attention, name)) for name in kinds.head_counts)
+        query_out, hidden, _ = _linear_dims(_module(block, kinds.query[0]))
+        hidden = _linear_dims(_module(block, kinds.query[-1]))[0]  # the model width (o's output)
+        _, o_in, o_group = _linear_dims(_module(block, kinds.query[-1]))
+        shapes.add((n_heads, n_kv, query_out // n_heads, o_in // n_heads, o_group or 1, hidden))
+        for mlp in (kinds.mlp, kinds.shared):
+            if mlp:
+                width, _, _ = _linear_dims(_module(block, mlp[0]))
+                _, _, down_group = _linear_dims(_module(block, mlp[-1]))
+                widths.setdefault(width, down_group or 1)
+        if kinds.moe:
+            switches.add(_switch_dims(_module(block, f"{kinds.moe}.{kinds.switch}")))
     if len(shapes) != 1:
-        raise ShapeError(f"tensor parallelism needs decoder blocks of one shape, found {sorted(shapes)}")
-    ((n_heads, n_kv, head_dim, intermediate, o_unit, mlp_unit, hidden),) = shapes
+        raise ShapeError(f"tensor parallelism needs attention of one shape in every block, found {sorted(shapes)}")
+    ((n_heads, n_kv, head_dim, o_head, o_unit, hidden),) = shapes
+    if experts == "ep" and not switches:
+        raise InvalidArgumentError(
+            "experts='ep' (expert parallelism) needs a mixture-of-experts model; this one has no experts"
+        )
     vocab = int(model.model.embed_tokens.weight.shape[0]) if vocab_parallel else None
-    split = tensor_split(
-        n_heads, n_kv, head_dim, intermediate, size, weights, mlp_unit=mlp_unit, vocab=vocab, hidden=hidden
+    ordered = sorted(widths)
+    main = ordered[-1] if widths else None
+    if main is not None:
+        split = tensor_split(
+            n_heads, n_kv, head_dim, main, size, weights, mlp_unit=widths[main], vocab=vocab, hidden=hidden
+        )
+    else:  # every block's feed-forward is experts: the attention split alone
+        split = tensor_split(n_heads, n_kv, head_dim, 0, size, weights, vocab=vocab)
+    rank_weights = check_weights(weights, size, "tp weights")
+    others = {}
+    for width in ordered[:-1]:
+        if width % widths[width] or width // widths[width] < size:
+            raise ShapeError(
+                f"an MLP of {width} features cannot give each of {size} ranks whole groups of {widths[width]}"
+            )
+        others[width] = split_sizes(width, rank_weights, widths[width])
+    expert_features = placement = None
+    if switches:
+        features = {(f, u) for f, _, u, _ in switches}
+        counts = {n for _, n, _, _ in switches}
+        if len(features) != 1 or len(counts) != 1:
+            raise ShapeError(f"expert layers of different shapes across blocks: {sorted(switches)}")
+        ((feature_count, unit),), (num_experts,) = features, counts
+        if experts == "ep":
+            placement = expert_placement(num_experts, rank_weights)
+        else:
+            if feature_count % unit or feature_count // unit < size:
+                raise ShapeError(
+                    f"the experts' {feature_count} intermediate features cannot give each of {size} ranks "
+                    f"whole quantization groups of {unit} (try experts='ep')"
+                )
+            expert_features = split_sizes(feature_count, rank_weights, unit)
+    split = TensorSplit(
+        split.head_dim, split.query_heads, split.kv_heads, split.intermediate, split.vocab, others,
+        expert_features, placement,
     )
-    misaligned = [q for q in split.query_sizes if q % o_unit]
-    if misaligned:
+    o_sizes = [(stop - start) * o_head for start, stop in split.query_heads]
+    if any(q % o_unit for q in o_sizes):
         raise ShapeError(
-            f"quantized {layout.query[-1]}: query features per rank {split.query_sizes} "
-            f"({head_dim} per head) are not multiples of group_size={o_unit}"
+            f"quantized o_proj: its input features per rank {o_sizes} "
+            f"({o_head} per head) are not multiples of group_size={o_unit}"
         )
     return split
 
@@ -312,6 +426,7 @@ def choose(
     *,
     tp_weights: Optional[Sequence[float]] = None,
     vocab_parallel: bool = False,
+    experts: str = "tp",
 ) -> Plan:
     """Pick the parallelism for a model on a group, and log the choice in one line.
 
@@ -330,6 +445,9 @@ def choose(
             rank twice as fast); None: as even as the heads allow.
         vocab_parallel: Under TP, also split the embedding and head by
             vocabulary rows.
+        experts: Mixture-of-experts blocks under TP: ``"tp"`` (every
+            expert's features split) or ``"ep"`` (whole experts per rank,
+            by ``tp_weights``).
 
     Returns:
         The :class:`Plan` (byte counts not yet filled in; ``split`` set under TP).
@@ -347,23 +465,50 @@ def choose(
         raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     num_layers = len(model.model.layers) if hasattr(model, "model") and hasattr(model.model, "layers") else 0
     everything = [(0, num_layers)] * size
+    if experts not in EXPERTS:
+        raise InvalidArgumentError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
+    if experts == "ep" and mode == "pp":
+        raise InvalidArgumentError("experts='ep' places experts under tensor parallelism; mode='pp' has none")
+    if experts == "ep":
+        try:
+            dense = not any(layout.moe for layout in block_layouts(model))
+        except UnsupportedOperationError:
+            dense = False
+        if dense:
+            raise InvalidArgumentError(
+                f"experts='ep' (expert parallelism) needs a mixture-of-experts model; {family} has no experts"
+            )
     if size == 1:
         plan = Plan("single", "a group of one process: nothing to shard", family, rank, size, everything)
         logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
         return plan
-    layout = layout_of(model)
-    if layout is None:
-        raise UnsupportedOperationError(
-            f"mlxdist.lm has no sharding plan for model_type {family!r} ({type(model).__module__}); "
-            f"supported: {', '.join(sorted(m.rsplit('.', 1)[1] for m in LAYOUTS))} (and mistral)"
-        )
+    try:
+        layouts = block_layouts(model)
+    except UnsupportedOperationError as exc:
+        inner = getattr(model, "model", None)
+        pipelined = all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm"))
+        if mode == "tp" or not pipelined or experts == "ep":
+            raise UnsupportedOperationError(
+                f"mlxdist.lm has no sharding plan for model_type {family!r} ({type(model).__module__}): {exc}"
+            ) from None
+        layouts = []
+        unknown = str(exc)
+    kinds = sorted({kind for layout in layouts for kind in layout.kinds()})
+    has_experts = any(layout.moe for layout in layouts)
     if tp_weights is not None:
         tp_weights = check_weights(tp_weights, size, "tp_weights")
-    if mode in ("auto", "tp"):
+    layout = layouts[0] if layouts else None
+    if mode in ("auto", "tp") and layout is None:
+        why = f"tensor parallel impossible ({unknown}), so pipeline parallel"
+    elif mode in ("auto", "tp"):
         broken = tp_violations(model, layout, size)
+        if experts == "ep":
+            broken = [b for b in broken if "experts'" not in b]
         try:
-            split = model_split(model, layout, size, tp_weights, vocab_parallel)
+            split = model_split(model, layout, size, tp_weights, vocab_parallel, experts=experts)
         except ShapeError as exc:
+            if experts == "ep" and "expert" in str(exc):
+                raise ShapeError(f"{family} cannot place its experts over {size} ranks: {exc}") from None
             if mode == "tp":
                 raise ShapeError(f"{family} cannot be tensor-parallel over {size} ranks: {exc}") from None
             why = f"tensor parallel impossible ({'; '.join(broken + [str(exc)])}), so pipeline parallel"
@@ -375,13 +520,20 @@ def choose(
                 how = f"uneven tensor parallel over {size} ranks ({broken[0]}{more})"
             else:
                 how = f"uneven tensor parallel over {size} ranks by tp weights {tp_weights}"
-            plan = Plan("tp", f"{how}: {split.describe()}", family, rank, size, everything, split=split)
+            if has_experts:
+                how += f", experts {'placed whole (expert parallel)' if experts == 'ep' else 'split by features'}"
+            plan = Plan(
+                "tp", f"{how}: {split.describe()}", family, rank, size, everything, split=split,
+                experts=experts if has_experts else None, kinds=kinds,
+            )
             logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
             return plan
     else:
         why = "pipeline parallel as requested"
+    if experts == "ep":
+        raise InvalidArgumentError(f"experts='ep' needs tensor parallelism, and {why}")
     ranges = layer_ranges(num_layers, size, pp_weights)
     spans = ", ".join(f"rank {r}: blocks [{a}, {b})" for r, (a, b) in enumerate(ranges))
-    plan = Plan("pp", f"{why} over {size} ranks ({spans})", family, rank, size, ranges)
+    plan = Plan("pp", f"{why} over {size} ranks ({spans})", family, rank, size, ranges, kinds=kinds)
     logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
     return plan
