@@ -90,7 +90,7 @@ def checks(group: mlxdist.Group) -> list[tuple[str, Callable[[], None]]]:
                         what = f"{name} {mode} bits={bits} dispatch={dispatch} tokens={tokens}"
                         assert got.shape == want.shape, what
                         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4, err_msg=what)
-                    if bits is None:  # the input's gradient: every rank's part summed
+                    if bits is None and name == "qwen3_moe":  # the input's gradient: every rank's part summed
                         x = mx.random.normal((1, 8 * n + 1, HIDDEN), key=mx.random.key(302))
                         want = mx.grad(lambda v: (full(v) ** 2).sum())(x)
                         got = mx.grad(lambda v: (wrapped(v) ** 2).sum())(x)
