@@ -137,7 +137,8 @@ class LocalSlots:
         return out.reshape(*indices.shape, picked.shape[-1])
 
 
-# Measured (benchmarks/bench_experts.py): selecting pays from this many slots on.
+# Below this many slots (one sequence decoding) no host synchronisation; selecting halved the
+# compute at 2 ranks at every size measured (benchmarks/bench_experts.py).
 SELECT_MIN_SLOTS = 64
 
 _LOCAL_CLASSES: dict[type, type] = {}
