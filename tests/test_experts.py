@@ -93,6 +93,7 @@ def layouts(draw):
         "top_k": draw(st.integers(1, experts)),
         "tokens": draw(st.sampled_from([1, 3, 40])),  # 40 tokens x k >= 64 slots takes mlx-lm's sorted path
         "seed": draw(st.integers(0, 2**16)),
+        "select_min_slots": draw(st.sampled_from([None, 1, 64])),  # fixed shapes, or only local slots
     }
 
 
@@ -119,7 +120,8 @@ def test_partial_outputs_sum_to_the_unsharded_switch(layout) -> None:
         placement = expert_placement(layout["experts"], w)
         assert [b - a for a, b in placement] == split_sizes(layout["experts"], w)
         for rank in range(n):
-            shard = place_experts_at(build_switch(*args), rank=rank, size=n, placement=placement)
+            shard = place_experts_at(build_switch(*args), rank=rank, size=n, placement=placement,
+                                     select_min_slots=layout["select_min_slots"])
             part = shard(x, inds)
             total = total + part
             start, stop = placement[rank]
@@ -172,6 +174,12 @@ def test_typed_errors() -> None:
     with pytest.raises(ArgumentTypeError, match="switch layer"):
         shard_switch_at(nn.Linear(4, 4), rank=0, size=2)
     assert glu.down_proj.weight.shape == (4, HIDDEN, 96 * 4 // 32), "a refused split changed the layer"
+    placed = place_experts_at(build_switch("mlp", HIDDEN, 32, 4, False, None, 1), rank=0, size=2,
+                              placement=[(0, 2), (2, 4)])
+    with pytest.raises(InvalidArgumentError, match="already placed"):
+        place_experts_at(placed, rank=0, size=2, placement=[(0, 1), (1, 2)])
+    with pytest.raises(InvalidArgumentError, match="placed whole"):
+        shard_switch_at(placed, rank=0, size=2)
     with pytest.raises(InvalidArgumentError, match="dispatch"):
         MoEAllSum(glu, dispatch="broadcast")
 

@@ -25,17 +25,15 @@ Example (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 """
 
 from mlxdist.nn.base import ShardedLinearBase, sum_gradients
+from mlxdist.nn.expert_layers import ExpertLinear, LocalSlots
 from mlxdist.nn.experts import (
-    ExpertLinear,
-    MoEAllSum,
-    choose_dispatch,
-    combine_bytes,
     expert_placement,
     place_experts,
     place_experts_at,
     shard_switch,
     shard_switch_at,
 )
+from mlxdist.nn.moe_sum import MoEAllSum, choose_dispatch, combine_bytes
 from mlxdist.nn.gradients import average_gradients, clip_grad_norm_sharded
 from mlxdist.nn.linear import AllToShardedLinear, ShardedToAllLinear
 from mlxdist.nn.quantized import (
@@ -62,6 +60,7 @@ __all__ = [
     "average_gradients",
     "clip_grad_norm_sharded",
     "ExpertLinear",
+    "LocalSlots",
     "MoEAllSum",
     "choose_dispatch",
     "combine_bytes",

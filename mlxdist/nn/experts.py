@@ -15,45 +15,39 @@ import mlx-lm) and shards them two ways:
   ranks' weights), and computes only the router's slots that fall on them.
 
 Either way the switch's output becomes a partial sum over the ranks, and
-:class:`MoEAllSum` wraps the MoE block to sum it once per block, with an
-``all_sum`` or (``dispatch="all_to_all"``) an ``all_to_all`` of token blocks
-followed by an ``all_gather``. The router stays replicated, so every rank
-routes every token identically and no dispatch of activations is needed.
+:class:`MoEAllSum` (:mod:`mlxdist.nn.moe_sum`) wraps the MoE block to sum
+it once per block. The router stays replicated, so every rank routes every
+token identically and no dispatch of activations is needed. The EP layer
+classes are in :mod:`mlxdist.nn.expert_layers`.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxdist.composed import all_to_all
 from mlxdist.errors import ArgumentTypeError, InvalidArgumentError, ShapeError
 from mlxdist.group import Group
-from mlxdist.world import all_gather, all_sum, resolve_group
+from mlxdist.world import resolve_group
+from mlxdist.nn.expert_layers import SELECT_MIN_SLOTS, ExpertLinear, LocalSlots, local_class
+from mlxdist.nn.moe_sum import MoEAllSum
 from mlxdist.nn.quantized import QUANTIZED_PARAMETERS, quantized_input_dims, unpacked_length
 from mlxdist.nn.shares import split_sizes
 from mlxdist.nn.slicing import ShardingRule, shard_parameters, take_ranges
 
 __all__ = [
-    "DISPATCHES",
-    "ExpertLinear",
-    "MoEAllSum",
-    "combine_bytes",
+    "MoEAllSum",  # from mlxdist.nn.moe_sum, with the functions that produce its partial sums
     "expert_placement",
-    "choose_dispatch",
     "place_experts",
     "place_experts_at",
     "shard_switch",
     "shard_switch_at",
     "switch_projections",
 ]
-
-DISPATCHES = ("auto", "all_sum", "all_to_all")
 
 # (projections fed by the block's input, the projection whose output is the switch's)
 _LAYOUTS = ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"))
@@ -201,6 +195,8 @@ def shard_switch_at(
             quantized and a rank's features not whole quantization groups.
     """
     feeds, out = switch_projections(switch)
+    if isinstance(switch, LocalSlots):
+        raise InvalidArgumentError("this switch's experts are placed whole (expert parallelism): not split too")
     if not _is_count(size) or size < 1 or not _is_count(rank) or not 0 <= rank < size:
         raise InvalidArgumentError(f"rank={rank!r} and size={size!r} must satisfy 0 <= rank < size")
     hidden = _input_dims(switch[out])
@@ -279,87 +275,13 @@ def shard_switch(switch: nn.Module, *, group: Optional[Group] = None, sizes: Opt
 # -- expert parallelism -------------------------------------------------------
 
 
-class ExpertLinear(nn.Module):
-    """A switch projection holding a contiguous range of experts, called with global expert ids.
-
-    It replaces mlx-lm's ``SwitchLinear``/``QuantizedSwitchLinear`` under
-    expert parallelism with the same parameter names (``weight``, ``scales``,
-    ``biases``, ``bias``). Indices outside ``[first, first + count)`` are
-    computed on a local expert (the shape is fixed), and where ``masks`` is
-    set (the switch's output projection) their outputs are replaced by exact
-    zeros, so those slots add nothing to this rank's partial sum.
-
-    Args:
-        parameters: The local experts' arrays, sliced along the expert axis.
-        first: The global id of the first local expert.
-        masks: Whether to zero the slots of other ranks' experts.
-        quantization: ``(group_size, bits, mode)`` for a quantized weight, or None.
-    """
-
-    def __init__(
-        self,
-        parameters: dict[str, mx.array],
-        first: int,
-        masks: bool,
-        quantization: Optional[tuple[int, int, str]] = None,
-    ) -> None:
-        super().__init__()
-        self.first = int(first)
-        self.count = int(parameters["weight"].shape[0])
-        self.masks = bool(masks)
-        self.quantized = quantization is not None
-        if quantization is not None:
-            self.group_size, self.bits, self.mode = int(quantization[0]), int(quantization[1]), str(quantization[2])
-        for name, value in parameters.items():
-            self[name] = value
-        if quantization is not None:
-            self.freeze()
-
-    @property
-    def num_experts(self) -> int:
-        """The number of local experts."""
-        return self.count
-
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        """Apply each slot's expert (global ``indices``) to ``x``, as a switch projection does.
-
-        Args:
-            x: Inputs broadcastable against ``indices`` as mlx-lm's switch layers pass them.
-            indices: Global expert ids (any integer dtype).
-            sorted_indices: Whether ``indices`` are sorted (kept sorted after the remap).
-
-        Returns:
-            The projected slots; zero for other ranks' experts where ``masks`` is set.
-        """
-        local = indices.astype(mx.int32) - self.first
-        ids = mx.clip(local, 0, self.count - 1)
-        if not self.quantized:
-            y = mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=ids, sorted_indices=sorted_indices)
-        else:
-            extra = {"global_scale": self["global_scale"]} if "global_scale" in self else {}
-            y = mx.gather_qmm(
-                x,
-                self["weight"],
-                self["scales"],
-                self.get("biases"),
-                rhs_indices=ids,
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-                sorted_indices=sorted_indices,
-                **extra,
-            )
-        if "bias" in self:
-            y = y + mx.expand_dims(self["bias"][ids], -2)
-        if self.masks:
-            inside = (local >= 0) & (local < self.count)
-            y = mx.where(mx.expand_dims(inside, (-1, -2)), y, mx.zeros((), dtype=y.dtype))
-        return y
-
-
 def place_experts_at(
-    switch: nn.Module, *, rank: int, size: int, placement: Sequence[tuple[int, int]]
+    switch: nn.Module,
+    *,
+    rank: int,
+    size: int,
+    placement: Sequence[tuple[int, int]],
+    select_min_slots: Optional[int] = SELECT_MIN_SLOTS,
 ) -> nn.Module:
     """:func:`place_experts` for an explicit ``rank`` of ``size`` ranks (no group needed).
 
@@ -368,17 +290,25 @@ def place_experts_at(
         rank: The rank whose experts to keep.
         size: The number of ranks.
         placement: One ``(start, stop)`` per rank (:func:`expert_placement`).
+        select_min_slots: From this many routed slots on, compute only the
+            local ones (see :class:`LocalSlots`); None: fixed shapes always.
 
     Returns:
-        ``switch``, its projections replaced by :class:`ExpertLinear`.
+        ``switch``, its projections replaced by :class:`ExpertLinear` and its
+        class by a subclass adding :class:`LocalSlots`.
 
     Raises:
         ArgumentTypeError: not a switch layer.
-        InvalidArgumentError: bad rank, size or placement entries.
+        InvalidArgumentError: bad rank, size, placement entries or
+            select_min_slots, or a switch already placed.
         ShapeError: a placement that does not cover the experts in order,
             or leaves a rank none.
     """
     feeds, out = switch_projections(switch)
+    if isinstance(switch, LocalSlots):
+        raise InvalidArgumentError("this switch's experts are already placed")
+    if select_min_slots is not None and (not _is_count(select_min_slots) or select_min_slots < 1):
+        raise InvalidArgumentError(f"select_min_slots must be a positive int or None, got {select_min_slots!r}")
     if not _is_count(size) or size < 1 or not _is_count(rank) or not 0 <= rank < size:
         raise InvalidArgumentError(f"rank={rank!r} and size={size!r} must satisfy 0 <= rank < size")
     ranges = _check_placement(placement, size, _num_experts(switch, (*feeds, out)))
@@ -397,11 +327,18 @@ def place_experts_at(
         replaced[name] = ExpertLinear(parameters, start, masks=name == out, quantization=quantization)
     for name, layer in replaced.items():
         switch[name] = layer
+    switch.__class__ = local_class(type(switch))
+    switch.expert_first, switch.expert_count = start, stop - start
+    switch.select_min_slots = select_min_slots
     return switch
 
 
 def place_experts(
-    switch: nn.Module, *, group: Optional[Group] = None, placement: Sequence[tuple[int, int]]
+    switch: nn.Module,
+    *,
+    group: Optional[Group] = None,
+    placement: Sequence[tuple[int, int]],
+    select_min_slots: Optional[int] = SELECT_MIN_SLOTS,
 ) -> nn.Module:
     """Keep only this rank's experts, whole (expert parallelism), in place.
 
@@ -417,9 +354,14 @@ def place_experts(
         group: The :class:`mlxdist.Group` (the world group when None).
         placement: One ``(start, stop)`` expert range per rank, e.g. from
             :func:`expert_placement`.
+        select_min_slots: From this many routed slots on (prefill, batches),
+            compute only the slots of local experts, after one host
+            synchronisation; below it, or when None (for ``mx.compile``),
+            every slot runs on a local expert and the others' are zeroed.
 
     Returns:
-        ``switch``, updated in place. No communication.
+        ``switch``, updated in place (its class gains :class:`LocalSlots`).
+        No communication.
 
     Raises:
         ArgumentTypeError: not a switch layer, or group not an mlxdist group.
@@ -427,172 +369,6 @@ def place_experts(
             non-empty contiguous range per rank covering every expert.
     """
     group = resolve_group(group)
-    return place_experts_at(switch, rank=group.rank(), size=group.size(), placement=placement)
-
-
-# -- summing a block's partial output ------------------------------------------
-
-
-def combine_bytes(tokens: int, hidden: int, ranks: int, itemsize: int) -> dict[str, int]:
-    """Bytes each rank receives to sum a block's partial ``[tokens, hidden]`` output, per path.
-
-    With the activations replicated (as under tensor parallelism) every rank
-    already holds every token, so dispatching tokens to their experts moves
-    nothing; what remains is combining the partial outputs into the full
-    output on every rank. With ``S = tokens * hidden * itemsize``:
-
-    - ``all_sum``: a reduce-scatter and an all-gather, ``2 (N-1)/N S``
-      (ring; MPI's allreduce moves at least as much).
-    - ``all_to_all``: the token blocks to their owner ranks, summed there,
-      then an ``all_gather``: ``(N-1)/N S`` each with a direct all_to_all,
-      but mlxdist's lazy all_to_all keeps its blocks of an all_gather,
-      ``(N-1) S``, so ``(N-1)(1 + 1/N) S`` in all (tokens padded to a multiple of N).
-
-    Args:
-        tokens: Tokens in the block's input (batch times sequence).
-        hidden: The hidden size.
-        ranks: The group size N.
-        itemsize: Bytes per element.
-
-    Returns:
-        ``{"all_sum": bytes, "all_to_all": bytes}``.
-    """
-    if ranks == 1:
-        return {"all_sum": 0, "all_to_all": 0}
-    rows = -(-tokens // ranks)
-    size = tokens * hidden * itemsize
-    block = rows * hidden * itemsize
-    return {
-        "all_sum": 2 * (ranks - 1) * size // ranks,
-        "all_to_all": (ranks - 1) * ranks * block + (ranks - 1) * block,
-    }
-
-
-def choose_dispatch(tokens: int, hidden: int, ranks: int, itemsize: int) -> str:
-    """What ``dispatch="auto"`` uses: the path whose combine receives fewer bytes (ties: ``all_sum``).
-
-    Args:
-        tokens: Tokens in the block's input.
-        hidden: The hidden size.
-        ranks: The group size.
-        itemsize: Bytes per element.
-
-    Returns:
-        ``"all_sum"`` or ``"all_to_all"``.
-    """
-    cost = combine_bytes(tokens, hidden, ranks, itemsize)
-    return "all_to_all" if cost["all_to_all"] < cost["all_sum"] else "all_sum"
-
-
-class MoEAllSum(nn.Module):
-    """Runs an MoE block whose experts yield partial sums, and sums its output over the ranks once.
-
-    The block's switch was sharded with :func:`shard_switch` or
-    :func:`place_experts` (and its shared experts split as dense MLPs), so
-    its output is this rank's partial sum; the wrapper adds one lazy,
-    differentiable collective per block. The wrapper presents the block's
-    children under the same names (parameter paths do not change), and
-    attributes it lacks are read from the block (``.sharding_group`` and the
-    like; leave mlx-lm's own ``sharding_group`` None).
-
-    Dispatch rule: with the router and activations replicated, no tokens need
-    dispatching, and summing ``S = tokens * hidden * itemsize`` bytes costs
-    each rank ``2 (N-1)/N S`` with ``all_sum`` against ``(N-1)(1 + 1/N) S``
-    with mlxdist's ``all_to_all`` (blocks of an all_gather) plus the
-    ``all_gather`` of the summed blocks (:func:`combine_bytes`): the
-    all_to_all path never receives fewer bytes, and measured at 2 ranks on
-    ring and MPI it was never faster, so ``"auto"`` takes ``all_sum`` unless
-    :func:`choose_dispatch` finds otherwise.
-
-    Args:
-        block: The MoE block (e.g. mlx-lm's ``Qwen3MoeSparseMoeBlock``).
-        group: The :class:`mlxdist.Group` (the world group when None).
-        dispatch: ``"auto"``, ``"all_sum"`` or ``"all_to_all"``.
-
-    Raises:
-        InvalidArgumentError: unknown dispatch.
-        ArgumentTypeError: block not an nn.Module, or group not an mlxdist group.
-    """
-
-    def __init__(self, block: nn.Module, *, group: Optional[Group] = None, dispatch: str = "auto") -> None:
-        if not isinstance(block, nn.Module):
-            raise ArgumentTypeError(f"MoEAllSum wraps an mlx.nn.Module, got {type(block).__name__}")
-        if dispatch not in DISPATCHES:
-            raise InvalidArgumentError(f"dispatch must be one of {', '.join(map(repr, DISPATCHES))}, got {dispatch!r}")
-        super().__init__()
-        object.__setattr__(self, "_block", block)
-        object.__setattr__(self, "_group", resolve_group(group))
-        object.__setattr__(self, "dispatch", dispatch)
-        dict.update(self, block)
-
-    @property
-    def block(self) -> nn.Module:
-        """The wrapped MoE block."""
-        return object.__getattribute__(self, "_block")
-
-    @property
-    def group(self) -> Group:
-        """The group the output is summed over."""
-        return object.__getattribute__(self, "_group")
-
-    def __getattr__(self, key: str) -> Any:
-        if key in self:
-            return self[key]
-        try:
-            block = object.__getattribute__(self, "_block")
-        except AttributeError:
-            raise AttributeError(key) from None
-        return getattr(block, key)
-
-    def path_for(self, tokens: int, hidden: int, itemsize: int) -> str:
-        """The collective this wrapper uses for a block output of ``tokens`` x ``hidden``.
-
-        Args:
-            tokens: Tokens in the output.
-            hidden: Its last dimension.
-            itemsize: Bytes per element.
-
-        Returns:
-            ``"all_sum"`` or ``"all_to_all"``.
-        """
-        if self.dispatch != "auto":
-            return self.dispatch
-        return choose_dispatch(tokens, hidden, self.group.size(), itemsize)
-
-    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        """The block's output, summed over the ranks.
-
-        Args:
-            x: The block's input (the same on every rank).
-            *args: Passed to the block.
-            **kwargs: Passed to the block.
-
-        Returns:
-            The unsharded block's output, on every rank.
-        """
-        block = self.block
-        for key, value in self.items():
-            if isinstance(value, mx.array) and block.get(key) is not value:
-                block[key] = value  # an array loaded into the wrapper reaches the block
-        y = block(x, *args, **kwargs)
-        group = self.group
-        if group.size() == 1:
-            return y
-        tokens = math.prod(y.shape[:-1]) if y.ndim > 1 else 1
-        if self.path_for(tokens, y.shape[-1], y.dtype.size) == "all_sum":
-            return all_sum(y, group=group)
-        return _sum_by_all_to_all(y, group)
-
-
-def _sum_by_all_to_all(y: mx.array, group: Group) -> mx.array:
-    """Each rank sums its block of tokens from every rank's partial (all_to_all), then all_gather."""
-    size = group.size()
-    shape = y.shape
-    flat = y.reshape(-1, shape[-1]) if y.ndim > 1 else y.reshape(1, -1)
-    tokens = flat.shape[0]
-    rows = -(-tokens // size)
-    if rows * size != tokens:
-        flat = mx.concatenate([flat, mx.zeros((rows * size - tokens, flat.shape[1]), dtype=flat.dtype)])
-    received = all_to_all(flat, group=group)
-    mine = received.reshape(size, rows, flat.shape[1]).sum(axis=0).astype(y.dtype)
-    return all_gather(mine, group=group)[:tokens].reshape(shape)
+    return place_experts_at(
+        switch, rank=group.rank(), size=group.size(), placement=placement, select_min_slots=select_min_slots
+    )
