@@ -18,10 +18,9 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxdist.composed import all_to_all
 from mlxdist.errors import ArgumentTypeError, InvalidArgumentError
 from mlxdist.group import Group
-from mlxdist.world import all_gather, all_sum, resolve_group
+from mlxdist.world import all_gather, all_sum, all_to_all, resolve_group
 from mlxdist.nn.base import sum_gradients
 
 __all__ = ["DISPATCHES", "MoEAllSum", "choose_dispatch", "combine_bytes"]
