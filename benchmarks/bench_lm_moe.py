@@ -47,6 +47,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=24, help="interleaved decode steps per batch size")
     parser.add_argument("--prefills", type=int, default=5, help="interleaved prefills per batch size")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--ep-select", action="store_true",
+                        help="also EP computing only local slots at every size (select_min_slots=1)")
     parser.add_argument("--moe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -78,10 +80,16 @@ def worker(args: argparse.Namespace) -> None:
     else:
         import mlxdist
         from mlxdist.lm import load
+        from mlxdist.nn import LocalSlots
 
         group = mlxdist.init()
         models["mlxdist TP"], _, _ = load(path, group, "tp", experts="tp")
         models["mlxdist EP"], _, _ = load(path, group, "tp", experts="ep")
+        if args.ep_select:  # every batch computes only the local slots (a host synchronisation per block)
+            models["mlxdist EP select"], _, _ = load(path, group, "tp", experts="ep")
+            for _, module in models["mlxdist EP select"].named_modules():
+                if isinstance(module, LocalSlots):
+                    module.select_min_slots = 1
         theirs, _ = load_model(path, lazy=True)
         theirs.shard(mx.distributed.init(backend=str(group.backend)))
         mx.eval(theirs.parameters())
@@ -121,7 +129,7 @@ def worker(args: argparse.Namespace) -> None:
             row["vs_mlx_lm"] = {
                 n: {"prefill": median(a / b for a, b in zip(anchor_p, prefill_times[n])),
                     "decode": median(a / b for a, b in zip(anchor_d, decode_times[n]))}
-                for n in ("mlxdist TP", "mlxdist EP")
+                for n in models if n.startswith("mlxdist")
             }
             row["first_tokens_equal_mlx_lm"] = {n: first[n] == first["mlx-lm shard()"] for n in models}
         result["batches"][str(batch)] = row
@@ -160,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlxdist.lm.testing import write_checkpoint
 
     common = ["--prompt", str(args.prompt), "--steps", str(args.steps), "--prefills", str(args.prefills)]
+    common += ["--ep-select"] if args.ep_select else []
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-lm-moe-") as tmp:
         path = write_checkpoint(Path(tmp) / "qwen3_moe", "qwen3_moe", dtype="float32", seed=0, **MODEL)
@@ -170,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result), flush=True)
             rows.append(result)
     print(f"\nqwen3_moe {MODEL}, float32, prompt {args.prompt}, tokens/s (ratio to mlx-lm's shard() in the same job)\n")
-    print("| backend | sequences | phase | 1 process | mlx-lm shard() | mlxdist TP | mlxdist EP |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    extra = (" mlxdist EP, local slots always |", "---:|") if args.ep_select else ("", "")
+    print("| backend | sequences | phase | 1 process | mlx-lm shard() | mlxdist TP | mlxdist EP |" + extra[0])
+    print("|---|---:|---|---:|---:|---:|---:|" + extra[1])
     for result in rows:
         for batch, row in result["batches"].items():
             one = single["batches"][batch]
@@ -179,7 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tps, vs = row[f"{phase}_tps"], row["vs_mlx_lm"]
                 print(f"| {result['backend']} | {batch} | {phase} | {one[f'{phase}_tps']['1 process']:.1f} | "
                       f"{tps['mlx-lm shard()']:.1f} | {tps['mlxdist TP']:.1f} ({vs['mlxdist TP'][phase]:.2f}x) | "
-                      f"{tps['mlxdist EP']:.1f} ({vs['mlxdist EP'][phase]:.2f}x) |")
+                      f"{tps['mlxdist EP']:.1f} ({vs['mlxdist EP'][phase]:.2f}x) |"
+                      + (f" {tps['mlxdist EP select']:.1f} ({vs['mlxdist EP select'][phase]:.2f}x) |"
+                         if args.ep_select else ""))
     return 0
 
 
