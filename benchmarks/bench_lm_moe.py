@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Sequence
@@ -33,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_lm import _interleaved  # noqa: E402
 
 RESULT_TAG = "BENCH_LM_MOE_RESULT "
 MODEL = dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=512,
@@ -54,35 +54,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _timed_rounds(fns: dict[str, Callable[[], mx.array]], count: int, group: Any) -> dict[str, list[float]]:
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(count):
-        for name in names if index % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            mx.eval(fns[name]())
-            times[name].append(time.perf_counter() - start)
-    if group is None:
-        return times
-    return {name: np.asarray(group.all_gather(np.array([t]))).max(axis=0).tolist() for name, t in times.items()}
-
-
 def worker(args: argparse.Namespace) -> None:
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
     path = Path(args.worker)
     single = os.environ.get("BENCH_LM_MOE_SINGLE") == "1"
+    import mlxdist
+
     models: dict[str, Any] = {}
-    group = None
+    group = mlxdist.init()  # size 1 for the single process: its steps' slowest rank is itself
     if single:
         models["1 process"], _ = load_model(path)
     else:
-        import mlxdist
         from mlxdist.lm import load
         from mlxdist.nn import LocalSlots
 
-        group = mlxdist.init()
         models["mlxdist TP"], _, _ = load(path, group, "tp", experts="tp")
         models["mlxdist EP"], _, _ = load(path, group, "tp", experts="ep")
         if args.ep_select:  # every batch computes only the local slots (a host synchronisation per block)
@@ -108,7 +95,7 @@ def worker(args: argparse.Namespace) -> None:
         prefills = {name: prefill(name) for name in models}
         for fn in prefills.values():  # warm-up (first-touch costs)
             mx.eval(fn())
-        prefill_times = _timed_rounds(prefills, args.prefills, group)
+        prefill_times = _interleaved(prefills, args.prefills, group)
         last = {name: prefills[name]() for name in models}  # fresh caches, prefilled
         mx.eval(list(last.values()))
         first = {name: np.array(v).tolist() for name, v in last.items()}
@@ -119,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
                 return last[name]
             return step
 
-        decode_times = _timed_rounds({name: decode(name) for name in models}, args.steps, group)
+        decode_times = _interleaved({name: decode(name) for name in models}, args.steps, group)
         row: dict[str, Any] = {
             "prefill_tps": {n: batch * args.prompt / median(t) for n, t in prefill_times.items()},
             "decode_tps": {n: batch / median(t) for n, t in decode_times.items()},
@@ -134,7 +121,7 @@ def worker(args: argparse.Namespace) -> None:
             row["first_tokens_equal_mlx_lm"] = {n: first[n] == first["mlx-lm shard()"] for n in models}
         result["batches"][str(batch)] = row
     result["load_average"] = os.getloadavg()[0]
-    if single or group.rank() == 0:
+    if group.rank() == 0:
         print(RESULT_TAG + json.dumps(result), flush=True)
 
 
