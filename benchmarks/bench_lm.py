@@ -342,10 +342,9 @@ def markdown(results: list[dict], launcher_share: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--moe" in argv:  # its own job and options: bench_lm_moe.py
-        from bench_lm_moe import main as moe_main
-
-        return moe_main([a for a in argv if a != "--moe"])
+    if "--moe" in argv:  # its own jobs and options: bench_lm_moe.py (which uses this module's helpers)
+        script = Path(__file__).with_name("bench_lm_moe.py")
+        return subprocess.call([sys.executable, str(script), *[a for a in argv if a != "--moe"]])
     args = parse_args(argv)
     if args.worker:
         worker(args)

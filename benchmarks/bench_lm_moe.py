@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Sequence
@@ -33,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_lm import _interleaved  # noqa: E402
 
 RESULT_TAG = "BENCH_LM_MOE_RESULT "
 MODEL = dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=512,
@@ -47,22 +47,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=24, help="interleaved decode steps per batch size")
     parser.add_argument("--prefills", type=int, default=5, help="interleaved prefills per batch size")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--ep-select", action="store_true",
+                        help="also EP computing only local slots at every size (select_min_slots=1)")
     parser.add_argument("--moe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def _timed_rounds(fns: dict[str, Callable[[], mx.array]], count: int, group: Any) -> dict[str, list[float]]:
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(count):
-        for name in names if index % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            mx.eval(fns[name]())
-            times[name].append(time.perf_counter() - start)
-    if group is None:
-        return times
-    return {name: np.asarray(group.all_gather(np.array([t]))).max(axis=0).tolist() for name, t in times.items()}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -71,17 +60,23 @@ def worker(args: argparse.Namespace) -> None:
 
     path = Path(args.worker)
     single = os.environ.get("BENCH_LM_MOE_SINGLE") == "1"
+    import mlxdist
+
     models: dict[str, Any] = {}
-    group = None
+    group = mlxdist.init()  # size 1 for the single process: its steps' slowest rank is itself
     if single:
         models["1 process"], _ = load_model(path)
     else:
-        import mlxdist
         from mlxdist.lm import load
+        from mlxdist.nn import LocalSlots
 
-        group = mlxdist.init()
         models["mlxdist TP"], _, _ = load(path, group, "tp", experts="tp")
         models["mlxdist EP"], _, _ = load(path, group, "tp", experts="ep")
+        if args.ep_select:  # every batch computes only the local slots (a host synchronisation per block)
+            models["mlxdist EP select"], _, _ = load(path, group, "tp", experts="ep")
+            for _, module in models["mlxdist EP select"].named_modules():
+                if isinstance(module, LocalSlots):
+                    module.select_min_slots = 1
         theirs, _ = load_model(path, lazy=True)
         theirs.shard(mx.distributed.init(backend=str(group.backend)))
         mx.eval(theirs.parameters())
@@ -100,7 +95,7 @@ def worker(args: argparse.Namespace) -> None:
         prefills = {name: prefill(name) for name in models}
         for fn in prefills.values():  # warm-up (first-touch costs)
             mx.eval(fn())
-        prefill_times = _timed_rounds(prefills, args.prefills, group)
+        prefill_times = _interleaved(prefills, args.prefills, group)
         last = {name: prefills[name]() for name in models}  # fresh caches, prefilled
         mx.eval(list(last.values()))
         first = {name: np.array(v).tolist() for name, v in last.items()}
@@ -111,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
                 return last[name]
             return step
 
-        decode_times = _timed_rounds({name: decode(name) for name in models}, args.steps, group)
+        decode_times = _interleaved({name: decode(name) for name in models}, args.steps, group)
         row: dict[str, Any] = {
             "prefill_tps": {n: batch * args.prompt / median(t) for n, t in prefill_times.items()},
             "decode_tps": {n: batch / median(t) for n, t in decode_times.items()},
@@ -121,12 +116,12 @@ def worker(args: argparse.Namespace) -> None:
             row["vs_mlx_lm"] = {
                 n: {"prefill": median(a / b for a, b in zip(anchor_p, prefill_times[n])),
                     "decode": median(a / b for a, b in zip(anchor_d, decode_times[n]))}
-                for n in ("mlxdist TP", "mlxdist EP")
+                for n in models if n.startswith("mlxdist")
             }
             row["first_tokens_equal_mlx_lm"] = {n: first[n] == first["mlx-lm shard()"] for n in models}
         result["batches"][str(batch)] = row
     result["load_average"] = os.getloadavg()[0]
-    if single or group.rank() == 0:
+    if group.rank() == 0:
         print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -160,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlxdist.lm.testing import write_checkpoint
 
     common = ["--prompt", str(args.prompt), "--steps", str(args.steps), "--prefills", str(args.prefills)]
+    common += ["--ep-select"] if args.ep_select else []
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-lm-moe-") as tmp:
         path = write_checkpoint(Path(tmp) / "qwen3_moe", "qwen3_moe", dtype="float32", seed=0, **MODEL)
@@ -170,8 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result), flush=True)
             rows.append(result)
     print(f"\nqwen3_moe {MODEL}, float32, prompt {args.prompt}, tokens/s (ratio to mlx-lm's shard() in the same job)\n")
-    print("| backend | sequences | phase | 1 process | mlx-lm shard() | mlxdist TP | mlxdist EP |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    extra = (" mlxdist EP, local slots always |", "---:|") if args.ep_select else ("", "")
+    print("| backend | sequences | phase | 1 process | mlx-lm shard() | mlxdist TP | mlxdist EP |" + extra[0])
+    print("|---|---:|---|---:|---:|---:|---:|" + extra[1])
     for result in rows:
         for batch, row in result["batches"].items():
             one = single["batches"][batch]
@@ -179,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tps, vs = row[f"{phase}_tps"], row["vs_mlx_lm"]
                 print(f"| {result['backend']} | {batch} | {phase} | {one[f'{phase}_tps']['1 process']:.1f} | "
                       f"{tps['mlx-lm shard()']:.1f} | {tps['mlxdist TP']:.1f} ({vs['mlxdist TP'][phase]:.2f}x) | "
-                      f"{tps['mlxdist EP']:.1f} ({vs['mlxdist EP'][phase]:.2f}x) |")
+                      f"{tps['mlxdist EP']:.1f} ({vs['mlxdist EP'][phase]:.2f}x) |"
+                      + (f" {tps['mlxdist EP select']:.1f} ({vs['mlxdist EP select'][phase]:.2f}x) |"
+                         if args.ep_select else ""))
     return 0
 
 
