@@ -21,27 +21,33 @@ from mlxdist.group import Group
 class StandInGroup(Group):
     """One simulated rank: ``rank()``/``size()`` as given, ``all_sum`` through its world."""
 
-    __slots__ = ("_standin",)
+    __slots__ = ("_standin", "_simulated_rank")
 
     def __init__(self, world: "StandInWorld", rank: int) -> None:  # no C handle: nothing to open
         self._standin = world
-        self._rank = rank
-        self._size = world.size
-        self._closed = False
+        self._simulated_rank = rank
         self.backend = None
+
+    def rank(self) -> int:
+        """The simulated rank."""
+        return self._simulated_rank
+
+    def size(self) -> int:
+        """The simulated world's size."""
+        return self._standin.size
 
     def all_sum(self, x: Any, *, stream: Any = None, out: Any = None) -> Any:
         """The sum over the simulated ranks of their inputs to this call (see :class:`StandInWorld`)."""
-        return self._standin.all_sum(self._rank, x)
+        return self._standin.all_sum(self._simulated_rank, x)
 
     def all_gather(self, x: Any, *, stream: Any = None, out: Any = None) -> Any:
         """This rank's ``x`` in every rank's place (only load()'s byte report gathers; it is not checked here)."""
         import numpy as np
 
-        return np.concatenate([np.asarray(x)] * self._size)
+        return np.concatenate([np.asarray(x)] * self._standin.size)
 
     def __repr__(self) -> str:
-        return f"StandInGroup(rank={self._rank}, size={self._size})"
+        return f"StandInGroup(rank={self._simulated_rank}, size={self._standin.size})"
 
 
 class StandInWorld:
