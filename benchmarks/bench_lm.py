@@ -34,7 +34,10 @@ packet by about that many microseconds one way (``delayed_link.py``; the
 measured one-way latency is reported), like a link between two machines.
 
 Run ``python benchmarks/bench_lm.py`` (``--backends ring mpi``, ``--quick``
-for a smaller model); ``--markdown`` prints the README table.
+for a smaller model); ``--markdown`` prints the README table. ``--moe`` runs
+``bench_lm_moe.py`` instead: a mixture-of-experts checkpoint's prefill and
+decode rates at 1 and 8 sequences, experts under TP and EP beside mlx-lm's
+``shard()`` and one process.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline per launched job, seconds")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--moe", action="store_true",
+                        help="the mixture-of-experts benchmark instead (bench_lm_moe.py: TP and EP experts)")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
     parser.add_argument("--worker", nargs=2, metavar=("CHECKPOINT", "FORMAT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -336,7 +341,12 @@ def markdown(results: list[dict], launcher_share: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--moe" in argv:  # its own job and options: bench_lm_moe.py
+        from bench_lm_moe import main as moe_main
+
+        return moe_main([a for a in argv if a != "--moe"])
+    args = parse_args(argv)
     if args.worker:
         worker(args)
         return 0

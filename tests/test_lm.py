@@ -34,6 +34,7 @@ PROMPT = [17, 260, 301, 42, 99, 400, 5, 311]
 MAX_TOKENS = 12
 DIMS = dict(hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=512)
 ODD_HEADS = dict(hidden_size=96, num_layers=4, head_dim=32, intermediate_size=192, vocab_size=512)
+MOE_DIMS = dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, vocab_size=512)
 # name -> write_checkpoint arguments. Every family appears; "odd" has 6 heads and 3 kv heads.
 CHECKPOINTS = {
     "f32": dict(family="llama", dtype="float32", **DIMS),
@@ -56,6 +57,17 @@ CHECKPOINTS = {
     "g3": dict(family="llama", dtype="float32", seed=6, **ODD_HEADS, num_heads=3, num_kv_heads=1),
     "g3q4": dict(family="qwen3", dtype="float32", bits=4, group_size=32, seed=7, **ODD_HEADS, num_heads=3,
                  num_kv_heads=1),
+    # MHA with 6 heads: on 4 ranks query heads 2, 2, 1, 1 and MLP features 213, 213, 299, 299.
+    "mha6": dict(family="llama", dtype="float32", seed=9, hidden_size=384, num_layers=2, num_heads=6,
+                 num_kv_heads=6, head_dim=64, intermediate_size=1024, vocab_size=512),
+    # Mixture of experts (4 or 6 experts of 96/128 features, 2 chosen per token).
+    "moe": dict(family="qwen3_moe", dtype="float32", seed=10, **MOE_DIMS, num_experts=6, intermediate_size=96),
+    "moe_q4": dict(family="mixtral", dtype="float32", bits=4, group_size=32, seed=11,
+                   **{**MOE_DIMS, "hidden_size": 128}, num_experts=4, intermediate_size=128),
+    "ds": dict(family="deepseek_v3", dtype="float32", seed=15, **MOE_DIMS, num_experts=4, intermediate_size=64),
+    "oss": dict(family="gpt_oss", dtype="float32", seed=12, **MOE_DIMS, num_experts=4, intermediate_size=64),
+    "gemma": dict(family="gemma3_text", dtype="float32", seed=13, **MOE_DIMS, head_dim=16, intermediate_size=128),
+    "phi3": dict(family="phi3", dtype="float32", seed=14, **MOE_DIMS, intermediate_size=128),
     "odd_q4": dict(family="llama", dtype="float32", bits=4, group_size=32, seed=8, **ODD_HEADS, num_heads=6,
                    num_kv_heads=3),
 }
@@ -65,6 +77,8 @@ CHECKPOINTS = {
 # summation order of the row-parallel products, and the partial sums are
 # rounded to the model dtype before the all-sum.
 LOGIT_TOLERANCE = {"f16": 0.35, "bf16": 0.35}
+LATENT = re.compile(r"\.(q_b_proj|embed_q|unembed_out)\.")  # multi-head latent attention's per-head parts
+SWITCH = re.compile(r"\.(switch_mlp|experts)\.")
 PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.")
 VOCAB = re.compile(r"^(model\.embed_tokens|lm_head)\.")
 # A projection's share follows the query heads, the key/value heads or the MLP features.
@@ -148,7 +162,12 @@ def expected_tp_bytes(path: Path, shares: dict, rank: int) -> int:
     total = 0
     for key, value in weights.items():
         projection = PROJECTION.search(key)
-        if projection:
+        if ".qkv_proj." in key:  # phi3's fused projection: q heads, then k and v heads
+            held_heads = held["query_heads"] + 2 * held["kv_heads"]
+            total += value.nbytes * held_heads // (whole["query_heads"] + 2 * whole["kv_heads"])
+        elif ".gate_up_proj." in key:
+            total += value.nbytes * held["intermediate"] // whole["intermediate"]
+        elif projection:
             role = ROLE[projection.group(1)]
             share = value.nbytes * held[role]
             assert share % whole[role] == 0, (key, held[role], whole[role])
@@ -160,11 +179,50 @@ def expected_tp_bytes(path: Path, shares: dict, rank: int) -> int:
     return total
 
 
+def expected_moe_bytes(path: Path, shares: dict, rank: int) -> int:
+    """This rank's parameter bytes of a mixture-of-experts checkpoint under TP (experts split or placed)."""
+    weights = mx.load(str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    total = 0
+    for key, value in weights.items():
+        if SWITCH.search(key):
+            if shares["experts"] is not None:  # EP: whole experts
+                held, whole = shares["experts"][rank], value.shape[0]
+            elif key.endswith("down_proj.bias"):  # kept whole (zero on ranks above 0)
+                held, whole = 1, 1
+            else:
+                held, whole = shares["expert_features"][rank], sum(shares["expert_features"])
+            assert value.nbytes * held % whole == 0, key
+            total += value.nbytes * held // whole
+        elif key.endswith("o_proj.bias"):  # row-parallel: added once after the sum, held whole
+            total += value.nbytes
+        elif PROJECTION.search(key) and ROLE[PROJECTION.search(key).group(1)] == "intermediate":
+            # A dense block's MLP or the shared experts: that width's share.
+            shared = "shared_experts" in key
+            width = config["moe_intermediate_size"] * config["n_shared_experts"] if shared else config[
+                "intermediate_size"]
+            sizes = shares["widths"].get(str(width), shares["intermediate"])
+            assert sum(sizes) == width, (key, sizes, width)
+            total += value.nbytes * sizes[rank] // width
+        elif PROJECTION.search(key) or LATENT.search(key):
+            role = "query_heads" if LATENT.search(key) else ROLE[PROJECTION.search(key).group(1)]
+            held = {"query_heads": shares["query_heads"][rank], "kv_heads": len(shares["kv_heads"][rank])}[role]
+            whole = config["num_attention_heads"] if role == "query_heads" else config["num_key_value_heads"]
+            total += value.nbytes * held // whole
+        elif key.endswith("sinks"):
+            total += value.nbytes * shares["query_heads"][rank] // config["num_attention_heads"]
+        else:
+            total += value.nbytes
+    return total
+
+
 def check_weight_bytes(path: Path, result: dict, n: int) -> float:
     """Assert this rank's weight bytes are its share; return the ratio to the whole model."""
     replicated, projections, blocks = parameter_groups(path)
     plan = result["plan"]
-    if plan["mode"] == "tp":
+    if plan["mode"] == "tp" and plan["experts"]:
+        expected = expected_moe_bytes(path, plan["shares"], plan["rank"])
+    elif plan["mode"] == "tp":
         expected = expected_tp_bytes(path, plan["shares"], plan["rank"])
     else:
         start, stop = plan["layers"][plan["rank"]]
@@ -181,7 +239,7 @@ def check_weight_bytes(path: Path, result: dict, n: int) -> float:
 def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: str) -> None:
     """Float32 dense, 4-bit (8-bit at 2 ranks): TP and PP tokens equal 1 process.
 
-    Heads that do not divide (6 / 3 at 2 and 4 ranks, 3 / 1 at 2 ranks): auto picks uneven TP, tokens
+    Heads that do not divide (6 / 3 at 2 and 4 ranks, 6 / 6 at 4 ranks, 3 / 1 at 2 ranks): auto picks uneven TP, tokens
     equal 1 process (4-bit 6 / 3 at 4 ranks on MPI); 3 query heads on 4 ranks: mode="tp" raises
     ShapeError. On ring at 2 ranks also: --tp-weights 2,1 and the vocabulary-parallel head (the split is
     backend-independent).
@@ -193,11 +251,24 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
         checks += [generate_check(checkpoints[name], "auto") for name in ("g3", "g3q4")]
     else:
         checks.append(generate_check(checkpoints["g3"], "tp"))
+        checks.append(generate_check(checkpoints["mha6"], "auto"))
         if backend == "mpi":  # 4 ring ranks on a 2-core machine take ~10 s per TP check
             checks.append(generate_check(checkpoints["odd_q4"], "auto"))
     if n == 2 and backend == "ring":
         checks.append(generate_check(checkpoints["odd"], "auto", tp_weights=[2, 1]))
         checks.append(generate_check(checkpoints["f32"], "auto", vocab_parallel=True))
+    # Mixture of experts: experts split by features (tp) or placed whole (ep), weighted on 2 ring ranks.
+    moe = {
+        (2, "ring"): [("moe", "tp", [2, 1]), ("moe", "ep", [2, 1]), ("oss", "tp", None), ("moe_q4", "ep", None)],
+        (2, "mpi"): [("oss", "ep", None), ("moe_q4", "tp", None), ("ds", "ep", [1, 2])],
+        (4, "ring"): [("moe_q4", "tp", None)],  # 4 ring ranks on 2 cores: ~8 s per TP check
+        (4, "mpi"): [("moe", "ep", None), ("oss", "tp", None), ("oss", "ep", None), ("ds", "tp", None)],
+    }[(n, backend)]
+    checks += [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
+               for name, experts, weights in moe]
+    if n == 2 and backend == "mpi":  # gemma3's blocks; phi3's fused qkv_proj and gate_up_proj
+        checks += [generate_check(checkpoints["gemma"], "auto", tp_weights=[1, 3]),
+                   generate_check(checkpoints["phi3"], "auto", tp_weights=[2, 1])]
     results = job(tmp_path, n, backend, checks)
     ratios, shares = {}, {}
     for check, result in zip(checks, results):
@@ -212,10 +283,15 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
         want = "pp" if check["mode"] == "pp" else "tp"
         assert plan["mode"] == want, plan
         assert result["tokens"] == references[name]["tokens"], (name, check)
-        uneven = name in ("odd", "odd_q4", "g3", "g3q4")
+        uneven = name in ("odd", "odd_q4", "g3", "g3q4", "mha6")
         if uneven:
             assert "uneven tensor parallel" in plan["reason"]
         key = (name, want, str(check.get("tp_weights", "")), check.get("vocab_parallel", False))
+        if name in ("moe", "moe_q4", "oss", "ds"):
+            key += (check["experts"],)
+            assert plan["experts"] == check["experts"] and "mixture of experts" in " ".join(plan["kinds"])
+            # Every rank's bytes (gathered by load) are its share of the checkpoint file.
+            assert plan["rank_bytes"] == [expected_moe_bytes(checkpoints[name], plan["shares"], r) for r in range(n)]
         ratios[key] = check_weight_bytes(checkpoints[name], result, n)
         shares[key] = plan["shares"]
     if n == 2:
@@ -224,7 +300,12 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
     else:
         assert shares[("odd", "tp", "", False)]["query_heads"] == [2, 2, 1, 1]
         assert shares[("odd", "tp", "", False)]["kv_heads"] == [[0], [1], [2], [2]]
+        assert shares[("mha6", "tp", "", False)]["query_heads"] == [2, 2, 1, 1]
+        assert shares[("mha6", "tp", "", False)]["intermediate"] == [213, 213, 299, 299]
     if n == 2 and backend == "ring":
+        # Weights 2, 1: rank 0 holds 2/3 of every expert's features, or 4 of the 6 experts.
+        assert shares[("moe", "tp", "[2, 1]", False, "tp")]["expert_features"] == [64, 32]
+        assert shares[("moe", "tp", "[2, 1]", False, "ep")]["experts"] == [4, 2]
         weighted = shares[("odd", "tp", "[2, 1]", False)]
         assert weighted["query_heads"] == [4, 2] and weighted["intermediate"] == [128, 64]
         # The vocabulary-parallel head and embedding: rank 0 holds half of each.
@@ -244,11 +325,38 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
 @pytest.mark.parametrize("backend", ["mpi"])
 def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: str) -> None:
     """8 query / 4 KV heads on 3 ranks: auto picks uneven TP (4, 2, 2 heads); float32 dense and 4-bit
-    tokens equal 1 process, also with a vocabulary-parallel tied head; float16 logits within tolerance."""
+    tokens equal 1 process, also with a vocabulary-parallel tied head; float16 logits within tolerance.
+    Mixture of experts on the same 3 ranks: mixtral 4-bit experts split 64, 32, 32 features, qwen3_moe's
+    6 experts placed 2, 2, 2, gpt_oss weighted 1, 2, 1, deepseek_v3 (latent attention): tokens equal 1
+    process; and pipeline parallel (weighted for deepseek_v3) over qwen3_moe, deepseek_v3, gpt_oss, phi3."""
     checks = [generate_check(checkpoints[name], "auto") for name in ("f32", "q4")]
     checks.append(generate_check(checkpoints["q4"], "auto", vocab_parallel=True))
     checks.append(generate_check(checkpoints["f16"], "auto", logits_of=PROMPT + references["f16"]["tokens"]))
-    results = job(tmp_path, 3, backend, checks)
+    moe = [("moe_q4", "tp", None), ("moe", "ep", None), ("oss", "tp", [1, 2, 1]), ("ds", "tp", None)]
+    moe_checks = [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
+                  for name, experts, weights in moe]
+    # Pipeline parallel over MoE, latent-attention and fused (phi3) blocks, and gemma3's local attention
+    # (window 16, crossed by the 20 tokens).
+    pp_checks = [generate_check(checkpoints[name], "pp", pp_weights=weights)
+                 for name, weights in (("moe", None), ("ds", [1, 2, 1]), ("oss", None), ("phi3", None),
+                                       ("gemma", None))]
+    results = job(tmp_path, 3, backend, checks + moe_checks + pp_checks)
+    pp_results = results[len(checks) + len(moe_checks):]
+    for check, result in zip(pp_checks, pp_results):
+        assert "error" not in result, result
+        assert result["plan"]["mode"] == "pp" and result["plan"]["experts"] is None
+        assert result["tokens"] == references[Path(check["path"]).name]["tokens"], check
+    results = results[: len(checks) + len(moe_checks)]
+    for check, result in zip(moe_checks, results[len(checks):]):
+        name = Path(check["path"]).name
+        assert "error" not in result, result
+        assert result["tokens"] == references[name]["tokens"], check
+        plan = result["plan"]
+        assert plan["experts"] == check["experts"]
+        assert plan["rank_bytes"] == [expected_moe_bytes(checkpoints[name], plan["shares"], r) for r in range(3)]
+    assert results[len(checks)]["plan"]["shares"]["expert_features"] == [64, 32, 32]
+    assert results[len(checks) + 1]["plan"]["shares"]["experts"] == [2, 2, 2]
+    results = results[: len(checks)]
     for check, result in zip(checks, results):
         name = Path(check["path"]).name
         assert "error" not in result, result
@@ -474,3 +582,48 @@ def test_generate_command_errors(checkpoints) -> None:
     assert bad_ids.returncode == 2 and "expected comma-separated token ids" in bad_ids.stderr
     too_big = subprocess.run(base[:-1] + ["1,512"], capture_output=True, text=True, timeout=60)
     assert too_big.returncode == 2 and "below the vocabulary size 512" in too_big.stderr
+    dense_ep = subprocess.run(base + ["--experts", "ep"], capture_output=True, text=True, timeout=60)
+    assert dense_ep.returncode == 2 and "needs a mixture-of-experts model" in dense_ep.stderr
+
+
+def test_experts_refused_before_loading(checkpoints) -> None:
+    """--experts ep on a dense model, more ranks than experts, a bad experts mode: typed errors from the
+    plan, on the lazy model (no weight read)."""
+    from mlx_lm.utils import load_model
+
+    from mlxdist.lm.testing import random_model
+
+    dense, _ = load_model(checkpoints["f32"], lazy=True)
+    for size in (1, 2):
+        with pytest.raises(mlxdist.InvalidArgumentError, match="needs a mixture-of-experts model"):
+            choose(dense, "llama", 0, size, "auto", experts="ep")
+    with pytest.raises(mlxdist.InvalidArgumentError, match="experts must be one of tp, ep"):
+        choose(dense, "llama", 0, 2, "auto", experts="dp")
+    with pytest.raises(mlxdist.InvalidArgumentError, match="needs a mixture-of-experts model"):
+        load(checkpoints["f32"], experts="ep")
+    eight_heads, _ = random_model("qwen3_moe", hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+                                  intermediate_size=64, num_experts=3)
+    with pytest.raises(mlxdist.ShapeError, match="cannot place 3 experts on 4 ranks"):
+        choose(eight_heads, "qwen3_moe", 0, 4, "auto", experts="ep")
+    with pytest.raises(mlxdist.InvalidArgumentError, match="mode='pp' has none"):
+        choose(eight_heads, "qwen3_moe", 0, 2, "pp", experts="ep")
+    plan = choose(eight_heads, "qwen3_moe", 0, 3, "auto", experts="ep")
+    assert plan.experts == "ep" and plan.split.experts == [(0, 1), (1, 2), (2, 3)]
+    assert choose(eight_heads, "qwen3_moe", 0, 4, "auto").split.expert_features == [16, 16, 16, 16]
+
+
+def test_pipeline_refused_for_an_unchecked_family() -> None:
+    """deepseek_v32's blocks are known kinds (TP plans it), but PP would replace its inner model's forward
+    by a stage not checked against it: refused by name rather than risk other tokens."""
+    from mlx_lm.models import deepseek_v32
+
+    args = deepseek_v32.ModelArgs.from_dict(dict(
+        model_type="deepseek_v32", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=64, vocab_size=300, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        rope_scaling=None, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0))
+    model = deepseek_v32.Model(args)
+    assert choose(model, "deepseek_v32", 0, 2, "auto").mode == "tp"
+    with pytest.raises(mlxdist.UnsupportedOperationError, match="pipeline stage is not checked against deepseek_v32"):
+        choose(model, "deepseek_v32", 0, 2, "pp")

@@ -2,7 +2,8 @@
 
 On real ranks (2 and 4, ring and MPI) tests/workers/nn_layers.py checks every
 layer, quantization mode, sharding function and error against unsharded
-layers computed in the same worker. In this process, on the size-1 world:
+layers computed in the same worker, and mlx-lm MoE blocks through MoEAllSum
+(tests/workers/nn_experts.py: TP and EP, both dispatch paths). In this process, on the size-1 world:
 the layers equal MLX's unsharded ones, the slicing arithmetic against numpy,
 and the errors that need no peers.
 """

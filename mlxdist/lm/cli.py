@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="under TP, also split the embedding and head by vocabulary rows",
     )
     parser.add_argument(
+        "--experts",
+        choices=("tp", "ep"),
+        default="tp",
+        help="mixture-of-experts blocks under TP: split every expert's features (tp, default) or place "
+        "whole experts on ranks by --tp-weights (ep)",
+    )
+    parser.add_argument(
         "-n", "--nranks", type=int, help="local ranks to start when not inside a launched job"
     )
     parser.add_argument("--backend", choices=("ring", "mpi"), default="ring", help="for -n (default ring)")
@@ -139,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         pp_weights=args.pp_weights,
         tp_weights=args.tp_weights,
         vocab_parallel=args.vocab_parallel,
+        experts=args.experts,
     )
     prompt = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
     vocab = int(model.args.vocab_size)
@@ -164,6 +172,8 @@ def _run(args: argparse.Namespace) -> int:
             "tokens": out.tokens,
             "text": text,
             "mode": plan.mode,
+            "experts": plan.experts,
+            "kinds": plan.kinds,
             "reason": plan.reason,
             "family": plan.family,
             "ranks": size,

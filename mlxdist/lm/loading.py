@@ -8,12 +8,13 @@ from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlxdist.errors import InvalidArgumentError
 from mlxdist.group import Group
 from mlxdist.lm.memory import parameter_bytes
 from mlxdist.lm.pipeline import apply_pipeline_parallel
-from mlxdist.lm.plan import Plan, choose, layout_of
+from mlxdist.lm.plan import Plan, choose
 from mlxdist.lm.tensor import apply_tensor_parallel
 from mlxdist.world import resolve_group
 
@@ -38,6 +39,7 @@ def load(
     tp_weights: Optional[Sequence[float]] = None,
     vocab_parallel: bool = False,
     tokenizer_config: Optional[dict[str, Any]] = None,
+    experts: str = "tp",
 ) -> tuple[nn.Module, Any, Plan]:
     """Load an mlx-lm checkpoint and shard it over a group.
 
@@ -60,6 +62,11 @@ def load(
         vocab_parallel: Under TP, also split the embedding and head by
             vocabulary rows (logits all-gathered).
         tokenizer_config: Extra arguments for the tokenizer.
+        experts: Mixture-of-experts blocks under TP: ``"tp"`` (every
+            expert's intermediate features split by ``tp_weights``, in whole
+            quantization groups) or ``"ep"`` (whole experts per rank, in
+            proportion to ``tp_weights``); the router stays replicated and
+            each MoE block sums its output once.
 
     Returns:
         ``(model, tokenizer, plan)``: the sharded mlx-lm model (call it, or
@@ -68,10 +75,11 @@ def load(
 
     Raises:
         InvalidArgumentError: not a checkpoint directory, unknown mode, bad
-            weights, or PP impossible (fewer blocks than ranks).
+            weights, PP impossible (fewer blocks than ranks), or
+            ``experts="ep"`` on a model without experts (before any weight is read).
         ShapeError: ``mode="tp"`` on a model that TP cannot split: a rank
-            would get no query head, or a quantized slice would cut a group
-            (names the constraint).
+            would get no query head (or, under ``experts="ep"``, no expert),
+            or a quantized slice would cut a group (names the constraint).
         UnsupportedOperationError: no sharding plan for the model's family
             (on more than one rank).
         ArgumentTypeError: ``group`` is not an mlxdist group (a ``TypeError``).
@@ -93,16 +101,22 @@ def load(
         pp_weights,
         tp_weights=tp_weights,
         vocab_parallel=vocab_parallel,
+        experts=experts,
     )
     planned = time.perf_counter()
     plan.full_bytes = full_bytes
     if plan.mode == "tp":
-        plan.sharded_full_bytes = apply_tensor_parallel(model, layout_of(model), group, plan.split)
+        plan.sharded_full_bytes = apply_tensor_parallel(model, None, group, plan.split)
     elif plan.mode == "pp":
         start, stop = plan.layers[plan.rank]
         plan.sharded_full_bytes = apply_pipeline_parallel(model, start, stop, group)
     mx.eval(model.parameters())
     plan.weight_bytes = parameter_bytes(model)
+    if group.size() > 1:
+        every = np.asarray(group.all_gather(np.array([plan.weight_bytes], dtype=np.int64)))
+        plan.rank_bytes = [int(v) for v in every.reshape(-1)]
+    else:
+        plan.rank_bytes = [plan.weight_bytes]
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     plan.seconds = {"plan": planned - planning, "load": time.perf_counter() - began - (planned - planning)}
     return model, tokenizer, plan

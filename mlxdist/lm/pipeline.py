@@ -17,9 +17,22 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from mlxdist.group import Group
+from mlxdist.lm.kinds import has_latent_attention
 from mlxdist.world import all_gather, recv_like, send
 
-__all__ = ["PipelineStage", "apply_pipeline_parallel"]
+__all__ = ["PIPELINED", "PipelineStage", "apply_pipeline_parallel"]
+
+# The mlx-lm model modules whose inner model the stage reproduces (checked by the tests: a stage over
+# every block computes what the family's inner model does). A stage replaces the family's own forward,
+# so any other family could be silently wrong under PP; mistral loads through llama.
+PIPELINED = frozenset(
+    f"mlx_lm.models.{name}"
+    for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss",
+                 "glm4_moe", "deepseek_v3")
+)
+
+# The inner models that multiply the embeddings by sqrt(hidden_size) before the first block.
+_SCALED_EMBEDDINGS = frozenset({"mlx_lm.models.gemma3_text"})
 
 
 class PipelineStage(nn.Module):
@@ -40,9 +53,25 @@ class PipelineStage(nn.Module):
         self.embed_tokens = inner.embed_tokens
         self.layers = inner.layers[start:stop]
         self.norm = inner.norm
-        self.sliding_window = getattr(inner, "sliding_window", None)
+        # The window of local-attention blocks, and which of this rank's blocks use it: a block's own
+        # use_sliding, its attention's is_sliding (gemma3), or the inner model's layer_types (gpt-oss).
+        self.sliding_window = getattr(inner, "sliding_window", None) or getattr(inner, "window_size", None)
+        types = getattr(inner, "layer_types", None) or [None] * len(inner.layers)
+        if getattr(inner, "layer_types", None):
+            self.layer_types = list(types)  # every block's (the family's make_cache reads them)
+        self.sliding = [
+            bool(getattr(layer, "use_sliding", False))
+            or bool(getattr(getattr(layer, "self_attn", None), "is_sliding", False))
+            or types[index] == "sliding_attention"
+            for index, layer in zip(range(start, stop), inner.layers[start:stop])
+        ]
         self.group = group
         self.start, self.stop = start, stop
+        # gemma's inner models scale the embeddings by sqrt(hidden_size) (rounded to bfloat16) first.
+        scaled = type(inner).__module__ in _SCALED_EMBEDDINGS
+        self.embed_scale = float(inner.args.hidden_size) ** 0.5 if scaled else None
+        # Latent attention masks its scores with mx.where: it needs the mask as an array.
+        self.array_mask = any(has_latent_attention(layer) for layer in self.layers)
 
     @property
     def pipeline_layers(self) -> list:
@@ -50,9 +79,11 @@ class PipelineStage(nn.Module):
         return self.layers
 
     def _mask(self, h: mx.array, cache: list, sliding: bool) -> Any:
-        for layer, c in zip(self.layers, cache):
-            if bool(getattr(layer, "use_sliding", False)) == sliding:
-                return create_attention_mask(h, c, window_size=self.sliding_window if sliding else None)
+        for local, c in zip(self.sliding, cache):
+            if local == sliding:
+                return create_attention_mask(
+                    h, c, window_size=self.sliding_window if sliding else None, return_array=self.array_mask
+                )
         return None
 
     def __call__(
@@ -70,14 +101,16 @@ class PipelineStage(nn.Module):
             same on every rank.
         """
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if self.embed_scale is not None:
+            h = h * mx.array(self.embed_scale, mx.bfloat16).astype(h.dtype)
         if cache is None:
             cache = [None] * len(self.layers)
         masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
         rank, size = self.group.rank(), self.group.size()
         if rank > 0:
             h = recv_like(h, rank - 1, group=self.group)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, masks[bool(getattr(layer, "use_sliding", False))], cache=c)
+        for layer, local, c in zip(self.layers, self.sliding, cache):
+            h = layer(h, masks[local], cache=c)
         if rank < size - 1:
             h = send(h, rank + 1, group=self.group)
             # Whoever evaluates only the caches (prefill chunks) still sends.
@@ -104,7 +137,17 @@ def apply_pipeline_parallel(model: nn.Module, start: int, stop: int, group: Grou
         Bytes of all decoder blocks of the whole model.
     """
     blocks_bytes = sum(v.nbytes for block in model.model.layers for _, v in tree_flatten(block.parameters()))
+    total = len(model.model.layers)
     model.model = PipelineStage(model.model, start, stop, group)
+    family_caches = getattr(type(model), "make_cache", None)
+    if family_caches is not None:
+        # A family's make_cache may build one cache per block of the whole model (gemma3 from its
+        # config, gpt-oss from layer_types): this rank keeps those of its own blocks.
+        def make_cache() -> list:
+            caches = family_caches(model)
+            return caches[start:stop] if len(caches) == total else caches
+
+        object.__setattr__(model, "make_cache", make_cache)
     for block in model.model.layers:
         mx.eval(block.parameters())
     return blocks_bytes

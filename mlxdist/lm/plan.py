@@ -1,12 +1,13 @@
-"""Which parallelism a model gets on a group, and why: family layouts, checks, the dispatcher.
+"""Which parallelism a model gets on a group, and why: the dispatcher and the plan.
 
-A :class:`FamilyLayout` says where a family's mlx-lm model keeps what
-sharding touches (the decoder blocks, the projections, the head counts on the
-attention module). :func:`choose` picks, on the loaded (still lazy) model,
-even tensor parallelism when every head count and projection divides by the
-group size, else uneven tensor parallelism (:mod:`mlxdist.lm.split`) when
-every rank can get a query head (and quantized slices fall on whole groups),
-else pipeline parallelism, else raises.
+:func:`choose` picks, on the loaded (still lazy) model, even tensor
+parallelism when every head count and projection divides by the group size,
+else uneven tensor parallelism (:mod:`mlxdist.lm.split`) when every rank can
+get a query head (and quantized slices fall on whole groups), else pipeline
+parallelism, else raises. What TP can do with a model comes from the kinds
+of its blocks' modules (:mod:`mlxdist.lm.kinds`, :mod:`mlxdist.lm.sizing`);
+a block with a module of an unknown kind leaves PP. Mixture-of-experts
+blocks split their experts by features or place them whole (``experts``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from typing import Optional, Sequence
 import mlx.nn as nn
 
 from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperationError
-from mlxdist.lm.split import TensorSplit, check_weights, tensor_split
-from mlxdist.nn.quantized import quantized_input_dims
+from mlxdist.lm.pipeline import PIPELINED
+from mlxdist.lm.sizing import EXPERTS, block_layouts, layout_of, model_split, tp_violations
+from mlxdist.lm.split import TensorSplit, check_weights
 
 __all__ = [
     "MODES",
+    "EXPERTS",
     "FamilyLayout",
+    "block_layouts",
     "LAYOUTS",
     "Plan",
     "layout_of",
@@ -69,8 +73,8 @@ class FamilyLayout:
     mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-# mlx-lm model module -> layout. Every listed family has model.model.{embed_tokens,
-# layers, norm}, and mistral checkpoints load through mlx_lm.models.llama.
+# The families TP was first written for; any other family whose blocks are made of
+# known module kinds (mlxdist.lm.kinds) is planned the same way.
 LAYOUTS: dict[str, FamilyLayout] = {
     "mlx_lm.models.llama": FamilyLayout(),
     "mlx_lm.models.qwen2": FamilyLayout(),
@@ -84,6 +88,10 @@ class Plan:
 
     Attributes:
         mode: ``"tp"``, ``"pp"`` or ``"single"`` (a group of one process).
+        experts: For a mixture-of-experts model under TP, ``"tp"`` (every
+            expert's features split) or ``"ep"`` (whole experts placed on
+            ranks); None for a dense model or another mode.
+        kinds: The kinds of module the decoder blocks are made of.
         reason: Why this mode, in one sentence.
         family: The checkpoint's ``model_type``.
         rank: This process's rank.
@@ -112,6 +120,9 @@ class Plan:
     sharded_full_bytes: int = 0
     split: Optional[TensorSplit] = None
     seconds: dict[str, float] = field(default_factory=dict)
+    experts: Optional[str] = None
+    kinds: list[str] = field(default_factory=list)
+    rank_bytes: list[int] = field(default_factory=list)
 
     @property
     def replicated_bytes(self) -> int:
@@ -122,6 +133,8 @@ class Plan:
         """The plan as JSON-ready data."""
         return {
             "mode": self.mode,
+            "experts": self.experts,
+            "kinds": list(self.kinds),
             "reason": self.reason,
             "family": self.family,
             "rank": self.rank,
@@ -131,81 +144,8 @@ class Plan:
             "full_bytes": self.full_bytes,
             "sharded_full_bytes": self.sharded_full_bytes,
             "shares": None if self.split is None else self.split.as_dict(),
+            "rank_bytes": list(self.rank_bytes),
         }
-
-
-def layout_of(model: nn.Module) -> Optional[FamilyLayout]:
-    """The layout of a loaded mlx-lm model, or None if its family has none."""
-    return LAYOUTS.get(type(model).__module__)
-
-
-def _module(root: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
-
-
-def _linear_dims(module: nn.Module) -> tuple[int, int, Optional[int]]:
-    """(output features, input features, quantization group size or None)."""
-    input_dims = quantized_input_dims(module)
-    if input_dims is not None:
-        return int(module["weight"].shape[0]), input_dims, int(module.group_size)
-    if isinstance(module, nn.Linear):
-        return int(module["weight"].shape[0]), int(module["weight"].shape[1]), None
-    raise UnsupportedOperationError(
-        f"tensor parallelism shards nn.Linear and nn.QuantizedLinear, not {type(module).__name__}"
-    )
-
-
-def tp_violations(model: nn.Module, layout: FamilyLayout, size: int) -> list[str]:
-    """The tensor-parallel constraints a model breaks on ``size`` ranks.
-
-    Checked for every decoder block: each head count divisible by ``size``;
-    each column-parallel projection's output features divisible by ``size``;
-    each row-parallel projection's input features divisible by ``size`` and,
-    when quantized, ``input / size`` a multiple of the quantization group size.
-
-    Args:
-        model: A loaded mlx-lm model of the layout's family (weights may be lazy).
-        layout: Its family layout.
-        size: The group size.
-
-    Returns:
-        One message per distinct broken constraint (empty: TP is valid).
-
-    Raises:
-        UnsupportedOperationError: a projection is neither ``nn.Linear`` nor
-            ``nn.QuantizedLinear``.
-    """
-    found: dict[str, str] = {}
-    for index, block in enumerate(model.model.layers):
-        where = f"layers.{index}"
-        attention = _module(block, layout.attention)
-        for name in layout.head_counts:
-            count = int(getattr(attention, name))
-            if count % size:
-                found.setdefault(
-                    name, f"{name}={count} is not divisible by {size} ranks ({where}.{layout.attention})"
-                )
-        for path in layout.column:
-            out_dims, _, _ = _linear_dims(_module(block, path))
-            if out_dims % size:
-                found.setdefault(
-                    path, f"{path} output features {out_dims} are not divisible by {size} ranks ({where})"
-                )
-        for path in layout.row:
-            _, in_dims, group_size = _linear_dims(_module(block, path))
-            if in_dims % size:
-                found.setdefault(
-                    path, f"{path} input features {in_dims} are not divisible by {size} ranks ({where})"
-                )
-            elif group_size and (in_dims // size) % group_size:
-                found.setdefault(
-                    path,
-                    f"quantized {path}: input features per rank {in_dims}/{size}={in_dims // size} are not "
-                    f"a multiple of group_size={group_size} ({where})",
-                )
-    return list(found.values())
 
 
 def layer_ranges(
@@ -251,57 +191,6 @@ def layer_ranges(
     return [(start, start + count) for start, count in zip(starts, counts)]
 
 
-def model_split(
-    model: nn.Module,
-    layout: FamilyLayout,
-    size: int,
-    weights: Optional[Sequence[float]] = None,
-    vocab_parallel: bool = False,
-) -> TensorSplit:
-    """Each rank's share of a model under tensor parallelism (see :func:`mlxdist.lm.split.tensor_split`).
-
-    Args:
-        model: A loaded mlx-lm model of the layout's family (weights may be lazy).
-        layout: Its family layout.
-        size: The group size.
-        weights: Per-rank TP weights (None: equal shares).
-        vocab_parallel: Also split the vocabulary (embedding and head).
-
-    Returns:
-        The split, the same for every block.
-
-    Raises:
-        ShapeError: a rank would get no query head, the blocks differ in
-            shape, or a quantized row-parallel slice (attention output or MLP)
-            is not a whole number of quantization groups.
-        UnsupportedOperationError: a projection is neither ``nn.Linear`` nor
-            ``nn.QuantizedLinear``.
-    """
-    shapes = set()
-    for block in model.model.layers:
-        attention = _module(block, layout.attention)
-        n_heads, n_kv = (int(getattr(attention, name)) for name in layout.head_counts)
-        query_out, hidden, _ = _linear_dims(_module(block, layout.query[0]))
-        intermediate, _, _ = _linear_dims(_module(block, layout.mlp[0]))
-        _, _, o_group = _linear_dims(_module(block, layout.query[-1]))
-        _, _, down_group = _linear_dims(_module(block, layout.mlp[-1]))
-        shapes.add((n_heads, n_kv, query_out // n_heads, intermediate, o_group or 1, down_group or 1, hidden))
-    if len(shapes) != 1:
-        raise ShapeError(f"tensor parallelism needs decoder blocks of one shape, found {sorted(shapes)}")
-    ((n_heads, n_kv, head_dim, intermediate, o_unit, mlp_unit, hidden),) = shapes
-    vocab = int(model.model.embed_tokens.weight.shape[0]) if vocab_parallel else None
-    split = tensor_split(
-        n_heads, n_kv, head_dim, intermediate, size, weights, mlp_unit=mlp_unit, vocab=vocab, hidden=hidden
-    )
-    misaligned = [q for q in split.query_sizes if q % o_unit]
-    if misaligned:
-        raise ShapeError(
-            f"quantized {layout.query[-1]}: query features per rank {split.query_sizes} "
-            f"({head_dim} per head) are not multiples of group_size={o_unit}"
-        )
-    return split
-
-
 def choose(
     model: nn.Module,
     family: str,
@@ -312,6 +201,7 @@ def choose(
     *,
     tp_weights: Optional[Sequence[float]] = None,
     vocab_parallel: bool = False,
+    experts: str = "tp",
 ) -> Plan:
     """Pick the parallelism for a model on a group, and log the choice in one line.
 
@@ -330,6 +220,9 @@ def choose(
             rank twice as fast); None: as even as the heads allow.
         vocab_parallel: Under TP, also split the embedding and head by
             vocabulary rows.
+        experts: Mixture-of-experts blocks under TP: ``"tp"`` (every
+            expert's features split) or ``"ep"`` (whole experts per rank,
+            by ``tp_weights``).
 
     Returns:
         The :class:`Plan` (byte counts not yet filled in; ``split`` set under TP).
@@ -337,8 +230,9 @@ def choose(
     Raises:
         InvalidArgumentError: unknown mode, bad weights, or PP impossible
             (fewer blocks than ranks).
-        UnsupportedOperationError: no layout for the family (any mode on more
-            than one rank).
+        UnsupportedOperationError: a module of an unknown kind under
+            ``mode="tp"``, or pipeline parallelism (chosen or requested) for a
+            family whose inner model the pipeline stage is not checked against.
         ShapeError: ``mode="tp"`` and TP impossible: a rank would get no query
             head, or a quantized slice would cut a quantization group (the
             message names it).
@@ -347,23 +241,50 @@ def choose(
         raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     num_layers = len(model.model.layers) if hasattr(model, "model") and hasattr(model.model, "layers") else 0
     everything = [(0, num_layers)] * size
+    if experts not in EXPERTS:
+        raise InvalidArgumentError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
+    if experts == "ep" and mode == "pp":
+        raise InvalidArgumentError("experts='ep' places experts under tensor parallelism; mode='pp' has none")
+    if experts == "ep":
+        try:
+            dense = not any(layout.moe for layout in block_layouts(model))
+        except UnsupportedOperationError:
+            dense = False
+        if dense:
+            raise InvalidArgumentError(
+                f"experts='ep' (expert parallelism) needs a mixture-of-experts model; {family} has no experts"
+            )
     if size == 1:
         plan = Plan("single", "a group of one process: nothing to shard", family, rank, size, everything)
         logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
         return plan
-    layout = layout_of(model)
-    if layout is None:
-        raise UnsupportedOperationError(
-            f"mlxdist.lm has no sharding plan for model_type {family!r} ({type(model).__module__}); "
-            f"supported: {', '.join(sorted(m.rsplit('.', 1)[1] for m in LAYOUTS))} (and mistral)"
-        )
+    try:
+        layouts = block_layouts(model)
+    except UnsupportedOperationError as exc:
+        inner = getattr(model, "model", None)
+        pipelined = all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm"))
+        if mode == "tp" or not pipelined or experts == "ep":
+            raise UnsupportedOperationError(
+                f"mlxdist.lm has no sharding plan for model_type {family!r} ({type(model).__module__}): {exc}"
+            ) from None
+        layouts = []
+        unknown = str(exc)
+    kinds = sorted({kind for layout in layouts for kind in layout.kinds()})
+    has_experts = any(layout.moe for layout in layouts)
     if tp_weights is not None:
         tp_weights = check_weights(tp_weights, size, "tp_weights")
-    if mode in ("auto", "tp"):
+    layout = layouts[0] if layouts else None
+    if mode in ("auto", "tp") and layout is None:
+        why = f"tensor parallel impossible ({unknown}), so pipeline parallel"
+    elif mode in ("auto", "tp"):
         broken = tp_violations(model, layout, size)
+        if experts == "ep":
+            broken = [b for b in broken if "experts'" not in b]
         try:
-            split = model_split(model, layout, size, tp_weights, vocab_parallel)
+            split = model_split(model, layout, size, tp_weights, vocab_parallel, experts=experts)
         except ShapeError as exc:
+            if experts == "ep" and "expert" in str(exc):
+                raise ShapeError(f"{family} cannot place its experts over {size} ranks: {exc}") from None
             if mode == "tp":
                 raise ShapeError(f"{family} cannot be tensor-parallel over {size} ranks: {exc}") from None
             why = f"tensor parallel impossible ({'; '.join(broken + [str(exc)])}), so pipeline parallel"
@@ -375,13 +296,26 @@ def choose(
                 how = f"uneven tensor parallel over {size} ranks ({broken[0]}{more})"
             else:
                 how = f"uneven tensor parallel over {size} ranks by tp weights {tp_weights}"
-            plan = Plan("tp", f"{how}: {split.describe()}", family, rank, size, everything, split=split)
+            if has_experts:
+                how += f", experts {'placed whole (expert parallel)' if experts == 'ep' else 'split by features'}"
+            plan = Plan(
+                "tp", f"{how}: {split.describe()}", family, rank, size, everything, split=split,
+                experts=experts if has_experts else None, kinds=kinds,
+            )
             logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
             return plan
     else:
         why = "pipeline parallel as requested"
+    if experts == "ep":
+        raise InvalidArgumentError(f"experts='ep' needs tensor parallelism, and {why}")
+    if type(model).__module__ not in PIPELINED:
+        raise UnsupportedOperationError(
+            f"{why}, but mlxdist.lm's pipeline stage is not checked against {family}'s inner model "
+            f"({type(model).__module__}); pipeline parallel covers "
+            f"{', '.join(sorted(m.rsplit('.', 1)[1] for m in PIPELINED))}"
+        )
     ranges = layer_ranges(num_layers, size, pp_weights)
     spans = ", ".join(f"rank {r}: blocks [{a}, {b})" for r, (a, b) in enumerate(ranges))
-    plan = Plan("pp", f"{why} over {size} ranks ({spans})", family, rank, size, ranges)
+    plan = Plan("pp", f"{why} over {size} ranks ({spans})", family, rank, size, ranges, kinds=kinds)
     logger.info("mlxdist.lm: %s: %s", plan.mode, plan.reason)
     return plan

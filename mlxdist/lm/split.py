@@ -21,7 +21,7 @@ each rank holds:
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from mlxdist.errors import InvalidArgumentError, ShapeError
@@ -67,6 +67,12 @@ class TensorSplit:
             once per query head).
         intermediate: MLP intermediate features of each rank.
         vocab: Vocabulary rows of each rank, or None (head and embedding whole).
+        widths: Each rank's features of every other dense MLP width in the
+            model (shared experts, dense blocks between MoE blocks), by width.
+        expert_features: Under expert TP, each rank's intermediate features
+            of every routed expert; None otherwise.
+        experts: Under expert parallelism, each rank's ``(start, stop)``
+            range of whole experts; None otherwise.
     """
 
     head_dim: int
@@ -74,6 +80,17 @@ class TensorSplit:
     kv_heads: list[list[int]]
     intermediate: list[int]
     vocab: Optional[list[int]] = None
+    widths: dict[int, list[int]] = field(default_factory=dict)
+    expert_features: Optional[list[int]] = None
+    experts: Optional[list[tuple[int, int]]] = None
+
+    def features(self, width: int) -> list[int]:
+        """Each rank's share of a dense MLP (or shared experts) ``width`` features wide."""
+        if width in self.widths:
+            return list(self.widths[width])
+        if sum(self.intermediate) != width:
+            raise ValueError(f"the split has no share of an MLP {width} features wide")  # a planner bug
+        return list(self.intermediate)
 
     @property
     def query_sizes(self) -> list[int]:
@@ -100,7 +117,14 @@ class TensorSplit:
         held = [h for heads in self.kv_heads for h in heads]
         vocab_even = self.vocab is None or len(set(self.vocab)) == 1
         unique_kv = len(held) == len(set(held))
-        return len(counts) == 1 and len(set(self.intermediate)) == 1 and unique_kv and vocab_even
+        widths_even = all(len(set(sizes)) == 1 for sizes in self.widths.values())
+        experts_even = (self.expert_features is None or len(set(self.expert_features)) == 1) and (
+            self.experts is None or len({stop - start for start, stop in self.experts}) == 1
+        )
+        return (
+            len(counts) == 1 and len(set(self.intermediate)) == 1 and unique_kv and vocab_even
+            and widths_even and experts_even
+        )
 
     def as_dict(self) -> dict:
         """JSON-ready: per rank query heads, key/value heads, intermediate features, vocabulary rows."""
@@ -109,6 +133,10 @@ class TensorSplit:
             "kv_heads": [list(heads) for heads in self.kv_heads],
             "intermediate": list(self.intermediate),
             "vocab": None if self.vocab is None else list(self.vocab),
+            "widths": {str(width): list(sizes) for width, sizes in self.widths.items()},
+            "expert_features": None if self.expert_features is None else list(self.expert_features),
+            "experts": None if self.experts is None else [stop - start for start, stop in self.experts],
+            "expert_ranges": None if self.experts is None else [list(r) for r in self.experts],
         }
 
     def describe(self) -> str:
@@ -117,6 +145,11 @@ class TensorSplit:
         rows = zip(self.query_heads, self.kv_heads, self.intermediate)
         for rank, ((start, stop), heads, inter) in enumerate(rows):
             vocab = "" if self.vocab is None else f", {self.vocab[rank]} vocab rows"
+            if self.experts is not None:
+                first, last = self.experts[rank]
+                vocab += f", experts [{first}, {last})"
+            elif self.expert_features is not None:
+                vocab += f", {self.expert_features[rank]} features of every expert"
             parts.append(f"rank {rank}: {stop - start} q heads, kv {heads}, {inter} mlp features{vocab}")
         return "; ".join(parts)
 
@@ -169,7 +202,7 @@ def tensor_split(
         n_heads: Query heads.
         n_kv_heads: Key/value heads (a divisor of ``n_heads``).
         head_dim: Features per head.
-        intermediate: MLP intermediate features.
+        intermediate: MLP intermediate features (0: no dense MLP).
         size: Ranks.
         weights: One positive number per rank (e.g. its speed); None: equal.
         mlp_unit: The step of the MLP split (the quantization group size of
@@ -204,15 +237,18 @@ def tensor_split(
     starts = [sum(counts[:rank]) for rank in range(size)]
     query_heads = [(start, start + count) for start, count in zip(starts, counts)]
     kv_heads = [_kv_heads_of(start, stop, group) for start, stop in query_heads]
-    if intermediate % mlp_unit or intermediate // mlp_unit < size:
+    if intermediate == 0:  # no dense MLP (every feed-forward is experts)
+        mlp = [0] * size
+    elif intermediate % mlp_unit or intermediate // mlp_unit < size:
         raise ShapeError(
             f"the MLP's {intermediate} intermediate features cannot give each of {size} ranks "
             f"whole groups of {mlp_unit}"
         )
-    mlp_weights = weights
-    if hidden is not None:
-        mlp_weights = _balancing_weights(query_heads, kv_heads, head_dim, hidden, intermediate, weights)
-    mlp = split_sizes(intermediate, mlp_weights, mlp_unit)
+    if intermediate:
+        mlp_weights = weights
+        if hidden is not None:
+            mlp_weights = _balancing_weights(query_heads, kv_heads, head_dim, hidden, intermediate, weights)
+        mlp = split_sizes(intermediate, mlp_weights, mlp_unit)
     rows = None
     if vocab is not None:
         if vocab < size:

@@ -19,10 +19,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxdist.group import Group
+from mlxdist.lm.kinds import BlockLayout
 from mlxdist.lm.plan import FamilyLayout
+from mlxdist.lm.sizing import block_layouts
 from mlxdist.lm.split import TensorSplit
 from mlxdist.lm.vocab import apply_vocab_parallel
-from mlxdist.nn import shard_linear
+from mlxdist.nn import shard_inplace, shard_linear
+from mlxdist.nn.experts import MoEAllSum, place_experts, shard_switch
+from mlxdist.nn.quantized import quantized_input_dims
 
 __all__ = ["shard_block", "apply_tensor_parallel"]
 
@@ -40,15 +44,71 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
-def _shares(path: str, layout: FamilyLayout, split: TensorSplit) -> dict[str, Any]:
+def _width(module: nn.Module, row: bool) -> int:
+    """A projection's MLP-side width: output features (column) or unpacked input features (row)."""
+    if row:
+        return int(quantized_input_dims(module) or module["weight"].shape[-1])
+    return int(module["weight"].shape[0])
+
+
+def _fused_ranges(path: str, layout: FamilyLayout, split: TensorSplit, module: nn.Module) -> list:
+    """Each rank's ranges of a fused projection: its part of every fused segment, in segment order."""
+    if path in layout.mlp:  # gate_up_proj: [gate | up], each split like the MLP
+        width = _width(module, False) // 2
+        sizes = split.features(width)
+        starts = [sum(sizes[:rank]) for rank in range(len(sizes))]
+        return [[(a, a + n), (width + a, width + a + n)] for a, n in zip(starts, sizes)]
+    # qkv_proj: [queries | keys | values]
+    heads = split.query_heads[-1][1]
+    queries = heads * split.head_dim
+    keys = (_width(module, False) - queries) // 2
+    ranges = []
+    for (first, stop), kv in zip(split.query_heads, split.kv_ranges()):
+        mine = [(first * split.head_dim, stop * split.head_dim)]
+        mine += [(queries + a, queries + b) for a, b in kv] + [(queries + keys + a, queries + keys + b) for a, b in kv]
+        ranges.append(mine)
+    return ranges
+
+
+def _shares(path: str, layout: FamilyLayout, split: TensorSplit, module: nn.Module) -> dict[str, Any]:
     """The ``shard_linear`` arguments that give a projection its shares under ``split``."""
+    if path in getattr(layout, "fused", ()):
+        return {"ranges": _fused_ranges(path, layout, split, module)}
     if path in layout.key_value:
         return {"ranges": split.kv_ranges()}
-    if path in layout.query:
-        return {"sizes": split.query_sizes}
+    if path in layout.query:  # whole heads; a head's width is the projection's own (q and o may differ)
+        heads = split.query_heads[-1][1]
+        per_head = _width(module, path == layout.query[-1]) // heads
+        return {"sizes": [(stop - start) * per_head for start, stop in split.query_heads]}
     if path in layout.mlp:
-        return {"sizes": split.intermediate}
+        return {"sizes": split.features(_width(module, path == layout.mlp[-1]))}
     raise ValueError(f"{path} has no role in the family layout")  # a layout bug, not user input
+
+
+def _shard_experts(block: nn.Module, layout: BlockLayout, group: Group, split: Optional[TensorSplit]) -> None:
+    """Shard a mixture-of-experts module so it yields a partial sum, and wrap it to sum once."""
+    moe = _get(block, layout.moe)
+    switch = moe[layout.switch]
+    if split is not None and split.experts is not None:
+        place_experts(switch, group=group, placement=split.experts)
+    else:
+        shard_switch(switch, group=group, sizes=None if split is None else split.expert_features)
+    mx.eval(switch.parameters())
+    if layout.shared:
+        prefix = layout.moe + "."
+        up, down = layout.shared[0], layout.shared[-1]
+        shared = _get(block, up.rsplit(".", 1)[0])
+        width = _width(_get(block, up), False)
+        sizes = None if split is None else split.features(width)
+        for path in layout.shared:
+            name = path[len(prefix):].split(".", 1)[1]
+            sharding = "sharded-to-all" if path == down else "all-to-sharded"
+            shard_inplace(shared[name], sharding, sizes=sizes, group=group)
+            if path == down and "bias" in shared[name] and group.rank() != 0:
+                shared[name].update({"bias": mx.zeros_like(shared[name]["bias"])})  # added once in the sum
+        mx.eval(shared.parameters())
+    mx.clear_cache()
+    _set(block, layout.moe, MoEAllSum(moe, group=group))
 
 
 def shard_block(
@@ -70,20 +130,39 @@ def shard_block(
     """
     for sharding, paths in (("all-to-sharded", layout.column), ("sharded-to-all", layout.row)):
         for path in paths:
-            shares = {} if split is None else _shares(path, layout, split)
-            sharded = shard_linear(_get(block, path), sharding, group=group, **shares)
+            module = _get(block, path)
+            shares = {} if split is None else _shares(path, layout, split, module)
+            sharded = shard_linear(module, sharding, group=group, **shares)
             _set(block, path, sharded)
             mx.eval(sharded.parameters())
             mx.clear_cache()  # the unsharded projection's buffers go back to the system
+    if getattr(layout, "moe", None):
+        _shard_experts(block, layout, group, split)
     attention = _get(block, layout.attention)
     queries, kv = layout.head_counts
+    n_heads = getattr(attention, queries)
     if split is None:
-        for name in layout.head_counts:
-            setattr(attention, name, getattr(attention, name) // group.size())
+        per_rank = n_heads // group.size()
+        first, stop = group.rank() * per_rank, (group.rank() + 1) * per_rank
+        kv_count = getattr(attention, kv) // group.size()
+    else:
+        first, stop = split.query_heads[group.rank()]
+        kv_count = len(split.kv_heads[group.rank()])
+    if getattr(layout, "latent", ()):  # one latent for every head: only the query heads split
+        for path in layout.latent:
+            module = _get(block, path)
+            module.update({k: mx.contiguous(v[first:stop]) for k, v in module.items() if isinstance(v, mx.array)})
+            mx.eval(module.parameters())
+        setattr(attention, queries, stop - first)
         return
-    first, stop = split.query_heads[group.rank()]
     setattr(attention, queries, stop - first)
-    setattr(attention, kv, len(split.kv_heads[group.rank()]))
+    setattr(attention, kv, kv_count)
+    for ratio in ("num_key_value_groups", "repeats"):  # query heads per key/value head, where kept
+        if isinstance(getattr(attention, ratio, None), int):
+            setattr(attention, ratio, (stop - first) // kv_count)
+    if getattr(layout, "sinks", False):  # one per query head: this rank's heads'
+        attention.sinks = mx.contiguous(attention.sinks[first:stop])
+        mx.eval(attention.sinks)
 
 
 def apply_tensor_parallel(
@@ -95,7 +174,8 @@ def apply_tensor_parallel(
 
     Args:
         model: A lazily loaded mlx-lm model whose TP constraints hold.
-        layout: Its family layout.
+        layout: Unused: each block's layout comes from its modules
+            (:func:`mlxdist.lm.plan.block_layouts`).
         group: The group.
         split: Each rank's shares (from :func:`mlxdist.lm.plan.model_split`);
             None splits evenly.
@@ -104,9 +184,16 @@ def apply_tensor_parallel(
         Bytes of the unsharded weights of the sharded parameters.
     """
     sharded_full = 0
-    for block in model.model.layers:
-        for path in (*layout.column, *layout.row):
+    for block, layout in zip(model.model.layers, block_layouts(model)):
+        paths = [*layout.column, *layout.row]
+        if layout.moe:
+            paths.append(f"{layout.moe}.{layout.switch}")
+            paths += layout.shared
+        paths += list(layout.latent)
+        for path in paths:
             sharded_full += sum(v.nbytes for _, v in tree_flatten(_get(block, path).parameters()))
+        if layout.sinks:
+            sharded_full += _get(block, layout.attention).sinks.nbytes
         shard_block(block, layout, group, split)
         mx.eval(block.parameters())
     if split is not None and split.vocab is not None:

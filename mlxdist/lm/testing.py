@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxdist.errors import InvalidArgumentError
 
-__all__ = ["FAMILIES", "DTYPES", "model_config", "write_checkpoint", "write_tokenizer"]
+__all__ = ["FAMILIES", "DTYPES", "model_config", "random_model", "write_checkpoint", "write_tokenizer"]
 
 # model_type -> extra config keys the family needs.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -30,6 +30,36 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {"tie_word_embeddings": False},
     "qwen2": {"tie_word_embeddings": True},
     "qwen3": {"tie_word_embeddings": True},
+    # Mixture of experts: the routed experts' count comes from model_config's num_experts.
+    "qwen3_moe": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True},
+    "mixtral": {"tie_word_embeddings": False, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_experts_per_tok": 2, "sliding_window": 128},
+    # Shared experts, a router with e_score_correction_bias and grouped top-k, q/k norms, q/k/v
+    # biases, partial rotary; the first block dense.
+    # Multi-head latent attention (q_a/q_b, kv_a, embed_q/unembed_out), a dense first block, MoE with
+    # shared experts and a grouped top-k router with e_score_correction_bias.
+    "deepseek_v3": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                    "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
+                    "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                    "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False},
+    # Local and global attention layers, q/k norms, a scaled embedding.
+    "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
+    # Fused qkv_proj and gate_up_proj: pipeline parallel only.
+    "phi3": {"tie_word_embeddings": False},
+    "glm4_moe": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                 "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                 "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5, "rope_scaling": None},
+}
+
+# model_type -> the config key of its routed experts' count (and of their width, when not
+# intermediate_size).
+EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
+    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+    "mixtral": ("num_local_experts", None),
+    "gpt_oss": ("num_local_experts", None),
+    "glm4_moe": ("n_routed_experts", "moe_intermediate_size"),
+    "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -47,11 +77,12 @@ def model_config(
     intermediate_size: int = 128,
     vocab_size: int = 512,
     head_dim: Optional[int] = None,
+    num_experts: int = 4,
 ) -> dict[str, Any]:
     """The ``config.json`` of a small model of one family.
 
     Args:
-        family: ``"llama"``, ``"mistral"``, ``"qwen2"`` or ``"qwen3"``.
+        family: A key of :data:`FAMILIES`.
         hidden_size: Model width.
         num_layers: Transformer blocks.
         num_heads: Attention heads.
@@ -59,6 +90,8 @@ def model_config(
         intermediate_size: MLP width.
         vocab_size: Tokens (see :func:`write_tokenizer` for the range).
         head_dim: Per-head width (default ``hidden_size // num_heads``).
+        num_experts: Routed experts of a mixture-of-experts family (each
+            ``intermediate_size`` features wide).
 
     Returns:
         The config dict (no quantization entry).
@@ -68,7 +101,18 @@ def model_config(
     """
     if family not in FAMILIES:
         raise InvalidArgumentError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    extra: dict[str, Any] = {}
+    if family in EXPERT_KEYS:
+        count, width = EXPERT_KEYS[family]
+        extra[count] = num_experts
+        if width:
+            extra[width] = intermediate_size
+    if family == "gpt_oss":
+        extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(max(2, num_layers))][
+            :num_layers
+        ]
     return {
+        **extra,
         "model_type": family,
         "hidden_size": hidden_size,
         "num_hidden_layers": num_layers,
@@ -157,6 +201,51 @@ def write_tokenizer(path: Union[str, Path], vocab_size: int, added_tokens: Seque
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
+def random_model(
+    family: str = "llama",
+    *,
+    dtype: str = "float32",
+    bits: Optional[int] = None,
+    group_size: int = 32,
+    seed: int = 0,
+    **dims: int,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A random-weight mlx-lm model of one family, built with mlx-lm's own classes (nothing written).
+
+    Args:
+        family: A key of :data:`FAMILIES`.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        bits: Quantize linear and embedding layers to this many bits (affine), or None.
+        group_size: Quantization group size.
+        seed: PRNG seed: the same arguments give the same weights.
+        **dims: Passed to :func:`model_config`.
+
+    Returns:
+        ``(model, config)``: the evaluated model and its ``config.json`` dict
+        (with the quantization entries when ``bits`` is set).
+
+    Raises:
+        InvalidArgumentError: unknown family or dtype, or a quantization MLX
+            rejects for these shapes.
+    """
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config = model_config(family, **dims)
+    model_class, args_class = _model_classes(family)
+    model = model_class(args_class.from_dict(config))
+    model.update(_random_parameters(model, mx.random.key(seed)))
+    model.set_dtype(DTYPES[dtype])
+    if bits is not None:
+        try:
+            nn.quantize(model, group_size=group_size, bits=bits)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"cannot quantize this model: {exc}") from None
+        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+        config["quantization_config"] = dict(config["quantization"])
+    mx.eval(model.parameters())
+    return model, config
+
+
 def write_checkpoint(
     path: Union[str, Path],
     family: str = "llama",
@@ -189,20 +278,7 @@ def write_checkpoint(
         InvalidArgumentError: unknown family or dtype, or a quantization MLX
             rejects for these shapes.
     """
-    if dtype not in DTYPES:
-        raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    config = model_config(family, **dims)
-    model_class, args_class = _model_classes(family)
-    model = model_class(args_class.from_dict(config))
-    model.update(_random_parameters(model, mx.random.key(seed)))
-    model.set_dtype(DTYPES[dtype])
-    if bits is not None:
-        try:
-            nn.quantize(model, group_size=group_size, bits=bits)
-        except ValueError as exc:
-            raise InvalidArgumentError(f"cannot quantize this model: {exc}") from None
-        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-        config["quantization_config"] = dict(config["quantization"])
+    model, config = random_model(family, dtype=dtype, bits=bits, group_size=group_size, seed=seed, **dims)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))

@@ -8,6 +8,8 @@ or in per-rank ``sizes`` from :func:`split_sizes` when the ranks' shares
 differ) and
 :func:`sum_gradients`; and for data parallelism :func:`average_gradients`
 (bucketed, optionally cast on the wire) and :func:`clip_grad_norm_sharded`.
+Mixture-of-experts switch layers split or placed by rank, and their blocks
+summed once: :mod:`mlxdist.nn.experts`.
 The layers call mlxdist's lazy collectives, so models built from them
 differentiate and compile as MLX's own do.
 
@@ -23,6 +25,15 @@ Example (run under ``python -m mlxdist.launch -n 2 -- python script.py``)::
 """
 
 from mlxdist.nn.base import ShardedLinearBase, sum_gradients
+from mlxdist.nn.expert_layers import ExpertLinear, LocalSlots
+from mlxdist.nn.experts import (
+    expert_placement,
+    place_experts,
+    place_experts_at,
+    shard_switch,
+    shard_switch_at,
+)
+from mlxdist.nn.moe_sum import MoEAllSum, choose_dispatch, combine_bytes
 from mlxdist.nn.gradients import average_gradients, clip_grad_norm_sharded
 from mlxdist.nn.linear import AllToShardedLinear, ShardedToAllLinear
 from mlxdist.nn.quantized import (
@@ -48,4 +59,14 @@ __all__ = [
     "sum_gradients",
     "average_gradients",
     "clip_grad_norm_sharded",
+    "ExpertLinear",
+    "LocalSlots",
+    "MoEAllSum",
+    "choose_dispatch",
+    "combine_bytes",
+    "expert_placement",
+    "place_experts",
+    "place_experts_at",
+    "shard_switch",
+    "shard_switch_at",
 ]

@@ -68,7 +68,7 @@ def split_sizes(total: int, weights: Union[int, Sequence[float]], unit: int = 1)
     shares = [units * w / scale for w in weights]
     counts = [max(1, int(share)) for share in shares]
     while sum(counts) > units:  # the minimum of one unit overshot: take from the largest
-        largest = max(range(ranks), key=lambda r: (counts[r] - shares[r], counts[r]))
+        largest = max((r for r in range(ranks) if counts[r] > 1), key=lambda r: (counts[r] - shares[r], counts[r]))
         counts[largest] -= 1
     order = sorted(range(ranks), key=lambda r: (-(shares[r] - counts[r]), r))
     for r in order[: units - sum(counts)]:

@@ -2,7 +2,7 @@
 
 Usage: lm_checks.py SPEC.json OUT.json. SPEC is a list of checks:
 ``{"kind": "generate", "path", "mode", "prompt", "max_tokens"}`` (optionally
-``tp_weights`` and ``vocab_parallel``, passed to ``load``),
+``tp_weights``, ``vocab_parallel`` and ``experts``, passed to ``load``),
 ``{"kind": "mlx_lm_shard", "path", "prompt", "max_tokens"}`` (mlx-lm's own
 ``model.shard()`` over mx.distributed), ``{"kind": "memory", "path", "mode"}``.
 "generate" and "mlx_lm_shard" also record teacher-forced logits of the
@@ -42,7 +42,9 @@ def run_generate(group: mlxdist.Group, check: dict) -> dict:
             group,
             check["mode"],
             tp_weights=check.get("tp_weights"),
+            pp_weights=check.get("pp_weights"),
             vocab_parallel=check.get("vocab_parallel", False),
+            experts=check.get("experts", "tp"),
         )
     except Exception as exc:  # recorded for the test to judge
         return {

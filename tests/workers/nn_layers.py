@@ -33,6 +33,7 @@ from mlxdist.nn import (
     sum_gradients,
 )
 from mlxdist.nn.base import global_linear_parameters
+from nn_experts import checks as expert_checks
 from nn_uneven import checks as uneven_checks
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -575,7 +576,7 @@ def main() -> int:
     check("compiled stack", check_compiled_stack)
     check("argument errors", check_argument_errors)
     check("type errors", check_type_errors)
-    for name, fn in uneven_checks(group):
+    for name, fn in uneven_checks(group) + expert_checks(group):
         check(name, fn)
     group.barrier()
     if failures:

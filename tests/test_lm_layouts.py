@@ -1,0 +1,210 @@
+"""Sharded decoder blocks against the unsharded block, over many head layouts, in one process.
+
+Each example builds a one-block mlx-lm model (llama, qwen2 with q/k/v biases,
+qwen3 with q/k norms, phi3 with fused qkv and gate_up projections, gemma3_text) with a drawn layout: query heads, key/value heads (MHA,
+GQA, MQA), head_dim, MLP width, float or 4-/8-bit weights with a drawn
+quantization group, 2-6 ranks, equal or drawn TP weights. The plan
+(:func:`mlxdist.lm.plan.model_split`) and the sharding
+(:func:`mlxdist.lm.tensor.shard_block`, through mlxdist.nn's real slicing)
+make every rank's block; :class:`support.standin.StandInWorld` runs them one
+after another with each all-sum returning the sum of every rank's partial
+output, as the collective does. Every rank's output must equal the unsharded
+block's (up to the summation order), and a layout the plan refuses must break
+a stated constraint.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("mlx_lm", reason="mlxdist.lm needs the lm extra (Python >= 3.11)")
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from support.standin import StandInWorld  # noqa: E402
+
+from mlxdist.errors import ShapeError  # noqa: E402
+from mlxdist.lm.plan import layout_of, model_split  # noqa: E402
+from mlxdist.lm.tensor import shard_block  # noqa: E402
+from mlxdist.lm.testing import random_model  # noqa: E402
+
+
+def one_block_model(family: str, n_heads: int, n_kv: int, head_dim: int, hidden: int, inter: int,
+                    bits: int | None, group_size: int, seed: int) -> nn.Module:
+    return random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=hidden, num_layers=1,
+                        num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=inter, head_dim=head_dim,
+                        vocab_size=300)[0]
+
+
+def sharded_outputs(model: nn.Module, size: int, weights, x: mx.array) -> tuple[list[mx.array], object]:
+    layout = layout_of(model)
+    split = model_split(model, layout, size, weights)
+    world = StandInWorld(size)
+    blocks = []
+    for group in world.groups:
+        block = copy.deepcopy(model.model.layers[0])
+        shard_block(block, layout, group, split)
+        blocks.append(block)
+    outputs = world.run([lambda b=b: b(x, "causal", None) for b in blocks])
+    assert world.all_sums == 2  # one after attention, one after the MLP
+    return outputs, split
+
+
+@st.composite
+def layouts(draw):
+    family = draw(st.sampled_from(["llama", "qwen2", "qwen3", "phi3", "gemma3_text"]))
+    n_kv = draw(st.integers(1, 6))
+    n_heads = n_kv * draw(st.integers(1, 4))  # 1: MHA; n_kv == 1: MQA; else GQA
+    quant = draw(st.sampled_from([None, (4, 32), (8, 32), (4, 64), (8, 64)]))
+    bits, group_size = quant if quant else (None, 32)
+    # A quantized o_proj needs its whole input (every query head) in whole groups.
+    head_dim = draw(st.sampled_from([d for d in (8, 16, 32, 64) if not bits or n_heads * d % group_size == 0]))
+    hidden = draw(st.sampled_from([64, 128]))
+    if family in ("qwen2", "phi3"):  # their attention takes head_dim = hidden_size // heads
+        hidden = n_heads * head_dim
+    unit = group_size if bits else 1
+    inter = unit * draw(st.integers(6, 24)) if bits else draw(st.integers(6, 200))
+    # Mostly layouts TP can split (a query head per rank); some with more ranks than heads.
+    size = draw(st.integers(2, 6) if draw(st.integers(0, 9)) == 0 else st.integers(2, max(2, min(6, n_heads))))
+    weights = draw(st.none() | st.lists(st.integers(1, 4), min_size=size, max_size=size))
+    seed = draw(st.integers(0, 2**16))
+    return family, n_heads, n_kv, head_dim, hidden, inter, bits, group_size, size, weights, seed
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_sharded_block_equals_unsharded(layout) -> None:
+    family, n_heads, n_kv, head_dim, hidden, inter, bits, group_size, size, weights, seed = layout
+    model = one_block_model(family, n_heads, n_kv, head_dim, hidden, inter, bits, group_size, seed)
+    x = mx.random.normal((1, 5, hidden), key=mx.random.key(seed + 1))
+    reference = model.model.layers[0](x, "causal", None)
+    try:
+        outputs, split = sharded_outputs(model, size, weights, x)
+    except ShapeError as exc:
+        # Refused: the plan must name a real constraint of this layout.
+        text = str(exc)
+        if size > n_heads:
+            assert "at least one query head per rank" in text
+        else:
+            assert bits is not None and f"group_size={group_size}" in text or "whole groups" in text, text
+        event("refused")
+        return
+    event("uneven" if not split.is_even() else "even")
+    assert [stop - start for start, stop in split.query_heads] and sum(split.intermediate) == inter
+    scale = float(mx.abs(reference).max()) + 1.0
+    for rank, out in enumerate(outputs):
+        error = float(mx.abs(out - reference).max())
+        assert error <= 2e-5 * scale, (rank, error, split.describe())
+
+
+def test_six_heads_six_kv_heads_on_four_ranks() -> None:
+    """The MHA layout of 6 heads on 4 ranks (query heads 2, 2, 1, 1; MLP features 213, 213, 299, 299)."""
+    model = one_block_model("llama", 6, 6, 64, 384, 1024, None, 32, seed=0)
+    x = mx.random.normal((1, 7, 384), key=mx.random.key(1))
+    reference = model.model.layers[0](x, "causal", None)
+    outputs, split = sharded_outputs(model, 4, None, x)
+    assert split.as_dict()["query_heads"] == [2, 2, 1, 1]
+    assert split.intermediate == [213, 213, 299, 299]
+    for out in outputs:
+        assert float(mx.abs(out - reference).max()) <= 2e-5 * (float(mx.abs(reference).max()) + 1.0)
+
+
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3"]
+
+
+@st.composite
+def moe_layouts(draw):
+    family = draw(st.sampled_from(MOE_FAMILIES))
+    n_kv = draw(st.integers(1, 4))
+    n_heads = n_kv * draw(st.integers(2 if n_kv == 1 else 1, 3))
+    quant = draw(st.sampled_from([None, (4, 32), (8, 32)]))
+    bits, group_size = quant if quant else (None, 32)
+    head_dim = draw(st.sampled_from([d for d in (16, 32) if not bits or n_heads * d % group_size == 0] or [32]))
+    hidden = n_heads * head_dim if family == "mixtral" else 64  # mixtral: head_dim = hidden // heads
+    if bits and hidden % group_size:
+        hidden = 64
+        head_dim = hidden // n_heads if family == "mixtral" else head_dim
+    unit = group_size if bits else 1
+    size = draw(st.integers(2, max(2, min(6, n_heads))))
+    # Mostly enough whole quantization groups for every rank; sometimes not (refused).
+    features = unit * draw(st.integers(2, 6) if draw(st.integers(0, 4)) == 0 else st.integers(size, 7)) if bits \
+        else draw(st.integers(size, 48))
+    # glm4_moe and deepseek_v3 route top-2 within 1 of 2 expert groups: an even count of at least 4.
+    grouped = family in ("glm4_moe", "deepseek_v3")
+    num_experts = draw(st.sampled_from([4, 6, 8]) if grouped else st.integers(2, 8))
+    experts = draw(st.sampled_from(["tp", "ep"]))
+    weights = draw(st.none() | st.lists(st.integers(1, 3), min_size=size, max_size=size))
+    seed = draw(st.integers(0, 2**16))
+    return family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts, weights, seed
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(moe_layouts())
+def test_sharded_moe_model_equals_unsharded(layout) -> None:
+    """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) / glm4_moe (shared experts, grouped top-k with
+    e_score_correction_bias, a dense first block) / deepseek_v3 (also multi-head latent attention) under
+    expert TP or EP: logits of every rank equal the
+    unsharded model's; a refused layout names its constraint."""
+    from mlxdist.lm.plan import choose
+    from mlxdist.lm.tensor import apply_tensor_parallel
+
+    (family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts,
+     weights, seed) = layout
+    model, _ = random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=hidden, num_layers=2,
+                            num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=features, head_dim=head_dim,
+                            vocab_size=300, num_experts=num_experts)
+    tokens = mx.array([[1, 7, 42, 99, 250, 3]])
+
+    def forward(m: nn.Module) -> mx.array:  # a prompt, and one token (latent attention's decode path)
+        return mx.concatenate([m(tokens), m(tokens[:, :1])], axis=1)
+
+    reference = forward(model)
+    world = StandInWorld(size)
+    models = []
+    try:
+        for group in world.groups:
+            copied = copy.deepcopy(model)
+            plan = choose(copied, family, group.rank(), size, "tp", tp_weights=weights, experts=experts)
+            apply_tensor_parallel(copied, None, group, plan.split)
+            models.append(copied)
+    except ShapeError as exc:
+        text = str(exc)
+        assert (experts == "ep" and size > num_experts and "at least one expert per rank" in text) or (
+            bits is not None and "group" in text
+        ) or "whole quantization groups" in text, text
+        event("refused")
+        return
+    event(f"{family} {experts}")
+    assert plan.experts == experts
+    if experts == "ep":
+        assert [stop - start for start, stop in plan.split.experts] and plan.split.experts[-1][1] == num_experts
+    else:
+        assert sum(plan.split.expert_features) == features
+    outputs = world.run([lambda m=m: forward(m) for m in models])
+    assert world.all_sums == 8  # per block and forward: one after attention, one after the MLP or MoE block
+    scale = float(mx.abs(reference).max()) + 1.0
+    for rank, out in enumerate(outputs):
+        error = float(mx.abs(out - reference).max())
+        assert error <= 3e-5 * scale, (rank, error, plan.reason)
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3"]
+)
+def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
+    """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)
+    it must compute what the family's own inner model does (embedding scale, masks, local windows: 24
+    tokens cross gemma3's window of 16), or PP would be silently wrong for that family."""
+    import mlxdist
+    from mlxdist.lm.pipeline import apply_pipeline_parallel
+
+    model, _ = random_model(family, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
+                            intermediate_size=64, vocab_size=300, seed=3)
+    tokens = mx.array([[1, 5, 7, 9, 11, 13] * 4])
+    reference = model(tokens)
+    apply_pipeline_parallel(model, 0, 3, mlxdist.world())
+    assert float(mx.abs(model(tokens) - reference).max()) == 0.0
