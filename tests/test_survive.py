@@ -2,12 +2,13 @@
 
 One server per backend, each walked through several losses:
 
-- ring, 3 ranks: kill -9 of rank 2 during a 64-token greedy stream (and a
-  seeded sampled one); both complete with the tokens of an undisturbed run
-  (mlxdist.lm's one-process generation; the same sampled request on the
-  undisturbed world); /health reports 2 ranks and their plan. Then kill -9 of
-  rank 0 of the new world, a request sent while the world re-forms: it is
-  served after it, by 1 rank.
+- ring, 3 ranks, a mixture-of-experts checkpoint with ``--experts ep``:
+  kill -9 of rank 2 during a 64-token greedy stream (and a seeded sampled
+  one); both complete with the tokens of an undisturbed run (mlxdist.lm's
+  one-process generation; the same sampled request on the undisturbed
+  world); /health reports 2 ranks and their plan, the experts placed again
+  over the 2 ranks. Then kill -9 of rank 0 of the new world, a request sent
+  while the world re-forms: it is served after it, by 1 rank.
 - MPI, 3 ranks, ``--min-ranks 2``: SIGSTOP of rank 1 once a 512-token greedy
   stream (seen through the per-operation deadline): the stream completes with
   the undisturbed tokens; a request sent while the world re-forms gets 503
@@ -59,6 +60,21 @@ def checkpoint(tmp_path_factory) -> Path:
 def reference(checkpoint) -> Any:
     """``reference(max_tokens)``: the undisturbed greedy run of PROMPT in one process (mlxdist.lm), as text."""
     return greedy_reference(checkpoint, PROMPT, LONG_TOKENS, MAX_TOKENS)
+
+
+EXPERTS = 4  # whole experts per rank under EP: 2, 1, 1 at 3 ranks, 2, 2 at 2
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("survive-moe") / "tiny-deep", family="qwen3_moe",
+                            dtype="float32", num_experts=EXPERTS, **DIMS)
+
+
+@pytest.fixture(scope="module")
+def moe_reference(moe_checkpoint) -> Any:
+    """As ``reference``, of the mixture-of-experts checkpoint."""
+    return greedy_reference(moe_checkpoint, PROMPT, MAX_TOKENS, MAX_TOKENS)
 
 
 class Server(ServeProcess):
@@ -114,12 +130,14 @@ def joined(thread: threading.Thread, out: dict[str, Any], timeout: float = 120) 
 
 
 @pytest.mark.timeout(300)
-def test_ring_world_re_forms_twice_and_streams_finish_with_undisturbed_tokens(checkpoint, reference, servers,
-                                                                             tmp_path):
-    server = servers["ring"] = Server(checkpoint, "ring", tmp_path / "ring.log")
+def test_ring_moe_world_re_forms_twice_re_placing_experts_and_streams_finish_with_undisturbed_tokens(
+        moe_checkpoint, moe_reference, servers, tmp_path):
+    reference = moe_reference
+    server = servers["ring"] = Server(moe_checkpoint, "ring", tmp_path / "ring.log", "--experts", "ep")
     health = server.wait_for(3)
     # 3 ranks do not divide 8 query heads: uneven TP (then even TP at 2, then one rank).
     assert health["plan"]["mode"] == "tp" and "uneven" in health["plan"]["reason"], health
+    assert health["plan"]["experts"] == "ep" and health["plan"]["shares"]["experts"] == [2, 1, 1], health
     sampled = {"max_tokens": MAX_TOKENS, "temperature": 0.9, "seed": 11}
     undisturbed_sample = stream_text(server, sampled)
     pids = health["plan"]["pids"]
@@ -131,6 +149,10 @@ def test_ring_world_re_forms_twice_and_streams_finish_with_undisturbed_tokens(ch
     assert joined(sample_thread, sample_out) == undisturbed_sample
     health = server.wait_for(2)
     assert health["plan"]["mode"] == "tp", health
+    # The new world planned again: whole experts over the 2 ranks left, the heads split evenly.
+    shares = health["plan"]["shares"]
+    assert health["plan"]["experts"] == "ep" and shares["expert_ranges"] == [[0, 2], [2, EXPERTS]], health
+    assert shares["query_heads"] == [4, 4] and len(health["plan"]["rank_bytes"]) == 2, health
     formed = health["plan"]["re_formed"]
     assert formed["from_ranks"] == 3 and formed["lost_ranks"] == [2], formed
     # The streams were in flight when the world was lost, the greedy one part way.

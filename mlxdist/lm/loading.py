@@ -122,16 +122,7 @@ def load(
     return model, tokenizer, plan
 
 
-def plan_for(
-    path_or_dir: Union[str, Path],
-    size: int,
-    mode: str = "auto",
-    *,
-    pp_weights: Optional[Sequence[float]] = None,
-    tp_weights: Optional[Sequence[float]] = None,
-    vocab_parallel: bool = False,
-    experts: str = "tp",
-) -> Plan:
+def plan_for(path_or_dir: Union[str, Path], size: int, mode: str = "auto", **options: Any) -> Plan:
     """The plan :func:`load` would choose on a group of ``size`` ranks, without reading any weight.
 
     For a process that starts ranks and wants their typed refusal first
@@ -141,10 +132,7 @@ def plan_for(
         path_or_dir: A local checkpoint directory in mlx-lm's format.
         size: The ranks the group would have.
         mode: As :func:`load`'s.
-        pp_weights: As :func:`load`'s.
-        tp_weights: As :func:`load`'s.
-        vocab_parallel: As :func:`load`'s.
-        experts: As :func:`load`'s.
+        **options: :func:`load`'s ``pp_weights``, ``tp_weights``, ``vocab_parallel`` and ``experts``.
 
     Returns:
         Rank 0's :class:`~mlxdist.lm.plan.Plan` (byte counts not filled in).
@@ -152,9 +140,9 @@ def plan_for(
     Raises:
         InvalidArgumentError, ShapeError, UnsupportedOperationError: as :func:`load` would
             on ``size`` ranks, before reading the weights.
+        TypeError: an option :func:`load` does not take.
     """
     from mlx_lm.utils import load_model
 
     model, config = load_model(_checkpoint_dir(path_or_dir), lazy=True)
-    return choose(model, config["model_type"], 0, size, mode, pp_weights, tp_weights=tp_weights,
-                  vocab_parallel=vocab_parallel, experts=experts)
+    return choose(model, config["model_type"], 0, size, mode, **options)
