@@ -3,7 +3,8 @@
 The reference is mlxdist.lm's generation in this process (one process, plain
 mlx-lm model, greedy). One server per backend serves every check of the
 module; the failure checks (kill -9, SIGSTOP of rank 1) each start their
-own short-deadline server, since the job ends with them.
+own short-deadline server, since the job ends with them. A mixture-of-experts checkpoint gets one
+server per backend of its own (experts placed whole on ring, split by features on MPI).
 """
 
 from __future__ import annotations
