@@ -9,7 +9,8 @@ One server per backend, each walked through several losses:
   world); /health reports 2 ranks and their plan, the experts placed again
   over the 2 ranks. Then kill -9 of rank 0 of the new world, a request sent
   while the world re-forms: it is served after it, by 1 rank.
-- MPI, 3 ranks, ``--min-ranks 2``: SIGSTOP of rank 1 once a 512-token greedy
+- MPI, 3 ranks, ``--min-ranks 2``, the same checkpoint with ``--experts tp``
+  (every expert's features split over 3 ranks, then over 2): SIGSTOP of rank 1 once a 512-token greedy
   stream (seen through the per-operation deadline): the stream completes with
   the undisturbed tokens; a request sent while the world re-forms gets 503
   with Retry-After past the bound. Then kill -9 of rank 0 of the 2-rank world:
@@ -50,31 +51,20 @@ MAX_TOKENS = 64
 LONG_TOKENS = 512
 
 
+EXPERTS = 4  # whole experts per rank under EP: 2, 1, 1 at 3 ranks, 2, 2 at 2
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("survive") / "tiny-deep", family="llama", dtype="float32",
-                            **DIMS)
+    """A mixture-of-experts checkpoint (a dense one re-forms in tests/test_survive_hosts.py)."""
+    return write_checkpoint(tmp_path_factory.mktemp("survive") / "tiny-deep", family="qwen3_moe", dtype="float32",
+                            num_experts=EXPERTS, **DIMS)
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoint) -> Any:
     """``reference(max_tokens)``: the undisturbed greedy run of PROMPT in one process (mlxdist.lm), as text."""
     return greedy_reference(checkpoint, PROMPT, LONG_TOKENS, MAX_TOKENS)
-
-
-EXPERTS = 4  # whole experts per rank under EP: 2, 1, 1 at 3 ranks, 2, 2 at 2
-
-
-@pytest.fixture(scope="module")
-def moe_checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("survive-moe") / "tiny-deep", family="qwen3_moe",
-                            dtype="float32", num_experts=EXPERTS, **DIMS)
-
-
-@pytest.fixture(scope="module")
-def moe_reference(moe_checkpoint) -> Any:
-    """As ``reference``, of the mixture-of-experts checkpoint."""
-    return greedy_reference(moe_checkpoint, PROMPT, MAX_TOKENS, MAX_TOKENS)
 
 
 class Server(ServeProcess):
@@ -131,9 +121,8 @@ def joined(thread: threading.Thread, out: dict[str, Any], timeout: float = 120) 
 
 @pytest.mark.timeout(300)
 def test_ring_moe_world_re_forms_twice_re_placing_experts_and_streams_finish_with_undisturbed_tokens(
-        moe_checkpoint, moe_reference, servers, tmp_path):
-    reference = moe_reference
-    server = servers["ring"] = Server(moe_checkpoint, "ring", tmp_path / "ring.log", "--experts", "ep")
+        checkpoint, reference, servers, tmp_path):
+    server = servers["ring"] = Server(checkpoint, "ring", tmp_path / "ring.log", "--experts", "ep")
     health = server.wait_for(3)
     # 3 ranks do not divide 8 query heads: uneven TP (then even TP at 2, then one rank).
     assert health["plan"]["mode"] == "tp" and "uneven" in health["plan"]["reason"], health
@@ -178,8 +167,11 @@ def test_ring_moe_world_re_forms_twice_re_placing_experts_and_streams_finish_wit
 @pytest.mark.timeout(300)
 def test_mpi_world_re_forms_after_a_stall_then_fails_below_min_ranks(checkpoint, reference, servers, tmp_path):
     server = servers["mpi"] = Server(checkpoint, "mpi", tmp_path / "mpi.log", "--min-ranks", "2",
-                                     "--reform-wait", "1")
+                                     "--reform-wait", "1", "--experts", "tp")
     health = server.wait_for(3)
+    features = DIMS["intermediate_size"]
+    split = health["plan"]["shares"]["expert_features"]
+    assert health["plan"]["experts"] == "tp" and sum(split) == features and len(split) == 3, health
     pids = health["plan"]["pids"]
     stopped: dict[str, float] = {}
 
@@ -196,6 +188,8 @@ def test_mpi_world_re_forms_after_a_stall_then_fails_below_min_ranks(checkpoint,
     assert refused.json()["error"]["code"] == "re_forming"
     assert joined(greedy_thread, greedy_out) == reference(LONG_TOKENS)
     health = server.wait_for(2)
+    # Every expert's features split again, evenly over the 2 ranks left.
+    assert health["plan"]["shares"]["expert_features"] == [features // 2] * 2, health
     formed = health["plan"]["re_formed"]
     assert formed["lost_ranks"] == [1] and formed["resumed"] == 1, formed
     assert formed["resumed_after_tokens"][0] < LONG_TOKENS, formed
