@@ -913,8 +913,10 @@ def test_the_options_are_parsed_once_into_a_frozen_object_and_the_ranks_get_thei
                                    "--max-concurrent", "4"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.nranks = 3  # type: ignore[misc]
+    assert options.experts == "tp"  # the default; the ranks get --experts as given
+    assert parse_options(["--model", "m", "--experts", "ep"]).rank_argv() == ["--model", "m", "--experts", "ep"]
     for bad in (["--model", "m", "--drain-timeout", "0"], ["--model", "m", "--log-level", "loud"],
-                ["--model", "m", "--max-queue", "-1"]):
+                ["--model", "m", "--max-queue", "-1"], ["--model", "m", "--experts", "dp"]):
         with pytest.raises(SystemExit):
             parse_options(bad)
 
