@@ -3,7 +3,8 @@
 The reference is mlxdist.lm's generation in this process (one process, plain
 mlx-lm model, greedy). One server per backend serves every check of the
 module; the failure checks (kill -9, SIGSTOP of rank 1) each start their
-own short-deadline server, since the job ends with them.
+own short-deadline server, since the job ends with them. A mixture-of-experts checkpoint gets one
+server per backend of its own (experts placed whole on ring, split by features on MPI).
 """
 
 from __future__ import annotations
@@ -912,7 +913,74 @@ def test_the_options_are_parsed_once_into_a_frozen_object_and_the_ranks_get_thei
                                    "--max-concurrent", "4"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.nranks = 3  # type: ignore[misc]
+    assert options.experts == "tp"  # the default; the ranks get --experts as given
+    assert parse_options(["--model", "m", "--experts", "ep"]).rank_argv() == ["--model", "m", "--experts", "ep"]
     for bad in (["--model", "m", "--drain-timeout", "0"], ["--model", "m", "--log-level", "loud"],
-                ["--model", "m", "--max-queue", "-1"]):
+                ["--model", "m", "--max-queue", "-1"], ["--model", "m", "--experts", "dp"]):
         with pytest.raises(SystemExit):
             parse_options(bad)
+
+
+# -- mixture of experts: experts placed whole (ring) and split by features (MPI) ------
+
+MOE_EXPERTS = 4
+
+
+@pytest.mark.timeout(240)
+def test_a_moe_checkpoint_is_served_under_ep_and_tp_and_batched_requests_get_one_process_tokens(
+        checkpoint, tmp_path):
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    from mlxdist.errors import InvalidArgumentError, ShapeError
+    from mlxdist.lm.generation import generate_tokens
+    from mlxdist.serve.cli import main
+    from mlxdist.serve.options import check_experts, parse_options
+
+    moe = write_checkpoint(tmp_path / "tiny-moe", family="qwen3_moe", dtype="float32", num_experts=MOE_EXPERTS,
+                           **DIMS)
+    # One server per backend, started together: ring places whole experts, MPI splits every expert's features.
+    servers = {backend: Server(moe, backend, tmp_path / f"moe-{backend}.log", "--experts", experts)
+               for backend, experts in zip(BACKENDS, ("ep", "tp"))}
+    try:
+        # Refused before any rank starts, with mlxdist.lm's typed errors (the command exits 2).
+        with pytest.raises(ShapeError, match=f"cannot place {MOE_EXPERTS} experts on 5 ranks"):
+            check_experts(parse_options(["--model", str(moe), "--experts", "ep"]), 5)
+        assert main(["--model", str(checkpoint), "-n", "2", "--experts", "ep", "--port", "0"]) == 2
+        with pytest.raises(InvalidArgumentError, match="llama has no experts"):
+            check_experts(parse_options(["--model", str(checkpoint), "--experts", "ep"]), 1)
+
+        model, config = load_model(moe)
+        tokenizer = load_tokenizer(moe, eos_token_ids=config.get("eos_token_id"))
+        lengths = [2 * m for m in MAX_TOKENS]
+        expected = [text_of(tokenizer, generate_tokens(model, tokenizer.encode(p), m,
+                                                       stop_tokens=tokenizer.eos_token_ids).tokens)
+                    for p, m in zip(PROMPTS, lengths)]
+        for backend, server in servers.items():
+            plan = server.wait_ready().health()["plan"]
+            assert plan["family"] == "qwen3_moe" and plan["mode"] == "tp" and len(plan["rank_bytes"]) == 2, plan
+            assert "mixture of experts" in plan["kinds"], plan
+            shares = plan["shares"]
+            assert shares["query_heads"] == [4, 4], shares
+            if plan["experts"] == "ep":  # whole experts, each rank half of them and half the expert bytes
+                assert shares["expert_ranges"] == [[0, 2], [2, 4]] and shares["expert_features"] is None, shares
+            else:
+                assert plan["experts"] == "tp" and shares["experts"] is None, plan
+                assert shares["expert_features"] == [DIMS["intermediate_size"] // 2] * 2, shares
+            assert plan["rank_bytes"][0] == plan["rank_bytes"][1] < plan["full_bytes"], plan
+            answers: list = [None] * len(PROMPTS)
+            start = threading.Barrier(len(PROMPTS))
+
+            def ask(i: int) -> None:
+                start.wait(30)
+                answers[i] = httpx.post(server.url + "/v1/completions", timeout=120, json={
+                    "prompt": PROMPTS[i], "max_tokens": lengths[i], "temperature": 0}).json()["choices"][0]["text"]
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert answers == expected, (backend, plan["experts"])
+    finally:
+        for server in servers.values():
+            server.close()

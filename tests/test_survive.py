@@ -2,13 +2,15 @@
 
 One server per backend, each walked through several losses:
 
-- ring, 3 ranks: kill -9 of rank 2 during a 64-token greedy stream (and a
-  seeded sampled one); both complete with the tokens of an undisturbed run
-  (mlxdist.lm's one-process generation; the same sampled request on the
-  undisturbed world); /health reports 2 ranks and their plan. Then kill -9 of
-  rank 0 of the new world, a request sent while the world re-forms: it is
-  served after it, by 1 rank.
-- MPI, 3 ranks, ``--min-ranks 2``: SIGSTOP of rank 1 once a 512-token greedy
+- ring, 3 ranks, a mixture-of-experts checkpoint with ``--experts ep``:
+  kill -9 of rank 2 during a 64-token greedy stream (and a seeded sampled
+  one); both complete with the tokens of an undisturbed run (mlxdist.lm's
+  one-process generation; the same sampled request on the undisturbed
+  world); /health reports 2 ranks and their plan, the experts placed again
+  over the 2 ranks. Then kill -9 of rank 0 of the new world, a request sent
+  while the world re-forms: it is served after it, by 1 rank.
+- MPI, 3 ranks, ``--min-ranks 2``, the same checkpoint with ``--experts tp``
+  (every expert's features split over 3 ranks, then over 2): SIGSTOP of rank 1 once a 512-token greedy
   stream (seen through the per-operation deadline): the stream completes with
   the undisturbed tokens; a request sent while the world re-forms gets 503
   with Retry-After past the bound. Then kill -9 of rank 0 of the 2-rank world:
@@ -49,10 +51,14 @@ MAX_TOKENS = 64
 LONG_TOKENS = 512
 
 
+EXPERTS = 4  # whole experts per rank under EP: 2, 1, 1 at 3 ranks, 2, 2 at 2
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("survive") / "tiny-deep", family="llama", dtype="float32",
-                            **DIMS)
+    """A mixture-of-experts checkpoint (a dense one re-forms in tests/test_survive_hosts.py)."""
+    return write_checkpoint(tmp_path_factory.mktemp("survive") / "tiny-deep", family="qwen3_moe", dtype="float32",
+                            num_experts=EXPERTS, **DIMS)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +120,13 @@ def joined(thread: threading.Thread, out: dict[str, Any], timeout: float = 120) 
 
 
 @pytest.mark.timeout(300)
-def test_ring_world_re_forms_twice_and_streams_finish_with_undisturbed_tokens(checkpoint, reference, servers,
-                                                                             tmp_path):
-    server = servers["ring"] = Server(checkpoint, "ring", tmp_path / "ring.log")
+def test_ring_moe_world_re_forms_twice_re_placing_experts_and_streams_finish_with_undisturbed_tokens(
+        checkpoint, reference, servers, tmp_path):
+    server = servers["ring"] = Server(checkpoint, "ring", tmp_path / "ring.log", "--experts", "ep")
     health = server.wait_for(3)
     # 3 ranks do not divide 8 query heads: uneven TP (then even TP at 2, then one rank).
     assert health["plan"]["mode"] == "tp" and "uneven" in health["plan"]["reason"], health
+    assert health["plan"]["experts"] == "ep" and health["plan"]["shares"]["experts"] == [2, 1, 1], health
     sampled = {"max_tokens": MAX_TOKENS, "temperature": 0.9, "seed": 11}
     undisturbed_sample = stream_text(server, sampled)
     pids = health["plan"]["pids"]
@@ -131,6 +138,10 @@ def test_ring_world_re_forms_twice_and_streams_finish_with_undisturbed_tokens(ch
     assert joined(sample_thread, sample_out) == undisturbed_sample
     health = server.wait_for(2)
     assert health["plan"]["mode"] == "tp", health
+    # The new world planned again: whole experts over the 2 ranks left, the heads split evenly.
+    shares = health["plan"]["shares"]
+    assert health["plan"]["experts"] == "ep" and shares["expert_ranges"] == [[0, 2], [2, EXPERTS]], health
+    assert shares["query_heads"] == [4, 4] and len(health["plan"]["rank_bytes"]) == 2, health
     formed = health["plan"]["re_formed"]
     assert formed["from_ranks"] == 3 and formed["lost_ranks"] == [2], formed
     # The streams were in flight when the world was lost, the greedy one part way.
@@ -156,8 +167,11 @@ def test_ring_world_re_forms_twice_and_streams_finish_with_undisturbed_tokens(ch
 @pytest.mark.timeout(300)
 def test_mpi_world_re_forms_after_a_stall_then_fails_below_min_ranks(checkpoint, reference, servers, tmp_path):
     server = servers["mpi"] = Server(checkpoint, "mpi", tmp_path / "mpi.log", "--min-ranks", "2",
-                                     "--reform-wait", "1")
+                                     "--reform-wait", "1", "--experts", "tp")
     health = server.wait_for(3)
+    features = DIMS["intermediate_size"]
+    split = health["plan"]["shares"]["expert_features"]
+    assert health["plan"]["experts"] == "tp" and sum(split) == features and len(split) == 3, health
     pids = health["plan"]["pids"]
     stopped: dict[str, float] = {}
 
@@ -174,6 +188,8 @@ def test_mpi_world_re_forms_after_a_stall_then_fails_below_min_ranks(checkpoint,
     assert refused.json()["error"]["code"] == "re_forming"
     assert joined(greedy_thread, greedy_out) == reference(LONG_TOKENS)
     health = server.wait_for(2)
+    # Every expert's features split again, evenly over the 2 ranks left.
+    assert health["plan"]["shares"]["expert_features"] == [features // 2] * 2, health
     formed = health["plan"]["re_formed"]
     assert formed["lost_ranks"] == [1] and formed["resumed"] == 1, formed
     assert formed["resumed_after_tokens"][0] < LONG_TOKENS, formed

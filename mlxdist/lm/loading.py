@@ -18,7 +18,7 @@ from mlxdist.lm.plan import Plan, choose
 from mlxdist.lm.tensor import apply_tensor_parallel
 from mlxdist.world import resolve_group
 
-__all__ = ["load"]
+__all__ = ["load", "plan_for"]
 
 
 def _checkpoint_dir(path_or_dir: Union[str, Path]) -> Path:
@@ -120,3 +120,29 @@ def load(
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     plan.seconds = {"plan": planned - planning, "load": time.perf_counter() - began - (planned - planning)}
     return model, tokenizer, plan
+
+
+def plan_for(path_or_dir: Union[str, Path], size: int, mode: str = "auto", **options: Any) -> Plan:
+    """The plan :func:`load` would choose on a group of ``size`` ranks, without reading any weight.
+
+    For a process that starts ranks and wants their typed refusal first
+    (e.g. ``experts="ep"`` on a dense model, or more ranks than experts).
+
+    Args:
+        path_or_dir: A local checkpoint directory in mlx-lm's format.
+        size: The ranks the group would have.
+        mode: As :func:`load`'s.
+        **options: :func:`load`'s ``pp_weights``, ``tp_weights``, ``vocab_parallel`` and ``experts``.
+
+    Returns:
+        Rank 0's :class:`~mlxdist.lm.plan.Plan` (byte counts not filled in).
+
+    Raises:
+        InvalidArgumentError, ShapeError, UnsupportedOperationError: as :func:`load` would
+            on ``size`` ranks, before reading the weights.
+        TypeError: an option :func:`load` does not take.
+    """
+    from mlx_lm.utils import load_model
+
+    model, config = load_model(_checkpoint_dir(path_or_dir), lazy=True)
+    return choose(model, config["model_type"], 0, size, mode, **options)

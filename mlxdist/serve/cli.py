@@ -31,12 +31,14 @@ from typing import Any, Optional, Sequence
 
 from mlxdist.serve.protocol import LINK_VARIABLE as _LINK
 from mlxdist.serve.protocol import TOKEN_VARIABLE as _TOKEN
-from mlxdist.serve.options import ServeOptions, build_parser, parse_options
+from mlxdist.serve.options import ServeOptions, build_parser, check_experts, parse_options
 
 __all__ = ["main"]
 
 # Seconds the front door keeps answering after a failure, so clients get their errors.
 _FAIL_GRACE = 2.0
+# Fields of mlxdist.lm's plan dict that are only rank 0's (the world's are in "ranks" and "rank_bytes").
+_RANK_OWN = ("rank", "size", "weight_bytes")
 
 
 def _config(options: ServeOptions) -> Any:
@@ -102,8 +104,10 @@ def _serve_rank(options: ServeOptions) -> int:
             address, token = door.link_address, door.token
         link = LinkClient(address, token)
     try:
-        model, tokenizer, plan = load(options.model, group, options.mode, pp_weights=options.pp_weights)
-        description = {"mode": plan.mode, "reason": plan.reason, "family": plan.family,
+        model, tokenizer, plan = load(options.model, group, options.mode, pp_weights=options.pp_weights,
+                                      experts=options.experts)
+        # mlx.lm's plan as it stands (experts mode, kinds, each rank's shares and bytes), less this rank's own.
+        description = {**{k: v for k, v in plan.as_dict().items() if k not in _RANK_OWN},
                        "timing": {"initialized": initialized, **plan.seconds}}
         engine = Engine(model, group, description, link=link, max_concurrent=options.max_concurrent,
                         eos_ids=sorted(tokenizer.eos_token_ids), vocab_size=int(model.args.vocab_size),
@@ -139,8 +143,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=options.logging_level, format="%(message)s", stream=sys.stderr)
     try:
         supervising = (options.nranks or 1) > 1 or options.hostfile is not None
-        if supervising and detect_backend() is None and _LINK not in os.environ:
+        launched = detect_backend() is not None or _LINK in os.environ
+        if supervising and not launched:
             return _supervise(options)
+        if not launched:
+            check_experts(options, 1)
         return _serve_rank(options)
     except (ValueError, TypeError, NotImplementedError, OSError) as exc:
         print(f"mlxdist-serve: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -71,7 +71,7 @@ class Engine:
     Args:
         model: The sharded mlx-lm model (:func:`mlxdist.lm.load`).
         group: The group it is sharded over.
-        plan: The description sent to the front door (mode, reason, family).
+        plan: The description sent to the front door (mlxdist.lm's plan: mode, experts, family, shares, ...).
         link: Rank 0's link to the front door (None on the other ranks).
         max_concurrent: Requests decoded together; more wait in the batch queue.
         eos_ids: Token ids that end a request.

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from mlxdist.launch.hosts import DEFAULT_STARTING_PORT
 
-__all__ = ["ServeOptions", "build_parser", "parse_options"]
+__all__ = ["ServeOptions", "build_parser", "parse_options", "check_experts"]
 
 # Options only the supervising process reads (the API key and CORS: only the front door checks them).
 _SUPERVISOR_OPTIONS = ("--api-key", "--hostfile", "--ssh", "--starting-port", "--link-host", "--cors-origins")
@@ -33,6 +33,7 @@ class ServeOptions:
     port: int = 8000
     mode: str = "auto"
     pp_weights: Optional[tuple[float, ...]] = None
+    experts: str = "tp"
     nranks: Optional[int] = None
     backend: str = "ring"
     hostfile: Optional[str] = None
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free port)")
     add("--mode", choices=("auto", "tp", "pp"), default="auto")
     add("--pp-weights", type=_floats, help="per-rank pipeline shares, e.g. 1,2")
+    add("--experts", choices=("tp", "ep"), default="tp",
+        help="mixture-of-experts blocks under TP: split every expert's features (tp, default) or place whole "
+             "experts on the ranks (ep); planned again for the ranks left after a loss")
     add("-n", "--nranks", type=_positive(int), help="local ranks to start when not inside a launched job")
     add("--backend", choices=("ring", "mpi"), default="ring", help="for -n (default ring; --hostfile: ring only)")
     add("--hostfile", help="ring: one rank on each host of this mlx.launch hostfile (JSON list of "
@@ -182,3 +186,26 @@ def parse_options(argv: Sequence[str]) -> ServeOptions:
     if args.hostfile is not None and args.backend != "ring":
         parser.error("--hostfile is for --backend ring (mpirun places MPI ranks itself)")
     return ServeOptions(argv=tuple(argv), **vars(args))
+
+
+def check_experts(options: ServeOptions, size: int) -> None:
+    """Refuse ``--experts ep`` before any rank starts when the ranks' plan could not place the experts.
+
+    The plan is mlxdist.lm's (:func:`mlxdist.lm.loading.plan_for`) on the
+    checkpoint's lazily loaded model; ``--experts tp`` is left to the ranks.
+
+    Args:
+        options: The server's options.
+        size: The ranks the first world has.
+
+    Raises:
+        InvalidArgumentError: ``--experts ep`` on a model without experts, or a
+            mode without tensor parallelism.
+        ShapeError: more ranks than experts (or than query heads).
+        UnsupportedOperationError: no sharding plan for the model's family.
+    """
+    if options.experts != "ep":
+        return
+    from mlxdist.lm.loading import plan_for
+
+    plan_for(options.model, size, options.mode, pp_weights=options.pp_weights, experts=options.experts)

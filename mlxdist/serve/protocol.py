@@ -26,7 +26,8 @@ Front door -> engine:
 Engine -> front door:
 
 - ``hello``: ``token`` (the job token), first.
-- ``ready``: ``plan`` (mode, reason, ranks, family, pids).
+- ``ready``: ``plan`` (mlxdist.lm's plan dict less rank 0's own fields: mode, experts, kinds, reason,
+  family, layers, shares, rank_bytes, ...; and ranks, pids, timing).
 - ``step``: ``events`` (one per request that produced a token:
   ``[id, token, finish]``, finish None, ``"stop"`` or ``"length"``; a request
   that asked for logprobs gets ``[id, token, finish, logprob, top]``, ``top``

@@ -11,7 +11,7 @@ starts a new world without the lost ranks: locally as many fewer as the
 failure names (at least one); with a hostfile, on the hosts of the last
 world but those of the ranks the failure names (else the rank the launcher
 saw end; else the last host). The ranks load the model and plan again
-(``--mode`` and ``--pp-weights`` as given, the plan dispatcher of
+(``--mode``, ``--pp-weights`` and ``--experts`` as given, the plan dispatcher of
 :mod:`mlxdist.lm` picking for the new size), and the broker resumes every
 request in flight on it (:mod:`mlxdist.serve.resume`). Below
 ``--min-ranks`` the failure is final: every request gets the error,
@@ -43,7 +43,7 @@ from mlxdist.launch import PrefixedWriter, plan_job
 from mlxdist.launch.hosts import local_address_towards
 from mlxdist.launch.result import LaunchResult, report_lines
 from mlxdist.serve.frontdoor import FrontDoor, load_config
-from mlxdist.serve.options import ServeOptions
+from mlxdist.serve.options import ServeOptions, check_experts
 from mlxdist.serve.protocol import LINK_VARIABLE, TOKEN_VARIABLE
 from mlxdist.serve.resume import ResumingBroker
 
@@ -290,7 +290,9 @@ def supervise(options: ServeOptions) -> int:
 
     Raises:
         InvalidArgumentError: ``--model`` is not a checkpoint directory, ``--min-ranks``
-            exceeds the number of ranks, or ``-n`` differs from the hostfile's hosts.
+            exceeds the number of ranks, ``-n`` differs from the hostfile's hosts, or
+            ``--experts ep`` cannot place the model's experts (a dense model: a
+            :class:`~mlxdist.errors.ShapeError` for more ranks than experts).
         ConfigurationError: the hostfile cannot be read or has a bad entry (named),
             or no route leads to its first host.
     """
@@ -308,5 +310,6 @@ def supervise(options: ServeOptions) -> int:
                                        f"{len(hosts)} worlds of up to {len(hosts)} hosts below 65536")
     if options.min_ranks > options.nranks:
         raise InvalidArgumentError(f"--min-ranks {options.min_ranks} exceeds the {options.nranks} rank(s) to start")
+    check_experts(options, options.nranks)
     return Supervisor(options, hosts).run()
 
