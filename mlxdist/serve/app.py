@@ -112,9 +112,10 @@ def build_app(broker: Broker, config: ServeConfig) -> Starlette:
             if finish is not None:
                 return
 
-    def usage(pending: Pending, assembler: TextAssembler) -> dict[str, int]:
+    def usage(pending: Pending, assembler: TextAssembler) -> dict[str, Any]:
         return {"prompt_tokens": pending.prompt_tokens, "completion_tokens": assembler.tokens,
-                "total_tokens": pending.prompt_tokens + assembler.tokens}
+                "total_tokens": pending.prompt_tokens + assembler.tokens,
+                "prompt_tokens_details": {"cached_tokens": pending.cached_tokens}}
 
     async def until_done(request: Request, pending: Pending, assembler: TextAssembler) -> tuple[str, str]:
         async def collect() -> tuple[str, str]:

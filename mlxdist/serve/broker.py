@@ -55,6 +55,7 @@ class Pending:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     received: int = 0
     done: bool = False
+    cached_tokens: int = 0
 
 
 def lost_ranks(message: str, own_rank: Optional[int] = None) -> list[int]:
@@ -163,6 +164,10 @@ class Broker:
                     pending.events.put_nowait(Event(token=token, finish=finish))
                     if finish is not None:
                         self._finish(rid)
+        elif kind == "cached":
+            pending = self.pending.get(message["id"])
+            if pending is not None:
+                pending.cached_tokens = message["tokens"]
         elif kind == "stats":
             if self._stats_wait is not None and not self._stats_wait.done():
                 self._stats_wait.set_result(message["ranks"])

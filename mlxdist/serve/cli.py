@@ -31,6 +31,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from mlxdist.launch.hosts import DEFAULT_STARTING_PORT
+from mlxdist.serve.prompt_cache import DEFAULT_BYTES
 from mlxdist.serve.protocol import LINK_VARIABLE as _LINK
 from mlxdist.serve.protocol import TOKEN_VARIABLE as _TOKEN
 
@@ -58,6 +59,19 @@ def _positive(kind: type) -> Any:
         return value
 
     return parse
+
+
+def _size(text: str) -> int:
+    """``"512M"`` -> bytes (binary suffixes K, M, G, T; none: bytes)."""
+    scale = 1 << (10 * (" KMGT".index(text[-1].upper()))) if text[-1:].upper() in ("K", "M", "G", "T") else 1
+    digits = text[:-1] if scale > 1 else text
+    try:
+        value = float(digits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes with an optional K/M/G/T suffix, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return int(value * scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-ranks", type=_positive(int), default=1,
                         help="for -n/--hostfile: after losing ranks, re-form the world while at least this many remain; "
                              "below, fail and exit non-zero (default 1)")
+    parser.add_argument("--prompt-cache-bytes", type=_size, default=DEFAULT_BYTES,
+                        help="bound on each rank's prompt cache (the KV of earlier requests, reused for a shared "
+                             "prefix), bytes, with an optional K/M/G suffix; 0 disables it (default "
+                             f"{DEFAULT_BYTES >> 30}G)")
     parser.add_argument("--reform-wait", type=_positive(float), default=60.0,
                         help="seconds a request arriving while the world re-forms waits before 503 with "
                              "Retry-After (default 60)")
@@ -169,7 +187,7 @@ def _serve_rank(args: argparse.Namespace) -> int:
                        "timing": {"initialized": initialized, **plan.seconds}}
         engine = Engine(model, group, description, link=link, max_concurrent=args.max_concurrent,
                         eos_ids=sorted(tokenizer.eos_token_ids), vocab_size=int(model.args.vocab_size),
-                        timeout=args.timeout)
+                        timeout=args.timeout, prompt_cache_bytes=args.prompt_cache_bytes)
         engine.run()
     except Exception as exc:
         message = f"rank {rank}: {type(exc).__name__}: {exc}"

@@ -28,6 +28,9 @@ Engine -> front door:
   ``[id, token, finish]``, finish None, ``"stop"`` or ``"length"``) and
   ``stats`` (rank 0's counters).
 - ``stats``: ``ranks`` (each rank's counters).
+- ``cached``: ``id``, ``tokens`` (the request starts from this many prompt
+  tokens of the prompt cache; sent before its first ``step`` event, only when
+  more than 0).
 - ``rejected``: ``id``, ``message`` (the engine refused a request).
 - ``failed``: ``message`` (the world failed; the job ends).
 """
@@ -73,6 +76,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "ready": {"plan": _DICT},
     "step": {"events": _LIST, "stats": _DICT},
     "rejected": {"id": _STR, "message": _STR},
+    "cached": {"id": _STR, "tokens": _INT},
     "failed": {"message": _STR},
 }
 SCHEMAS["resume"] = {**SCHEMAS["submit"], "drawn": _INT}
