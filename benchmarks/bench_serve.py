@@ -28,6 +28,16 @@ are compared request by request (greedy decoding: they should be equal).
 Run ``python benchmarks/bench_serve.py --markdown`` (``--backends ring mpi``,
 ``--concurrency 1 4 16``, ``--rounds 3``, ``--json FILE``; ``--quick`` is a tiny
 model and one short round, for a smoke test).
+
+``--load chat`` is a multi-turn chat load instead, where both servers' prompt
+caches matter (mlx_lm.server's is on by default): per concurrency ``C``, ``C``
+users each hold one conversation of ``--turns`` streamed
+``/v1/chat/completions`` turns, all sharing one system prompt
+(``--system-words``), each turn adding a user message (``--user-words``) and
+the previous answer to the history. Reported per level: time to first token of
+the first turn and, the target, of the turns from the 4th on (medians), the
+aggregate tokens/s over the level, and the share of prompt tokens the server
+reported as cached (``usage.prompt_tokens_details.cached_tokens``).
 """
 
 from __future__ import annotations
@@ -71,6 +81,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--prompt-words", type=int, default=24, help="two-letter words per prompt")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny model, one round, concurrency 1 and 2")
+    parser.add_argument("--load", choices=("completions", "chat"), default="completions",
+                        help="independent completions, or multi-turn chats sharing a system prompt")
+    parser.add_argument("--turns", type=int, default=6, help="chat: turns per conversation")
+    parser.add_argument("--system-words", type=int, default=200, help="chat: two-letter words of the system prompt")
+    parser.add_argument("--user-words", type=int, default=24, help="chat: two-letter words per user message")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to be ready")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one request")
     parser.add_argument(
@@ -81,8 +96,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
     args = parser.parse_args(argv)
+    if args.load == "chat" and "--concurrency" not in argv:
+        args.concurrency = [1, 8]
     if args.quick:
         args.rounds, args.concurrency, args.per_stream, args.tokens = 1, [1, 2], 1, 8
+        args.turns, args.system_words = min(args.turns, LATE_TURN), min(args.system_words, 40)
     return args
 
 
@@ -310,6 +328,158 @@ def serve_round(server: Server, args: argparse.Namespace, prompts: list[str]) ->
     return levels, texts
 
 
+# -- the multi-turn chat load -------------------------------------------------------------
+
+# The first turn whose time to first token the target is about (1-based).
+LATE_TURN = 4
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class Turn:
+    """One streamed chat turn as the client saw it (seconds from the level's start)."""
+
+    user: int
+    turn: int
+    start: float
+    first: float
+    end: float
+    tokens: int
+    prompt_tokens: int
+    cached_tokens: int
+    text: str
+    error: Optional[str] = None
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.start
+
+
+def add_chat_template(checkpoint: Path) -> None:
+    """Give the checkpoint's tokenizer a chat template (the test checkpoints have none)."""
+    config_file = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_file.write_text(json.dumps(config))
+
+
+def words(seed: tuple[int, ...], count: int) -> str:
+    """``count`` two-letter words drawn from ``seed``."""
+    rng = np.random.default_rng(list(seed))
+    return " ".join("".join(rng.choice(list(LETTERS), 2)) for _ in range(count))
+
+
+async def chat_turn(client: Any, url: str, body: dict, origin: float, user: int, turn: int) -> Turn:
+    """Send one streamed chat turn and time its chunks."""
+    start = time.perf_counter() - origin
+    first, text, chunks, usage, error = None, [], 0, {}, None
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as answer:
+            if answer.status_code != 200:
+                error = f"HTTP {answer.status_code}: {(await answer.aread())[:300]!r}"
+            else:
+                async for line in answer.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        error = json.dumps(event["error"])[:300]
+                        break
+                    for choice in event.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            first = first if first is not None else time.perf_counter() - origin
+                            text.append(piece)
+                            chunks += 1
+                    usage = event.get("usage") or usage
+    except Exception as exc:  # a refused or dropped connection is a result, not a crash
+        error = f"{type(exc).__name__}: {exc}"
+    end = time.perf_counter() - origin
+    details = usage.get("prompt_tokens_details") or {}
+    return Turn(user, turn, start, first if first is not None else end, end,
+                usage.get("completion_tokens", chunks), usage.get("prompt_tokens", 0),
+                details.get("cached_tokens") or 0, "".join(text), error)
+
+
+async def run_chats(url: str, users: int, args: argparse.Namespace, seed: int) -> tuple[list[Turn], float]:
+    """``users`` conversations at once, each ``args.turns`` turns back to back, sharing a system prompt."""
+    import httpx
+
+    base = {"max_tokens": args.tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    system = {"role": "system", "content": words((seed, 0), args.system_words)}
+    limits = httpx.Limits(max_connections=users + 2, max_keepalive_connections=users + 2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as client:
+        origin = time.perf_counter()
+
+        async def conversation(user: int) -> list[Turn]:
+            messages, done = [system], []
+            for turn in range(args.turns):
+                messages.append({"role": "user", "content": words((seed, 1 + user, turn), args.user_words)})
+                result = await chat_turn(client, url, {**base, "messages": messages}, origin, user, turn)
+                done.append(result)
+                if result.error is not None:
+                    break
+                messages.append({"role": "assistant", "content": result.text})
+            return done
+
+        results = await asyncio.gather(*(conversation(user) for user in range(users)))
+        wall = time.perf_counter() - origin
+    return [t for per in results for t in per], wall
+
+
+def summarise_chat(turns: list[Turn], wall: float) -> dict[str, Any]:
+    """One level of chats: late and first turns' time to first token, throughput, cached share."""
+    good = [t for t in turns if t.error is None]
+    late = [t.ttft for t in good if t.turn + 1 >= LATE_TURN]
+    first = [t.ttft for t in good if t.turn == 0]
+    later = [t for t in good if t.turn > 0]
+    latencies = np.array([t.end - t.start for t in good]) if good else np.array([float("nan")])
+    prompt = sum(t.prompt_tokens for t in later)
+    return {
+        "requests": len(turns),
+        "errors": [t.error for t in turns if t.error is not None],
+        "tokens": sum(t.tokens for t in good),
+        "ttft_s": median(late) if late else float("nan"),
+        "ttft_first_s": median(first) if first else float("nan"),
+        "aggregate_tps": sum(t.tokens for t in good) / wall,
+        "cached_share": sum(t.cached_tokens for t in later) / prompt if prompt else float("nan"),
+        "latency_p50_s": float(np.percentile(latencies, 50)),
+        "latency_p99_s": float(np.percentile(latencies, 99)),
+        "wall_s": wall,
+    }
+
+
+def chat_round(server: Server, args: argparse.Namespace, round_index: int) -> tuple[dict, dict]:
+    """Warm up, then every number of users; per level the summary, and the texts by (level, user, turn)."""
+    warm = asyncio.run(chat_turn_once(server.url, args))
+    if warm.error:
+        raise RuntimeError(f"{server.name}: the warm-up request failed: {warm.error}; {server.tail()}")
+    levels, texts = {}, {}
+    for users in args.concurrency:
+        turns, wall = asyncio.run(run_chats(server.url, users, args, seed=1000 * round_index + users))
+        levels[users] = summarise_chat(turns, wall)
+        texts.update({(users, t.user, t.turn): t.text for t in turns if t.error is None})
+    return levels, texts
+
+
+async def chat_turn_once(url: str, args: argparse.Namespace) -> Turn:
+    """The untimed warm-up: one short chat of its own (nothing later shares its prompt)."""
+    import httpx
+
+    body = {"max_tokens": args.tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "zz " + words((10**6,), args.user_words)}]}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout)) as client:
+        return await chat_turn(client, url, body, time.perf_counter(), 0, 0)
+
+
 # -- the driver ----------------------------------------------------------------------
 
 
@@ -318,30 +488,38 @@ def _median_over_rounds(rounds: list[dict], key: str) -> float:
     return median(values) if values else float("nan")
 
 
-def compare(per_round: dict[str, list[dict]], concurrency: list[int]) -> list[dict]:
-    """Per concurrency: each server's medians over rounds, and mlxdist's round-by-round ratios."""
-    keys = ("ttft_s", "decode_tps", "aggregate_tps", "latency_p50_s", "latency_p99_s")
+COMPLETION_KEYS = ("ttft_s", "decode_tps", "aggregate_tps", "latency_p50_s", "latency_p99_s")
+CHAT_KEYS = ("ttft_first_s", "ttft_s", "aggregate_tps", "cached_share", "latency_p50_s", "latency_p99_s")
+
+
+def compare(per_round: dict[str, list[dict]], concurrency: list[int],
+            keys: Sequence[str] = COMPLETION_KEYS) -> list[dict]:
+    """Per concurrency: each server's medians over rounds (and ranges), and mlxdist's round-by-round ratios."""
     rows = []
     for c in concurrency:
         row: dict[str, Any] = {"concurrency": c}
         for name, rounds in per_round.items():
             levels = [r[c] for r in rounds]
             row[name] = {key: _median_over_rounds(levels, key) for key in keys}
+            row[name]["range"] = {key: [min(level[key] for level in levels), max(level[key] for level in levels)]
+                                  for key in keys}
             row[name]["errors"] = sum(len(level["errors"]) for level in levels)
             row[name]["requests"] = sum(level["requests"] for level in levels)
         if OURS in per_round and THEIRS in per_round:
             pairs = list(zip(per_round[OURS], per_round[THEIRS]))
-            row["ratio"] = {
-                key: median(ours[c][key] / theirs[c][key] for ours, theirs in pairs) for key in keys
-            }
+            ratios = {key: [ours[c][key] / theirs[c][key] if theirs[c][key] else float("nan")
+                            for ours, theirs in pairs] for key in keys}
+            row["ratio"] = {key: median(values) for key, values in ratios.items()}
+            row["ratio_range"] = {key: [min(values), max(values)] for key, values in ratios.items()}
         rows.append(row)
     return rows
 
 
 def run_backend(args: argparse.Namespace, checkpoint: Path, backend: str, logs: Path) -> dict[str, Any]:
     """All rounds of every server on one backend."""
+    chat = args.load == "chat"
     total = sum(args.concurrency) * args.per_stream
-    prompts = [prompt_text(i, args.prompt_words) for i in range(args.rounds * total)]
+    prompts = [] if chat else [prompt_text(i, args.prompt_words) for i in range(args.rounds * total)]
     per_round: dict[str, list[dict]] = {name: [] for name in args.servers}
     texts: dict[str, dict[int, str]] = {name: {} for name in args.servers}
     for round_index in range(args.rounds):
@@ -354,14 +532,17 @@ def run_backend(args: argparse.Namespace, checkpoint: Path, backend: str, logs: 
             server = Server(name, command, env, port, logs / f"{name}-{backend}-{round_index}.log")
             try:
                 server.wait_ready(args.start_timeout)
-                levels, seen = serve_round(server, args, window)
+                if chat:
+                    levels, seen = chat_round(server, args, round_index)
+                else:
+                    levels, seen = serve_round(server, args, window)
             finally:
                 server.stop()
             if "Address already in use" in server.tail():
                 # Two ranks that both think they are rank 0: a group of size 1 on each.
                 raise RuntimeError(f"{name} did not form a 2-rank group: {server.tail()}")
             per_round[name].append(levels)
-            texts[name].update({round_index * total + k: v for k, v in seen.items()})
+            texts[name].update({(round_index, k): v for k, v in seen.items()})
             print(json.dumps({"backend": backend, "round": round_index, "server": name, "levels": levels}),
                   flush=True)
     same = None
@@ -370,11 +551,50 @@ def run_backend(args: argparse.Namespace, checkpoint: Path, backend: str, logs: 
         same = {"compared": len(common), "equal": sum(texts[OURS][k] == texts[THEIRS][k] for k in common)}
     return {
         "backend": backend,
-        "rows": compare(per_round, args.concurrency),
+        "rows": compare(per_round, args.concurrency, CHAT_KEYS if chat else COMPLETION_KEYS),
         "rounds": per_round,
         "same_text": same,
         "load_average": os.getloadavg()[0],
     }
+
+
+def chat_markdown(results: list[dict], args: argparse.Namespace) -> str:
+    """The chat load's table: per backend and users, each server's medians (ranges) and mlxdist's ratio."""
+
+    def cell(m: dict, key: str, form: str) -> str:
+        low, high = m["range"][key] if "range" in m else m["ratio_range"][key]
+        value = m[key]
+        return f"{value:{form}} ({low:{form}}-{high:{form}})"
+
+    lines = [
+        f"| backend | users | server | TTFT turn 1 (s) | TTFT turns >= {LATE_TURN} (s) | aggregate tok/s "
+        "| cached share of prompts (turns >= 2) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for row in result["rows"]:
+            for name in args.servers:
+                m = row[name]
+                lines.append(f"| {result['backend']} | {row['concurrency']} | {name} | {cell(m, 'ttft_first_s', '.2f')} "
+                             f"| {cell(m, 'ttft_s', '.2f')} | {cell(m, 'aggregate_tps', '.1f')} "
+                             f"| {m['cached_share']:.2f} |")
+            if "ratio" in row:
+                r = {**row["ratio"], "ratio_range": row["ratio_range"]}
+                lines.append(f"| {result['backend']} | {row['concurrency']} | **mlxdist ÷ mlx-lm** "
+                             f"| {cell(r, 'ttft_first_s', '.2f')}× | {cell(r, 'ttft_s', '.2f')}× "
+                             f"| {cell(r, 'aggregate_tps', '.2f')}× | |")
+    lines.append("")
+    lines.append(
+        f"2 ranks, TP; {args.rounds} rounds (server order alternating); per level, each user one conversation of "
+        f"{args.turns} turns of {args.tokens} greedy tokens, a shared system prompt of {args.system_words} and user "
+        f"messages of {args.user_words} two-letter words; medians over rounds (range), ratios the median of the "
+        "round-by-round ratio (range). Errors: "
+        + ", ".join(f"{r['backend']} {sum(row[n]['errors'] for row in r['rows'] for n in args.servers)}"
+                    for r in results)
+        + "; same text: " + ", ".join(f"{r['backend']} {r['same_text']}" for r in results)
+        + "; load average: " + ", ".join(f"{r['load_average']:.1f}" for r in results) + "."
+    )
+    return "\n".join(lines)
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
@@ -412,6 +632,13 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mlxdist.lm.testing import write_checkpoint
@@ -424,14 +651,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = Path(args.checkpoint) if args.checkpoint else write_checkpoint(
             Path(tmp) / "model", "llama", seed=0, **FORMATS[args.format], **dims
         )
+        if args.load == "chat" and not args.checkpoint:
+            add_chat_template(checkpoint)
         for backend in args.backends:
             results.append(run_backend(args, checkpoint, backend, Path(tmp)))
     document = {"model": dims, "format": args.format, "tokens": args.tokens, "per_stream": args.per_stream,
-                "prompt_words": args.prompt_words, "results": results}
+                "prompt_words": args.prompt_words, "load": args.load, "turns": args.turns,
+                "system_words": args.system_words, "user_words": args.user_words, "uptime": _uptime(),
+                "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(document, indent=2))
     if args.markdown:
-        print(markdown(results, args))
+        print(chat_markdown(results, args) if args.load == "chat" else markdown(results, args))
     return 0
 
 
