@@ -239,58 +239,83 @@ def prompt_text(index: int, words: int) -> str:
     return " ".join([first, *rest])
 
 
+@dataclass
+class Streamed:
+    """What one streamed request returned: its text pieces' arrival, the text, the last usage, an error."""
+
+    first: Optional[float] = None
+    chunks: int = 0
+    text: str = ""
+    usage: Optional[dict] = None
+    error: Optional[str] = None
+
+
+async def read_stream(client: Any, url: str, body: dict, origin: float, piece: Any) -> Streamed:
+    """POST ``body`` to ``url`` as a stream; ``piece(choice)`` is a choice's new text (or None)."""
+    got, text = Streamed(), []
+    try:
+        async with client.stream("POST", url, json=body) as answer:
+            if answer.status_code != 200:
+                got.error = f"HTTP {answer.status_code}: {(await answer.aread())[:300]!r}"
+                return got
+            async for line in answer.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    got.error = json.dumps(event["error"])[:300]
+                    break
+                for choice in event.get("choices") or []:
+                    if piece(choice):
+                        got.first = got.first if got.first is not None else time.perf_counter() - origin
+                        text.append(piece(choice))
+                        got.chunks += 1
+                got.usage = event.get("usage") or got.usage
+    except Exception as exc:  # a refused or dropped connection is a result, not a crash
+        got.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        got.text = "".join(text)
+    return got
+
+
 async def one_request(client: Any, url: str, body: dict, origin: float, index: int) -> Request:
     """Send one streamed completion and time its chunks."""
     start = time.perf_counter() - origin
-    first, tokens, text, chunks, error = None, None, [], 0, None
-    try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as answer:
-            if answer.status_code != 200:
-                error = f"HTTP {answer.status_code}: {(await answer.aread())[:300]!r}"
-            else:
-                async for line in answer.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    if "error" in event:
-                        error = json.dumps(event["error"])[:300]
-                        break
-                    for choice in event.get("choices") or []:
-                        if choice.get("text"):
-                            first = first if first is not None else time.perf_counter() - origin
-                            text.append(choice["text"])
-                            chunks += 1
-                    if event.get("usage"):
-                        tokens = event["usage"].get("completion_tokens")
-    except Exception as exc:  # a refused or dropped connection is a result, not a crash
-        error = f"{type(exc).__name__}: {exc}"
+    got = await read_stream(client, url + "/v1/completions", body, origin, lambda choice: choice.get("text"))
     end = time.perf_counter() - origin
-    return Request(index, start, first if first is not None else end, end,
-                   tokens if tokens is not None else chunks, "".join(text), error)
+    tokens = (got.usage or {}).get("completion_tokens")
+    return Request(index, start, got.first if got.first is not None else end, end,
+                   tokens if tokens is not None else got.chunks, got.text, got.error)
+
+
+async def run_clients(clients: int, timeout: float, work: Any) -> tuple[list[Any], float]:
+    """``clients`` coroutines ``work(client, origin, k)`` at once over one HTTP client; their
+    results (lists, concatenated) and the wall time from the start to the last answer."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
+        origin = time.perf_counter()
+        results = await asyncio.gather(*(work(client, origin, k) for k in range(clients)))
+        wall = time.perf_counter() - origin
+    return [r for per in results for r in per], wall
 
 
 async def run_level(url: str, concurrency: int, per_stream: int, prompts: list[str], base: dict,
                     first_index: int, timeout: float) -> tuple[list[Request], float]:
     """``concurrency`` client streams, each sending ``per_stream`` requests back to back."""
-    import httpx
 
-    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
-        origin = time.perf_counter()
+    async def stream(client: Any, origin: float, slot: int) -> list[Request]:
+        done = []
+        for k in range(per_stream):
+            index = first_index + slot * per_stream + k
+            done.append(await one_request(client, url, {**base, "prompt": prompts[index]}, origin, index))
+        return done
 
-        async def stream(slot: int) -> list[Request]:
-            done = []
-            for k in range(per_stream):
-                index = first_index + slot * per_stream + k
-                done.append(await one_request(client, url, {**base, "prompt": prompts[index]}, origin, index))
-            return done
-
-        results = await asyncio.gather(*(stream(slot) for slot in range(concurrency)))
-        wall = time.perf_counter() - origin
-    return [r for per in results for r in per], wall
+    return await run_clients(concurrency, timeout, stream)
 
 
 def summarise(requests: list[Request], wall: float) -> dict[str, Any]:
@@ -332,10 +357,6 @@ def serve_round(server: Server, args: argparse.Namespace, prompts: list[str]) ->
 
 # The first turn whose time to first token the target is about (1-based).
 LATE_TURN = 4
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 
 
 @dataclass
@@ -358,14 +379,6 @@ class Turn:
         return self.first - self.start
 
 
-def add_chat_template(checkpoint: Path) -> None:
-    """Give the checkpoint's tokenizer a chat template (the test checkpoints have none)."""
-    config_file = checkpoint / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    config_file.write_text(json.dumps(config))
-
-
 def words(seed: tuple[int, ...], count: int) -> str:
     """``count`` two-letter words drawn from ``seed``."""
     rng = np.random.default_rng(list(seed))
@@ -375,63 +388,34 @@ def words(seed: tuple[int, ...], count: int) -> str:
 async def chat_turn(client: Any, url: str, body: dict, origin: float, user: int, turn: int) -> Turn:
     """Send one streamed chat turn and time its chunks."""
     start = time.perf_counter() - origin
-    first, text, chunks, usage, error = None, [], 0, {}, None
-    try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as answer:
-            if answer.status_code != 200:
-                error = f"HTTP {answer.status_code}: {(await answer.aread())[:300]!r}"
-            else:
-                async for line in answer.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    if "error" in event:
-                        error = json.dumps(event["error"])[:300]
-                        break
-                    for choice in event.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content")
-                        if piece:
-                            first = first if first is not None else time.perf_counter() - origin
-                            text.append(piece)
-                            chunks += 1
-                    usage = event.get("usage") or usage
-    except Exception as exc:  # a refused or dropped connection is a result, not a crash
-        error = f"{type(exc).__name__}: {exc}"
+    got = await read_stream(client, url + "/v1/chat/completions", body, origin,
+                            lambda choice: (choice.get("delta") or {}).get("content"))
     end = time.perf_counter() - origin
+    usage = got.usage or {}
     details = usage.get("prompt_tokens_details") or {}
-    return Turn(user, turn, start, first if first is not None else end, end,
-                usage.get("completion_tokens", chunks), usage.get("prompt_tokens", 0),
-                details.get("cached_tokens") or 0, "".join(text), error)
+    return Turn(user, turn, start, got.first if got.first is not None else end, end,
+                usage.get("completion_tokens", got.chunks), usage.get("prompt_tokens", 0),
+                details.get("cached_tokens") or 0, got.text, got.error)
 
 
 async def run_chats(url: str, users: int, args: argparse.Namespace, seed: int) -> tuple[list[Turn], float]:
     """``users`` conversations at once, each ``args.turns`` turns back to back, sharing a system prompt."""
-    import httpx
-
     base = {"max_tokens": args.tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     system = {"role": "system", "content": words((seed, 0), args.system_words)}
-    limits = httpx.Limits(max_connections=users + 2, max_keepalive_connections=users + 2)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as client:
-        origin = time.perf_counter()
 
-        async def conversation(user: int) -> list[Turn]:
-            messages, done = [system], []
-            for turn in range(args.turns):
-                messages.append({"role": "user", "content": words((seed, 1 + user, turn), args.user_words)})
-                result = await chat_turn(client, url, {**base, "messages": messages}, origin, user, turn)
-                done.append(result)
-                if result.error is not None:
-                    break
-                messages.append({"role": "assistant", "content": result.text})
-            return done
+    async def conversation(client: Any, origin: float, user: int) -> list[Turn]:
+        messages, done = [system], []
+        for turn in range(args.turns):
+            messages.append({"role": "user", "content": words((seed, 1 + user, turn), args.user_words)})
+            result = await chat_turn(client, url, {**base, "messages": messages}, origin, user, turn)
+            done.append(result)
+            if result.error is not None:
+                break
+            messages.append({"role": "assistant", "content": result.text})
+        return done
 
-        results = await asyncio.gather(*(conversation(user) for user in range(users)))
-        wall = time.perf_counter() - origin
-    return [t for per in results for t in per], wall
+    return await run_clients(users, args.request_timeout, conversation)
 
 
 def summarise_chat(turns: list[Turn], wall: float) -> dict[str, Any]:
@@ -641,7 +625,7 @@ def _uptime() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from mlxdist.lm.testing import write_checkpoint
+    from mlxdist.lm.testing import add_chat_template, write_checkpoint
 
     # SIGTERM ends the run through the finally blocks, which stop the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

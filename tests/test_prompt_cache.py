@@ -10,7 +10,6 @@ what the server can hold: the requests it was sent and the tokens it answered.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -30,17 +29,13 @@ from hypothesis import strategies as st  # noqa: E402
 from support.serving import ServeProcess  # noqa: E402
 
 from mlxdist.errors import InvalidArgumentError  # noqa: E402
-from mlxdist.lm.testing import write_checkpoint  # noqa: E402
+from mlxdist.lm.testing import add_chat_template, write_checkpoint  # noqa: E402
 from mlxdist.serve.prompt_cache import CacheIndex, CacheStore, Reuse  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 # 3 KV heads: uneven over 2 ranks under TP.
 DIMS = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=3, intermediate_size=320, vocab_size=512)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 NAME = "tiny-llama"
 SMALL_BOUND = 1_500_000  # bytes: a few conversations of the PP server's larger shard (3 of 4 layers)
 SERVERS = {
@@ -163,11 +158,7 @@ def test_the_bound_option_takes_sizes_and_refuses_bad_ones(capsys):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = write_checkpoint(tmp_path_factory.mktemp("cache") / NAME, family="llama", dtype="float32", **DIMS)
-    config_file = path / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    config_file.write_text(json.dumps(config))
-    return path
+    return add_chat_template(path)
 
 
 @pytest.fixture(scope="module")
