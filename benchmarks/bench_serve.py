@@ -74,6 +74,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", choices=("ring", "mpi"), default=["ring"])
     parser.add_argument("--format", choices=tuple(FORMATS), default="4-bit", help="checkpoint weights")
+    parser.add_argument("--size", choices=("default", "quick", "tiny"), default="default",
+                        help="the checkpoint's sizes (bench_lm.py's default and quick ones, or a tiny one)")
     parser.add_argument("--servers", nargs="+", choices=(OURS, THEIRS), default=[OURS, THEIRS])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--per-stream", type=int, default=2, help="requests each client stream sends")
@@ -629,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # SIGTERM ends the run through the finally blocks, which stop the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    dims = TINY if args.quick else SIZES["default"]
+    dims = TINY if args.quick or args.size == "tiny" else SIZES[args.size]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else write_checkpoint(
@@ -639,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             add_chat_template(checkpoint)
         for backend in args.backends:
             results.append(run_backend(args, checkpoint, backend, Path(tmp)))
-    document = {"model": dims, "format": args.format, "tokens": args.tokens, "per_stream": args.per_stream,
+    document = {"model": dims, "size": args.size, "format": args.format, "tokens": args.tokens,
+                "per_stream": args.per_stream,
                 "prompt_words": args.prompt_words, "load": args.load, "turns": args.turns,
                 "system_words": args.system_words, "user_words": args.user_words, "uptime": _uptime(),
                 "results": results}
