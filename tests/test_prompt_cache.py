@@ -18,19 +18,16 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-pytest.importorskip("mlx_lm", reason="mlxdist.serve needs the lm extra (Python >= 3.11)")
-pytest.importorskip("starlette", reason="mlxdist.serve needs the serve extra")
+import httpx
+import mlx.core as mx
+import openai
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.serving import ServeProcess
 
-import httpx  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import openai  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from support.serving import ServeProcess  # noqa: E402
-
-from mlxdist.errors import InvalidArgumentError  # noqa: E402
-from mlxdist.lm.testing import add_chat_template, write_checkpoint  # noqa: E402
-from mlxdist.serve.prompt_cache import CacheIndex, CacheStore, Reuse  # noqa: E402
+from mlxdist.errors import InvalidArgumentError
+from mlxdist.lm.testing import add_chat_template, write_checkpoint
+from mlxdist.serve.prompt_cache import CacheIndex, CacheStore, Reuse
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -139,9 +136,8 @@ def test_a_taken_cache_is_cut_to_the_prefix_and_the_entry_stays_whole():
 
 
 def test_the_bound_option_takes_sizes_and_refuses_bad_ones(capsys):
-    from mlxdist.serve.cli import build_parser
+    from mlxdist.serve.options import parse_options as parse
 
-    parse = build_parser().parse_args
     assert parse(["--model", "m", "--prompt-cache-bytes", "64M"]).prompt_cache_bytes == 64 << 20
     assert parse(["--model", "m", "--prompt-cache-bytes", "0"]).prompt_cache_bytes == 0
     assert parse(["--model", "m"]).prompt_cache_bytes == 1 << 30
@@ -306,6 +302,36 @@ def test_concurrent_requests_sharing_a_prefix_each_start_from_it(server, referen
         assert shared <= cached
         server.sequences.append(prompt + reply)
         assert cached <= server.best(prompt)
+
+
+def _metric(server: Served, name: str) -> float:
+    answer = httpx.get(server.url + "/metrics", timeout=60)
+    assert answer.status_code == 200, answer.text
+    (value,) = [float(line.split()[-1]) for line in answer.text.splitlines() if line.startswith(name + " ")]
+    return value
+
+
+@pytest.mark.timeout(240)
+def test_n_choices_each_reuse_the_cache_and_metrics_count_every_hit(server, reference):
+    """Each of ``n`` choices starts from the cache on its own; /metrics counts what the ranks counted."""
+    tokenizer = reference.tokenizer
+    prompt = server.sequences[-1] + list(tokenizer.encode(" so then", add_special_tokens=False))
+    best = server.best(prompt)
+    expected = reference(prompt, 5)
+    hits0, cached0 = _hits(server)
+    answer = server.client().completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, n=2)
+    body = expected[:-1] if expected[-1] in tokenizer.eos_token_ids else expected
+    assert [choice.text for choice in answer.choices] == [tokenizer.decode(body)] * 2
+    cached = answer.usage.prompt_tokens_details.cached_tokens
+    assert answer.usage.completion_tokens == 2 * len(expected)
+    assert 0 < cached <= best
+    if server.exact:
+        assert cached == best
+    hits, cached_total = _hits(server)
+    assert hits - hits0 == 2 and cached_total - cached0 >= 2 * cached
+    server.sequences.append(prompt + expected)
+    # The front door's counter (the ranks' `cached` messages) and rank 0's own agree over the server's life.
+    assert _metric(server, "mlxdist_prompt_cache_hits_total") == hits
 
 
 @pytest.mark.timeout(120)
