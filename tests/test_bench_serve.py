@@ -48,6 +48,23 @@ def test_ratios_are_medians_of_round_by_round_ratios() -> None:
     assert row[bench_serve.THEIRS]["requests"] == 6
 
 
+def test_summary_of_one_chat_level() -> None:
+    """Chat turns: first-turn and 4th-and-later TTFT, throughput and cached share, worked by hand."""
+    Turn = bench_serve.Turn
+    turns = [Turn(0, t, start=float(t), first=t + 0.1 * (t + 1), end=t + 0.9, tokens=4, prompt_tokens=100 * (t + 1),
+                  cached_tokens=90 * t, text="x") for t in range(5)]
+    turns.append(Turn(1, 0, start=0.0, first=0.3, end=1.0, tokens=4, prompt_tokens=100, cached_tokens=0, text="y"))
+    turns.append(Turn(1, 1, start=1.0, first=5.0, end=5.0, tokens=0, prompt_tokens=0, cached_tokens=0, text="",
+                      error="HTTP 503"))
+    summary = bench_serve.summarise_chat(turns, wall=6.0)
+    assert summary["requests"] == 7 and summary["errors"] == ["HTTP 503"]
+    assert math.isclose(summary["ttft_s"], 0.45)  # turns 4 and 5 of user 0: 0.4, 0.5
+    assert math.isclose(summary["ttft_first_s"], 0.2)  # 0.1 and 0.3
+    assert summary["aggregate_tps"] == 24 / 6.0
+    # turns 2-5 of user 0: cached 90+180+270+360 of 200+300+400+500 prompt tokens
+    assert math.isclose(summary["cached_share"], 900 / 1400)
+
+
 def test_prompts_differ_and_repeat() -> None:
     """Every request has its own prompt (no prompt cache helps), the same for both servers."""
     prompts = [bench_serve.prompt_text(i, 12) for i in range(700)]

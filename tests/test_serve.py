@@ -25,15 +25,11 @@ import openai
 from conftest import BACKENDS
 from support.serving import ServeProcess, greedy_reference
 
-from mlxdist.lm.testing import write_checkpoint
+from mlxdist.lm.testing import add_chat_template, write_checkpoint
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 DIMS = dict(hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=512)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 API_KEY = "test-key-123"
 MAX_BODY = 64 * 1024
 START_DEADLINE = 90.0
@@ -58,11 +54,7 @@ LONG = {"model": "tiny-llama", "prompt": "mlx", "max_tokens": CAP, "temperature"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = write_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-llama", family="llama", dtype="float32", **DIMS)
-    config_file = path / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    config_file.write_text(json.dumps(config))
-    return path
+    return add_chat_template(path)
 
 
 @pytest.fixture(scope="module")

@@ -155,6 +155,12 @@ def test_ring_moe_world_re_forms_twice_re_placing_experts_and_streams_finish_wit
     response = joined(waiting_thread, waiting_out)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == reference(16)
+    # The new world's ranks hold no prompt cache entry of the lost worlds (which served this prompt):
+    # the first request prefills in full, the same one again reuses it.
+    assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    again = complete(server, {"max_tokens": 16, "temperature": 0}).json()
+    assert again["choices"][0]["text"] == reference(16)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
     health = server.health()
     assert health["state"] == "ready" and health["plan"]["ranks"] == 1 and health["plan"]["mode"] == "single", health
     assert health["plan"]["re_formed"]["from_ranks"] == 2, health

@@ -22,7 +22,8 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxdist.errors import InvalidArgumentError
 
-__all__ = ["FAMILIES", "DTYPES", "model_config", "random_model", "write_checkpoint", "write_tokenizer"]
+__all__ = ["FAMILIES", "DTYPES", "CHAT_TEMPLATE", "add_chat_template", "model_config", "random_model",
+           "write_checkpoint", "write_tokenizer"]
 
 # model_type -> extra config keys the family needs.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -65,6 +66,12 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+# A chat template over the special tokens: each message "<s>ROLE\nCONTENT</s>\n".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 def model_config(
@@ -285,4 +292,22 @@ def write_checkpoint(
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(path, config["vocab_size"])
+    return path
+
+
+def add_chat_template(path: Union[str, Path], template: str = CHAT_TEMPLATE) -> Path:
+    """Give a written checkpoint's tokenizer a chat template.
+
+    Args:
+        path: The checkpoint directory (:func:`write_checkpoint`'s).
+        template: The Jinja template (default :data:`CHAT_TEMPLATE`).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = template
+    config_file.write_text(json.dumps(config))
     return path

@@ -78,10 +78,22 @@ def logprobs_field(chat: bool, entries: list[dict[str, Any]]) -> dict[str, Any]:
             "top_logprobs": [e["top"] for e in entries], "text_offset": offsets}
 
 
-def usage(pendings: list[Pending], answers: list[Answer]) -> dict[str, int]:
-    """OpenAI's ``usage`` of a request's choices (the prompt counted once)."""
+def usage(pendings: list[Pending], answers: list[Answer]) -> dict[str, Any]:
+    """OpenAI's ``usage`` of a request's choices (the prompt counted once).
+
+    Args:
+        pendings: The request's engine requests, one per choice.
+        answers: Their answers, in the same order.
+
+    Returns:
+        ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and
+        ``prompt_tokens_details.cached_tokens``: the prompt tokens every choice
+        took from the prompt cache (each choice looks the cache up on its own;
+        they normally agree, and the smallest is reported).
+    """
     prompt, tokens = pendings[0].prompt_tokens, sum(answer.assembler.tokens for answer in answers)
-    return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
+    return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens,
+            "prompt_tokens_details": {"cached_tokens": min(pending.cached_tokens for pending in pendings)}}
 
 
 def message(pieces: list[tuple[str, Any]]) -> dict[str, Any]:

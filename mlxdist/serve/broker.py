@@ -59,6 +59,7 @@ class Pending:
     done: bool = False
     admitted: float = field(default_factory=time.monotonic)
     last_token: float = 0.0
+    cached_tokens: int = 0
 
 
 class Broker:
@@ -178,6 +179,12 @@ class Broker:
                     pending.events.put_nowait(event)
                     if finish is not None:
                         self._finish(rid)
+        elif kind == "cached":
+            pending = self.pending.get(message["id"])
+            if pending is not None:
+                pending.cached_tokens = message["tokens"]
+            if message["tokens"] > 0:
+                self.metrics.prompt_cache_hit(message["tokens"])
         elif kind == "stats":
             if self._stats_wait is not None and not self._stats_wait.done():
                 self._stats_wait.set_result(message["ranks"])

@@ -111,7 +111,7 @@ def _serve_rank(options: ServeOptions) -> int:
                        "timing": {"initialized": initialized, **plan.seconds}}
         engine = Engine(model, group, description, link=link, max_concurrent=options.max_concurrent,
                         eos_ids=sorted(tokenizer.eos_token_ids), vocab_size=int(model.args.vocab_size),
-                        timeout=options.timeout)
+                        timeout=options.timeout, prompt_cache_bytes=options.prompt_cache_bytes)
         engine.run()
     except Exception as exc:
         message = f"rank {rank}: {type(exc).__name__}: {exc}"

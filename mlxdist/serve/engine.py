@@ -2,10 +2,18 @@
 
 Rank 0 reads requests and cancellations from the front door's link. Before
 each step it hands the step's work to every rank with a broadcast of a JSON
-value (new requests with their token ids and sampling parameters, requests
-to drop, whether to report counters or stop), so all ranks insert and remove
+value (new requests with their token ids, sampling parameters and the prompt
+cache entry each starts from, requests to drop, prompt cache entries to
+forget, whether to report counters or stop), so all ranks insert and remove
 the same requests in the same order and run the same batched forward
 (mlx-lm's :class:`~mlx_lm.generate.BatchGenerator` over the sharded model).
+A finished request's cache is kept on every rank (its shard) under the
+request's id; rank 0's :class:`~mlxdist.serve.prompt_cache.CacheIndex`
+decides which entry later requests reuse and which are dropped. A request
+with ``n`` choices is ``n`` engine requests with the same prompt: each looks
+the cache up on its own and reuses the entry it finds (the entry stays whole,
+so every choice can start from it), and each one's cache is stored when it
+finishes.
 Rank 0 then sends the step's tokens to the front door. Every collective, the
 model's included, runs under mlxdist's per-operation deadline: a rank that
 dies or stalls fails the step on every live rank, and rank 0 tells the front
@@ -22,12 +30,14 @@ import time
 from typing import Any, Optional
 
 import mlx.core as mx
+import numpy as np
 
 import mlxdist
 from mlxdist.deadline import watched
 from mlxdist.errors import DistributedError
 from mlxdist.group import Group
 from mlxdist.serve.failures import lost_ranks
+from mlxdist.serve.prompt_cache import DEFAULT_BYTES, CacheIndex, CacheStore, Reuse
 from mlxdist.serve.protocol import LinkClient, ProtocolError
 from mlxdist.serve.sampling import LOWEST_LOGPROB, processors_for, sampler_for
 
@@ -77,6 +87,7 @@ class Engine:
         eos_ids: Token ids that end a request.
         vocab_size: Token ids must be below it.
         timeout: Seconds each step (its collectives and forward) may take.
+        prompt_cache_bytes: Bound on the prompt cache's bytes per rank (0: no cache).
     """
 
     def __init__(
@@ -90,6 +101,7 @@ class Engine:
         eos_ids: list[int],
         vocab_size: int,
         timeout: Optional[float],
+        prompt_cache_bytes: int = DEFAULT_BYTES,
     ) -> None:
         from mlx_lm.generate import BatchGenerator
 
@@ -119,7 +131,13 @@ class Engine:
         self.generated: dict[str, int] = {}
         # Requests that asked for logprobs: how many alternatives each reports.
         self.top_logprobs: dict[str, int] = {}
-        self.counters = {"steps": 0, "forwards": 0, "generated_tokens": 0, "requests": 0, "cancelled": 0}
+        self.counters = {"steps": 0, "forwards": 0, "generated_tokens": 0, "requests": 0, "cancelled": 0,
+                         "prompt_cache_hits": 0, "cached_tokens": 0}
+        # The prompt cache: every rank's own shards; rank 0 decides (the index) and hands out drops.
+        self.caching = prompt_cache_bytes > 0
+        self.store = CacheStore()
+        self.index = CacheIndex(prompt_cache_bytes) if self.rank == 0 and self.caching else None
+        self.evict: list[str] = []
         # What the last cancellation looked like on this rank (for /stats).
         self.last_cancel: dict[str, Any] = {}
 
@@ -140,7 +158,9 @@ class Engine:
 
     def _collect(self) -> dict[str, Any]:
         """Rank 0: this step's work, waiting up to the idle tick when nothing is running."""
-        work: dict[str, Any] = {"step": self.step, "submit": [], "cancel": [], "stats": False, "stop": False}
+        work: dict[str, Any] = {"step": self.step, "submit": [], "cancel": [], "stats": False, "stop": False,
+                                "evict": self.evict}
+        self.evict = []
         wait = self.idle_tick if not self.uid_of else 0.0
         deadline = time.monotonic() + wait
         while True:
@@ -150,7 +170,9 @@ class Engine:
                 return work
             kind = message["type"]
             if kind in ("submit", "resume"):
-                work["submit"].append({"drawn": 0, **{k: v for k, v in message.items() if k != "type"}})
+                reuse = self.index.lookup(message["prompt"]) if self.index is not None else None
+                work["submit"].append({"drawn": 0, **{k: v for k, v in message.items() if k != "type"},
+                                       "reuse": None if reuse is None else [reuse.entry, reuse.tokens]})
             elif kind == "cancel":
                 work["cancel"].append([message["id"], self.step])
             elif kind == "stats_request":
@@ -184,9 +206,19 @@ class Engine:
         if problem is not None:  # every rank skips it alike; rank 0 says why
             self._send("rejected", id=rid, message=problem)
             return
-        (uid,) = self.generator.insert([request["prompt"]], max_tokens=[request["max_tokens"]],
+        prompt = request["prompt"]
+        cached, caches = 0, None
+        if request.get("reuse"):
+            entry, cached = request["reuse"]
+            caches = [self.store.take(Reuse(entry, cached))]
+            self.counters["prompt_cache_hits"] += 1
+            self.counters["cached_tokens"] += cached
+        (uid,) = self.generator.insert([prompt[cached:]], max_tokens=[request["max_tokens"]],
                                        samplers=[sampler_for(request)],
-                                       logits_processors=[processors_for(request, self.vocab_size)])
+                                       logits_processors=[processors_for(request, self.vocab_size)],
+                                       caches=caches, all_tokens=[prompt[:cached]])
+        if cached:
+            self._send("cached", id=rid, tokens=cached)
         if request["logprobs"] >= 0:
             self.top_logprobs[rid] = request["logprobs"]
         self.uid_of[rid], self.id_of[uid] = uid, rid
@@ -206,7 +238,25 @@ class Engine:
 
     def _stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "pid": os.getpid(), "active": len(self.uid_of), **self.counters,
-                "forwards": self.model.forwards, "last_cancel": self.last_cancel}
+                "forwards": self.model.forwards, "last_cancel": self.last_cancel,
+                "prompt_cache_entries": len(self.store.entries), "prompt_cache_bytes": self.store.nbytes}
+
+    def _keep(self, finished: list[tuple[str, Any]]) -> None:
+        """Store finished requests' caches on every rank; rank 0 indexes them and picks what to drop.
+
+        The ranks agree on each entry's size (the largest shard) and on whether
+        every shard can be trimmed, so rank 0's bound holds on every rank.
+        """
+        facts = []
+        for rid, response in finished:
+            size = self.store.put(rid, response.prompt_cache, len(response.all_tokens))
+            facts += [size, 0 if self.store.trimmable(rid) else 1]
+        agreed = np.asarray(mlxdist.all_max(np.asarray(facts, dtype=np.int64), group=self.group)).tolist()
+        if self.index is None:
+            return
+        for k, (rid, response) in enumerate(finished):
+            self.evict += self.index.add(rid, list(response.all_tokens), int(agreed[2 * k]),
+                                         trimmable=not agreed[2 * k + 1])
 
     def _decode(self) -> list[list[Any]]:
         """One step of the batch (a prefill chunk and/or one decode forward); the tokens it produced."""
@@ -214,7 +264,7 @@ class Engine:
             _, responses = self.generator.next()
             # mlx-lm leaves the next forward running; it must end before the next collective.
             mx.synchronize(self.generator.stream)
-        events = []
+        events, finished = [], []
         for response in responses:
             rid = self.id_of.get(response.uid)
             if rid is None:
@@ -227,7 +277,11 @@ class Engine:
             if response.finish_reason is not None:
                 del self.uid_of[rid], self.id_of[response.uid], self.generated[rid]
                 self.top_logprobs.pop(rid, None)
+                if self.caching and response.prompt_cache is not None:
+                    finished.append((rid, response))
             events.append(event)
+        if finished:
+            self._keep(finished)
         return events
 
     def run(self) -> None:
@@ -251,7 +305,7 @@ class Engine:
                 # rank 0 also for a hand-off that carries work (a rank stalled as a request
                 # arrives is found within it); the others wait for work under the idle one.
                 busy = bool(self.uid_of) or (work is not None and any(
-                    work[key] for key in ("submit", "cancel", "stats", "stop")))
+                    work[key] for key in ("submit", "cancel", "stats", "stop", "evict")))
                 wanted = self.timeout if busy else self.idle_timeout
                 if self.size > 1 and wanted != deadline:
                     mlxdist.set_timeout(wanted, self.group)
@@ -261,6 +315,7 @@ class Engine:
                 self.counters["steps"] += 1
                 if work["stop"]:
                     return
+                self.store.drop(work["evict"])
                 for request in work["submit"]:
                     self._submit(request)
                 for rid, received_at in work["cancel"]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from mlxdist.launch.hosts import DEFAULT_STARTING_PORT
+from mlxdist.serve.prompt_cache import DEFAULT_BYTES
 
 __all__ = ["ServeOptions", "build_parser", "parse_options", "check_experts"]
 
@@ -47,6 +48,7 @@ class ServeOptions:
     api_key: Optional[str] = None
     timeout: float = 30.0
     min_ranks: int = 1
+    prompt_cache_bytes: int = DEFAULT_BYTES
     reform_wait: float = 60.0
     start_deadline: float = 300.0
     drain_timeout: float = 30.0
@@ -105,6 +107,19 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _size(text: str) -> int:
+    """``"512M"`` -> bytes (binary suffixes K, M, G, T; none: bytes)."""
+    scale = 1 << (10 * (" KMGT".index(text[-1].upper()))) if text[-1:].upper() in ("K", "M", "G", "T") else 1
+    digits = text[:-1] if scale > 1 else text
+    try:
+        value = float(digits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes with an optional K/M/G/T suffix, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return int(value * scale)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser.
 
@@ -149,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min-ranks", type=_positive(int), default=1,
         help="for -n/--hostfile: after losing ranks, re-form the world while at least this many remain; "
              "below, fail and exit non-zero (default 1)")
+    add("--prompt-cache-bytes", type=_size, default=DEFAULT_BYTES,
+        help="bound on each rank's prompt cache (the KV of earlier requests, reused for a shared prefix), bytes, "
+             f"with an optional K/M/G/T suffix; 0 disables it (default {DEFAULT_BYTES >> 30}G)")
     add("--reform-wait", type=_positive(float), default=60.0,
         help="seconds a request arriving while the world re-forms waits before 503 with Retry-After (default 60)")
     add("--start-deadline", type=_positive(float), default=300.0,

@@ -33,6 +33,9 @@ Engine -> front door:
   that asked for logprobs gets ``[id, token, finish, logprob, top]``, ``top``
   a list of ``[token, logprob]``, most likely first) and ``stats`` (rank 0's counters).
 - ``stats``: ``ranks`` (each rank's counters).
+- ``cached``: ``id``, ``tokens`` (the request starts from this many prompt
+  tokens of the prompt cache; sent before its first ``step`` event, only when
+  more than 0).
 - ``rejected``: ``id``, ``message`` (the engine refused a request).
 - ``failed``: ``message`` (the world failed; the job ends) and ``ranks`` (the
   ranks the failure names as lost, empty when it names none).
@@ -85,6 +88,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "ready": {"plan": _DICT},
     "step": {"events": _LIST, "stats": _DICT},
     "rejected": {"id": _STR, "message": _STR},
+    "cached": {"id": _STR, "tokens": _INT},
     "failed": {"message": _STR, "ranks": _LIST},
 }
 SCHEMAS["resume"] = {**SCHEMAS["submit"], "drawn": _INT}

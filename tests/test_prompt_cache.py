@@ -1,0 +1,346 @@
+"""The prompt cache of mlxdist-serve: rank 0's index (no launch), and served conversations at 2 ranks.
+
+Two servers serve every launched check: ring with uneven TP (3 KV heads over
+2 ranks) under the default bound, and MPI with uneven PP (1:3 layers) under a
+bound that holds only a few conversations, so entries are evicted while the
+checks run. Every answer is compared with greedy generation of the same prompt
+ids in this process (no cache), and every ``cached_tokens`` with a model of
+what the server can hold: the requests it was sent and the tokens it answered.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+import httpx
+import mlx.core as mx
+import openai
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.serving import ServeProcess
+
+from mlxdist.errors import InvalidArgumentError
+from mlxdist.lm.testing import add_chat_template, write_checkpoint
+from mlxdist.serve.prompt_cache import CacheIndex, CacheStore, Reuse
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# 3 KV heads: uneven over 2 ranks under TP.
+DIMS = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=3, intermediate_size=320, vocab_size=512)
+NAME = "tiny-llama"
+SMALL_BOUND = 1_500_000  # bytes: a few conversations of the PP server's larger shard (3 of 4 layers)
+SERVERS = {
+    "ring-tp": ("ring", ["--mode", "tp"]),
+    "mpi-pp": ("mpi", ["--mode", "pp", "--pp-weights", "1,3", "--prompt-cache-bytes", str(SMALL_BOUND)]),
+}
+
+
+# -- rank 0's index, without ranks ---------------------------------------------------------
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_the_index_reuses_the_longest_prefix_and_keeps_the_last_token_to_compute():
+    index = CacheIndex(10_000)
+    assert index.add("a", [1, 2, 3, 4], 100, trimmable=True) == []
+    assert index.add("b", [1, 2, 9], 100, trimmable=True) == []
+    assert index.lookup([1, 2, 3, 4, 5]) == Reuse("a", 4)
+    assert index.lookup([1, 2, 9, 9]) == Reuse("b", 3)
+    assert index.lookup([1, 2, 3, 4]) == Reuse("a", 3)  # the whole prompt cached: its last token is run again
+    assert index.lookup([7, 1, 2]) is None
+    assert index.lookup([1]) is None
+    # An entry that cannot be cut shorter is reused whole or not at all.
+    assert index.add("c", [5, 6, 7], 100, trimmable=False) == []
+    assert index.lookup([5, 6, 8]) is None
+    assert index.lookup([5, 6, 7, 8]) == Reuse("c", 3)
+    # A longer entry over the same tokens makes its prefixes redundant.
+    assert index.add("d", [1, 2, 3, 4, 5, 6], 100, trimmable=True) == ["a"]
+    with pytest.raises(InvalidArgumentError):
+        CacheIndex(-1)
+
+
+def test_a_cache_bounded_in_bytes_evicts_the_least_recently_used():
+    index = CacheIndex(300)
+    for key, tokens in (("a", [1, 1]), ("b", [2, 2]), ("c", [3, 3])):
+        assert index.add(key, tokens, 100, trimmable=True) == []
+    assert index.lookup([1, 1, 0]) == Reuse("a", 2)  # "a" is now the most recently used
+    assert index.add("d", [4, 4], 150, trimmable=True) == ["b", "c"]
+    assert (index.nbytes, len(index), "a" in index, "d" in index) == (250, 2, True, True)
+    assert index.add("huge", [5, 5], 301, trimmable=True) == ["huge"]  # never fits: every rank drops it
+    assert index.add("d", [4, 4, 4], 50, trimmable=True) == ["d"]  # a key stored again replaces its entry
+    assert index.nbytes == 150
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 3), min_size=1, max_size=8), st.integers(1, 60),
+                          st.booleans(), st.lists(st.integers(0, 3), min_size=0, max_size=8)),
+                max_size=25),
+       st.integers(0, 200))
+def test_the_index_agrees_with_a_plain_lru_model(operations, bound):
+    """After any sequence of stores and lookups: within the bound, the drops name every gone key
+    once, and each lookup is the longest usable prefix over what a plain list still holds."""
+    index = CacheIndex(bound)
+    held: dict[str, tuple[list[int], int, bool]] = {}
+    for k, (tokens, size, trimmable, prompt) in enumerate(operations):
+        key = f"k{k}"
+        dropped = index.add(key, tokens, size, trimmable=trimmable)
+        assert len(set(dropped)) == len(dropped)
+        held[key] = (tokens, size, trimmable)
+        for gone in dropped:
+            del held[gone]
+        assert set(held) == {k for k in held if k in index} and len(index) == len(held)
+        assert index.nbytes == sum(size for _, size, _ in held.values()) <= bound
+        reuse = index.lookup(prompt)
+        usable = [min(_lcp(t, prompt), len(prompt) - 1) for t, _, trim in held.values()
+                  if trim or _lcp(t, prompt) == len(t) < len(prompt)]
+        best = max([u for u in usable if u > 0], default=None)
+        assert (reuse.tokens if reuse else None) == best
+        if reuse is not None:
+            assert _lcp(held[reuse.entry][0], prompt) >= reuse.tokens
+
+
+def test_a_taken_cache_is_cut_to_the_prefix_and_the_entry_stays_whole():
+    from mlx_lm.models.cache import KVCache
+
+    keys = mx.random.normal((1, 2, 10, 4))
+    layers = []
+    for _ in range(3):
+        layer = KVCache()
+        layer.update_and_fetch(keys, keys + 1)
+        layers.append(layer)
+    store = CacheStore()
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)  # mlx-lm allocates in steps
+    assert store.put("e", layers, 10) == held == store.nbytes > 0
+    taken = store.take(Reuse("e", 6))
+    assert [c.offset for c in taken] == [6, 6, 6] and [c.offset for c in layers] == [10, 10, 10]
+    k, v = taken[0].update_and_fetch(mx.zeros((1, 2, 1, 4)), mx.zeros((1, 2, 1, 4)))
+    assert np.array_equal(np.array(k[..., :6, :]), np.array(keys[..., :6, :])) and k.shape[2] == 7
+    assert np.array_equal(np.array(layers[1].keys[..., :10, :]), np.array(keys))
+    with pytest.raises(InvalidArgumentError):
+        store.take(Reuse("e", 11))
+    with pytest.raises(InvalidArgumentError):
+        store.take(Reuse("nothing", 1))
+    store.drop(["e", "nothing"])
+    assert store.entries == {} and store.nbytes == 0
+
+
+def test_the_bound_option_takes_sizes_and_refuses_bad_ones(capsys):
+    from mlxdist.serve.options import parse_options as parse
+
+    assert parse(["--model", "m", "--prompt-cache-bytes", "64M"]).prompt_cache_bytes == 64 << 20
+    assert parse(["--model", "m", "--prompt-cache-bytes", "0"]).prompt_cache_bytes == 0
+    assert parse(["--model", "m"]).prompt_cache_bytes == 1 << 30
+    for bad in ("-1", "lots", "nanG"):
+        with pytest.raises(SystemExit) as stop:
+            parse(["--model", "m", "--prompt-cache-bytes", bad])
+        assert stop.value.code == 2
+    assert "--prompt-cache-bytes" in capsys.readouterr().err
+
+
+# -- served conversations, 2 ranks ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = write_checkpoint(tmp_path_factory.mktemp("cache") / NAME, family="llama", dtype="float32", **DIMS)
+    return add_chat_template(path)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """``generate(prompt_ids, max_tokens) -> tokens``: greedy, one process, no cache; and the tokenizer."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    from mlxdist.lm.generation import generate_tokens
+
+    model, config = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, eos_token_ids=config.get("eos_token_id"))
+
+    def generate(prompt: list[int], max_tokens: int) -> list[int]:
+        return generate_tokens(model, prompt, max_tokens, stop_tokens=tokenizer.eos_token_ids).tokens
+
+    generate.tokenizer = tokenizer  # type: ignore[attr-defined]
+    return generate
+
+
+class Served(ServeProcess):
+    """A 2-rank server and what it was sent: every sequence its ranks may hold a cache of."""
+
+    def __init__(self, checkpoint: Path, backend: str, log: Path, *extra: str) -> None:
+        super().__init__(checkpoint, backend, log, 2, *extra)
+        self.sequences: list[list[int]] = []
+        self.exact = "--prompt-cache-bytes" not in extra  # nothing is evicted under the default bound
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def best(self, prompt: list[int]) -> int:
+        """The most prompt tokens any earlier sequence can give (the last token is always computed)."""
+        return max([min(_lcp(s, prompt), len(prompt) - 1) for s in self.sequences], default=0)
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
+def server(request, checkpoint, tmp_path_factory) -> Iterator[Served]:
+    backend, extra = SERVERS[request.param]
+    log = tmp_path_factory.mktemp(f"cache-{request.param}") / "server.log"
+    started = Served(checkpoint, backend, log, "--timeout", "60", *extra)
+    try:
+        started.wait_for(2, 120)
+        yield started
+    finally:
+        started.close()
+
+
+def _chat(server: Served, reference: Any, messages: list[dict[str, str]], max_tokens: int,
+          stream: bool = False) -> tuple[str, int, list[int], list[int]]:
+    """One greedy chat turn, checked against one process; (text, cached tokens, prompt ids, reply ids)."""
+    tokenizer = reference.tokenizer
+    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    expected = reference(prompt, max_tokens)
+    client = server.client()
+    if stream:
+        chunks = client.chat.completions.create(model=NAME, messages=messages, max_tokens=max_tokens, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        pieces, usage = [], None
+        for chunk in chunks:
+            usage = chunk.usage or usage
+            pieces += [choice.delta.content or "" for choice in chunk.choices]
+        text = "".join(pieces)
+    else:
+        answer = client.chat.completions.create(model=NAME, messages=messages, max_tokens=max_tokens, temperature=0)
+        text, usage = answer.choices[0].message.content, answer.usage
+    body = expected[:-1] if expected[-1] in tokenizer.eos_token_ids else expected
+    assert text == tokenizer.decode(body)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), len(expected))
+    return text, usage.prompt_tokens_details.cached_tokens, prompt, expected
+
+
+def _rank_stats(server: Served) -> list[dict[str, Any]]:
+    answer = httpx.get(server.url + "/stats", timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["ranks"]
+
+
+def _hits(server: Served) -> tuple[int, int]:
+    stats = _rank_stats(server)[0]
+    return stats["prompt_cache_hits"], stats["cached_tokens"]
+
+
+@pytest.mark.timeout(240)
+def test_a_multi_turn_chat_reuses_its_history_and_answers_as_one_process(server, reference):
+    hits0, cached0 = _hits(server)
+    messages = [{"role": "system", "content": "you answer questions about sharded serving, briefly " * 2}]
+    seen = []
+    for turn in range(4):
+        messages.append({"role": "user", "content": f"question {turn}: what does rank {turn % 2} hold?"})
+        text, cached, prompt, reply = _chat(server, reference, messages, 6, stream=turn == 3)
+        own = _lcp(server.sequences[-1], prompt) if turn else 0
+        best = server.best(prompt)
+        # At least the conversation's own last turn (the most recently used entry), at most the best of all.
+        assert min(own, len(prompt) - 1) <= cached <= best
+        if server.exact:
+            assert cached == best
+        if turn:
+            assert cached > 0
+        seen.append(cached)
+        server.sequences.append(prompt + reply)
+        messages.append({"role": "assistant", "content": text})
+
+    # A completion of token ids continuing the last turn reuses all of it.
+    tokenizer = reference.tokenizer
+    prompt = server.sequences[-1] + list(tokenizer.encode(" and then", add_special_tokens=False))
+    expected = reference(prompt, 6)
+    answer = server.client().completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0)
+    body = expected[:-1] if expected[-1] in tokenizer.eos_token_ids else expected
+    assert answer.choices[0].text == tokenizer.decode(body)
+    assert answer.usage.prompt_tokens_details.cached_tokens == len(server.sequences[-1])
+    server.sequences.append(prompt + expected)
+    seen.append(len(server.sequences[-2]))
+
+    hits, cached = _hits(server)
+    assert (hits - hits0, cached - cached0) == (sum(c > 0 for c in seen), sum(seen))
+
+
+@pytest.mark.timeout(240)
+def test_concurrent_requests_sharing_a_prefix_each_start_from_it(server, reference):
+    system = {"role": "system", "content": "every user shares this long system prompt about caches " * 3}
+    _, _, prompt, reply = _chat(server, reference, [system, {"role": "user", "content": "warm up"}], 4)
+    server.sequences.append(prompt + reply)
+    shared = _lcp(prompt, list(reference.tokenizer.apply_chat_template(
+        [system, {"role": "user", "content": "zzz"}], add_generation_prompt=True, tokenize=True)))
+    questions = [f"user {k} asks about item {k * 7}" for k in range(3)]
+    results: list[Any] = [None] * len(questions)
+    start = threading.Barrier(len(questions))
+
+    def ask(k: int) -> None:
+        start.wait(30)
+        try:
+            results[k] = _chat(server, reference, [system, {"role": "user", "content": questions[k]}], 6)
+        except BaseException as exc:  # reported below, with the others
+            results[k] = exc
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(200)
+    for result in results:
+        assert isinstance(result, tuple), result
+        _, cached, prompt, reply = result
+        # The shared system prompt at least; at most what the warm-up or any other answer holds.
+        assert shared <= cached
+        server.sequences.append(prompt + reply)
+        assert cached <= server.best(prompt)
+
+
+def _metric(server: Served, name: str) -> float:
+    answer = httpx.get(server.url + "/metrics", timeout=60)
+    assert answer.status_code == 200, answer.text
+    (value,) = [float(line.split()[-1]) for line in answer.text.splitlines() if line.startswith(name + " ")]
+    return value
+
+
+@pytest.mark.timeout(240)
+def test_n_choices_each_reuse_the_cache_and_metrics_count_every_hit(server, reference):
+    """Each of ``n`` choices starts from the cache on its own; /metrics counts what the ranks counted."""
+    tokenizer = reference.tokenizer
+    prompt = server.sequences[-1] + list(tokenizer.encode(" so then", add_special_tokens=False))
+    best = server.best(prompt)
+    expected = reference(prompt, 5)
+    hits0, cached0 = _hits(server)
+    answer = server.client().completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, n=2)
+    body = expected[:-1] if expected[-1] in tokenizer.eos_token_ids else expected
+    assert [choice.text for choice in answer.choices] == [tokenizer.decode(body)] * 2
+    cached = answer.usage.prompt_tokens_details.cached_tokens
+    assert answer.usage.completion_tokens == 2 * len(expected)
+    assert 0 < cached <= best
+    if server.exact:
+        assert cached == best
+    hits, cached_total = _hits(server)
+    assert hits - hits0 == 2 and cached_total - cached0 >= 2 * cached
+    server.sequences.append(prompt + expected)
+    # The front door's counter (the ranks' `cached` messages) and rank 0's own agree over the server's life.
+    assert _metric(server, "mlxdist_prompt_cache_hits_total") == hits
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_holds_the_same_entries_within_the_bound(server):
+    stats = _rank_stats(server)
+    entries = {rank["prompt_cache_entries"] for rank in stats}
+    assert len(entries) == 1 and entries.pop() > 0
+    bound = SMALL_BOUND if not server.exact else 1 << 30
+    assert all(0 < rank["prompt_cache_bytes"] <= bound for rank in stats)
+    if not server.exact:  # the small bound evicted (the larger shard's size counts)
+        assert len(server.sequences) > stats[0]["prompt_cache_entries"]
+    assert {rank["prompt_cache_hits"] for rank in stats} == {stats[0]["prompt_cache_hits"]}
