@@ -113,7 +113,7 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
         assert float(mx.abs(out - reference).max()) <= 2e-5 * (float(mx.abs(reference).max()) + 1.0)
 
 
-MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
 
 
 @st.composite
@@ -134,7 +134,7 @@ def moe_layouts(draw):
     features = unit * draw(st.integers(2, 6) if draw(st.integers(0, 4)) == 0 else st.integers(size, 7)) if bits \
         else draw(st.integers(size, 48))
     # glm4_moe and deepseek_v3 route top-2 within 1 of 2 expert groups: an even count of at least 4.
-    grouped = family in ("glm4_moe", "deepseek_v3")
+    grouped = family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite")
     num_experts = draw(st.sampled_from([4, 6, 8]) if grouped else st.integers(2, 8))
     experts = draw(st.sampled_from(["tp", "ep"]))
     weights = draw(st.none() | st.lists(st.integers(1, 3), min_size=size, max_size=size))
@@ -146,7 +146,8 @@ def moe_layouts(draw):
 @given(moe_layouts())
 def test_sharded_moe_model_equals_unsharded(layout) -> None:
     """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) / glm4_moe (shared experts, grouped top-k with
-    e_score_correction_bias, a dense first block) / deepseek_v3 (also multi-head latent attention) under
+    e_score_correction_bias, a dense first block) / deepseek_v3 and glm4_moe_lite (also multi-head latent
+    attention) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     from mlxdist.lm.plan import choose
@@ -192,8 +193,55 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
         assert error <= 3e-5 * scale, (rank, error, plan.reason)
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["ministral3"]), n_kv=st.integers(1, 3), group=st.integers(1, 3),
+       quant=st.sampled_from([None, (4, 32), (8, 32)]), size=st.integers(2, 3),
+       weights=st.none() | st.lists(st.integers(1, 3), min_size=3, max_size=3), seed=st.integers(0, 2**16))
+def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, weights, seed) -> None:
+    """Dense families whose blocks take more than (x, mask, cache) (ministral3 passes its llama-4 attention
+    scale): the whole model under TP, even, uneven or weighted, float or quantized, equals the unsharded
+    model's logits on a prompt and one decoded token; a refused layout names its constraint."""
+    from mlxdist.lm.plan import choose
+    from mlxdist.lm.tensor import apply_tensor_parallel
+
+    n_heads = n_kv * group
+    size = min(size, n_heads) if n_heads > 1 else 2
+    bits, group_size = quant if quant else (None, 32)
+    weights = weights[:size] if weights else None
+    model, _ = random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=64, num_layers=2,
+                            num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=96, head_dim=32,
+                            vocab_size=300)
+    tokens = mx.array([[1, 7, 42, 99, 250, 3]])
+
+    def forward(m: nn.Module) -> mx.array:
+        return mx.concatenate([m(tokens), m(tokens[:, :1])], axis=1)
+
+    reference = forward(model)
+    world = StandInWorld(size)
+    models = []
+    try:
+        for group_ in world.groups:
+            copied = copy.deepcopy(model)
+            plan = choose(copied, family, group_.rank(), size, "tp", tp_weights=weights)
+            apply_tensor_parallel(copied, None, group_, plan.split)
+            models.append(copied)
+    except ShapeError as exc:
+        text = str(exc)
+        assert (size > n_heads and "at least one query head per rank" in text) or "group" in text, text
+        event("refused")
+        return
+    event("uneven" if not plan.split.is_even() else "even")
+    assert plan.mode == "tp" and sum(plan.split.intermediate) == 96
+    outputs = world.run([lambda m=m: forward(m) for m in models])
+    assert world.all_sums == 8
+    scale = float(mx.abs(reference).max()) + 1.0
+    for rank, out in enumerate(outputs):
+        assert float(mx.abs(out - reference).max()) <= 3e-5 * scale, (rank, plan.reason)
+
+
 @pytest.mark.parametrize(
-    "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3"]
+    "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3",
+               "glm4_moe_lite"]
 )
 def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
     """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)

@@ -43,6 +43,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
                     "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
                     "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False},
+    # Latent attention (q_a/q_b, kv_a, embed_q/unembed_out) as deepseek_v3, a dense first block, MoE with
+    # shared experts and a grouped top-k router.
+    "glm4_moe_lite": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                      "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
+                      "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                      "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False},
+    # Dense; rope and llama-4 attention scaling under rope_parameters.
+    "ministral3": {"tie_word_embeddings": False,
+                   "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
+                                       "original_max_position_embeddings": 4096}},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -60,6 +70,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "gpt_oss": ("num_local_experts", None),
     "glm4_moe": ("n_routed_experts", "moe_intermediate_size"),
     "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
+    "glm4_moe_lite": ("n_routed_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
