@@ -241,7 +241,7 @@ def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, 
 
 @pytest.mark.parametrize(
     "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3",
-               "glm4_moe_lite"]
+               "glm4_moe_lite", "minimax"]
 )
 def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
     """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)
@@ -256,3 +256,23 @@ def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> 
     reference = model(tokens)
     apply_pipeline_parallel(model, 0, 3, mlxdist.world())
     assert float(mx.abs(model(tokens) - reference).max()) == 0.0
+
+
+def test_minimax_whole_width_qk_norms_refuse_tp_and_plan_pp() -> None:
+    """minimax normalises all heads' queries (and keys) together: TP would change the norm, so --mode tp
+    names the module and auto falls back to the pipeline stage (checked above against its inner model)."""
+    from mlxdist.errors import UnsupportedOperationError
+    from mlxdist.lm.plan import choose
+
+    model, _ = random_model("minimax", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                            intermediate_size=32, vocab_size=300)
+    with pytest.raises(UnsupportedOperationError, match=r"model\.layers\.0\.self_attn\.q_norm .*all 4 heads"):
+        choose(model, "minimax", 0, 2, "tp")
+    with pytest.raises(UnsupportedOperationError, match="q_norm"):
+        choose(model, "minimax", 0, 2, "tp", experts="ep")
+    plan = choose(model, "minimax", 0, 2, "auto")
+    assert plan.mode == "pp" and plan.layers == [(0, 1), (1, 2)] and "q_norm" in plan.reason
+    # The key norm is refused the same way (both normalise whole widths).
+    model.model.layers[0].self_attn.q_norm.weight = mx.ones((16,))
+    with pytest.raises(UnsupportedOperationError, match=r"self_attn\.k_norm .*all 2 heads"):
+        choose(model, "minimax", 0, 2, "tp")

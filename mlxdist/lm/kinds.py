@@ -6,7 +6,8 @@ A decoder block is sharded by what it contains, not by its family's name:
   linear layers and its head counts under any of the names families use
   (``n_heads``/``num_attention_heads``/``num_heads``,
   ``n_kv_heads``/``num_key_value_heads``/``num_kv_heads``); q/k norms
-  (per head) stay whole, q/k/v biases follow their features, an o bias is
+  (per head) stay whole (norms over every head's features together, as
+  minimax's, are refused), q/k/v biases follow their features, an o bias is
   added once after the sum, attention ``sinks`` (one per query head) follow
   their heads;
 - multi-head latent attention (deepseek_v2/v3 and kin): ``q_proj`` or
@@ -161,6 +162,18 @@ def has_latent_attention(block: nn.Module) -> bool:
     return any(_is_latent(child) for child in _children(block).values())
 
 
+def _check_head_norms(attn: nn.Module, counts: tuple[str, str], where: str) -> None:
+    """Refuse q/k norms over every head's features at once (minimax): a rank holds only its heads' part."""
+    for norm, proj, count in (("q_norm", "q_proj", counts[0]), ("k_norm", "k_proj", counts[1])):
+        weight = getattr(attn.get(norm), "weight", None) if isinstance(attn.get(norm), nn.Module) else None
+        heads = getattr(attn, count)
+        if isinstance(weight, mx.array) and heads > 1 and weight.shape[-1] == attn[proj]["weight"].shape[0]:
+            raise UnsupportedOperationError(
+                f"tensor parallelism does not know the module {where}.{norm} ({type(attn[norm]).__name__}): "
+                f"it normalises all {heads} heads' features together, and a rank holds only its own heads"
+            )
+
+
 def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
     """The layout of one decoder block, from the kinds of its modules.
 
@@ -212,6 +225,8 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             f"{where}.{attention} ({type(attn).__name__}) keeps no head counts under "
             f"{'/'.join(QUERY_COUNTS)} and {'/'.join(KV_COUNTS)}"
         )
+    if base is None and _has_linears(attn, _ATTENTION):
+        _check_head_norms(attn, counts, f"{where}.{attention}")
     sinks = isinstance(attn.get("sinks"), mx.array)
     if base is None and _has_linears(attn, _FUSED_ATTENTION) and not _has_linears(attn, _ATTENTION):
         qkv, o = (f"{attention}.{name}" for name in _FUSED_ATTENTION)

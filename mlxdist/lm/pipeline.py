@@ -28,7 +28,7 @@ __all__ = ["PIPELINED", "PipelineStage", "apply_pipeline_parallel"]
 PIPELINED = frozenset(
     f"mlx_lm.models.{name}"
     for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss",
-                 "glm4_moe", "deepseek_v3", "glm4_moe_lite")
+                 "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax")
 )
 
 # The inner models that multiply the embeddings by sqrt(hidden_size) before the first block.
@@ -87,7 +87,11 @@ class PipelineStage(nn.Module):
         return None
 
     def __call__(
-        self, inputs: mx.array, cache: Optional[list] = None, input_embeddings: Optional[mx.array] = None
+        self,
+        inputs: mx.array,
+        cache: Optional[list] = None,
+        input_embeddings: Optional[mx.array] = None,
+        mask: Optional[mx.array] = None,
     ) -> mx.array:
         """Run this rank's blocks between its neighbours'.
 
@@ -95,6 +99,8 @@ class PipelineStage(nn.Module):
             inputs: Token ids ``(B, L)``.
             cache: This rank's per-block caches, or None.
             input_embeddings: Embeddings to use instead of ``inputs``'.
+            mask: A mask for every block (minimax's outer model passes one), or
+                None to build the causal and local-window masks here.
 
         Returns:
             The normalised hidden state of the last block, ``(B, L, D)``, the
@@ -105,7 +111,10 @@ class PipelineStage(nn.Module):
             h = h * mx.array(self.embed_scale, mx.bfloat16).astype(h.dtype)
         if cache is None:
             cache = [None] * len(self.layers)
-        masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
+        if mask is None:
+            masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
+        else:
+            masks = {False: mask, True: mask}
         rank, size = self.group.rank(), self.group.size()
         if rank > 0:
             h = recv_like(h, rank - 1, group=self.group)

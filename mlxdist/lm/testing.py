@@ -53,6 +53,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "ministral3": {"tie_word_embeddings": False,
                    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
                                        "original_max_position_embeddings": 4096}},
+    # q/k norms over all heads' features together, MoE with a sigmoid router, partial rotary.
+    "minimax": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "shared_intermediate_size": 0,
+                "rotary_dim": 8},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -71,6 +74,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "glm4_moe": ("n_routed_experts", "moe_intermediate_size"),
     "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
     "glm4_moe_lite": ("n_routed_experts", "moe_intermediate_size"),
+    "minimax": ("num_local_experts", None),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
