@@ -11,10 +11,12 @@ A decoder block is sharded by what it contains, not by its family's name:
   added once after the sum, attention ``sinks`` (one per query head) follow
   their heads;
 - multi-head latent attention (deepseek_v2/v3 and kin): ``q_proj`` or
-  ``q_a_proj``/``q_b_proj``, ``kv_a_proj_with_mqa``, per-head ``embed_q`` and
-  ``unembed_out`` and ``o_proj``, heads counted by ``num_heads``; the query
-  projection, the per-head modules and ``o_proj`` split by query heads, the
-  shared latent (``q_a``, ``kv_a`` and their norms) whole;
+  ``q_a_proj``/``q_b_proj``, ``kv_a_proj_with_mqa``, ``o_proj``, and either
+  per-head ``embed_q`` and ``unembed_out`` (deepseek_v3) or a ``kv_b_proj``
+  linear layer expanding the latent to every head's keys and values
+  (deepseek_v2), heads counted by ``num_heads``; the query projection,
+  ``kv_b_proj``, the per-head modules and ``o_proj`` split by query heads,
+  the shared latent (``q_a``, ``kv_a`` and their norms) whole;
 - fused attention (phi3): ``qkv_proj`` and ``o_proj`` with the same head
   counts; each rank keeps its query, key and value features of the fused
   projection;
@@ -93,7 +95,10 @@ class BlockLayout:
         shared: Its shared experts' projections (split like a dense MLP,
             their output a partial sum added to the switch's).
         latent: Multi-head latent attention's per-head modules (weights
-            ``[heads, ...]``, sliced by query heads); empty for q/k/v/o attention.
+            ``[heads, ...]``, sliced by query heads); empty for q/k/v/o attention
+            and for latent attention with ``kv_b_proj``.
+        mla: Whether the attention is multi-head latent attention (one latent
+            for every head: only the query heads' count changes).
         fused: Fused projections (``qkv_proj``: query, key and value parts;
             ``gate_up_proj``: gate and up parts), cut by per-rank ranges.
     """
@@ -112,10 +117,11 @@ class BlockLayout:
     shared: tuple[str, ...] = ()
     latent: tuple[str, ...] = ()
     fused: tuple[str, ...] = ()
+    mla: bool = False
 
     def kinds(self) -> list[str]:
         """The kinds of this block's modules, for plans and messages."""
-        found = ["latent attention" if self.latent else "attention" + (" with sinks" if self.sinks else "")]
+        found = ["latent attention" if self.mla else "attention" + (" with sinks" if self.sinks else "")]
         if self.mlp:
             found.append("dense mlp")
         if self.moe:
@@ -154,6 +160,7 @@ def _switch_name(module: nn.Module) -> Optional[str]:
 def _is_latent(module: nn.Module) -> bool:
     has_query = is_linear(module.get("q_proj")) or is_linear(module.get("q_b_proj"))
     per_head = all(isinstance(module.get(name), nn.Module) for name in _PER_HEAD)
+    per_head = per_head or is_linear(module.get("kv_b_proj"))
     return has_query and per_head and _has_linears(module, _LATENT) and _count_name(module, ("num_heads",)) is not None
 
 
@@ -215,8 +222,13 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
         query = f"{attention}.{'q_proj' if is_linear(attn.get('q_proj')) else 'q_b_proj'}"
         o = f"{attention}.o_proj"
         heads = ("num_heads", "num_heads")  # one latent shared by every head: only query heads split
-        base = dict(column=(query,), row=(o,), attention=attention, head_counts=heads, query=(query, o),
-                    key_value=(), latent=tuple(f"{attention}.{name}" for name in _PER_HEAD))
+        if is_linear(attn.get("kv_b_proj")):  # every head's keys and values from the latent: split by heads
+            kv_b = f"{attention}.kv_b_proj"
+            base = dict(column=(query, kv_b), row=(o,), attention=attention, head_counts=heads,
+                        query=(query, kv_b, o), key_value=(), mla=True)
+        else:
+            base = dict(column=(query,), row=(o,), attention=attention, head_counts=heads, query=(query, o),
+                        key_value=(), latent=tuple(f"{attention}.{name}" for name in _PER_HEAD), mla=True)
     else:
         base = None
     counts = (_count_name(attn, QUERY_COUNTS), _count_name(attn, KV_COUNTS)) if base is None else ("", "")

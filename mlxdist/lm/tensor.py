@@ -148,7 +148,7 @@ def shard_block(
     else:
         first, stop = split.query_heads[group.rank()]
         kv_count = len(split.kv_heads[group.rank()])
-    if getattr(layout, "latent", ()):  # one latent for every head: only the query heads split
+    if getattr(layout, "mla", False):  # one latent for every head: only the query heads split
         for path in layout.latent:
             module = _get(block, path)
             module.update({k: mx.contiguous(v[first:stop]) for k, v in module.items() if isinstance(v, mx.array)})

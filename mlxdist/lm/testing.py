@@ -56,6 +56,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # q/k norms over all heads' features together, MoE with a sigmoid router, partial rotary.
     "minimax": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "shared_intermediate_size": 0,
                 "rotary_dim": 8},
+    # Latent attention whose kv_b_proj expands the latent to every head (no embed_q/unembed_out), yarn rope
+    # (mlx-lm 0.32.2 needs rope_scaling), a dense first block, MoE with shared experts and group-limited top-k.
+    "deepseek_v2": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                    "topk_group": 1, "topk_method": "group_limited_greedy", "routed_scaling_factor": 1.5,
+                    "first_k_dense_replace": 1, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                    "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
+                    "rope_scaling": {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096,
+                                     "beta_fast": 32, "beta_slow": 1, "mscale": 1, "mscale_all_dim": 0}},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -75,6 +83,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
     "glm4_moe_lite": ("n_routed_experts", "moe_intermediate_size"),
     "minimax": ("num_local_experts", None),
+    "deepseek_v2": ("n_routed_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
