@@ -113,7 +113,7 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
         assert float(mx.abs(out - reference).max()) <= 2e-5 * (float(mx.abs(reference).max()) + 1.0)
 
 
-MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25"]
 
 
 @st.composite
@@ -134,7 +134,7 @@ def moe_layouts(draw):
     features = unit * draw(st.integers(2, 6) if draw(st.integers(0, 4)) == 0 else st.integers(size, 7)) if bits \
         else draw(st.integers(size, 48))
     # glm4_moe and deepseek_v3 route top-2 within 1 of 2 expert groups: an even count of at least 4.
-    grouped = family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2")
+    grouped = family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25")
     num_experts = draw(st.sampled_from([4, 6, 8]) if grouped else st.integers(2, 8))
     experts = draw(st.sampled_from(["tp", "ep"]))
     weights = draw(st.none() | st.lists(st.integers(1, 3), min_size=size, max_size=size))
@@ -147,7 +147,8 @@ def moe_layouts(draw):
 def test_sharded_moe_model_equals_unsharded(layout) -> None:
     """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) / glm4_moe (shared experts, grouped top-k with
     e_score_correction_bias, a dense first block) / deepseek_v3 and glm4_moe_lite (also multi-head latent
-    attention) / deepseek_v2 (latent attention through kv_b_proj) under
+    attention) / deepseek_v2 (latent attention through kv_b_proj) / kimi_k25 (deepseek_v3's text model
+    under a multimodal wrapper's language_model) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     from mlxdist.lm.plan import choose
@@ -194,12 +195,12 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(family=st.sampled_from(["ministral3"]), n_kv=st.integers(1, 3), group=st.integers(1, 3),
+@given(family=st.sampled_from(["ministral3", "gemma3"]), n_kv=st.integers(1, 3), group=st.integers(1, 3),
        quant=st.sampled_from([None, (4, 32), (8, 32)]), size=st.integers(2, 3),
        weights=st.none() | st.lists(st.integers(1, 3), min_size=3, max_size=3), seed=st.integers(0, 2**16))
 def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, weights, seed) -> None:
     """Dense families whose blocks take more than (x, mask, cache) (ministral3 passes its llama-4 attention
-    scale): the whole model under TP, even, uneven or weighted, float or quantized, equals the unsharded
+    scale), and gemma3's multimodal wrapper (the decoder under language_model): the whole model under TP, even, uneven or weighted, float or quantized, equals the unsharded
     model's logits on a prompt and one decoded token; a refused layout names its constraint."""
     from mlxdist.lm.plan import choose
     from mlxdist.lm.tensor import apply_tensor_parallel
@@ -241,7 +242,7 @@ def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, 
 
 @pytest.mark.parametrize(
     "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3",
-               "glm4_moe_lite", "minimax", "deepseek_v2"]
+               "glm4_moe_lite", "minimax", "deepseek_v2", "gemma3", "kimi_k25"]
 )
 def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
     """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from mlxdist.group import Group
+from mlxdist.lm.decoder import text_model
 from mlxdist.lm.kinds import has_latent_attention
 from mlxdist.world import all_gather, recv_like, send
 
@@ -28,7 +29,7 @@ __all__ = ["PIPELINED", "PipelineStage", "apply_pipeline_parallel"]
 PIPELINED = frozenset(
     f"mlx_lm.models.{name}"
     for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss",
-                 "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax", "deepseek_v2")
+                 "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax", "deepseek_v2", "kimi_k25")
 )
 
 # The inner models that multiply the embeddings by sqrt(hidden_size) before the first block.
@@ -145,6 +146,7 @@ def apply_pipeline_parallel(model: nn.Module, start: int, stop: int, group: Grou
     Returns:
         Bytes of all decoder blocks of the whole model.
     """
+    model = text_model(model)
     blocks_bytes = sum(v.nbytes for block in model.model.layers for _, v in tree_flatten(block.parameters()))
     total = len(model.model.layers)
     model.model = PipelineStage(model.model, start, stop, group)

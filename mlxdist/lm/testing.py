@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxdist.errors import InvalidArgumentError
 
-__all__ = ["FAMILIES", "DTYPES", "model_config", "random_model", "write_checkpoint", "write_tokenizer"]
+__all__ = ["FAMILIES", "WRAPPERS", "DTYPES", "model_config", "random_model", "write_checkpoint", "write_tokenizer"]
 
 # model_type -> extra config keys the family needs.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -73,6 +73,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
                  "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5, "rope_scaling": None},
 }
 
+# Multimodal model_type -> the family of its text model (under ``text_config``; the decoder under
+# ``language_model``). Only the text model is written: mlx-lm's loaders drop the vision weights anyway.
+WRAPPERS: dict[str, str] = {"gemma3": "gemma3_text", "kimi_k25": "deepseek_v3"}
+
 # model_type -> the config key of its routed experts' count (and of their width, when not
 # intermediate_size).
 EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
@@ -106,7 +110,7 @@ def model_config(
     """The ``config.json`` of a small model of one family.
 
     Args:
-        family: A key of :data:`FAMILIES`.
+        family: A key of :data:`FAMILIES` or :data:`WRAPPERS`.
         hidden_size: Model width.
         num_layers: Transformer blocks.
         num_heads: Attention heads.
@@ -123,8 +127,14 @@ def model_config(
     Raises:
         InvalidArgumentError: unknown family.
     """
+    if family in WRAPPERS:
+        text = model_config(WRAPPERS[family], hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                            num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
+                            head_dim=head_dim, num_experts=num_experts)
+        return {"model_type": family, "text_config": text, "vocab_size": vocab_size,
+                "bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"]}
     if family not in FAMILIES:
-        raise InvalidArgumentError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+        raise InvalidArgumentError(f"family must be one of {sorted([*FAMILIES, *WRAPPERS])}, got {family!r}")
     extra: dict[str, Any] = {}
     if family in EXPERT_KEYS:
         count, width = EXPERT_KEYS[family]
@@ -237,7 +247,7 @@ def random_model(
     """A random-weight mlx-lm model of one family, built with mlx-lm's own classes (nothing written).
 
     Args:
-        family: A key of :data:`FAMILIES`.
+        family: A key of :data:`FAMILIES` or :data:`WRAPPERS`.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         bits: Quantize linear and embedding layers to this many bits (affine), or None.
         group_size: Quantization group size.
@@ -284,7 +294,7 @@ def write_checkpoint(
 
     Args:
         path: The directory to write (created if missing; files overwritten).
-        family: A key of :data:`FAMILIES`.
+        family: A key of :data:`FAMILIES` or :data:`WRAPPERS`.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: the weights'
             dtype (and the quantization scales' dtype when ``bits`` is set).
         bits: Quantize linear and embedding layers to this many bits with
