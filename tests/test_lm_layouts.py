@@ -277,3 +277,22 @@ def test_minimax_whole_width_qk_norms_refuse_tp_and_plan_pp() -> None:
     model.model.layers[0].self_attn.q_norm.weight = mx.ones((16,))
     with pytest.raises(UnsupportedOperationError, match=r"self_attn\.k_norm .*all 2 heads"):
         choose(model, "minimax", 0, 2, "tp")
+
+
+def test_qwen3_5_linear_attention_is_refused_naming_the_module() -> None:
+    """qwen3_5's gated delta net blocks are neither attention nor a feed-forward kind, and the pipeline stage
+    does not run them: every mode is refused with UnsupportedOperationError naming the module (found under the
+    wrapper's language_model), while mlx-lm runs the model in one process."""
+    from mlxdist.errors import UnsupportedOperationError
+    from mlxdist.lm.plan import choose
+
+    model, _ = random_model("qwen3_5", hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                            intermediate_size=64, vocab_size=300)
+    assert model(mx.array([[1, 5, 7]])).shape == (1, 3, 300)
+    for mode in ("tp", "auto", "pp"):
+        with pytest.raises(UnsupportedOperationError) as caught:
+            choose(model, "qwen3_5", 0, 2, mode)
+        if mode != "pp":
+            assert "model.layers.0.linear_attn (GatedDeltaNet)" in str(caught.value)
+        if mode != "tp":
+            assert "pipeline stage is not checked against qwen3_5" in str(caught.value)

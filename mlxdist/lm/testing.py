@@ -64,6 +64,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
                     "rope_scaling": {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096,
                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1, "mscale_all_dim": 0}},
+    # Gated delta net (linear attention) blocks between full-attention blocks, under a multimodal wrapper.
+    "qwen3_5": {"tie_word_embeddings": False, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+                "full_attention_interval": 2,
+                "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                    "mrope_section": [2, 1, 1]}},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
