@@ -70,6 +70,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
                 "full_attention_interval": 2,
                 "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                     "mrope_section": [2, 1, 1]}},
+    # deepseek_v3's kinds plus a sparse-attention indexer inside the attention (replicated: its own heads);
+    # index_topk below the test prompts' length, so the sparse path runs.
+    "deepseek_v32": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                     "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
+                     "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                     "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False,
+                     "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -94,6 +101,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "glm4_moe_lite": ("n_routed_experts", "moe_intermediate_size"),
     "minimax": ("num_local_experts", None),
     "deepseek_v2": ("n_routed_experts", "moe_intermediate_size"),
+    "deepseek_v32": ("n_routed_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
