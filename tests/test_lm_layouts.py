@@ -113,7 +113,10 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
         assert float(mx.abs(out - reference).max()) <= 2e-5 * (float(mx.abs(reference).max()) + 1.0)
 
 
-MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2",
+                "kimi_k25", "deepseek_v32", "mistral4"]
+# Routing top-2 within 1 of 2 expert groups: an even count of at least 4 experts.
+GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4")
 
 
 @st.composite
@@ -133,8 +136,7 @@ def moe_layouts(draw):
     # Mostly enough whole quantization groups for every rank; sometimes not (refused).
     features = unit * draw(st.integers(2, 6) if draw(st.integers(0, 4)) == 0 else st.integers(size, 7)) if bits \
         else draw(st.integers(size, 48))
-    # glm4_moe and deepseek_v3 route top-2 within 1 of 2 expert groups: an even count of at least 4.
-    grouped = family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32")
+    grouped = family in GROUPED
     num_experts = draw(st.sampled_from([4, 6, 8]) if grouped else st.integers(2, 8))
     experts = draw(st.sampled_from(["tp", "ep"]))
     weights = draw(st.none() | st.lists(st.integers(1, 3), min_size=size, max_size=size))
@@ -148,7 +150,8 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
     """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) / glm4_moe (shared experts, grouped top-k with
     e_score_correction_bias, a dense first block) / deepseek_v3 and glm4_moe_lite (also multi-head latent
     attention) / deepseek_v2 (latent attention through kv_b_proj) / kimi_k25 (deepseek_v3's text model
-    under a multimodal wrapper's language_model) / deepseek_v32 (also a sparse-attention indexer) under
+    under a multimodal wrapper's language_model) / deepseek_v32 (also a sparse-attention indexer) / mistral4 (llama-4
+    attention scaling) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     from mlxdist.lm.plan import choose
@@ -296,3 +299,17 @@ def test_qwen3_5_linear_attention_is_refused_naming_the_module() -> None:
             assert "model.layers.0.linear_attn (GatedDeltaNet)" in str(caught.value)
         if mode != "tp":
             assert "pipeline stage is not checked against qwen3_5" in str(caught.value)
+
+
+@pytest.mark.parametrize("family", ["ministral3", "mistral4"])
+def test_pipeline_refused_where_blocks_take_an_attention_scale(family: str) -> None:
+    """ministral3 and mistral4 pass a llama-4 attention scale to their blocks, which the pipeline stage does
+    not: PP is refused with the typed error (TP is proven above)."""
+    from mlxdist.errors import UnsupportedOperationError
+    from mlxdist.lm.plan import choose
+
+    model, _ = random_model(family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                            intermediate_size=64, vocab_size=300)
+    with pytest.raises(UnsupportedOperationError, match=f"pipeline stage is not checked against {family}"):
+        choose(model, family, 0, 2, "pp")
+    assert choose(model, family, 0, 2, "auto").mode == "tp"

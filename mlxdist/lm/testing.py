@@ -77,6 +77,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
                      "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
                      "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False,
                      "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4},
+    # deepseek_v3's kinds; rope and llama-4 attention scaling under rope_parameters.
+    "mistral4": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                 "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
+                 "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                 "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                                     "original_max_position_embeddings": 4096}},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -102,6 +109,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "minimax": ("num_local_experts", None),
     "deepseek_v2": ("n_routed_experts", "moe_intermediate_size"),
     "deepseek_v32": ("n_routed_experts", "moe_intermediate_size"),
+    "mistral4": ("n_routed_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
