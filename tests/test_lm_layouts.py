@@ -282,23 +282,25 @@ def test_minimax_whole_width_qk_norms_refuse_tp_and_plan_pp() -> None:
         choose(model, "minimax", 0, 2, "tp")
 
 
-def test_qwen3_5_linear_attention_is_refused_naming_the_module() -> None:
-    """qwen3_5's gated delta net blocks are neither attention nor a feed-forward kind, and the pipeline stage
-    does not run them: every mode is refused with UnsupportedOperationError naming the module (found under the
-    wrapper's language_model), while mlx-lm runs the model in one process."""
+@pytest.mark.parametrize("family, module", [("qwen3_5", "model.layers.0.linear_attn (GatedDeltaNet)"),
+                                            ("kimi_k3", "model.layers.0.self_attn (KimiK3DeltaAttention)")])
+def test_linear_attention_is_refused_naming_the_module(family: str, module: str) -> None:
+    """qwen3_5's gated delta net and kimi_k3's delta attention are recurrent kinds TP does not split, and the
+    pipeline stage does not run them: every mode is refused with UnsupportedOperationError naming the module
+    (found under the wrapper's language_model), while mlx-lm runs the model in one process."""
     from mlxdist.errors import UnsupportedOperationError
     from mlxdist.lm.plan import choose
 
-    model, _ = random_model("qwen3_5", hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+    model, _ = random_model(family, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=4, head_dim=16,
                             intermediate_size=64, vocab_size=300)
     assert model(mx.array([[1, 5, 7]])).shape == (1, 3, 300)
     for mode in ("tp", "auto", "pp"):
         with pytest.raises(UnsupportedOperationError) as caught:
-            choose(model, "qwen3_5", 0, 2, mode)
+            choose(model, family, 0, 2, mode)
         if mode != "pp":
-            assert "model.layers.0.linear_attn (GatedDeltaNet)" in str(caught.value)
+            assert module in str(caught.value)
         if mode != "tp":
-            assert "pipeline stage is not checked against qwen3_5" in str(caught.value)
+            assert f"pipeline stage is not checked against {family}" in str(caught.value)
 
 
 @pytest.mark.parametrize("family", ["ministral3", "mistral4"])

@@ -84,6 +84,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
                  "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
                                      "original_max_position_embeddings": 4096}},
+    # Kimi delta attention (linear) in the first block, NoPE latent attention after it, MoE with shared
+    # experts and grouped top-k, under a wrapper.
+    "kimi_k3": {"tie_word_embeddings": False, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
+                "qk_rope_head_dim": 0, "v_head_dim": 32, "num_experts_per_token": 2, "num_shared_experts": 1,
+                "first_k_dense_replace": 1, "num_expert_group": 2, "topk_group": 1,
+                "linear_attn_config": {"kda_layers": [1], "num_heads": 4, "head_dim": 16,
+                                       "short_conv_kernel_size": 4}},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -110,6 +117,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "deepseek_v2": ("n_routed_experts", "moe_intermediate_size"),
     "deepseek_v32": ("n_routed_experts", "moe_intermediate_size"),
     "mistral4": ("n_routed_experts", "moe_intermediate_size"),
+    "kimi_k3": ("num_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
