@@ -114,9 +114,10 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
 
 
 MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2",
-                "kimi_k25", "deepseek_v32", "mistral4"]
+                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe"]
 # Routing top-2 within 1 of 2 expert groups: an even count of at least 4 experts.
-GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4")
+GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4",
+           "exaone_moe")
 
 
 @st.composite
@@ -151,7 +152,7 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
     e_score_correction_bias, a dense first block) / deepseek_v3 and glm4_moe_lite (also multi-head latent
     attention) / deepseek_v2 (latent attention through kv_b_proj) / kimi_k25 (deepseek_v3's text model
     under a multimodal wrapper's language_model) / deepseek_v32 (also a sparse-attention indexer) / mistral4 (llama-4
-    attention scaling) under
+    attention scaling) / exaone_moe (local windows shorter than the prompt, a dense first block) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     from mlxdist.lm.plan import choose
@@ -303,10 +304,11 @@ def test_linear_attention_is_refused_naming_the_module(family: str, module: str)
             assert f"pipeline stage is not checked against {family}" in str(caught.value)
 
 
-@pytest.mark.parametrize("family", ["ministral3", "mistral4"])
-def test_pipeline_refused_where_blocks_take_an_attention_scale(family: str) -> None:
+@pytest.mark.parametrize("family", ["ministral3", "mistral4", "exaone_moe"])
+def test_pipeline_refused_where_the_stage_differs(family: str) -> None:
     """ministral3 and mistral4 pass a llama-4 attention scale to their blocks, which the pipeline stage does
-    not: PP is refused with the typed error (TP is proven above)."""
+    not, and exaone_moe's inner model builds its own local-window masks and rope choice: PP is refused with
+    the typed error (TP is proven above)."""
     from mlxdist.errors import UnsupportedOperationError
     from mlxdist.lm.plan import choose
 

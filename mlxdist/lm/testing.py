@@ -91,6 +91,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
                 "first_k_dense_replace": 1, "num_expert_group": 2, "topk_group": 1,
                 "linear_attn_config": {"kda_layers": [1], "num_heads": 4, "head_dim": 16,
                                        "short_conv_kernel_size": 4}},
+    # Local and global attention layers (layer_types, set by model_config), a dense first block (is_moe_layer),
+    # MoE with shared experts and a grouped top-k router with e_score_correction_bias.
+    "exaone_moe": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "num_shared_experts": 1, "n_group": 2,
+                   "topk_group": 1, "sliding_window": 4},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -118,6 +122,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "deepseek_v32": ("n_routed_experts", "moe_intermediate_size"),
     "mistral4": ("n_routed_experts", "moe_intermediate_size"),
     "kimi_k3": ("num_experts", "moe_intermediate_size"),
+    "exaone_moe": ("num_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -171,6 +176,9 @@ def model_config(
         extra[count] = num_experts
         if width:
             extra[width] = intermediate_size
+    if family == "exaone_moe":
+        extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
+        extra["is_moe_layer"] = [i > 0 for i in range(num_layers)]
     if family == "gpt_oss":
         extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(max(2, num_layers))][
             :num_layers
