@@ -114,7 +114,7 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
 
 
 MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2",
-                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe"]
+                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe", "step3p5"]
 # Routing top-2 within 1 of 2 expert groups: an even count of at least 4 experts.
 GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4",
            "exaone_moe")
@@ -145,14 +145,15 @@ def moe_layouts(draw):
     return family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts, weights, seed
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(moe_layouts())
 def test_sharded_moe_model_equals_unsharded(layout) -> None:
     """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) / glm4_moe (shared experts, grouped top-k with
     e_score_correction_bias, a dense first block) / deepseek_v3 and glm4_moe_lite (also multi-head latent
     attention) / deepseek_v2 (latent attention through kv_b_proj) / kimi_k25 (deepseek_v3's text model
     under a multimodal wrapper's language_model) / deepseek_v32 (also a sparse-attention indexer) / mistral4 (llama-4
-    attention scaling) / exaone_moe (local windows shorter than the prompt, a dense first block) under
+    attention scaling) / exaone_moe (local windows shorter than the prompt, a dense first block) / step3p5 (a per-head
+    output gate, a shared expert) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     from mlxdist.lm.plan import choose
@@ -304,10 +305,11 @@ def test_linear_attention_is_refused_naming_the_module(family: str, module: str)
             assert f"pipeline stage is not checked against {family}" in str(caught.value)
 
 
-@pytest.mark.parametrize("family", ["ministral3", "mistral4", "exaone_moe"])
+@pytest.mark.parametrize("family", ["ministral3", "mistral4", "exaone_moe", "step3p5"])
 def test_pipeline_refused_where_the_stage_differs(family: str) -> None:
     """ministral3 and mistral4 pass a llama-4 attention scale to their blocks, which the pipeline stage does
-    not, and exaone_moe's inner model builds its own local-window masks and rope choice: PP is refused with
+    not, and exaone_moe's and step3p5's inner models build their own local-window masks (and step3p5 its own
+    norms): PP is refused with
     the typed error (TP is proven above)."""
     from mlxdist.errors import UnsupportedOperationError
     from mlxdist.lm.plan import choose

@@ -8,8 +8,8 @@ A decoder block is sharded by what it contains, not by its family's name:
   ``n_kv_heads``/``num_key_value_heads``/``num_kv_heads``); q/k norms
   (per head) stay whole (norms over every head's features together, as
   minimax's, are refused), q/k/v biases follow their features, an o bias is
-  added once after the sum, attention ``sinks`` (one per query head) follow
-  their heads;
+  added once after the sum, attention ``sinks`` (one per query head) and a
+  per-head output gate ``g_proj`` follow their heads;
 - multi-head latent attention (deepseek_v2/v3 and kin): ``q_proj`` or
   ``q_a_proj``/``q_b_proj``, ``kv_a_proj_with_mqa``, ``o_proj``, and either
   per-head ``embed_q`` and ``unembed_out`` (deepseek_v3) or a ``kv_b_proj``
@@ -27,7 +27,7 @@ A decoder block is sharded by what it contains, not by its family's name:
   :func:`mlxdist.nn.experts.switch_projections`) beside its router (``gate``
   or ``router``, replicated, whatever top-k or score correction it does) and
   optionally shared experts (a dense MLP under ``shared_experts`` or
-  ``shared_expert``).
+  ``shared_expert`` or ``share_expert``).
 
 :func:`block_layout` returns a block's :class:`BlockLayout`, or raises
 :class:`~mlxdist.errors.UnsupportedOperationError` naming the module it
@@ -65,7 +65,7 @@ _FUSED_DENSE = ("gate_up_proj", "down_proj")
 _PER_HEAD = ("embed_q", "unembed_out")
 _SWITCHES = ("switch_mlp", "experts")
 _ROUTERS = ("gate", "router")
-_SHARED = ("shared_experts", "shared_expert")
+_SHARED = ("shared_experts", "shared_expert", "share_expert")
 
 
 def is_linear(module: object) -> bool:
@@ -246,8 +246,10 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
                     sinks=sinks, fused=(qkv,))
     elif base is None:
         q, k, v, o = (f"{attention}.{name}" for name in _ATTENTION)
-        base = dict(column=(q, k, v), row=(o,), attention=attention, head_counts=counts, query=(q, o),
-                    key_value=(k, v), sinks=sinks)
+        # A per-head output gate (step3p5's g_proj: its rows head-major) goes with the query heads.
+        gate = (f"{attention}.g_proj",) if is_linear(attn.get("g_proj")) else ()
+        base = dict(column=(q, *gate, k, v), row=(o,), attention=attention, head_counts=counts,
+                    query=(q, *gate, o), key_value=(k, v), sinks=sinks)
     name, ff = feedforward[0]
     switch = _switch_name(ff)
     if switch is None:

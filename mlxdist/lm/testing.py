@@ -84,6 +84,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
                  "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
                                      "original_max_position_embeddings": 4096}},
+    # Attention with a per-head output gate (g_proj), local and global layers, MoE with a shared expert
+    # (share_expert, as wide as the routed ones; set by model_config).
+    "step3p5": {"tie_word_embeddings": False, "moe_top_k": 2, "sliding_window": 4},
     # Kimi delta attention (linear) in the first block, NoPE latent attention after it, MoE with shared
     # experts and grouped top-k, under a wrapper.
     "kimi_k3": {"tie_word_embeddings": False, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
@@ -123,6 +126,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "mistral4": ("n_routed_experts", "moe_intermediate_size"),
     "kimi_k3": ("num_experts", "moe_intermediate_size"),
     "exaone_moe": ("num_experts", "moe_intermediate_size"),
+    "step3p5": ("moe_num_experts", "moe_intermediate_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -179,6 +183,9 @@ def model_config(
     if family == "exaone_moe":
         extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
         extra["is_moe_layer"] = [i > 0 for i in range(num_layers)]
+    if family == "step3p5":
+        extra["share_expert_dim"] = intermediate_size
+        extra["num_attention_groups"] = num_kv_heads
     if family == "gpt_oss":
         extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(max(2, num_layers))][
             :num_layers
