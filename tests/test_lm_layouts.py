@@ -285,11 +285,13 @@ def test_minimax_whole_width_qk_norms_refuse_tp_and_plan_pp() -> None:
 
 
 @pytest.mark.parametrize("family, module", [("qwen3_5", "model.layers.0.linear_attn (GatedDeltaNet)"),
-                                            ("kimi_k3", "model.layers.0.self_attn (KimiK3DeltaAttention)")])
-def test_linear_attention_is_refused_naming_the_module(family: str, module: str) -> None:
-    """qwen3_5's gated delta net and kimi_k3's delta attention are recurrent kinds TP does not split, and the
-    pipeline stage does not run them: every mode is refused with UnsupportedOperationError naming the module
-    (found under the wrapper's language_model), while mlx-lm runs the model in one process."""
+                                            ("kimi_k3", "model.layers.0.self_attn (KimiK3DeltaAttention)"),
+                                            ("longcat_flash", "lists of modules ['self_attn', 'mlps'")])
+def test_unknown_kinds_are_refused_naming_the_module(family: str, module: str) -> None:
+    """qwen3_5's gated delta net and kimi_k3's delta attention are recurrent kinds TP does not split, and
+    longcat_flash holds two attentions and two MLPs per block in lists; the pipeline stage runs none of them:
+    every mode is refused with UnsupportedOperationError naming the module (found under a wrapper's
+    language_model where there is one), while mlx-lm runs the model in one process."""
     from mlxdist.errors import UnsupportedOperationError
     from mlxdist.lm.plan import choose
 

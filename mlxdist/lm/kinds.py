@@ -212,10 +212,13 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
                 "not attention with q/k/v/o projections, a dense MLP or a mixture-of-experts block"
             )
     if attention is None or len(feedforward) != 1:
+        listed = [name for name, value in block.items()
+                  if isinstance(value, list) and any(isinstance(item, nn.Module) for item in value)]
         raise UnsupportedOperationError(
             f"tensor parallelism needs one attention (q/k/v/o projections) and one feed-forward module in "
             f"{where} ({type(block).__name__}); found attention={attention!r}, "
             f"feed-forward={[name for name, _ in feedforward]}"
+            + (f", and lists of modules {listed}, which it does not split" if listed else "")
         )
     attn = block[attention]
     if _is_latent(attn):

@@ -87,6 +87,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # Attention with a per-head output gate (g_proj), local and global layers, MoE with a shared expert
     # (share_expert, as wide as the routed ones; set by model_config).
     "step3p5": {"tie_word_embeddings": False, "moe_top_k": 2, "sliding_window": 4},
+    # Two latent attentions and two dense MLPs per block (held in lists) beside a MoE with zero experts.
+    "longcat_flash": {"tie_word_embeddings": False, "attention_method": "MLA", "zero_expert_type": "identity",
+                      "moe_topk": 2, "zero_expert_num": 1, "kv_lora_rank": 32, "q_lora_rank": 64,
+                      "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "routed_scaling_factor": 1.0,
+                      "mla_scale_q_lora": True, "mla_scale_kv_lora": True, "attention_bias": False},
     # Kimi delta attention (linear) in the first block, NoPE latent attention after it, MoE with shared
     # experts and grouped top-k, under a wrapper.
     "kimi_k3": {"tie_word_embeddings": False, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
@@ -127,6 +132,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "kimi_k3": ("num_experts", "moe_intermediate_size"),
     "exaone_moe": ("num_experts", "moe_intermediate_size"),
     "step3p5": ("moe_num_experts", "moe_intermediate_size"),
+    "longcat_flash": ("n_routed_experts", "expert_ffn_hidden_size"),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -186,6 +192,9 @@ def model_config(
     if family == "step3p5":
         extra["share_expert_dim"] = intermediate_size
         extra["num_attention_groups"] = num_kv_heads
+    if family == "longcat_flash":
+        extra["num_layers"] = num_layers
+        extra["ffn_hidden_size"] = intermediate_size
     if family == "gpt_oss":
         extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(max(2, num_layers))][
             :num_layers
