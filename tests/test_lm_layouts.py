@@ -114,7 +114,7 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
 
 
 MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2",
-                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe", "step3p5"]
+                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe", "step3p5", "minimax_m3_vl"]
 # Routing top-2 within 1 of 2 expert groups: an even count of at least 4 experts.
 GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4",
            "exaone_moe")
@@ -153,7 +153,7 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
     attention) / deepseek_v2 (latent attention through kv_b_proj) / kimi_k25 (deepseek_v3's text model
     under a multimodal wrapper's language_model) / deepseek_v32 (also a sparse-attention indexer) / mistral4 (llama-4
     attention scaling) / exaone_moe (local windows shorter than the prompt, a dense first block) / step3p5 (a per-head
-    output gate, a shared expert) under
+    output gate, a shared expert) / minimax_m3_vl (the decoder under a wrapper, per-head q/k norms) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     from mlxdist.lm.plan import choose
@@ -247,7 +247,8 @@ def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, 
 
 @pytest.mark.parametrize(
     "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3",
-               "glm4_moe_lite", "minimax", "deepseek_v2", "gemma3", "kimi_k25", "deepseek_v32"]
+               "glm4_moe_lite", "minimax", "deepseek_v2", "gemma3", "kimi_k25", "deepseek_v32",
+               "minimax_m3_vl"]
 )
 def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
     """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)

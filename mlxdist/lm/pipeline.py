@@ -29,7 +29,8 @@ __all__ = ["PIPELINED", "PipelineStage", "apply_pipeline_parallel"]
 PIPELINED = frozenset(
     f"mlx_lm.models.{name}"
     for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss",
-                 "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax", "deepseek_v2", "kimi_k25", "deepseek_v32")
+                 "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax", "deepseek_v2", "kimi_k25", "deepseek_v32",
+                 "minimax_m3_vl")
 )
 
 # The inner models that multiply the embeddings by sqrt(hidden_size) before the first block.

@@ -92,6 +92,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
                       "moe_topk": 2, "zero_expert_num": 1, "kv_lora_rank": 32, "q_lora_rank": 64,
                       "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "routed_scaling_factor": 1.0,
                       "mla_scale_q_lora": True, "mla_scale_kv_lora": True, "attention_bias": False},
+    # Written whole under text_config (NESTED): attention with per-head q/k norms and partial rotary, a dense
+    # first block (moe_layer_freq, set by model_config), MoE with a shared expert.
+    "minimax_m3_vl": {"tie_word_embeddings": False, "num_experts_per_tok": 2},
     # Kimi delta attention (linear) in the first block, NoPE latent attention after it, MoE with shared
     # experts and grouped top-k, under a wrapper.
     "kimi_k3": {"tie_word_embeddings": False, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
@@ -115,6 +118,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 # Multimodal model_type -> the family of its text model (under ``text_config``; the decoder under
 # ``language_model``). Only the text model is written: mlx-lm's loaders drop the vision weights anyway.
 WRAPPERS: dict[str, str] = {"gemma3": "gemma3_text", "kimi_k25": "deepseek_v3"}
+# Multimodal model_types whose own text config (a FAMILIES entry) goes whole under ``text_config``.
+NESTED: frozenset[str] = frozenset({"minimax_m3_vl"})
 
 # model_type -> the config key of its routed experts' count (and of their width, when not
 # intermediate_size).
@@ -133,6 +138,7 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "exaone_moe": ("num_experts", "moe_intermediate_size"),
     "step3p5": ("moe_num_experts", "moe_intermediate_size"),
     "longcat_flash": ("n_routed_experts", "expert_ffn_hidden_size"),
+    "minimax_m3_vl": ("num_local_experts", None),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -195,11 +201,14 @@ def model_config(
     if family == "longcat_flash":
         extra["num_layers"] = num_layers
         extra["ffn_hidden_size"] = intermediate_size
+    if family == "minimax_m3_vl":
+        extra["dense_intermediate_size"] = extra["shared_intermediate_size"] = intermediate_size
+        extra["moe_layer_freq"] = [int(i > 0) for i in range(num_layers)]
     if family == "gpt_oss":
         extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(max(2, num_layers))][
             :num_layers
         ]
-    return {
+    config = {
         **extra,
         "model_type": family,
         "hidden_size": hidden_size,
@@ -216,6 +225,9 @@ def model_config(
         "eos_token_id": 2,
         **FAMILIES[family],
     }
+    if family in NESTED:
+        return {"model_type": family, "text_config": config, "bos_token_id": 1, "eos_token_id": 2}
+    return config
 
 
 def _model_classes(model_type: str) -> tuple[type, type]:
