@@ -119,6 +119,40 @@ MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "g
 GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4",
            "exaone_moe")
 
+TOKENS = mx.array([[1, 7, 42, 99, 250, 3]])
+
+
+def prompt_and_one_token(model: nn.Module) -> mx.array:
+    """Logits of a prompt and of one more token without a cache (latent attention's decode path)."""
+    return mx.concatenate([model(TOKENS), model(TOKENS[:, :1])], axis=1)
+
+
+def sharded_models(model: nn.Module, family: str, size: int, weights, experts: str = "tp"):
+    """Every rank's copy of ``model``, planned under --mode tp and sharded over a stand-in world.
+
+    Raises ShapeError where the plan refuses the layout."""
+    from mlxdist.lm.plan import choose
+    from mlxdist.lm.tensor import apply_tensor_parallel
+
+    world = StandInWorld(size)
+    models = []
+    for group in world.groups:
+        copied = copy.deepcopy(model)
+        plan = choose(copied, family, group.rank(), size, "tp", tp_weights=weights, experts=experts)
+        apply_tensor_parallel(copied, None, group, plan.split)
+        models.append(copied)
+    return world, models, plan
+
+
+def assert_every_rank_equals(world, models, reference: mx.array, plan) -> None:
+    """Each rank's logits equal the unsharded model's, after one all-sum per attention and per MLP/MoE."""
+    outputs = world.run([lambda m=m: prompt_and_one_token(m) for m in models])
+    assert world.all_sums == 8  # two blocks, two forwards: one after attention, one after the MLP or MoE block
+    scale = float(mx.abs(reference).max()) + 1.0
+    for rank, out in enumerate(outputs):
+        error = float(mx.abs(out - reference).max())
+        assert error <= 3e-5 * scale, (rank, error, plan.reason)
+
 
 @st.composite
 def moe_layouts(draw):
@@ -156,28 +190,14 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
     output gate, a shared expert) / minimax_m3_vl (the decoder under a wrapper, per-head q/k norms) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
-    from mlxdist.lm.plan import choose
-    from mlxdist.lm.tensor import apply_tensor_parallel
-
     (family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts,
      weights, seed) = layout
     model, _ = random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=hidden, num_layers=2,
                             num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=features, head_dim=head_dim,
                             vocab_size=300, num_experts=num_experts)
-    tokens = mx.array([[1, 7, 42, 99, 250, 3]])
-
-    def forward(m: nn.Module) -> mx.array:  # a prompt, and one token (latent attention's decode path)
-        return mx.concatenate([m(tokens), m(tokens[:, :1])], axis=1)
-
-    reference = forward(model)
-    world = StandInWorld(size)
-    models = []
+    reference = prompt_and_one_token(model)
     try:
-        for group in world.groups:
-            copied = copy.deepcopy(model)
-            plan = choose(copied, family, group.rank(), size, "tp", tp_weights=weights, experts=experts)
-            apply_tensor_parallel(copied, None, group, plan.split)
-            models.append(copied)
+        world, models, plan = sharded_models(model, family, size, weights, experts)
     except ShapeError as exc:
         text = str(exc)
         assert (experts == "ep" and size > num_experts and "at least one expert per rank" in text) or (
@@ -191,12 +211,7 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
         assert [stop - start for start, stop in plan.split.experts] and plan.split.experts[-1][1] == num_experts
     else:
         assert sum(plan.split.expert_features) == features
-    outputs = world.run([lambda m=m: forward(m) for m in models])
-    assert world.all_sums == 8  # per block and forward: one after attention, one after the MLP or MoE block
-    scale = float(mx.abs(reference).max()) + 1.0
-    for rank, out in enumerate(outputs):
-        error = float(mx.abs(out - reference).max())
-        assert error <= 3e-5 * scale, (rank, error, plan.reason)
+    assert_every_rank_equals(world, models, reference, plan)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -205,11 +220,9 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
        weights=st.none() | st.lists(st.integers(1, 3), min_size=3, max_size=3), seed=st.integers(0, 2**16))
 def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, weights, seed) -> None:
     """Dense families whose blocks take more than (x, mask, cache) (ministral3 passes its llama-4 attention
-    scale), and gemma3's multimodal wrapper (the decoder under language_model): the whole model under TP, even, uneven or weighted, float or quantized, equals the unsharded
-    model's logits on a prompt and one decoded token; a refused layout names its constraint."""
-    from mlxdist.lm.plan import choose
-    from mlxdist.lm.tensor import apply_tensor_parallel
-
+    scale), and gemma3's multimodal wrapper (the decoder under language_model): the whole model under TP,
+    even, uneven or weighted, float or quantized, equals the unsharded model's logits on a prompt and one
+    decoded token; a refused layout names its constraint."""
     n_heads = n_kv * group
     size = min(size, n_heads) if n_heads > 1 else 2
     bits, group_size = quant if quant else (None, 32)
@@ -217,20 +230,9 @@ def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, 
     model, _ = random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=64, num_layers=2,
                             num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=96, head_dim=32,
                             vocab_size=300)
-    tokens = mx.array([[1, 7, 42, 99, 250, 3]])
-
-    def forward(m: nn.Module) -> mx.array:
-        return mx.concatenate([m(tokens), m(tokens[:, :1])], axis=1)
-
-    reference = forward(model)
-    world = StandInWorld(size)
-    models = []
+    reference = prompt_and_one_token(model)
     try:
-        for group_ in world.groups:
-            copied = copy.deepcopy(model)
-            plan = choose(copied, family, group_.rank(), size, "tp", tp_weights=weights)
-            apply_tensor_parallel(copied, None, group_, plan.split)
-            models.append(copied)
+        world, models, plan = sharded_models(model, family, size, weights)
     except ShapeError as exc:
         text = str(exc)
         assert (size > n_heads and "at least one query head per rank" in text) or "group" in text, text
@@ -238,11 +240,7 @@ def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, 
         return
     event("uneven" if not plan.split.is_even() else "even")
     assert plan.mode == "tp" and sum(plan.split.intermediate) == 96
-    outputs = world.run([lambda m=m: forward(m) for m in models])
-    assert world.all_sums == 8
-    scale = float(mx.abs(reference).max()) + 1.0
-    for rank, out in enumerate(outputs):
-        assert float(mx.abs(out - reference).max()) <= 3e-5 * scale, (rank, plan.reason)
+    assert_every_rank_equals(world, models, reference, plan)
 
 
 @pytest.mark.parametrize(
@@ -334,30 +332,12 @@ def test_every_family_at_fixed_layouts(family: str, bits, size: int, weights, ex
     """Every family with a test checkpoint, whatever the property tests happen to draw: uneven TP over 3 ranks
     (6 query heads over 3 key/value heads), weighted TP and EP, float and 4-bit; every rank's logits on a
     prompt and one decoded token equal the unsharded model's."""
-    from mlxdist.lm.plan import choose
-    from mlxdist.lm.tensor import apply_tensor_parallel
-
     dense = family not in MOE_FAMILIES
     if dense and experts == "ep":
         experts = "tp"
     model, _ = random_model(family, bits=bits, seed=1, hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=3,
                             head_dim=16, intermediate_size=96, vocab_size=300, num_experts=4)
-    tokens = mx.array([[1, 7, 42, 99, 250, 3]])
-
-    def forward(m: nn.Module) -> mx.array:
-        return mx.concatenate([m(tokens), m(tokens[:, :1])], axis=1)
-
-    reference = forward(model)
-    world = StandInWorld(size)
-    models = []
-    for group in world.groups:
-        copied = copy.deepcopy(model)
-        plan = choose(copied, family, group.rank(), size, "tp", tp_weights=weights, experts=experts)
-        apply_tensor_parallel(copied, None, group, plan.split)
-        models.append(copied)
+    reference = prompt_and_one_token(model)
+    world, models, plan = sharded_models(model, family, size, weights, experts)
     assert plan.experts == (None if dense else experts)
-    outputs = world.run([lambda m=m: forward(m) for m in models])
-    assert world.all_sums == 8
-    scale = float(mx.abs(reference).max()) + 1.0
-    for rank, out in enumerate(outputs):
-        assert float(mx.abs(out - reference).max()) <= 3e-5 * scale, (rank, plan.reason)
+    assert_every_rank_equals(world, models, reference, plan)
