@@ -226,7 +226,8 @@ def model_config(
         **FAMILIES[family],
     }
     if family in NESTED:
-        return {"model_type": family, "text_config": config, "bos_token_id": 1, "eos_token_id": 2}
+        return {"model_type": family, "text_config": config, "vocab_size": vocab_size, "bos_token_id": 1,
+                "eos_token_id": 2}
     return config
 
 
