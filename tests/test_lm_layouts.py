@@ -10,7 +10,11 @@ make every rank's block; :class:`support.standin.StandInWorld` runs them one
 after another with each all-sum returning the sum of every rank's partial
 output, as the collective does. Every rank's output must equal the unsharded
 block's (up to the summation order), and a layout the plan refuses must break
-a stated constraint.
+a stated constraint. Whole models of every family with a test checkpoint
+(mixture-of-experts ones under expert TP and EP, multimodal wrappers whose
+decoder lives under ``language_model``) are checked the same way, by drawn
+and by fixed layouts; the pipeline stage against each pipelined family's inner
+model; and families a mode refuses, by the typed error naming the module.
 """
 
 from __future__ import annotations
@@ -113,7 +117,45 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
         assert float(mx.abs(out - reference).max()) <= 2e-5 * (float(mx.abs(reference).max()) + 1.0)
 
 
-MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2",
+                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe", "step3p5", "minimax_m3_vl"]
+# Routing top-2 within 1 of 2 expert groups: an even count of at least 4 experts.
+GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4",
+           "exaone_moe")
+
+TOKENS = mx.array([[1, 7, 42, 99, 250, 3]])
+
+
+def prompt_and_one_token(model: nn.Module) -> mx.array:
+    """Logits of a prompt and of one more token without a cache (latent attention's decode path)."""
+    return mx.concatenate([model(TOKENS), model(TOKENS[:, :1])], axis=1)
+
+
+def sharded_models(model: nn.Module, family: str, size: int, weights, experts: str = "tp"):
+    """Every rank's copy of ``model``, planned under --mode tp and sharded over a stand-in world.
+
+    Raises ShapeError where the plan refuses the layout."""
+    from mlxdist.lm.plan import choose
+    from mlxdist.lm.tensor import apply_tensor_parallel
+
+    world = StandInWorld(size)
+    models = []
+    for group in world.groups:
+        copied = copy.deepcopy(model)
+        plan = choose(copied, family, group.rank(), size, "tp", tp_weights=weights, experts=experts)
+        apply_tensor_parallel(copied, None, group, plan.split)
+        models.append(copied)
+    return world, models, plan
+
+
+def assert_every_rank_equals(world, models, reference: mx.array, plan) -> None:
+    """Each rank's logits equal the unsharded model's, after one all-sum per attention and per MLP/MoE."""
+    outputs = world.run([lambda m=m: prompt_and_one_token(m) for m in models])
+    assert world.all_sums == 8  # two blocks, two forwards: one after attention, one after the MLP or MoE block
+    scale = float(mx.abs(reference).max()) + 1.0
+    for rank, out in enumerate(outputs):
+        error = float(mx.abs(out - reference).max())
+        assert error <= 3e-5 * scale, (rank, error, plan.reason)
 
 
 @st.composite
@@ -133,8 +175,7 @@ def moe_layouts(draw):
     # Mostly enough whole quantization groups for every rank; sometimes not (refused).
     features = unit * draw(st.integers(2, 6) if draw(st.integers(0, 4)) == 0 else st.integers(size, 7)) if bits \
         else draw(st.integers(size, 48))
-    # glm4_moe and deepseek_v3 route top-2 within 1 of 2 expert groups: an even count of at least 4.
-    grouped = family in ("glm4_moe", "deepseek_v3")
+    grouped = family in GROUPED
     num_experts = draw(st.sampled_from([4, 6, 8]) if grouped else st.integers(2, 8))
     experts = draw(st.sampled_from(["tp", "ep"]))
     weights = draw(st.none() | st.lists(st.integers(1, 3), min_size=size, max_size=size))
@@ -142,35 +183,25 @@ def moe_layouts(draw):
     return family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts, weights, seed
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(moe_layouts())
 def test_sharded_moe_model_equals_unsharded(layout) -> None:
     """qwen3_moe / mixtral / gpt_oss (sinks, expert biases) / glm4_moe (shared experts, grouped top-k with
-    e_score_correction_bias, a dense first block) / deepseek_v3 (also multi-head latent attention) under
+    e_score_correction_bias, a dense first block) / deepseek_v3 and glm4_moe_lite (also multi-head latent
+    attention) / deepseek_v2 (latent attention through kv_b_proj) / kimi_k25 (deepseek_v3's text model
+    under a multimodal wrapper's language_model) / deepseek_v32 (also a sparse-attention indexer) / mistral4 (llama-4
+    attention scaling) / exaone_moe (local windows shorter than the prompt, a dense first block) / step3p5 (a per-head
+    output gate, a shared expert) / minimax_m3_vl (the decoder under a wrapper, per-head q/k norms) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
-    from mlxdist.lm.plan import choose
-    from mlxdist.lm.tensor import apply_tensor_parallel
-
     (family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts,
      weights, seed) = layout
     model, _ = random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=hidden, num_layers=2,
                             num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=features, head_dim=head_dim,
                             vocab_size=300, num_experts=num_experts)
-    tokens = mx.array([[1, 7, 42, 99, 250, 3]])
-
-    def forward(m: nn.Module) -> mx.array:  # a prompt, and one token (latent attention's decode path)
-        return mx.concatenate([m(tokens), m(tokens[:, :1])], axis=1)
-
-    reference = forward(model)
-    world = StandInWorld(size)
-    models = []
+    reference = prompt_and_one_token(model)
     try:
-        for group in world.groups:
-            copied = copy.deepcopy(model)
-            plan = choose(copied, family, group.rank(), size, "tp", tp_weights=weights, experts=experts)
-            apply_tensor_parallel(copied, None, group, plan.split)
-            models.append(copied)
+        world, models, plan = sharded_models(model, family, size, weights, experts)
     except ShapeError as exc:
         text = str(exc)
         assert (experts == "ep" and size > num_experts and "at least one expert per rank" in text) or (
@@ -184,16 +215,42 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
         assert [stop - start for start, stop in plan.split.experts] and plan.split.experts[-1][1] == num_experts
     else:
         assert sum(plan.split.expert_features) == features
-    outputs = world.run([lambda m=m: forward(m) for m in models])
-    assert world.all_sums == 8  # per block and forward: one after attention, one after the MLP or MoE block
-    scale = float(mx.abs(reference).max()) + 1.0
-    for rank, out in enumerate(outputs):
-        error = float(mx.abs(out - reference).max())
-        assert error <= 3e-5 * scale, (rank, error, plan.reason)
+    assert_every_rank_equals(world, models, reference, plan)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["ministral3", "gemma3"]), n_kv=st.integers(1, 3), group=st.integers(1, 3),
+       quant=st.sampled_from([None, (4, 32), (8, 32)]), size=st.integers(2, 3),
+       weights=st.none() | st.lists(st.integers(1, 3), min_size=3, max_size=3), seed=st.integers(0, 2**16))
+def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, weights, seed) -> None:
+    """Dense families whose blocks take more than (x, mask, cache) (ministral3 passes its llama-4 attention
+    scale), and gemma3's multimodal wrapper (the decoder under language_model): the whole model under TP,
+    even, uneven or weighted, float or quantized, equals the unsharded model's logits on a prompt and one
+    decoded token; a refused layout names its constraint."""
+    n_heads = n_kv * group
+    size = min(size, n_heads) if n_heads > 1 else 2
+    bits, group_size = quant if quant else (None, 32)
+    weights = weights[:size] if weights else None
+    model, _ = random_model(family, bits=bits, group_size=group_size, seed=seed, hidden_size=64, num_layers=2,
+                            num_heads=n_heads, num_kv_heads=n_kv, intermediate_size=96, head_dim=32,
+                            vocab_size=300)
+    reference = prompt_and_one_token(model)
+    try:
+        world, models, plan = sharded_models(model, family, size, weights)
+    except ShapeError as exc:
+        text = str(exc)
+        assert (size > n_heads and "at least one query head per rank" in text) or "group" in text, text
+        event("refused")
+        return
+    event("uneven" if not plan.split.is_even() else "even")
+    assert plan.mode == "tp" and sum(plan.split.intermediate) == 96
+    assert_every_rank_equals(world, models, reference, plan)
 
 
 @pytest.mark.parametrize(
-    "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3"]
+    "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3",
+               "glm4_moe_lite", "minimax", "deepseek_v2", "gemma3", "kimi_k25", "deepseek_v32",
+               "minimax_m3_vl"]
 )
 def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
     """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)
@@ -208,3 +265,102 @@ def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> 
     reference = model(tokens)
     apply_pipeline_parallel(model, 0, 3, mlxdist.world())
     assert float(mx.abs(model(tokens) - reference).max()) == 0.0
+
+
+def test_minimax_whole_width_qk_norms_refuse_tp_and_plan_pp() -> None:
+    """minimax normalises all heads' queries (and keys) together: TP would change the norm, so --mode tp
+    names the module and auto falls back to the pipeline stage (checked above against its inner model)."""
+    from mlxdist.errors import UnsupportedOperationError
+    from mlxdist.lm.plan import choose
+
+    model, _ = random_model("minimax", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                            intermediate_size=32, vocab_size=300)
+    with pytest.raises(UnsupportedOperationError, match=r"model\.layers\.0\.self_attn\.q_norm .*all 4 heads"):
+        choose(model, "minimax", 0, 2, "tp")
+    with pytest.raises(UnsupportedOperationError, match="q_norm"):
+        choose(model, "minimax", 0, 2, "tp", experts="ep")
+    plan = choose(model, "minimax", 0, 2, "auto")
+    assert plan.mode == "pp" and plan.layers == [(0, 1), (1, 2)] and "q_norm" in plan.reason
+    # The key norm is refused the same way (both normalise whole widths).
+    model.model.layers[0].self_attn.q_norm.weight = mx.ones((16,))
+    with pytest.raises(UnsupportedOperationError, match=r"self_attn\.k_norm .*all 2 heads"):
+        choose(model, "minimax", 0, 2, "tp")
+
+
+@pytest.mark.parametrize("family, module", [("qwen3_5", "model.layers.0.linear_attn (GatedDeltaNet)"),
+                                            ("kimi_k3", "model.layers.0.self_attn (KimiK3DeltaAttention)"),
+                                            ("longcat_flash", "lists of modules ['self_attn', 'mlps'")])
+def test_unknown_kinds_are_refused_naming_the_module(family: str, module: str) -> None:
+    """qwen3_5's gated delta net and kimi_k3's delta attention are recurrent kinds TP does not split, and
+    longcat_flash holds two attentions and two MLPs per block in lists; the pipeline stage runs none of them:
+    every mode is refused with UnsupportedOperationError naming the module (found under a wrapper's
+    language_model where there is one), while mlx-lm runs the model in one process."""
+    from mlxdist.errors import UnsupportedOperationError
+    from mlxdist.lm.plan import choose
+
+    model, _ = random_model(family, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=4, head_dim=16,
+                            intermediate_size=64, vocab_size=300)
+    assert model(mx.array([[1, 5, 7]])).shape == (1, 3, 300)
+    for mode in ("tp", "auto", "pp"):
+        with pytest.raises(UnsupportedOperationError) as caught:
+            choose(model, family, 0, 2, mode)
+        if mode != "pp":
+            assert module in str(caught.value)
+        if mode != "tp":
+            assert f"pipeline stage is not checked against {family}" in str(caught.value)
+
+
+@pytest.mark.parametrize("family", ["ministral3", "mistral4", "exaone_moe", "step3p5"])
+def test_pipeline_refused_where_the_stage_differs(family: str) -> None:
+    """ministral3 and mistral4 pass a llama-4 attention scale to their blocks, which the pipeline stage does
+    not, and exaone_moe's and step3p5's inner models build their own local-window masks (and step3p5 its own
+    norms): PP is refused with
+    the typed error (TP is proven above)."""
+    from mlxdist.errors import UnsupportedOperationError
+    from mlxdist.lm.plan import choose
+
+    model, _ = random_model(family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                            intermediate_size=64, vocab_size=300)
+    with pytest.raises(UnsupportedOperationError, match=f"pipeline stage is not checked against {family}"):
+        choose(model, family, 0, 2, "pp")
+    assert choose(model, family, 0, 2, "auto").mode == "tp"
+
+
+CASES = [(None, 3, None, "tp"), (None, 2, [2, 1], "tp"), (None, 3, [1, 2, 1], "ep"), (4, 3, [1, 1, 2], "tp"),
+         (4, 2, None, "ep")]
+
+
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "ministral3", "gemma3"])
+@pytest.mark.parametrize("bits, size, weights, experts", CASES)
+def test_every_family_at_fixed_layouts(family: str, bits, size: int, weights, experts: str) -> None:
+    """Every family with a test checkpoint, whatever the property tests happen to draw: uneven TP over 3 ranks
+    (6 query heads over 3 key/value heads), weighted TP and EP, float and 4-bit; every rank's logits on a
+    prompt and one decoded token equal the unsharded model's."""
+    dense = family not in MOE_FAMILIES
+    if dense and experts == "ep":
+        experts = "tp"
+    model, _ = random_model(family, bits=bits, seed=1, hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=3,
+                            head_dim=16, intermediate_size=96, vocab_size=300, num_experts=4)
+    reference = prompt_and_one_token(model)
+    world, models, plan = sharded_models(model, family, size, weights, experts)
+    assert plan.experts == (None if dense else experts)
+    assert_every_rank_equals(world, models, reference, plan)
+
+
+@pytest.mark.parametrize("family", ["glm4_moe_lite", "ministral3", "minimax", "deepseek_v2", "deepseek_v32", "mistral4",
+                                    "exaone_moe", "step3p5", "qwen3_5", "kimi_k3", "longcat_flash", "minimax_m3_vl",
+                                    "gemma3", "kimi_k25"])
+def test_written_checkpoint_loads_with_mlx_lm(family: str, tmp_path) -> None:
+    """The test writer's checkpoint of each family added here is what mlx-lm's own loader reads back:
+    the same logits as the model it was written from."""
+    from mlx_lm.utils import load_model
+
+    from mlxdist.lm.testing import write_checkpoint
+
+    dims = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                vocab_size=300)
+    write_checkpoint(tmp_path, family, **dims)
+    loaded, _ = load_model(tmp_path)
+    written, _ = random_model(family, **dims)
+    tokens = mx.array([[1, 5, 7, 9]])
+    assert mx.array_equal(loaded(tokens), written(tokens))

@@ -6,14 +6,17 @@ A decoder block is sharded by what it contains, not by its family's name:
   linear layers and its head counts under any of the names families use
   (``n_heads``/``num_attention_heads``/``num_heads``,
   ``n_kv_heads``/``num_key_value_heads``/``num_kv_heads``); q/k norms
-  (per head) stay whole, q/k/v biases follow their features, an o bias is
-  added once after the sum, attention ``sinks`` (one per query head) follow
-  their heads;
+  (per head) stay whole (norms over every head's features together, as
+  minimax's, are refused), q/k/v biases follow their features, an o bias is
+  added once after the sum, attention ``sinks`` (one per query head) and a
+  per-head output gate ``g_proj`` follow their heads;
 - multi-head latent attention (deepseek_v2/v3 and kin): ``q_proj`` or
-  ``q_a_proj``/``q_b_proj``, ``kv_a_proj_with_mqa``, per-head ``embed_q`` and
-  ``unembed_out`` and ``o_proj``, heads counted by ``num_heads``; the query
-  projection, the per-head modules and ``o_proj`` split by query heads, the
-  shared latent (``q_a``, ``kv_a`` and their norms) whole;
+  ``q_a_proj``/``q_b_proj``, ``kv_a_proj_with_mqa``, ``o_proj``, and either
+  per-head ``embed_q`` and ``unembed_out`` (deepseek_v3) or a ``kv_b_proj``
+  linear layer expanding the latent to every head's keys and values
+  (deepseek_v2), heads counted by ``num_heads``; the query projection,
+  ``kv_b_proj``, the per-head modules and ``o_proj`` split by query heads,
+  the shared latent (``q_a``, ``kv_a`` and their norms) whole;
 - fused attention (phi3): ``qkv_proj`` and ``o_proj`` with the same head
   counts; each rank keeps its query, key and value features of the fused
   projection;
@@ -24,7 +27,7 @@ A decoder block is sharded by what it contains, not by its family's name:
   :func:`mlxdist.nn.experts.switch_projections`) beside its router (``gate``
   or ``router``, replicated, whatever top-k or score correction it does) and
   optionally shared experts (a dense MLP under ``shared_experts`` or
-  ``shared_expert``).
+  ``shared_expert`` or ``share_expert``).
 
 :func:`block_layout` returns a block's :class:`BlockLayout`, or raises
 :class:`~mlxdist.errors.UnsupportedOperationError` naming the module it
@@ -62,7 +65,7 @@ _FUSED_DENSE = ("gate_up_proj", "down_proj")
 _PER_HEAD = ("embed_q", "unembed_out")
 _SWITCHES = ("switch_mlp", "experts")
 _ROUTERS = ("gate", "router")
-_SHARED = ("shared_experts", "shared_expert")
+_SHARED = ("shared_experts", "shared_expert", "share_expert")
 
 
 def is_linear(module: object) -> bool:
@@ -92,7 +95,10 @@ class BlockLayout:
         shared: Its shared experts' projections (split like a dense MLP,
             their output a partial sum added to the switch's).
         latent: Multi-head latent attention's per-head modules (weights
-            ``[heads, ...]``, sliced by query heads); empty for q/k/v/o attention.
+            ``[heads, ...]``, sliced by query heads); empty for q/k/v/o attention
+            and for latent attention with ``kv_b_proj``.
+        mla: Whether the attention is multi-head latent attention (one latent
+            for every head: only the query heads' count changes).
         fused: Fused projections (``qkv_proj``: query, key and value parts;
             ``gate_up_proj``: gate and up parts), cut by per-rank ranges.
     """
@@ -111,10 +117,11 @@ class BlockLayout:
     shared: tuple[str, ...] = ()
     latent: tuple[str, ...] = ()
     fused: tuple[str, ...] = ()
+    mla: bool = False
 
     def kinds(self) -> list[str]:
         """The kinds of this block's modules, for plans and messages."""
-        found = ["latent attention" if self.latent else "attention" + (" with sinks" if self.sinks else "")]
+        found = ["latent attention" if self.mla else "attention" + (" with sinks" if self.sinks else "")]
         if self.mlp:
             found.append("dense mlp")
         if self.moe:
@@ -153,12 +160,25 @@ def _switch_name(module: nn.Module) -> Optional[str]:
 def _is_latent(module: nn.Module) -> bool:
     has_query = is_linear(module.get("q_proj")) or is_linear(module.get("q_b_proj"))
     per_head = all(isinstance(module.get(name), nn.Module) for name in _PER_HEAD)
+    per_head = per_head or is_linear(module.get("kv_b_proj"))
     return has_query and per_head and _has_linears(module, _LATENT) and _count_name(module, ("num_heads",)) is not None
 
 
 def has_latent_attention(block: nn.Module) -> bool:
     """Whether a decoder block's attention is multi-head latent attention (it needs an array mask)."""
     return any(_is_latent(child) for child in _children(block).values())
+
+
+def _check_head_norms(attn: nn.Module, counts: tuple[str, str], where: str) -> None:
+    """Refuse q/k norms over every head's features at once (minimax): a rank holds only its heads' part."""
+    for norm, proj, count in (("q_norm", "q_proj", counts[0]), ("k_norm", "k_proj", counts[1])):
+        weight = getattr(attn.get(norm), "weight", None) if isinstance(attn.get(norm), nn.Module) else None
+        heads = getattr(attn, count)
+        if isinstance(weight, mx.array) and heads > 1 and weight.shape[-1] == attn[proj]["weight"].shape[0]:
+            raise UnsupportedOperationError(
+                f"tensor parallelism does not know the module {where}.{norm} ({type(attn[norm]).__name__}): "
+                f"it normalises all {heads} heads' features together, and a rank holds only its own heads"
+            )
 
 
 def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
@@ -192,18 +212,26 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
                 "not attention with q/k/v/o projections, a dense MLP or a mixture-of-experts block"
             )
     if attention is None or len(feedforward) != 1:
+        listed = [name for name, value in block.items()
+                  if isinstance(value, list) and any(isinstance(item, nn.Module) for item in value)]
         raise UnsupportedOperationError(
             f"tensor parallelism needs one attention (q/k/v/o projections) and one feed-forward module in "
             f"{where} ({type(block).__name__}); found attention={attention!r}, "
             f"feed-forward={[name for name, _ in feedforward]}"
+            + (f", and lists of modules {listed}, which it does not split" if listed else "")
         )
     attn = block[attention]
     if _is_latent(attn):
         query = f"{attention}.{'q_proj' if is_linear(attn.get('q_proj')) else 'q_b_proj'}"
         o = f"{attention}.o_proj"
         heads = ("num_heads", "num_heads")  # one latent shared by every head: only query heads split
-        base = dict(column=(query,), row=(o,), attention=attention, head_counts=heads, query=(query, o),
-                    key_value=(), latent=tuple(f"{attention}.{name}" for name in _PER_HEAD))
+        if is_linear(attn.get("kv_b_proj")):  # every head's keys and values from the latent: split by heads
+            kv_b = f"{attention}.kv_b_proj"
+            base = dict(column=(query, kv_b), row=(o,), attention=attention, head_counts=heads,
+                        query=(query, kv_b, o), key_value=(), mla=True)
+        else:
+            base = dict(column=(query,), row=(o,), attention=attention, head_counts=heads, query=(query, o),
+                        key_value=(), latent=tuple(f"{attention}.{name}" for name in _PER_HEAD), mla=True)
     else:
         base = None
     counts = (_count_name(attn, QUERY_COUNTS), _count_name(attn, KV_COUNTS)) if base is None else ("", "")
@@ -212,6 +240,8 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             f"{where}.{attention} ({type(attn).__name__}) keeps no head counts under "
             f"{'/'.join(QUERY_COUNTS)} and {'/'.join(KV_COUNTS)}"
         )
+    if base is None and _has_linears(attn, _ATTENTION):
+        _check_head_norms(attn, counts, f"{where}.{attention}")
     sinks = isinstance(attn.get("sinks"), mx.array)
     if base is None and _has_linears(attn, _FUSED_ATTENTION) and not _has_linears(attn, _ATTENTION):
         qkv, o = (f"{attention}.{name}" for name in _FUSED_ATTENTION)
@@ -219,8 +249,10 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
                     sinks=sinks, fused=(qkv,))
     elif base is None:
         q, k, v, o = (f"{attention}.{name}" for name in _ATTENTION)
-        base = dict(column=(q, k, v), row=(o,), attention=attention, head_counts=counts, query=(q, o),
-                    key_value=(k, v), sinks=sinks)
+        # A per-head output gate (step3p5's g_proj: its rows head-major) goes with the query heads.
+        gate = (f"{attention}.g_proj",) if is_linear(attn.get("g_proj")) else ()
+        base = dict(column=(q, *gate, k, v), row=(o,), attention=attention, head_counts=counts,
+                    query=(q, *gate, o), key_value=(k, v), sinks=sinks)
     name, ff = feedforward[0]
     switch = _switch_name(ff)
     if switch is None:

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from mlxdist.group import Group
+from mlxdist.lm.decoder import text_model
 from mlxdist.lm.kinds import has_latent_attention
 from mlxdist.world import all_gather, recv_like, send
 
@@ -28,7 +29,8 @@ __all__ = ["PIPELINED", "PipelineStage", "apply_pipeline_parallel"]
 PIPELINED = frozenset(
     f"mlx_lm.models.{name}"
     for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss",
-                 "glm4_moe", "deepseek_v3")
+                 "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax", "deepseek_v2", "kimi_k25", "deepseek_v32",
+                 "minimax_m3_vl")
 )
 
 # The inner models that multiply the embeddings by sqrt(hidden_size) before the first block.
@@ -87,7 +89,11 @@ class PipelineStage(nn.Module):
         return None
 
     def __call__(
-        self, inputs: mx.array, cache: Optional[list] = None, input_embeddings: Optional[mx.array] = None
+        self,
+        inputs: mx.array,
+        cache: Optional[list] = None,
+        input_embeddings: Optional[mx.array] = None,
+        mask: Optional[mx.array] = None,
     ) -> mx.array:
         """Run this rank's blocks between its neighbours'.
 
@@ -95,6 +101,8 @@ class PipelineStage(nn.Module):
             inputs: Token ids ``(B, L)``.
             cache: This rank's per-block caches, or None.
             input_embeddings: Embeddings to use instead of ``inputs``'.
+            mask: A mask for every block (minimax's outer model passes one), or
+                None to build the causal and local-window masks here.
 
         Returns:
             The normalised hidden state of the last block, ``(B, L, D)``, the
@@ -105,7 +113,10 @@ class PipelineStage(nn.Module):
             h = h * mx.array(self.embed_scale, mx.bfloat16).astype(h.dtype)
         if cache is None:
             cache = [None] * len(self.layers)
-        masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
+        if mask is None:
+            masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
+        else:
+            masks = {False: mask, True: mask}
         rank, size = self.group.rank(), self.group.size()
         if rank > 0:
             h = recv_like(h, rank - 1, group=self.group)
@@ -136,6 +147,7 @@ def apply_pipeline_parallel(model: nn.Module, start: int, stop: int, group: Grou
     Returns:
         Bytes of all decoder blocks of the whole model.
     """
+    model = text_model(model)
     blocks_bytes = sum(v.nbytes for block in model.model.layers for _, v in tree_flatten(block.parameters()))
     total = len(model.model.layers)
     model.model = PipelineStage(model.model, start, stop, group)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import mlx.nn as nn
 
 from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperationError
+from mlxdist.lm.decoder import text_model
 from mlxdist.lm.pipeline import PIPELINED
 from mlxdist.lm.sizing import EXPERTS, block_layouts, layout_of, model_split, tp_violations
 from mlxdist.lm.split import TensorSplit, check_weights
@@ -237,6 +238,7 @@ def choose(
             head, or a quantized slice would cut a quantization group (the
             message names it).
     """
+    model = text_model(model)
     if mode not in MODES:
         raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     num_layers = len(model.model.layers) if hasattr(model, "model") and hasattr(model.model, "layers") else 0

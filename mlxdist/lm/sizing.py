@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import mlx.nn as nn
 
 from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperationError
+from mlxdist.lm.decoder import text_model
 from mlxdist.lm.kinds import BlockLayout, block_layout
 from mlxdist.lm.split import TensorSplit, check_weights, tensor_split
 from mlxdist.nn.experts import expert_placement, switch_projections
@@ -44,6 +45,7 @@ def block_layouts(model: nn.Module) -> list[BlockLayout]:
         UnsupportedOperationError: no ``model.model.layers``, or a block holds
             a module of an unknown kind (named in the message).
     """
+    model = text_model(model)
     blocks = _blocks(model)
     if not blocks:
         raise UnsupportedOperationError(
@@ -98,6 +100,7 @@ def tp_violations(model: nn.Module, layout: Any, size: int) -> list[str]:
         UnsupportedOperationError: a projection is neither ``nn.Linear`` nor
             ``nn.QuantizedLinear``.
     """
+    model = text_model(model)
     found: dict[str, str] = {}
     for index, (block, layout) in enumerate(zip(model.model.layers, block_layouts(model))):
         where = f"layers.{index}"
@@ -178,6 +181,7 @@ def model_split(
         InvalidArgumentError: ``experts="ep"`` on a model without experts.
         UnsupportedOperationError: a block holds a module of an unknown kind.
     """
+    model = text_model(model)
     if experts not in EXPERTS:
         raise InvalidArgumentError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
     shapes, widths, switches = set(), {}, set()

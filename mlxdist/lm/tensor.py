@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxdist.group import Group
+from mlxdist.lm.decoder import text_model
 from mlxdist.lm.kinds import BlockLayout
 from mlxdist.lm.plan import FamilyLayout
 from mlxdist.lm.sizing import block_layouts
@@ -148,7 +149,7 @@ def shard_block(
     else:
         first, stop = split.query_heads[group.rank()]
         kv_count = len(split.kv_heads[group.rank()])
-    if getattr(layout, "latent", ()):  # one latent for every head: only the query heads split
+    if getattr(layout, "mla", False):  # one latent for every head: only the query heads split
         for path in layout.latent:
             module = _get(block, path)
             module.update({k: mx.contiguous(v[first:stop]) for k, v in module.items() if isinstance(v, mx.array)})
@@ -183,6 +184,7 @@ def apply_tensor_parallel(
     Returns:
         Bytes of the unsharded weights of the sharded parameters.
     """
+    model = text_model(model)
     sharded_full = 0
     for block, layout in zip(model.model.layers, block_layouts(model)):
         paths = [*layout.column, *layout.row]

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxdist.errors import InvalidArgumentError
 
-__all__ = ["FAMILIES", "DTYPES", "CHAT_TEMPLATE", "add_chat_template", "model_config", "random_model",
+__all__ = ["FAMILIES", "WRAPPERS", "DTYPES", "CHAT_TEMPLATE", "add_chat_template", "model_config", "random_model",
            "write_checkpoint", "write_tokenizer"]
 
 # model_type -> extra config keys the family needs.
@@ -44,6 +44,69 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
                     "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
                     "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False},
+    # Latent attention (q_a/q_b, kv_a, embed_q/unembed_out) as deepseek_v3, a dense first block, MoE with
+    # shared experts and a grouped top-k router.
+    "glm4_moe_lite": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                      "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
+                      "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                      "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False},
+    # Dense; rope and llama-4 attention scaling under rope_parameters.
+    "ministral3": {"tie_word_embeddings": False,
+                   "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
+                                       "original_max_position_embeddings": 4096}},
+    # q/k norms over all heads' features together, MoE with a sigmoid router, partial rotary.
+    "minimax": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "shared_intermediate_size": 0,
+                "rotary_dim": 8},
+    # Latent attention whose kv_b_proj expands the latent to every head (no embed_q/unembed_out), yarn rope
+    # (mlx-lm 0.32.2 needs rope_scaling), a dense first block, MoE with shared experts and group-limited top-k.
+    "deepseek_v2": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                    "topk_group": 1, "topk_method": "group_limited_greedy", "routed_scaling_factor": 1.5,
+                    "first_k_dense_replace": 1, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                    "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
+                    "rope_scaling": {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096,
+                                     "beta_fast": 32, "beta_slow": 1, "mscale": 1, "mscale_all_dim": 0}},
+    # Gated delta net (linear attention) blocks between full-attention blocks, under a multimodal wrapper.
+    "qwen3_5": {"tie_word_embeddings": False, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+                "full_attention_interval": 2,
+                "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                    "mrope_section": [2, 1, 1]}},
+    # deepseek_v3's kinds plus a sparse-attention indexer inside the attention (replicated: its own heads);
+    # index_topk below the test prompts' length, so the sparse path runs.
+    "deepseek_v32": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                     "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
+                     "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                     "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False,
+                     "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4},
+    # deepseek_v3's kinds; rope and llama-4 attention scaling under rope_parameters.
+    "mistral4": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
+                 "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
+                 "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+                 "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                                     "original_max_position_embeddings": 4096}},
+    # Attention with a per-head output gate (g_proj), local and global layers, MoE with a shared expert
+    # (share_expert, as wide as the routed ones; set by model_config).
+    "step3p5": {"tie_word_embeddings": False, "moe_top_k": 2, "sliding_window": 4},
+    # Two latent attentions and two dense MLPs per block (held in lists) beside a MoE with zero experts.
+    "longcat_flash": {"tie_word_embeddings": False, "attention_method": "MLA", "zero_expert_type": "identity",
+                      "moe_topk": 2, "zero_expert_num": 1, "kv_lora_rank": 32, "q_lora_rank": 64,
+                      "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "routed_scaling_factor": 1.0,
+                      "mla_scale_q_lora": True, "mla_scale_kv_lora": True, "attention_bias": False},
+    # Written whole under text_config (NESTED): attention with per-head q/k norms and partial rotary, a dense
+    # first block (moe_layer_freq, set by model_config), MoE with a shared expert.
+    "minimax_m3_vl": {"tie_word_embeddings": False, "num_experts_per_tok": 2},
+    # Kimi delta attention (linear) in the first block, NoPE latent attention after it, MoE with shared
+    # experts and grouped top-k, under a wrapper.
+    "kimi_k3": {"tie_word_embeddings": False, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
+                "qk_rope_head_dim": 0, "v_head_dim": 32, "num_experts_per_token": 2, "num_shared_experts": 1,
+                "first_k_dense_replace": 1, "num_expert_group": 2, "topk_group": 1,
+                "linear_attn_config": {"kda_layers": [1], "num_heads": 4, "head_dim": 16,
+                                       "short_conv_kernel_size": 4}},
+    # Local and global attention layers (layer_types, set by model_config), a dense first block (is_moe_layer),
+    # MoE with shared experts and a grouped top-k router with e_score_correction_bias.
+    "exaone_moe": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "num_shared_experts": 1, "n_group": 2,
+                   "topk_group": 1, "sliding_window": 4},
     # Local and global attention layers, q/k norms, a scaled embedding.
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 16, "sliding_window_pattern": 2},
     # Fused qkv_proj and gate_up_proj: pipeline parallel only.
@@ -53,6 +116,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
                  "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5, "rope_scaling": None},
 }
 
+# Multimodal model_type -> the family of its text model (under ``text_config``; the decoder under
+# ``language_model``). Only the text model is written: mlx-lm's loaders drop the vision weights anyway.
+WRAPPERS: dict[str, str] = {"gemma3": "gemma3_text", "kimi_k25": "deepseek_v3"}
+# Multimodal model_types whose own text config (a FAMILIES entry) goes whole under ``text_config``.
+NESTED: frozenset[str] = frozenset({"minimax_m3_vl"})
+
 # model_type -> the config key of its routed experts' count (and of their width, when not
 # intermediate_size).
 EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
@@ -61,6 +130,16 @@ EXPERT_KEYS: dict[str, tuple[str, Optional[str]]] = {
     "gpt_oss": ("num_local_experts", None),
     "glm4_moe": ("n_routed_experts", "moe_intermediate_size"),
     "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
+    "glm4_moe_lite": ("n_routed_experts", "moe_intermediate_size"),
+    "minimax": ("num_local_experts", None),
+    "deepseek_v2": ("n_routed_experts", "moe_intermediate_size"),
+    "deepseek_v32": ("n_routed_experts", "moe_intermediate_size"),
+    "mistral4": ("n_routed_experts", "moe_intermediate_size"),
+    "kimi_k3": ("num_experts", "moe_intermediate_size"),
+    "exaone_moe": ("num_experts", "moe_intermediate_size"),
+    "step3p5": ("moe_num_experts", "moe_intermediate_size"),
+    "longcat_flash": ("n_routed_experts", "expert_ffn_hidden_size"),
+    "minimax_m3_vl": ("num_local_experts", None),
 }
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -89,7 +168,7 @@ def model_config(
     """The ``config.json`` of a small model of one family.
 
     Args:
-        family: A key of :data:`FAMILIES`.
+        family: A key of :data:`FAMILIES` or :data:`WRAPPERS`.
         hidden_size: Model width.
         num_layers: Transformer blocks.
         num_heads: Attention heads.
@@ -106,19 +185,37 @@ def model_config(
     Raises:
         InvalidArgumentError: unknown family.
     """
+    if family in WRAPPERS:
+        text = model_config(WRAPPERS[family], hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                            num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
+                            head_dim=head_dim, num_experts=num_experts)
+        return {"model_type": family, "text_config": text, "vocab_size": vocab_size,
+                "bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"]}
     if family not in FAMILIES:
-        raise InvalidArgumentError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+        raise InvalidArgumentError(f"family must be one of {sorted([*FAMILIES, *WRAPPERS])}, got {family!r}")
     extra: dict[str, Any] = {}
     if family in EXPERT_KEYS:
         count, width = EXPERT_KEYS[family]
         extra[count] = num_experts
         if width:
             extra[width] = intermediate_size
+    if family == "exaone_moe":
+        extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
+        extra["is_moe_layer"] = [i > 0 for i in range(num_layers)]
+    if family == "step3p5":
+        extra["share_expert_dim"] = intermediate_size
+        extra["num_attention_groups"] = num_kv_heads
+    if family == "longcat_flash":
+        extra["num_layers"] = num_layers
+        extra["ffn_hidden_size"] = intermediate_size
+    if family == "minimax_m3_vl":
+        extra["dense_intermediate_size"] = extra["shared_intermediate_size"] = intermediate_size
+        extra["moe_layer_freq"] = [int(i > 0) for i in range(num_layers)]
     if family == "gpt_oss":
         extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(max(2, num_layers))][
             :num_layers
         ]
-    return {
+    config = {
         **extra,
         "model_type": family,
         "hidden_size": hidden_size,
@@ -135,6 +232,10 @@ def model_config(
         "eos_token_id": 2,
         **FAMILIES[family],
     }
+    if family in NESTED:
+        return {"model_type": family, "text_config": config, "vocab_size": vocab_size, "bos_token_id": 1,
+                "eos_token_id": 2}
+    return config
 
 
 def _model_classes(model_type: str) -> tuple[type, type]:
@@ -220,7 +321,7 @@ def random_model(
     """A random-weight mlx-lm model of one family, built with mlx-lm's own classes (nothing written).
 
     Args:
-        family: A key of :data:`FAMILIES`.
+        family: A key of :data:`FAMILIES` or :data:`WRAPPERS`.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         bits: Quantize linear and embedding layers to this many bits (affine), or None.
         group_size: Quantization group size.
@@ -267,7 +368,7 @@ def write_checkpoint(
 
     Args:
         path: The directory to write (created if missing; files overwritten).
-        family: A key of :data:`FAMILIES`.
+        family: A key of :data:`FAMILIES` or :data:`WRAPPERS`.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: the weights'
             dtype (and the quantization scales' dtype when ``bits`` is set).
         bits: Quantize linear and embedding layers to this many bits with

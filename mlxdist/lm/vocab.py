@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxdist.group import Group
+from mlxdist.lm.decoder import text_model
 from mlxdist.world import all_gather, all_sum
 
 __all__ = ["VocabParallelEmbedding", "VocabParallelHead", "apply_vocab_parallel"]
@@ -105,6 +106,7 @@ def apply_vocab_parallel(model: nn.Module, sizes: Sequence[int], group: Group) -
     Returns:
         Bytes of the unsharded embedding and head.
     """
+    model = text_model(model)
     whole = sum(v.nbytes for _, v in tree_flatten(model.model.embed_tokens.parameters()))
     model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, sizes, group)
     if "lm_head" in model:
