@@ -281,7 +281,9 @@ class Watchdog:
             if silent:
                 text += f"; ranks not responding: {silent}"
             culprit = message.get("culprit")
-            lost = sorted(set(missing) | set(silent) | ({int(culprit)} if culprit is not None else set()))
+            # A rank whose heartbeats stopped is the one at fault; ranks that had not arrived but still beat
+            # are waiting behind it (e.g. blocked in an earlier collective with the stopped rank).
+            lost = sorted((set(silent) or set(missing)) | ({int(culprit)} if culprit is not None else set()))
             self._fail(str(message.get("kind")), text, lost, message)
         elif kind == "gone":
             rank = int(message["rank"])
