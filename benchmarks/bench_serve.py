@@ -418,77 +418,81 @@ def run_backend(args: argparse.Namespace, checkpoint: Path, backend: str, logs: 
     }
 
 
+def _rows(results: list[dict], args: argparse.Namespace, server_cells: Any, ratio_cells: Any) -> list[str]:
+    """A table's body: per backend and load level, one row per server, then mlxdist's ratio row."""
+    lines = []
+    for result in results:
+        for row in result["rows"]:
+            lead = f"| {result['backend']} | {row['concurrency']} "
+            lines += [f"{lead}| {name} | {' | '.join(server_cells(row[name]))} |" for name in args.servers]
+            if "ratio" in row:
+                lines.append(f"{lead}| **mlxdist ÷ mlx-lm** | {' | '.join(ratio_cells(row))} |")
+    return lines
+
+
+def _footer(results: list[dict], args: argparse.Namespace, method: str, same_text: bool = False) -> str:
+    """The line under a table: the method, errors per backend (and whether the texts agreed), load."""
+    errors = ", ".join(f"{r['backend']} {sum(row[n]['errors'] for row in r['rows'] for n in args.servers)}"
+                       for r in results)
+    same = "; same text: " + ", ".join(f"{r['backend']} {r['same_text']}" for r in results) if same_text else ""
+    load = ", ".join(f"{r['load_average']:.1f}" for r in results)
+    return f"{method} Errors: {errors}{same}; load average: {load}."
+
+
 def chat_markdown(results: list[dict], args: argparse.Namespace) -> str:
     """The chat load's table: per backend and users, each server's medians (ranges) and mlxdist's ratio."""
 
     def cell(m: dict, key: str, form: str) -> str:
         low, high = m["range"][key] if "range" in m else m["ratio_range"][key]
-        value = m[key]
-        return f"{value:{form}} ({low:{form}}-{high:{form}})"
+        return f"{m[key]:{form}} ({low:{form}}-{high:{form}})"
+
+    def server_cells(m: dict) -> list[str]:
+        return [cell(m, "ttft_first_s", ".2f"), cell(m, "ttft_s", ".2f"), cell(m, "aggregate_tps", ".1f"),
+                f"{m['cached_share']:.2f}"]
+
+    def ratio_cells(row: dict) -> list[str]:
+        r = {**row["ratio"], "ratio_range": row["ratio_range"]}
+        return [f"{cell(r, 'ttft_first_s', '.2f')}×", f"{cell(r, 'ttft_s', '.2f')}×",
+                f"{cell(r, 'aggregate_tps', '.2f')}×", ""]
 
     lines = [
         f"| backend | users | server | TTFT turn 1 (s) | TTFT turns >= {LATE_TURN} (s) | aggregate tok/s "
         "| cached share of prompts (turns >= 2) |",
         "|---|---|---|---|---|---|---|",
+        *_rows(results, args, server_cells, ratio_cells),
+        "",
+        _footer(results, args,
+                f"2 ranks, TP; {args.rounds} rounds (server order alternating); per level, each user one "
+                f"conversation of {args.turns} turns of {args.tokens} greedy tokens, a shared system prompt of "
+                f"{args.system_words} and user messages of {args.user_words} two-letter words; medians over "
+                "rounds (range), ratios the median of the round-by-round ratio (range).", same_text=True),
     ]
-    for result in results:
-        for row in result["rows"]:
-            for name in args.servers:
-                m = row[name]
-                lines.append(f"| {result['backend']} | {row['concurrency']} | {name} | {cell(m, 'ttft_first_s', '.2f')} "
-                             f"| {cell(m, 'ttft_s', '.2f')} | {cell(m, 'aggregate_tps', '.1f')} "
-                             f"| {m['cached_share']:.2f} |")
-            if "ratio" in row:
-                r = {**row["ratio"], "ratio_range": row["ratio_range"]}
-                lines.append(f"| {result['backend']} | {row['concurrency']} | **mlxdist ÷ mlx-lm** "
-                             f"| {cell(r, 'ttft_first_s', '.2f')}× | {cell(r, 'ttft_s', '.2f')}× "
-                             f"| {cell(r, 'aggregate_tps', '.2f')}× | |")
-    lines.append("")
-    lines.append(
-        f"2 ranks, TP; {args.rounds} rounds (server order alternating); per level, each user one conversation of "
-        f"{args.turns} turns of {args.tokens} greedy tokens, a shared system prompt of {args.system_words} and user "
-        f"messages of {args.user_words} two-letter words; medians over rounds (range), ratios the median of the "
-        "round-by-round ratio (range). Errors: "
-        + ", ".join(f"{r['backend']} {sum(row[n]['errors'] for row in r['rows'] for n in args.servers)}"
-                    for r in results)
-        + "; same text: " + ", ".join(f"{r['backend']} {r['same_text']}" for r in results)
-        + "; load average: " + ", ".join(f"{r['load_average']:.1f}" for r in results) + "."
-    )
     return "\n".join(lines)
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
     """The README table: per backend and concurrency, each server's medians and mlxdist's ratio."""
+
+    def server_cells(m: dict) -> list[str]:
+        return [f"{m['ttft_s']:.2f}", f"{m['decode_tps']:.1f}", f"{m['aggregate_tps']:.1f}",
+                f"{m['latency_p50_s']:.2f} / {m['latency_p99_s']:.2f}"]
+
+    def ratio_cells(row: dict) -> list[str]:
+        r = row["ratio"]
+        return [f"{r['ttft_s']:.2f}×", f"{r['decode_tps']:.2f}×", f"{r['aggregate_tps']:.2f}×",
+                f"{r['latency_p50_s']:.2f}× / {r['latency_p99_s']:.2f}×"]
+
     lines = [
         "| backend | concurrency | server | TTFT (s) | decode tok/s per stream | aggregate tok/s "
         "| latency p50 / p99 (s) |",
         "|---|---|---|---|---|---|---|",
+        *_rows(results, args, server_cells, ratio_cells),
+        "",
+        _footer(results, args,
+                f"2 ranks, TP; {args.rounds} rounds (server order alternating), each concurrency C: C streams x "
+                f"{args.per_stream} requests of {args.tokens} greedy tokens; medians over rounds, ratios the "
+                "median of the round-by-round ratio."),
     ]
-    for result in results:
-        for row in result["rows"]:
-            for name in args.servers:
-                m = row[name]
-                lines.append(
-                    f"| {result['backend']} | {row['concurrency']} | {name} | {m['ttft_s']:.2f} | "
-                    f"{m['decode_tps']:.1f} | {m['aggregate_tps']:.1f} | "
-                    f"{m['latency_p50_s']:.2f} / {m['latency_p99_s']:.2f} |"
-                )
-            if "ratio" in row:
-                r = row["ratio"]
-                lines.append(
-                    f"| {result['backend']} | {row['concurrency']} | **mlxdist ÷ mlx-lm** | "
-                    f"{r['ttft_s']:.2f}× | {r['decode_tps']:.2f}× | {r['aggregate_tps']:.2f}× | "
-                    f"{r['latency_p50_s']:.2f}× / {r['latency_p99_s']:.2f}× |"
-                )
-    lines.append("")
-    lines.append(
-        f"2 ranks, TP; {args.rounds} rounds (server order alternating), each concurrency C: C streams x "
-        f"{args.per_stream} requests of {args.tokens} greedy tokens; medians over rounds, ratios the median "
-        "of the round-by-round ratio. Errors: "
-        + ", ".join(f"{r['backend']} {sum(row[n]['errors'] for row in r['rows'] for n in args.servers)}"
-                    for r in results)
-        + "; load average: " + ", ".join(f"{r['load_average']:.1f}" for r in results) + "."
-    )
     return "\n".join(lines)
 
 

@@ -35,6 +35,10 @@ def _alive(pid: int) -> bool:
         return True  # no /proc (macOS): kill(pid, 0) is the answer
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigint_to_the_launcher_ends_a_blocked_job(backend):
     launcher = subprocess.Popen(
@@ -55,6 +59,9 @@ def test_sigint_to_the_launcher_ends_a_blocked_job(backend):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A shell without job control starts background commands with SIGINT ignored, and
+        # an ignored SIGINT stays ignored across exec: give the launcher a terminal's default.
+        preexec_fn=_default_sigint,
     )
     pids: list[int] = []
     try:

@@ -5,7 +5,10 @@ and ``generate_step``, one process, no mlxdist), and, for float16/bfloat16,
 mlx-lm's own ``model.shard()`` over mx.distributed in the same job as
 mlxdist's TP. Checkpoints are written by the tests (random weights, mlx-lm's
 format, an offline tokenizer). Each (ranks, backend) configuration runs all
-its checks in one launched job (tests/workers/lm_checks.py).
+its checks in one launched job (tests/workers/lm_checks.py): llama, qwen2,
+qwen3, mistral, qwen3_moe, mixtral, gpt_oss, deepseek_v3, gemma3_text and phi3
+in detail (plans, shares, bytes), and every other family with a test checkpoint
+(FAMILY_CHECKS) under TP and EP, float32 and 4-bit, for its tokens and plan.
 """
 
 from __future__ import annotations
@@ -71,6 +74,36 @@ CHECKPOINTS = {
     "odd_q4": dict(family="llama", dtype="float32", bits=4, group_size=32, seed=8, **ODD_HEADS, num_heads=6,
                    num_kv_heads=3),
 }
+# The families tests/test_lm_layouts.py proves in one process, launched here too: every one under TP,
+# the mixture-of-experts ones under EP as well, float32 and 4-bit among them, spread over the jobs
+# below as (ranks, backend): [(family, bits, experts, weights)].
+FAMILY_DIMS = dict(hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=16, intermediate_size=96,
+                   vocab_size=512, num_experts=4)
+FAMILY_CHECKS = {
+    (2, "ring"): [("glm4_moe", None, "tp", [2, 1]), ("deepseek_v32", None, "tp", [2, 1]), ("kimi_k25", 4, "ep", None),
+                  ("mistral4", 4, "ep", None), ("deepseek_v2", 4, "ep", None)],
+    (2, "mpi"): [("minimax_m3_vl", None, "tp", [2, 1]), ("exaone_moe", None, "tp", [2, 1]),
+                 ("ministral3", None, "tp", [2, 1]), ("glm4_moe", 4, "ep", None), ("glm4_moe_lite", 4, "ep", None),
+                 ("step3p5", 4, "ep", None)],
+    (3, "mpi"): [("glm4_moe_lite", None, "tp", None), ("step3p5", None, "tp", None),
+                 ("minimax_m3_vl", None, "ep", [1, 2, 1]), ("exaone_moe", None, "ep", [1, 2, 1]),
+                 ("gemma3", 4, "tp", [1, 1, 2]), ("kimi_k25", 4, "tp", [1, 1, 2]), ("ministral3", 4, "tp", [1, 1, 2])],
+    (4, "mpi"): [("deepseek_v2", None, "tp", None), ("mistral4", None, "tp", None), ("deepseek_v32", None, "ep", None),
+                 ("gemma3", None, "tp", None)],
+}
+DENSE_FAMILIES = ("gemma3", "ministral3")
+
+
+def family_name(family: str, bits: int | None) -> str:
+    return f"{family}_q{bits}" if bits else family
+
+
+CHECKPOINTS.update({
+    family_name(family, bits): dict(family=family, dtype="float32", seed=20 + i, **FAMILY_DIMS,
+                                    **({"bits": bits, "group_size": 32} if bits else {}))
+    for i, (family, bits) in enumerate(sorted({(f, b) for checks in FAMILY_CHECKS.values() for f, b, _, _ in checks},
+                                              key=str))
+})
 # Largest |logit difference| allowed between a float16/bfloat16 model sharded
 # over 2 ranks and the same model in one process (teacher-forced, logits of
 # order 10 on these models; measured 0.17 and 0.18 here): TP changes the
@@ -143,6 +176,26 @@ def generate_check(path: Path, mode: str, **extra) -> dict:
         "max_tokens": MAX_TOKENS,
         **extra,
     }
+
+
+def family_checks(checkpoints: dict[str, Path], n: int, backend: str) -> list[dict]:
+    """The launched checks of FAMILY_CHECKS for ``(n, backend)``."""
+    return [generate_check(checkpoints[family_name(family, bits)], "tp", tp_weights=weights,
+                           **({} if family in DENSE_FAMILIES else {"experts": experts}))
+            for family, bits, experts, weights in FAMILY_CHECKS.get((n, backend), [])]
+
+
+def assert_family_results(checks: list[dict], results: list[dict], references: dict, n: int) -> None:
+    """Each family's tokens equal one process's, under the plan asked for; no rank holds the whole model."""
+    for check, result in zip(checks, results, strict=True):
+        name = Path(check["path"]).name
+        assert "error" not in result, (name, result)
+        plan = result["plan"]
+        assert plan["mode"] == "tp" and plan["experts"] == check.get("experts"), (name, plan)
+        assert result["tokens"] == references[name]["tokens"], (name, check)
+        assert len(plan["rank_bytes"]) == n and max(plan["rank_bytes"]) < plan["full_bytes"], (name, plan)
+        if check.get("experts") == "ep":
+            assert sum(plan["shares"]["experts"]) == FAMILY_DIMS["num_experts"], (name, plan["shares"])
 
 
 def expected_tp_bytes(path: Path, shares: dict, rank: int) -> int:
@@ -237,22 +290,29 @@ def check_weight_bytes(path: Path, result: dict, n: int) -> float:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [2, 4])
 def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: str) -> None:
-    """Float32 dense, 4-bit (8-bit at 2 ranks): TP and PP tokens equal 1 process.
+    """Float32 dense, 4-bit (8-bit at 2 ranks): TP and PP tokens equal 1 process (on 4 ring ranks:
+    PP, the 6 / 6 layout and the refusal only).
 
     Heads that do not divide (6 / 3 at 2 and 4 ranks, 6 / 6 at 4 ranks, 3 / 1 at 2 ranks): auto picks uneven TP, tokens
     equal 1 process (4-bit 6 / 3 at 4 ranks on MPI); 3 query heads on 4 ranks: mode="tp" raises
     ShapeError. On ring at 2 ranks also: --tp-weights 2,1 and the vocabulary-parallel head (the split is
     backend-independent).
     """
-    dense = ["f32", "q4"] + (["q8"] if n == 2 else [])
-    checks = [generate_check(checkpoints[name], mode) for name in dense for mode in ("auto", "pp")]
-    checks.append(generate_check(checkpoints["odd"], "auto"))
+    # 4 ring ranks on a 2-core machine take ~10 s per TP check (MLX's ring transport spins while it
+    # waits): there, the 6 / 6 layout, PP and the refusal; the split itself is backend-independent.
+    four_ring = (n, backend) == (4, "ring")
+    if four_ring:
+        checks = [generate_check(checkpoints["f32"], "pp")]
+    else:
+        dense = ["f32", "q4"] + (["q8"] if n == 2 else [])
+        checks = [generate_check(checkpoints[name], mode) for name in dense for mode in ("auto", "pp")]
+        checks.append(generate_check(checkpoints["odd"], "auto"))
     if n == 2:
         checks += [generate_check(checkpoints[name], "auto") for name in ("g3", "g3q4")]
     else:
         checks.append(generate_check(checkpoints["g3"], "tp"))
         checks.append(generate_check(checkpoints["mha6"], "auto"))
-        if backend == "mpi":  # 4 ring ranks on a 2-core machine take ~10 s per TP check
+        if not four_ring:
             checks.append(generate_check(checkpoints["odd_q4"], "auto"))
     if n == 2 and backend == "ring":
         checks.append(generate_check(checkpoints["odd"], "auto", tp_weights=[2, 1]))
@@ -261,15 +321,19 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
     moe = {
         (2, "ring"): [("moe", "tp", [2, 1]), ("moe", "ep", [2, 1]), ("oss", "tp", None), ("moe_q4", "ep", None)],
         (2, "mpi"): [("oss", "ep", None), ("moe_q4", "tp", None), ("ds", "ep", [1, 2])],
-        (4, "ring"): [("moe_q4", "tp", None)],  # 4 ring ranks on 2 cores: ~8 s per TP check
-        (4, "mpi"): [("moe", "ep", None), ("oss", "tp", None), ("oss", "ep", None), ("ds", "tp", None)],
+        (4, "ring"): [],
+        (4, "mpi"): [("moe", "ep", None), ("oss", "tp", None), ("oss", "ep", None), ("ds", "tp", None),
+                     ("moe_q4", "tp", None)],
     }[(n, backend)]
     checks += [generate_check(checkpoints[name], "tp", experts=experts, tp_weights=weights)
                for name, experts, weights in moe]
     if n == 2 and backend == "mpi":  # gemma3's blocks; phi3's fused qkv_proj and gate_up_proj
         checks += [generate_check(checkpoints["gemma"], "auto", tp_weights=[1, 3]),
                    generate_check(checkpoints["phi3"], "auto", tp_weights=[2, 1])]
-    results = job(tmp_path, n, backend, checks)
+    families = family_checks(checkpoints, n, backend)
+    results = job(tmp_path, n, backend, checks + families)
+    assert_family_results(families, results[len(checks):], references, n)
+    results = results[:len(checks)]
     ratios, shares = {}, {}
     for check, result in zip(checks, results):
         name = Path(check["path"]).name
@@ -298,8 +362,9 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
         assert shares[("g3", "tp", "", False)]["query_heads"] == [2, 1]
         assert shares[("g3", "tp", "", False)]["kv_heads"] == [[0], [0]]  # one KV head on both ranks
     else:
-        assert shares[("odd", "tp", "", False)]["query_heads"] == [2, 2, 1, 1]
-        assert shares[("odd", "tp", "", False)]["kv_heads"] == [[0], [1], [2], [2]]
+        if not four_ring:
+            assert shares[("odd", "tp", "", False)]["query_heads"] == [2, 2, 1, 1]
+            assert shares[("odd", "tp", "", False)]["kv_heads"] == [[0], [1], [2], [2]]
         assert shares[("mha6", "tp", "", False)]["query_heads"] == [2, 2, 1, 1]
         assert shares[("mha6", "tp", "", False)]["intermediate"] == [213, 213, 299, 299]
     if n == 2 and backend == "ring":
@@ -340,7 +405,10 @@ def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: st
     pp_checks = [generate_check(checkpoints[name], "pp", pp_weights=weights)
                  for name, weights in (("moe", None), ("ds", [1, 2, 1]), ("oss", None), ("phi3", None),
                                        ("gemma", None))]
-    results = job(tmp_path, 3, backend, checks + moe_checks + pp_checks)
+    families = family_checks(checkpoints, 3, backend)
+    results = job(tmp_path, 3, backend, checks + moe_checks + pp_checks + families)
+    assert_family_results(families, results[len(results) - len(families):], references, 3)
+    results = results[:len(results) - len(families)]
     pp_results = results[len(checks) + len(moe_checks):]
     for check, result in zip(pp_checks, pp_results):
         assert "error" not in result, result

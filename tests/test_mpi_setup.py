@@ -69,15 +69,17 @@ def test_launch_mpi_ranks_load_the_environments_libmpi():
         assert doc["MLX_MPI_LIBNAME"] == str(ENV_LIBMPI)
 
 
-def test_the_environments_mpirun_run_by_hand_needs_no_variable():
+def test_the_environments_mpirun_run_by_hand_needs_no_variable(tmp_path):
     # A user's own `mpirun -np 2 python script.py` with the wheel's MPI and no MLX_MPI_LIBNAME.
+    # Only Open MPI's session directory is its own: under /tmp, one left by a killed mpirun of
+    # another test with this pid stops mpirun ("PMIx server's listener thread failed to start").
     command = [
         str(ENV_MPIRUN), "-np", "2", "--oversubscribe", "--bind-to", "none", "--tag-output",
         *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
         sys.executable, str(WORKERS / "mpi_setup.py"), "maps",
     ]
-    proc = subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(command, env=clean_env(PRTE_MCA_prte_tmpdir_base=str(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=120)
     finally:

@@ -238,8 +238,14 @@ def test_a_disconnected_stream_stops_on_every_rank_within_a_step(server):
         cancel = rank["last_cancel"]
         assert cancel.get("id") == rid, stats
         assert cancel["removed_step"] - cancel["received_step"] <= 1, cancel
-        assert cancel["tokens"] <= seen + 2 < CAP, (cancel, seen)
+        # The engine runs ahead of the front door by the tokens in the pipe (more on a loaded machine):
+        # it made at least the tokens the front door saw, and stopped long before the cap.
+        assert seen <= cancel["tokens"] < CAP // 2, (cancel, seen)
         assert rank["active"] == 0
+    # The ranks dropped it together: at the same step, with the same tokens made.
+    cancels = [rank["last_cancel"] for rank in stats["ranks"]]
+    assert all(c["removed_step"] == cancels[0]["removed_step"] and c["tokens"] == cancels[0]["tokens"]
+               for c in cancels), cancels
     assert stats["ranks"][0]["steps"] == stats["ranks"][1]["steps"]
 
 
@@ -267,14 +273,15 @@ def one_process(checkpoint):
 
 
 # Sampling and logprobs are the ranks' own arithmetic, the same on every backend: one server checks them.
+ON_THE_RING_SERVER = pytest.mark.parametrize("server", ["ring"], indirect=True)
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("server", ["ring"], indirect=True)
+@ON_THE_RING_SERVER
 def test_logprobs_equal_log_softmax_of_a_one_process_forward(server, reference, one_process):
     import numpy as np
 
-    logprobs, _ = one_process
-    tokenizer = reference.tokenizer
-    client = server.client()
+    logprobs, tokenizer, client = one_process[0], reference.tokenizer, server.client()
     bias = {"2": -100}  # no end of sequence: six tokens each (logprobs are reported after the bias)
     prompt = tokenizer.encode(PROMPTS[3])
     text = client.completions.create(model="tiny-llama", prompt=PROMPTS[3], max_tokens=6, temperature=0,
@@ -303,13 +310,11 @@ def test_logprobs_equal_log_softmax_of_a_one_process_forward(server, reference, 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("server", ["ring"], indirect=True)
+@ON_THE_RING_SERVER
 def test_top_k_min_p_and_penalties_equal_mlx_lm_samplers_on_the_same_logits(server, reference, one_process):
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    _, generate = one_process
-    tokenizer = reference.tokenizer
-    client = server.client()
+    generate, tokenizer, client = one_process[1], reference.tokenizer, server.client()
     prompt = tokenizer.encode(PROMPTS[5])
     cases = {  # request parameters -> mlx-lm's sampler and processors
         "top_k 1 at temperature 1": ({"temperature": 1.0, "extra_body": {"top_k": 1}},
@@ -332,7 +337,7 @@ def test_top_k_min_p_and_penalties_equal_mlx_lm_samplers_on_the_same_logits(serv
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("server", ["ring"], indirect=True)
+@ON_THE_RING_SERVER
 def test_n_choices_are_the_answers_of_seeds_seed_to_seed_plus_n(server):
     client = server.client()
     ask = dict(model="tiny-llama", prompt=PROMPTS[0], max_tokens=8, temperature=1.0)
@@ -360,7 +365,7 @@ def _until_eos(tokens: list[int], tokenizer: Any) -> list[int]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("server", ["ring"], indirect=True)
+@ON_THE_RING_SERVER
 def test_a_client_gone_from_a_non_streamed_request_is_dropped_without_an_error(server):
     body = {k: v for k, v in LONG.items() if k != "stream"}
     with pytest.raises(httpx.TimeoutException):
@@ -411,7 +416,7 @@ BAD_INPUT = {
 
 # Bad input never reaches the ranks (the front door answers it), so one backend's server checks it.
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("server", ["ring"], indirect=True)
+@ON_THE_RING_SERVER
 @pytest.mark.parametrize("row", list(BAD_INPUT))
 def test_bad_input_gets_its_status_and_the_server_keeps_serving(server, row):
     path, body, raw, key, status = BAD_INPUT[row]

@@ -391,9 +391,11 @@ class Battery:
         closed.close()
         closed.close()
         self.expect("err/closed flag", closed.closed)
+        whole = np.ones(2 * g.size(), np.float32)  # sum_scatter's rows divide among the ranks
         for op in ("all_sum", "all_gather", "sum_scatter", "all_max", "all_min"):
-            self.expect_raises(f"err/closed {op}", E.GroupClosedError, lambda: getattr(closed, op)(x), "closed")
-            self.expect_raises(f"err/closed mlx {op}", E.GroupClosedError, lambda: getattr(closed, op)(mx.ones(4)), "closed")
+            self.expect_raises(f"err/closed {op}", E.GroupClosedError, lambda: getattr(closed, op)(whole), "closed")
+            self.expect_raises(f"err/closed mlx {op}", E.GroupClosedError, lambda: getattr(closed, op)(mx.array(whole)),
+                               "closed")
         self.expect_raises("err/closed split", E.GroupClosedError, lambda: closed.split(0), "closed")
         # The group is still usable after every error above.
         self.expect_equal("err/still usable", g.all_sum(np.ones(2, np.int64)), np.full(2, g.size(), np.int64))
@@ -427,14 +429,20 @@ def run(checks: Checks) -> None:
     """Every check of the battery on ``checks.group``.
 
     Options: ``depth=thorough`` (default) runs every dtype on every shape;
-    ``depth=core`` runs every dtype on a scalar and a 2-d shape (4-rank rings
-    on two cores are slow: MLX's ring transport spins while it waits).
+    ``depth=core`` runs every dtype on a scalar and a 2-d shape (rings of 3 or
+    more ranks on two cores are slow: MLX's ring transport spins while it
+    waits); ``depth=misuse`` runs only the refusals (a 4-rank ring's
+    neighbour rule among them).
     ``large=N``: elements of the large buffers (default 8 Mi).
     """
     battery = Battery(checks)
     group = checks.group
     every = list(DTYPES)
-    thorough = checks.option("depth", "thorough") == "thorough"
+    depth = checks.option("depth", "thorough")
+    if depth == "misuse":
+        battery.misuse()
+        return
+    thorough = depth == "thorough"
     shapes = battery.shapes() if thorough else [(), (2 * group.size(), 3)]
     battery.collectives(every, ("numpy", "mlx"), shapes)
     battery.collectives(["float32", "int64"], ("registered",), battery.shapes())
