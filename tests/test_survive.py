@@ -38,9 +38,11 @@ from mlxdist.lm.testing import write_checkpoint
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-# Deep enough that a token takes a few collectives' time: a loss lands inside a 64-token stream.
-# 8 heads: TP at 2 ranks, PP (4 blocks each) at 3.
-DIMS = dict(hidden_size=128, num_layers=12, num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=512)
+# 8 heads: TP at 2 ranks, uneven TP at 3. Deep enough that a token takes a few collectives' time: a loss
+# lands inside a 64-token stream (on 3 ring ranks, which spin while they wait on 2 cores, a token of
+# the 6-layer model takes ~0.2 s; MPI's stall needs the 12-layer one to find its stream running).
+DIMS = dict(hidden_size=128, num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=512)
+RING_LAYERS, MPI_LAYERS = 6, 12
 START_DEADLINE = 120.0
 TIMEOUT = 10.0  # the ranks' per-operation deadline (a step may take seconds on a loaded machine)
 TEXT = "/v1/completions"
@@ -54,17 +56,22 @@ LONG_TOKENS = 512
 EXPERTS = 4  # whole experts per rank under EP: 2, 1, 1 at 3 ranks, 2, 2 at 2
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A mixture-of-experts checkpoint (a dense one re-forms in tests/test_survive_hosts.py)."""
-    return write_checkpoint(tmp_path_factory.mktemp("survive") / "tiny-deep", family="qwen3_moe", dtype="float32",
-                            num_experts=EXPERTS, **DIMS)
+def moe_checkpoint(tmp_path_factory, layers: int, longest: int) -> tuple[Path, Any]:
+    """A mixture-of-experts checkpoint (a dense one re-forms in tests/test_survive_hosts.py) and
+    ``reference(max_tokens)``: the undisturbed greedy run of PROMPT in one process (mlxdist.lm), as text."""
+    path = write_checkpoint(tmp_path_factory.mktemp(f"survive{layers}") / "tiny-deep", family="qwen3_moe",
+                            dtype="float32", num_experts=EXPERTS, num_layers=layers, **DIMS)
+    return path, greedy_reference(path, PROMPT, longest, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint) -> Any:
-    """``reference(max_tokens)``: the undisturbed greedy run of PROMPT in one process (mlxdist.lm), as text."""
-    return greedy_reference(checkpoint, PROMPT, LONG_TOKENS, MAX_TOKENS)
+def ring_case(tmp_path_factory) -> tuple[Path, Any]:
+    return moe_checkpoint(tmp_path_factory, RING_LAYERS, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def mpi_case(tmp_path_factory) -> tuple[Path, Any]:
+    return moe_checkpoint(tmp_path_factory, MPI_LAYERS, LONG_TOKENS)
 
 
 class Server(ServeProcess):
@@ -78,7 +85,7 @@ class Server(ServeProcess):
 
 
 @pytest.fixture
-def servers(checkpoint, tmp_path) -> Iterator[dict[str, Server]]:
+def servers(tmp_path) -> Iterator[dict[str, Server]]:
     started: dict[str, Server] = {}
     yield started
     for server in started.values():
@@ -121,7 +128,8 @@ def joined(thread: threading.Thread, out: dict[str, Any], timeout: float = 120) 
 
 @pytest.mark.timeout(300)
 def test_ring_moe_world_re_forms_twice_re_placing_experts_and_streams_finish_with_undisturbed_tokens(
-        checkpoint, reference, servers, tmp_path):
+        ring_case, servers, tmp_path):
+    checkpoint, reference = ring_case
     server = servers["ring"] = Server(checkpoint, "ring", tmp_path / "ring.log", "--experts", "ep")
     health = server.wait_for(3)
     # 3 ranks do not divide 8 query heads: uneven TP (then even TP at 2, then one rank).
@@ -171,7 +179,8 @@ def test_ring_moe_world_re_forms_twice_re_placing_experts_and_streams_finish_wit
 
 
 @pytest.mark.timeout(300)
-def test_mpi_world_re_forms_after_a_stall_then_fails_below_min_ranks(checkpoint, reference, servers, tmp_path):
+def test_mpi_world_re_forms_after_a_stall_then_fails_below_min_ranks(mpi_case, servers, tmp_path):
+    checkpoint, reference = mpi_case
     server = servers["mpi"] = Server(checkpoint, "mpi", tmp_path / "mpi.log", "--min-ranks", "2",
                                      "--reform-wait", "1", "--experts", "tp")
     health = server.wait_for(3)
