@@ -3,7 +3,7 @@
 One server per backend, each walked through several losses:
 
 - ring, 3 ranks, a mixture-of-experts checkpoint with ``--experts ep``:
-  kill -9 of rank 2 during a 64-token greedy stream (and a seeded sampled
+  kill -9 of rank 2 during a 32-token greedy stream (and a seeded sampled
   one); both complete with the tokens of an undisturbed run (mlxdist.lm's
   one-process generation; the same sampled request on the undisturbed
   world); /health reports 2 ranks and their plan, the experts placed again
@@ -39,7 +39,7 @@ from mlxdist.lm.testing import write_checkpoint
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 # 8 heads: TP at 2 ranks, uneven TP at 3. Deep enough that a token takes a few collectives' time: a loss
-# lands inside a 64-token stream (on 3 ring ranks, which spin while they wait on 2 cores, a token of
+# lands inside a 32-token stream (on 3 ring ranks, which spin while they wait on 2 cores, a token of
 # the 6-layer model takes ~0.2 s; MPI's stall needs the 12-layer one to find its stream running).
 DIMS = dict(hidden_size=128, num_heads=8, num_kv_heads=4, intermediate_size=256, vocab_size=512)
 RING_LAYERS, MPI_LAYERS = 6, 12
@@ -47,7 +47,7 @@ START_DEADLINE = 120.0
 TIMEOUT = 10.0  # the ranks' per-operation deadline (a step may take seconds on a loaded machine)
 TEXT = "/v1/completions"
 PROMPT = "mlx"
-MAX_TOKENS = 64
+MAX_TOKENS = 32
 # The stalled stream's length. On MPI the engine runs far ahead of the client (hundreds of tokens while
 # the client reads a few): the stall strikes once the stream opened, so it finds the request running.
 LONG_TOKENS = 512
