@@ -61,7 +61,6 @@ def pytest_make_collect_report(collector):
     _fail_a_skip_under_ci(outcome.get_result())
 
 
-
 # Two test workers (pytest-xdist; pyproject's addopts: -n 2) each take whole units: a module, or the
 # modules reading the launches shared per (ranks, backend) (support/shared.py), so a module's fixtures
 # (checkpoints, references, servers) are made once and each shared launch still runs once. (Grouping

@@ -185,6 +185,15 @@ def family_checks(checkpoints: dict[str, Path], n: int, backend: str) -> list[di
             for family, bits, experts, weights in FAMILY_CHECKS.get((n, backend), [])]
 
 
+def job_with_families(tmp_path: Path, n: int, backend: str, checks: list[dict], checkpoints: dict[str, Path],
+                      references: dict) -> list[dict]:
+    """:func:`job` with this configuration's FAMILY_CHECKS appended and judged; the results of ``checks``."""
+    families = family_checks(checkpoints, n, backend)
+    results = job(tmp_path, n, backend, checks + families)
+    assert_family_results(families, results[len(checks):], references, n)
+    return results[:len(checks)]
+
+
 def assert_family_results(checks: list[dict], results: list[dict], references: dict, n: int) -> None:
     """Each family's tokens equal one process's, under the plan asked for; no rank holds the whole model."""
     for check, result in zip(checks, results, strict=True):
@@ -330,10 +339,7 @@ def test_sharded_generation(checkpoints, references, tmp_path, n: int, backend: 
     if n == 2 and backend == "mpi":  # gemma3's blocks; phi3's fused qkv_proj and gate_up_proj
         checks += [generate_check(checkpoints["gemma"], "auto", tp_weights=[1, 3]),
                    generate_check(checkpoints["phi3"], "auto", tp_weights=[2, 1])]
-    families = family_checks(checkpoints, n, backend)
-    results = job(tmp_path, n, backend, checks + families)
-    assert_family_results(families, results[len(checks):], references, n)
-    results = results[:len(checks)]
+    results = job_with_families(tmp_path, n, backend, checks, checkpoints, references)
     ratios, shares = {}, {}
     for check, result in zip(checks, results):
         name = Path(check["path"]).name
@@ -405,10 +411,7 @@ def test_uneven_tp_on_three_ranks(checkpoints, references, tmp_path, backend: st
     pp_checks = [generate_check(checkpoints[name], "pp", pp_weights=weights)
                  for name, weights in (("moe", None), ("ds", [1, 2, 1]), ("oss", None), ("phi3", None),
                                        ("gemma", None))]
-    families = family_checks(checkpoints, 3, backend)
-    results = job(tmp_path, 3, backend, checks + moe_checks + pp_checks + families)
-    assert_family_results(families, results[len(results) - len(families):], references, 3)
-    results = results[:len(results) - len(families)]
+    results = job_with_families(tmp_path, 3, backend, checks + moe_checks + pp_checks, checkpoints, references)
     pp_results = results[len(checks) + len(moe_checks):]
     for check, result in zip(pp_checks, pp_results):
         assert "error" not in result, result

@@ -21,17 +21,12 @@ CHAT_KEYS = ("ttft_first_s", "ttft_s", "aggregate_tps", "cached_share", "latency
 LATE_TURN = 4
 
 
-@dataclass
-class Request:
-    """One streamed completion as the client saw it (seconds from the level's start)."""
+class Timed:
+    """What the client timed of one stream: ``start``, ``first`` and ``end`` (seconds from the level's start)."""
 
-    prompt_index: int
     start: float
     first: float
     end: float
-    tokens: int
-    text: str
-    error: Optional[str] = None
 
     @property
     def ttft(self) -> float:
@@ -42,6 +37,19 @@ class Request:
     def latency(self) -> float:
         """Seconds from the request to its last token."""
         return self.end - self.start
+
+
+@dataclass
+class Request(Timed):
+    """One streamed completion as the client saw it (seconds from the level's start)."""
+
+    prompt_index: int
+    start: float
+    first: float
+    end: float
+    tokens: int
+    text: str
+    error: Optional[str] = None
 
     @property
     def decode_tps(self) -> float:
@@ -149,7 +157,7 @@ def words(seed: tuple[int, ...], count: int) -> str:
 
 
 @dataclass
-class Turn:
+class Turn(Timed):
     """One streamed chat turn as the client saw it (seconds from the level's start)."""
 
     user: int
@@ -162,11 +170,6 @@ class Turn:
     cached_tokens: int
     text: str
     error: Optional[str] = None
-
-    @property
-    def ttft(self) -> float:
-        """Seconds to the first token."""
-        return self.first - self.start
 
 
 def summarise_chat(turns: list[Turn], wall: float) -> dict[str, Any]:
@@ -186,7 +189,7 @@ def summarise_chat(turns: list[Turn], wall: float) -> dict[str, Any]:
     late = [t.ttft for t in good if t.turn + 1 >= LATE_TURN]
     first = [t.ttft for t in good if t.turn == 0]
     later = [t for t in good if t.turn > 0]
-    latencies = np.array([t.end - t.start for t in good]) if good else np.array([float("nan")])
+    latencies = np.array([t.latency for t in good]) if good else np.array([float("nan")])
     prompt = sum(t.prompt_tokens for t in later)
     return {
         "requests": len(turns),
