@@ -79,15 +79,17 @@ CHECKPOINTS = {
 # below as (ranks, backend): [(family, bits, experts, weights)].
 FAMILY_DIMS = dict(hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=16, intermediate_size=96,
                    vocab_size=512, num_experts=4)
-FAMILY_CHECKS = {
+FAMILY_CHECKS = {  # (ranks, backend) -> (family, bits, how: "tp"/"ep" (experts under TP) or "pp", weights)
     (2, "ring"): [("glm4_moe", None, "tp", [2, 1]), ("deepseek_v32", None, "tp", [2, 1]), ("kimi_k25", 4, "ep", None),
-                  ("mistral4", 4, "ep", None), ("deepseek_v2", 4, "ep", None)],
+                  ("mistral4", 4, "ep", None), ("deepseek_v2", 4, "ep", None), ("ministral3", None, "pp", None),
+                  ("mistral4", 4, "pp", [2, 1]), ("minimax", 4, "ep", None)],
     (2, "mpi"): [("minimax_m3_vl", None, "tp", [2, 1]), ("exaone_moe", None, "tp", [2, 1]),
                  ("ministral3", None, "tp", [2, 1]), ("glm4_moe", 4, "ep", None), ("glm4_moe_lite", 4, "ep", None),
-                 ("step3p5", 4, "ep", None)],
+                 ("step3p5", 4, "ep", None), ("exaone_moe", 4, "pp", None), ("step3p5", None, "pp", [1, 2])],
     (3, "mpi"): [("glm4_moe_lite", None, "tp", None), ("step3p5", None, "tp", None),
                  ("minimax_m3_vl", None, "ep", [1, 2, 1]), ("exaone_moe", None, "ep", [1, 2, 1]),
-                 ("gemma3", 4, "tp", [1, 1, 2]), ("kimi_k25", 4, "tp", [1, 1, 2]), ("ministral3", 4, "tp", [1, 1, 2])],
+                 ("gemma3", 4, "tp", [1, 1, 2]), ("kimi_k25", 4, "tp", [1, 1, 2]), ("ministral3", 4, "tp", [1, 1, 2]),
+                 ("minimax", None, "tp", [1, 1, 2])],
     (4, "mpi"): [("deepseek_v2", None, "tp", None), ("mistral4", None, "tp", None), ("deepseek_v32", None, "ep", None),
                  ("gemma3", None, "tp", None)],
 }
@@ -180,9 +182,15 @@ def generate_check(path: Path, mode: str, **extra) -> dict:
 
 def family_checks(checkpoints: dict[str, Path], n: int, backend: str) -> list[dict]:
     """The launched checks of FAMILY_CHECKS for ``(n, backend)``."""
-    return [generate_check(checkpoints[family_name(family, bits)], "tp", tp_weights=weights,
-                           **({} if family in DENSE_FAMILIES else {"experts": experts}))
-            for family, bits, experts, weights in FAMILY_CHECKS.get((n, backend), [])]
+    checks = []
+    for family, bits, how, weights in FAMILY_CHECKS.get((n, backend), []):
+        path = checkpoints[family_name(family, bits)]
+        if how == "pp":
+            checks.append(generate_check(path, "pp", pp_weights=weights))
+        else:
+            checks.append(generate_check(path, "tp", tp_weights=weights,
+                                         **({} if family in DENSE_FAMILIES else {"experts": how})))
+    return checks
 
 
 def job_with_families(tmp_path: Path, n: int, backend: str, checks: list[dict], checkpoints: dict[str, Path],
@@ -200,7 +208,9 @@ def assert_family_results(checks: list[dict], results: list[dict], references: d
         name = Path(check["path"]).name
         assert "error" not in result, (name, result)
         plan = result["plan"]
-        assert plan["mode"] == "tp" and plan["experts"] == check.get("experts"), (name, plan)
+        assert plan["mode"] == check["mode"] and plan["experts"] == check.get("experts"), (name, plan)
+        if check["mode"] == "pp":
+            assert plan["layers"] == [[0, 1], [1, 2]], (name, plan)
         assert result["tokens"] == references[name]["tokens"], (name, check)
         assert len(plan["rank_bytes"]) == n and max(plan["rank_bytes"]) < plan["full_bytes"], (name, plan)
         if check.get("experts") == "ep":

@@ -118,7 +118,7 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
 
 
 MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2",
-                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe", "step3p5", "minimax_m3_vl"]
+                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe", "step3p5", "minimax_m3_vl", "minimax"]
 # Routing top-2 within 1 of 2 expert groups: an even count of at least 4 experts.
 GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4",
            "exaone_moe")
@@ -149,9 +149,13 @@ def sharded_models(model: nn.Module, family: str, size: int, weights, experts: s
 
 
 def assert_every_rank_equals(world, models, reference: mx.array, plan) -> None:
-    """Each rank's logits equal the unsharded model's, after one all-sum per attention and per MLP/MoE."""
+    """Each rank's logits equal the unsharded model's, after one all-sum per attention and per MLP/MoE (and one
+    per norm over every head's features)."""
+    from mlxdist.nn import ShardedRMSNorm
+
     outputs = world.run([lambda m=m: prompt_and_one_token(m) for m in models])
-    assert world.all_sums == 8  # two blocks, two forwards: one after attention, one after the MLP or MoE block
+    wide_norms = sum(isinstance(module, ShardedRMSNorm) for _, module in models[0].named_modules())
+    assert world.all_sums == 2 * (4 + wide_norms)  # two forwards of two blocks
     scale = float(mx.abs(reference).max()) + 1.0
     for rank, out in enumerate(outputs):
         error = float(mx.abs(out - reference).max())
@@ -191,7 +195,8 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
     attention) / deepseek_v2 (latent attention through kv_b_proj) / kimi_k25 (deepseek_v3's text model
     under a multimodal wrapper's language_model) / deepseek_v32 (also a sparse-attention indexer) / mistral4 (llama-4
     attention scaling) / exaone_moe (local windows shorter than the prompt, a dense first block) / step3p5 (a per-head
-    output gate, a shared expert) / minimax_m3_vl (the decoder under a wrapper, per-head q/k norms) under
+    output gate, a shared expert) / minimax_m3_vl (the decoder under a wrapper, per-head q/k norms) / minimax
+    (q/k norms over every head's features, sharded with one all-sum each, replicated key/value heads counted once) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     (family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts,
@@ -250,40 +255,58 @@ def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, 
 @pytest.mark.parametrize(
     "family", ["llama", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3",
                "glm4_moe_lite", "minimax", "deepseek_v2", "gemma3", "kimi_k25", "deepseek_v32",
-               "minimax_m3_vl"]
+               "minimax_m3_vl", "ministral3", "mistral4", "exaone_moe", "step3p5"]
 )
 def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
     """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)
-    it must compute what the family's own inner model does (embedding scale, masks, local windows: 24
-    tokens cross gemma3's window of 16), or PP would be silently wrong for that family."""
+    it must compute what the family's own inner model does, on a prompt and then token by token from its
+    caches (embedding scale, masks, local windows: 24 tokens cross gemma3's window of 16 and exaone_moe's
+    and step3p5's of 4; llama-4's attention scale, which ministral3's and mistral4's test configs make
+    grow every 8 positions), or PP would be silently wrong for that family."""
     import mlxdist
+    from mlx_lm.models.cache import make_prompt_cache
+
     from mlxdist.lm.pipeline import apply_pipeline_parallel
 
     model, _ = random_model(family, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
                             intermediate_size=64, vocab_size=300, seed=3)
     tokens = mx.array([[1, 5, 7, 9, 11, 13] * 4])
-    reference = model(tokens)
+
+    def forwards() -> list[mx.array]:
+        cache = make_prompt_cache(model)
+        outputs = [model(tokens, cache=cache)]
+        for _ in range(10):
+            outputs.append(model(mx.argmax(outputs[-1][:, -1:], axis=-1), cache=cache))
+        return [model(tokens), *outputs]
+
+    reference = forwards()
     apply_pipeline_parallel(model, 0, 3, mlxdist.world())
-    assert float(mx.abs(model(tokens) - reference).max()) == 0.0
+    for got, expected in zip(forwards(), reference, strict=True):
+        assert float(mx.abs(got - expected).max()) == 0.0
 
 
-def test_minimax_whole_width_qk_norms_refuse_tp_and_plan_pp() -> None:
-    """minimax normalises all heads' queries (and keys) together: TP would change the norm, so --mode tp
-    names the module and auto falls back to the pipeline stage (checked above against its inner model)."""
+def test_minimax_whole_width_qk_norms_are_sharded() -> None:
+    """minimax normalises all heads' queries (and keys) together: under TP each rank's q/k norm covers its own
+    heads' features and divides by the whole width's RMS (one all-sum of the sums of squares); a norm of
+    another kind over every head is refused naming the module."""
     from mlxdist.errors import UnsupportedOperationError
     from mlxdist.lm.plan import choose
+    from mlxdist.nn import ShardedRMSNorm
 
     model, _ = random_model("minimax", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                             intermediate_size=32, vocab_size=300)
-    with pytest.raises(UnsupportedOperationError, match=r"model\.layers\.0\.self_attn\.q_norm .*all 4 heads"):
-        choose(model, "minimax", 0, 2, "tp")
-    with pytest.raises(UnsupportedOperationError, match="q_norm"):
-        choose(model, "minimax", 0, 2, "tp", experts="ep")
-    plan = choose(model, "minimax", 0, 2, "auto")
-    assert plan.mode == "pp" and plan.layers == [(0, 1), (1, 2)] and "q_norm" in plan.reason
-    # The key norm is refused the same way (both normalise whole widths).
-    model.model.layers[0].self_attn.q_norm.weight = mx.ones((16,))
-    with pytest.raises(UnsupportedOperationError, match=r"self_attn\.k_norm .*all 2 heads"):
+    reference = prompt_and_one_token(model)
+    # 3 ranks over 2 key/value heads: key/value head 1 is held by two ranks and counts once in the norm.
+    world, models, plan = sharded_models(model, "minimax", 3, None)
+    assert plan.mode == "tp" and plan.split.kv_heads == [[0], [1], [1]]
+    for rank, copy in enumerate(models):
+        norms = [copy.model.layers[0].self_attn[name] for name in ("q_norm", "k_norm")]
+        assert all(isinstance(norm, ShardedRMSNorm) for norm in norms)
+        assert [norm.total for norm in norms] == [64, 32] and norms[1].weight.shape[0] == 16
+    assert [m.model.layers[0].self_attn.q_norm.weight.shape[0] for m in models] == [32, 16, 16]
+    assert_every_rank_equals(world, models, reference, plan)
+    model.model.layers[0].self_attn.k_norm = nn.LayerNorm(32)
+    with pytest.raises(UnsupportedOperationError, match=r"model\.layers\.0\.self_attn\.k_norm \(LayerNorm\)"):
         choose(model, "minimax", 0, 2, "tp")
 
 
@@ -308,22 +331,6 @@ def test_unknown_kinds_are_refused_naming_the_module(family: str, module: str) -
             assert module in str(caught.value)
         if mode != "tp":
             assert f"pipeline stage is not checked against {family}" in str(caught.value)
-
-
-@pytest.mark.parametrize("family", ["ministral3", "mistral4", "exaone_moe", "step3p5"])
-def test_pipeline_refused_where_the_stage_differs(family: str) -> None:
-    """ministral3 and mistral4 pass a llama-4 attention scale to their blocks, which the pipeline stage does
-    not, and exaone_moe's and step3p5's inner models build their own local-window masks (and step3p5 its own
-    norms): PP is refused with
-    the typed error (TP is proven above)."""
-    from mlxdist.errors import UnsupportedOperationError
-    from mlxdist.lm.plan import choose
-
-    model, _ = random_model(family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                            intermediate_size=64, vocab_size=300)
-    with pytest.raises(UnsupportedOperationError, match=f"pipeline stage is not checked against {family}"):
-        choose(model, family, 0, 2, "pp")
-    assert choose(model, family, 0, 2, "auto").mode == "tp"
 
 
 CASES = [(None, 3, None, "tp"), (None, 2, [2, 1], "tp"), (None, 3, [1, 2, 1], "ep"), (4, 3, [1, 1, 2], "tp"),
@@ -364,3 +371,62 @@ def test_written_checkpoint_loads_with_mlx_lm(family: str, tmp_path) -> None:
     written, _ = random_model(family, **dims)
     tokens = mx.array([[1, 5, 7, 9]])
     assert mx.array_equal(loaded(tokens), written(tokens))
+
+
+@st.composite
+def norm_layouts(draw):
+    """A width, a rank count and each rank's feature ranges: every feature held at least once, some by several
+    ranks or twice by one (as replicated key/value heads are)."""
+    width = draw(st.integers(2, 40))
+    size = draw(st.integers(2, 5))
+    owner = [draw(st.integers(0, size - 1)) for _ in range(width)]
+    ranges: list[list[tuple[int, int]]] = [[] for _ in range(size)]
+    for feature, rank in enumerate(owner):
+        ranges[rank].append((feature, feature + 1))
+    for _ in range(draw(st.integers(0, 4))):  # extra copies of a slice, on any rank, anywhere in its order
+        start = draw(st.integers(0, width - 1))
+        stop = draw(st.integers(start + 1, width))
+        rank = draw(st.integers(0, size - 1))
+        ranges[rank].insert(draw(st.integers(0, len(ranges[rank]))), (start, stop))
+    return width, size, ranges
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=norm_layouts(), dtype=st.sampled_from(["float32", "float16"]), seed=st.integers(0, 2**16))
+def test_sharded_rms_norm_equals_the_whole_norm(layout, dtype, seed) -> None:
+    """Each rank's ShardedRMSNorm output equals the whole-width nn.RMSNorm's output at that rank's features,
+    whichever features a rank holds and however often (a copied feature counts once in the mean)."""
+    from mlxdist.nn import ShardedRMSNorm
+
+    width, size, ranges = layout
+    key_x, key_w = mx.random.split(mx.random.key(seed))
+    x = mx.random.normal((2, 3, width), key=key_x).astype(getattr(mx, dtype))
+    norm = nn.RMSNorm(width, eps=1e-5)
+    norm.weight = mx.random.normal((width,), key=key_w)
+    reference = norm(x.astype(mx.float32))
+    world = StandInWorld(size)
+    sharded = [ShardedRMSNorm.from_rms_norm(norm, ranges, group=group) for group in world.groups]
+    local = [mx.concatenate([x[..., :0]] + [x[..., a:b] for a, b in ranges[rank]], axis=-1) for rank in range(size)]
+    outputs = world.run([lambda r=r: sharded[r](local[r]) for r in range(size)])
+    tolerance = 1e-5 if dtype == "float32" else 2e-3
+    for rank, out in enumerate(outputs):
+        assert out.dtype == x.dtype
+        expected = mx.concatenate([reference[..., :0]] + [reference[..., a:b] for a, b in ranges[rank]], axis=-1)
+        assert out.shape == expected.shape
+        if expected.size:
+            scale = float(mx.abs(expected).max()) + 1.0
+            assert float(mx.abs(out.astype(mx.float32) - expected).max()) <= tolerance * scale, rank
+
+
+def test_sharded_rms_norm_refuses_bad_ranges() -> None:
+    """Ranges for the wrong number of ranks, outside the width, or leaving a feature unheld: typed errors."""
+    from mlxdist.errors import InvalidArgumentError
+    from mlxdist.nn import ShardedRMSNorm
+
+    norm, group = nn.RMSNorm(8), StandInWorld(2).groups[0]
+    with pytest.raises(InvalidArgumentError, match="one list per rank"):
+        ShardedRMSNorm.from_rms_norm(norm, [[(0, 8)]], group=group)
+    with pytest.raises(InvalidArgumentError, match="outside the norm's width 8"):
+        ShardedRMSNorm.from_rms_norm(norm, [[(0, 4)], [(4, 9)]], group=group)
+    with pytest.raises(InvalidArgumentError, match="feature 5 of the norm is held by no rank"):
+        ShardedRMSNorm.from_rms_norm(norm, [[(0, 4)], [(4, 5), (6, 8)]], group=group)

@@ -6,8 +6,9 @@ A decoder block is sharded by what it contains, not by its family's name:
   linear layers and its head counts under any of the names families use
   (``n_heads``/``num_attention_heads``/``num_heads``,
   ``n_kv_heads``/``num_key_value_heads``/``num_kv_heads``); q/k norms
-  (per head) stay whole (norms over every head's features together, as
-  minimax's, are refused), q/k/v biases follow their features, an o bias is
+  per head stay whole, q/k norms over every head's features together
+  (minimax's) become :class:`mlxdist.nn.ShardedRMSNorm` over the rank's heads
+  (one all-sum of a sum of squares each), q/k/v biases follow their features, an o bias is
   added once after the sum, attention ``sinks`` (one per query head) and a
   per-head output gate ``g_proj`` follow their heads;
 - multi-head latent attention (deepseek_v2/v3 and kin): ``q_proj`` or
@@ -101,6 +102,8 @@ class BlockLayout:
             for every head: only the query heads' count changes).
         fused: Fused projections (``qkv_proj``: query, key and value parts;
             ``gate_up_proj``: gate and up parts), cut by per-rank ranges.
+        wide_norms: Norms over every head's features at once, each with the
+            projection whose output it normalises (``(norm, projection)``).
     """
 
     column: tuple[str, ...]
@@ -118,6 +121,7 @@ class BlockLayout:
     latent: tuple[str, ...] = ()
     fused: tuple[str, ...] = ()
     mla: bool = False
+    wide_norms: tuple[tuple[str, str], ...] = ()
 
     def kinds(self) -> list[str]:
         """The kinds of this block's modules, for plans and messages."""
@@ -169,16 +173,23 @@ def has_latent_attention(block: nn.Module) -> bool:
     return any(_is_latent(child) for child in _children(block).values())
 
 
-def _check_head_norms(attn: nn.Module, counts: tuple[str, str], where: str) -> None:
-    """Refuse q/k norms over every head's features at once (minimax): a rank holds only its heads' part."""
+def _wide_norms(attn: nn.Module, counts: tuple[str, str], attention: str, where: str) -> tuple[tuple[str, str], ...]:
+    """The q/k norms of ``attn`` that normalise every head's features together (minimax's), with their projections."""
+    found = []
     for norm, proj, count in (("q_norm", "q_proj", counts[0]), ("k_norm", "k_proj", counts[1])):
         weight = getattr(attn.get(norm), "weight", None) if isinstance(attn.get(norm), nn.Module) else None
-        heads = getattr(attn, count)
-        if isinstance(weight, mx.array) and heads > 1 and weight.shape[-1] == attn[proj]["weight"].shape[0]:
-            raise UnsupportedOperationError(
-                f"tensor parallelism does not know the module {where}.{norm} ({type(attn[norm]).__name__}): "
-                f"it normalises all {heads} heads' features together, and a rank holds only its own heads"
-            )
+        if isinstance(weight, mx.array) and getattr(attn, count) > 1 and weight.shape[-1] == _width(attn[proj]):
+            if not isinstance(attn[norm], nn.RMSNorm):
+                raise UnsupportedOperationError(
+                    f"tensor parallelism does not know the module {where}.{attention}.{norm} ({type(attn[norm]).__name__}): "
+                    f"it normalises all {getattr(attn, count)} heads' features together and is not an RMS norm"
+                )
+            found.append((f"{attention}.{norm}", f"{attention}.{proj}"))
+    return tuple(found)
+
+
+def _width(projection: nn.Module) -> int:
+    return int(projection["weight"].shape[0])
 
 
 def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
@@ -240,8 +251,7 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             f"{where}.{attention} ({type(attn).__name__}) keeps no head counts under "
             f"{'/'.join(QUERY_COUNTS)} and {'/'.join(KV_COUNTS)}"
         )
-    if base is None and _has_linears(attn, _ATTENTION):
-        _check_head_norms(attn, counts, f"{where}.{attention}")
+    wide_norms = _wide_norms(attn, counts, attention, where) if base is None and _has_linears(attn, _ATTENTION) else ()
     sinks = isinstance(attn.get("sinks"), mx.array)
     if base is None and _has_linears(attn, _FUSED_ATTENTION) and not _has_linears(attn, _ATTENTION):
         qkv, o = (f"{attention}.{name}" for name in _FUSED_ATTENTION)
@@ -252,7 +262,7 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
         # A per-head output gate (step3p5's g_proj: its rows head-major) goes with the query heads.
         gate = (f"{attention}.g_proj",) if is_linear(attn.get("g_proj")) else ()
         base = dict(column=(q, *gate, k, v), row=(o,), attention=attention, head_counts=counts,
-                    query=(q, *gate, o), key_value=(k, v), sinks=sinks)
+                    query=(q, *gate, o), key_value=(k, v), sinks=sinks, wide_norms=wide_norms)
     name, ff = feedforward[0]
     switch = _switch_name(ff)
     if switch is None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import inspect
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.ministral3 import _get_llama_4_attn_scale
 
 from mlxdist.group import Group
 from mlxdist.lm.decoder import text_model
@@ -30,8 +33,12 @@ PIPELINED = frozenset(
     f"mlx_lm.models.{name}"
     for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss",
                  "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax", "deepseek_v2", "kimi_k25", "deepseek_v32",
-                 "minimax_m3_vl")
+                 "minimax_m3_vl", "ministral3", "mistral4", "exaone_moe", "step3p5")
 )
+
+# The inner models that build a causal mask of their own kind: the one latent attention family whose
+# inner model passes the mask as mlx-lm's "causal" rather than as an array.
+_CAUSAL_MASK = frozenset({"mlx_lm.models.mistral4"})
 
 # The inner models that multiply the embeddings by sqrt(hidden_size) before the first block.
 _SCALED_EMBEDDINGS = frozenset({"mlx_lm.models.gemma3_text"})
@@ -56,13 +63,16 @@ class PipelineStage(nn.Module):
         self.layers = inner.layers[start:stop]
         self.norm = inner.norm
         # The window of local-attention blocks, and which of this rank's blocks use it: a block's own
-        # use_sliding, its attention's is_sliding (gemma3), or the inner model's layer_types (gpt-oss).
-        self.sliding_window = getattr(inner, "sliding_window", None) or getattr(inner, "window_size", None)
+        # use_sliding (ministral3) or is_sliding_window (exaone_moe), its attention's is_sliding (gemma3,
+        # step3p5), or the inner model's layer_types (gpt-oss).
+        self.sliding_window = (getattr(inner, "sliding_window", None) or getattr(inner, "window_size", None)
+                               or getattr(getattr(inner, "args", None), "sliding_window", None))
         types = getattr(inner, "layer_types", None) or [None] * len(inner.layers)
         if getattr(inner, "layer_types", None):
             self.layer_types = list(types)  # every block's (the family's make_cache reads them)
         self.sliding = [
             bool(getattr(layer, "use_sliding", False))
+            or bool(getattr(layer, "is_sliding_window", False))
             or bool(getattr(getattr(layer, "self_attn", None), "is_sliding", False))
             or types[index] == "sliding_attention"
             for index, layer in zip(range(start, stop), inner.layers[start:stop])
@@ -73,7 +83,15 @@ class PipelineStage(nn.Module):
         scaled = type(inner).__module__ in _SCALED_EMBEDDINGS
         self.embed_scale = float(inner.args.hidden_size) ** 0.5 if scaled else None
         # Latent attention masks its scores with mx.where: it needs the mask as an array.
-        self.array_mask = any(has_latent_attention(layer) for layer in self.layers)
+        self.array_mask = type(inner).__module__ not in _CAUSAL_MASK and any(
+            has_latent_attention(layer) for layer in self.layers
+        )
+        # Blocks that take llama-4's attention scale (ministral3, mistral4) get it computed as their inner
+        # model does, from the positions and rope_parameters.
+        self.llama_4_scale: Optional[tuple[float, int]] = None
+        if self.layers and "attn_scale" in inspect.signature(type(self.layers[0]).__call__).parameters:
+            rope = inner.args.rope_parameters
+            self.llama_4_scale = (rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
 
     @property
     def pipeline_layers(self) -> list:
@@ -117,11 +135,15 @@ class PipelineStage(nn.Module):
             masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
         else:
             masks = {False: mask, True: mask}
+        extra: tuple = ()
+        if self.llama_4_scale is not None:
+            offset = cache[0].offset if cache[0] is not None else 0
+            extra = (_get_llama_4_attn_scale(h.shape[1], offset, *self.llama_4_scale).astype(h.dtype),)
         rank, size = self.group.rank(), self.group.size()
         if rank > 0:
             h = recv_like(h, rank - 1, group=self.group)
         for layer, local, c in zip(self.layers, self.sliding, cache):
-            h = layer(h, masks[local], cache=c)
+            h = layer(h, *extra, masks[local], cache=c)
         if rank < size - 1:
             h = send(h, rank + 1, group=self.group)
             # Whoever evaluates only the caches (prefill chunks) still sends.

@@ -27,6 +27,7 @@ from mlxdist.lm.split import TensorSplit
 from mlxdist.lm.vocab import apply_vocab_parallel
 from mlxdist.nn import shard_inplace, shard_linear
 from mlxdist.nn.experts import MoEAllSum, place_experts, shard_switch
+from mlxdist.nn.norms import ShardedRMSNorm
 from mlxdist.nn.quantized import quantized_input_dims
 
 __all__ = ["shard_block", "apply_tensor_parallel"]
@@ -84,6 +85,17 @@ def _shares(path: str, layout: FamilyLayout, split: TensorSplit, module: nn.Modu
     if path in layout.mlp:
         return {"sizes": split.features(_width(module, path == layout.mlp[-1]))}
     raise ValueError(f"{path} has no role in the family layout")  # a layout bug, not user input
+
+
+def _norm_ranges(
+    key_value: bool, split: Optional[TensorSplit], size: int, width: int
+) -> list[list[tuple[int, int]]]:
+    """Every rank's feature ranges of a norm over a whole projection's output: its heads' features."""
+    if split is None:  # even: rank r holds the r-th of size equal parts
+        return [[(rank * width // size, (rank + 1) * width // size)] for rank in range(size)]
+    if key_value:
+        return split.kv_ranges()
+    return [[(start * split.head_dim, stop * split.head_dim)] for start, stop in split.query_heads]
 
 
 def _shard_experts(block: nn.Module, layout: BlockLayout, group: Group, split: Optional[TensorSplit]) -> None:
@@ -156,6 +168,10 @@ def shard_block(
             mx.eval(module.parameters())
         setattr(attention, queries, stop - first)
         return
+    for norm_path, projection in getattr(layout, "wide_norms", ()):
+        norm = _get(block, norm_path)
+        ranges = _norm_ranges(projection in layout.key_value, split, group.size(), int(norm.weight.shape[-1]))
+        _set(block, norm_path, ShardedRMSNorm.from_rms_norm(norm, ranges, group=group))
     setattr(attention, queries, stop - first)
     setattr(attention, kv, kv_count)
     for ratio in ("num_key_value_groups", "repeats"):  # query heads per key/value head, where kept

@@ -50,10 +50,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
                       "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
                       "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
                       "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False},
-    # Dense; rope and llama-4 attention scaling under rope_parameters.
+    # Dense; rope and llama-4 attention scaling under rope_parameters (its scale grows every 8 positions,
+    # so a prompt and a few decoded tokens already see several).
     "ministral3": {"tie_word_embeddings": False,
                    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
-                                       "original_max_position_embeddings": 4096}},
+                                       "original_max_position_embeddings": 8}},
     # q/k norms over all heads' features together, MoE with a sigmoid router, partial rotary.
     "minimax": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "shared_intermediate_size": 0,
                 "rotary_dim": 8},
@@ -78,13 +79,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
                      "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
                      "v_head_dim": 32, "qk_nope_head_dim": 32, "rope_scaling": None, "attention_bias": False,
                      "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4},
-    # deepseek_v3's kinds; rope and llama-4 attention scaling under rope_parameters.
+    # deepseek_v3's kinds; rope and llama-4 attention scaling under rope_parameters (as ministral3's).
     "mistral4": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2,
                  "topk_group": 1, "routed_scaling_factor": 1.5, "first_k_dense_replace": 1,
                  "norm_topk_prob": True, "kv_lora_rank": 32, "q_lora_rank": 64, "qk_rope_head_dim": 16,
                  "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
-                                     "original_max_position_embeddings": 4096}},
+                                     "original_max_position_embeddings": 8}},
     # Attention with a per-head output gate (g_proj), local and global layers, MoE with a shared expert
     # (share_expert, as wide as the routed ones; set by model_config).
     "step3p5": {"tie_word_embeddings": False, "moe_top_k": 2, "sliding_window": 4},

@@ -9,7 +9,8 @@ differ) and
 :func:`sum_gradients`; and for data parallelism :func:`average_gradients`
 (bucketed, optionally cast on the wire) and :func:`clip_grad_norm_sharded`.
 Mixture-of-experts switch layers split or placed by rank, and their blocks
-summed once: :mod:`mlxdist.nn.experts`.
+summed once: :mod:`mlxdist.nn.experts`. An RMS norm over features spread across
+ranks (q/k norms over every head): :class:`ShardedRMSNorm`.
 The layers call mlxdist's lazy collectives, so models built from them
 differentiate and compile as MLX's own do.
 
@@ -36,6 +37,7 @@ from mlxdist.nn.experts import (
 from mlxdist.nn.moe_sum import MoEAllSum, choose_dispatch, combine_bytes
 from mlxdist.nn.gradients import average_gradients, clip_grad_norm_sharded
 from mlxdist.nn.linear import AllToShardedLinear, ShardedToAllLinear
+from mlxdist.nn.norms import ShardedRMSNorm
 from mlxdist.nn.quantized import (
     QuantizationSpec,
     QuantizedAllToShardedLinear,
@@ -49,6 +51,7 @@ __all__ = [
     "AllToShardedLinear",
     "ShardedToAllLinear",
     "ShardedLinearBase",
+    "ShardedRMSNorm",
     "QuantizedAllToShardedLinear",
     "QuantizedShardedToAllLinear",
     "QuantizationSpec",
