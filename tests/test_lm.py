@@ -85,15 +85,16 @@ FAMILY_CHECKS = {  # (ranks, backend) -> (family, bits, how: "tp"/"ep" (experts 
                   ("mistral4", 4, "pp", [2, 1]), ("minimax", 4, "ep", None)],
     (2, "mpi"): [("minimax_m3_vl", None, "tp", [2, 1]), ("exaone_moe", None, "tp", [2, 1]),
                  ("ministral3", None, "tp", [2, 1]), ("glm4_moe", 4, "ep", None), ("glm4_moe_lite", 4, "ep", None),
-                 ("step3p5", 4, "ep", None), ("exaone_moe", 4, "pp", None), ("step3p5", None, "pp", [1, 2])],
+                 ("step3p5", 4, "ep", None), ("exaone_moe", 4, "pp", None), ("step3p5", None, "pp", [1, 2]),
+                 ("qwen3_5", None, "tp", [2, 1]), ("qwen3_5", 4, "pp", None)],
     (3, "mpi"): [("glm4_moe_lite", None, "tp", None), ("step3p5", None, "tp", None),
                  ("minimax_m3_vl", None, "ep", [1, 2, 1]), ("exaone_moe", None, "ep", [1, 2, 1]),
                  ("gemma3", 4, "tp", [1, 1, 2]), ("kimi_k25", 4, "tp", [1, 1, 2]), ("ministral3", 4, "tp", [1, 1, 2]),
-                 ("minimax", None, "tp", [1, 1, 2])],
+                 ("minimax", None, "tp", [1, 1, 2]), ("qwen3_5", 4, "tp", None)],
     (4, "mpi"): [("deepseek_v2", None, "tp", None), ("mistral4", None, "tp", None), ("deepseek_v32", None, "ep", None),
-                 ("gemma3", None, "tp", None)],
+                 ("gemma3", None, "tp", None), ("qwen3_5", None, "tp", [1, 1, 2, 2])],
 }
-DENSE_FAMILIES = ("gemma3", "ministral3")
+DENSE_FAMILIES = ("gemma3", "ministral3", "qwen3_5")
 
 
 def family_name(family: str, bits: int | None) -> str:

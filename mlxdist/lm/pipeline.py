@@ -16,7 +16,7 @@ import inspect
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.ministral3 import _get_llama_4_attn_scale
 
 from mlxdist.group import Group
@@ -33,7 +33,7 @@ PIPELINED = frozenset(
     f"mlx_lm.models.{name}"
     for name in ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "gpt_oss",
                  "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax", "deepseek_v2", "kimi_k25", "deepseek_v32",
-                 "minimax_m3_vl", "ministral3", "mistral4", "exaone_moe", "step3p5")
+                 "minimax_m3_vl", "ministral3", "mistral4", "exaone_moe", "step3p5", "qwen3_5")
 )
 
 # The inner models that build a causal mask of their own kind: the one latent attention family whose
@@ -62,19 +62,22 @@ class PipelineStage(nn.Module):
         self.embed_tokens = inner.embed_tokens
         self.layers = inner.layers[start:stop]
         self.norm = inner.norm
-        # The window of local-attention blocks, and which of this rank's blocks use it: a block's own
-        # use_sliding (ministral3) or is_sliding_window (exaone_moe), its attention's is_sliding (gemma3,
-        # step3p5), or the inner model's layer_types (gpt-oss).
+        # Each block's kind of mask: a linear-attention block's (is_linear: qwen3_5's gated delta nets), or
+        # a local window's, where the block's own use_sliding (ministral3) or is_sliding_window
+        # (exaone_moe), its attention's is_sliding (gemma3, step3p5) or the inner model's layer_types
+        # (gpt-oss) say so, or the causal one.
         self.sliding_window = (getattr(inner, "sliding_window", None) or getattr(inner, "window_size", None)
                                or getattr(getattr(inner, "args", None), "sliding_window", None))
         types = getattr(inner, "layer_types", None) or [None] * len(inner.layers)
         if getattr(inner, "layer_types", None):
             self.layer_types = list(types)  # every block's (the family's make_cache reads them)
-        self.sliding = [
-            bool(getattr(layer, "use_sliding", False))
-            or bool(getattr(layer, "is_sliding_window", False))
-            or bool(getattr(getattr(layer, "self_attn", None), "is_sliding", False))
-            or types[index] == "sliding_attention"
+        self.mask_kinds = [
+            "linear" if getattr(layer, "is_linear", False) is True
+            else "sliding" if (bool(getattr(layer, "use_sliding", False))
+                               or bool(getattr(layer, "is_sliding_window", False))
+                               or bool(getattr(getattr(layer, "self_attn", None), "is_sliding", False))
+                               or types[index] == "sliding_attention")
+            else "full"
             for index, layer in zip(range(start, stop), inner.layers[start:stop])
         ]
         self.group = group
@@ -98,11 +101,15 @@ class PipelineStage(nn.Module):
         """This rank's blocks (the name qwen2's outer model reads)."""
         return self.layers
 
-    def _mask(self, h: mx.array, cache: list, sliding: bool) -> Any:
-        for local, c in zip(self.sliding, cache):
-            if local == sliding:
+    def _mask(self, h: mx.array, cache: list, kind: str) -> Any:
+        """The mask of this rank's blocks of one kind, from the first such block's cache (as inner models do)."""
+        for local, c in zip(self.mask_kinds, cache):
+            if local == kind == "linear":
+                return create_ssm_mask(h, c)
+            if local == kind:
                 return create_attention_mask(
-                    h, c, window_size=self.sliding_window if sliding else None, return_array=self.array_mask
+                    h, c, window_size=self.sliding_window if kind == "sliding" else None,
+                    return_array=self.array_mask,
                 )
         return None
 
@@ -132,9 +139,9 @@ class PipelineStage(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
         if mask is None:
-            masks = {sliding: self._mask(h, cache, sliding) for sliding in (False, True)}
+            masks = {kind: self._mask(h, cache, kind) for kind in set(self.mask_kinds)}
         else:
-            masks = {False: mask, True: mask}
+            masks = {kind: mask for kind in self.mask_kinds}
         extra: tuple = ()
         if self.llama_4_scale is not None:
             offset = cache[0].offset if cache[0] is not None else 0
@@ -142,13 +149,15 @@ class PipelineStage(nn.Module):
         rank, size = self.group.rank(), self.group.size()
         if rank > 0:
             h = recv_like(h, rank - 1, group=self.group)
-        for layer, local, c in zip(self.layers, self.sliding, cache):
-            h = layer(h, *extra, masks[local], cache=c)
+        for layer, kind, c in zip(self.layers, self.mask_kinds, cache):
+            h = layer(h, *extra, masks[kind], cache=c)
         if rank < size - 1:
             h = send(h, rank + 1, group=self.group)
             # Whoever evaluates only the caches (prefill chunks) still sends.
-            if cache[-1] is not None:
+            if cache[-1] is not None and hasattr(cache[-1], "keys"):
                 cache[-1].keys = mx.depends(cache[-1].keys, h)
+            elif cache[-1] is not None:  # a linear-attention block's state (an ArraysCache)
+                cache[-1][0] = mx.depends(cache[-1][0], h)
         batch = h.shape[0]
         h = all_gather(h, group=self.group)[(size - 1) * batch :]
         return self.norm(h)

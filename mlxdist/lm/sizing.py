@@ -21,7 +21,7 @@ from mlxdist.nn.experts import expert_placement, switch_projections
 from mlxdist.nn.quantized import quantized_input_dims
 from mlxdist.nn.shares import split_sizes
 
-__all__ = ["EXPERTS", "block_layouts", "layout_of", "tp_violations", "model_split"]
+__all__ = ["EXPERTS", "block_layouts", "delta_net_dims", "layout_of", "tp_violations", "model_split"]
 
 EXPERTS = ("tp", "ep")
 
@@ -140,6 +140,42 @@ def tp_violations(model: nn.Module, layout: Any, size: int) -> list[str]:
     return list(found.values())
 
 
+def delta_net_dims(delta: nn.Module) -> tuple[int, int, int, int, int]:
+    """A gated delta net's (key heads, value heads, key head width, value head width, out_proj's quantization unit).
+
+    The widths come from the projections (``in_proj_z``: every value head's features; ``in_proj_qkv``: two
+    key-head widths per key head, then the value features).
+    """
+    n_k, n_v = int(delta.num_k_heads), int(delta.num_v_heads)
+    value_dim = _linear_dims(delta["in_proj_z"])[0]
+    qkv = _linear_dims(delta["in_proj_qkv"])[0]
+    return n_k, n_v, (qkv - value_dim) // (2 * n_k), value_dim // n_v, _linear_dims(delta["out_proj"])[2] or 1
+
+
+def _delta_split(
+    deltas: set[tuple[int, int, int, int, int]], size: int, weights: list[float]
+) -> Optional[list[tuple[int, int]]]:
+    """Each rank's range of a gated delta net's key heads (by the weights), or None without delta nets."""
+    if not deltas:
+        return None
+    if len(deltas) != 1:
+        raise ShapeError(f"tensor parallelism needs gated delta nets of one shape in every block, found {sorted(deltas)}")
+    ((n_k, n_v, _, v_dim, unit),) = deltas
+    if n_k < size:
+        raise ShapeError(
+            f"tensor parallelism needs at least one gated delta net key head per rank: num_k_heads={n_k} < {size} ranks"
+        )
+    counts = split_sizes(n_k, weights)
+    out_sizes = [count * (n_v // n_k) * v_dim for count in counts]
+    if any(features % unit for features in out_sizes):
+        raise ShapeError(
+            f"quantized out_proj of the gated delta net: its input features per rank {out_sizes} are not "
+            f"multiples of group_size={unit}"
+        )
+    starts = [sum(counts[:rank]) for rank in range(size)]
+    return [(start, start + count) for start, count in zip(starts, counts)]
+
+
 def _switch_dims(switch: nn.Module) -> tuple[int, int, int, int]:
     """(intermediate features of every expert, experts, quantization unit of the output projection, hidden)."""
     feeds, out = switch_projections(switch)
@@ -184,13 +220,20 @@ def model_split(
     model = text_model(model)
     if experts not in EXPERTS:
         raise InvalidArgumentError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
-    shapes, widths, switches = set(), {}, set()
+    shapes, widths, switches, deltas = set(), {}, set(), set()
     for block, kinds in zip(model.model.layers, block_layouts(model)):
         attention = _module(block, kinds.attention)
         n_heads, n_kv = (int(getattr(attention, name)) for name in kinds.head_counts)
-        hidden, o_in, o_group = _linear_dims(_module(block, kinds.query[-1]))  # o: the model width out
-        query_out = _linear_dims(_module(block, kinds.query[0]))[0] if len(kinds.query) > 1 else o_in
-        shapes.add((n_heads, n_kv, query_out // n_heads, o_in // n_heads, o_group or 1, hidden))
+        if kinds.delta_net:
+            deltas.add((n_heads, n_kv, *delta_net_dims(attention)[2:]))
+        else:
+            hidden, o_in, o_group = _linear_dims(_module(block, kinds.query[-1]))  # o: the model width out
+            query_out = _linear_dims(_module(block, kinds.query[0]))[0] if len(kinds.query) > 1 else o_in
+            # A head's width: a key head's where there are key projections (a query projection may also
+            # carry a per-head gate, qwen3_next's), else a query head's.
+            head_dim = (_linear_dims(_module(block, kinds.key_value[0]))[0] // n_kv if kinds.key_value
+                        else query_out // n_heads)
+            shapes.add((n_heads, n_kv, head_dim, o_in // n_heads, o_group or 1, hidden))
         for mlp in (kinds.mlp, kinds.shared):
             if mlp:
                 _, width, down_group = _linear_dims(_module(block, mlp[-1]))  # the down projection's input
@@ -239,7 +282,7 @@ def model_split(
             expert_features = split_sizes(feature_count, rank_weights, unit)
     split = TensorSplit(
         split.head_dim, split.query_heads, split.kv_heads, split.intermediate, split.vocab, others,
-        expert_features, placement,
+        expert_features, placement, _delta_split(deltas, size, rank_weights),
     )
     o_sizes = [(stop - start) * o_head for start, stop in split.query_heads]
     if any(q % o_unit for q in o_sizes):

@@ -66,9 +66,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     "v_head_dim": 32, "qk_nope_head_dim": 32, "attention_bias": False,
                     "rope_scaling": {"type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096,
                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1, "mscale_all_dim": 0}},
-    # Gated delta net (linear attention) blocks between full-attention blocks, under a multimodal wrapper.
-    "qwen3_5": {"tie_word_embeddings": False, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
-                "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+    # Gated delta net (linear attention) blocks between full-attention blocks (gated queries), under a
+    # multimodal wrapper; as many delta-net key heads as query heads, two value heads each (model_config).
+    "qwen3_5": {"tie_word_embeddings": False, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                "linear_conv_kernel_dim": 4,
                 "full_attention_interval": 2,
                 "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                     "mrope_section": [2, 1, 1]}},
@@ -200,6 +201,8 @@ def model_config(
         extra[count] = num_experts
         if width:
             extra[width] = intermediate_size
+    if family == "qwen3_5":
+        extra["linear_num_key_heads"], extra["linear_num_value_heads"] = num_heads, 2 * num_heads
     if family == "exaone_moe":
         extra["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
         extra["is_moe_layer"] = [i > 0 for i in range(num_layers)]
