@@ -389,3 +389,65 @@ def test_a_stopped_rank_ends_the_job_and_is_named(backend):
     if backend == "ring":
         assert {line.split()[2] for line in result.output if "CAUGHT" in line} == {"0", "2"}, text
         assert "rank(s) 1 did not end" in text, text
+
+
+# -- a SIGTERM to the launcher, and the ending notice ---------------------------------
+
+# Each rank notes what the launcher's ending notice said when SIGTERM came (None: a request to stop).
+# ``stop``: rank 0 ends on SIGTERM and rank 1 once rank 0 has (the job ends by itself); ``fail``:
+# rank 1 exits 3 and the launcher ends rank 0; ``overrun``: no rank ends on SIGTERM.
+NOTICE_RANK = (
+    "import os, pathlib, signal, sys, time\n"
+    "from mlxdist.launch import launcher_ending\n"
+    "out, mode = pathlib.Path(sys.argv[1]), sys.argv[2]\n"
+    "rank = os.environ['MLX_RANK']\n"
+    "def noted(signum, frame):\n"
+    "    with open(out / f'term-{rank}', 'a') as f:\n"
+    "        f.write(repr(launcher_ending()) + '\\n')\n"
+    "    if mode != 'overrun':\n"
+    "        sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, noted)\n"
+    "(out / f'ready-{rank}').touch()\n"
+    "if rank == '1' and mode == 'fail':\n"
+    "    sys.exit(3)\n"
+    "end = time.monotonic() + 60\n"
+    "while time.monotonic() < end and not (rank == '1' and mode == 'stop' and (out / 'term-0').exists()):\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+OVERRUN = "the job did not end within the grace after the stop passed on to it"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("mode", "code", "notice"), [
+    ("stop", 0, {"0": "None\n"}),
+    ("fail", 3, {"0": f"{'rank 1 exited with 3'!r}\n"}),
+    ("overrun", 128 + signal.SIGKILL, {"0": f"None\n{OVERRUN!r}\n", "1": f"{OVERRUN!r}\n"}),
+])
+def test_a_sigterm_to_the_launcher_goes_to_rank_0_and_a_launcher_ending_the_job_says_why(tmp_path, mode, code,
+                                                                                        notice):
+    script = tmp_path / "rank.py"
+    script.write_text(NOTICE_RANK)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "mlxdist.launch", "-n", "2", "--timeout", "60", "--stop-grace", "2", "--",
+         sys.executable, str(script), str(tmp_path), mode],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        end = time.monotonic() + 30
+        while not all((tmp_path / f"ready-{r}").exists() for r in "01") and time.monotonic() < end:
+            time.sleep(0.05)
+        if mode != "fail":
+            launcher.send_signal(signal.SIGTERM)
+        struck = time.monotonic()
+        output, _ = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    # ``stop``: rank 1 ended by itself, never signalled; ``overrun``: the launcher ended both after the
+    # grace (its notice, then SIGKILL).
+    noted = {p.name[5:]: p.read_text() for p in tmp_path.glob("term-*")}
+    if mode == "overrun":
+        assert time.monotonic() - struck >= 2 and "did not end within the grace" in output, output
+    assert (launcher.returncode, noted) == (code, notice), output

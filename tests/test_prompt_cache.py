@@ -10,8 +10,10 @@ what the server can hold: the requests it was sent and the tokens it answered.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +36,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # 3 KV heads: uneven over 2 ranks under TP.
 DIMS = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=3, intermediate_size=320, vocab_size=512)
 NAME = "tiny-llama"
+LONGEST = 2000  # tokens a stream may make: its client leaves long before
 SMALL_BOUND = 1_500_000  # bytes: a few conversations of the PP server's larger shard (3 of 4 layers)
 SERVERS = {
     "ring-tp": ("ring", ["--mode", "tp"]),
@@ -332,6 +335,47 @@ def test_n_choices_each_reuse_the_cache_and_metrics_count_every_hit(server, refe
     server.sequences.append(prompt + expected)
     # The front door's counter (the ranks' `cached` messages) and rank 0's own agree over the server's life.
     assert _metric(server, "mlxdist_prompt_cache_hits_total") == hits
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("server", ["ring-tp"], indirect=True)  # the MPI server's small bound holds no long stream
+def test_a_cancelled_request_leaves_its_cache_to_a_retry_and_a_continuation(server, reference):
+    """A stream its client leaves is cancelled on every rank at the same step, and its cache is kept under
+    the tokens it holds: the prompt and the tokens made until then (``last_cancel``'s count)."""
+    tokenizer = reference.tokenizer
+    prompt = list(tokenizer.encode("a client that goes away before its answer ends", add_special_tokens=False))
+    body = {"model": NAME, "prompt": prompt, "max_tokens": LONGEST, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        rid = json.loads(next(line for line in lines if line.startswith("data:"))[5:])["id"].removeprefix("cmpl-")
+        for _ in range(3):
+            next(lines)
+    deadline = time.monotonic() + 30
+    stats = _rank_stats(server)
+    while {rank["last_cancel"].get("id") for rank in stats} != {rid}:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+        stats = _rank_stats(server)
+    (made,) = {rank["last_cancel"]["tokens"] for rank in stats}
+    assert 0 < made < LONGEST
+    held = prompt + reference(prompt, made)
+    assert len(held) == len(prompt) + made and not set(held[len(prompt):]) & set(tokenizer.eos_token_ids)
+    server.sequences.append(held)
+
+    def complete(tokens: list[int]) -> int:
+        expected = reference(tokens, 6)
+        answer = server.client().completions.create(model=NAME, prompt=tokens, max_tokens=6, temperature=0)
+        body = expected[:-1] if expected[-1] in tokenizer.eos_token_ids else expected
+        assert answer.choices[0].text == tokenizer.decode(body)
+        server.sequences.append(tokens + expected)
+        return answer.usage.prompt_tokens_details.cached_tokens
+
+    # The same prompt again: all of it but the last token comes from the cancelled request's cache.
+    assert complete(prompt) == len(prompt) - 1
+    # Continuing from where it was cancelled: every token it held is reused.
+    more = held + list(tokenizer.encode(" and then", add_special_tokens=False))
+    best = server.best(more)
+    assert len(held) <= complete(more) <= best
 
 
 @pytest.mark.timeout(120)

@@ -86,10 +86,11 @@ def text_of(tokenizer: Any, tokens: list[int]) -> str:
 
 
 class Server(ServeProcess):
-    """A running ``mlxdist-serve -n 2`` (the supervising process and its ranks)."""
+    """A running ``mlxdist-serve -n 2`` (the supervising process and its ranks), or with ``launched``
+    2 ranks started by ``mlxdist.launch`` (rank 0 serves)."""
 
-    def __init__(self, checkpoint: Path, backend: str, log: Path, *extra: str) -> None:
-        super().__init__(checkpoint, backend, log, 2, *extra)
+    def __init__(self, checkpoint: Path, backend: str, log: Path, *extra: str, launched: bool = False) -> None:
+        super().__init__(checkpoint, backend, log, 2, *extra, launched=launched)
         self.ranks: list[int] = []
 
     def wait_ready(self) -> "Server":
@@ -666,19 +667,32 @@ def test_metrics_cors_and_a_sigterm_that_drains(tool_server):
     assert httpx.options(tool_server.url + "/v1/models", timeout=10, headers={
         "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "GET"}).status_code == 400
 
-    # SIGTERM during a stream that would outlast the drain: new requests get 503 at once, the
-    # stream ends with an error event and [DONE] after --drain-timeout, and the server exits 0.
-    body = {**LONG, "model": "tool-llama"}
-    with httpx.stream("POST", tool_server.url + TEXT, json=body, timeout=60,
+    assert_a_sigterm_drains(tool_server, tool_server.proc.pid)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def assert_a_sigterm_drains(server: Server, target: int) -> None:
+    """SIGTERM to ``target`` during a stream that would outlast the drain: new requests get 503 at once,
+    the stream ends with an error event and [DONE] after --drain-timeout (``DRAIN``), and the server
+    (or the launcher) exits 0."""
+    body = {k: v for k, v in LONG.items() if k != "model"}
+    with httpx.stream("POST", server.url + TEXT, json=body, timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data:"))
-        tool_server.proc.send_signal(signal.SIGTERM)
+        os.kill(target, signal.SIGTERM)
         struck = time.monotonic()
         refused = None
         while refused is None or refused.status_code != 503:
             assert time.monotonic() - struck < DRAIN, refused and refused.text
-            refused = post(tool_server, TEXT, {"prompt": "hi", "max_tokens": 2})
+            refused = post(server, TEXT, {"prompt": "hi", "max_tokens": 2})
         assert refused.json()["error"]["code"] == "server_shutting_down"
         rest = list(lines)
     ended = time.monotonic() - struck
@@ -686,7 +700,35 @@ def test_metrics_cors_and_a_sigterm_that_drains(tool_server):
     assert "event: error" in rest and data[-1] == "data: [DONE]", rest[-6:]
     assert json.loads(data[-2][5:])["error"]["code"] == "server_shutting_down"
     assert DRAIN - 0.5 < ended < DRAIN + 10, ended
-    assert tool_server.proc.wait(60) == 0, tool_server.text()[-3000:]
+    assert server.proc.wait(60) == 0, server.text()[-3000:]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("target", ["launcher", "rank 0", "kill -9 of rank 1"])
+def test_a_job_the_user_launched_drains_on_sigterm_and_tells_its_clients_when_a_rank_fails(checkpoint, tmp_path,
+                                                                                           target):
+    """``mlxdist.launch -n 2 -- mlxdist-serve``: a SIGTERM to the launcher (passed on to rank 0) or to rank 0
+    drains as the supervised server does, and every rank exits 0; when a rank fails, the launcher ends
+    rank 0, which answers the stream with the error at once."""
+    server = Server(checkpoint, "ring", tmp_path / "launched.log", "--drain-timeout", str(DRAIN), "--max-tokens",
+                    str(CAP), "--api-key", API_KEY, "--timeout", str(FAULT_TIMEOUT), launched=True).wait_ready()
+    try:
+        if target == "kill -9 of rank 1":
+            events, elapsed = strike_during_a_stream(server, signal.SIGKILL)
+            error = json.loads(next(e for e in reversed(events) if e.startswith("data:"))[5:])["error"]
+            assert error["code"] == "engine_failed" and "data: [DONE]" not in events, events[-4:]
+            assert elapsed < FAULT_TIMEOUT, elapsed
+            assert server.proc.wait(30) != 0
+        else:
+            assert_a_sigterm_drains(server, server.proc.pid if target == "launcher" else server.ranks[0])
+            assert "mlxdist.launch:" not in server.text(), server.text()[-3000:]  # every rank exited 0
+        deadline = time.monotonic() + 10
+        for pid in server.ranks:  # ended, not left behind
+            while not _gone(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _gone(pid), (pid, server.text()[-3000:])
+    finally:
+        server.close()
 
 
 # -- the parts, in this process ---------------------------------------------------

@@ -8,7 +8,8 @@ fails, every rank is ended, the failing ranks are named with their exit
 status, and the exit status is non-zero; when the world fails (a rank's
 watchdog reports a lost or stalled peer) the ranks still running a few seconds
 later are ended and named. There is no job deadline unless ``--timeout`` gives
-one. (``mlx.launch`` exits 0 when a rank fails.) For several machines use
+one. A SIGTERM to the launcher is passed on to rank 0, and the job gets
+``--stop-grace`` seconds to end by itself (see :func:`launch`). (``mlx.launch`` exits 0 when a rank fails.) For several machines use
 ``mlx.launch`` with a hostfile, or ``mpirun``.
 
 Modules: :mod:`~mlxdist.launch.plan` (the launch plan, built once: the API
@@ -24,7 +25,7 @@ injected) are :mod:`mlxdist.bench.trials`.
 
 from mlxdist.hostfiles import Host, read_launch_hostfile
 from mlxdist.launch.cli import main
-from mlxdist.launch.job import FAILURE_GRACE, KILL_GRACE, RunningJob
+from mlxdist.launch.job import FAILURE_GRACE, KILL_GRACE, STOP_GRACE, RunningJob, launcher_ending
 from mlxdist.launch.mpi import MpiRunner, find_mpirun
 from mlxdist.launch.output import LineSink, PrefixedWriter
 from mlxdist.launch.plan import (
@@ -45,6 +46,7 @@ __all__ = [
     "TIMEOUT_EXIT",
     "LaunchPlan",
     "LaunchResult",
+    "STOP_GRACE",
     "LineSink",
     "MpiRunner",
     "PrefixedWriter",
@@ -52,6 +54,7 @@ __all__ = [
     "find_mpirun",
     "free_ports",
     "launch",
+    "launcher_ending",
     "main",
     "max_local_ranks",
     "plan_job",

@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from mlxdist.errors import LauncherNotFoundError
+from mlxdist.launch.job import STOP_GRACE
 from mlxdist.launch.ports import max_local_ranks, open_file_limit
 from mlxdist.launch.run import launch
 
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="python -m mlxdist.launch",
-        usage="%(prog)s [-n N] [--backend {ring,mpi}] [--timeout S] [--mpirun PATH] -- CMD [ARGS...]",
+        usage="%(prog)s [-n N] [--backend {ring,mpi}] [--timeout S] [--stop-grace S] [--mpirun PATH] -- CMD "
+              "[ARGS...]",
         description="Run a command as N local ranks (ring over loopback, or mpirun).",
     )
     parser.add_argument("-n", "--nranks", type=_rank_count, default=2, help="number of ranks (default 2)")
@@ -56,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=timeout_seconds, default=None,
         help="job deadline: seconds before all ranks are killed (default: none; a failed operation "
              "is caught by the per-operation deadline, MLXDIST_TIMEOUT)",
+    )
+    parser.add_argument(
+        "--stop-grace", type=timeout_seconds, default=STOP_GRACE, metavar="S",
+        help=f"a SIGTERM to the launcher is passed on to rank 0 (MPI: to mpirun); the job then has S seconds "
+             f"to end by itself (mlxdist-serve drains) before the ranks still running are ended; a second "
+             f"SIGTERM ends them at once (default {STOP_GRACE:g})",
     )
     parser.add_argument(
         "--mpirun",
@@ -91,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no command given (put it after --)")
     try:
         result = launch(
-            command, n=args.nranks, backend=args.backend, timeout=args.timeout, mpirun=args.mpirun
+            command, n=args.nranks, backend=args.backend, timeout=args.timeout, mpirun=args.mpirun,
+            stop_grace=args.stop_grace,
         )
     except LauncherNotFoundError as exc:
         print(f"mlxdist.launch: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 from mlxdist.errors import ConfigurationError, InvalidArgumentError
 from mlxdist.hostfiles import Host, ring_hostfile_text
+from mlxdist.launch.job import ENDING_VARIABLE
 
 __all__ = ["DEFAULT_STARTING_PORT", "split_shell", "ring_addresses", "remote_command", "remote_commands",
            "remote_env", "local_address_towards"]
@@ -31,7 +32,7 @@ __all__ = ["DEFAULT_STARTING_PORT", "split_shell", "ring_addresses", "remote_com
 DEFAULT_STARTING_PORT = 32323
 # What only a local launcher sets: a remote rank must not inherit them from its shell.
 LOCAL_ONLY = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLXDIST_STORE", "MLXDIST_JOB_TOKEN",
-              "MLXDIST_REPORT")
+              "MLXDIST_REPORT", ENDING_VARIABLE)
 # This process's variables a remote rank gets too (its shell has its own environment).
 FORWARDED = ("MLXDIST_TIMEOUT", "MLXDIST_CHECK", "HF_HUB_OFFLINE")
 

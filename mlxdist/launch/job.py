@@ -3,6 +3,13 @@
 :meth:`mlxdist.launch.plan.LaunchPlan.start` builds a :class:`RunningJob`;
 :meth:`RunningJob.wait` watches it (asleep while every rank runs: it looks for
 the world's failure report once a second) and ends whatever still runs.
+
+Before the launcher signals ranks to end them, it writes why in the job's
+ending notice (the file ``MLXDIST_ENDING`` names), so a rank that gets
+SIGTERM can tell the launcher ending the job (a rank failed, the world failed,
+the deadline passed, Ctrl-C) from a request to stop that the launcher passed on
+(:meth:`RunningJob.pass_on_stop`) or that was sent to the rank itself:
+:func:`launcher_ending` reads it.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from typing import Any, Sequence
 from mlxdist.errors import InvalidArgumentError
 from mlxdist.launch.mpi import mpi_failures
 from mlxdist.launch.output import LineSink, pump
-from mlxdist.launch.result import LaunchResult
+from mlxdist.launch.result import LaunchResult, describe_exit
 
-__all__ = ["RunningJob", "KILL_GRACE", "FAILURE_GRACE"]
+__all__ = ["RunningJob", "KILL_GRACE", "FAILURE_GRACE", "STOP_GRACE", "ENDING_VARIABLE", "launcher_ending"]
 
 # SIGTERM to every rank, then this long for all of them together, then SIGKILL.
 KILL_GRACE = 3.0
@@ -29,6 +36,10 @@ KILL_GRACE = 3.0
 # to exit by themselves (they raise the typed error and may save state);
 # the ones still running then are ended and named.
 FAILURE_GRACE = 4.0
+# Once a SIGTERM to the launcher was passed on to rank 0, the job gets this long to end by itself.
+STOP_GRACE = 60.0
+# The ranks' variable naming the launcher's ending notice.
+ENDING_VARIABLE = "MLXDIST_ENDING"
 _POLL = 0.1
 _IDLE_POLL = 1.0
 
@@ -43,6 +54,27 @@ def _signal_running(procs: Sequence[subprocess.Popen], sig: int) -> None:
                 pass
 
 
+def launcher_ending() -> str | None:
+    """Why the launcher that started this process is ending its job, if it said so.
+
+    A rank reads it when it gets SIGTERM: a notice means the launcher is ending
+    the job (a rank failed, the world failed, the deadline passed, Ctrl-C);
+    none means the signal is a request to stop (passed on by the launcher, or
+    sent to the rank itself).
+
+    Returns:
+        The launcher's reason, or None (no notice, or no launcher of this package).
+    """
+    path = os.environ.get(ENDING_VARIABLE)
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().strip() or "the launcher is ending the job"
+    except OSError:
+        return None
+
+
 class RunningJob:
     """The processes of a started plan, their output readers and how they end.
 
@@ -55,6 +87,8 @@ class RunningJob:
         self._threads: list[threading.Thread] = []
         self._untagged: list[str] = []
         self._exited: queue.Queue[int] = queue.Queue()
+        # When a stop passed on to the job must have ended it (monotonic time), once one was.
+        self._stop_by: float | None = None
         tagged = plan.backend == "mpi"
         try:
             for cmd, proc_env, rank in zip(plan.commands, plan.envs, plan.ranks):
@@ -112,13 +146,36 @@ class RunningJob:
         running = [r for r, p in zip(self.plan.ranks, self.procs) if p.poll() is None]
         return bool(lost) and all(r is not None and r in lost for r in running)
 
+    def pass_on_stop(self, grace: float = STOP_GRACE) -> None:
+        """Pass a request to stop on to the job: SIGTERM to rank 0 (for MPI, to mpirun, which ends
+        every rank), whose program decides how the job ends; :meth:`wait` ends the ranks still
+        running ``grace`` seconds later. A second call ends them at once.
+
+        Safe in a signal handler (it only signals and notes the time).
+
+        Args:
+            grace: Seconds the job gets to end by itself.
+        """
+        now = time.monotonic()
+        if self._stop_by is not None:
+            self._stop_by = now
+            return
+        self._stop_by = now + grace
+        first = self.procs[self.plan.ranks.index(0)] if 0 in self.plan.ranks else self.procs[0]
+        if first.poll() is None:
+            try:
+                os.kill(first.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def wait(self, timeout: float | None = None, end_on_failure: bool = True) -> LaunchResult:
         """Wait for the job to end, then end whatever still runs.
 
         The job ends when every process exited, when one exits non-zero, at the
         deadline, or (``end_on_failure``) :data:`FAILURE_GRACE` seconds after a
         rank's watchdog reported that the world lost a rank or passed a
-        deadline: a rank stopped or stalled is then ended and named.
+        deadline: a rank stopped or stalled is then ended and named. After
+        :meth:`pass_on_stop`, it also ends at that stop's grace.
 
         Args:
             timeout: Seconds before every rank is ended (None: no job deadline).
@@ -136,8 +193,9 @@ class RunningJob:
                 # The report is looked for once a second (often once a rank has
                 # exited), so a healthy job's launcher stays asleep.
                 step = _POLL if remaining < len(self.procs) or failed_at is not None else _IDLE_POLL
-                if deadline is not None:
-                    step = min(step, max(0.0, deadline - time.monotonic()))
+                for end in (deadline, self._stop_by):
+                    if end is not None:
+                        step = min(step, max(0.0, end - time.monotonic()))
                 try:
                     index = self._exited.get(timeout=step)
                 except queue.Empty:
@@ -145,6 +203,9 @@ class RunningJob:
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         result.timed_out = True
+                        break
+                    if self._stop_by is not None and now >= self._stop_by:
+                        result.stop_overran = True
                         break
                     if end_on_failure and failed_at is None and self._world_lost_a_rank():
                         failed_at = now
@@ -158,7 +219,8 @@ class RunningJob:
                     break
         finally:
             still = [r for r, p in zip(self.plan.ranks, self.procs) if p.poll() is None and r is not None]
-            self.end()
+            self.end(reason=_ending_reason(self, result))
+        result.stopped = self._stop_by is not None
         result.returncodes = [p.returncode for p in self.procs]
         result.report = self.world_failure()
         lost = [int(r) for r in (result.report or {}).get("lost") or []]
@@ -173,10 +235,17 @@ class RunningJob:
             result.rank_exits = {result.failed_rank: result.returncodes[result.failed_rank] or 0}
         return result
 
-    def end(self, grace: float = KILL_GRACE) -> None:
-        """End every process still running: SIGTERM (and SIGCONT, so a stopped
-        rank takes it), one shared grace period, then SIGKILL; join the readers.
-        A remote rank's standard input is closed first (which ends it on its host)."""
+    def end(self, grace: float = KILL_GRACE, reason: str = "the launcher is ending the job") -> None:
+        """End every process still running: the ending notice first, then SIGTERM (and SIGCONT,
+        so a stopped rank takes it), one shared grace period, then SIGKILL; join the readers.
+        A remote rank's standard input is closed first (which ends it on its host).
+
+        Args:
+            grace: Seconds between SIGTERM and SIGKILL.
+            reason: Why, for the ending notice (see :func:`launcher_ending`).
+        """
+        if any(p.poll() is None for p in self.procs):
+            self._write_notice(reason)
         for p in self.procs:
             if p.stdin is not None:
                 try:
@@ -197,3 +266,29 @@ class RunningJob:
             p.wait()
         for t in self._threads:
             t.join(timeout=5)
+
+    def _write_notice(self, reason: str) -> None:
+        path = self.plan.ending_path
+        if not path:
+            return
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(reason)
+            os.replace(path + ".tmp", path)  # a rank never reads half of it
+        except OSError:
+            pass  # its directory is gone: the plan was closed, no rank of it reads it
+
+
+def _ending_reason(job: RunningJob, result: LaunchResult) -> str:
+    """What the ending notice says when :meth:`RunningJob.wait` ends the ranks still running."""
+    if result.timed_out:
+        return "the job deadline passed"
+    if result.stop_overran:
+        return "the job did not end within the grace after the stop passed on to it"
+    if result.ended_after_failure:
+        return "the world failed"
+    if result.failed_rank is not None:
+        if job.plan.backend == "mpi":
+            return f"mpirun exited with {job.procs[0].returncode}"
+        return describe_exit(result.failed_rank, job.procs[result.failed_rank].returncode or 0)
+    return "the launcher was interrupted"

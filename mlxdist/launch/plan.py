@@ -40,7 +40,7 @@ from mlxdist._mpi import LIBNAME_VARIABLE
 from mlxdist.errors import InvalidArgumentError, LauncherNotFoundError
 from mlxdist.hostfiles import Host, ring_hostfile_text
 from mlxdist.launch.hosts import DEFAULT_STARTING_PORT, remote_commands, split_shell
-from mlxdist.launch.job import RunningJob
+from mlxdist.launch.job import ENDING_VARIABLE, RunningJob
 from mlxdist.launch.mpi import MpiRunner, executable, find_mpirun, mpirun_command
 from mlxdist.launch.output import LineSink
 from mlxdist.launch.ports import FILES_PER_RANK, PortReservation, max_local_ranks, open_file_limit
@@ -49,7 +49,8 @@ __all__ = ["LaunchPlan", "plan_job", "plan_local_ring", "plan_mpi", "plan_on_hos
 
 BACKENDS = ("ring", "mpi")
 # Variables the side channel and the deadline read; mpirun must pass them on.
-_RANK_VARIABLES = ("MLXDIST_STORE", "MLXDIST_JOB_TOKEN", "MLXDIST_REPORT", "MLXDIST_TIMEOUT", "MLXDIST_CHECK")
+_RANK_VARIABLES = ("MLXDIST_STORE", "MLXDIST_JOB_TOKEN", "MLXDIST_REPORT", ENDING_VARIABLE, "MLXDIST_TIMEOUT",
+                   "MLXDIST_CHECK")
 # Where Open MPI 5 (PRRTE) and Open MPI 4 (ORTE) put mpirun's session directory.
 _SESSION_DIR_VARIABLES = ("PRTE_MCA_prte_tmpdir_base", "OMPI_MCA_orte_tmpdir_base")
 
@@ -100,6 +101,9 @@ class LaunchPlan:
             ranks on hosts (agreed over the ring).
         report_path: Where the first rank to see the world fail writes its report
             (``MLXDIST_REPORT``; ranks on hosts write none here).
+        ending_path: Where the launcher writes why it ends the job before it
+            signals the ranks (``MLXDIST_ENDING``, :func:`mlxdist.launch.job.launcher_ending`);
+            empty for ranks on hosts (they cannot read it).
         runner: The mpirun used, for MPI.
         hosts: The host of each rank (its hostfile entry's ``ssh``), None for local ranks.
         addresses: The ring's ``host:port`` of each rank (ring only).
@@ -113,6 +117,7 @@ class LaunchPlan:
     hostfile: str | None
     store: str
     report_path: str
+    ending_path: str = ""
     runner: MpiRunner | None = None
     hosts: list[str] | None = None
     addresses: list[str] = field(default_factory=list)
@@ -381,21 +386,23 @@ class _JobFiles:
 
     def environment(self, env: Mapping[str, str] | None) -> dict[str, str]:
         """Every rank's environment: this process's (less another launcher's rank
-        variables), then ``env``, then the side channel, job token and report path
-        unless ``env`` set them."""
+        variables), then ``env``, then the side channel, job token, report path and
+        ending notice's path unless ``env`` set them."""
         base_env = dict(os.environ)
-        for key in ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLXDIST_REPORT"):
+        for key in ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLXDIST_REPORT", ENDING_VARIABLE):
             base_env.pop(key, None)
         base_env.update(env or {})
         base_env.setdefault("PYTHONUNBUFFERED", "1")
         base_env.setdefault("MLXDIST_STORE", f"127.0.0.1:{self.ports[-1]}")
         base_env.setdefault("MLXDIST_JOB_TOKEN", secrets.token_hex(16))
         base_env.setdefault("MLXDIST_REPORT", self.report_path)
+        base_env.setdefault(ENDING_VARIABLE, os.path.join(self.directory.name, "ending"))
         return base_env
 
     def plan(self, **fields: Any) -> LaunchPlan:
         """The plan holding these files and ports, built from ``fields`` and the job's."""
         store = fields["envs"][0]["MLXDIST_STORE"]
         report = fields["envs"][0]["MLXDIST_REPORT"]
-        return LaunchPlan(n=self.n, store=store, report_path=report, _directory=self.directory,
+        ending = fields["envs"][0][ENDING_VARIABLE]
+        return LaunchPlan(n=self.n, store=store, report_path=report, ending_path=ending, _directory=self.directory,
                           _ports=self._reservation, **fields)

@@ -33,6 +33,9 @@ class LaunchResult:
         wakeups: How often the launcher's wait woke with no process exited (to
             look for the world's failure report): about once a second while
             every rank runs, ten times a second once one has ended.
+        stopped: A request to stop was passed on to the job (a SIGTERM to the
+            launcher, :meth:`~mlxdist.launch.RunningJob.pass_on_stop`).
+        stop_overran: The job had not ended by that stop's grace and was ended.
     """
 
     returncodes: list[int | None]
@@ -44,11 +47,13 @@ class LaunchResult:
     lost_ranks: list[int] = field(default_factory=list)
     ended_after_failure: bool = False
     wakeups: int = 0
+    stopped: bool = False
+    stop_overran: bool = False
 
     @property
     def ok(self) -> bool:
         """True when every rank exited 0 (before the deadline, if any) and the world did not fail."""
-        return (not self.timed_out and not self.ended_after_failure
+        return (not self.timed_out and not self.ended_after_failure and not self.stop_overran
                 and all(rc == 0 for rc in self.returncodes))
 
     @property
@@ -92,6 +97,9 @@ def report_lines(result: LaunchResult, timeout: float | None, backend: str) -> l
     lines = []
     if result.timed_out:
         lines.append(f"mlxdist.launch: job deadline of {timeout:g} s passed; killed all ranks")
+    elif result.stop_overran:
+        lines.append("mlxdist.launch: the job did not end within the grace after the SIGTERM passed on to it; "
+                     "ended the ranks")
     elif result.ended_after_failure and result.lost_ranks:
         who = ", ".join(str(r) for r in result.lost_ranks)
         lines.append(f"mlxdist.launch: the world failed and rank(s) {who} did not end (stalled or lost); "

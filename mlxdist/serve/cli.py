@@ -15,7 +15,10 @@ Three ways to run:
   ``--min-ranks`` it answers every request in flight with the error, reports
   ``failed`` on ``/health`` naming the rank, and exits non-zero.
 - Inside a launched job (``mlxdist.launch -n 2 -- mlxdist-serve ...``): rank
-  0 serves HTTP on a thread of its own over the same link.
+  0 serves HTTP on a thread of its own over the same link. SIGTERM to rank 0
+  (or to the launcher, which passes it on to rank 0) drains and the ranks end
+  cleanly; when the launcher ends the job (a rank failed), rank 0 first
+  answers every request in flight with the error.
 - Neither: one process, the front door on a thread.
 """
 
@@ -29,6 +32,7 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
+from mlxdist.launch.job import launcher_ending
 from mlxdist.serve.protocol import LINK_VARIABLE as _LINK
 from mlxdist.serve.protocol import TOKEN_VARIABLE as _TOKEN
 from mlxdist.serve.options import ServeOptions, build_parser, check_experts, parse_options
@@ -63,19 +67,21 @@ def _supervise(options: ServeOptions) -> int:
     return supervise(options)
 
 
-def _answer_before_ending(door: Any, alone: bool) -> None:
-    """When the launcher ends rank 0 (another rank failed), tell the clients before going; a process
-    serving alone drains instead (see :mod:`mlxdist.serve.frontdoor`)."""
+def _answer_before_ending(door: Any) -> None:
+    """SIGTERM drains (see :mod:`mlxdist.serve.frontdoor`): sent to this process, or passed on by the
+    launcher. When the launcher says it is ending the job (another rank failed, the world failed, its
+    deadline passed), the clients are told at once instead, before the launcher's SIGKILL."""
 
-    def ending(signum: int, frame: Any) -> None:
-        door.fail(f"the launcher ended rank 0 ({signal.Signals(signum).name}): the job is ending")
+    def on_sigterm(signum: int, frame: Any) -> None:
+        ending = launcher_ending()
+        if ending is None:
+            if door.server is not None:
+                door.server.handle_exit(signum, frame)
+            return
+        door.fail(f"the launcher ended rank 0 ({ending}): the job is ending")
         threading.Timer(_FAIL_GRACE / 2, os._exit, args=(128 + signum,)).start()
 
-    def draining(signum: int, frame: Any) -> None:
-        if door.server is not None:
-            door.server.handle_exit(signum, frame)
-
-    signal.signal(signal.SIGTERM, draining if alone else ending)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _serve_rank(options: ServeOptions) -> int:
@@ -100,7 +106,7 @@ def _serve_rank(options: ServeOptions) -> int:
             door = _front_door(options)
             door.start_thread(_config(options))
             _announce(options, door)
-            _answer_before_ending(door, alone=size == 1)
+            _answer_before_ending(door)
             address, token = door.link_address, door.token
         link = LinkClient(address, token)
     try:

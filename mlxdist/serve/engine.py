@@ -8,12 +8,14 @@ forget, whether to report counters or stop), so all ranks insert and remove
 the same requests in the same order and run the same batched forward
 (mlx-lm's :class:`~mlx_lm.generate.BatchGenerator` over the sharded model).
 A finished request's cache is kept on every rank (its shard) under the
-request's id; rank 0's :class:`~mlxdist.serve.prompt_cache.CacheIndex`
-decides which entry later requests reuse and which are dropped. A request
-with ``n`` choices is ``n`` engine requests with the same prompt: each looks
-the cache up on its own and reuses the entry it finds (the entry stays whole,
-so every choice can start from it), and each one's cache is stored when it
-finishes.
+request's id, and so is a cancelled one's (the prompt and the tokens made
+before the cancel: the cancel is applied at the same step on every rank, so
+every rank keeps the same tokens); rank 0's
+:class:`~mlxdist.serve.prompt_cache.CacheIndex` decides which entry later
+requests reuse and which are dropped. A request with ``n`` choices is ``n``
+engine requests with the same prompt: each looks the cache up on its own and
+reuses the entry it finds (the entry stays whole, so every choice can start
+from it), and each one's cache is stored when it finishes.
 Rank 0 then sends the step's tokens to the front door. Every collective, the
 model's included, runs under mlxdist's per-operation deadline: a rank that
 dies or stalls fails the step on every live rank, and rank 0 tells the front
@@ -129,6 +131,8 @@ class Engine:
         self.uid_of: dict[str, int] = {}
         self.id_of: dict[int, str] = {}
         self.generated: dict[str, int] = {}
+        # Prompt tokens each running request took from the prompt cache.
+        self.reused: dict[str, int] = {}
         # Requests that asked for logprobs: how many alternatives each reports.
         self.top_logprobs: dict[str, int] = {}
         self.counters = {"steps": 0, "forwards": 0, "generated_tokens": 0, "requests": 0, "cancelled": 0,
@@ -223,40 +227,47 @@ class Engine:
             self.top_logprobs[rid] = request["logprobs"]
         self.uid_of[rid], self.id_of[uid] = uid, rid
         self.generated[rid] = 0
+        self.reused[rid] = cached
         self.counters["requests"] += 1
 
-    def _cancel(self, rid: str, received_at: int) -> None:
+    def _cancel(self, rid: str, received_at: int) -> Optional[tuple[str, list[Any], list[int]]]:
+        """Drop a request; ``(rid, cache, tokens)`` to keep when it built on what it reused, else None."""
         uid = self.uid_of.pop(rid, None)
         if uid is None:
-            return  # already finished
-        self.generator.remove([uid])
+            return None  # already finished
+        held = self.generator.remove([uid], return_prompt_caches=self.caching).get(uid)
         del self.id_of[uid]
         self.top_logprobs.pop(rid, None)
         self.counters["cancelled"] += 1
         self.last_cancel = {"id": rid, "tokens": self.generated.pop(rid), "received_step": received_at,
                             "removed_step": self.step}
+        reused = self.reused.pop(rid)
+        if held is None or len(held[1]) <= reused:
+            return None  # caching off, or still queued: it holds nothing beyond the entry it started from
+        cache, tokens = held
+        return rid, cache, list(tokens)
 
     def _stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "pid": os.getpid(), "active": len(self.uid_of), **self.counters,
                 "forwards": self.model.forwards, "last_cancel": self.last_cancel,
                 "prompt_cache_entries": len(self.store.entries), "prompt_cache_bytes": self.store.nbytes}
 
-    def _keep(self, finished: list[tuple[str, Any]]) -> None:
-        """Store finished requests' caches on every rank; rank 0 indexes them and picks what to drop.
+    def _keep(self, kept: list[tuple[str, list[Any], list[int]]]) -> None:
+        """Store requests' caches ``(rid, cache, the tokens it holds)`` on every rank; rank 0 indexes
+        them and picks what to drop.
 
         The ranks agree on each entry's size (the largest shard) and on whether
         every shard can be trimmed, so rank 0's bound holds on every rank.
         """
         facts = []
-        for rid, response in finished:
-            size = self.store.put(rid, response.prompt_cache, len(response.all_tokens))
+        for rid, cache, tokens in kept:
+            size = self.store.put(rid, cache, len(tokens))
             facts += [size, 0 if self.store.trimmable(rid) else 1]
         agreed = np.asarray(mlxdist.all_max(np.asarray(facts, dtype=np.int64), group=self.group)).tolist()
         if self.index is None:
             return
-        for k, (rid, response) in enumerate(finished):
-            self.evict += self.index.add(rid, list(response.all_tokens), int(agreed[2 * k]),
-                                         trimmable=not agreed[2 * k + 1])
+        for k, (rid, _, tokens) in enumerate(kept):
+            self.evict += self.index.add(rid, tokens, int(agreed[2 * k]), trimmable=not agreed[2 * k + 1])
 
     def _decode(self) -> list[list[Any]]:
         """One step of the batch (a prefill chunk and/or one decode forward); the tokens it produced."""
@@ -275,10 +286,10 @@ class Engine:
             if rid in self.top_logprobs and self.link is not None:  # only rank 0 reports them
                 event += _logprobs(response.logprobs, int(response.token), self.top_logprobs[rid])
             if response.finish_reason is not None:
-                del self.uid_of[rid], self.id_of[response.uid], self.generated[rid]
+                del self.uid_of[rid], self.id_of[response.uid], self.generated[rid], self.reused[rid]
                 self.top_logprobs.pop(rid, None)
                 if self.caching and response.prompt_cache is not None:
-                    finished.append((rid, response))
+                    finished.append((rid, response.prompt_cache, list(response.all_tokens)))
             events.append(event)
         if finished:
             self._keep(finished)
@@ -318,8 +329,10 @@ class Engine:
                 self.store.drop(work["evict"])
                 for request in work["submit"]:
                     self._submit(request)
-                for rid, received_at in work["cancel"]:
-                    self._cancel(rid, received_at)
+                cancelled = [self._cancel(rid, received_at) for rid, received_at in work["cancel"]]
+                kept = [entry for entry in cancelled if entry is not None]
+                if kept:
+                    self._keep(kept)
                 if work["stats"]:
                     self._send("stats", ranks=mlxdist.all_gather_object(self._stats(), group=self.group))
                 if self.uid_of:

@@ -8,7 +8,8 @@ loopback, or (ranks on other hosts) on an address those hosts reach.
 On the main thread, SIGTERM (or SIGINT) drains: new requests get 503, the
 running ones may finish for up to ``--drain-timeout`` seconds, then the
 streams still open end with an error event and ``[DONE]``, and the server
-stops (a second signal stops it at once).
+stops (a second signal stops it at once). On rank 0's thread, rank 0's own
+SIGTERM handler starts the same drain (:mod:`mlxdist.serve.cli`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""A running ``mlxdist-serve -n N`` (or ``--hostfile``) for the serving tests: the
-supervising process started in its own session, its ranks found through
+"""A running ``mlxdist-serve -n N`` (or ``--hostfile``, or N ranks started by ``mlxdist.launch``) for
+the serving tests: the supervising process (or the launcher) started in its own session, its ranks found through
 ``/health``, and everything ended at close (ranks run in their own sessions,
 stopped ones included); a stream read token by token with a fault struck
 part way, and the undisturbed run's text to compare it with."""
@@ -23,14 +23,21 @@ __all__ = ["ServeProcess", "greedy_reference", "stream_text"]
 
 class ServeProcess:
     """``python -m mlxdist.serve --model CHECKPOINT -n N --backend B --port 0 EXTRA...``
-    (``n`` None: no ``-n``, e.g. with ``--hostfile`` in ``extra``)."""
+    (``n`` None: no ``-n``, e.g. with ``--hostfile`` in ``extra``); with ``launched``,
+    ``python -m mlxdist.launch -n N --backend B -- python -m mlxdist.serve --model CHECKPOINT --port 0 EXTRA...``
+    (rank 0 serves; ``proc`` is the launcher)."""
 
-    def __init__(self, checkpoint: Path, backend: str, log: Path, n: Optional[int], *extra: str) -> None:
+    def __init__(self, checkpoint: Path, backend: str, log: Path, n: Optional[int], *extra: str,
+                 launched: bool = False) -> None:
         self.log = log
         count = [] if n is None else ["-n", str(n)]
+        serve = [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint)]
+        if launched:
+            command = [sys.executable, "-m", "mlxdist.launch", *count, "--backend", backend, "--", *serve]
+        else:
+            command = [*serve, *count, "--backend", backend]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxdist.serve", "--model", str(checkpoint), *count, "--backend", backend,
-             "--port", "0", *extra],
+            [*command, "--port", "0", *extra],
             stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True,
         )
         self.url = ""
@@ -80,7 +87,7 @@ class ServeProcess:
         raise AssertionError(f"never {state}: {self.health()}\n{self.text()[-3000:]}")
 
     def close(self) -> None:
-        """End the supervisor (SIGTERM, then SIGKILL of its session) and every rank it ran."""
+        """End the supervisor or launcher (SIGTERM, then SIGKILL of its session) and every rank it ran."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
