@@ -8,7 +8,7 @@ fails, every rank is ended, the failing ranks are named with their exit
 status, and the exit status is non-zero; when the world fails (a rank's
 watchdog reports a lost or stalled peer) the ranks still running a few seconds
 later are ended and named. There is no job deadline unless ``--timeout`` gives
-one. A SIGTERM to the launcher is passed on to rank 0, and the job gets
+one. A SIGTERM to the launcher is passed on to every rank, and the job gets
 ``--stop-grace`` seconds to end by itself (see :func:`launch`). (``mlx.launch`` exits 0 when a rank fails.) For several machines use
 ``mlx.launch`` with a hostfile, or ``mpirun``.
 

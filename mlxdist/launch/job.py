@@ -7,8 +7,8 @@ the world's failure report once a second) and ends whatever still runs.
 Before the launcher signals ranks to end them, it writes why in the job's
 ending notice (the file ``MLXDIST_ENDING`` names), so a rank that gets
 SIGTERM can tell the launcher ending the job (a rank failed, the world failed,
-the deadline passed, Ctrl-C) from a request to stop that the launcher passed on
-(:meth:`RunningJob.pass_on_stop`) or that was sent to the rank itself:
+the deadline passed, Ctrl-C) from a request to stop that the launcher passed on to
+every rank (:meth:`RunningJob.pass_on_stop`) or that was sent to the rank itself:
 :func:`launcher_ending` reads it.
 """
 
@@ -36,7 +36,7 @@ KILL_GRACE = 3.0
 # to exit by themselves (they raise the typed error and may save state);
 # the ones still running then are ended and named.
 FAILURE_GRACE = 4.0
-# Once a SIGTERM to the launcher was passed on to rank 0, the job gets this long to end by itself.
+# Once a SIGTERM to the launcher was passed on to the ranks, the job gets this long to end by itself.
 STOP_GRACE = 60.0
 # The ranks' variable naming the launcher's ending notice.
 ENDING_VARIABLE = "MLXDIST_ENDING"
@@ -147,9 +147,10 @@ class RunningJob:
         return bool(lost) and all(r is not None and r in lost for r in running)
 
     def pass_on_stop(self, grace: float = STOP_GRACE) -> None:
-        """Pass a request to stop on to the job: SIGTERM to rank 0 (for MPI, to mpirun, which ends
-        every rank), whose program decides how the job ends; :meth:`wait` ends the ranks still
-        running ``grace`` seconds later. A second call ends them at once.
+        """Pass a request to stop on to the job: SIGTERM to every rank still running (for MPI, to
+        mpirun, which passes it on), with no ending notice, so each rank's program decides how it
+        ends (a server drains); :meth:`wait` ends the ranks still running ``grace`` seconds later.
+        A second call ends them at once.
 
         Safe in a signal handler (it only signals and notes the time).
 
@@ -161,12 +162,7 @@ class RunningJob:
             self._stop_by = now
             return
         self._stop_by = now + grace
-        first = self.procs[self.plan.ranks.index(0)] if 0 in self.plan.ranks else self.procs[0]
-        if first.poll() is None:
-            try:
-                os.kill(first.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _signal_running(self.procs, signal.SIGTERM)
 
     def wait(self, timeout: float | None = None, end_on_failure: bool = True) -> LaunchResult:
         """Wait for the job to end, then end whatever still runs.

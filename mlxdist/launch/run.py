@@ -78,7 +78,7 @@ def launch(
     :func:`mlxdist.launch.plan_job` for how the ranks are started.
 
     Called on the main thread, a SIGTERM to this process while the job runs is
-    passed on to rank 0 (for MPI, to mpirun) and the job gets ``stop_grace``
+    passed on to every rank (for MPI, to mpirun) and the job gets ``stop_grace``
     seconds to end by itself (mlxdist-serve drains); then, or at a second
     SIGTERM, the ranks still running are ended
     (:meth:`~mlxdist.launch.RunningJob.pass_on_stop`). Ctrl-C ends every rank at once.

@@ -16,9 +16,10 @@ Three ways to run:
   ``failed`` on ``/health`` naming the rank, and exits non-zero.
 - Inside a launched job (``mlxdist.launch -n 2 -- mlxdist-serve ...``): rank
   0 serves HTTP on a thread of its own over the same link. SIGTERM to rank 0
-  (or to the launcher, which passes it on to rank 0) drains and the ranks end
-  cleanly; when the launcher ends the job (a rank failed), rank 0 first
-  answers every request in flight with the error.
+  (or to the launcher, which passes it on to every rank) drains and the ranks
+  end cleanly: the other ranks leave a stop to rank 0, whose engine ends them.
+  When the launcher ends the job (a rank failed), rank 0 first answers every
+  request in flight with the error, and the other ranks end at once.
 - Neither: one process, the front door on a thread.
 """
 
@@ -84,6 +85,22 @@ def _answer_before_ending(door: Any) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def _leave_stops_to_rank_0(rank: int) -> None:
+    """On a rank other than 0 of a job the user launched: a SIGTERM that is a request to stop (passed on
+    by the launcher to every rank, or sent here) is rank 0's to carry out (it drains, then its engine's
+    stop ends this rank); one the launcher sends while ending the job ends this rank at once."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if launcher_ending() is None:
+            print(f"mlxdist-serve: rank {rank}: SIGTERM: rank 0 stops the job (it drains first)",
+                  file=sys.stderr, flush=True)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def _serve_rank(options: ServeOptions) -> int:
     import mlxdist
     from mlxdist.errors import DistributedError
@@ -109,6 +126,8 @@ def _serve_rank(options: ServeOptions) -> int:
             _answer_before_ending(door)
             address, token = door.link_address, door.token
         link = LinkClient(address, token)
+    elif _LINK not in os.environ:
+        _leave_stops_to_rank_0(rank)
     try:
         model, tokenizer, plan = load(options.model, group, options.mode, pp_weights=options.pp_weights,
                                       experts=options.experts)
