@@ -51,6 +51,7 @@ def generate_tokens(
     *,
     sampler: Optional[Sampler] = None,
     stop_tokens: Iterable[int] = (),
+    prefill_step_size: int = 2048,
 ) -> Generation:
     """Generate up to ``max_tokens`` tokens (greedy unless ``sampler`` is given).
 
@@ -65,12 +66,14 @@ def generate_tokens(
         sampler: An mlx-lm sampler (``mlx_lm.sample_utils.make_sampler``);
             None is greedy.
         stop_tokens: Ids that end generation early (included in the result).
+        prefill_step_size: The prompt is processed in chunks of this many
+            tokens (mlx-lm's ``prefill_step_size``; a long prompt's peak memory).
 
     Returns:
         The tokens and timings.
 
     Raises:
-        InvalidArgumentError: empty prompt or ``max_tokens < 1``.
+        InvalidArgumentError: empty prompt, ``max_tokens < 1`` or ``prefill_step_size < 1``.
     """
     from mlx_lm.generate import generate_step, generation_stream
 
@@ -78,13 +81,16 @@ def generate_tokens(
         raise InvalidArgumentError("the prompt must hold at least one token")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidArgumentError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    if isinstance(prefill_step_size, bool) or not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+        raise InvalidArgumentError(f"prefill_step_size must be a positive int, got {prefill_step_size!r}")
     stops = set(stop_tokens)
     result = Generation(prompt_tokens=len(prompt))
     start = time.perf_counter()
     first = start
     try:
         steps = generate_step(
-            mx.array(list(prompt), dtype=mx.uint32), model, max_tokens=max_tokens, sampler=sampler
+            mx.array(list(prompt), dtype=mx.uint32), model, max_tokens=max_tokens, sampler=sampler,
+            prefill_step_size=prefill_step_size,
         )
         for token, _ in steps:
             if not result.tokens:

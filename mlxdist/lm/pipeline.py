@@ -104,6 +104,8 @@ class PipelineStage(nn.Module):
     def _mask(self, h: mx.array, cache: list, kind: str) -> Any:
         """The mask of this rank's blocks of one kind, from the first such block's cache (as inner models do)."""
         for local, c in zip(self.mask_kinds, cache):
+            if isinstance(getattr(c, "caches", None), (list, tuple)):  # a CacheList: its attention's cache first
+                c = c.caches[0]
             if local == kind == "linear":
                 return create_ssm_mask(h, c)
             if local == kind:
@@ -154,13 +156,23 @@ class PipelineStage(nn.Module):
         if rank < size - 1:
             h = send(h, rank + 1, group=self.group)
             # Whoever evaluates only the caches (prefill chunks) still sends.
-            if cache[-1] is not None and hasattr(cache[-1], "keys"):
-                cache[-1].keys = mx.depends(cache[-1].keys, h)
-            elif cache[-1] is not None:  # a linear-attention block's state (an ArraysCache)
-                cache[-1][0] = mx.depends(cache[-1][0], h)
+            if cache[-1] is not None:
+                _tie(cache[-1], h)
         batch = h.shape[0]
         h = all_gather(h, group=self.group)[(size - 1) * batch :]
         return self.norm(h)
+
+
+def _tie(cache: Any, h: mx.array) -> None:
+    """Make ``cache``'s first stored array depend on ``h``, so evaluating the cache evaluates ``h``."""
+    if isinstance(getattr(cache, "caches", None), (list, tuple)):  # a CacheList (deepseek_v32's, with its indexer's)
+        _tie(cache.caches[0], h)
+    elif isinstance(getattr(cache, "keys", None), mx.array):  # key/value caches
+        cache.keys = mx.depends(cache.keys, h)
+    elif isinstance(getattr(cache, "cache", None), list) and isinstance(cache[0], mx.array):  # an ArraysCache
+        cache[0] = mx.depends(cache[0], h)
+    else:
+        raise TypeError(f"the pipeline stage cannot tie its send to a {type(cache).__name__}")  # a new cache kind
 
 
 def apply_pipeline_parallel(model: nn.Module, start: int, stop: int, group: Group) -> int:

@@ -52,7 +52,8 @@ def run_generate(group: mlxdist.Group, check: dict) -> dict:
             "message": str(exc),
             "mro": [c.__name__ for c in type(exc).__mro__],
         }
-    out = generate_tokens(model, check["prompt"], check["max_tokens"])
+    out = generate_tokens(model, check["prompt"], check["max_tokens"],
+                          prefill_step_size=check.get("prefill_step_size", 2048))
     agreed(group, out.tokens)
     scored = check.get("logits_of") or check["prompt"] + out.tokens
     return {
