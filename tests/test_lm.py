@@ -89,38 +89,40 @@ FAMILY_CHECKS = {
                   ("mistral4", 4, "pp", [2, 1]), ("minimax", 4, "ep", None), ("glm4_moe", None, "pp", None),
                   ("glm4_moe_lite", None, "tp", [2, 1]), ("glm4_moe_lite", 4, "pp", None),
                   ("minimax_m3_vl", 4, "ep", None), ("exaone_moe", 4, "ep", None), ("step3p5", 4, "tp", [2, 1]),
-                  ("gemma3", None, "tp", [2, 1]), ("qwen3_5", 4, "tp", None)],
+                  ("gemma3", None, "tp", [2, 1]), ("qwen3_5", 4, "tp", None), ("kimi_k3", None, "tp", [2, 1])],
     (2, "mpi"): [("minimax_m3_vl", None, "tp", [2, 1]), ("exaone_moe", None, "tp", [2, 1]),
                  ("ministral3", None, "tp", [2, 1]), ("glm4_moe", 4, "ep", None), ("glm4_moe_lite", 4, "ep", None),
                  ("step3p5", 4, "ep", None), ("exaone_moe", 4, "pp", None), ("step3p5", None, "pp", [1, 2]),
                  ("qwen3_5", None, "tp", [2, 1]), ("qwen3_5", 4, "pp", None), ("deepseek_v32", None, "pp", None),
                  ("kimi_k25", None, "pp", None), ("deepseek_v2", None, "pp", None), ("minimax", 4, "tp", None),
-                 ("minimax", None, "pp", None), ("minimax_m3_vl", 4, "pp", None), ("gemma3", 4, "pp", None)],
+                 ("minimax", None, "pp", None), ("minimax_m3_vl", 4, "pp", None), ("gemma3", 4, "pp", None),
+                 ("kimi_k3", 4, "ep", None)],
     (3, "mpi"): [("glm4_moe_lite", None, "tp", None), ("step3p5", None, "tp", None),
                  ("minimax_m3_vl", None, "ep", [1, 2, 1]), ("exaone_moe", None, "ep", [1, 2, 1]),
                  ("gemma3", 4, "tp", [1, 1, 2]), ("kimi_k25", 4, "tp", [1, 1, 2]), ("ministral3", 4, "tp", [1, 1, 2]),
                  ("minimax", None, "tp", [1, 1, 2]), ("qwen3_5", 4, "tp", None), ("glm4_moe", 4, "tp", [1, 1, 2]),
                  ("deepseek_v32", 4, "ep", [1, 2, 1]), ("mistral4", None, "ep", [1, 2, 1]),
-                 ("deepseek_v2", 4, "tp", [1, 1, 2])],
+                 ("deepseek_v2", 4, "tp", [1, 1, 2]), ("kimi_k3", None, "ep", [1, 2, 1])],
     (4, "mpi"): [("deepseek_v2", None, "tp", None), ("mistral4", None, "tp", None), ("deepseek_v32", None, "ep", None),
                  ("gemma3", None, "tp", None), ("qwen3_5", None, "tp", [1, 1, 2, 2]), ("glm4_moe", None, "ep", None),
                  ("glm4_moe_lite", None, "ep", None), ("kimi_k25", None, "tp", None), ("minimax", None, "ep", None),
                  ("minimax_m3_vl", None, "tp", None), ("exaone_moe", None, "tp", None), ("step3p5", None, "ep", None),
-                 ("ministral3", None, "tp", None)],
+                 ("ministral3", None, "tp", None), ("kimi_k3", None, "tp", None)],
 }
 DENSE_FAMILIES = ("gemma3", "ministral3", "qwen3_5")
+NO_PIPELINE = ("kimi_k3",)  # its blocks pass attention residuals to one another
 
 
 def test_family_checks_cover_ranks_backends_modes_and_dtypes() -> None:
     """Every family of FAMILY_CHECKS is launched at 2, 3 and 4 ranks, on ring and MPI, float32 and 4-bit,
-    under TP and PP, and EP where it has experts."""
+    under TP, EP where it has experts, and PP where the pipeline stage runs it."""
     seen: dict[str, dict[str, set]] = {}
     for (n, backend), checks in FAMILY_CHECKS.items():
         for family, bits, how, _ in checks:
             point = seen.setdefault(family, {"ranks": set(), "backends": set(), "bits": set(), "modes": set()})
             point["ranks"].add(n), point["backends"].add(backend), point["bits"].add(bits), point["modes"].add(how)
     for family, point in seen.items():
-        modes = {"tp", "pp"} | (set() if family in DENSE_FAMILIES else {"ep"})
+        modes = {"tp"} | (set() if family in NO_PIPELINE else {"pp"}) | (set() if family in DENSE_FAMILIES else {"ep"})
         assert point == {"ranks": {2, 3, 4}, "backends": {"ring", "mpi"}, "bits": {None, 4}, "modes": modes}, family
 
 

@@ -118,10 +118,10 @@ def test_six_heads_six_kv_heads_on_four_ranks() -> None:
 
 
 MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2",
-                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe", "step3p5", "minimax_m3_vl", "minimax"]
+                "kimi_k25", "deepseek_v32", "mistral4", "exaone_moe", "step3p5", "minimax_m3_vl", "minimax", "kimi_k3"]
 # Routing top-2 within 1 of 2 expert groups: an even count of at least 4 experts.
 GROUPED = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "kimi_k25", "deepseek_v32", "mistral4",
-           "exaone_moe")
+           "exaone_moe", "kimi_k3")
 
 TOKENS = mx.array([[1, 7, 42, 99, 250, 3]])
 
@@ -196,7 +196,9 @@ def test_sharded_moe_model_equals_unsharded(layout) -> None:
     under a multimodal wrapper's language_model) / deepseek_v32 (also a sparse-attention indexer) / mistral4 (llama-4
     attention scaling) / exaone_moe (local windows shorter than the prompt, a dense first block) / step3p5 (a per-head
     output gate, a shared expert) / minimax_m3_vl (the decoder under a wrapper, per-head q/k norms) / minimax
-    (q/k norms over every head's features, sharded with one all-sum each, replicated key/value heads counted once) under
+    (q/k norms over every head's features, sharded with one all-sum each, replicated key/value heads counted once) /
+    kimi_k3 (Kimi delta attention split by heads, latent attention with a per-head output gate, attention
+    residuals across blocks, under a wrapper) under
     expert TP or EP: logits of every rank equal the
     unsharded model's; a refused layout names its constraint."""
     (family, n_heads, n_kv, head_dim, hidden, features, num_experts, bits, group_size, size, experts,
@@ -312,11 +314,9 @@ def test_minimax_whole_width_qk_norms_are_sharded() -> None:
         choose(model, "minimax", 0, 2, "tp")
 
 
-@pytest.mark.parametrize("family, module", [("kimi_k3", "model.layers.0.self_attn (KimiK3DeltaAttention)"),
-                                            ("longcat_flash", "lists of modules ['self_attn', 'mlps'")])
+@pytest.mark.parametrize("family, module", [("longcat_flash", "lists of modules ['self_attn', 'mlps'")])
 def test_unknown_kinds_are_refused_naming_the_module(family: str, module: str) -> None:
-    """kimi_k3's delta attention is a recurrent kind TP does not split, and
-    longcat_flash holds two attentions and two MLPs per block in lists; the pipeline stage runs none of them:
+    """longcat_flash holds two attentions and two MLPs per block in lists; the pipeline stage runs none of them:
     every mode is refused with UnsupportedOperationError naming the module (found under a wrapper's
     language_model where there is one), while mlx-lm runs the model in one process."""
     from mlxdist.errors import UnsupportedOperationError

@@ -18,11 +18,8 @@ A decoder block is sharded by what it contains, not by its family's name:
   (deepseek_v2), heads counted by ``num_heads``; the query projection,
   ``kv_b_proj``, the per-head modules and ``o_proj`` split by query heads,
   the shared latent (``q_a``, ``kv_a`` and their norms) whole;
-- gated delta net (qwen3_5's linear attention): ``in_proj_qkv``,
-  ``in_proj_z``, ``in_proj_b``, ``in_proj_a`` and ``out_proj`` linear layers,
-  a depthwise ``conv1d``, per-value-head ``dt_bias`` and ``A_log``, heads counted
-  by ``num_k_heads``/``num_v_heads``; split by whole key heads (each with the
-  value heads it serves), the per-head gated norm whole;
+- linear attention (qwen3_5's gated delta nets, kimi_k3's Kimi delta attention):
+  split by whole heads, see :mod:`mlxdist.lm.linear_attention`;
 - fused attention (phi3): ``qkv_proj`` and ``o_proj`` with the same head
   counts; each rank keeps its query, key and value features of the fused
   projection;
@@ -49,6 +46,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxdist.errors import ArgumentTypeError, UnsupportedOperationError
+from mlxdist.lm.linear_attention import COUNTS, linear_attention_kind
 from mlxdist.nn.experts import switch_projections
 from mlxdist.nn.quantized import quantized_input_dims
 
@@ -69,8 +67,6 @@ _LATENT = ("kv_a_proj_with_mqa", "o_proj")
 _FUSED_ATTENTION = ("qkv_proj", "o_proj")
 _FUSED_DENSE = ("gate_up_proj", "down_proj")
 _PER_HEAD = ("embed_q", "unembed_out")
-_DELTA_NET = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
-_DELTA_COUNTS = ("num_k_heads", "num_v_heads")
 _SWITCHES = ("switch_mlp", "experts")
 _ROUTERS = ("gate", "router")
 _SHARED = ("shared_experts", "shared_expert", "share_expert")
@@ -111,9 +107,9 @@ class BlockLayout:
             ``gate_up_proj``: gate and up parts), cut by per-rank ranges.
         wide_norms: Norms over every head's features at once, each with the
             projection whose output it normalises (``(norm, projection)``).
-        delta_net: Whether the attention is a gated delta net (linear
-            attention, split by key heads; ``column``/``row`` then hold only
-            the MLP's projections).
+        linear: The attention's kind when it is linear attention
+            (:mod:`mlxdist.lm.linear_attention`; ``column``/``row`` then hold
+            only the MLP's projections), else None.
     """
 
     column: tuple[str, ...]
@@ -132,12 +128,12 @@ class BlockLayout:
     fused: tuple[str, ...] = ()
     mla: bool = False
     wide_norms: tuple[tuple[str, str], ...] = ()
-    delta_net: bool = False
+    linear: Optional[str] = None
 
     def kinds(self) -> list[str]:
         """The kinds of this block's modules, for plans and messages."""
-        if self.delta_net:
-            found = ["gated delta net"]
+        if self.linear:
+            found = [self.linear]
         else:
             found = ["latent attention" if self.mla else "attention" + (" with sinks" if self.sinks else "")]
         if self.mlp:
@@ -180,15 +176,6 @@ def _is_latent(module: nn.Module) -> bool:
     per_head = all(isinstance(module.get(name), nn.Module) for name in _PER_HEAD)
     per_head = per_head or is_linear(module.get("kv_b_proj"))
     return has_query and per_head and _has_linears(module, _LATENT) and _count_name(module, ("num_heads",)) is not None
-
-
-def _is_delta_net(module: nn.Module) -> bool:
-    return (
-        _has_linears(module, _DELTA_NET)
-        and isinstance(module.get("conv1d"), nn.Conv1d)
-        and all(isinstance(module.get(name), mx.array) for name in ("dt_bias", "A_log"))
-        and all(_count_name(module, (name,)) for name in _DELTA_COUNTS)
-    )
 
 
 def has_latent_attention(block: nn.Module) -> bool:
@@ -234,8 +221,10 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
     for name, child in _children(block).items():
         if isinstance(child, (nn.RMSNorm, nn.LayerNorm)) or "norm" in name:
             continue
-        if (_has_linears(child, _ATTENTION) or _has_linears(child, _FUSED_ATTENTION) or _is_latent(child)
-                or _is_delta_net(child)) and attention is None:
+        if is_linear(child) and child["weight"].shape[0] == 1:  # a scalar of the hidden state (kimi_k3's
+            continue                                             # attention-residual weights): whole
+        if (linear_attention_kind(child) or _has_linears(child, _ATTENTION) or _has_linears(child, _FUSED_ATTENTION)
+                or _is_latent(child)) and attention is None:
             attention = name
         elif _has_linears(child, _DENSE) or _has_linears(child, _FUSED_DENSE) or _switch_name(child):
             feedforward.append((name, child))
@@ -254,9 +243,10 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             + (f", and lists of modules {listed}, which it does not split" if listed else "")
         )
     attn = block[attention]
-    if _is_delta_net(attn):
-        base = dict(column=(), row=(), attention=attention, head_counts=_DELTA_COUNTS, query=(), key_value=(),
-                    delta_net=True)
+    linear = linear_attention_kind(attn)
+    if linear:
+        base = dict(column=(), row=(), attention=attention, head_counts=COUNTS[linear], query=(), key_value=(),
+                    linear=linear)
     elif _is_latent(attn):
         query = f"{attention}.{'q_proj' if is_linear(attn.get('q_proj')) else 'q_b_proj'}"
         o = f"{attention}.o_proj"
@@ -266,8 +256,11 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             base = dict(column=(query, kv_b), row=(o,), attention=attention, head_counts=heads,
                         query=(query, kv_b, o), key_value=(), mla=True)
         else:
-            base = dict(column=(query,), row=(o,), attention=attention, head_counts=heads, query=(query, o),
-                        key_value=(), latent=tuple(f"{attention}.{name}" for name in _PER_HEAD), mla=True)
+            # A per-head output gate (kimi_k3's g_proj: its rows head-major) goes with the query heads.
+            gate = (f"{attention}.g_proj",) if is_linear(attn.get("g_proj")) else ()
+            base = dict(column=(query, *gate), row=(o,), attention=attention, head_counts=heads,
+                        query=(query, *gate, o), key_value=(), latent=tuple(f"{attention}.{name}" for name in _PER_HEAD),
+                        mla=True)
     else:
         base = None
     counts = (_count_name(attn, QUERY_COUNTS), _count_name(attn, KV_COUNTS)) if base is None else ("", "")

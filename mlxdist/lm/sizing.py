@@ -16,12 +16,13 @@ import mlx.nn as nn
 from mlxdist.errors import InvalidArgumentError, ShapeError, UnsupportedOperationError
 from mlxdist.lm.decoder import text_model
 from mlxdist.lm.kinds import BlockLayout, block_layout
+from mlxdist.lm.linear_attention import linear_attention_dims
 from mlxdist.lm.split import TensorSplit, check_weights, tensor_split
 from mlxdist.nn.experts import expert_placement, switch_projections
 from mlxdist.nn.quantized import quantized_input_dims
 from mlxdist.nn.shares import split_sizes
 
-__all__ = ["EXPERTS", "block_layouts", "delta_net_dims", "layout_of", "tp_violations", "model_split"]
+__all__ = ["EXPERTS", "block_layouts", "layout_of", "tp_violations", "model_split"]
 
 EXPERTS = ("tp", "ep")
 
@@ -140,36 +141,24 @@ def tp_violations(model: nn.Module, layout: Any, size: int) -> list[str]:
     return list(found.values())
 
 
-def delta_net_dims(delta: nn.Module) -> tuple[int, int, int, int, int]:
-    """A gated delta net's (key heads, value heads, key head width, value head width, out_proj's quantization unit).
-
-    The widths come from the projections (``in_proj_z``: every value head's features; ``in_proj_qkv``: two
-    key-head widths per key head, then the value features).
-    """
-    n_k, n_v = int(delta.num_k_heads), int(delta.num_v_heads)
-    value_dim = _linear_dims(delta["in_proj_z"])[0]
-    qkv = _linear_dims(delta["in_proj_qkv"])[0]
-    return n_k, n_v, (qkv - value_dim) // (2 * n_k), value_dim // n_v, _linear_dims(delta["out_proj"])[2] or 1
-
-
-def _delta_split(
-    deltas: set[tuple[int, int, int, int, int]], size: int, weights: list[float]
+def _linear_split(
+    shapes: set[tuple[str, int, int, int, int, int]], size: int, weights: list[float]
 ) -> Optional[list[tuple[int, int]]]:
-    """Each rank's range of a gated delta net's key heads (by the weights), or None without delta nets."""
-    if not deltas:
+    """Each rank's range of a linear-attention block's heads (by the weights), or None without such blocks."""
+    if not shapes:
         return None
-    if len(deltas) != 1:
-        raise ShapeError(f"tensor parallelism needs gated delta nets of one shape in every block, found {sorted(deltas)}")
-    ((n_k, n_v, _, v_dim, unit),) = deltas
-    if n_k < size:
+    if len(shapes) != 1:
+        raise ShapeError(f"tensor parallelism needs linear attention of one shape in every block, found {sorted(shapes)}")
+    ((kind, heads, per, _, v_dim, unit),) = shapes
+    if heads < size:
         raise ShapeError(
-            f"tensor parallelism needs at least one gated delta net key head per rank: num_k_heads={n_k} < {size} ranks"
+            f"tensor parallelism needs at least one {kind} head per rank: {heads} heads < {size} ranks"
         )
-    counts = split_sizes(n_k, weights)
-    out_sizes = [count * (n_v // n_k) * v_dim for count in counts]
+    counts = split_sizes(heads, weights)
+    out_sizes = [count * per * v_dim for count in counts]
     if any(features % unit for features in out_sizes):
         raise ShapeError(
-            f"quantized out_proj of the gated delta net: its input features per rank {out_sizes} are not "
+            f"quantized output projection of the {kind}: its input features per rank {out_sizes} are not "
             f"multiples of group_size={unit}"
         )
     starts = [sum(counts[:rank]) for rank in range(size)]
@@ -220,12 +209,12 @@ def model_split(
     model = text_model(model)
     if experts not in EXPERTS:
         raise InvalidArgumentError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
-    shapes, widths, switches, deltas = set(), {}, set(), set()
+    shapes, widths, switches, linear = set(), {}, set(), set()
     for block, kinds in zip(model.model.layers, block_layouts(model)):
         attention = _module(block, kinds.attention)
         n_heads, n_kv = (int(getattr(attention, name)) for name in kinds.head_counts)
-        if kinds.delta_net:
-            deltas.add((n_heads, n_kv, *delta_net_dims(attention)[2:]))
+        if kinds.linear:
+            linear.add((kinds.linear, *linear_attention_dims(attention, kinds.linear)))
         else:
             hidden, o_in, o_group = _linear_dims(_module(block, kinds.query[-1]))  # o: the model width out
             query_out = _linear_dims(_module(block, kinds.query[0]))[0] if len(kinds.query) > 1 else o_in
@@ -282,7 +271,7 @@ def model_split(
             expert_features = split_sizes(feature_count, rank_weights, unit)
     split = TensorSplit(
         split.head_dim, split.query_heads, split.kv_heads, split.intermediate, split.vocab, others,
-        expert_features, placement, _delta_split(deltas, size, rank_weights),
+        expert_features, placement, _linear_split(linear, size, rank_weights),
     )
     o_sizes = [(stop - start) * o_head for start, stop in split.query_heads]
     if any(q % o_unit for q in o_sizes):

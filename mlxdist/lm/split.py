@@ -73,9 +73,9 @@ class TensorSplit:
             of every routed expert; None otherwise.
         experts: Under expert parallelism, each rank's ``(start, stop)``
             range of whole experts; None otherwise.
-        delta_key_heads: Where blocks hold a gated delta net (linear
-            attention), each rank's ``(start, stop)`` range of its key heads
-            (each with the value heads it serves); None otherwise.
+        linear_heads: Where blocks hold linear attention, each rank's
+            ``(start, stop)`` range of its heads (a gated delta net's key heads,
+            each with the value heads it serves); None otherwise.
     """
 
     head_dim: int
@@ -86,7 +86,7 @@ class TensorSplit:
     widths: dict[int, list[int]] = field(default_factory=dict)
     expert_features: Optional[list[int]] = None
     experts: Optional[list[tuple[int, int]]] = None
-    delta_key_heads: Optional[list[tuple[int, int]]] = None
+    linear_heads: Optional[list[tuple[int, int]]] = None
 
     def features(self, width: int) -> list[int]:
         """Each rank's share of a dense MLP (or shared experts) ``width`` features wide."""
@@ -124,7 +124,7 @@ class TensorSplit:
         widths_even = all(len(set(sizes)) == 1 for sizes in self.widths.values())
         experts_even = (self.expert_features is None or len(set(self.expert_features)) == 1) and (
             self.experts is None or len({stop - start for start, stop in self.experts}) == 1
-        ) and (self.delta_key_heads is None or len({stop - start for start, stop in self.delta_key_heads}) == 1)
+        ) and (self.linear_heads is None or len({stop - start for start, stop in self.linear_heads}) == 1)
         return (
             len(counts) == 1 and len(set(self.intermediate)) == 1 and unique_kv and vocab_even
             and widths_even and experts_even
@@ -141,8 +141,8 @@ class TensorSplit:
             "expert_features": None if self.expert_features is None else list(self.expert_features),
             "experts": None if self.experts is None else [stop - start for start, stop in self.experts],
             "expert_ranges": None if self.experts is None else [list(r) for r in self.experts],
-            "delta_key_heads": (None if self.delta_key_heads is None
-                                else [stop - start for start, stop in self.delta_key_heads]),
+            "linear_heads": (None if self.linear_heads is None
+                             else [stop - start for start, stop in self.linear_heads]),
         }
 
     def describe(self) -> str:
@@ -156,9 +156,9 @@ class TensorSplit:
                 vocab += f", experts [{first}, {last})"
             elif self.expert_features is not None:
                 vocab += f", {self.expert_features[rank]} features of every expert"
-            if self.delta_key_heads is not None:
-                first, last = self.delta_key_heads[rank]
-                vocab += f", delta-net key heads [{first}, {last})"
+            if self.linear_heads is not None:
+                first, last = self.linear_heads[rank]
+                vocab += f", linear-attention heads [{first}, {last})"
             parts.append(f"rank {rank}: {stop - start} q heads, kv {heads}, {inter} mlp features{vocab}")
         return "; ".join(parts)
 

@@ -22,7 +22,8 @@ from mlxdist.group import Group
 from mlxdist.lm.decoder import text_model
 from mlxdist.lm.kinds import BlockLayout
 from mlxdist.lm.plan import FamilyLayout
-from mlxdist.lm.sizing import block_layouts, delta_net_dims
+from mlxdist.lm.linear_attention import linear_attention_dims, shard_linear_attention
+from mlxdist.lm.sizing import block_layouts
 from mlxdist.lm.split import TensorSplit
 from mlxdist.lm.vocab import apply_vocab_parallel
 from mlxdist.nn import shard_inplace, shard_linear
@@ -98,35 +99,6 @@ def _norm_ranges(
     return [[(start * split.head_dim, stop * split.head_dim)] for start, stop in split.query_heads]
 
 
-def _shard_delta_net(delta: nn.Module, group: Group, split: Optional[TensorSplit]) -> None:
-    """Keep this rank's key heads of a gated delta net (each with the value heads it serves); out_proj row-parallel."""
-    n_k, n_v, k_dim, v_dim, _ = delta_net_dims(delta)
-    size, per_key = group.size(), n_v // n_k
-    heads = split.delta_key_heads if split is not None and split.delta_key_heads is not None else [
-        (rank * n_k // size, (rank + 1) * n_k // size) for rank in range(size)]
-    keys = n_k * k_dim
-    # in_proj_qkv and the convolution's channels: [queries | keys | values], each rank its heads' part of each.
-    qkv = [[(a * k_dim, b * k_dim), (keys + a * k_dim, keys + b * k_dim),
-            (2 * keys + a * per_key * v_dim, 2 * keys + b * per_key * v_dim)] for a, b in heads]
-    values = [[(a * per_key * v_dim, b * per_key * v_dim)] for a, b in heads]
-    value_heads = [[(a * per_key, b * per_key)] for a, b in heads]
-    for name, ranges in (("in_proj_qkv", qkv), ("in_proj_z", values), ("in_proj_b", value_heads),
-                         ("in_proj_a", value_heads)):
-        delta[name] = shard_linear(delta[name], "all-to-sharded", group=group, ranges=ranges)
-    delta["out_proj"] = shard_linear(delta["out_proj"], "sharded-to-all", group=group,
-                                     sizes=[r[0][1] - r[0][0] for r in values])
-    first, stop = heads[group.rank()]
-    channels = mx.concatenate([mx.arange(a, b) for a, b in qkv[group.rank()]])
-    conv = delta["conv1d"]
-    conv.update({k: mx.contiguous(v[channels]) for k, v in conv.items() if isinstance(v, mx.array)})
-    conv.groups = int(channels.shape[0])
-    delta.update({name: mx.contiguous(delta[name][first * per_key: stop * per_key]) for name in ("dt_bias", "A_log")})
-    delta.num_k_heads, delta.num_v_heads = stop - first, (stop - first) * per_key
-    delta.key_dim, delta.value_dim = delta.num_k_heads * k_dim, delta.num_v_heads * v_dim
-    delta.conv_dim = 2 * delta.key_dim + delta.value_dim
-    mx.eval(delta.parameters())
-
-
 def _shard_experts(block: nn.Module, layout: BlockLayout, group: Group, split: Optional[TensorSplit]) -> None:
     """Shard a mixture-of-experts module so it yields a partial sum, and wrap it to sum once."""
     moe = _get(block, layout.moe)
@@ -181,8 +153,13 @@ def shard_block(
     if getattr(layout, "moe", None):
         _shard_experts(block, layout, group, split)
     attention = _get(block, layout.attention)
-    if getattr(layout, "delta_net", False):
-        _shard_delta_net(attention, group, split)
+    if getattr(layout, "linear", None):
+        if split is not None and split.linear_heads is not None:
+            heads = split.linear_heads
+        else:  # even
+            count, size = linear_attention_dims(attention, layout.linear)[0], group.size()
+            heads = [(rank * count // size, (rank + 1) * count // size) for rank in range(size)]
+        shard_linear_attention(attention, layout.linear, heads, group)
         return
     queries, kv = layout.head_counts
     n_heads = getattr(attention, queries)
@@ -240,7 +217,7 @@ def apply_tensor_parallel(
             paths.append(f"{layout.moe}.{layout.switch}")
             paths += layout.shared
         paths += list(layout.latent)
-        if layout.delta_net:
+        if layout.linear:
             paths.append(layout.attention)
         for path in paths:
             sharded_full += sum(v.nbytes for _, v in tree_flatten(_get(block, path).parameters()))

@@ -98,13 +98,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # Written whole under text_config (NESTED): attention with per-head q/k norms and partial rotary, a dense
     # first block (moe_layer_freq, set by model_config), MoE with a shared expert.
     "minimax_m3_vl": {"tie_word_embeddings": False, "num_experts_per_tok": 2},
-    # Kimi delta attention (linear) in the first block, NoPE latent attention after it, MoE with shared
-    # experts and grouped top-k, under a wrapper.
-    "kimi_k3": {"tie_word_embeddings": False, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
-                "qk_rope_head_dim": 0, "v_head_dim": 32, "num_experts_per_token": 2, "num_shared_experts": 1,
-                "first_k_dense_replace": 1, "num_expert_group": 2, "topk_group": 1,
-                "linear_attn_config": {"kda_layers": [1], "num_heads": 4, "head_dim": 16,
-                                       "short_conv_kernel_size": 4}},
+    # Kimi delta attention (linear) in the first block (as many heads as query heads, 32 features each so
+    # that its low-rank gates quantize: model_config), NoPE latent attention with a per-head output gate after
+    # it, MoE with shared experts and grouped top-k, attention residuals mixed across blocks, under a wrapper.
+    "kimi_k3": {"tie_word_embeddings": False, "mla_use_output_gate": True, "q_lora_rank": 64, "kv_lora_rank": 32,
+                "qk_nope_head_dim": 32, "qk_rope_head_dim": 0, "v_head_dim": 32, "num_experts_per_token": 2,
+                "num_shared_experts": 1, "first_k_dense_replace": 1, "num_expert_group": 2, "topk_group": 1,
+                "attn_res_block_size": 2},
     # Local and global attention layers (layer_types, set by model_config), a dense first block (is_moe_layer),
     # MoE with shared experts and a grouped top-k router with e_score_correction_bias.
     "exaone_moe": {"tie_word_embeddings": False, "num_experts_per_tok": 2, "num_shared_experts": 1, "n_group": 2,
@@ -201,6 +201,9 @@ def model_config(
         extra[count] = num_experts
         if width:
             extra[width] = intermediate_size
+    if family == "kimi_k3":
+        extra["linear_attn_config"] = {"kda_layers": [1], "num_heads": num_heads, "head_dim": 32,
+                                       "short_conv_kernel_size": 4}
     if family == "qwen3_5":
         extra["linear_num_key_heads"], extra["linear_num_value_heads"] = num_heads, 2 * num_heads
     if family == "exaone_moe":
@@ -327,7 +330,8 @@ def random_model(
     Args:
         family: A key of :data:`FAMILIES` or :data:`WRAPPERS`.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
-        bits: Quantize linear and embedding layers to this many bits (affine), or None.
+        bits: Quantize linear and embedding layers to this many bits (affine), or None; the
+            family's ``quant_predicate`` decides per layer, as in mlx-lm's converter.
         group_size: Quantization group size.
         seed: PRNG seed: the same arguments give the same weights.
         **dims: Passed to :func:`model_config`.
@@ -348,11 +352,28 @@ def random_model(
     model.update(_random_parameters(model, mx.random.key(seed)))
     model.set_dtype(DTYPES[dtype])
     if bits is not None:
+        # As mlx-lm's converter: the family's own quant_predicate may keep a layer whole or give it its own
+        # bits and group size (recorded per layer in the config, as the converter does). A group size that
+        # does not divide these small models' widths (the converter refuses those) gives way to the default.
+        family_predicate = getattr(model, "quant_predicate", None)
+        overrides: dict[str, Any] = {}
+
+        def predicate(path: str, module: nn.Module) -> Union[bool, dict]:
+            if not hasattr(module, "to_quantized"):
+                return False
+            verdict = True if family_predicate is None else family_predicate(path, module)
+            if isinstance(verdict, dict) and module.weight.shape[-1] % verdict.get("group_size", group_size):
+                return True
+            if isinstance(verdict, dict):
+                overrides[path] = {"mode": "affine", **verdict}
+                return overrides[path]
+            return verdict
+
         try:
-            nn.quantize(model, group_size=group_size, bits=bits)
+            nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
         except ValueError as exc:
             raise InvalidArgumentError(f"cannot quantize this model: {exc}") from None
-        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
         config["quantization_config"] = dict(config["quantization"])
     mx.eval(model.parameters())
     return model, config
