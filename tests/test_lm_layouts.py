@@ -264,9 +264,10 @@ def test_sharded_dense_model_equals_unsharded(family, n_kv, group, quant, size, 
 def test_pipeline_stage_over_every_block_equals_the_inner_model(family: str) -> None:
     """Pipeline parallelism swaps the family's inner model for mlxdist's stage: over all blocks (one rank)
     it must compute what the family's own inner model does, on a prompt, on a prompt in two chunks and then
-    token by token from its caches (embedding scale, masks, local windows: 24 tokens cross gemma3's window of 16 and exaone_moe's
-    and step3p5's of 4; llama-4's attention scale, which ministral3's and mistral4's test configs make
-    grow every 8 positions), or PP would be silently wrong for that family."""
+    token by token from its caches (embedding scale, masks, local windows: 24 tokens cross gemma3's window
+    of 16 and exaone_moe's and step3p5's of 4; llama-4's attention scale, which ministral3's and mistral4's
+    test configs make grow every 8 positions; qwen3_5's linear-attention state masks), or PP would be
+    silently wrong for that family."""
     import mlxdist
     from mlx_lm.models.cache import make_prompt_cache
 

@@ -9,8 +9,9 @@ status, and the exit status is non-zero; when the world fails (a rank's
 watchdog reports a lost or stalled peer) the ranks still running a few seconds
 later are ended and named. There is no job deadline unless ``--timeout`` gives
 one. A SIGTERM to the launcher is passed on to every rank, and the job gets
-``--stop-grace`` seconds to end by itself (see :func:`launch`). (``mlx.launch`` exits 0 when a rank fails.) For several machines use
-``mlx.launch`` with a hostfile, or ``mpirun``.
+``--stop-grace`` seconds to end by itself (see :func:`launch`). (``mlx.launch``
+exits 0 when a rank fails.) For several machines use ``mlx.launch`` with a
+hostfile, or ``mpirun``.
 
 Modules: :mod:`~mlxdist.launch.plan` (the launch plan, built once: the API
 for any supervisor), :mod:`~mlxdist.launch.job` (a started plan: watch,

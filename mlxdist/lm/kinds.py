@@ -191,8 +191,9 @@ def _wide_norms(attn: nn.Module, counts: tuple[str, str], attention: str, where:
         if isinstance(weight, mx.array) and getattr(attn, count) > 1 and weight.shape[-1] == _width(attn[proj]):
             if not isinstance(attn[norm], nn.RMSNorm):
                 raise UnsupportedOperationError(
-                    f"tensor parallelism does not know the module {where}.{attention}.{norm} ({type(attn[norm]).__name__}): "
-                    f"it normalises all {getattr(attn, count)} heads' features together and is not an RMS norm"
+                    f"tensor parallelism does not know the module {where}.{attention}.{norm} "
+                    f"({type(attn[norm]).__name__}): it normalises all {getattr(attn, count)} heads' features "
+                    "together and is not an RMS norm"
                 )
             found.append((f"{attention}.{norm}", f"{attention}.{proj}"))
     return tuple(found)
@@ -221,8 +222,8 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
     for name, child in _children(block).items():
         if isinstance(child, (nn.RMSNorm, nn.LayerNorm)) or "norm" in name:
             continue
-        if is_linear(child) and child["weight"].shape[0] == 1:  # a scalar of the hidden state (kimi_k3's
-            continue                                             # attention-residual weights): whole
+        if is_linear(child) and child["weight"].shape[0] == 1:
+            continue  # one scalar of the hidden state (kimi_k3's attention-residual weights): whole
         if (linear_attention_kind(child) or _has_linears(child, _ATTENTION) or _has_linears(child, _FUSED_ATTENTION)
                 or _is_latent(child)) and attention is None:
             attention = name
@@ -259,8 +260,8 @@ def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
             # A per-head output gate (kimi_k3's g_proj: its rows head-major) goes with the query heads.
             gate = (f"{attention}.g_proj",) if is_linear(attn.get("g_proj")) else ()
             base = dict(column=(query, *gate), row=(o,), attention=attention, head_counts=heads,
-                        query=(query, *gate, o), key_value=(), latent=tuple(f"{attention}.{name}" for name in _PER_HEAD),
-                        mla=True)
+                        query=(query, *gate, o), key_value=(),
+                        latent=tuple(f"{attention}.{name}" for name in _PER_HEAD), mla=True)
     else:
         base = None
     counts = (_count_name(attn, QUERY_COUNTS), _count_name(attn, KV_COUNTS)) if base is None else ("", "")

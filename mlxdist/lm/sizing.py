@@ -148,7 +148,9 @@ def _linear_split(
     if not shapes:
         return None
     if len(shapes) != 1:
-        raise ShapeError(f"tensor parallelism needs linear attention of one shape in every block, found {sorted(shapes)}")
+        raise ShapeError(
+            f"tensor parallelism needs linear attention of one shape in every block, found {sorted(shapes)}"
+        )
     ((kind, heads, per, _, v_dim, unit),) = shapes
     if heads < size:
         raise ShapeError(
