@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -25,7 +25,7 @@ from mlxdist._mpi import provides_thread_multiple
 from mlxdist.config import ring_config
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
 from mlxdist.dtypes import DTypeLike
-from mlxdist.errors import ArgumentTypeError, BackendUnavailableError, InitializationError
+from mlxdist.errors import ArgumentTypeError, BackendUnavailableError, DistributedError, InitializationError
 from mlxdist.group import ArrayLike, Group, StreamLike
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "resolve_group",
     "scatter",
     "send",
+    "on_failure",
     "set_timeout",
     "sum_scatter",
     "world",
@@ -284,6 +285,21 @@ def set_timeout(seconds: float | None, group: Group | None = None) -> None:
         InitializationError: a single-process group (it has no deadlines).
     """
     deadline.set_timeout(resolve_group(group), seconds)
+
+
+def on_failure(callback: Callable[[DistributedError], Any], group: Group | None = None) -> None:
+    """Call ``callback(error)`` once when ``group``'s world fails (see :func:`mlxdist.deadline.on_failure`).
+
+    Args:
+        callback: Takes the typed error; it runs on the watchdog's thread, before
+            the blocked calls are interrupted, even while this rank's own threads
+            are stuck: keep it short (tell clients, flag a checkpoint).
+        group: The group (the world group when None).
+
+    Raises:
+        InitializationError: a single-process group (it has no deadlines).
+    """
+    deadline.on_failure(callback, resolve_group(group))
 
 
 def evaluate(*arrays: object, group: Group | None = None, timeout: float | None = deadline.UNSET) -> None:

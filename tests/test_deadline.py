@@ -54,6 +54,8 @@ def test_single_process_groups_have_no_deadlines():
     group = mlxdist.init()
     with pytest.raises(mlxdist.InitializationError, match="single-process"):
         mlxdist.set_timeout(1.0, group)
+    with pytest.raises(mlxdist.InitializationError, match="single-process"):
+        mlxdist.on_failure(print, group)
 
 
 def test_group_deadline_on_ring_keeps_the_process_usable():
@@ -71,9 +73,19 @@ def test_group_deadline_on_ring_keeps_the_process_usable():
         assert "this world already failed: all_sum #2" in message and "within 1 s" in message, message
     assert first[1].startswith("DeadlineExceeded"), first[1]
     assert sorted(saved) == [0, 1]
+    # on_failure: once per rank, off the main thread (the watchdog's), before the blocked call raised;
+    # a callback given after the failure runs at once.
+    lines = job.output.splitlines()
+    for rank in (0, 1):
+        called = [line for line in lines if f"CALLBACK {rank} " in line]
+        assert len(called) == 1 and "DeadlineExceeded" in called[0] and "MainThread" not in called[0], job.output
+        assert lines.index(called[0]) < lines.index(next(x for x in lines if f"RESULT {rank} " in x)), job.output
+    assert {rank: kind for rank, kind in job.lines("LATE").items()} == {0: "DeadlineExceeded", 1: "DeadlineExceeded"}
 
 
 def test_group_deadline_on_mpi_ends_the_job_naming_the_late_rank():
     job = run_job("mpi", 2, [sys.executable, WORKER], 30, {"MLXDIST_TIMEOUT": "none"})
     assert not job.hung and job.returncodes[0] not in (0, None), job.output
     assert "mlxdist: rank 0: all_sum" in job.output and "ranks not arrived: [1]" in job.output, job.output
+    # The call cannot be interrupted on MPI and the rank is ended, but its on_failure callback ran first.
+    assert "CALLBACK 0 DeadlineExceeded" in job.output, job.output

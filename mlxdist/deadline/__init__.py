@@ -62,7 +62,16 @@ from mlxdist.deadline.rendezvous import (
 )
 from mlxdist.deadline.settings import DEFAULT_TIMEOUT, UNSET, Settings, parse_timeout, settings_from
 from mlxdist.deadline.watchdog import JOB_ABORT_EXIT, Watchdog
-from mlxdist.deadline.world_hooks import after_init, agree, attach, before_init, evaluate, set_timeout, watched
+from mlxdist.deadline.world_hooks import (
+    after_init,
+    agree,
+    attach,
+    before_init,
+    evaluate,
+    on_failure,
+    set_timeout,
+    watched,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -77,6 +86,7 @@ __all__ = [
     "attach",
     "agree",
     "set_timeout",
+    "on_failure",
     "evaluate",
     "watched",
     "rendezvous",

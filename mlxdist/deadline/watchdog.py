@@ -86,6 +86,8 @@ class Watchdog:
         abandon_waits: Called once the ring's connections were shut down, to end
             the waits the backend might never finish (the world that owns the
             watchdog hands in the C layer's ``mlxdist_abandon_waits``).
+        on_failure: Called with the failure when the world fails, before the
+            blocked calls are interrupted (see :func:`mlxdist.deadline.on_failure`).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class Watchdog:
         self._stop = False
         self._interrupted = False
         self.abandon_waits: Callable[[], Any] | None = None
+        self.on_failure: list[Callable[[DistributedError], Any]] = []
 
     # -- life ----------------------------------------------------------------
 
@@ -315,6 +318,7 @@ class Watchdog:
             cls = {"deadline": DeadlineExceeded, "mismatch": MismatchError}.get(kind, PeerLostError)
             self.failure_kind = kind
             self.failure = cls(message)
+            callbacks = list(self.on_failure)  # those added from now on see the failure set
             self.changed.notify_all()
         # Before the interruption: the interrupted call raises, and a program that
         # handles the error may exit at once, ending this thread before it wrote.
@@ -322,6 +326,11 @@ class Watchdog:
         write_report({"rank": self.rank, "op": about.get("op"), "seq": about.get("seq"), "kind": kind,
                       "message": message, "lost": list(lost or [])})
         self.relayed.set()
+        for callback in callbacks:
+            try:
+                callback(self.failure)
+            except Exception as exc:  # a program's callback must not stop the interruption
+                sys.stderr.write(f"mlxdist: rank {self.rank}: an on_failure callback raised {exc!r}\n")
         self._interrupt()
 
     def _expire(self, entry: _Active, now: float) -> None:

@@ -29,7 +29,7 @@ from mlxdist.dtypes import code_of_mlx, code_of_numpy
 from mlxdist.errors import CommunicationError, DistributedError, InitializationError
 from mlxdist.group_record import GroupRecord, record_of
 
-__all__ = ["attach", "before_init", "after_init", "set_timeout", "evaluate", "agree", "watched"]
+__all__ = ["attach", "before_init", "after_init", "set_timeout", "on_failure", "evaluate", "agree", "watched"]
 
 # The backends whose world started its watchdog in this process (one world each).
 _started: set[str] = set()
@@ -71,6 +71,34 @@ def set_timeout(group: Any, seconds: float | None) -> None:
     if dog is None:
         raise InitializationError(f"{group!r} has no deadlines (a single-process group)")
     dog.overrides[id(record)] = parse_timeout(seconds, "seconds")
+
+
+def on_failure(callback: Callable[[DistributedError], Any], group: Any) -> None:
+    """Call ``callback(error)`` when ``group``'s world fails, as soon as this rank learns it.
+
+    It runs on the watchdog's thread, before the calls still blocked in the
+    backend are interrupted, and whatever the program's own threads are doing
+    (one may be stuck in a call that cannot be interrupted and is about to end
+    the process): the moment to tell the world outside, briefly. A world that
+    already failed calls it at once.
+
+    Args:
+        callback: Takes the typed error (DeadlineExceeded, PeerLostError or
+            MismatchError); what it raises is reported, not propagated.
+        group: A multi-rank group of a world started by ``init``.
+
+    Raises:
+        InitializationError: the group's world has no watchdog (size 1).
+    """
+    record = record_of(group)
+    dog = record.world.watchdog
+    if dog is None:
+        raise InitializationError(f"{group!r} has no deadlines (a single-process group)")
+    with dog.lock:  # exactly once: either the failure's own call sees it, or it sees the failure
+        dog.on_failure.append(callback)
+        failure = dog.failure
+    if failure is not None:
+        callback(failure)
 
 
 def agree(op: str, group: GroupRecord, world: Any, dtype: Any, shape: tuple[int, ...], peer: int | None) -> None:

@@ -77,6 +77,8 @@ class Broker:
         stopping: Set once :meth:`shutdown` began (the job's end is then expected).
         draining: Set once :meth:`drain` began (new requests get 503).
         metrics: The front door's Prometheus metrics.
+        answering: Responses in progress (a stream before its last event, a
+            non-streamed answer before its body).
     """
 
     def __init__(self, token: str, options: ServeOptions) -> None:
@@ -97,6 +99,7 @@ class Broker:
         self._named = False
         self.stats: dict[str, Any] = {}
         self.pending: dict[str, Pending] = {}
+        self.answering = 0
         self.cancelled_at: dict[str, int] = {}
         self.failed = asyncio.Event()
         self._writer: Optional[asyncio.StreamWriter] = None

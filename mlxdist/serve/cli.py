@@ -80,7 +80,12 @@ def _answer_before_ending(door: Any) -> None:
                 door.server.handle_exit(signum, frame)
             return
         door.fail(f"the launcher ended rank 0 ({ending}): the job is ending")
-        threading.Timer(_FAIL_GRACE / 2, os._exit, args=(128 + signum,)).start()
+
+        def leave() -> None:  # once the clients have their errors (the launcher's SIGKILL comes later)
+            door.wait_answered(_FAIL_GRACE)
+            os._exit(128 + signum)
+
+        threading.Thread(target=leave, name="mlxdist-serve-ending", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -124,6 +129,8 @@ def _serve_rank(options: ServeOptions) -> int:
             door.start_thread(_config(options))
             _announce(options, door)
             _answer_before_ending(door)
+            if size > 1:  # the clients learn of a lost rank at once, even if a blocked step must end the process
+                mlxdist.on_failure(lambda error: door.fail(f"the world failed: {error}"), group)
             address, token = door.link_address, door.token
         link = LinkClient(address, token)
     elif _LINK not in os.environ:

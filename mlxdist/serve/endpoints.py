@@ -189,11 +189,13 @@ async def _completion(request: Request, chat: bool) -> Response:
         return EventSourceResponse(_stream(broker, pendings, answers, sampling, head, echo), ping=15)
     waits = [asyncio.ensure_future(_until_done(request, broker, pending, answer))
              for pending, answer in zip(pendings, answers)]
+    broker.answering += 1
     try:
         done = await asyncio.gather(*waits)
     except ApiError as exc:
         return _error(exc)
     finally:
+        broker.answering -= 1
         for wait in waits:
             wait.cancel()  # (no-op for those that ended; the others drop their engine requests)
     if any(d is None for d in done):
@@ -238,6 +240,7 @@ async def _stream(broker: Broker, pendings: list[Pending], answers: list[Answer]
         merged.put_nowait((index, None))
 
     pumps = [asyncio.ensure_future(pump(i)) for i in range(len(pendings))]
+    broker.answering += 1
     try:
         for index in range(len(pendings)):
             if chat:
@@ -276,6 +279,7 @@ async def _stream(broker: Broker, pendings: list[Pending], answers: list[Answer]
         yield {"event": "error", "data": json.dumps(ApiError(
             500, f"internal error (request id req-{rid}; the server's log has the details)", "internal_error").body())}
     finally:
+        broker.answering -= 1
         for task in pumps:
             task.cancel()
         for pending in pendings:

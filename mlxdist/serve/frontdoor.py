@@ -22,6 +22,7 @@ import secrets
 import socket
 import threading
 import signal
+import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Optional
@@ -194,6 +195,14 @@ class FrontDoor:
         self._exit = True
         if self.server is not None:
             self.server.should_exit = True
+
+    def wait_answered(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds) until every response in progress has its last event or body,
+        and a moment more for the server to send it, so that a process about to exit cuts no answer short."""
+        deadline = time.monotonic() + timeout
+        while self.broker.answering and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def join(self, timeout: float) -> None:
         """Wait for the serving thread (started with :meth:`start_thread`)."""
