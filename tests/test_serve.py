@@ -239,9 +239,10 @@ def test_a_disconnected_stream_stops_on_every_rank_within_a_step(server):
         cancel = rank["last_cancel"]
         assert cancel.get("id") == rid, stats
         assert cancel["removed_step"] - cancel["received_step"] <= 1, cancel
-        # The engine runs ahead of the front door by the tokens in the pipe (more on a loaded machine):
-        # it made at least the tokens the front door saw, and stopped long before the cap.
-        assert seen <= cancel["tokens"] < CAP // 2, (cancel, seen)
+        # The engine runs ahead of the front door by the tokens in the pipe: it made at least the
+        # tokens the front door saw, and stopped before the cap (the front door keeps writing into
+        # the socket's buffers until the client's close reaches it: on a loaded machine, thousands).
+        assert seen <= cancel["tokens"] < CAP, (cancel, seen)
         assert rank["active"] == 0
     # The ranks dropped it together: at the same step, with the same tokens made.
     cancels = [rank["last_cancel"] for rank in stats["ranks"]]

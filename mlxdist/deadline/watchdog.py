@@ -351,6 +351,13 @@ class Watchdog:
         busy = list(self.active.values())
         if not busy:
             return
+        if self.backend == "mpi":
+            # MPI's runtime ends the whole job as soon as it sees the lost rank
+            # go, often before the grace below: say now what this rank waited on.
+            entry = busy[0]
+            sys.stderr.write(f"mlxdist: rank {self.rank}: {entry.op} #{entry.seq} on {entry.group!r} waits on "
+                             f"a failed world: {self.failure}\n")
+            sys.stderr.flush()
         if self.backend == "ring" and not self._interrupted:
             self._interrupted = True
             shutdown_sockets(self.ring_peers)
