@@ -29,7 +29,7 @@ from support.serving import ServeProcess
 
 from mlxdist.errors import InvalidArgumentError
 from mlxdist.lm.testing import add_chat_template, write_checkpoint
-from mlxdist.serve.prompt_cache import CacheIndex, CacheStore, Reuse
+from mlxdist.serve.prompt_cache import CacheIndex, CacheStore, Reuse, Share, plan_sharing
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -111,6 +111,60 @@ def test_the_index_agrees_with_a_plain_lru_model(operations, bound):
         assert (reuse.tokens if reuse else None) == best
         if reuse is not None:
             assert _lcp(held[reuse.entry][0], prompt) >= reuse.tokens
+
+
+def test_requests_arriving_together_share_one_prefill_of_their_common_prefix():
+    system = list(range(100, 180))
+    prompts = [system + [k] * 10 for k in range(3)] + [[7] * 50]
+    shares, choice = plan_sharing(prompts, [None, Reuse("old", 20), None, None], {}, trimmable=True, key="s")
+    # One entry of the 80 shared tokens, prefilled on top of the 20 the cache already gave the second.
+    assert shares == [Share("s-0", tuple(system), None, Reuse("old", 20))]
+    assert choice == [Reuse("s-0", 80)] * 3 + [None]
+    # A running request whose cache holds the prefix is copied out instead: no prefill.
+    running = {"r": system + [9, 9]}
+    shares, choice = plan_sharing(prompts, [None] * 4, running, trimmable=True, key="s")
+    assert shares == [Share("s-0", tuple(running["r"]), "r")] and choice == [Reuse("s-0", 80)] * 3 + [None]
+    # Too little to gain: nothing planned.
+    assert plan_sharing([p[:12] for p in prompts], [None] * 4, {}, trimmable=True, key="s") == ([], [None] * 4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=90), min_size=1, max_size=6),
+       st.lists(st.integers(0, 80), min_size=6, max_size=6),
+       st.lists(st.lists(st.integers(0, 2), min_size=0, max_size=90), max_size=3),
+       st.booleans(), st.integers(1, 40))
+def test_a_sharing_plan_only_points_requests_at_true_prefixes_that_spare_work(prompts, had, running, trimmable,
+                                                                              min_gain):
+    """Every request pointed at a shared entry takes a true prefix of its prompt (never its last token)
+    from it, more than the prompt cache gave it; an entry it cannot use whole is only cut when caches can
+    be; a prefilled entry spares its members more than its own prefill costs."""
+    # Three-letter prompts share long prefixes often; a stem makes most share one.
+    prompts = [[5] * 40 + p for p in prompts]
+    reused = [Reuse(f"e{i}", min(h, len(p) - 1)) if min(h, len(p) - 1) > 0 else None
+              for i, (h, p) in enumerate(zip(had, prompts))]
+    live = {f"r{k}": [5] * 40 + tokens for k, tokens in enumerate(running)}
+    shares, choice = plan_sharing(prompts, reused, live, trimmable=trimmable, key="s", min_gain=min_gain)
+    by_key = {share.entry: share for share in shares}
+    assert len(by_key) == len(shares)
+    for prompt, before, after in zip(prompts, reused, choice):
+        if after is None:
+            continue
+        share = by_key[after.entry]
+        assert after.tokens <= _lcp(list(share.tokens), prompt) and after.tokens <= len(prompt) - 1
+        assert after.tokens - (before.tokens if before else 0) >= (min_gain if share.source else 1)
+        assert trimmable or after.tokens == len(share.tokens)
+    for share in shares:
+        members = [(p, b, a) for p, b, a in zip(prompts, reused, choice) if a is not None and a.entry == share.entry]
+        assert members
+        if share.source is not None:
+            assert list(share.tokens) == live[share.source]
+            continue
+        spared = sum(a.tokens - (b.tokens if b else 0) for _, b, a in members)
+        assert spared - (len(share.tokens) - (share.base.tokens if share.base else 0)) >= min_gain
+        if share.base is not None:  # a prefix a request of the same cluster took from the cache, maybe cut
+            assert any(b is not None and b.entry == share.base.entry and b.tokens >= share.base.tokens
+                       and _lcp(prompts[i], list(share.tokens)) >= share.base.tokens for i, b in enumerate(reused))
+            assert share.base.tokens <= len(share.tokens)
 
 
 def test_a_taken_cache_is_cut_to_the_prefix_and_the_entry_stays_whole():
@@ -305,6 +359,48 @@ def test_concurrent_requests_sharing_a_prefix_each_start_from_it(server, referen
         assert shared <= cached
         server.sequences.append(prompt + reply)
         assert cached <= server.best(prompt)
+
+
+@pytest.mark.timeout(240)
+def test_requests_sharing_a_prefix_no_entry_holds_prefill_it_once(server, reference):
+    """Five users ask at once about a long system prompt the server has not seen: the ranks prefill (or copy
+    out of a running request) the shared prefix once, every user but the first to arrive starts from it, and
+    every answer is one process's."""
+    tokenizer = reference.tokenizer
+    system = {"role": "system", "content": "a fresh system prompt about pipeline stages and their caches " * 4}
+    questions = [f"user {k} wants stage {k * 3} explained" for k in range(5)]
+    prompts = [list(tokenizer.apply_chat_template([system, {"role": "user", "content": q}],
+                                                  add_generation_prompt=True, tokenize=True)) for q in questions]
+    shared = min(_lcp(a, b) for a in prompts for b in prompts if a is not b)
+    assert shared - max(server.best(p) for p in prompts) >= 64  # the cache holds none of it yet
+    before = _rank_stats(server)
+    results: list[Any] = [None] * len(questions)
+    start = threading.Barrier(len(questions))
+
+    def ask(k: int) -> None:
+        start.wait(30)
+        try:
+            results[k] = _chat(server, reference, [system, {"role": "user", "content": questions[k]}], 24)
+        except BaseException as exc:  # reported below, with the others
+            results[k] = exc
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(200)
+    assert all(isinstance(result, tuple) for result in results), results
+    cached = sorted(result[1] for result in results)
+    assert all(c >= shared for c in cached[1:]), (cached, shared)
+    for _, c, prompt, reply in results:
+        # No more than the prompt shares with what the server held or was being asked at the same time.
+        assert c <= max(server.best(prompt), *(min(_lcp(prompt, p), len(prompt) - 1) for p in prompts if p != prompt))
+    for result in results:
+        server.sequences.append(result[2] + result[3])
+    after = _rank_stats(server)
+    made = [a["shared_prefixes"] - b["shared_prefixes"] for a, b in zip(after, before)]
+    assert made[0] >= 1 and len(set(made)) == 1, made  # every rank made the same entries
+    assert len({a["shared_prefill_tokens"] - b["shared_prefill_tokens"] for a, b in zip(after, before)}) == 1
 
 
 def _metric(server: Served, name: str) -> float:

@@ -142,6 +142,7 @@ def _serve_rank(options: ServeOptions) -> int:
         description = {**{k: v for k, v in plan.as_dict().items() if k not in _RANK_OWN},
                        "timing": {"initialized": initialized, **plan.seconds}}
         engine = Engine(model, group, description, link=link, max_concurrent=options.max_concurrent,
+                        prefill_batch=options.prefill_batch,
                         eos_ids=sorted(tokenizer.eos_token_ids), vocab_size=int(model.args.vocab_size),
                         timeout=options.timeout, prompt_cache_bytes=options.prompt_cache_bytes)
         engine.run()

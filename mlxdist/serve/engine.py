@@ -15,7 +15,10 @@ every rank keeps the same tokens); rank 0's
 requests reuse and which are dropped. A request with ``n`` choices is ``n``
 engine requests with the same prompt: each looks the cache up on its own and
 reuses the entry it finds (the entry stays whole, so every choice can start
-from it), and each one's cache is stored when it finishes.
+from it), and each one's cache is stored when it finishes. New requests that
+share a longer prefix than any entry holds get one (rank 0 plans it with the
+step's work): every rank prefills the prefix once, or copies it out of a
+running request's cache, before the requests start from it.
 Rank 0 then sends the step's tokens to the front door. Every collective, the
 model's included, runs under mlxdist's per-operation deadline: a rank that
 dies or stalls fails the step on every live rank, and rank 0 tells the front
@@ -36,14 +39,14 @@ import numpy as np
 
 import mlxdist
 from mlxdist.deadline import watched
-from mlxdist.errors import DistributedError
+from mlxdist.errors import DistributedError, InvalidArgumentError
 from mlxdist.group import Group
 from mlxdist.serve.failures import lost_ranks
-from mlxdist.serve.prompt_cache import DEFAULT_BYTES, CacheIndex, CacheStore, Reuse
+from mlxdist.serve.prompt_cache import DEFAULT_BYTES, CacheIndex, CacheStore, Reuse, plan_sharing
 from mlxdist.serve.protocol import LinkClient, ProtocolError
 from mlxdist.serve.sampling import LOWEST_LOGPROB, processors_for, sampler_for
 
-__all__ = ["Engine", "IDLE_DEADLINE"]
+__all__ = ["Engine", "IDLE_DEADLINE", "default_prefill_batch"]
 
 # Seconds (at least) the ranks of an idle server wait for work.
 IDLE_DEADLINE = 60.0
@@ -60,6 +63,17 @@ def _logprobs(logprobs: mx.array, token: int, top: int) -> list[Any]:
     order = mx.argsort(-values)[:top].tolist()
     picked = values[mx.array(order)].tolist()
     return [chosen, [[int(t), max(float(v), LOWEST_LOGPROB)] for t, v in zip(order, picked)]]
+
+
+def default_prefill_batch() -> int:
+    """New prompts prefilled together by default: 8 on a GPU (mlx-lm's default), 1 on the CPU.
+
+    A batched prefill's forward costs what its prompts cost one after the other
+    on the CPU (it is bound by compute), and every prompt in it waits for the
+    longest: one at a time, each request starts decoding as soon as its own
+    prompt is in, and the mean time to first token halves for 8 at once.
+    """
+    return 8 if mx.default_device().type == mx.DeviceType.gpu else 1
 
 
 class _CountingModel:
@@ -86,6 +100,8 @@ class Engine:
         plan: The description sent to the front door (mlxdist.lm's plan: mode, experts, family, shares, ...).
         link: Rank 0's link to the front door (None on the other ranks).
         max_concurrent: Requests decoded together; more wait in the batch queue.
+        prefill_batch: New prompts prefilled together in one forward (default
+            :func:`default_prefill_batch`).
         eos_ids: Token ids that end a request.
         vocab_size: Token ids must be below it.
         timeout: Seconds each step (its collectives and forward) may take.
@@ -100,6 +116,7 @@ class Engine:
         *,
         link: Optional[LinkClient],
         max_concurrent: int,
+        prefill_batch: Optional[int] = None,
         eos_ids: list[int],
         vocab_size: int,
         timeout: Optional[float],
@@ -124,7 +141,7 @@ class Engine:
             self.model,
             stop_tokens=[[int(e)] for e in eos_ids],
             completion_batch_size=max_concurrent,
-            prefill_batch_size=min(8, max_concurrent),
+            prefill_batch_size=min(prefill_batch or default_prefill_batch(), max_concurrent),
         )
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.step = 0
@@ -136,12 +153,14 @@ class Engine:
         # Requests that asked for logprobs: how many alternatives each reports.
         self.top_logprobs: dict[str, int] = {}
         self.counters = {"steps": 0, "forwards": 0, "generated_tokens": 0, "requests": 0, "cancelled": 0,
-                         "prompt_cache_hits": 0, "cached_tokens": 0}
+                         "prompt_cache_hits": 0, "cached_tokens": 0, "shared_prefixes": 0, "shared_prefill_tokens": 0}
         # The prompt cache: every rank's own shards; rank 0 decides (the index) and hands out drops.
         self.caching = prompt_cache_bytes > 0
         self.store = CacheStore()
         self.index = CacheIndex(prompt_cache_bytes) if self.rank == 0 and self.caching else None
         self.evict: list[str] = []
+        # Whether every rank's caches can be cut shorter (agreed when the ranks meet).
+        self.trimmable = False
         # What the last cancellation looked like on this rank (for /stats).
         self.last_cancel: dict[str, Any] = {}
 
@@ -162,8 +181,32 @@ class Engine:
 
     def _collect(self) -> dict[str, Any]:
         """Rank 0: this step's work, waiting up to the idle tick when nothing is running."""
+        work = self._gather()
+        if self.index is not None and work["submit"]:
+            work["share"] = self._plan_sharing(work["submit"])
+        return work
+
+    def _plan_sharing(self, submits: list[dict[str, Any]]) -> list[list[Any]]:
+        """Rank 0: the shared prefixes worth an entry; points the new requests at them."""
+        held = self.generator.extract_cache(list(self.id_of)) if self.id_of else {}
+        running = {}
+        for uid, (_, tokens) in held.items():
+            rid = self.id_of[uid]
+            if len(tokens) > self.reused[rid]:  # it computed some of its prompt (a queued one holds only its reuse)
+                running[rid] = list(tokens)
+        valid = [s for s in submits if self._problem(s) is None]
+        shares, choice = plan_sharing(
+            [s["prompt"] for s in valid], [None if s["reuse"] is None else Reuse(*s["reuse"]) for s in valid],
+            running, trimmable=self.trimmable, key=f"shared-{self.step}")
+        for submit, reuse in zip(valid, choice):
+            if reuse is not None:
+                submit["reuse"] = [reuse.entry, reuse.tokens]
+        return [[s.entry, list(s.tokens), s.source, None if s.base is None else [s.base.entry, s.base.tokens]]
+                for s in shares]
+
+    def _gather(self) -> dict[str, Any]:
         work: dict[str, Any] = {"step": self.step, "submit": [], "cancel": [], "stats": False, "stop": False,
-                                "evict": self.evict}
+                                "evict": self.evict, "share": []}
         self.evict = []
         wait = self.idle_tick if not self.uid_of else 0.0
         deadline = time.monotonic() + wait
@@ -195,7 +238,8 @@ class Engine:
 
     # -- every rank ------------------------------------------------------------
 
-    def _submit(self, request: dict[str, Any]) -> None:
+    def _problem(self, request: dict[str, Any]) -> Optional[str]:
+        """Why every rank must skip a request (rank 0 says it to the front door), or None."""
         rid = request["id"]
         problem = None
         if rid in self.uid_of:
@@ -207,6 +251,11 @@ class Engine:
               or request["top_k"] < 0 or not 0 <= request["min_p"] <= 1 or request["repetition_penalty"] < 0):
             problem = ("max_tokens must be >= 1, temperature >= 0, top_p in (0, 1], top_k >= 0, min_p in [0, 1] "
                        "and repetition_penalty >= 0")
+        return problem
+
+    def _submit(self, request: dict[str, Any]) -> None:
+        rid = request["id"]
+        problem = self._problem(request)
         if problem is not None:  # every rank skips it alike; rank 0 says why
             self._send("rejected", id=rid, message=problem)
             return
@@ -269,6 +318,36 @@ class Engine:
         for k, (rid, _, tokens) in enumerate(kept):
             self.evict += self.index.add(rid, tokens, int(agreed[2 * k]), trimmable=not agreed[2 * k + 1])
 
+    def _share(self, shares: list[list[Any]]) -> None:
+        """Make rank 0's shared-prefix entries: prefilled here, or copied out of a running request's cache."""
+        kept = []
+        for entry, tokens, source, base in shares:
+            if source is not None:
+                uid = self.uid_of[source]
+                cache, held = self.generator.extract_cache([uid])[uid]
+                if list(held) != tokens:
+                    raise InvalidArgumentError(f"rank {self.rank}: request {source!r}'s cache holds {len(held)} tokens, "
+                                            f"rank 0 planned a shared prefix of {len(tokens)} from it")
+            else:
+                cache = self._prefill(tokens, None if base is None else Reuse(*base))
+            kept.append((entry, cache, tokens))
+            self.counters["shared_prefixes"] += 1
+        if kept:
+            self._keep(kept)
+
+    def _prefill(self, tokens: list[int], base: Optional[Reuse]) -> list[Any]:
+        """A cache holding ``tokens``: prefilled on every rank (on top of a prompt cache entry's prefix)."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model) if base is None else self.store.take(base)
+        start, step = (0 if base is None else base.tokens), self.generator.prefill_step_size
+        with watched("serve prefix", group=self.group, timeout=self.timeout), mx.stream(self.generator.stream):
+            for at in range(start, len(tokens), step):
+                self.model(mx.array(tokens[at:at + step])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+        self.counters["shared_prefill_tokens"] += len(tokens) - start
+        return cache
+
     def _decode(self) -> list[list[Any]]:
         """One step of the batch (a prefill chunk and/or one decode forward); the tokens it produced."""
         with watched("serve step", group=self.group, timeout=self.timeout):
@@ -306,8 +385,12 @@ class Engine:
             threading.Thread(target=self._read_link, name="mlxdist-serve-link", daemon=True).start()
         # Ranks finish loading and building their engines at different times: they meet
         # under the start's deadline, and only then serve under the per-step one.
-        pids = mlxdist.all_gather_object(os.getpid(), group=self.group)
-        self._send("ready", plan={**self.plan, "ranks": self.size, "pids": pids})
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+        met = mlxdist.all_gather_object([os.getpid(), bool(can_trim_prompt_cache(make_prompt_cache(self.model)))],
+                                        group=self.group)
+        self.trimmable = all(trims for _, trims in met)
+        self._send("ready", plan={**self.plan, "ranks": self.size, "pids": [pid for pid, _ in met]})
         deadline: Any = "start"
         try:
             while True:
@@ -327,6 +410,7 @@ class Engine:
                 if work["stop"]:
                     return
                 self.store.drop(work["evict"])
+                self._share(work["share"])
                 for request in work["submit"]:
                     self._submit(request)
                 cancelled = [self._cancel(rid, received_at) for rid, received_at in work["cancel"]]

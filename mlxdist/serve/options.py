@@ -42,6 +42,7 @@ class ServeOptions:
     starting_port: int = DEFAULT_STARTING_PORT
     link_host: Optional[str] = None
     max_concurrent: int = 8
+    prefill_batch: Optional[int] = None
     max_queue: int = 32
     max_tokens: int = 512
     max_body: int = 1 << 20
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--link-host", help="for --hostfile: the address the hosts reach this process on (default: the local "
                             "address on the route to the first host)")
     add("--max-concurrent", type=_positive(int), default=8, help="requests decoded together (default 8)")
+    add("--prefill-batch", type=_positive(int), default=None,
+        help="new prompts prefilled together in one forward (default: 1 on the CPU, where prefilling prompts "
+             "together takes as long as one after the other and each waits for the slowest; 8 on a GPU, as "
+             "mlx_lm.server's --prompt-concurrency)")
     add("--max-queue", type=int, default=32, help="requests waiting beyond --max-concurrent before 429 (default 32)")
     add("--max-tokens", type=_positive(int), default=512,
         help="server-side cap on generated tokens per request (default 512)")

@@ -11,6 +11,13 @@ rank resumes from the same prefix. The index is a least-recently-used list
 bounded in bytes: an entry's size is the largest of its shards (the ranks
 agree on it when it is stored), so no rank holds more than the bound.
 
+Requests that arrive together often share a long prefix no entry holds yet
+(a system prompt, a document several questions are about): rank 0 then plans
+the prefix once (:func:`plan_sharing`), as an entry of its own that every
+rank prefills before the requests start from it, or copies out of a running
+request whose cache already holds it, as vLLM's automatic prefix caching
+shares blocks between running sequences.
+
 Entries live in the ranks' processes: a world that re-forms starts new ones
 with empty caches, and no entry of a lost world can be used.
 """
@@ -20,7 +27,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -28,10 +35,14 @@ from mlx.utils import tree_flatten
 
 from mlxdist.errors import InvalidArgumentError
 
-__all__ = ["DEFAULT_BYTES", "CacheIndex", "CacheStore", "Reuse", "cache_nbytes", "shared_copy"]
+__all__ = ["DEFAULT_BYTES", "MIN_SHARED_GAIN", "CacheIndex", "CacheStore", "Reuse", "Share", "cache_nbytes",
+           "plan_sharing", "shared_copy"]
 
 # Bytes of cached KV each rank may hold by default (``--prompt-cache-bytes``).
 DEFAULT_BYTES = 1 << 30
+# Prompt tokens a shared prefix must spare the new requests (beyond its own
+# prefill) before it is worth an entry and a step's extra work.
+MIN_SHARED_GAIN = 32
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,129 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
+
+
+@dataclass(frozen=True)
+class Share:
+    """Rank 0's decision to make one entry for several new requests' shared prefix.
+
+    Attributes:
+        entry: The new entry's key.
+        tokens: The token ids it will hold: prefilled on every rank when
+            ``source`` is None (on top of ``base``, when given), else exactly
+            what ``source``'s cache holds now.
+        source: A running request whose cache is copied out, or None.
+        base: The prompt cache entry the prefill starts from, or None.
+    """
+
+    entry: str
+    tokens: tuple[int, ...]
+    source: Optional[str] = None
+    base: Optional[Reuse] = None
+
+
+def plan_sharing(
+    prompts: Sequence[Sequence[int]],
+    reused: Sequence[Optional[Reuse]],
+    running: Mapping[str, Sequence[int]],
+    *,
+    trimmable: bool,
+    key: str,
+    min_gain: int = MIN_SHARED_GAIN,
+) -> tuple[list[Share], list[Optional[Reuse]]]:
+    """The entries that spare new requests the prefill of a prefix they share, and who uses which.
+
+    A new request shares with a running request when that one's cache already
+    holds a longer prefix of its prompt than the prompt cache gives it (the
+    entry is a copy: no compute). New requests that share a prefix with each
+    other share an entry prefilled once (on top of the longest prefix the
+    prompt cache gives any of them). Every request still computes its
+    prompt's last token.
+
+    Args:
+        prompts: The new requests' token ids, in arrival order.
+        reused: What each already takes from the prompt cache (None: nothing).
+        running: For running requests, the token ids their caches hold now.
+        trimmable: Whether caches can be cut shorter (on every rank). When not,
+            a request only starts from an entry it uses whole.
+        key: The prefix of the new entries' keys (unique per step).
+        min_gain: Prompt tokens an entry must spare, net of its own prefill.
+
+    Returns:
+        The entries to make, in order, and for each new request its new reuse
+        (None: keep what it had).
+
+    Raises:
+        InvalidArgumentError: ``reused`` and ``prompts`` differ in length.
+    """
+    if len(reused) != len(prompts):
+        raise InvalidArgumentError(f"{len(prompts)} prompts but {len(reused)} reuse decisions")
+    arrays = [np.asarray(p, dtype=np.int64) for p in prompts]
+    had = [0 if r is None else r.tokens for r in reused]
+    shares: list[Share] = []
+    choice: list[Optional[Reuse]] = [None] * len(prompts)
+
+    def usable(common: int, held: int, prompt: np.ndarray) -> int:
+        """Tokens a prompt can take from an entry holding ``held`` tokens, ``common`` of them shared."""
+        take = min(common, len(prompt) - 1)
+        return take if trimmable or take == held else 0
+
+    # Copies of running requests' caches: free, so any gain counts.
+    held = {rid: np.asarray(tokens, dtype=np.int64) for rid, tokens in running.items() if len(tokens)}
+    copies: dict[str, str] = {}
+    for i, prompt in enumerate(arrays):
+        best, source = had[i], None
+        for rid, tokens in held.items():
+            take = usable(_common_prefix(tokens, prompt), len(tokens), prompt)
+            if take > best:
+                best, source = take, rid
+        if source is not None and best - had[i] >= min_gain:
+            if source not in copies:
+                copies[source] = f"{key}-{len(shares)}"
+                shares.append(Share(copies[source], tuple(int(t) for t in held[source]), source))
+            choice[i] = Reuse(copies[source], best)
+
+    def start_of(members: list[int], length: int) -> Optional[Reuse]:
+        """The longest cached prefix among the members, cut to the shared length: where a prefill starts."""
+        best = max((reused[j] for j in members if reused[j] is not None), key=lambda r: r.tokens, default=None)
+        if best is not None and best.tokens > length:
+            best = Reuse(best.entry, length) if trimmable else None
+        return best
+
+    # Prefixes the rest share with each other: sorted, neighbours share the longest prefixes.
+    rest = sorted((i for i in range(len(arrays)) if choice[i] is None), key=lambda i: arrays[i].tolist())
+    while len(rest) >= 2:
+        plan: Optional[tuple[int, int, int, int]] = None  # (gain, length, first, last) over ``rest``
+        for a in range(len(rest) - 1):
+            length = _common_prefix(arrays[rest[a]], arrays[rest[a + 1]])
+            if length == 0:
+                continue
+            first, last = a, a + 1
+            while first > 0 and _common_prefix(arrays[rest[first - 1]], arrays[rest[a]]) >= length:
+                first -= 1
+            while last + 1 < len(rest) and _common_prefix(arrays[rest[last + 1]], arrays[rest[a]]) >= length:
+                last += 1
+            # Every member computes its last prompt token: the entry stops before the shortest one's.
+            length = min(length, min(len(arrays[rest[j]]) for j in range(first, last + 1)) - 1)
+            if length <= 0:
+                continue
+            base = start_of(rest[first:last + 1], length)
+            gain = (sum(max(0, length - had[rest[j]]) for j in range(first, last + 1))
+                    - (length - (base.tokens if base else 0)))
+            if plan is None or gain > plan[0]:
+                plan = (gain, length, first, last)
+        if plan is None or plan[0] < min_gain:
+            break
+        _, length, first, last = plan
+        members = rest[first:last + 1]
+        base = start_of(members, length)
+        entry = f"{key}-{len(shares)}"
+        shares.append(Share(entry, tuple(int(t) for t in arrays[members[0]][:length]), None, base))
+        for i in members:
+            if length > had[i]:
+                choice[i] = Reuse(entry, length)
+        rest = rest[:first] + rest[last + 1:]
+    return shares, choice
 
 
 class CacheIndex:
