@@ -159,6 +159,8 @@ class Engine:
         self.store = CacheStore()
         self.index = CacheIndex(prompt_cache_bytes) if self.rank == 0 and self.caching else None
         self.evict: list[str] = []
+        # Whether a forward mlx-lm started is still running.
+        self.in_flight = False
         # Whether every rank's caches can be cut shorter (agreed when the ranks meet).
         self.trimmable = False
         # What the last cancellation looked like on this rank (for /stats).
@@ -352,8 +354,9 @@ class Engine:
         """One step of the batch (a prefill chunk and/or one decode forward); the tokens it produced."""
         with watched("serve step", group=self.group, timeout=self.timeout):
             _, responses = self.generator.next()
-            # mlx-lm leaves the next forward running; it must end before the next collective.
-            mx.synchronize(self.generator.stream)
+        # mlx-lm leaves the next forward running (its collectives included): this step's tokens
+        # go out while it runs, and it ends before the next collective (:meth:`_settle`).
+        self.in_flight = True
         events, finished = [], []
         for response in responses:
             rid = self.id_of.get(response.uid)
@@ -371,8 +374,16 @@ class Engine:
                     finished.append((rid, response.prompt_cache, list(response.all_tokens)))
             events.append(event)
         if finished:
+            self._settle()
             self._keep(finished)
         return events
+
+    def _settle(self) -> None:
+        """Wait for the forward mlx-lm left running: no other collective may start before it ends."""
+        if self.in_flight:
+            with watched("serve step", group=self.group, timeout=self.timeout):
+                mx.synchronize(self.generator.stream)
+            self.in_flight = False
 
     def run(self) -> None:
         """Serve until the front door says stop (or goes away).
@@ -404,6 +415,7 @@ class Engine:
                 if self.size > 1 and wanted != deadline:
                     mlxdist.set_timeout(wanted, self.group)
                     deadline = wanted
+                self._settle()
                 work = mlxdist.broadcast_object(work, 0, group=self.group)
                 self.step = work["step"] + 1
                 self.counters["steps"] += 1
