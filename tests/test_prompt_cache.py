@@ -329,21 +329,17 @@ def test_a_multi_turn_chat_reuses_its_history_and_answers_as_one_process(server,
     assert (hits - hits0, cached - cached0) == (sum(c > 0 for c in seen), sum(seen))
 
 
-@pytest.mark.timeout(240)
-def test_concurrent_requests_sharing_a_prefix_each_start_from_it(server, reference):
-    system = {"role": "system", "content": "every user shares this long system prompt about caches " * 3}
-    _, _, prompt, reply = _chat(server, reference, [system, {"role": "user", "content": "warm up"}], 4)
-    server.sequences.append(prompt + reply)
-    shared = _lcp(prompt, list(reference.tokenizer.apply_chat_template(
-        [system, {"role": "user", "content": "zzz"}], add_generation_prompt=True, tokenize=True)))
-    questions = [f"user {k} asks about item {k * 7}" for k in range(3)]
+def _ask_together(server: Served, reference: Any, system: dict[str, str], questions: list[str],
+                  max_tokens: int) -> list[tuple[str, int, list[int], list[int]]]:
+    """Each question in a chat of its own after ``system``, sent at once from a thread each; :func:`_chat`'s
+    results in the questions' order."""
     results: list[Any] = [None] * len(questions)
     start = threading.Barrier(len(questions))
 
     def ask(k: int) -> None:
         start.wait(30)
         try:
-            results[k] = _chat(server, reference, [system, {"role": "user", "content": questions[k]}], 6)
+            results[k] = _chat(server, reference, [system, {"role": "user", "content": questions[k]}], max_tokens)
         except BaseException as exc:  # reported below, with the others
             results[k] = exc
 
@@ -352,8 +348,19 @@ def test_concurrent_requests_sharing_a_prefix_each_start_from_it(server, referen
         t.start()
     for t in threads:
         t.join(200)
-    for result in results:
-        assert isinstance(result, tuple), result
+    assert all(isinstance(result, tuple) for result in results), results
+    return results
+
+
+@pytest.mark.timeout(240)
+def test_concurrent_requests_sharing_a_prefix_each_start_from_it(server, reference):
+    system = {"role": "system", "content": "every user shares this long system prompt about caches " * 3}
+    _, _, prompt, reply = _chat(server, reference, [system, {"role": "user", "content": "warm up"}], 4)
+    server.sequences.append(prompt + reply)
+    shared = _lcp(prompt, list(reference.tokenizer.apply_chat_template(
+        [system, {"role": "user", "content": "zzz"}], add_generation_prompt=True, tokenize=True)))
+    questions = [f"user {k} asks about item {k * 7}" for k in range(3)]
+    for result in _ask_together(server, reference, system, questions, 6):
         _, cached, prompt, reply = result
         # The shared system prompt at least; at most what the warm-up or any other answer holds.
         assert shared <= cached
@@ -374,22 +381,7 @@ def test_requests_sharing_a_prefix_no_entry_holds_prefill_it_once(server, refere
     shared = min(_lcp(a, b) for a in prompts for b in prompts if a is not b)
     assert shared - max(server.best(p) for p in prompts) >= 64  # the cache holds none of it yet
     before = _rank_stats(server)
-    results: list[Any] = [None] * len(questions)
-    start = threading.Barrier(len(questions))
-
-    def ask(k: int) -> None:
-        start.wait(30)
-        try:
-            results[k] = _chat(server, reference, [system, {"role": "user", "content": questions[k]}], 24)
-        except BaseException as exc:  # reported below, with the others
-            results[k] = exc
-
-    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(questions))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(200)
-    assert all(isinstance(result, tuple) for result in results), results
+    results = _ask_together(server, reference, system, questions, 24)
     cached = sorted(result[1] for result in results)
     assert all(c >= shared for c in cached[1:]), (cached, shared)
     for _, c, prompt, reply in results:
