@@ -167,6 +167,66 @@ def test_a_sharing_plan_only_points_requests_at_true_prefixes_that_spare_work(pr
             assert share.base.tokens <= len(share.tokens)
 
 
+def _engine_answers(arrivals: list[list[list[int]]], max_tokens: int, share: bool) -> tuple[list[list[int]], Any]:
+    """Run a one-process engine over ``arrivals`` (the prompts that arrive before each step, in order);
+    every request's greedy tokens, by arrival, and the engine."""
+    import mlxdist
+    from mlxdist.lm.testing import random_model
+    from mlxdist.serve import engine as engine_module
+    from mlxdist.serve import prompt_cache as cache_module
+
+    model, _ = random_model("llama", seed=3, **DIMS)
+    engine = engine_module.Engine(model, mlxdist.init(), {}, link=None, max_concurrent=8, eos_ids=[],
+                                  vocab_size=DIMS["vocab_size"], timeout=None)
+    engine.index = CacheIndex(1 << 30)  # rank 0's index (an engine with no link is not rank 0's front)
+    engine.trimmable = True
+    tokens: dict[str, list[int]] = {}
+
+    def decode() -> None:
+        for event in engine._decode():
+            tokens.setdefault(event[0], []).append(event[1])
+    fields = {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+              "repetition_penalty": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "seed": 0,
+              "logit_bias": {}, "logprobs": -1}
+    names = []
+    gain = cache_module.MIN_SHARED_GAIN if share else 10**9
+    original = engine_module.plan_sharing
+    engine_module.plan_sharing = lambda *a, **k: original(*a, **{**k, "min_gain": gain})
+    try:
+        for step, prompts in enumerate(arrivals):
+            for prompt in prompts:
+                names.append(f"r{len(names)}")
+                engine.inbox.put({"type": "submit", "id": names[-1], "prompt": prompt, **fields})
+            work = engine._collect()
+            engine._share(work["share"])
+            for request in work["submit"]:
+                engine._submit(request)
+            engine.step += 1
+            decode()
+        while engine.uid_of:
+            decode()
+    finally:
+        engine_module.plan_sharing = original
+        engine.generator.close()
+    return [tokens[name] for name in names], engine
+
+
+def test_a_shared_prefix_prefilled_once_or_copied_from_a_running_request_gives_the_same_tokens():
+    """One process, steps driven by hand: two requests arriving while a third with the same 90-token stem
+    decodes copy its cache out; two arriving together with another stem share one prefill of it; every
+    request's greedy tokens are those it gets with no sharing."""
+    rng = np.random.default_rng(5)
+    stems = [rng.integers(3, DIMS["vocab_size"], 90).tolist() for _ in range(2)]
+    a, b = ([stem + rng.integers(3, DIMS["vocab_size"], 5 + k).tolist() for k in range(3)] for stem in stems)
+    arrivals = [[a[0]], [], a[1:], [b[0], b[1]]]
+    alone, _ = _engine_answers(arrivals, 8, share=False)
+    shared, engine = _engine_answers(arrivals, 8, share=True)
+    assert shared == alone
+    assert engine.counters["shared_prefixes"] == 2  # a copy of the first request's cache, then a prefill
+    assert engine.counters["shared_prefill_tokens"] == 90  # only the second stem was computed for sharing
+    assert engine.counters["cached_tokens"] >= 90 * 4
+
+
 def test_a_taken_cache_is_cut_to_the_prefix_and_the_entry_stays_whole():
     from mlx_lm.models.cache import KVCache
 

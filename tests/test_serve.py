@@ -961,8 +961,12 @@ def test_the_options_are_parsed_once_into_a_frozen_object_and_the_ranks_get_thei
         options.nranks = 3  # type: ignore[misc]
     assert options.experts == "tp"  # the default; the ranks get --experts as given
     assert parse_options(["--model", "m", "--experts", "ep"]).rank_argv() == ["--model", "m", "--experts", "ep"]
+    assert options.prefill_batch is None  # the engine's default for its device
+    batched = parse_options(["--model", "m", "--prefill-batch", "4"])
+    assert batched.prefill_batch == 4 and batched.rank_argv() == ["--model", "m", "--prefill-batch", "4"]
     for bad in (["--model", "m", "--drain-timeout", "0"], ["--model", "m", "--log-level", "loud"],
-                ["--model", "m", "--max-queue", "-1"], ["--model", "m", "--experts", "dp"]):
+                ["--model", "m", "--max-queue", "-1"], ["--model", "m", "--experts", "dp"],
+                ["--model", "m", "--prefill-batch", "0"]):
         with pytest.raises(SystemExit):
             parse_options(bad)
 
