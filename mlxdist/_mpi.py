@@ -19,6 +19,12 @@ the implementation is told otherwise (Open MPI reads ``OMPI_MPI_THREAD_LEVEL``):
 (:func:`provides_thread_multiple`) the groups of an MPI world communicate from
 different threads at once, each with its own lock.
 
+mpirun ends every rank at once when it gets SIGTERM, so a program under it
+never sees a request to stop. :mod:`mlxdist.launch` passes a stop to an MPI job
+as SIGUSR2, which mpirun forwards to every rank, and names it in
+``MLXDIST_STOP_SIGNAL``; :func:`take_stop_signal` (called by
+:func:`mlxdist.init`) turns it back into a SIGTERM in each rank.
+
 When Open MPI 5's mpirun started the process, it names its own library
 directory (``OMPI_LIBDIR_LOC``); with no ``MLX_MPI_LIBNAME`` set, that
 directory's libmpi is the one that matches, and MLX is pointed at it (see
@@ -30,7 +36,9 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
@@ -45,9 +53,13 @@ __all__ = [
     "inspect_library",
     "prepare",
     "provides_thread_multiple",
+    "take_stop_signal",
+    "STOP_SIGNAL_VARIABLE",
 ]
 
 LIBNAME_VARIABLE = "MLX_MPI_LIBNAME"
+# The signal mlxdist.launch passes a request to stop with, when mpirun would end the ranks on SIGTERM.
+STOP_SIGNAL_VARIABLE = "MLXDIST_STOP_SIGNAL"
 
 _OPEN_MPI = re.compile(r"Open MPI v(\d+)\.(\d+)(?:\.(\d+))?")
 _STATE: dict[str, bool] = {}
@@ -376,3 +388,23 @@ def provides_thread_multiple() -> bool:
     except (OSError, AttributeError):
         return False
     return provided.value == _MPI_THREAD_MULTIPLE
+
+
+def take_stop_signal() -> bool:
+    """Turn the signal the launcher passes a stop with (``MLXDIST_STOP_SIGNAL``) into a SIGTERM here.
+
+    Only from the main thread (where Python runs signal handlers), and only
+    when the program has no handler of its own for that signal. The program's
+    SIGTERM handler, or SIGTERM's default, then decides how the rank ends.
+
+    Returns:
+        Whether the handler was installed.
+    """
+    name = os.environ.get(STOP_SIGNAL_VARIABLE)
+    number = getattr(signal, name, None) if name else None
+    if number is None or threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(number) is not signal.SIG_DFL:
+        return False
+    signal.signal(number, lambda *_: signal.raise_signal(signal.SIGTERM))
+    return True

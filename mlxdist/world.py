@@ -21,6 +21,7 @@ from mlxdist._c.gate import WorldState
 from mlxdist._c.gate import check as check_rc  # (init has its own check= argument)
 from mlxdist._c.handles import GroupHandle
 from mlxdist._mpi import prepare as prepare_mpi
+from mlxdist._mpi import take_stop_signal
 from mlxdist._mpi import provides_thread_multiple
 from mlxdist.config import ring_config
 from mlxdist.backends import Backend, BackendLike, as_backend, detect_backend, is_available
@@ -121,6 +122,7 @@ def init(
         )
     if chosen is Backend.MPI:
         prepare_mpi()
+        take_stop_signal()
     if chosen is not None and not is_available(chosen):
         raise BackendUnavailableError(f"the {chosen.value} backend is not available in this MLX build")
     ring = None

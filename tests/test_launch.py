@@ -409,6 +409,8 @@ NOTICE_RANK = (
     "signal.signal(signal.SIGTERM, noted)\n"
     "(out / f'ready-{rank}').touch()\n"
     "if rank == '1' and mode == 'fail':\n"
+    "    while not (out / 'ready-0').exists():  # rank 0 can take the launcher's SIGTERM\n"
+    "        time.sleep(0.01)\n"
     "    sys.exit(3)\n"
     "end = time.monotonic() + 60\n"
     "while time.monotonic() < end:\n"
@@ -417,6 +419,26 @@ NOTICE_RANK = (
 
 
 OVERRUN = "the job did not end within the grace after the stop passed on to it"
+
+
+def _stop_the_launcher(args: list[str], folder: Path, stop: bool, wait: float) -> tuple[int, str, float]:
+    """Launch 2 ranks with ``args``; once both touched ``ready-<rank>`` in ``folder``, SIGTERM the launcher
+    (if ``stop``); its exit status and output, and when it was struck."""
+    launcher = subprocess.Popen([sys.executable, "-m", "mlxdist.launch", "-n", "2", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        end = time.monotonic() + 60
+        while not all((folder / f"ready-{r}").exists() for r in "01") and time.monotonic() < end:
+            time.sleep(0.05)
+        if stop:
+            launcher.send_signal(signal.SIGTERM)
+        struck = time.monotonic()
+        output, _ = launcher.communicate(timeout=wait)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    return launcher.returncode, output, struck
 
 
 @pytest.mark.timeout(90)
@@ -429,25 +451,65 @@ def test_a_sigterm_to_the_launcher_goes_to_every_rank_and_a_launcher_ending_the_
                                                                                         notice):
     script = tmp_path / "rank.py"
     script.write_text(NOTICE_RANK)
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "mlxdist.launch", "-n", "2", "--timeout", "60", "--stop-grace", "2", "--",
-         sys.executable, str(script), str(tmp_path), mode],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        end = time.monotonic() + 30
-        while not all((tmp_path / f"ready-{r}").exists() for r in "01") and time.monotonic() < end:
-            time.sleep(0.05)
-        if mode != "fail":
-            launcher.send_signal(signal.SIGTERM)
-        struck = time.monotonic()
-        output, _ = launcher.communicate(timeout=30)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
+    code_, output, struck = _stop_the_launcher(
+        ["--timeout", "60", "--stop-grace", "2", "--", sys.executable, str(script), str(tmp_path), mode],
+        tmp_path, stop=mode != "fail", wait=30)
     # ``stop``: both ranks got the stop without a notice and ended by themselves; ``overrun``: the
     # launcher ended both after the grace (its notice, then SIGKILL).
     noted = {p.name[5:]: p.read_text() for p in tmp_path.glob("term-*")}
     if mode == "overrun":
         assert time.monotonic() - struck >= 2 and "did not end within the grace" in output, output
-    assert (launcher.returncode, noted) == (code, notice), output
+    assert (code_, noted) == (code, notice), output
+
+
+# Under MPI: mlxdist.init() turns the launcher's forwarded stop (SIGUSR2) into a SIGTERM.
+MPI_STOP_RANK = (
+    "import os, pathlib, signal, sys, time\n"
+    "import mlxdist\n"
+    "from mlxdist.launch import launcher_ending\n"
+    "out = pathlib.Path(sys.argv[1])\n"
+    "group = mlxdist.init('mpi')\n"
+    "rank = group.rank()\n"
+    "def noted(signum, frame):\n"
+    "    (out / f'term-{rank}').write_text(repr(launcher_ending()))\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, noted)\n"
+    "(out / f'ready-{rank}').touch()\n"
+    "end = time.monotonic() + 60\n"
+    "while time.monotonic() < end:\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_sigterm_to_the_launcher_of_an_mpi_job_reaches_every_rank_as_a_sigterm(tmp_path):
+    """mpirun ends its ranks at once on SIGTERM; the launcher passes the stop as a signal mpirun forwards,
+    and every rank's own SIGTERM handler runs, with no ending notice, and the job ends 0."""
+    script = tmp_path / "rank.py"
+    script.write_text(MPI_STOP_RANK)
+    code, output, _ = _stop_the_launcher(
+        ["--backend", "mpi", "--timeout", "90", "--stop-grace", "20", "--", sys.executable, str(script),
+         str(tmp_path)], tmp_path, stop=True, wait=40)
+    noted = {p.name[5:]: p.read_text() for p in tmp_path.glob("term-*")}
+    assert (code, noted) == (0, {"0": "None", "1": "None"}), output
+
+
+def test_the_stop_signal_becomes_a_sigterm_unless_the_program_handles_it(monkeypatch):
+    from mlxdist._mpi import STOP_SIGNAL_VARIABLE, take_stop_signal
+
+    got = []
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: got.append("TERM"))
+        monkeypatch.delenv(STOP_SIGNAL_VARIABLE, raising=False)
+        assert not take_stop_signal()  # not under mlxdist.launch's MPI job
+        monkeypatch.setenv(STOP_SIGNAL_VARIABLE, "SIGUSR2")
+        signal.signal(signal.SIGUSR2, lambda *_: got.append("mine"))
+        assert not take_stop_signal()  # the program's own handler stays
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        assert take_stop_signal()
+        signal.raise_signal(signal.SIGUSR2)
+        assert got == ["TERM"]
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGUSR2, before[1])

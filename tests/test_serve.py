@@ -705,14 +705,16 @@ def assert_a_sigterm_drains(server: Server, target: int) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("target", ["launcher", "rank 0", "kill -9 of rank 1"])
+@pytest.mark.parametrize("target", ["launcher", "launcher of an MPI job", "rank 0", "kill -9 of rank 1"])
 def test_a_job_the_user_launched_drains_on_sigterm_and_tells_its_clients_when_a_rank_fails(checkpoint, tmp_path,
                                                                                            target):
-    """``mlxdist.launch -n 2 -- mlxdist-serve``: a SIGTERM to the launcher (passed on to every rank) or to
-    rank 0 drains as the supervised server does, and every rank exits 0 (a SIGTERM to rank 1 alone, before,
-    is left to rank 0: the server keeps answering); when a rank fails, the launcher ends rank 0, which
-    answers the stream with the error at once."""
-    server = Server(checkpoint, "ring", tmp_path / "launched.log", "--drain-timeout", str(DRAIN), "--max-tokens",
+    """``mlxdist.launch -n 2 -- mlxdist-serve``: a SIGTERM to the launcher (passed on to every rank; under MPI
+    as a signal mpirun forwards, which each rank takes as a SIGTERM) or to rank 0 drains as the supervised
+    server does, and every rank exits 0 (a SIGTERM to rank 1 alone, before, is left to rank 0: the server
+    keeps answering); when a rank fails, the launcher ends rank 0, which answers the stream with the error
+    at once."""
+    backend = "mpi" if target == "launcher of an MPI job" else "ring"
+    server = Server(checkpoint, backend, tmp_path / "launched.log", "--drain-timeout", str(DRAIN), "--max-tokens",
                     str(CAP), "--api-key", API_KEY, "--timeout", str(FAULT_TIMEOUT), launched=True).wait_ready()
     try:
         if target == "kill -9 of rank 1":
@@ -722,12 +724,13 @@ def test_a_job_the_user_launched_drains_on_sigterm_and_tells_its_clients_when_a_
             assert elapsed < FAULT_TIMEOUT, elapsed
             assert server.proc.wait(30) != 0
         else:
-            if target == "launcher":
+            launcher = target.startswith("launcher")
+            if launcher:
                 os.kill(server.ranks[1], signal.SIGTERM)
                 answer = post(server, TEXT, {"prompt": "hi", "max_tokens": 2})
                 assert answer.status_code == 200 and not _gone(server.ranks[1]), answer.text
                 assert "rank 1: SIGTERM: rank 0 stops the job" in server.text(), server.text()[-3000:]
-            assert_a_sigterm_drains(server, server.proc.pid if target == "launcher" else server.ranks[0])
+            assert_a_sigterm_drains(server, server.proc.pid if launcher else server.ranks[0])
             assert "mlxdist.launch:" not in server.text(), server.text()[-3000:]  # every rank exited 0
         deadline = time.monotonic() + 10
         for pid in server.ranks:  # ended, not left behind

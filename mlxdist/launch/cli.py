@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stop-grace", type=timeout_seconds, default=STOP_GRACE, metavar="S",
-        help=f"a SIGTERM to the launcher is passed on to every rank (MPI: to mpirun); the job then has S seconds "
+        help=f"a SIGTERM to the launcher is passed on to every rank (MPI: as SIGUSR2, which mpirun forwards and "
+             f"mlxdist.init() turns into a SIGTERM); the job then has S seconds "
              f"to end by itself (mlxdist-serve drains) before the ranks still running are ended; a second "
              f"SIGTERM ends them at once (default {STOP_GRACE:g})",
     )

@@ -28,7 +28,8 @@ from mlxdist.launch.mpi import mpi_failures
 from mlxdist.launch.output import LineSink, pump
 from mlxdist.launch.result import LaunchResult, describe_exit
 
-__all__ = ["RunningJob", "KILL_GRACE", "FAILURE_GRACE", "STOP_GRACE", "ENDING_VARIABLE", "launcher_ending"]
+__all__ = ["RunningJob", "KILL_GRACE", "FAILURE_GRACE", "STOP_GRACE", "ENDING_VARIABLE", "MPI_STOP_SIGNAL",
+           "launcher_ending"]
 
 # SIGTERM to every rank, then this long for all of them together, then SIGKILL.
 KILL_GRACE = 3.0
@@ -40,6 +41,8 @@ FAILURE_GRACE = 4.0
 STOP_GRACE = 60.0
 # The ranks' variable naming the launcher's ending notice.
 ENDING_VARIABLE = "MLXDIST_ENDING"
+# A stop passed on to an MPI job: mpirun forwards it to every rank (it ends them at once on SIGTERM).
+MPI_STOP_SIGNAL = signal.SIGUSR2
 _POLL = 0.1
 _IDLE_POLL = 1.0
 
@@ -147,10 +150,11 @@ class RunningJob:
         return bool(lost) and all(r is not None and r in lost for r in running)
 
     def pass_on_stop(self, grace: float = STOP_GRACE) -> None:
-        """Pass a request to stop on to the job: SIGTERM to every rank still running (for MPI, to
-        mpirun, which passes it on), with no ending notice, so each rank's program decides how it
-        ends (a server drains); :meth:`wait` ends the ranks still running ``grace`` seconds later.
-        A second call ends them at once.
+        """Pass a request to stop on to the job: SIGTERM to every rank still running (for MPI,
+        :data:`MPI_STOP_SIGNAL` to mpirun, which forwards it, and :func:`mlxdist.init` turns it
+        into a SIGTERM in each rank: mpirun would end the ranks at once on a SIGTERM), with no
+        ending notice, so each rank's program decides how it ends (a server drains); :meth:`wait`
+        ends the ranks still running ``grace`` seconds later. A second call ends them at once.
 
         Safe in a signal handler (it only signals and notes the time).
 
@@ -162,7 +166,7 @@ class RunningJob:
             self._stop_by = now
             return
         self._stop_by = now + grace
-        _signal_running(self.procs, signal.SIGTERM)
+        _signal_running(self.procs, MPI_STOP_SIGNAL if self.plan.backend == "mpi" else signal.SIGTERM)
 
     def wait(self, timeout: float | None = None, end_on_failure: bool = True) -> LaunchResult:
         """Wait for the job to end, then end whatever still runs.

@@ -36,11 +36,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from mlxdist._mpi import LIBNAME_VARIABLE
+from mlxdist._mpi import LIBNAME_VARIABLE, STOP_SIGNAL_VARIABLE
 from mlxdist.errors import InvalidArgumentError, LauncherNotFoundError
 from mlxdist.hostfiles import Host, ring_hostfile_text
 from mlxdist.launch.hosts import DEFAULT_STARTING_PORT, remote_commands, split_shell
-from mlxdist.launch.job import ENDING_VARIABLE, RunningJob
+from mlxdist.launch.job import ENDING_VARIABLE, MPI_STOP_SIGNAL, RunningJob
 from mlxdist.launch.mpi import MpiRunner, executable, find_mpirun, mpirun_command
 from mlxdist.launch.output import LineSink
 from mlxdist.launch.ports import FILES_PER_RANK, PortReservation, max_local_ranks, open_file_limit
@@ -296,8 +296,10 @@ def plan_mpi(
             base_env.setdefault(name, files.directory.name)
         if runner.libmpi is not None and not base_env.get(LIBNAME_VARIABLE):
             base_env[LIBNAME_VARIABLE] = runner.libmpi
+        # mpirun ends its ranks on SIGTERM: a stop passed on to the job goes as this signal (forwarded).
+        base_env[STOP_SIGNAL_VARIABLE] = MPI_STOP_SIGNAL.name
         pass_env = [LIBNAME_VARIABLE] if base_env.get(LIBNAME_VARIABLE) else []
-        pass_env += [k for k in _RANK_VARIABLES if k in base_env]
+        pass_env += [k for k in (*_RANK_VARIABLES, STOP_SIGNAL_VARIABLE) if k in base_env]
         return files.plan(backend="mpi", commands=[mpirun_command(runner, n, resolved, pass_env)],
                           envs=[base_env], ranks=[None], hostfile=None, runner=runner)
 
