@@ -227,6 +227,23 @@ def test_a_shared_prefix_prefilled_once_or_copied_from_a_running_request_gives_t
     assert engine.counters["cached_tokens"] >= 90 * 4
 
 
+@pytest.mark.parametrize(("family", "stays"), [("llama", True), ("deepseek_v32", True), ("gemma3", False),
+                                               ("gpt_oss", False), ("qwen3_5", False)])
+def test_shared_prefixes_are_cut_only_for_caches_that_stay_trimmable(family, stays):
+    """A local-window layer's cache stops being trimmable once it wraps, and a recurrent one never is; a
+    fresh one of each still says it can be cut, so the plan asks the cache types."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+    from mlxdist.lm.testing import random_model
+    from mlxdist.serve.prompt_cache import always_trimmable
+
+    model, _ = random_model(family)
+    cache = make_prompt_cache(model)
+    assert always_trimmable(cache) is stays
+    if family in ("gemma3", "gpt_oss"):
+        assert can_trim_prompt_cache(cache)  # until it wraps
+
+
 def test_a_taken_cache_is_cut_to_the_prefix_and_the_entry_stays_whole():
     from mlx_lm.models.cache import KVCache
 

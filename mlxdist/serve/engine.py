@@ -42,7 +42,7 @@ from mlxdist.deadline import watched
 from mlxdist.errors import DistributedError, InvalidArgumentError
 from mlxdist.group import Group
 from mlxdist.serve.failures import lost_ranks
-from mlxdist.serve.prompt_cache import DEFAULT_BYTES, CacheIndex, CacheStore, Reuse, plan_sharing
+from mlxdist.serve.prompt_cache import DEFAULT_BYTES, CacheIndex, CacheStore, Reuse, always_trimmable, plan_sharing
 from mlxdist.serve.protocol import LinkClient, ProtocolError
 from mlxdist.serve.sampling import LOWEST_LOGPROB, processors_for, sampler_for
 
@@ -161,7 +161,8 @@ class Engine:
         self.evict: list[str] = []
         # Whether a forward mlx-lm started is still running.
         self.in_flight = False
-        # Whether every rank's caches can be cut shorter (agreed when the ranks meet).
+        # Whether every rank's caches stay trimmable (agreed when the ranks meet): shared prefixes
+        # are planned to be cut only then.
         self.trimmable = False
         # What the last cancellation looked like on this rank (for /stats).
         self.last_cancel: dict[str, Any] = {}
@@ -396,9 +397,9 @@ class Engine:
             threading.Thread(target=self._read_link, name="mlxdist-serve-link", daemon=True).start()
         # Ranks finish loading and building their engines at different times: they meet
         # under the start's deadline, and only then serve under the per-step one.
-        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+        from mlx_lm.models.cache import make_prompt_cache
 
-        met = mlxdist.all_gather_object([os.getpid(), bool(can_trim_prompt_cache(make_prompt_cache(self.model)))],
+        met = mlxdist.all_gather_object([os.getpid(), always_trimmable(make_prompt_cache(self.model))],
                                         group=self.group)
         self.trimmable = all(trims for _, trims in met)
         self._send("ready", plan={**self.plan, "ranks": self.size, "pids": [pid for pid, _ in met]})

@@ -35,8 +35,8 @@ from mlx.utils import tree_flatten
 
 from mlxdist.errors import InvalidArgumentError
 
-__all__ = ["DEFAULT_BYTES", "MIN_SHARED_GAIN", "CacheIndex", "CacheStore", "Reuse", "Share", "cache_nbytes",
-           "plan_sharing", "shared_copy"]
+__all__ = ["DEFAULT_BYTES", "MIN_SHARED_GAIN", "CacheIndex", "CacheStore", "Reuse", "Share", "always_trimmable",
+           "cache_nbytes", "plan_sharing", "shared_copy"]
 
 # Bytes of cached KV each rank may hold by default (``--prompt-cache-bytes``).
 DEFAULT_BYTES = 1 << 30
@@ -70,6 +70,29 @@ def cache_nbytes(cache: list[Any]) -> int:
         The total of their ``nbytes``.
     """
     return int(sum(c.nbytes for c in cache))
+
+
+def always_trimmable(cache: list[Any]) -> bool:
+    """Whether every layer's cache can be cut shorter however many tokens it holds.
+
+    A local-window layer's cache (:class:`~mlx_lm.models.cache.RotatingKVCache`)
+    can be cut only until it wraps, and a recurrent layer's state never: a
+    plan made before the cache exists must not count on either.
+
+    Args:
+        cache: mlx-lm cache objects, one per layer (a fresh one is enough).
+
+    Returns:
+        True when every layer's cache (every part of a ``CacheList``) is one that stays trimmable.
+    """
+    from mlx_lm.models.cache import CacheList, RotatingKVCache
+
+    def stays(c: Any) -> bool:
+        if isinstance(c, CacheList):
+            return all(stays(part) for part in c.caches)
+        return not isinstance(c, RotatingKVCache) and bool(c.is_trimmable())
+
+    return all(stays(c) for c in cache)
 
 
 def shared_copy(cache: list[Any]) -> list[Any]:
