@@ -113,8 +113,11 @@ class Server(ServeProcess):
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, checkpoint, tmp_path_factory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp(f"serve-{request.param}") / "server.log"
+    # Eight prompts prefilled together, as on a GPU (the CPU's default is one at a time: the prompt
+    # cache's servers and the launched ones serve with it), so the batching test counts the forwards
+    # of prefill and decode alike.
     started = Server(checkpoint, request.param, log, "--api-key", API_KEY, "--max-concurrent", "8",
-                     "--max-queue", "0", "--max-body", str(MAX_BODY), "--timeout", "30",
+                     "--prefill-batch", "8", "--max-queue", "0", "--max-body", str(MAX_BODY), "--timeout", "30",
                      "--max-tokens", str(CAP)).wait_ready()
     yield started
     started.close()
